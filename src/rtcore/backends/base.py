@@ -1,0 +1,312 @@
+"""The storage interfaces every backend implements.
+
+A backend is four small stores plus a live feed, behind Protocols so that the
+core never knows which engine it runs on:
+
+* :class:`EventLog`: per-stream append-only logs with dense offsets from 1,
+  an epoch, idempotent appends (``key``), optimistic concurrency (``expect``)
+  and retention; plus :meth:`EventLog.live`, the node-wide feed of appended
+  events that the Hub fans out.
+* :class:`IdempotencyStore`: command results by (scope, key), with an atomic
+  ``begin`` so two nodes can never both run the same key.
+* :class:`CursorStore`: the last acknowledged position per (principal, stream).
+* :class:`SnapshotStore`: the latest snapshot of each stateful stream.
+* :class:`LeaseStore`: renewable leases so exactly one node runs a loop.
+
+Every implementation runs the shared contract suite in
+``tests/contract/`` unchanged. Time is always passed in (``now``), never read,
+so the rules stay testable with a fake clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import msgspec
+
+__all__ = [
+    "AppendResult",
+    "Backend",
+    "CursorStore",
+    "Event",
+    "EventLog",
+    "IdempotencyRecord",
+    "IdempotencyStore",
+    "LeaseStore",
+    "LiveFeed",
+    "Outcome",
+    "ReadResult",
+    "Retention",
+    "Snapshot",
+    "SnapshotStore",
+    "StreamInfo",
+]
+
+
+class Event(msgspec.Struct, frozen=True):
+    """One stored event.
+
+    Attributes:
+        stream: Stream name (``kind:id``).
+        epoch: The stream's epoch when the event was appended.
+        offset: Dense position in the stream, from 1.
+        type: Application event type.
+        data: Payload as msgspec builtins (dicts, lists, str, int, ...).
+        ts: Append time, Unix seconds.
+        key: The idempotency key of the append, if any.
+    """
+
+    stream: str
+    epoch: str
+    offset: int
+    type: str
+    data: Any
+    ts: float
+    key: str | None = None
+
+
+class AppendResult(msgspec.Struct, frozen=True):
+    """What :meth:`EventLog.append` returns: the event and whether it existed already."""
+
+    event: Event
+    duplicate: bool = False
+
+
+class StreamInfo(msgspec.Struct, frozen=True):
+    """The shape of a stream right now.
+
+    Attributes:
+        epoch: Current epoch (a stream that never existed gets one on first touch).
+        head: Offset of the last event (0 if none was ever appended).
+        first: Offset of the oldest retained event (``head + 1`` when none is retained).
+    """
+
+    epoch: str
+    head: int
+    first: int
+
+
+class ReadResult(msgspec.Struct, frozen=True):
+    """A page of history plus the stream's shape at the time of the read."""
+
+    epoch: str
+    head: int
+    first: int
+    events: list[Event]
+
+
+class Retention(msgspec.Struct, frozen=True):
+    """How much history a stream keeps: ``max_events`` and/or ``max_age`` seconds."""
+
+    max_events: int | None = None
+    max_age: float | None = None
+
+
+class Outcome(msgspec.Struct, frozen=True):
+    """The stored answer to a command: ``ok`` with ``result``, or an error."""
+
+    ok: bool
+    result: Any = None
+    code: str | None = None
+    message: str | None = None
+
+
+class IdempotencyRecord(msgspec.Struct, frozen=True):
+    """One idempotency entry.
+
+    ``state`` is ``"pending"`` while the command runs (with a short lease in
+    ``expires`` so a crashed node does not block the key forever) and
+    ``"done"`` once ``outcome`` is stored (``expires`` = now + TTL).
+    """
+
+    fingerprint: bytes
+    state: Literal["pending", "done"]
+    expires: float
+    outcome: Outcome | None = None
+
+
+class Snapshot(msgspec.Struct, frozen=True):
+    """Folded state of a stateful stream after ``offset`` (state in canonical msgpack)."""
+
+    stream: str
+    epoch: str
+    offset: int
+    state: bytes
+    checksum: str
+
+
+@runtime_checkable
+class LiveFeed(Protocol):
+    """A node's view of events as they are appended, in offset order per stream.
+
+    The callback given to :meth:`EventLog.live` is called once per event, in
+    offset order per stream, for every watched stream (``"*"`` watches all).
+    It must not block: the Hub only enqueues.
+    """
+
+    def watch(self, stream: str) -> None:
+        """Start delivering ``stream`` (idempotent; ``"*"`` means every stream)."""
+
+    def unwatch(self, stream: str) -> None:
+        """Stop delivering ``stream``."""
+
+    async def run(self) -> None:
+        """Deliver events until cancelled (engines that push synchronously just wait)."""
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """Per-stream ordered logs."""
+
+    async def append(
+        self,
+        stream: str,
+        type: str,
+        data: Any,
+        *,
+        now: float,
+        key: str | None = None,
+        expect: int | None = None,
+        retention: Retention | None = None,
+    ) -> AppendResult:
+        """Append one event atomically.
+
+        Args:
+            stream: Stream name.
+            type: Event type.
+            data: Payload (msgspec builtins).
+            now: Current time (stored as ``ts``, used for age retention).
+            key: Idempotency key: if an event with this key is still retained in
+                ``stream``, it is returned with ``duplicate=True`` and nothing is
+                appended (checked before ``expect``).
+            expect: Expected current head; if the head differs, nothing is
+                appended and :class:`~rtcore.errors.ConflictError` is raised.
+            retention: Trim the stream to this after the append.
+
+        Returns:
+            The stored event.
+
+        Raises:
+            ConflictError: ``expect`` did not match the head.
+            BackendError: the engine failed.
+        """
+        ...
+
+    async def read(self, stream: str, *, after: int, limit: int) -> ReadResult:
+        """Read up to ``limit`` retained events with offset > ``after``, oldest first."""
+        ...
+
+    async def info(self, stream: str) -> StreamInfo:
+        """Return the stream's epoch, head and first retained offset."""
+        ...
+
+    async def trim(self, stream: str, retention: Retention, *, now: float) -> int:
+        """Drop events beyond ``retention``; return how many were dropped."""
+        ...
+
+    async def streams(self, pattern: str = "*") -> list[str]:
+        """Names of the known streams matching a glob ``pattern``."""
+        ...
+
+    def live(self, deliver: Callable[[Event], None]) -> LiveFeed:
+        """Create this node's live feed; ``deliver`` gets each appended event."""
+        ...
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Command outcomes by (scope, key); ``begin`` is atomic across nodes."""
+
+    async def begin(
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+    ) -> IdempotencyRecord | None:
+        """Claim ``key`` for a new execution, or return the existing record.
+
+        Returns ``None`` when the caller now owns the key (a pending record with
+        ``expires = now + lease`` was written, or an expired one replaced).
+        Otherwise returns the live record untouched, whatever its fingerprint:
+        the caller decides (see :mod:`rtcore.idempotency`).
+        """
+        ...
+
+    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+        """Store the final outcome for ``ttl`` seconds."""
+        ...
+
+    async def release(self, scope: str, key: str) -> None:
+        """Forget a pending key (the command failed in a retryable way)."""
+        ...
+
+
+@runtime_checkable
+class CursorStore(Protocol):
+    """Last acknowledged position per (principal, stream)."""
+
+    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)`` or ``None``."""
+        ...
+
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
+        """Move the cursor forward: a lower offset in the same epoch is ignored;
+        another epoch replaces the cursor."""
+        ...
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Latest snapshot per stream."""
+
+    async def get(self, stream: str) -> Snapshot | None:
+        """Return the newest snapshot of ``stream``."""
+        ...
+
+    async def put(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot`` unless a newer one (same epoch, higher offset) exists."""
+        ...
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    """Renewable named leases (one holder at a time)."""
+
+    async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
+        """Take or renew ``name`` for ``holder``; False if someone else holds it."""
+        ...
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the lease up if ``holder`` has it."""
+        ...
+
+
+class Backend:
+    """A bundle of the stores one engine provides.
+
+    Attributes:
+        url: The URL the backend was opened from.
+        events: The event log.
+        idempotency: The idempotency store.
+        cursors: The cursor store.
+        snapshots: The snapshot store.
+        leases: The lease store.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        events: EventLog,
+        idempotency: IdempotencyStore,
+        cursors: CursorStore,
+        snapshots: SnapshotStore,
+        leases: LeaseStore,
+    ) -> None:
+        self.url = url
+        self.events = events
+        self.idempotency = idempotency
+        self.cursors = cursors
+        self.snapshots = snapshots
+        self.leases = leases
+
+    async def aclose(self) -> None:
+        """Release connections and files (the memory backend has none)."""

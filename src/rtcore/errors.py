@@ -1,0 +1,205 @@
+"""One error tree for all of rtcore.
+
+Every error a client can see has a stable snake_case ``code``, a ``retryable``
+flag and the HTTP status used when the same error is answered over HTTP. The
+table :data:`ERROR_CODES` is the single source of truth: docs/protocol.md is
+checked against it by a test, and the classes below only pick defaults from it.
+
+The tree, split by who is at fault (as h11 and h2 do)::
+
+    RtcoreError                      .code .message .retryable .http_status
+    ├── ProtocolError                the peer broke the wire protocol
+    │   └── BadFrame                 a frame that does not decode (names the field)
+    ├── Rejected                     an application handler refused a command
+    ├── AuthError                    unauthenticated / forbidden / token_expired
+    ├── LimitExceeded                a per-connection limit (rate, subscriptions, ...)
+    ├── IdempotencyError             key reused with other args / still in progress
+    ├── ConflictError                ``expect`` did not match the stream head
+    └── BackendError                 a storage engine failed (retryable)
+
+Errors carry the reply to send (``to_reply()``), so the transport adapters
+never invent codes of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Final, NamedTuple
+
+__all__ = [
+    "ERROR_CODES",
+    "AuthError",
+    "BackendError",
+    "BadFrame",
+    "ConflictError",
+    "ErrorInfo",
+    "IdempotencyError",
+    "LimitExceeded",
+    "ProtocolError",
+    "Rejected",
+    "RtcoreError",
+    "error_info",
+]
+
+
+class ErrorInfo(NamedTuple):
+    """What rtcore promises about one error code."""
+
+    retryable: bool
+    http_status: int
+    description: str
+
+
+#: Every error code rtcore itself emits. Application codes raised through
+#: :class:`Rejected` are not listed here; they are non-retryable and HTTP 400
+#: unless the handler says otherwise.
+ERROR_CODES: Final[dict[str, ErrorInfo]] = {
+    "bad_frame": ErrorInfo(False, 400, "A frame could not be decoded; the message names the field."),
+    "bad_request": ErrorInfo(False, 400, "An HTTP request is malformed (path, query or body)."),
+    "bad_args": ErrorInfo(False, 400, "Command arguments failed validation; the message names the field path."),
+    "unknown_command": ErrorInfo(False, 404, "No command is registered under that name."),
+    "not_found": ErrorInfo(False, 404, "No such route or resource."),
+    "method_not_allowed": ErrorInfo(False, 405, "The route exists but not for this HTTP method."),
+    "unsupported_version": ErrorInfo(False, 400, "The hello frame asked for a protocol version this server does not speak."),
+    "protocol_violation": ErrorInfo(False, 400, "A frame arrived that is not allowed in the session's current state."),
+    "unauthenticated": ErrorInfo(False, 401, "The token is missing, invalid or was refused."),
+    "token_expired": ErrorInfo(True, 401, "The session's token expired; send a fresh one with an auth frame."),
+    "forbidden": ErrorInfo(False, 403, "The principal may not do this (authorize returned false, or Origin refused)."),
+    "already_subscribed": ErrorInfo(False, 409, "The connection is already subscribed to this stream."),
+    "not_subscribed": ErrorInfo(False, 409, "The connection is not subscribed to this stream."),
+    "bad_stream": ErrorInfo(False, 400, "A stream name must be 'kind:id' of printable characters, at most 200 bytes."),
+    "too_many_subscriptions": ErrorInfo(False, 429, "The connection reached its subscription limit."),
+    "too_many_inflight": ErrorInfo(True, 429, "The connection has too many commands executing at once."),
+    "rate_limited": ErrorInfo(True, 429, "The connection sends commands faster than its rate limit."),
+    "message_too_big": ErrorInfo(False, 413, "A message or body exceeds the size limit."),
+    "idempotency_key_reused": ErrorInfo(False, 422, "The idempotency key was used before with another command or other arguments."),
+    "idempotency_in_progress": ErrorInfo(True, 409, "A command with this idempotency key is still executing."),
+    "conflict": ErrorInfo(False, 409, "The stream head moved: the expected offset did not match."),
+    "slow_consumer": ErrorInfo(True, 503, "The connection could not keep up with its subscriptions; reconnect and resume."),
+    "timeout": ErrorInfo(True, 504, "The operation did not finish in time."),
+    "shutdown": ErrorInfo(True, 503, "The server is shutting down; reconnect to another or later."),
+    "backend_unavailable": ErrorInfo(True, 503, "The storage backend failed; the command may be retried with the same key."),
+    "internal": ErrorInfo(True, 500, "The handler raised an unexpected exception; nothing was stored for its key."),
+}
+
+
+def error_info(code: str) -> ErrorInfo:
+    """Return the documented facts for ``code`` (application codes get the defaults).
+
+    Args:
+        code: An error code.
+
+    Returns:
+        The :class:`ErrorInfo` of a built-in code, or a non-retryable HTTP 400
+        entry for an application-defined code.
+    """
+    return ERROR_CODES.get(code, ErrorInfo(False, 400, "Application-defined error."))
+
+
+class RtcoreError(Exception):
+    """Base of every error rtcore raises on purpose.
+
+    Attributes:
+        code: Stable snake_case error code sent to clients.
+        message: Human-readable explanation (safe to show to the client).
+        retryable: Whether the same request may succeed if sent again.
+        http_status: The HTTP status used for this error over HTTP.
+    """
+
+    default_code: str = "internal"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        code: str | None = None,
+        retryable: bool | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        self.code: str = code or self.default_code
+        info = error_info(self.code)
+        self.message: str = message or info.description
+        self.retryable: bool = info.retryable if retryable is None else retryable
+        self.http_status: int = info.http_status if http_status is None else http_status
+        super().__init__(f"{self.code}: {self.message}")
+
+    def __reduce__(self) -> tuple[object, ...]:  # keep pickling (multiprocessing, pytest-xdist) working
+        return (_rebuild, (type(self), self.message, self.code, self.retryable, self.http_status))
+
+
+def _rebuild(
+    cls: type[RtcoreError], message: str, code: str, retryable: bool, http_status: int
+) -> RtcoreError:
+    err = cls.__new__(cls)
+    RtcoreError.__init__(err, message, code=code, retryable=retryable, http_status=http_status)
+    return err
+
+
+class ProtocolError(RtcoreError):
+    """The peer broke the wire protocol (a frame out of place, an unknown version)."""
+
+    default_code = "protocol_violation"
+
+
+class BadFrame(ProtocolError):
+    """A frame that could not be decoded.
+
+    Attributes:
+        field: The JSON path of the offending field (``$.stream``), or ``None``
+            when the frame as a whole is unreadable.
+        request_id: The frame's ``id`` when it could still be read, so the
+            error can be answered to the right request.
+    """
+
+    default_code = "bad_frame"
+
+    def __init__(self, message: str, *, field: str | None = None, request_id: int | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.request_id = request_id
+
+
+class Rejected(RtcoreError):
+    """Raise from a command handler to refuse the command with a stable code.
+
+    A rejection is a final answer: it is stored under the command's idempotency
+    key and replayed to retries, unless ``retryable=True``.
+
+    Example::
+
+        raise rtcore.Rejected("insufficient_funds", "balance is 3, bet is 5")
+    """
+
+    default_code = "rejected"
+
+    def __init__(self, code: str, message: str = "", *, retryable: bool = False, http_status: int | None = None) -> None:
+        super().__init__(message or code.replace("_", " "), code=code, retryable=retryable, http_status=http_status)
+
+
+class AuthError(RtcoreError):
+    """Authentication or authorization failed."""
+
+    default_code = "unauthenticated"
+
+
+class LimitExceeded(RtcoreError):
+    """A per-connection or per-request limit was reached."""
+
+    default_code = "rate_limited"
+
+
+class IdempotencyError(RtcoreError):
+    """An idempotency key cannot be used for this request (reused or in progress)."""
+
+    default_code = "idempotency_key_reused"
+
+
+class ConflictError(RtcoreError):
+    """Optimistic concurrency failed: the stream head is not what ``expect`` said."""
+
+    default_code = "conflict"
+
+
+class BackendError(RtcoreError):
+    """A storage engine failed; the operation may be retried."""
+
+    default_code = "backend_unavailable"

@@ -1,0 +1,110 @@
+"""Idempotency rules (sans-IO), one layer for WebSocket and HTTP.
+
+Modeled on Stripe and the IETF Idempotency-Key draft:
+
+* the scope is (principal, key); the fingerprint is the command name plus the
+  canonical (sorted-map msgpack) encoding of its validated arguments, so JSON
+  and MessagePack, WebSocket and HTTP all produce the same fingerprint;
+* same key, same fingerprint, finished: the stored outcome is replayed;
+* same key, other fingerprint: ``idempotency_key_reused`` (HTTP 422);
+* same key, still executing: ``idempotency_in_progress`` (HTTP 409, retryable);
+* results and non-retryable errors are kept for a TTL (24 h by default);
+  retryable errors release the key so the retry runs again.
+
+Stores only do the atomic claim (:meth:`IdempotencyStore.begin`); the decision
+below is the same for every engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import msgspec
+
+from .backends.base import IdempotencyRecord, Outcome
+from .codec import canonical
+from .errors import IdempotencyError
+
+__all__ = [
+    "DEFAULT_LEASE",
+    "DEFAULT_TTL",
+    "MAX_KEY_LENGTH",
+    "Execute",
+    "Replay",
+    "decide",
+    "fingerprint",
+    "scope_of",
+]
+
+#: How long results are kept (seconds).
+DEFAULT_TTL: Final = 24 * 3600.0
+#: How long a pending claim lasts before another node may take the key over.
+DEFAULT_LEASE: Final = 60.0
+#: Longest accepted idempotency key.
+MAX_KEY_LENGTH: Final = 255
+
+
+def fingerprint(name: str, args: Any) -> bytes:
+    """Fingerprint of a command: its name and canonical arguments (32 bytes)."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(name.encode())
+    h.update(b"\x00")
+    h.update(canonical(msgspec.to_builtins(args)))
+    return h.digest()
+
+
+def scope_of(principal: str | None) -> str:
+    """Scope string for a principal (anonymous callers share one scope)."""
+    return f"p:{principal}" if principal is not None else "anon"
+
+
+class Execute(msgspec.Struct, frozen=True):
+    """Decision: the caller owns the key and must run the command."""
+
+
+class Replay(msgspec.Struct, frozen=True):
+    """Decision: return the stored outcome without running anything."""
+
+    outcome: Outcome
+
+
+def decide(existing: IdempotencyRecord | None, fp: bytes) -> Execute | Replay:
+    """Turn the result of :meth:`IdempotencyStore.begin` into an action.
+
+    Args:
+        existing: ``None`` if the caller claimed the key, else the live record.
+        fp: Fingerprint of the incoming command.
+
+    Returns:
+        :class:`Execute` or :class:`Replay`.
+
+    Raises:
+        IdempotencyError: ``idempotency_key_reused`` or ``idempotency_in_progress``.
+    """
+    if existing is None:
+        return Execute()
+    if existing.fingerprint != fp:
+        raise IdempotencyError(
+            "this idempotency key was already used with another command or other arguments",
+            code="idempotency_key_reused",
+        )
+    if existing.state == "pending" or existing.outcome is None:
+        raise IdempotencyError(
+            "a command with this idempotency key is still executing; retry later",
+            code="idempotency_in_progress",
+        )
+    return Replay(existing.outcome)
+
+
+def check_key(key: str) -> None:
+    """Validate an idempotency key's shape.
+
+    Raises:
+        IdempotencyError: empty or longer than :data:`MAX_KEY_LENGTH` (code ``bad_args``).
+    """
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise IdempotencyError(
+            f"idempotency key must be 1..{MAX_KEY_LENGTH} characters, got {len(key)}",
+            code="bad_args",
+        )

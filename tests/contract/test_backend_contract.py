@@ -1,0 +1,254 @@
+"""The contract every backend keeps (run unchanged on memory, sqlite, redis).
+
+Each test opens a fresh backend from ``backend_factory`` and drives it only
+through the Protocols of :mod:`rtcore.backends.base`.
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from rtcore.backends import Backend, Event, IdempotencyRecord, Outcome, Retention, Snapshot
+from rtcore.errors import ConflictError
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_700_000_000.0
+
+
+async def _append_n(b: Backend, stream: str, n: int, *, now: float = T0) -> list[Event]:
+    out = []
+    for i in range(n):
+        res = await b.events.append(stream, "e", {"i": i}, now=now)
+        out.append(res.event)
+    return out
+
+
+async def test_offsets_are_dense_from_one_and_epoch_is_stable(backend_factory) -> None:
+    async with backend_factory() as b:
+        info0 = await b.events.info("room:1")
+        assert info0.head == 0 and info0.first == 1
+        events = await _append_n(b, "room:1", 5)
+        assert [e.offset for e in events] == [1, 2, 3, 4, 5]
+        assert {e.epoch for e in events} == {info0.epoch}
+        assert [e.data for e in events] == [{"i": i} for i in range(5)]
+        info = await b.events.info("room:1")
+        assert (info.epoch, info.head, info.first) == (info0.epoch, 5, 1)
+
+
+async def test_streams_are_independent(backend_factory) -> None:
+    async with backend_factory() as b:
+        await _append_n(b, "a:1", 3)
+        await _append_n(b, "b:1", 2)
+        assert (await b.events.info("a:1")).head == 3
+        assert (await b.events.info("b:1")).head == 2
+        assert (await b.events.info("a:1")).epoch != (await b.events.info("b:1")).epoch
+        assert await b.events.streams("a:*") == ["a:1"]
+        assert set(await b.events.streams()) >= {"a:1", "b:1"}
+
+
+async def test_read_pages_after_offset(backend_factory) -> None:
+    async with backend_factory() as b:
+        await _append_n(b, "s:1", 10)
+        page = await b.events.read("s:1", after=3, limit=4)
+        assert [e.offset for e in page.events] == [4, 5, 6, 7]
+        assert page.head == 10 and page.first == 1
+        tail = await b.events.read("s:1", after=8, limit=100)
+        assert [e.offset for e in tail.events] == [9, 10]
+        assert (await b.events.read("s:1", after=10, limit=5)).events == []
+        assert (await b.events.read("s:1", after=0, limit=0)).events == []
+
+
+async def test_event_fields_round_trip(backend_factory) -> None:
+    async with backend_factory() as b:
+        data = {"s": "x", "n": 1, "f": 1.5, "l": [1, "a", None], "d": {"k": True}}
+        ev = (await b.events.append("s:1", "moved", data, now=T0 + 1.25, key="k1")).event
+        (stored,) = (await b.events.read("s:1", after=0, limit=1)).events
+        assert stored == ev
+        assert (stored.type, stored.data, stored.ts, stored.key) == ("moved", data, T0 + 1.25, "k1")
+
+
+async def test_idempotent_append_by_key(backend_factory) -> None:
+    async with backend_factory() as b:
+        first = await b.events.append("s:1", "e", {"v": 1}, now=T0, key="k")
+        again = await b.events.append("s:1", "e", {"v": 1}, now=T0 + 5, key="k")
+        assert not first.duplicate and again.duplicate
+        assert again.event == first.event
+        assert (await b.events.info("s:1")).head == 1
+        other = await b.events.append("s:1", "e", {"v": 2}, now=T0, key="k2")
+        assert other.event.offset == 2 and not other.duplicate
+
+
+async def test_expect_is_optimistic_concurrency(backend_factory) -> None:
+    async with backend_factory() as b:
+        await b.events.append("s:1", "e", {}, now=T0, expect=0)
+        await b.events.append("s:1", "e", {}, now=T0, expect=1)
+        with pytest.raises(ConflictError) as exc:
+            await b.events.append("s:1", "e", {}, now=T0, expect=1)
+        assert exc.value.code == "conflict"
+        assert (await b.events.info("s:1")).head == 2
+        # a retried keyed append that already succeeded is a duplicate, not a conflict
+        await b.events.append("s:1", "e", {}, now=T0, key="kk", expect=2)
+        dup = await b.events.append("s:1", "e", {}, now=T0, key="kk", expect=2)
+        assert dup.duplicate and dup.event.offset == 3
+
+
+async def test_concurrent_appends_get_distinct_dense_offsets(backend_factory) -> None:
+    async with backend_factory() as b:
+        offsets: list[int] = []
+
+        async def writer(w: int) -> None:
+            for i in range(20):
+                offsets.append((await b.events.append("s:1", "e", {"w": w, "i": i}, now=T0)).event.offset)
+
+        async with anyio.create_task_group() as tg:
+            for w in range(5):
+                tg.start_soon(writer, w)
+        assert sorted(offsets) == list(range(1, 101))
+
+
+async def test_retention_by_count(backend_factory) -> None:
+    async with backend_factory() as b:
+        r = Retention(max_events=3)
+        for i in range(7):
+            await b.events.append("s:1", "e", {"i": i}, now=T0, retention=r)
+        info = await b.events.info("s:1")
+        assert (info.head, info.first) == (7, 5)
+        page = await b.events.read("s:1", after=0, limit=100)
+        assert [e.offset for e in page.events] == [5, 6, 7]
+        assert page.first == 5
+
+
+async def test_retention_by_age(backend_factory) -> None:
+    async with backend_factory() as b:
+        for i in range(4):
+            await b.events.append("s:1", "e", {}, now=T0 + i * 10)
+        dropped = await b.events.trim("s:1", Retention(max_age=15), now=T0 + 35)
+        assert dropped == 2
+        info = await b.events.info("s:1")
+        assert (info.head, info.first) == (4, 3)
+        # trimming everything keeps head and epoch; first becomes head + 1
+        await b.events.trim("s:1", Retention(max_age=1), now=T0 + 1000)
+        info2 = await b.events.info("s:1")
+        assert (info2.head, info2.first, info2.epoch) == (4, 5, info.epoch)
+        nxt = await b.events.append("s:1", "e", {}, now=T0 + 1000)
+        assert nxt.event.offset == 5
+
+
+async def test_live_feed_delivers_watched_streams_in_order(backend_factory) -> None:
+    async with backend_factory() as b:
+        got: list[Event] = []
+        feed = b.events.live(got.append)
+        feed.watch("s:1")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed.run)
+            await anyio.sleep(0.05)  # let engines that poll start their reader
+            await _append_n(b, "s:1", 5)
+            await _append_n(b, "other:1", 2)
+            with anyio.fail_after(10):
+                while len(got) < 5:
+                    await anyio.sleep(0.01)
+            feed.unwatch("s:1")
+            await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        assert [(e.stream, e.offset) for e in got] == [("s:1", i) for i in range(1, 6)]
+
+
+async def test_live_feed_watch_all(backend_factory) -> None:
+    async with backend_factory() as b:
+        got: list[Event] = []
+        feed = b.events.live(got.append)
+        feed.watch("*")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed.run)
+            await anyio.sleep(0.05)
+            await _append_n(b, "a:1", 2)
+            await _append_n(b, "b:1", 2)
+            with anyio.fail_after(10):
+                while len(got) < 4:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert sorted((e.stream, e.offset) for e in got) == [("a:1", 1), ("a:1", 2), ("b:1", 1), ("b:1", 2)]
+
+
+async def test_idempotency_begin_is_exclusive(backend_factory) -> None:
+    async with backend_factory() as b:
+        st = b.idempotency
+        assert await st.begin("p:u", "k", b"fp", now=T0, lease=60) is None
+        rec = await st.begin("p:u", "k", b"fp", now=T0 + 1, lease=60)
+        assert isinstance(rec, IdempotencyRecord) and rec.state == "pending" and rec.fingerprint == b"fp"
+        # scopes are separate
+        assert await st.begin("p:v", "k", b"fp", now=T0, lease=60) is None
+        await st.finish("p:u", "k", Outcome(True, {"x": 1}), now=T0 + 2, ttl=100)
+        done = await st.begin("p:u", "k", b"fp", now=T0 + 3, lease=60)
+        assert done is not None and done.state == "done"
+        assert done.outcome == Outcome(True, {"x": 1}) and done.fingerprint == b"fp"
+        # after the TTL the key is free again
+        assert await st.begin("p:u", "k", b"fp2", now=T0 + 200, lease=60) is None
+
+
+async def test_idempotency_concurrent_begin_one_winner(backend_factory) -> None:
+    async with backend_factory() as b:
+        winners: list[int] = []
+
+        async def claim(i: int) -> None:
+            if await b.idempotency.begin("p:u", "race", b"fp", now=T0, lease=60) is None:
+                winners.append(i)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(claim, i)
+        assert len(winners) == 1
+
+
+async def test_idempotency_lease_expiry_and_release(backend_factory) -> None:
+    async with backend_factory() as b:
+        st = b.idempotency
+        assert await st.begin("s", "k", b"fp", now=T0, lease=5) is None
+        assert await st.begin("s", "k", b"fp", now=T0 + 6, lease=5) is None  # lease ran out
+        await st.release("s", "k")
+        assert await st.begin("s", "k", b"fp", now=T0 + 7, lease=5) is None
+        await st.finish("s", "k", Outcome(False, None, "nope", "no"), now=T0 + 8, ttl=50)
+        await st.release("s", "k")  # release never drops a finished outcome
+        rec = await st.begin("s", "k", b"fp", now=T0 + 9, lease=5)
+        assert rec is not None and rec.outcome == Outcome(False, None, "nope", "no")
+
+
+async def test_cursors_only_move_forward_within_an_epoch(backend_factory) -> None:
+    async with backend_factory() as b:
+        c = b.cursors
+        assert await c.get("alice", "s:1") is None
+        await c.advance("alice", "s:1", "e1", 5)
+        await c.advance("alice", "s:1", "e1", 3)
+        assert await c.get("alice", "s:1") == ("e1", 5)
+        await c.advance("alice", "s:1", "e2", 1)
+        assert await c.get("alice", "s:1") == ("e2", 1)
+        assert await c.get("bob", "s:1") is None
+
+
+async def test_snapshots_keep_the_newest(backend_factory) -> None:
+    async with backend_factory() as b:
+        s = b.snapshots
+        assert await s.get("s:1") is None
+        await s.put(Snapshot("s:1", "e1", 10, b"\x80", "c10"))
+        await s.put(Snapshot("s:1", "e1", 5, b"\x80", "c5"))
+        got = await s.get("s:1")
+        assert got is not None and (got.offset, got.checksum) == (10, "c10")
+        await s.put(Snapshot("s:1", "e2", 1, b"\x81", "n1"))
+        got = await s.get("s:1")
+        assert got is not None and (got.epoch, got.offset, got.state) == ("e2", 1, b"\x81")
+
+
+async def test_leases_have_one_holder(backend_factory) -> None:
+    async with backend_factory() as b:
+        ls = b.leases
+        assert await ls.acquire("tick:room:1", "n1", now=T0, ttl=10)
+        assert not await ls.acquire("tick:room:1", "n2", now=T0 + 1, ttl=10)
+        assert await ls.acquire("tick:room:1", "n1", now=T0 + 5, ttl=10)  # renew
+        assert not await ls.acquire("tick:room:1", "n2", now=T0 + 14, ttl=10)
+        assert await ls.acquire("tick:room:1", "n2", now=T0 + 16, ttl=10)  # expired
+        await ls.release("tick:room:1", "n1")  # not the holder: no effect
+        assert not await ls.acquire("tick:room:1", "n1", now=T0 + 17, ttl=10)
+        await ls.release("tick:room:1", "n2")
+        assert await ls.acquire("tick:room:1", "n1", now=T0 + 18, ttl=10)
