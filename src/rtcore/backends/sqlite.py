@@ -1,0 +1,625 @@
+"""The ``sqlite:///path.db`` backend: embedded, durable, no service to run.
+
+Why it is shaped this way:
+
+* **One connection, one worker at a time.** The stdlib :mod:`sqlite3` driver is
+  blocking, so every database call runs in a worker thread through
+  :func:`anyio.to_thread.run_sync` with a ``CapacityLimiter(1)``. The event
+  loop never blocks, and because only one call runs at a time the single
+  connection is never used concurrently: appends are serialized in this
+  process, and ``BEGIN IMMEDIATE`` serializes them against other processes
+  that open the same file.
+* **Durable on return.** The file is in WAL mode with ``synchronous=FULL``:
+  the WAL is fsynced at every commit, so an append that returned survives a
+  ``kill -9`` of the process or a power cut.
+* **A global commit sequence.** Every event row has ``seq INTEGER PRIMARY KEY
+  AUTOINCREMENT``. SQLite has one writer at a time, so ``seq`` grows in commit
+  order across every process writing the file, and per stream it grows with
+  the offset. The live feed is a cursor on ``seq``: events appended through
+  this process are pushed to the feeds right after commit (no latency), and a
+  poller reads ``seq > cursor`` every :data:`POLL_INTERVAL` seconds to pick up
+  events that other processes appended. A pushed event is delivered only when
+  it is exactly the next ``seq`` (``cursor + 1``); otherwise something from
+  another process sits in between and the poller delivers both in order. One
+  cursor per feed makes "in order, never twice" a single integer comparison.
+* **Streams are created on first touch.** As in the memory backend, ``info``
+  and ``read`` of an unknown stream give it an epoch (a write), so the epoch a
+  client sees before the first event is the one the first event carries.
+
+The URL follows the SQLAlchemy convention: ``sqlite:///rel/path.db`` is
+relative to the working directory, ``sqlite:////abs/path.db`` is absolute and
+``sqlite:///:memory:`` is a private in-memory database (tests only: nothing
+is durable and no other process can see it).
+
+Column ``off`` holds the offset (``offset`` is an SQL keyword). Event payloads
+are msgpack (msgspec) blobs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, TypeVarTuple, Unpack
+
+import anyio
+import msgspec
+
+from ..errors import BackendError, ConflictError
+from .base import (
+    AppendResult,
+    Backend,
+    Event,
+    IdempotencyRecord,
+    Outcome,
+    ReadResult,
+    Retention,
+    Snapshot,
+    StreamInfo,
+)
+from .memory import new_epoch
+
+__all__ = [
+    "POLL_INTERVAL",
+    "SqliteBackend",
+    "SqliteCursorStore",
+    "SqliteEventLog",
+    "SqliteIdempotencyStore",
+    "SqliteLeaseStore",
+    "SqliteSnapshotStore",
+    "open_sqlite",
+]
+
+#: How often (seconds) a running live feed looks for events appended by other processes.
+POLL_INTERVAL = 0.05
+
+#: Most rows one poll reads; a feed far behind catches up over several polls.
+_POLL_BATCH = 1000
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS streams (
+    name  TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    head  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    stream TEXT NOT NULL,
+    off    INTEGER NOT NULL,
+    epoch  TEXT NOT NULL,
+    type   TEXT NOT NULL,
+    data   BLOB NOT NULL,
+    ts     REAL NOT NULL,
+    key    TEXT,
+    UNIQUE (stream, off)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_key ON events (stream, key) WHERE key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS idempotency (
+    scope   TEXT NOT NULL,
+    key     TEXT NOT NULL,
+    state   TEXT NOT NULL,
+    expires REAL NOT NULL,
+    record  BLOB NOT NULL,
+    PRIMARY KEY (scope, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires);
+CREATE TABLE IF NOT EXISTS cursors (
+    principal TEXT NOT NULL,
+    stream    TEXT NOT NULL,
+    epoch     TEXT NOT NULL,
+    off       INTEGER NOT NULL,
+    PRIMARY KEY (principal, stream)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots (
+    stream   TEXT PRIMARY KEY,
+    epoch    TEXT NOT NULL,
+    off      INTEGER NOT NULL,
+    state    BLOB NOT NULL,
+    checksum TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (
+    name    TEXT PRIMARY KEY,
+    holder  TEXT NOT NULL,
+    expires REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_EVENT_COLS = "seq, stream, off, epoch, type, data, ts, key"
+_Row = tuple[int, str, int, str, str, bytes, float, str | None]
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_any = msgspec.msgpack.Decoder().decode
+_decode_record = msgspec.msgpack.Decoder(IdempotencyRecord).decode
+
+
+def _row_event(row: _Row) -> Event:
+    _seq, stream, off, epoch, type_, data, ts, key = row
+    return Event(stream, epoch, off, type_, _decode_any(data), ts, key)
+
+
+def _path_from_url(url: str) -> str:
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise ValueError(f"expected sqlite:///path.db (or sqlite:////abs/path.db, sqlite:///:memory:), got {url!r}")
+    path = url[len(prefix) :].split("?", 1)[0]
+    if not path:
+        raise ValueError(f"no database path in {url!r}")
+    return path
+
+
+def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    # IMMEDIATE takes the write lock up front, so a read-then-write (head,
+    # then insert) can never be invalidated by another process in between.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return result
+
+
+class _Db:
+    """The one connection plus the one-at-a-time worker that uses it."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self._limiter = anyio.CapacityLimiter(1)
+        self.closed = False
+
+    async def run(self, fn: Callable[[sqlite3.Connection, Unpack[Ts]], T], *args: *Ts) -> T:
+        """Run ``fn(conn, *args)`` on the worker, mapping engine failures to BackendError."""
+        if self.closed:
+            raise BackendError("the sqlite backend is closed")
+        try:
+            return await anyio.to_thread.run_sync(fn, self.conn, *args, limiter=self._limiter)
+        except sqlite3.Error as exc:
+            raise BackendError(f"sqlite: {exc}") from exc
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` inside ``BEGIN IMMEDIATE ... COMMIT`` (rolled back if it raises)."""
+        return await self.run(lambda conn: _in_tx(conn, fn))
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        await anyio.to_thread.run_sync(self.conn.close, limiter=self._limiter)
+        self.closed = True
+
+
+def _ensure_stream(conn: sqlite3.Connection, stream: str) -> tuple[str, int]:
+    row = conn.execute("SELECT epoch, head FROM streams WHERE name = ?", (stream,)).fetchone()
+    if row is None:
+        epoch = new_epoch()
+        conn.execute("INSERT INTO streams (name, epoch, head) VALUES (?, ?, 0)", (stream, epoch))
+        return epoch, 0
+    return row[0], row[1]
+
+
+def _first(conn: sqlite3.Connection, stream: str, head: int) -> int:
+    row = conn.execute("SELECT MIN(off) FROM events WHERE stream = ?", (stream,)).fetchone()
+    return head + 1 if row[0] is None else int(row[0])
+
+
+def _trim(conn: sqlite3.Connection, stream: str, retention: Retention, now: float) -> int:
+    dropped = 0
+    if retention.max_events is not None:
+        cur = conn.execute(
+            "DELETE FROM events WHERE stream = ? AND off <= (SELECT head FROM streams WHERE name = ?) - ?",
+            (stream, stream, retention.max_events),
+        )
+        dropped += cur.rowcount
+    if retention.max_age is not None:
+        # Same rule as the memory backend: drop from the oldest while older
+        # than the cutoff, stopping at the first young enough event (``now`` is
+        # caller-supplied, so timestamps need not be monotonic).
+        cutoff = now - retention.max_age
+        row = conn.execute("SELECT MIN(off) FROM events WHERE stream = ? AND ts >= ?", (stream, cutoff)).fetchone()
+        if row[0] is None:
+            cur = conn.execute("DELETE FROM events WHERE stream = ?", (stream,))
+        else:
+            cur = conn.execute("DELETE FROM events WHERE stream = ? AND off < ?", (stream, row[0]))
+        dropped += cur.rowcount
+    return dropped
+
+
+class _SqliteFeed:
+    """A live feed: pushed local commits plus a ``seq`` poller for other processes."""
+
+    def __init__(self, log: SqliteEventLog, deliver: Callable[[Event], None]) -> None:
+        self._log = log
+        self._deliver = deliver
+        self._streams: set[str] = set()
+        self._all = False
+        self._cursor: int | None = None  # highest seq already handled (None: not running)
+
+    def watch(self, stream: str) -> None:
+        if stream == "*":
+            self._all = True
+        else:
+            self._streams.add(stream)
+
+    def unwatch(self, stream: str) -> None:
+        if stream == "*":
+            self._all = False
+        else:
+            self._streams.discard(stream)
+
+    def _wants(self, stream: str) -> bool:
+        return self._all or stream in self._streams
+
+    def push(self, seq: int, event: Event) -> None:
+        """A commit made through this process: deliver it now if nothing is missing before it."""
+        if self._cursor is None or seq != self._cursor + 1:
+            return  # seq <= cursor: already handled; a gap: the poller fills it in order
+        self._cursor = seq
+        if self._wants(event.stream):
+            self._deliver(event)
+
+    def _take(self, rows: list[_Row], high: int) -> None:
+        assert self._cursor is not None
+        for row in rows:
+            if row[0] <= self._cursor:
+                continue  # delivered by a push while the poll was in flight
+            self._cursor = row[0]
+            if self._wants(row[1]):
+                self._deliver(_row_event(row))
+        self._cursor = max(self._cursor, high)
+
+    async def run(self) -> None:
+        db = self._log._db
+        self._cursor = await db.run(_max_seq)
+        self._log._feeds.append(self)
+        try:
+            while True:
+                await anyio.sleep(POLL_INTERVAL)
+                rows, high = await db.run(_rows_after, self._cursor)
+                self._take(rows, high)
+        finally:
+            self._log._feeds.remove(self)
+            self._cursor = None
+
+
+def _max_seq(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _rows_after(conn: sqlite3.Connection, cursor: int) -> tuple[list[_Row], int]:
+    """Rows with ``seq > cursor`` (one batch) and the seq the reader may advance to."""
+    conn.execute("BEGIN")  # one snapshot for both statements
+    try:
+        high = _max_seq(conn)
+        if high <= cursor:
+            return [], cursor
+        rows: list[_Row] = conn.execute(
+            f"SELECT {_EVENT_COLS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+            (cursor, high, _POLL_BATCH),
+        ).fetchall()
+        if len(rows) == _POLL_BATCH:
+            high = rows[-1][0]  # more to come: advance only over what was read
+        return rows, high
+    finally:
+        conn.execute("COMMIT")
+
+
+class SqliteEventLog:
+    """:class:`~rtcore.backends.base.EventLog` on an SQLite file."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+        self._feeds: list[_SqliteFeed] = []
+        # Commits in commit order, filled on the worker thread right after each
+        # COMMIT and drained on the event loop, so pushes keep seq order even
+        # when the awaiting tasks resume out of order.
+        self._committed: deque[tuple[int, Event]] = deque()
+
+    def _drain(self) -> None:
+        while self._committed:
+            seq, event = self._committed.popleft()
+            for feed in tuple(self._feeds):
+                feed.push(seq, event)
+
+    async def append(
+        self,
+        stream: str,
+        type: str,
+        data: Any,
+        *,
+        now: float,
+        key: str | None = None,
+        expect: int | None = None,
+        retention: Retention | None = None,
+    ) -> AppendResult:
+        """Append one event; see :meth:`rtcore.backends.base.EventLog.append`."""
+        blob = _encode(data)
+
+        def tx(conn: sqlite3.Connection) -> AppendResult | int:
+            epoch, head = _ensure_stream(conn, stream)
+            if key is not None:
+                row = conn.execute(
+                    f"SELECT {_EVENT_COLS} FROM events WHERE stream = ? AND key = ?", (stream, key)
+                ).fetchone()
+                if row is not None:
+                    return AppendResult(_row_event(row), duplicate=True)
+            if expect is not None and expect != head:
+                return head
+            head += 1
+            conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head, stream))
+            cur = conn.execute(
+                "INSERT INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stream, head, epoch, type, blob, now, key),
+            )
+            if retention is not None:
+                _trim(conn, stream, retention, now)
+            event = Event(stream, epoch, head, type, data, now, key)
+            assert cur.lastrowid is not None
+            committed.append((cur.lastrowid, event))
+            return AppendResult(event)
+
+        # Filled inside the transaction, published to the shared queue only
+        # once COMMIT returned (a rolled-back append must never reach a feed).
+        committed: list[tuple[int, Event]] = []
+
+        def run(conn: sqlite3.Connection) -> AppendResult | int:
+            result = _in_tx(conn, tx)
+            self._committed.extend(committed)
+            return result
+
+        result = await self._db.run(run)
+        self._drain()
+        if isinstance(result, int):
+            raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
+        return result
+
+    async def read(self, stream: str, *, after: int, limit: int) -> ReadResult:
+        """Read up to ``limit`` retained events with offset > ``after``."""
+
+        def tx(conn: sqlite3.Connection) -> ReadResult:
+            epoch, head = _ensure_stream(conn, stream)
+            rows: list[_Row] = []
+            if limit > 0:
+                rows = conn.execute(
+                    f"SELECT {_EVENT_COLS} FROM events WHERE stream = ? AND off > ? ORDER BY off LIMIT ?",
+                    (stream, after, limit),
+                ).fetchall()
+            return ReadResult(epoch, head, _first(conn, stream, head), [_row_event(r) for r in rows])
+
+        return await self._db.write(tx)
+
+    async def info(self, stream: str) -> StreamInfo:
+        """Return the stream's epoch, head and first retained offset."""
+
+        def tx(conn: sqlite3.Connection) -> StreamInfo:
+            epoch, head = _ensure_stream(conn, stream)
+            return StreamInfo(epoch, head, _first(conn, stream, head))
+
+        return await self._db.write(tx)
+
+    async def trim(self, stream: str, retention: Retention, *, now: float) -> int:
+        """Drop events beyond ``retention``; return how many were dropped."""
+
+        def tx(conn: sqlite3.Connection) -> int:
+            _ensure_stream(conn, stream)
+            return _trim(conn, stream, retention, now)
+
+        return await self._db.write(tx)
+
+    async def streams(self, pattern: str = "*") -> list[str]:
+        """Names of the known streams matching the glob ``pattern``."""
+        rows: list[tuple[str]] = await self._db.run(
+            lambda conn: conn.execute("SELECT name FROM streams ORDER BY name").fetchall()
+        )
+        # fnmatch rather than SQL GLOB so every backend agrees on the pattern syntax.
+        return [name for (name,) in rows if fnmatch.fnmatchcase(name, pattern)]
+
+    def live(self, deliver: Callable[[Event], None]) -> _SqliteFeed:
+        """Create a live feed; see :class:`~rtcore.backends.base.LiveFeed`."""
+        return _SqliteFeed(self, deliver)
+
+
+class SqliteIdempotencyStore:
+    """:class:`~rtcore.backends.base.IdempotencyStore` on SQLite."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+        self._finishes = 0
+
+    async def begin(
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+    ) -> IdempotencyRecord | None:
+        """Claim ``key`` or return the live record (see the Protocol)."""
+        pending = IdempotencyRecord(fingerprint, "pending", now + lease)
+
+        def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            row = conn.execute(
+                "SELECT record, expires FROM idempotency WHERE scope = ? AND key = ?", (scope, key)
+            ).fetchone()
+            if row is not None and row[1] > now:
+                return _decode_record(row[0])
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
+                (scope, key, "pending", pending.expires, _encode(pending)),
+            )
+            return None
+
+        return await self._db.write(tx)
+
+    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+        """Store the final outcome for ``ttl`` seconds."""
+        self._finishes += 1
+        sweep = self._finishes % 1024 == 0
+
+        def tx(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT record FROM idempotency WHERE scope = ? AND key = ?", (scope, key)).fetchone()
+            fp = _decode_record(row[0]).fingerprint if row is not None else b""
+            rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
+            conn.execute(
+                "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
+                (scope, key, "done", rec.expires, _encode(rec)),
+            )
+            if sweep:  # occasional garbage collection keeps the table bounded
+                conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+
+        await self._db.write(tx)
+
+    async def release(self, scope: str, key: str) -> None:
+        """Forget a pending key; a finished outcome is kept."""
+        await self._db.write(
+            lambda conn: conn.execute(
+                "DELETE FROM idempotency WHERE scope = ? AND key = ? AND state = 'pending'", (scope, key)
+            )
+        )
+
+
+class SqliteCursorStore:
+    """:class:`~rtcore.backends.base.CursorStore` on SQLite."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)`` or ``None``."""
+        row = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT epoch, off FROM cursors WHERE principal = ? AND stream = ?", (principal, stream)
+            ).fetchone()
+        )
+        return None if row is None else (row[0], row[1])
+
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
+        """Move forward within an epoch; another epoch replaces the cursor."""
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO cursors (principal, stream, epoch, off) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (principal, stream) DO UPDATE SET epoch = excluded.epoch, off = excluded.off "
+                "WHERE cursors.epoch != excluded.epoch OR excluded.off > cursors.off",
+                (principal, stream, epoch, offset),
+            )
+        )
+
+
+class SqliteSnapshotStore:
+    """:class:`~rtcore.backends.base.SnapshotStore` on SQLite."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def get(self, stream: str) -> Snapshot | None:
+        """Return the newest snapshot of ``stream``."""
+        row = await self._db.run(
+            lambda conn: conn.execute(
+                "SELECT epoch, off, state, checksum FROM snapshots WHERE stream = ?", (stream,)
+            ).fetchone()
+        )
+        return None if row is None else Snapshot(stream, row[0], row[1], bytes(row[2]), row[3])
+
+    async def put(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot`` unless a newer one of the same epoch exists."""
+        s = snapshot
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO snapshots (stream, epoch, off, state, checksum) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET epoch = excluded.epoch, off = excluded.off, "
+                "state = excluded.state, checksum = excluded.checksum "
+                "WHERE snapshots.epoch != excluded.epoch OR excluded.off >= snapshots.off",
+                (s.stream, s.epoch, s.offset, s.state, s.checksum),
+            )
+        )
+
+
+class SqliteLeaseStore:
+    """:class:`~rtcore.backends.base.LeaseStore` on SQLite."""
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
+        """Take or renew ``name`` for ``holder``; False if someone else holds it."""
+
+        def tx(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "INSERT INTO leases (name, holder, expires) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires <= ?",
+                (name, holder, now + ttl, now),
+            )
+            return cur.rowcount == 1
+
+        return await self._db.write(tx)
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the lease up if ``holder`` has it."""
+        await self._db.write(
+            lambda conn: conn.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+        )
+
+
+class SqliteBackend(Backend):
+    """All stores in one SQLite file (``sqlite:///path.db``)."""
+
+    events: SqliteEventLog
+
+    def __init__(self, url: str, db: _Db) -> None:
+        super().__init__(
+            url,
+            events=SqliteEventLog(db),
+            idempotency=SqliteIdempotencyStore(db),
+            cursors=SqliteCursorStore(db),
+            snapshots=SqliteSnapshotStore(db),
+            leases=SqliteLeaseStore(db),
+        )
+        self._db = db
+
+    async def aclose(self) -> None:
+        """Close the connection (checkpointing the WAL is left to SQLite)."""
+        await self._db.close()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    if path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # isolation_level=None: we issue BEGIN/COMMIT ourselves. check_same_thread
+    # is off because anyio may pick a different pool thread per call; the
+    # CapacityLimiter(1) guarantees no two calls overlap.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    try:
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if path != ":memory:" and str(mode).lower() != "wal":
+            raise BackendError(f"sqlite: could not switch {path!r} to WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+async def open_sqlite(url: str) -> Backend:
+    """Open (creating if needed) the SQLite database named by ``url``.
+
+    Args:
+        url: ``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` or
+            ``sqlite:///:memory:``.
+
+    Returns:
+        A :class:`SqliteBackend`; call :meth:`~rtcore.backends.base.Backend.aclose`
+        when done.
+
+    Raises:
+        ValueError: the URL is not an sqlite URL.
+        BackendError: the file could not be opened or prepared.
+    """
+    path = _path_from_url(url)
+    try:
+        conn = await anyio.to_thread.run_sync(_connect, path)
+    except sqlite3.Error as exc:
+        raise BackendError(f"sqlite: cannot open {path!r}: {exc}") from exc
+    return SqliteBackend(url, _Db(conn))
