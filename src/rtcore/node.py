@@ -1,0 +1,537 @@
+"""A node runs an :class:`~rtcore.app.App` on a backend.
+
+One node per process (or per test). It owns the backend's live feed and the
+:class:`~rtcore.hub.Hub`, folds stateful streams, runs processors, dispatches
+commands through the idempotency layer, and starts subscriptions with the
+catch-up → live handoff. Transports (WebSocket, HTTP, SSE, in-process) are
+thin drivers over the methods here, which is why a command retried over HTTP
+after being sent over WebSocket sees the same idempotency record.
+
+Use it as an async context manager; every background task lives in its task
+group::
+
+    async with Node(app, "memory://") as node:
+        ...
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+
+from .app import App, Context, Principal, ProcessorSpec
+from .backends import Backend, open_backend
+from .backends.base import Event, Outcome, ReadResult
+from .codec import codec_for
+from .errors import AuthError, RtcoreError
+from .frames import Limits, Position, Snap, Sync
+from .hub import EncodedEvent, Hub, Tail
+from .idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
+from .state import StreamState
+from .streams import Delivery, check_stream, matches, plan_resume
+
+__all__ = ["Node", "Reply", "Subscription"]
+
+log = logging.getLogger("rtcore.node")
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """The answer to a command, whichever transport asked.
+
+    Attributes:
+        ok: Whether it succeeded.
+        result: The handler's result as builtins (when ``ok``).
+        code: Error code (when not ``ok``).
+        message: Error message.
+        retryable: Whether retrying may succeed.
+        http_status: Status for the HTTP transport.
+        replayed: The outcome came from the idempotency store.
+    """
+
+    ok: bool
+    result: Any = None
+    code: str = ""
+    message: str = ""
+    retryable: bool = False
+    http_status: int = 200
+    replayed: bool = False
+
+    @classmethod
+    def error(cls, exc: RtcoreError, replayed: bool = False) -> Reply:
+        """A failed reply from an error."""
+        return cls(False, None, exc.code, exc.message, exc.retryable, exc.http_status, replayed)
+
+    @classmethod
+    def from_outcome(cls, outcome: Outcome, replayed: bool) -> Reply:
+        """A reply from a stored outcome."""
+        if outcome.ok:
+            return cls(True, outcome.result, replayed=replayed)
+        exc = RtcoreError(outcome.message or "", code=outcome.code or "internal", retryable=False)
+        return cls.error(exc, replayed)
+
+
+class Subscription:
+    """A started subscription: what to tell the client first, and the tail that feeds it.
+
+    Attributes:
+        stream: The stream.
+        epoch: Epoch live delivery continues in.
+        offset: Position announced in ``subbed``.
+        recovered: ``subbed.recovered``.
+        snap: The ``snap`` frame to send right after ``subbed`` (stateful resume), or None.
+        tail: The tail (call :meth:`Tail.fill` after sending the preamble).
+    """
+
+    __slots__ = ("epoch", "offset", "recovered", "snap", "stream", "tail")
+
+    def __init__(self, stream: str, epoch: str, offset: int, recovered: bool, snap: Snap | None, tail: Tail) -> None:
+        self.stream = stream
+        self.epoch = epoch
+        self.offset = offset
+        self.recovered = recovered
+        self.snap = snap
+        self.tail = tail
+
+
+class _Follower:
+    """Server-side fold of one stateful stream."""
+
+    def __init__(self, stream: str, state: StreamState) -> None:
+        self.stream = stream
+        self.state = state
+        self.ready = anyio.Event()
+        self.tail: Tail | None = None
+        self.pending_sync: tuple[int, dict[str, bytes]] | None = None
+
+
+class Node:
+    """Runs an app on a backend.
+
+    Args:
+        app: The application.
+        backend: A :class:`~rtcore.backends.Backend` or a URL (``memory://`` default).
+        clock: Returns Unix time; :class:`rtcore.testing.FakeClock` in tests.
+        limits: Per-connection limits announced in ``welcome``.
+        heartbeat: Ping interval announced to clients (seconds).
+        idempotency_ttl: How long command outcomes are kept.
+        node_id: Identifies this node (leases, consumer groups); random by default.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        backend: Backend | str = "memory://",
+        *,
+        clock: Callable[[], float] = time.time,
+        limits: Limits | None = None,
+        heartbeat: float = 15.0,
+        token_grace: float = 10.0,
+        idempotency_ttl: float = DEFAULT_TTL,
+        idempotency_lease: float = DEFAULT_LEASE,
+        node_id: str | None = None,
+    ) -> None:
+        self.app = app
+        self._backend_arg = backend
+        self.backend: Backend = backend if isinstance(backend, Backend) else None  # type: ignore[assignment]
+        self.clock = clock
+        self.limits = limits or Limits()
+        self.heartbeat = heartbeat
+        self.token_grace = token_grace
+        self.idempotency_ttl = idempotency_ttl
+        self.idempotency_lease = idempotency_lease
+        self.id = node_id or secrets.token_hex(4)
+        self.hub: Hub = None  # type: ignore[assignment]
+        self._tg: TaskGroup | None = None
+        self._followers: dict[str, _Follower] = {}
+        self._processor_queues: list[tuple[ProcessorSpec, anyio.abc.ObjectSendStream[Event]]] = []
+        self.sessions: set[Any] = set()
+        self.timer_wakeup = anyio.Event()
+        self.draining = False
+        self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0}
+        self._owns_backend = not isinstance(backend, Backend)
+
+    # --- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> Node:
+        if self.backend is None:
+            self.backend = await open_backend(str(self._backend_arg))
+        self.hub = Hub(self.backend.events, self._on_event, self._after_event)
+        if self.app.states or self.app.processors:
+            self.hub.feed.watch("*")
+        self._cm = anyio.create_task_group()
+        self._tg = await self._cm.__aenter__()
+        self._tg.start_soon(self.hub.feed.run)
+        for spec in self.app.processors:
+            send, recv = anyio.create_memory_object_stream[Event](max_buffer_size=10_000)
+            self._processor_queues.append((spec, send))
+            self._tg.start_soon(self._run_processor, spec, recv)
+        await anyio.sleep(0)  # let the feed register before the first append
+        self.app._running.append(self)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        if self in self.app._running:
+            self.app._running.remove(self)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+        try:
+            return await self._cm.__aexit__(*exc)
+        finally:
+            self._tg = None
+            if self._owns_backend:
+                await self.backend.aclose()
+
+    def spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+        """Run ``fn`` in the node's task group."""
+        if self._tg is None:
+            raise RuntimeError("the node is not running; use 'async with node:'")
+        self._tg.start_soon(fn)
+
+    def wake_timers(self) -> None:
+        """Make every session re-check its deadlines (a fake clock moved)."""
+        ev, self.timer_wakeup = self.timer_wakeup, anyio.Event()
+        ev.set()
+
+    # --- auth ------------------------------------------------------------------
+
+    async def authenticate(self, token: str | None) -> Principal | None:
+        """Turn a token into a principal with the app's hook.
+
+        Raises:
+            AuthError: ``unauthenticated``.
+        """
+        hook = self.app.hooks.authenticate
+        if hook is None:
+            return None
+        try:
+            result = await hook(token)
+        except RtcoreError:
+            raise
+        except Exception as exc:
+            log.exception("authenticate hook failed")
+            raise AuthError("authentication failed") from exc
+        if result is None:
+            raise AuthError("token missing or refused" if token else "a token is required")
+        if isinstance(result, str):
+            return Principal(result)
+        if not isinstance(result, Principal):
+            raise TypeError("authenticate must return a Principal, a str or None")
+        return result
+
+    async def allowed(self, principal: Principal | None, action: str, resource: str) -> bool:
+        """Ask the app's authorize hook (allow everything without one)."""
+        hook = self.app.hooks.authorize
+        if hook is None:
+            return True
+        return bool(await hook(principal, action, resource))
+
+    # --- publishing ------------------------------------------------------------
+
+    async def publish(
+        self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
+    ) -> Event:
+        """Append an event (see :meth:`rtcore.Context.publish`)."""
+        check_stream(stream)
+        res = await self.backend.events.append(
+            stream,
+            type,
+            msgspec.to_builtins(data),
+            now=self.clock(),
+            key=key,
+            expect=expect,
+            retention=self.app.retention_for(stream),
+        )
+        return res.event
+
+    async def history(self, principal: Principal | None, stream: str, *, after: int, limit: int) -> ReadResult:
+        """A page of history for the HTTP route (authorized as ``history``)."""
+        check_stream(stream)
+        if not await self.allowed(principal, "history", stream):
+            raise AuthError(f"reading {stream!r} is not allowed", code="forbidden")
+        return await self.backend.events.read(stream, after=after, limit=limit)
+
+    # --- commands --------------------------------------------------------------
+
+    async def dispatch(
+        self,
+        principal: Principal | None,
+        name: str,
+        args: Any,
+        *,
+        key: str | None = None,
+        encoding: Literal["json", "msgpack"] = "json",
+    ) -> Reply:
+        """Run command ``name`` exactly once per idempotency key.
+
+        Args:
+            principal: Caller.
+            name: Command name.
+            args: Raw encoded arguments (``msgspec.Raw``/bytes in ``encoding``)
+                or already-decoded builtins.
+            key: Idempotency key (scope: the principal).
+            encoding: Encoding of raw ``args``.
+
+        Returns:
+            The :class:`Reply`; this method does not raise for command errors.
+        """
+        try:
+            spec = self.app.commands.get(name)
+            if spec is None:
+                raise RtcoreError(f"no command named {name!r}", code="unknown_command")
+            if not await self.allowed(principal, "command", name):
+                raise AuthError(f"command {name!r} is not allowed", code="forbidden")
+            value = self._decode_args(spec.args_type, args, encoding)
+            if key is not None:
+                check_key(key)
+        except RtcoreError as exc:
+            return Reply.error(exc)
+        if key is None:
+            return await self._execute(spec.handler, spec.args_type, principal, name, value, None)
+        scope = scope_of(principal.id if principal else None)
+        fp = fingerprint(name, value)
+        now = self.clock()
+        try:
+            existing = await self.backend.idempotency.begin(scope, key, fp, now=now, lease=self.idempotency_lease)
+            decision = decide(existing, fp)
+        except RtcoreError as exc:
+            return Reply.error(exc)
+        if isinstance(decision, Replay):
+            self.stats["idempotent_replays"] += 1
+            return Reply.from_outcome(decision.outcome, replayed=True)
+        reply = Reply.error(RtcoreError("the command was cancelled", code="shutdown"))
+        try:
+            reply = await self._execute(spec.handler, spec.args_type, principal, name, value, f"{scope}:{key}")
+        finally:
+            with anyio.CancelScope(shield=True):
+                if reply.ok or not reply.retryable:
+                    outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message)
+                    await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl)
+                else:
+                    await self.backend.idempotency.release(scope, key)
+        return reply
+
+    @staticmethod
+    def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:
+        target = Any if args_type is None else args_type
+        try:
+            if isinstance(args, msgspec.Raw | bytes | str):
+                return codec_for(encoding).decode_value(args, target)
+            return msgspec.convert(args, target)
+        except msgspec.ValidationError as exc:
+            raise RtcoreError(f"invalid args: {exc}", code="bad_args") from None
+        except msgspec.DecodeError as exc:
+            raise RtcoreError(f"args are not valid {encoding}: {exc}", code="bad_args") from None
+
+    async def _execute(
+        self,
+        handler: Callable[..., Awaitable[Any]],
+        args_type: Any,
+        principal: Principal | None,
+        name: str,
+        value: Any,
+        publish_scope: str | None,
+    ) -> Reply:
+        ctx = _CommandContext(self, principal, name, publish_scope)
+        try:
+            result = await (handler(ctx) if args_type is None else handler(ctx, value))
+            return Reply(True, msgspec.to_builtins(result))
+        except RtcoreError as exc:
+            return Reply.error(exc)
+        except Exception:
+            log.exception("command %r raised", name)
+            return Reply.error(RtcoreError(f"command {name!r} failed unexpectedly", code="internal"))
+
+    # --- subscriptions ---------------------------------------------------------
+
+    async def subscribe(
+        self,
+        principal: Principal | None,
+        stream: str,
+        since: Position | None,
+        *,
+        emit: Callable[[list[EncodedEvent]], None],
+        on_stale: Callable[[], None],
+        spawn: Callable[[Callable[[], Awaitable[Any]]], None],
+        use_cursor: bool = True,
+    ) -> Subscription:
+        """Start a subscription with the catch-up → live handoff.
+
+        The returned tail is already registered with the hub (live events are
+        buffered). The caller sends ``subbed`` and ``snap``, then awaits
+        ``sub.tail.fill()`` which replays history and goes live.
+
+        Raises:
+            RtcoreError: ``bad_stream`` or ``forbidden``.
+        """
+        check_stream(stream)
+        if not await self.allowed(principal, "subscribe", stream):
+            raise AuthError(f"subscribing to {stream!r} is not allowed", code="forbidden")
+        start = since
+        if start is None and use_cursor and principal is not None:
+            cur = await self.backend.cursors.get(principal.id, stream)
+            if cur is not None:
+                start = Position(cur[0], cur[1])
+        info = await self.backend.events.info(stream)
+        spec = self.app.state_for(stream)
+        plan = plan_resume(start, info, stateful=spec is not None)
+        snap: Snap | None = None
+        epoch, after = info.epoch, plan.after
+        if plan.mode == "snapshot":
+            follower = await self._follower(stream)
+            st = follower.state
+            epoch, after = st.epoch, st.offset
+            snap = Snap(stream, st.epoch, st.offset, st.builtins(), st.checksum())
+        if plan.mode == "replay":
+            self.stats["replays"] += 1
+        self.stats["recovered" if plan.recovered else "not_recovered"] += int(start is not None)
+        tail = Tail(self.backend.events, stream, Delivery(epoch, after), emit, on_stale, spawn)
+        self.hub.add(tail)
+        offset = after if plan.mode != "replay" else info.head
+        return Subscription(stream, epoch, offset, plan.recovered, snap, tail)
+
+    async def store_ack(self, principal: Principal | None, stream: str, epoch: str, offset: int) -> None:
+        """Remember a principal's cumulative ack as its server cursor."""
+        if principal is not None:
+            await self.backend.cursors.advance(principal.id, stream, epoch, offset)
+
+    # --- stateful streams ------------------------------------------------------
+
+    async def state_of(self, stream: str) -> StreamState:
+        """The current folded state of a stateful stream."""
+        return (await self._follower(stream)).state
+
+    async def _follower(self, stream: str) -> _Follower:
+        f = self._followers.get(stream)
+        if f is None:
+            f = self._start_follower(stream)
+        await f.ready.wait()
+        return f
+
+    def _start_follower(self, stream: str) -> _Follower:
+        spec = self.app.state_for(stream)
+        assert spec is not None
+        f = _Follower(stream, StreamState(spec, ""))
+        self._followers[stream] = f
+        self.spawn(lambda: self._load_follower(f))
+        return f
+
+    async def _load_follower(self, f: _Follower) -> None:
+        spec = f.state.spec
+        snap = await self.backend.snapshots.get(f.stream)
+        info = await self.backend.events.info(f.stream)
+        if snap is not None and snap.epoch == info.epoch and info.first - 1 <= snap.offset <= info.head:
+            f.state = StreamState.from_snapshot(spec, snap)
+        else:
+            if info.first > 1:
+                log.warning("state of %s: history before %d is gone and no snapshot covers it; folding from there", f.stream, info.first)
+            f.state = StreamState(spec, info.epoch, info.first - 1)
+
+        def emit(batch: list[EncodedEvent]) -> None:
+            for enc in batch:
+                self._fold(f, enc.event)
+
+        def stale() -> None:
+            # History was lost (new epoch): rebuild from scratch.
+            if self._followers.get(f.stream) is f:
+                del self._followers[f.stream]
+            if f.tail is not None:
+                self.hub.remove(f.tail)
+
+        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), emit, stale, self.spawn)
+        self.hub.add(f.tail)
+        await f.tail.fill()
+        f.ready.set()
+
+    def _fold(self, f: _Follower, event: Event) -> None:
+        st = f.state
+        st.apply(event)
+        if st.snapshot_due:
+            snapshot = st.snapshot(f.stream)
+            self.spawn(lambda: self.backend.snapshots.put(snapshot))
+        if st.sync_due:
+            frame = Sync(f.stream, st.offset, st.checksum(), st.epoch)
+            frames = {"json": codec_for("json").encode(frame), "msgpack": codec_for("msgpack").encode(frame)}
+            # Subscribers must get evt k before sync k, and the hub calls the tails
+            # after this fold: park the sync until _after_event.
+            f.pending_sync = (st.offset, frames)
+
+    def _on_event(self, event: Event) -> None:
+        if self.app.states:
+            spec = self.app.state_for(event.stream)
+            if spec is not None and event.stream not in self._followers and self._tg is not None:
+                self._start_follower(event.stream)
+        for spec_p, send in self._processor_queues:
+            if matches(spec_p.pattern, event.stream):
+                try:
+                    send.send_nowait(event)
+                except anyio.WouldBlock:
+                    log.error("processor %s is 10,000 events behind; dropping %s:%d", spec_p.handler.__qualname__, event.stream, event.offset)
+
+    def _after_event(self, event: Event) -> None:
+        # Send a parked ``sync`` once the event itself went to the tails.
+        f = self._followers.get(event.stream)
+        if f is not None and f.pending_sync is not None and f.pending_sync[0] == event.offset:
+            offset, frames = f.pending_sync
+            f.pending_sync = None
+            self.hub.broadcast_sync(event.stream, offset, frames)
+
+    # --- processors ------------------------------------------------------------
+
+    async def _run_processor(self, spec: ProcessorSpec, recv: anyio.abc.ObjectReceiveStream[Event]) -> None:
+        async with recv:
+            async for event in recv:
+                ctx = Context(self, None)
+                for attempt in range(1, spec.max_attempts + 1):
+                    try:
+                        await spec.handler(ctx, event)
+                        break
+                    except Exception as exc:
+                        if attempt == spec.max_attempts:
+                            log.exception("processor %s gave up on %s:%d", spec.handler.__qualname__, event.stream, event.offset)
+                            await self._dead_letter(spec, event, exc)
+                        else:
+                            await anyio.sleep(min(0.05 * 2**attempt, 2.0))
+
+    async def _dead_letter(self, spec: ProcessorSpec, event: Event, exc: Exception) -> None:
+        name = spec.group or spec.handler.__qualname__.replace(".", "_").replace("<", "").replace(">", "")
+        try:
+            await self.publish(
+                f"dlq:{name}",
+                "failed",
+                {"stream": event.stream, "offset": event.offset, "epoch": event.epoch, "error": repr(exc)},
+                key=f"{event.stream}:{event.epoch}:{event.offset}",
+            )
+        except RtcoreError:
+            log.exception("could not dead-letter %s:%d", event.stream, event.offset)
+
+
+class _CommandContext(Context):
+    """Context whose publishes are idempotent per command key.
+
+    When the command has an idempotency key and a publish has none, the
+    publish gets ``{scope}:{key}:{n}`` (n = its index in this execution). A
+    command re-executed after a crash therefore appends nothing twice.
+    """
+
+    __slots__ = ("_n", "_scope")
+
+    def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
+        super().__init__(node, principal, command, scope)
+        self._scope = scope
+        self._n = 0
+
+    async def publish(
+        self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
+    ) -> Event:
+        if key is None and self._scope is not None:
+            self._n += 1
+            key = f"cmd:{self._scope}:{self._n}"
+        return await self.node.publish(stream, type, data, key=key, expect=expect)
+

@@ -1,0 +1,100 @@
+"""Validate an HTTP request head before h11 parses it (sans-IO).
+
+h11 0.16 leaves three holes that a public server must close:
+
+* ``max_incomplete_event_size`` only bounds a head that is still incomplete:
+  a 70 KB head that arrives in one read is parsed and accepted;
+* it accepts bare ``LF`` line endings, which lets a request be read
+  differently by a proxy in front of us (request smuggling);
+* it has no per-line or header-count limit.
+
+So the server keeps the bytes of a request head to itself until
+:class:`HeadScanner` has seen the blank line that ends it, counting bytes,
+lines and header fields as they arrive (every read, however large), and only
+then hands the head to a fresh ``h11.Connection``. The scan is incremental:
+each byte is looked at once, however the head is split across reads.
+"""
+
+from __future__ import annotations
+
+from .config import ServerLimits
+from .errors import HttpError
+
+__all__ = ["HeadScanner"]
+
+_CR = 0x0D
+
+
+class HeadScanner:
+    """Find the end of one request head in a growing buffer, enforcing limits.
+
+    Usage: after every read append to the buffer and call :meth:`scan`; it
+    returns ``None`` until the head is complete, then ``(start, end)``: the
+    head is ``buf[start:end]`` (leading empty lines, which RFC 9112 §2.2 lets
+    a server ignore, are before ``start``) and body bytes start at ``end``.
+
+    Raises:
+        HttpError: 400 for a bare LF, 414 for a request line over
+            ``max_header_line``, 431 for a header line over
+            ``max_header_line``, more than ``max_headers`` fields or a head
+            over ``max_header_bytes``.
+    """
+
+    __slots__ = ("_limits", "_line_start", "_lines", "_pos", "_start")
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self._limits = limits
+        self._start = 0  # first byte of the request line
+        self._line_start = 0
+        self._pos = 0  # next byte to look at
+        self._lines = 0  # complete lines seen, request line included
+
+    def scan(self, buf: bytes | bytearray) -> tuple[int, int] | None:
+        """Scan the bytes added to ``buf`` since the last call."""
+        limits = self._limits
+        while True:
+            nl = buf.find(b"\n", self._pos)
+            if nl < 0:
+                self._pos = len(buf)
+                self._check_open_line(len(buf))
+                return None
+            if nl == 0 or buf[nl - 1] != _CR:
+                raise HttpError(400, "bad_request", "line endings must be CRLF, bare LF is refused")
+            length = nl - 1 - self._line_start
+            self._pos = nl + 1
+            if length == 0:
+                if self._lines == 0:
+                    # An empty line before the request line: skip it.
+                    self._start = self._line_start = self._pos
+                    if self._start > limits.max_header_bytes:
+                        raise HttpError(431, "message_too_big", "too many empty lines before the request")
+                    continue
+                end = self._pos
+                if end - self._start > limits.max_header_bytes:
+                    raise self._too_big()
+                return self._start, end
+            self._check_line(length)
+            self._lines += 1
+            if self._lines - 1 > limits.max_headers:
+                raise HttpError(431, "message_too_big", f"more than {limits.max_headers} header fields")
+            self._line_start = self._pos
+            if self._pos - self._start > limits.max_header_bytes:
+                raise self._too_big()
+
+    def _check_open_line(self, buffered: int) -> None:
+        # The line being received may end with a CR whose LF is still to come.
+        open_length = buffered - self._line_start
+        if open_length > self._limits.max_header_line + 1:
+            self._check_line(open_length)
+        if buffered - self._start > self._limits.max_header_bytes:
+            raise self._too_big()
+
+    def _check_line(self, length: int) -> None:
+        if length <= self._limits.max_header_line:
+            return
+        if self._lines == 0:
+            raise HttpError(414, "message_too_big", f"request line longer than {self._limits.max_header_line} bytes")
+        raise HttpError(431, "message_too_big", f"header line longer than {self._limits.max_header_line} bytes")
+
+    def _too_big(self) -> HttpError:
+        return HttpError(431, "message_too_big", f"request head larger than {self._limits.max_header_bytes} bytes")
