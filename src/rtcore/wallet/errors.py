@@ -36,14 +36,18 @@ WALLET_ERROR_CODES: Final[dict[str, ErrorInfo]] = {
     "invalid_expiry": ErrorInfo(False, 400, "A hold must expire strictly after it is created."),
     "same_account": ErrorInfo(False, 400, "The debit and credit accounts are the same account."),
     "account_not_found": ErrorInfo(False, 404, "No account has this id."),
-    "account_exists_with_different_fields": ErrorInfo(False, 409, "An account with this id exists with another currency, kind, floor or owner."),
+    "account_exists_with_different_fields": ErrorInfo(
+        False, 409, "An account with this id exists with another currency, kind, floor or owner."
+    ),
     "currency_mismatch": ErrorInfo(False, 422, "The accounts and the request do not all use the same currency."),
     "insufficient_funds": ErrorInfo(False, 422, "The debit account's available balance would fall below its floor."),
     "balance_overflow": ErrorInfo(False, 422, "A balance would leave the range the stores can represent."),
     "hold_not_found": ErrorInfo(False, 404, "No hold has this id."),
     "hold_not_pending": ErrorInfo(False, 409, "The hold was already captured, voided or has expired."),
     "capture_exceeds_hold": ErrorInfo(False, 422, "The capture amount is larger than the amount held."),
-    "transfer_exists_with_different_fields": ErrorInfo(False, 409, "A transfer or hold with this id exists with other fields."),
+    "transfer_exists_with_different_fields": ErrorInfo(
+        False, 409, "A transfer or hold with this id exists with other fields."
+    ),
 }
 
 

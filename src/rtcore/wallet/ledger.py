@@ -411,9 +411,13 @@ def _check_metadata(metadata: object) -> None:
         raise WalletError("invalid_metadata", f"metadata has more than {_MAX_METADATA_KEYS} keys")
     for key, value in metadata.items():
         if not isinstance(key, str) or not 0 < len(key) <= _MAX_METADATA_KEY:
-            raise WalletError("invalid_metadata", f"metadata key {key!r} must be a string of 1-{_MAX_METADATA_KEY} chars")
+            raise WalletError(
+                "invalid_metadata", f"metadata key {key!r} must be a string of 1-{_MAX_METADATA_KEY} chars"
+            )
         if not isinstance(value, str) or len(value) > _MAX_METADATA_VALUE:
-            raise WalletError("invalid_metadata", f"metadata[{key!r}] must be a string of at most {_MAX_METADATA_VALUE} chars")
+            raise WalletError(
+                "invalid_metadata", f"metadata[{key!r}] must be a string of at most {_MAX_METADATA_VALUE} chars"
+            )
 
 
 def _check_request(id: str, debit: str, credit: str, amount: int, metadata: object) -> None:
@@ -477,7 +481,9 @@ def new_account(
         WalletError: ``invalid_account`` naming the bad field.
     """
     if not _valid_id(id):
-        raise WalletError("invalid_account", f"account id {id!r} must be 1-{_MAX_ID_BYTES} bytes of printable non-space characters")
+        raise WalletError(
+            "invalid_account", f"account id {id!r} must be 1-{_MAX_ID_BYTES} bytes of printable non-space characters"
+        )
     if not isinstance(currency, str) or not _CURRENCY.fullmatch(currency):
         raise WalletError("invalid_account", f"currency {currency!r} must match [A-Z][A-Z0-9_]{{0,15}}")
     if kind not in ("player", "system"):
@@ -598,7 +604,9 @@ def _rows(accounts: Mapping[str, Account], balances: Mapping[str, Balance]) -> N
     for account_id, balance in balances.items():
         account = accounts.get(account_id)
         if account is not None and account.currency != balance.currency:  # pragma: no cover - store bug
-            raise AssertionError(f"balance row of {account_id!r} is in {balance.currency}, account in {account.currency}")
+            raise AssertionError(
+                f"balance row of {account_id!r} is in {balance.currency}, account in {account.currency}"
+            )
 
 
 def plan_transfer(
@@ -755,7 +763,9 @@ def plan_capture(
     take = pending.amount if amount is None else amount
     if take > pending.amount:
         raise WalletError("capture_exceeds_hold", f"hold {hold_id!r} holds {pending.amount}, capture asks {take}")
-    release, debit_after = _change(_hold_balance(balances, pending.debit), "capture", pending.amount - take, -pending.amount)
+    release, debit_after = _change(
+        _hold_balance(balances, pending.debit), "capture", pending.amount - take, -pending.amount
+    )
     into, credit_after = _change(_hold_balance(balances, pending.credit), "capture", take, 0)
     record = msgspec.structs.replace(pending, status="captured", captured=take, settled_at=now)
     return Plan(record=record, insert=False, postings=(release, into), balances=(debit_after, credit_after))

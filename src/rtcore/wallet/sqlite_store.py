@@ -151,9 +151,10 @@ class SqliteWalletStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=FULL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                conn.execute("BEGIN IMMEDIATE")
+                # executescript() commits any open transaction first, so the
+                # BEGIN must be part of the script itself.
                 try:
-                    conn.executescript(f"{_SCHEMA}\nCOMMIT;")
+                    conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
@@ -207,7 +208,7 @@ class SqliteWalletStore:
                 conn.execute("ROLLBACK")
 
     def _now(self, now: float | None) -> float:
-        return self._clock() if now is None else now
+        return float(self._clock() if now is None else now)
 
     # -- row helpers (worker thread, inside a transaction) -----------------------
 
@@ -278,7 +279,9 @@ class SqliteWalletStore:
     def _hold_sync(self, req: HoldRequest, now: float) -> HoldResult:
         with self._write() as conn:
             accounts, balances = self._accounts(conn, [req.debit, req.credit])
-            decision = plan_hold(req, existing=self._record(conn, req.id), accounts=accounts, balances=balances, now=now)
+            decision = plan_hold(
+                req, existing=self._record(conn, req.id), accounts=accounts, balances=balances, now=now
+            )
             if isinstance(decision, Replay):
                 assert isinstance(decision.record, Hold)
                 return HoldResult(decision.record, self._original(conn, req.id), replayed=True)
@@ -327,7 +330,10 @@ class SqliteWalletStore:
             entries = tuple(q.row_to_entry(r) for r in conn.execute(q.SELECT_ALL_ENTRIES).fetchall())
             outbox = frozenset(r[0] for r in conn.execute(q.SELECT_OUTBOX_IDS).fetchall())
         return LedgerSnapshot(
-            accounts=tuple(a for a, _ in pairs), balances=tuple(b for _, b in pairs), entries=entries, unpublished=outbox
+            accounts=tuple(a for a, _ in pairs),
+            balances=tuple(b for _, b in pairs),
+            entries=entries,
+            unpublished=outbox,
         )
 
     def _mark_sync(self, ids: list[int]) -> None:
