@@ -1,0 +1,708 @@
+"""The ``redis://host:port/db`` backend: shared by many nodes, through coredis.
+
+Why it is shaped this way:
+
+* **Every multi-step change is one Lua script.** Redis runs a script
+  atomically, so reading the head, checking the idempotency key and
+  ``expect``, bumping the head, ``XADD`` and trimming happen as one step even
+  with many nodes appending to the same stream. No WATCH/MULTI retry loops.
+* **Keys of one stream** share a hash tag, so they would live in one cluster
+  slot (a script may only touch keys of one slot)::
+
+      rt:{<stream>}:m   hash   epoch, head
+      rt:{<stream>}:l   stream entries with id "<offset>-0" and fields
+                               e (epoch) t (type) d (msgpack data) ts (repr float) [k (key)]
+      rt:{<stream>}:k   hash   idempotency key -> offset, for retained events only
+      rt:streams        set    every stream name (for ``streams()`` and ``watch("*")``)
+      rt:instance       string a random marker; when it vanishes Redis lost its data
+
+* **Dense offsets are the entry ids.** Entry ``n`` has id ``n-0``, so
+  ``read(after=n)`` is ``XRANGE (n+1)-0 +`` and trimming by count is
+  ``XTRIM MINID``. Age retention cannot use ``MINID`` directly because ids are
+  offsets, not times; the script walks the oldest entries (each carries its
+  ``ts``) until it finds one young enough and then trims to that id. That
+  costs one read per dropped event, which it pays once.
+* **Epochs follow the meta hash.** The meta hash is written in the same script
+  as every event, so it exists exactly as long as the data does (with AOF and
+  ``appendfsync always`` both survive a crash together). Whenever a script
+  finds no meta hash it starts a new life with a fresh random epoch and drops
+  whatever log or key index was left, so an epoch is never reused and a client
+  holding an old position is told its history is gone.
+* **One blocking reader per feed.** A live feed is one ``XREAD BLOCK`` loop
+  over every stream it watches, from the last offset it delivered, so there
+  are no gaps or duplicates by construction. The block is short
+  (:data:`BLOCK_MS`) so that ``watch``/``unwatch`` take effect quickly without
+  a second connection. ``watch("*")`` rescans the ``rt:streams`` set when its
+  size changes (names are only ever added). Each round also checks
+  ``rt:instance``; when it changed, the feed re-reads the epoch of each stream
+  and restarts streams that began a new life from offset 0.
+* **No automatic retries.** The client is built with ``NoRetryPolicy``: an
+  append whose reply was lost may have happened, so it must not be replayed
+  blindly. Connection errors surface as :class:`~rtcore.errors.BackendError`
+  (retryable); callers retry with the same ``key``.
+* **Time is passed in.** Idempotency records and leases store their expiry
+  and compare it with the caller's ``now`` (so fake clocks work); a real
+  ``PEXPIRE`` of the same length (plus :data:`_GRACE_MS`) only collects garbage.
+
+``open_redis`` enters the coredis client (which owns an anyio task group) and
+``aclose`` leaves it, so both must be called from the same task, nested like
+an ``async with``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import anyio
+import coredis
+import coredis.exceptions
+import msgspec
+from coredis.retry import NoRetryPolicy
+
+from ..errors import BackendError, ConflictError
+from .base import (
+    AppendResult,
+    Backend,
+    Event,
+    IdempotencyRecord,
+    Outcome,
+    ReadResult,
+    Retention,
+    Snapshot,
+    StreamInfo,
+)
+from .memory import new_epoch
+
+__all__ = [
+    "BLOCK_MS",
+    "RedisBackend",
+    "RedisCursorStore",
+    "RedisEventLog",
+    "RedisIdempotencyStore",
+    "RedisLeaseStore",
+    "RedisSnapshotStore",
+    "open_redis",
+]
+
+#: How long one ``XREAD BLOCK`` waits; bounds how late a watch/unwatch takes effect.
+BLOCK_MS = 100
+
+#: Entries one ``XREAD`` returns per stream at most.
+_READ_COUNT = 500
+
+#: Added to every garbage-collecting PEXPIRE so real time never undercuts the caller's clock by a little.
+_GRACE_MS = 1000
+
+_REGISTRY = "rt:streams"
+_INSTANCE = "rt:instance"
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_any = msgspec.msgpack.Decoder().decode
+_decode_record = msgspec.msgpack.Decoder(IdempotencyRecord).decode
+_decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
+
+
+def _stream_keys(stream: str) -> list[str]:
+    return [f"rt:{{{stream}}}:m", f"rt:{{{stream}}}:l", f"rt:{{{stream}}}:k", _REGISTRY]
+
+
+def _pair_key(kind: str, a: str, b: str) -> str:
+    # Length-prefix the first part so ("a:b", "c") and ("a", "b:c") never collide.
+    return f"rt:{kind}:{len(a)}:{a}:{b}"
+
+
+def _px(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000)) + _GRACE_MS
+
+
+# Shared Lua: create-or-load the meta hash, and trimming that keeps the key index in step.
+_LUA_LIB = """
+local function ensure(meta, log, idx, reg, name, fresh)
+  local m = redis.call('HMGET', meta, 'epoch', 'head')
+  if m[1] then return m[1], tonumber(m[2]) end
+  -- no meta: a new stream, or Redis lost it. Start a new life; anything left
+  -- of an older one would break dense offsets, so drop it.
+  redis.call('DEL', log, idx)
+  redis.call('HSET', meta, 'epoch', fresh, 'head', 0)
+  redis.call('SADD', reg, name)
+  return fresh, 0
+end
+
+local function field(fields, name)
+  for i = 1, #fields, 2 do
+    if fields[i] == name then return fields[i + 1] end
+  end
+  return nil
+end
+
+local function offset_of(id)
+  return string.match(id, '^(%d+)')
+end
+
+local function forget_key(idx, entry)
+  local k = field(entry[2], 'k')
+  if k and redis.call('HGET', idx, k) == offset_of(entry[1]) then
+    redis.call('HDEL', idx, k)
+  end
+end
+
+-- Drop every entry with offset < keep (keep >= 1); returns how many.
+local function drop_before(log, idx, keep)
+  local upto = '(' .. keep .. '-0'
+  local start = '-'
+  while true do
+    local batch = redis.call('XRANGE', log, start, upto, 'COUNT', 256)
+    if #batch == 0 then break end
+    for _, e in ipairs(batch) do forget_key(idx, e) end
+    start = '(' .. batch[#batch][1]
+  end
+  return redis.call('XTRIM', log, 'MINID', keep .. '-0')
+end
+
+local function trim(log, idx, head, maxn, cutoff)
+  local dropped = 0
+  local keep = 1
+  if maxn ~= '' then
+    keep = head - tonumber(maxn) + 1
+    if keep > 1 then dropped = dropped + drop_before(log, idx, keep) end
+  end
+  if cutoff ~= '' then
+    -- same rule as the memory backend: from the oldest, drop while older
+    -- than the cutoff, stop at the first young enough event
+    local c = tonumber(cutoff)
+    local start = '-'
+    if keep > 1 then start = keep .. '-0' end
+    local stop = head + 1
+    while true do
+      local batch = redis.call('XRANGE', log, start, '+', 'COUNT', 256)
+      if #batch == 0 then break end
+      local found = false
+      for _, e in ipairs(batch) do
+        if tonumber(field(e[2], 'ts')) >= c then
+          stop = tonumber(offset_of(e[1]))
+          found = true
+          break
+        end
+      end
+      if found then break end
+      start = '(' .. batch[#batch][1]
+    end
+    if stop > 1 then dropped = dropped + drop_before(log, idx, stop) end
+  end
+  return dropped
+end
+
+local function first_offset(log, head)
+  local e = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  if #e == 0 then return head + 1 end
+  return tonumber(offset_of(e[1][1]))
+end
+"""
+
+# KEYS: meta log idx registry
+# ARGV: name type data ts has_key key expect fresh_epoch maxlen cutoff
+_APPEND = (
+    _LUA_LIB
+    + """
+local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[8])
+local has_key = ARGV[5] == '1'
+if has_key then
+  local off = redis.call('HGET', KEYS[3], ARGV[6])
+  if off then
+    local e = redis.call('XRANGE', KEYS[2], off .. '-0', off .. '-0')
+    if #e > 0 then return {'dup', off, e[1][2]} end
+    redis.call('HDEL', KEYS[3], ARGV[6])
+  end
+end
+if ARGV[7] ~= '' and tonumber(ARGV[7]) ~= head then
+  return {'conflict', tostring(head)}
+end
+head = head + 1
+redis.call('HSET', KEYS[1], 'head', head)
+local fields = {'e', epoch, 't', ARGV[2], 'd', ARGV[3], 'ts', ARGV[4]}
+if has_key then
+  fields[#fields + 1] = 'k'
+  fields[#fields + 1] = ARGV[6]
+  redis.call('HSET', KEYS[3], ARGV[6], head)
+end
+redis.call('XADD', KEYS[2], head .. '-0', unpack(fields))
+trim(KEYS[2], KEYS[3], head, ARGV[9], ARGV[10])
+return {'ok', tostring(head), epoch}
+"""
+)
+
+# KEYS: meta log idx registry; ARGV: name fresh_epoch after limit
+_READ = (
+    _LUA_LIB
+    + """
+local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
+local entries = {}
+local limit = tonumber(ARGV[4])
+if limit > 0 then
+  entries = redis.call('XRANGE', KEYS[2], (tonumber(ARGV[3]) + 1) .. '-0', '+', 'COUNT', limit)
+end
+return {epoch, tostring(head), tostring(first_offset(KEYS[2], head)), entries}
+"""
+)
+
+# KEYS: meta log idx registry; ARGV: name fresh_epoch maxlen cutoff
+_TRIM = (
+    _LUA_LIB
+    + """
+local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
+return trim(KEYS[2], KEYS[3], head, ARGV[3], ARGV[4])
+"""
+)
+
+# KEYS: record; ARGV: now pending_blob expires px
+_IDEM_BEGIN = """
+local exp = redis.call('HGET', KEYS[1], 'exp')
+if exp and tonumber(exp) > tonumber(ARGV[1]) then
+  return redis.call('HGET', KEYS[1], 'rec')
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'exp', ARGV[3], 'state', 'pending')
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return false
+"""
+
+# KEYS: record; ARGV: done_blob expires px
+_IDEM_FINISH = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'rec', ARGV[1], 'exp', ARGV[2], 'state', 'done')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+_IDEM_RELEASE = """
+if redis.call('HGET', KEYS[1], 'state') == 'pending' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# KEYS: cursor; ARGV: epoch offset
+_CURSOR_ADVANCE = """
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'off')
+if (not c[1]) or c[1] ~= ARGV[1] or tonumber(ARGV[2]) > tonumber(c[2]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'off', ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: snapshot; ARGV: epoch offset blob
+_SNAPSHOT_PUT = """
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'off')
+if (not c[1]) or c[1] ~= ARGV[1] or tonumber(ARGV[2]) >= tonumber(c[2]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'off', ARGV[2], 'snap', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+# KEYS: lease; ARGV: holder now expires px
+_LEASE_ACQUIRE = """
+local c = redis.call('HMGET', KEYS[1], 'holder', 'exp')
+if c[1] and c[1] ~= ARGV[1] and tonumber(c[2]) > tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'holder', ARGV[1], 'exp', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+_LEASE_RELEASE = """
+if redis.call('HGET', KEYS[1], 'holder') == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _fields(raw: Any) -> dict[bytes, bytes]:
+    """Entry fields from a Lua reply (flat list) or from coredis (a mapping)."""
+    if isinstance(raw, Mapping):
+        return {bytes(k): bytes(v) for k, v in raw.items()}
+    items = list(raw)
+    return {bytes(items[i]): bytes(items[i + 1]) for i in range(0, len(items), 2)}
+
+
+def _offset_of(entry_id: Any) -> int:
+    return int(_s(entry_id).partition("-")[0])
+
+
+def _event(stream: str, offset: int, fields: dict[bytes, bytes]) -> Event:
+    key = fields.get(b"k")
+    return Event(
+        stream,
+        fields[b"e"].decode(),
+        offset,
+        fields[b"t"].decode(),
+        _decode_any(fields[b"d"]),
+        float(fields[b"ts"]),
+        None if key is None else key.decode(),
+    )
+
+
+@contextlib.contextmanager
+def _engine_errors() -> Any:
+    """Map coredis failures to BackendError (ConflictError and cancellation pass through)."""
+    try:
+        yield
+    except coredis.exceptions.RedisError as exc:
+        raise BackendError(f"redis: {exc}") from exc
+    except OSError as exc:
+        raise BackendError(f"redis: {exc}") from exc
+
+
+class _RedisFeed:
+    """One ``XREAD BLOCK`` loop over the watched streams (see the module docstring)."""
+
+    def __init__(self, log: RedisEventLog, deliver: Callable[[Event], None]) -> None:
+        self._log = log
+        self._deliver = deliver
+        self._wanted: set[str] = set()
+        self._all = False
+        self._pos: dict[str, int] = {}  # stream -> last offset delivered (or skipped at watch time)
+        self._epoch: dict[str, str | None] = {}  # epoch _pos refers to (None: stream had no meta)
+        self._by_key: dict[bytes, str] = {}
+        self._dirty = True
+        self._all_known = False  # the registry was snapshotted for watch("*")
+        self._registry_size = -1
+        self._instance: bytes | None = None
+
+    def watch(self, stream: str) -> None:
+        if stream == "*":
+            self._all = True
+        else:
+            self._wanted.add(stream)
+        self._dirty = True
+
+    def unwatch(self, stream: str) -> None:
+        if stream == "*":
+            self._all = False
+            self._all_known = False
+            self._registry_size = -1
+        else:
+            self._wanted.discard(stream)
+        self._dirty = True
+
+    def _wants(self, stream: str) -> bool:
+        return self._all or stream in self._wanted
+
+    async def _heads(self, streams: list[str]) -> dict[str, tuple[str | None, int]]:
+        client = self._log._client
+        out: dict[str, tuple[str | None, int]] = {}
+        for name in streams:
+            epoch, head = await client.hmget(_stream_keys(name)[0], ["epoch", "head"])
+            out[name] = (None if epoch is None else _s(epoch), 0 if head is None else int(head))
+        return out
+
+    def _track(self, stream: str, epoch: str | None, offset: int) -> None:
+        self._pos[stream] = offset
+        self._epoch[stream] = epoch
+        self._by_key[_stream_keys(stream)[1].encode()] = stream
+
+    async def _sync(self) -> None:
+        client = self._log._client
+        # 1. did Redis lose its data? Then streams may have started new lives.
+        marker = await client.get(_INSTANCE)
+        if marker is None:
+            await client.set(_INSTANCE, new_epoch().encode(), condition=coredis.PureToken.NX)
+            marker = await client.get(_INSTANCE)
+        if marker != self._instance:
+            if self._instance is not None:
+                for name, (epoch, _head) in (await self._heads(list(self._pos))).items():
+                    if epoch != self._epoch[name] and self._epoch[name] is not None:
+                        self._track(name, epoch, 0)  # a new life: deliver it from its start
+                self._registry_size = -1
+            self._instance = marker
+        # 2. streams watched by name
+        if self._dirty:
+            self._dirty = False
+            new = [s for s in self._wanted if s not in self._pos]
+            for name, (epoch, head) in (await self._heads(new)).items():
+                self._track(name, epoch, head)
+        # 3. watch("*"): the registry only grows, so a size change means new names
+        if self._all:
+            size = await client.scard(_REGISTRY)
+            if size != self._registry_size:
+                self._registry_size = size
+                members = sorted(_s(m) for m in await client.smembers(_REGISTRY))
+                new = [s for s in members if s not in self._pos]
+                if self._all_known:
+                    for name in new:  # registered after we looked: all of it is new
+                        self._track(name, None, 0)
+                else:
+                    for name, (epoch, head) in (await self._heads(new)).items():
+                        self._track(name, epoch, head)
+                    self._all_known = True
+        # 4. forget streams nobody wants any more
+        for name in [s for s in self._pos if not self._wants(s)]:
+            del self._pos[name], self._epoch[name]
+            del self._by_key[_stream_keys(name)[1].encode()]
+
+    async def run(self) -> None:
+        client = self._log._client
+        while True:
+            try:
+                with _engine_errors():
+                    await self._sync()
+                    if not self._pos:
+                        await anyio.sleep(BLOCK_MS / 1000)
+                        continue
+                    reply = await client.xread(
+                        {_stream_keys(s)[1]: f"{off}-0" for s, off in self._pos.items()},
+                        count=_READ_COUNT,
+                        block=BLOCK_MS,
+                    )
+            except BackendError:
+                # Redis is down or restarting: keep positions, look again soon.
+                self._instance = self._instance or b""
+                await anyio.sleep(BLOCK_MS / 1000)
+                continue
+            for key, entries in (reply or {}).items():
+                stream = self._by_key.get(bytes(key))
+                if stream is None:
+                    continue
+                for entry in entries:
+                    offset = _offset_of(entry.identifier)
+                    if stream not in self._pos or offset <= self._pos[stream]:
+                        continue  # unwatched meanwhile, or already delivered
+                    event = _event(stream, offset, _fields(entry.field_values))
+                    self._pos[stream] = offset
+                    self._epoch[stream] = event.epoch
+                    if self._wants(stream):
+                        self._deliver(event)
+
+
+class RedisEventLog:
+    """:class:`~rtcore.backends.base.EventLog` on Redis Streams."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._append = client.register_script(_APPEND)
+        self._read = client.register_script(_READ)
+        self._trim = client.register_script(_TRIM)
+
+    async def append(
+        self,
+        stream: str,
+        type: str,
+        data: Any,
+        *,
+        now: float,
+        key: str | None = None,
+        expect: int | None = None,
+        retention: Retention | None = None,
+    ) -> AppendResult:
+        """Append one event atomically; see :meth:`rtcore.backends.base.EventLog.append`."""
+        args: list[str | bytes] = [
+            stream,
+            type,
+            _encode(data),
+            repr(float(now)),
+            "0" if key is None else "1",
+            "" if key is None else key,
+            "" if expect is None else str(expect),
+            new_epoch(),
+            *_retention_args(retention, now),
+        ]
+        with _engine_errors():
+            reply = cast(list[Any], await self._append(keys=_stream_keys(stream), args=args))
+        tag = _s(reply[0])
+        if tag == "conflict":
+            raise ConflictError(f"stream {stream!r} head is {_s(reply[1])}, expected {expect}")
+        if tag == "dup":
+            return AppendResult(_event(stream, int(_s(reply[1])), _fields(reply[2])), duplicate=True)
+        return AppendResult(Event(stream, _s(reply[2]), int(_s(reply[1])), type, data, float(now), key))
+
+    async def read(self, stream: str, *, after: int, limit: int) -> ReadResult:
+        """Read up to ``limit`` retained events with offset > ``after``."""
+        args = [stream, new_epoch(), str(max(after, 0)), str(max(limit, 0))]
+        with _engine_errors():
+            epoch, head, first, entries = cast(list[Any], await self._read(keys=_stream_keys(stream), args=args))
+        events = [_event(stream, _offset_of(e[0]), _fields(e[1])) for e in entries]
+        return ReadResult(_s(epoch), int(_s(head)), int(_s(first)), events)
+
+    async def info(self, stream: str) -> StreamInfo:
+        """Return the stream's epoch, head and first retained offset."""
+        page = await self.read(stream, after=0, limit=0)
+        return StreamInfo(page.epoch, page.head, page.first)
+
+    async def trim(self, stream: str, retention: Retention, *, now: float) -> int:
+        """Drop events beyond ``retention``; return how many were dropped."""
+        args = [stream, new_epoch(), *_retention_args(retention, now)]
+        with _engine_errors():
+            return int(cast(int, await self._trim(keys=_stream_keys(stream), args=args)))
+
+    async def streams(self, pattern: str = "*") -> list[str]:
+        """Names of the known streams matching the glob ``pattern``."""
+        with _engine_errors():
+            names = await self._client.smembers(_REGISTRY)
+        # fnmatch rather than Redis MATCH so every backend agrees on the glob syntax.
+        return sorted(n for n in map(_s, names) if fnmatch.fnmatchcase(n, pattern))
+
+    def live(self, deliver: Callable[[Event], None]) -> _RedisFeed:
+        """Create a live feed; see :class:`~rtcore.backends.base.LiveFeed`."""
+        return _RedisFeed(self, deliver)
+
+
+def _retention_args(retention: Retention | None, now: float) -> list[str]:
+    if retention is None:
+        return ["", ""]
+    maxn = "" if retention.max_events is None else str(retention.max_events)
+    cutoff = "" if retention.max_age is None else repr(float(now - retention.max_age))
+    return [maxn, cutoff]
+
+
+class RedisIdempotencyStore:
+    """:class:`~rtcore.backends.base.IdempotencyStore` on Redis (one hash per key)."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._begin = client.register_script(_IDEM_BEGIN)
+        self._finish = client.register_script(_IDEM_FINISH)
+        self._release = client.register_script(_IDEM_RELEASE)
+
+    async def begin(
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+    ) -> IdempotencyRecord | None:
+        """Claim ``key`` or return the live record (see the Protocol)."""
+        rec = IdempotencyRecord(fingerprint, "pending", now + lease)
+        args: list[str | bytes] = [repr(float(now)), _encode(rec), repr(rec.expires), str(_px(lease))]
+        with _engine_errors():
+            raw: Any = await self._begin(keys=[_pair_key("idem", scope, key)], args=args)
+        return None if raw is None else _decode_record(cast(bytes, raw))
+
+    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+        """Store the final outcome for ``ttl`` seconds."""
+        rkey = _pair_key("idem", scope, key)
+        with _engine_errors():
+            # Only the owner of a pending key finishes it, so reading the
+            # fingerprint first cannot race with another writer.
+            old = await self._client.hget(rkey, "rec")
+            fp = _decode_record(old).fingerprint if old is not None else b""
+            rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
+            await self._finish(keys=[rkey], args=[_encode(rec), repr(rec.expires), str(_px(ttl))])
+
+    async def release(self, scope: str, key: str) -> None:
+        """Forget a pending key; a finished outcome is kept."""
+        with _engine_errors():
+            await self._release(keys=[_pair_key("idem", scope, key)])
+
+
+class RedisCursorStore:
+    """:class:`~rtcore.backends.base.CursorStore` on Redis."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._advance = client.register_script(_CURSOR_ADVANCE)
+
+    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)`` or ``None``."""
+        with _engine_errors():
+            epoch, off = await self._client.hmget(_pair_key("cur", principal, stream), ["epoch", "off"])
+        return None if epoch is None or off is None else (_s(epoch), int(off))
+
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
+        """Move forward within an epoch; another epoch replaces the cursor."""
+        with _engine_errors():
+            await self._advance(keys=[_pair_key("cur", principal, stream)], args=[epoch, str(offset)])
+
+
+class RedisSnapshotStore:
+    """:class:`~rtcore.backends.base.SnapshotStore` on Redis."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._put = client.register_script(_SNAPSHOT_PUT)
+
+    async def get(self, stream: str) -> Snapshot | None:
+        """Return the newest snapshot of ``stream``."""
+        with _engine_errors():
+            raw = await self._client.hget(f"rt:{{{stream}}}:snap", "snap")
+        return None if raw is None else _decode_snapshot(raw)
+
+    async def put(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot`` unless a newer one of the same epoch exists."""
+        args: list[str | bytes] = [snapshot.epoch, str(snapshot.offset), _encode(snapshot)]
+        with _engine_errors():
+            await self._put(keys=[f"rt:{{{snapshot.stream}}}:snap"], args=args)
+
+
+class RedisLeaseStore:
+    """:class:`~rtcore.backends.base.LeaseStore` on Redis (compare-and-set in Lua)."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._acquire = client.register_script(_LEASE_ACQUIRE)
+        self._release = client.register_script(_LEASE_RELEASE)
+
+    async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
+        """Take or renew ``name`` for ``holder``; False if someone else holds it."""
+        args = [holder, repr(float(now)), repr(float(now + ttl)), str(_px(ttl))]
+        with _engine_errors():
+            return bool(await self._acquire(keys=[f"rt:lease:{name}"], args=args))
+
+    async def release(self, name: str, holder: str) -> None:
+        """Give the lease up if ``holder`` has it."""
+        with _engine_errors():
+            await self._release(keys=[f"rt:lease:{name}"], args=[holder])
+
+
+class RedisBackend(Backend):
+    """All stores on one Redis database (``redis://host:port/db``)."""
+
+    events: RedisEventLog
+
+    def __init__(self, url: str, client: coredis.Redis[bytes], stack: contextlib.AsyncExitStack) -> None:
+        super().__init__(
+            url,
+            events=RedisEventLog(client),
+            idempotency=RedisIdempotencyStore(client),
+            cursors=RedisCursorStore(client),
+            snapshots=RedisSnapshotStore(client),
+            leases=RedisLeaseStore(client),
+        )
+        self.client = client
+        self._stack = stack
+
+    async def aclose(self) -> None:
+        """Close the client's connections (call from the task that opened it)."""
+        stack, self._stack = self._stack, contextlib.AsyncExitStack()
+        await stack.aclose()
+
+
+async def open_redis(url: str) -> Backend:
+    """Connect to the Redis database named by ``url``.
+
+    Args:
+        url: ``redis://host:port/db`` (anything :meth:`coredis.Redis.from_url` accepts).
+
+    Returns:
+        A :class:`RedisBackend`; call :meth:`~rtcore.backends.base.Backend.aclose`
+        from the same task when done.
+
+    Raises:
+        BackendError: Redis cannot be reached.
+    """
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False, retry_policy=NoRetryPolicy())
+    stack = contextlib.AsyncExitStack()
+    try:
+        with _engine_errors():
+            await stack.enter_async_context(client)
+            await client.ping()
+    except BaseException:
+        await stack.aclose()
+        raise
+    return RedisBackend(url, client, stack)
