@@ -1,0 +1,84 @@
+"""Wallet store factories shared by the contract, stateful and concurrency tests.
+
+Every test gets a fresh store: a new SQLite file in the test's temp dir, or a
+new PostgreSQL schema ``wallet_test_<random>`` that is dropped afterwards, so
+tests never see each other's rows (and can run while other suites use the
+same database).
+
+PostgreSQL is found at ``$RTCORE_TEST_POSTGRES`` (default
+``postgresql://postgres@127.0.0.1:5432/test``). When it is unreachable the
+postgres cases are skipped with the reason, unless ``RTCORE_REQUIRE_SERVICES=1``,
+which turns the skip into a failure (CI sets it so a missing service cannot
+pass silently).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from rtcore.wallet import WalletStore
+
+PG_URL = os.environ.get("RTCORE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+STORE_KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    """Why PostgreSQL cannot be used for tests, or ``None`` when it can."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - the test extra installs it
+        return "psycopg is not installed"
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"PostgreSQL at {PG_URL} is not reachable: {exc}".strip()
+    return None
+
+
+def require_store(kind: str) -> None:
+    """Skip (or, with RTCORE_REQUIRE_SERVICES=1, fail) when ``kind`` cannot run here."""
+    if kind != "postgres":
+        return
+    reason = postgres_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("RTCORE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"RTCORE_REQUIRE_SERVICES=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@asynccontextmanager
+async def fresh_store(kind: str, tmp_dir: Path) -> AsyncIterator[WalletStore]:
+    """Open an empty store of ``kind`` and remove it afterwards."""
+    if kind == "sqlite":
+        from rtcore.wallet.sqlite_store import SqliteWalletStore
+
+        store: WalletStore = await SqliteWalletStore.open(f"sqlite:///{tmp_dir / f'wallet-{uuid.uuid4().hex}.db'}")
+        try:
+            yield store
+        finally:
+            await store.aclose()
+        return
+
+    import psycopg
+    from psycopg import sql
+
+    from rtcore.wallet.postgres_store import PostgresWalletStore
+
+    schema = f"wallet_test_{uuid.uuid4().hex[:16]}"
+    store = await PostgresWalletStore.open(PG_URL, schema=schema, pool_size=8)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
