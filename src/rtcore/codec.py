@@ -16,12 +16,16 @@ from typing import Any, Final, Literal
 import msgspec
 
 from .errors import BadFrame
-from .frames import ClientFrame, ServerFrame
+from .frames import ClientFrame, Cmd, ServerFrame
 
 __all__ = ["ENCODINGS", "Codec", "Encoding", "canonical", "codec_for"]
 
 Encoding = Literal["json", "msgpack"]
 ENCODINGS: Final[tuple[Encoding, ...]] = ("json", "msgpack")
+
+#: ``Cmd.args`` defaults to JSON ``null``; in MessagePack that must be nil.
+_JSON_NULL: Final = b"null"
+_MSGPACK_NIL: Final = msgspec.Raw(b"\xc0")
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`(?: - at `(\$[^`]*)`)?")
@@ -73,6 +77,10 @@ class Codec:
 
     def encode(self, frame: Any) -> bytes:
         """Encode a frame (or any msgspec-encodable value) to bytes."""
+        if type(frame) is Cmd and not self.text and bytes(frame.args) == _JSON_NULL:
+            # The default args are JSON null; raw bytes are copied verbatim, so
+            # they would corrupt a MessagePack message.
+            frame = msgspec.structs.replace(frame, args=_MSGPACK_NIL)
         return self._encoder.encode(frame)
 
     def decode_client(self, data: bytes | str) -> ClientFrame:
@@ -81,7 +89,11 @@ class Codec:
         Raises:
             BadFrame: the frame is malformed; nothing else is ever raised.
         """
-        return self._decode(self._client, data)  # type: ignore[no-any-return]
+        frame = self._decode(self._client, data)
+        if type(frame) is Cmd and not self.text and bytes(frame.args) == _JSON_NULL:
+            # Missing args got the (JSON) default; give the handler MessagePack nil.
+            frame = msgspec.structs.replace(frame, args=_MSGPACK_NIL)
+        return frame  # type: ignore[no-any-return]
 
     def decode_server(self, data: bytes | str) -> ServerFrame:
         """Decode one server frame (used by clients).
