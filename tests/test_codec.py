@@ -410,3 +410,18 @@ def test_canonical_ignores_dict_key_order(value: Any, rnd: random.Random) -> Non
 def test_canonical_sorts_keys() -> None:
     assert canonical({"b": 1, "a": {"d": 2, "c": 3}}) == msgspec.msgpack.encode({"a": {"c": 3, "d": 2}, "b": 1})
     assert canonical({"b": 1, "a": 2}) == canonical({"a": 2, "b": 1})
+
+
+def test_fingerprint_of_args_with_int_keys_and_sets() -> None:
+    # Regression: canonical() needs str keys, and a set's order depends on the hash seed.
+    from rtcore.idempotency import fingerprint
+
+    class Args(msgspec.Struct):
+        seats: dict[int, str]
+        tags: set[str]
+
+    a = fingerprint("table.seat", Args({2: "b", 1: "a"}, {"x", "y", "z"}))
+    b = fingerprint("table.seat", Args({1: "a", 2: "b"}, {"z", "y", "x"}))
+    assert a == b and len(a) == 32
+    assert fingerprint("table.seat", {"a": 1}) != fingerprint("table.sit", {"a": 1})
+    assert fingerprint("x", {"a": 1, "b": 2}) == fingerprint("x", {"b": 2, "a": 1})

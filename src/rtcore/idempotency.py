@@ -50,7 +50,9 @@ def fingerprint(name: str, args: Any) -> bytes:
     h = hashlib.blake2b(digest_size=32)
     h.update(name.encode())
     h.update(b"\x00")
-    h.update(canonical(msgspec.to_builtins(args)))
+    # str_keys: sorted MessagePack needs str keys (dict[int, ...] args would
+    # raise); order: sets become sorted lists, independent of hash order.
+    h.update(canonical(msgspec.to_builtins(args, str_keys=True, order="sorted")))
     return h.digest()
 
 

@@ -22,7 +22,7 @@ import msgspec
 from .backends.base import Event, Snapshot
 from .codec import canonical
 
-__all__ = ["StateSpec", "StreamState", "checksum", "encode_state"]
+__all__ = ["StateSpec", "StreamState", "checksum", "encode_state", "state_builtins"]
 
 
 class Foldable(Protocol):
@@ -35,9 +35,19 @@ class Foldable(Protocol):
 S = TypeVar("S")
 
 
+def state_builtins(state: Any) -> Any:
+    """A state as msgspec builtins, in canonical form.
+
+    Map keys become strings (as every JSON client sees them, and as sorted
+    MessagePack requires) and sets become sorted lists, so the result does
+    not depend on hash order (which differs between processes).
+    """
+    return msgspec.to_builtins(state, str_keys=True, order="sorted")
+
+
 def encode_state(state: Any) -> bytes:
     """Canonical bytes of a state (sorted-keys MessagePack of its builtins)."""
-    return canonical(msgspec.to_builtins(state))
+    return canonical(state_builtins(state))
 
 
 def checksum(state: Any) -> str:
@@ -75,7 +85,8 @@ class StreamState:
     @classmethod
     def from_snapshot(cls, spec: StateSpec, snap: Snapshot) -> StreamState:
         """Rebuild from a stored snapshot."""
-        return cls(spec, snap.epoch, snap.offset, msgspec.msgpack.decode(snap.state, type=spec.type))
+        # Not strict: map keys were stored as strings (see state_builtins).
+        return cls(spec, snap.epoch, snap.offset, msgspec.msgpack.decode(snap.state, type=spec.type, strict=False))
 
     def apply(self, event: Event) -> None:
         """Fold ``event`` (which must be the next offset of this epoch).
@@ -108,7 +119,7 @@ class StreamState:
 
     def builtins(self) -> Any:
         """The state as msgspec builtins (for a ``snap`` frame)."""
-        return msgspec.to_builtins(self.state)
+        return state_builtins(self.state)
 
     def snapshot(self, stream: str) -> Snapshot:
         """A storable snapshot of the current state."""
