@@ -49,6 +49,9 @@ class ServerLimits:
         max_body_bytes: Largest request body. Exceeded → 413 and close; a
             ``Content-Length`` above it is refused before reading any body.
         body_timeout: Seconds allowed to receive a whole request body → 408.
+        linger_timeout: Seconds we keep reading (and discarding) after an
+            error response that closes the connection, so a client still
+            sending its body reads our answer instead of a TCP reset.
         send_timeout: Seconds one socket write may block (peer not reading)
             before the connection is aborted. ``None`` waits forever.
         handshake_timeout: Seconds for the TLS handshake and for writing the
@@ -74,6 +77,7 @@ class ServerLimits:
     keepalive_timeout: float = 5.0
     max_body_bytes: int = 1 * MiB
     body_timeout: float = 30.0
+    linger_timeout: float = 2.0
     send_timeout: float | None = 30.0
     handshake_timeout: float = 10.0
     max_connections: int | None = None
@@ -93,6 +97,7 @@ class ServerLimits:
             "header_timeout": self.header_timeout,
             "keepalive_timeout": self.keepalive_timeout,
             "body_timeout": self.body_timeout,
+            "linger_timeout": self.linger_timeout,
             "handshake_timeout": self.handshake_timeout,
             "max_queue": self.max_queue,
             "read_size": self.read_size,

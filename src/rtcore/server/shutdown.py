@@ -74,9 +74,3 @@ class Shutdown:
     async def wait(self) -> None:
         """Return once the shutdown started."""
         await self._started.wait()
-
-    async def wait_deadline(self) -> None:
-        """Return once the shutdown started and its deadline passed."""
-        await self._started.wait()
-        while (left := self._deadline - anyio.current_time()) > 0:
-            await anyio.sleep(left)

@@ -1,0 +1,429 @@
+"""HTTP/1.1 server connections on anyio streams, parsed by h11.
+
+One :class:`HttpConnection` drives one TCP (or TLS) connection: it reads a
+request, answers it, and repeats while keep-alive allows, or hands the
+connection over to :mod:`rtcore.server.websocket` after a 101.
+
+Why it is built this way:
+
+* **h11 parses, we guard.** h11 0.16 accepts heads of any size when they
+  arrive in one read, bare-LF line endings, and ``Content-Length`` together
+  with ``Transfer-Encoding`` (keeping the connection open, which RFC 9112
+  §6.3 forbids). Every request head is therefore held back until
+  :class:`~rtcore.server.head.HeadScanner` has validated it, and the framing
+  headers are checked before a body byte is read.
+* **A fresh h11 connection per request.** The scanner must see a request's
+  bytes before h11 does, but h11 buffers what follows the previous request.
+  Taking ``trailing_data`` from the finished ``h11.Connection`` and starting a
+  new one for the next request keeps that simple (it costs a few
+  microseconds; HTTP here is the control plane, WebSocket is the data plane).
+* **Deadlines, not trust.** Slow heads (408), slow bodies (408), idle
+  keep-alive connections (silent close) and stuck writes all have a limit
+  from :class:`~rtcore.server.config.ServerLimits`.
+* **Errors are JSON and final.** Every error the server itself produces is
+  ``{"code": ..., "message": ...}`` with the matching status and closes the
+  connection afterwards (we may not have read the request body, so the
+  connection's framing cannot be trusted). Responses the application returns,
+  including its own errors, keep the connection alive.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import anyio
+import h11
+from anyio.abc import ByteStream, SocketAttribute
+
+from .config import ServerLimits, WebSocketPolicy
+from .errors import HttpError
+from .handshake import is_websocket_upgrade, negotiate
+from .head import HeadScanner
+from .messages import (
+    Headers,
+    HttpRequest,
+    HttpResponse,
+    Peer,
+    StreamingResponse,
+    UpgradeRequest,
+    bearer_token,
+    error_body,
+    error_response,
+    split_target,
+)
+from .shutdown import Shutdown
+from .websocket import STREAM_ERRORS, WebSocketHandler, WebSocketTransport, run_websocket
+
+__all__ = ["HttpConnection", "HttpHandler", "ServerState", "render_error"]
+
+log = logging.getLogger("rtcore.server")
+
+#: The application's HTTP entry point.
+HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse | StreamingResponse]]
+
+# Framing is ours: the application may not set these.
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_ENDED = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError, TimeoutError)
+
+
+@dataclass(slots=True, eq=False)
+class ServerState:
+    """What every connection of one server shares.
+
+    Attributes:
+        on_http: HTTP handler.
+        on_websocket: WebSocket handler.
+        limits: Limits.
+        policy: WebSocket policy.
+        shutdown: The server's shutdown signal.
+        interruptible: Cancel scopes of waits that end when the shutdown
+            starts (idle keep-alive waits, SSE streams).
+        websockets: Open WebSocket transports (closed with 1001 at the
+            shutdown deadline).
+    """
+
+    on_http: HttpHandler
+    on_websocket: WebSocketHandler
+    limits: ServerLimits
+    policy: WebSocketPolicy
+    shutdown: Shutdown
+    interruptible: set[anyio.CancelScope] = field(default_factory=set)
+    websockets: set[WebSocketTransport] = field(default_factory=set)
+
+
+def render_error(error: HttpError) -> bytes:
+    """A complete ``Connection: close`` error response, without h11.
+
+    Used for errors found before h11 has a request to answer (or after it
+    refused one), where h11's state machine cannot produce a response.
+    """
+    body = error_body(error.code, error.message)
+    try:
+        phrase = HTTPStatus(error.status).phrase
+    except ValueError:
+        phrase = ""
+    head = [
+        f"HTTP/1.1 {error.status} {phrase}\r\n".encode("ascii"),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n",
+    ]
+    head.extend(k + b": " + v + b"\r\n" for k, v in error.headers)
+    head.append(b"\r\n")
+    return b"".join(head) + body
+
+
+def peer_of(stream: ByteStream) -> Peer:
+    """The remote ``(host, port)`` of a socket stream (also through TLS)."""
+    address = stream.extra(SocketAttribute.remote_address, None)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return str(address[0]), int(address[1])
+    return None
+
+
+class HttpConnection:
+    """Serve HTTP/1.1 requests (and at most one upgrade) on one connection.
+
+    Args:
+        stream: The accepted connection.
+        state: Handlers, limits and shutdown signal shared by the server.
+    """
+
+    def __init__(self, stream: ByteStream, state: ServerState) -> None:
+        self._stream = stream
+        self._state = state
+        self._limits = state.limits
+        self._peer = peer_of(stream)
+
+    async def run(self) -> None:
+        """Serve until the connection ends; never raises for network errors."""
+        try:
+            await self._serve()
+        except HttpError as error:
+            await self._fail(error)
+        except _ENDED:
+            pass
+        except Exception:
+            # A bug in one connection must not take the server down.
+            log.exception("HTTP connection failed (peer %s)", self._peer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(self._stream)
+
+    # -- the request loop ------------------------------------------------------
+
+    async def _serve(self) -> None:
+        limits = self._limits
+        buf = bytearray()
+        # The first request's head must be complete header_timeout after accept.
+        deadline = anyio.current_time() + limits.header_timeout
+        first = True
+        while True:
+            if not buf:
+                wait_until = deadline if first else anyio.current_time() + limits.keepalive_timeout
+                data = await self._wait_for_request(wait_until)
+                if not data:
+                    return  # idle timeout, peer closed or shutdown: close quietly
+                buf += data
+                if not first:
+                    deadline = anyio.current_time() + limits.header_timeout
+            start, _ = await self._read_head(buf, deadline)
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+            conn.receive_data(bytes(buf[start:]))
+            buf.clear()
+            event = _next_event(conn)
+            if not isinstance(event, h11.Request):
+                raise HttpError(400, "bad_request", "malformed request")
+            _check_framing(list(event.headers))
+            if not await self._handle(conn, event):
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            # Keep-alive: the bytes after this request belong to the next one.
+            buf += conn.trailing_data[0]
+            first = False
+
+    async def _wait_for_request(self, deadline: float) -> bytes:
+        """First bytes of the next request, or ``b""`` at the deadline, EOF or shutdown."""
+        state = self._state
+        with anyio.CancelScope(deadline=deadline) as scope:
+            state.interruptible.add(scope)
+            try:
+                if state.shutdown.started:
+                    return b""
+                return await self._stream.receive(self._limits.read_size)
+            except anyio.EndOfStream:
+                return b""
+            finally:
+                state.interruptible.discard(scope)
+        return b""
+
+    async def _read_head(self, buf: bytearray, deadline: float) -> tuple[int, int]:
+        scanner = HeadScanner(self._limits)
+        while (found := scanner.scan(buf)) is None:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                buf += await self._stream.receive(self._limits.read_size)
+            if scope.cancelled_caught:
+                raise HttpError(408, "timeout", f"request head not received within {self._limits.header_timeout} s")
+        return found
+
+    async def _handle(self, conn: h11.Connection, event: h11.Request) -> bool:
+        """Answer one request; ``False`` when the connection must close."""
+        headers: Headers = list(event.headers)
+        path, raw_path, query = split_target(event.target)
+        policy = self._state.policy
+        upgrade = is_websocket_upgrade(headers)
+        on_ws_path = policy.paths is None or path in policy.paths
+        if upgrade and on_ws_path:
+            await self._upgrade(conn, event, headers, path, query)
+            return False
+        if on_ws_path and policy.paths is not None:
+            raise HttpError(426, "bad_request", "this path only speaks WebSocket", [(b"upgrade", b"websocket")])
+
+        body = await self._read_body(conn, headers)
+        request = HttpRequest(
+            method=event.method.decode("ascii"),
+            path=path,
+            raw_path=raw_path,
+            query=query,
+            headers=headers,
+            body=body,
+            peer=self._peer,
+            http_version=event.http_version.decode("ascii"),
+            shutdown=self._state.shutdown,
+        )
+        try:
+            response = await self._state.on_http(request)
+        except Exception:
+            log.exception("HTTP handler failed: %s %s", request.method, request.path)
+            response = error_response(500, "internal", "internal server error")
+        head_only = event.method == b"HEAD"
+        if isinstance(response, StreamingResponse):
+            await self._stream_response(conn, response, head_only)
+            return False
+        await self._respond(conn, response, head_only)
+        return not self._state.shutdown.started
+
+    async def _read_body(self, conn: h11.Connection, headers: Headers) -> bytes:
+        limits = self._limits
+        for name, value in headers:
+            if name == b"content-length" and int(value) > limits.max_body_bytes:
+                raise HttpError(413, "message_too_big", f"request body larger than {limits.max_body_bytes} bytes")
+        if conn.they_are_waiting_for_100_continue:
+            await self._send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        with anyio.CancelScope(deadline=anyio.current_time() + limits.body_timeout) as scope:
+            while True:
+                event = _next_event(conn)
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await self._stream.receive(limits.read_size))
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                    if len(body) > limits.max_body_bytes:
+                        raise HttpError(
+                            413, "message_too_big", f"request body larger than {limits.max_body_bytes} bytes"
+                        )
+                elif isinstance(event, h11.EndOfMessage):
+                    return bytes(body)
+                else:
+                    raise anyio.EndOfStream  # the client went away
+        assert scope.cancelled_caught
+        raise HttpError(408, "timeout", f"request body not received within {limits.body_timeout} s")
+
+    # -- responses -------------------------------------------------------------
+
+    def _response_headers(self, headers: Headers, close: bool) -> Headers:
+        out = [(k, v) for k, v in headers if k.lower() not in _FRAMING_HEADERS]
+        if close:
+            out.append((b"connection", b"close"))
+        return out
+
+    async def _respond(self, conn: h11.Connection, response: HttpResponse, head_only: bool) -> None:
+        headers = self._response_headers(response.headers, self._state.shutdown.started)
+        headers.append((b"content-length", b"%d" % len(response.body)))
+        try:
+            data = conn.send(h11.Response(status_code=response.status, headers=headers))
+            if response.body and not head_only:
+                data += conn.send(h11.Data(data=response.body))
+            data += conn.send(h11.EndOfMessage())
+        except h11.LocalProtocolError as exc:
+            log.error("invalid response from the HTTP handler: %s", exc)
+            raise HttpError(500, "internal", "the handler returned an invalid response") from None
+        assert data is not None
+        await self._send(data)
+
+    async def _stream_response(self, conn: h11.Connection, response: StreamingResponse, head_only: bool) -> None:
+        # No Content-Length: h11 frames the body with chunked encoding for
+        # HTTP/1.1 clients and by closing the connection for HTTP/1.0 ones.
+        # A stream is long-lived, so the connection closes after it anyway.
+        headers = self._response_headers(response.headers, close=True)
+        try:
+            head = conn.send(h11.Response(status_code=response.status, headers=headers))
+        except h11.LocalProtocolError as exc:
+            log.error("invalid streaming response from the HTTP handler: %s", exc)
+            raise HttpError(500, "internal", "the handler returned an invalid response") from None
+        assert head is not None
+        await self._send(head)
+        chunks = aiter(response.body)
+        try:
+            if not head_only:
+                await self._pump(conn, chunks)
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(self._limits.close_timeout):
+                    await aclose()
+        tail = conn.send(h11.EndOfMessage())
+        assert tail is not None
+        await self._send(tail)
+
+    async def _pump(self, conn: h11.Connection, chunks: AsyncIterator[bytes]) -> None:
+        """Write chunks as they come until the body ends, the client leaves or the server stops."""
+        gone = False
+
+        async def watch(scope: anyio.CancelScope) -> None:
+            nonlocal gone
+            try:
+                while await self._stream.receive(self._limits.read_size):
+                    pass  # a request pipelined behind a stream is not served
+            except STREAM_ERRORS:
+                gone = True
+                scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            self._state.interruptible.add(tg.cancel_scope)
+            try:
+                tg.start_soon(watch, tg.cancel_scope)
+                async for chunk in chunks:
+                    if chunk:
+                        data = conn.send(h11.Data(data=chunk))
+                        assert data is not None
+                        await self._send(data)
+            finally:
+                self._state.interruptible.discard(tg.cancel_scope)
+            tg.cancel_scope.cancel()
+        if gone:
+            raise anyio.EndOfStream
+
+    async def _send(self, data: bytes) -> None:
+        timeout = self._limits.send_timeout
+        if timeout is None:
+            await self._stream.send(data)
+        else:
+            with anyio.fail_after(timeout):
+                await self._stream.send(data)
+
+    async def _fail(self, error: HttpError) -> None:
+        """Answer an error and close, reading what the client still sends for a moment."""
+        try:
+            await self._send(render_error(error))
+            try:
+                await self._stream.send_eof()
+            except NotImplementedError:
+                return  # TLS without half-close: just close
+            with anyio.move_on_after(self._limits.linger_timeout):
+                while await self._stream.receive(self._limits.read_size):
+                    pass
+        except _ENDED:
+            pass
+
+    # -- WebSocket -----------------------------------------------------------------
+
+    async def _upgrade(
+        self, conn: h11.Connection, event: h11.Request, headers: Headers, path: str, query: dict[str, str]
+    ) -> None:
+        state = self._state
+        handshake = negotiate(event.method, event.http_version, headers, state.policy, self._limits)
+        if not isinstance(_next_event(conn), h11.EndOfMessage):
+            raise HttpError(400, "bad_request", "an upgrade request must not have a body")
+        if state.shutdown.started:
+            raise HttpError(503, "shutdown", "the server is shutting down")
+        with anyio.fail_after(self._limits.handshake_timeout):
+            response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
+            assert response is not None
+            await self._stream.send(response)
+        trailing, _ = conn.trailing_data
+        transport = WebSocketTransport(
+            self._stream,
+            encoding=handshake.encoding,
+            limits=self._limits,
+            extensions=handshake.extensions,
+            trailing_data=trailing,
+        )
+        origin = next((v.decode("latin-1") for k, v in headers if k == b"origin"), None)
+        request = UpgradeRequest(
+            path=path,
+            query=query,
+            headers=headers,
+            token=bearer_token(headers, query),
+            peer=self._peer,
+            encoding=handshake.encoding,
+            subprotocol=handshake.subprotocol,
+            origin=origin,
+            shutdown=state.shutdown,
+        )
+        state.websockets.add(transport)
+        try:
+            await run_websocket(transport, request, state.on_websocket)
+        finally:
+            state.websockets.discard(transport)
+
+
+def _next_event(conn: h11.Connection) -> object:
+    """``conn.next_event()`` with h11's protocol errors translated."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        status = exc.error_status_hint
+        code = "message_too_big" if status in (413, 414, 431) else "bad_request"
+        raise HttpError(status, code, str(exc) or "malformed request") from None
+
+
+def _check_framing(headers: Headers) -> None:
+    """Refuse ambiguous message framing (request smuggling, RFC 9112 §6.3)."""
+    names = {name for name, _ in headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise HttpError(400, "bad_request", "Content-Length and Transfer-Encoding together are refused")

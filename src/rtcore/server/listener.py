@@ -1,0 +1,254 @@
+"""The TCP (optionally TLS) listener: accept, serve, stop gracefully.
+
+:func:`serve` binds, reports the real port through ``task_status`` (so
+``port=0`` works in tests), accepts connections in one task per listening
+socket and runs each connection in its own task of one task group, which
+therefore owns every connection task.
+
+Why our own accept loop rather than ``Listener.serve()``: running out of file
+descriptors (EMFILE) must pause accepting, not crash the server, and
+``max_connections`` must stop accepting while the server is full. TLS is
+negotiated in the connection's own task (``TLSStream.wrap``, as anyio's
+``TLSListener`` does) under ``handshake_timeout``, so a slow TLS client never
+blocks the accept loop; a failed handshake is a debug log line, not an error.
+
+Graceful stop (:meth:`ServerControl.stop`), in order:
+
+1. stop accepting and close the listening sockets;
+2. ``Shutdown.started`` is set: idle keep-alive connections and SSE streams
+   end at once, in-flight HTTP requests finish with ``Connection: close``,
+   WebSocket handlers see ``request.shutdown`` and should send ``bye`` and
+   close with 1001;
+3. at ``Shutdown.deadline`` (now + grace) every WebSocket still open is closed
+   by the transport with 1001, each close bounded by ``close_timeout``;
+4. ``close_timeout`` later, whatever connection task is left is cancelled.
+
+:func:`serve` returns when every connection is gone.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import ssl
+
+import anyio
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.tls import TLSStream
+
+from .config import ServerLimits, WebSocketPolicy
+from .http import HttpConnection, HttpHandler, ServerState
+from .shutdown import Shutdown
+from .websocket import WebSocketHandler
+
+__all__ = ["ServerControl", "serve"]
+
+log = logging.getLogger("rtcore.server")
+
+# accept() failures that mean "out of resources for now", not "listener broken".
+_TRANSIENT_ACCEPT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class ServerControl:
+    """A handle on a running :func:`serve`: its port, connection count, and stop.
+
+    Create it in the event loop and pass it to :func:`serve`.
+
+    Attributes:
+        shutdown: The shutdown signal, also handed to every request.
+    """
+
+    def __init__(self) -> None:
+        self.shutdown = Shutdown()
+        self._port: int | None = None
+        self._ready = anyio.Event()
+        self._stopped = anyio.Event()
+        self._connections = 0
+        self._drained = anyio.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound port (raises before the server is listening)."""
+        if self._port is None:
+            raise RuntimeError("the server is not listening yet")
+        return self._port
+
+    @property
+    def connections(self) -> int:
+        """Open connections (HTTP and WebSocket)."""
+        return self._connections
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :func:`serve` has returned."""
+        return self._stopped.is_set()
+
+    async def wait_ready(self) -> int:
+        """Wait until the server listens; returns its port."""
+        await self._ready.wait()
+        return self.port
+
+    def begin_stop(self, grace: float = 10.0, reason: str = "server shutdown") -> None:
+        """Start a graceful stop without waiting for it (see the module docs).
+
+        Args:
+            grace: Seconds the application gets before open WebSockets are
+                closed with 1001 by the server itself.
+            reason: Close reason for those forced closes.
+        """
+        self.shutdown.begin(grace, reason)
+
+    async def stop(self, grace: float = 10.0, reason: str = "server shutdown") -> None:
+        """Stop gracefully and wait until :func:`serve` returned."""
+        self.begin_stop(grace, reason)
+        await self._stopped.wait()
+
+    # -- used by serve() -------------------------------------------------------
+
+    def _opened(self) -> None:
+        self._connections += 1
+
+    def _closed(self) -> None:
+        self._connections -= 1
+        if self._connections == 0:
+            self._drained.set()
+
+    async def _wait_drained(self) -> None:
+        while self._connections:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+
+async def serve(
+    on_websocket: WebSocketHandler,
+    on_http: HttpHandler,
+    *,
+    host: str | None = "127.0.0.1",
+    port: int = 0,
+    ssl_context: ssl.SSLContext | None = None,
+    limits: ServerLimits | None = None,
+    policy: WebSocketPolicy | None = None,
+    control: ServerControl | None = None,
+    backlog: int = 1024,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve HTTP and WebSocket on one port until ``control`` stops it.
+
+    Args:
+        on_websocket: Called with the transport and the upgrade request after
+            each successful upgrade; the connection closes when it returns.
+        on_http: Called with each complete HTTP request.
+        host: Address to bind (``None``: all interfaces).
+        port: Port to bind; 0 picks a free one (reported via ``task_status``).
+        ssl_context: Serve TLS with this server context.
+        limits: Sizes and timeouts (defaults: :class:`ServerLimits`).
+        policy: Upgrade paths, origin allowlist, deflate.
+        control: Handle used to stop the server; without one it runs until cancelled.
+        backlog: Kernel accept queue length.
+        task_status: Receives the bound port once listening.
+    """
+    limits = limits or ServerLimits()
+    control = control or ServerControl()
+    shutdown = control.shutdown
+    state = ServerState(
+        on_http=on_http,
+        on_websocket=on_websocket,
+        limits=limits,
+        policy=policy or WebSocketPolicy(),
+        shutdown=shutdown,
+    )
+    listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=backlog)
+    control._port = listener.extra(SocketAttribute.local_port)
+    limiter = anyio.CapacityLimiter(limits.max_connections) if limits.max_connections else None
+    try:
+        async with anyio.create_task_group() as connections:
+            try:
+                async with anyio.create_task_group() as acceptors:
+                    for socket_listener in listener.listeners:
+                        assert isinstance(socket_listener, SocketListener)
+                        acceptors.start_soon(
+                            _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
+                        )
+                    control._ready.set()
+                    task_status.started(control.port)
+                    await shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
+            log.info("shutdown started: %d connections open", control.connections)
+            for scope in list(state.interruptible):
+                scope.cancel()
+            connections.cancel_scope.deadline = shutdown.deadline + limits.close_timeout + 1.0
+            with anyio.move_on_after(shutdown.remaining()):
+                await control._wait_drained()
+            if state.websockets:
+                async with anyio.create_task_group() as closers:
+                    for transport in list(state.websockets):
+                        closers.start_soon(transport.close, 1001, shutdown.reason)
+    finally:
+        shutdown.begin(0.0)  # cancelled from outside: tell everyone too
+        control._stopped.set()
+
+
+async def _accept_loop(
+    listener: SocketListener,
+    connections: TaskGroup,
+    state: ServerState,
+    control: ServerControl,
+    ssl_context: ssl.SSLContext | None,
+    limiter: anyio.CapacityLimiter | None,
+) -> None:
+    while True:
+        token = object()
+        if limiter is not None:
+            await limiter.acquire_on_behalf_of(token)
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+            if exc.errno in _TRANSIENT_ACCEPT:
+                log.warning("accept() failed (%s); pausing 0.1 s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            raise
+        except BaseException:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+            raise
+        control._opened()
+        connections.start_soon(_connection, stream, state, control, ssl_context, limiter, token)
+
+
+async def _connection(
+    stream: SocketStream,
+    state: ServerState,
+    control: ServerControl,
+    ssl_context: ssl.SSLContext | None,
+    limiter: anyio.CapacityLimiter | None,
+    token: object,
+) -> None:
+    try:
+        if ssl_context is None:
+            await HttpConnection(stream, state).run()
+            return
+        try:
+            with anyio.fail_after(state.limits.handshake_timeout):
+                tls = await TLSStream.wrap(stream, server_side=True, ssl_context=ssl_context, standard_compatible=False)
+        except (TimeoutError, anyio.BrokenResourceError, anyio.EndOfStream, OSError) as exc:
+            log.debug("TLS handshake failed: %r", exc)
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(stream)
+            return
+        await HttpConnection(tls, state).run()
+    except Exception:
+        log.exception("connection task failed")
+        with anyio.CancelScope(shield=True):
+            await anyio.aclose_forcefully(stream)
+    finally:
+        control._closed()
+        if limiter is not None:
+            limiter.release_on_behalf_of(token)

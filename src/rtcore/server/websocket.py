@@ -1,0 +1,479 @@
+"""WebSocket connections over anyio streams: the :class:`FrameTransport`.
+
+Design, and why:
+
+* **wsproto parses, we frame.** Inbound bytes go through
+  ``wsproto.Connection`` (frame parsing, masking, UTF-8 validation, close
+  codes). Outbound data frames are built by :mod:`rtcore.server.wsframes`
+  and a whole batch goes out in **one** socket write (the biggest speed win
+  measured in ANCHORS.md). Control frames (ping, pong, close) still go
+  through wsproto so its state machine knows the connection is closing.
+* **A reader task per connection** reads the socket all the time, answers
+  pings, notices pongs and the peer's close, and queues complete messages in
+  a bounded memory stream (``max_queue``). The session layer pulls them with
+  :meth:`WebSocketTransport.receive`; when it falls behind the reader stops
+  reading and TCP backpressure reaches the client. Keepalive and close work
+  even while the application is busy with a long command.
+* **Limits wsproto lacks**: message size counted across fragments (and after
+  inflating, see :mod:`rtcore.server.deflate`), fragments per message; both
+  close with 1009. A heartbeat task pings every ``ping_interval`` and closes
+  with 1011 when no pong comes back within ``ping_timeout``.
+* **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
+  the application's batches, the reader's pongs and close frames and the
+  heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
+  timeout, cancellation) may leave half a frame on the wire, so the
+  connection is aborted rather than reused.
+* **Closing** follows RFC 6455 §7: whoever closes first sends a close frame
+  and waits (``close_timeout``) for the other's; the server then closes TCP.
+  Every way the connection ends surfaces to the application as one exception,
+  :class:`~rtcore.server.errors.ConnectionClosed`, with the code that
+  explains it (peer's code, ours, or 1006 when TCP was lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Literal, Protocol
+
+import anyio
+from anyio.abc import ByteStream
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.extensions import Extension
+
+from .config import ServerLimits
+from .errors import ConnectionClosed
+from .messages import UpgradeRequest
+from .wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
+
+__all__ = ["FrameTransport", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
+
+log = logging.getLogger("rtcore.server")
+
+#: What a dead or closed byte stream raises (ssl.SSLError is an OSError).
+STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+_NO_HALF_CLOSE = (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+
+#: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+class FrameTransport(Protocol):
+    """What the session layer needs from a connection, whatever carries it.
+
+    Attributes:
+        encoding: ``"json"`` (text frames) or ``"msgpack"`` (binary frames).
+    """
+
+    encoding: str
+
+    async def receive(self) -> bytes | str:
+        """The next complete message (``str`` for text, ``bytes`` for binary).
+
+        Raises:
+            ConnectionClosed: The peer closed or the connection died.
+        """
+        ...
+
+    async def send(self, frames: list[bytes]) -> None:
+        """Send each item as one message, all of them in one socket write.
+
+        Raises:
+            ConnectionClosed: The connection is closing or closed.
+        """
+        ...
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Close handshake with a deadline, then close the socket."""
+        ...
+
+
+#: The per-connection handler the server calls after a successful upgrade.
+WebSocketHandler = Callable[[FrameTransport, UpgradeRequest], Awaitable[None]]
+
+
+class WebSocketTransport:
+    """A server-side WebSocket connection on an anyio byte stream.
+
+    Create it after the 101 response was written, then run it with
+    :func:`run_websocket` (which starts the reader and heartbeat tasks).
+
+    Args:
+        stream: The connection (TCP or TLS).
+        encoding: ``"json"``: :meth:`send` writes text frames; ``"msgpack"``: binary.
+        limits: Sizes and timeouts.
+        extensions: Negotiated wsproto extensions (permessage-deflate or none).
+        trailing_data: Bytes received after the upgrade request (the client
+            may send its first frames right behind the handshake).
+    """
+
+    def __init__(
+        self,
+        stream: ByteStream,
+        *,
+        encoding: Literal["json", "msgpack"],
+        limits: ServerLimits,
+        extensions: Sequence[Extension] = (),
+        trailing_data: bytes = b"",
+    ) -> None:
+        self.encoding: str = encoding
+        self._stream = stream
+        self._limits = limits
+        self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
+        self._trailing = trailing_data
+        # Without extensions frames need no transformation: build them ourselves.
+        self._fast = not extensions
+        self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
+        self._lock = anyio.Lock(fast_acquire=True)
+        self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](limits.max_queue)
+        self._close_sent = False
+        self._aborted = False
+        self._code: int | None = None
+        self._reason = ""
+        self._done = anyio.Event()
+        self._reader_scope = anyio.CancelScope()
+        self._deliver_scope: anyio.CancelScope | None = None
+        self._pong: tuple[bytes, anyio.Event] | None = None
+        # The inbound message being assembled.
+        self._parts: list[bytes | str] = []
+        self._size = 0
+        self._frames = 0
+
+    # -- public API ----------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is closing or closed (no more sends)."""
+        return self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN
+
+    @property
+    def close_code(self) -> int | None:
+        """The close code, once known (see :class:`ConnectionClosed`)."""
+        return self._code
+
+    async def receive(self) -> bytes | str:
+        """The next complete message: ``str`` for text, ``bytes`` for binary.
+
+        Messages that arrived before the close are still returned first.
+
+        Raises:
+            ConnectionClosed: The connection is closed and nothing is queued.
+        """
+        try:
+            return await self._inbox.receive()
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._closed_error() from None
+
+    async def send(self, frames: list[bytes]) -> None:
+        """Send each item as one message, in one socket write.
+
+        Items are text frames (already UTF-8 JSON) when ``encoding`` is
+        ``"json"``, binary frames otherwise.
+
+        Args:
+            frames: Encoded messages.
+
+        Raises:
+            ConnectionClosed: The connection is closing or closed.
+        """
+        if not frames:
+            return
+        data = encode_frames(self._opcode, frames) if self._fast else None
+        async with self._lock:
+            self._check_open()
+            if data is None:
+                text = self._opcode == OP_TEXT
+                data = b"".join(
+                    self._ws.send(TextMessage(data=f.decode("utf-8")) if text else BytesMessage(data=f)) for f in frames
+                )
+            await self._write(data)
+
+    async def send_messages(self, messages: Sequence[bytes | str]) -> None:
+        """Send messages of either kind (``str`` → text, ``bytes`` → binary) in one write.
+
+        The encoding-agnostic sibling of :meth:`send` (used by the Autobahn
+        echo server, which must echo each message with its own opcode).
+
+        Raises:
+            ConnectionClosed: The connection is closing or closed.
+        """
+        if not messages:
+            return
+        data = encode_mixed(messages) if self._fast else None
+        async with self._lock:
+            self._check_open()
+            if data is None:
+                data = b"".join(
+                    self._ws.send(TextMessage(data=m) if isinstance(m, str) else BytesMessage(data=m)) for m in messages
+                )
+            await self._write(data)
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close: send a close frame, wait up to ``close_timeout`` for the
+        peer's, then close the socket. Safe to call more than once.
+
+        Args:
+            code: Close code (1000 normal, 1001 going away, 1008 policy, ...).
+            reason: Close reason (truncated to fit a control frame).
+        """
+        await self._start_close(code, reason)
+        # Queued messages will not be read any more: unblock a reader stuck on
+        # a full queue so it can see the peer's close frame.
+        if self._deliver_scope is not None:
+            self._deliver_scope.cancel()
+        with anyio.move_on_after(self._limits.close_timeout):
+            await self._done.wait()
+        if not self._done.is_set():
+            await self._abort()
+
+    # -- internals -------------------------------------------------------------
+
+    def _closed_error(self) -> ConnectionClosed:
+        return ConnectionClosed(1006 if self._code is None else self._code, self._reason)
+
+    def _set_code(self, code: int, reason: str) -> None:
+        # The first cause of the end is the one the application hears about.
+        if self._code is None:
+            self._code = code
+            self._reason = reason
+
+    def _check_open(self) -> None:
+        if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+            raise self._closed_error()
+
+    async def _write(self, data: bytes) -> None:
+        """Write under the lock (held by the caller); any failure ends the connection."""
+        if self._aborted:
+            raise self._closed_error()
+        timeout = self._limits.send_timeout
+        try:
+            if timeout is None:
+                await self._stream.send(data)
+            else:
+                with anyio.fail_after(timeout):
+                    await self._stream.send(data)
+        except TimeoutError:
+            self._set_code(1006, "send timeout: the peer is not reading")
+            await self._abort()
+            raise self._closed_error() from None
+        except STREAM_ERRORS:
+            self._set_code(1006, "connection lost")
+            await self._abort()
+            raise self._closed_error() from None
+        except BaseException:
+            # Cancelled mid-write: part of a frame may be on the wire.
+            await self._abort()
+            raise
+
+    async def _abort(self) -> None:
+        """Drop the TCP connection without a close handshake."""
+        self._set_code(1006, "connection aborted")
+        if not self._aborted:
+            self._aborted = True
+            with anyio.CancelScope(shield=True):
+                await anyio.aclose_forcefully(self._stream)
+        self._reader_scope.cancel()
+
+    async def _start_close(self, code: int, reason: str) -> None:
+        """Send our close frame (once) and bound the wait for the peer's."""
+        if code not in _SENDABLE and not 3000 <= code <= 4999:
+            code = 1000
+        self._set_code(code, reason)
+        async with self._lock:
+            if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+                return
+            self._close_sent = True
+            try:
+                await self._write(self._ws.send(CloseConnection(code=code, reason=reason or None)))
+            except ConnectionClosed:
+                return
+        deadline = anyio.current_time() + self._limits.close_timeout
+        self._reader_scope.deadline = min(self._reader_scope.deadline, deadline)
+
+    async def _read_loop(self) -> None:
+        """Read the socket until the connection ends; owned by :func:`run_websocket`."""
+        try:
+            with self._reader_scope:
+                if self._trailing:
+                    data, self._trailing = self._trailing, b""
+                    self._ws.receive_data(data)
+                    if await self._handle_events():
+                        return
+                read_size = self._limits.read_size
+                while True:
+                    try:
+                        data = await self._stream.receive(read_size)
+                    except STREAM_ERRORS:
+                        self._set_code(1006, "connection lost without a close frame")
+                        return
+                    self._ws.receive_data(data)
+                    if await self._handle_events():
+                        return
+        except ConnectionClosed:
+            pass  # a reply could not be written: the connection is gone
+        finally:
+            self._inbox_in.close()
+            if not self._aborted:
+                self._aborted = True
+                with anyio.CancelScope(shield=True):
+                    await anyio.aclose_forcefully(self._stream)
+            self._done.set()
+
+    async def _handle_events(self) -> bool:
+        """Act on what wsproto parsed; ``True`` once the connection is finished."""
+        for event in self._ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                await self._on_data(event.data, event.frame_finished, event.message_finished)
+            elif isinstance(event, Ping):
+                async with self._lock:
+                    if not self._close_sent and self._ws.state is ConnectionState.OPEN:
+                        await self._write(self._ws.send(event.response()))
+            elif isinstance(event, Pong):
+                if self._pong is not None and event.payload == self._pong[0]:
+                    self._pong[1].set()
+            elif isinstance(event, CloseConnection):
+                return await self._on_close(event)
+        return False
+
+    async def _on_data(self, data: bytes | bytearray | str, frame_finished: bool, message_finished: bool) -> None:
+        if self._close_sent:
+            return  # closing: data frames are discarded (RFC 6455 §1.4)
+        if isinstance(data, bytearray):
+            data = bytes(data)
+        limits = self._limits
+        if isinstance(data, str) and not data.isascii():
+            self._size += len(data.encode("utf-8", "surrogatepass"))
+        else:
+            self._size += len(data)
+        if frame_finished:
+            self._frames += 1
+        if limits.max_message_bytes is not None and self._size > limits.max_message_bytes:
+            self._parts.clear()
+            await self._start_close(1009, f"message larger than {limits.max_message_bytes} bytes")
+            return
+        if limits.max_fragments is not None and self._frames > limits.max_fragments:
+            self._parts.clear()
+            await self._start_close(1009, f"message in more than {limits.max_fragments} fragments")
+            return
+        if not message_finished:
+            self._parts.append(data)
+            return
+        message: bytes | str
+        if self._parts:
+            self._parts.append(data)
+            if isinstance(data, str):
+                message = "".join(p for p in self._parts if isinstance(p, str))
+            else:
+                message = b"".join(p for p in self._parts if isinstance(p, bytes))
+            self._parts = []
+        else:
+            message = data
+        self._size = 0
+        self._frames = 0
+        await self._deliver(message)
+
+    async def _deliver(self, message: bytes | str) -> None:
+        try:
+            self._inbox_in.send_nowait(message)
+            return
+        except anyio.WouldBlock:
+            pass
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return  # nobody will receive it any more
+        # The queue is full: wait (backpressure) unless a close cancels us.
+        with anyio.CancelScope() as scope:
+            self._deliver_scope = scope
+            try:
+                await self._inbox_in.send(message)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+            finally:
+                self._deliver_scope = None
+
+    async def _on_close(self, event: CloseConnection) -> bool:
+        state = self._ws.state
+        if state is ConnectionState.REMOTE_CLOSING:
+            # The peer closes first: echo its code, then close TCP (the server
+            # closes the TCP connection first, RFC 6455 §7.1.1).
+            self._set_code(event.code, event.reason or "")
+            async with self._lock:
+                if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
+                    await self._write(self._ws.send(event.response()))
+            return True
+        if state is ConnectionState.CLOSED:
+            return True  # the peer answered our close frame
+        # Still OPEN: wsproto could not parse the peer's bytes (bad opcode,
+        # invalid UTF-8, ...). Its parser is dead now, so fail the connection:
+        # send the close frame, half-close TCP and wait for the peer to hang up.
+        await self._start_close(event.code, event.reason or "")
+        try:
+            await self._stream.send_eof()
+        except _NO_HALF_CLOSE:
+            return True
+        while True:
+            try:
+                await self._stream.receive(self._limits.read_size)
+            except STREAM_ERRORS:
+                return True
+
+    async def _heartbeat(self) -> None:
+        """Ping every ``ping_interval``; close with 1011 when a pong is late."""
+        interval = self._limits.ping_interval
+        if interval is None:
+            return
+        while True:
+            await anyio.sleep(interval)
+            if self.closed:
+                return
+            payload = os.urandom(4)
+            answered = anyio.Event()
+            self._pong = (payload, answered)
+            with anyio.move_on_after(self._limits.ping_timeout) as scope:
+                async with self._lock:
+                    if self._close_sent or self._ws.state is not ConnectionState.OPEN:
+                        return
+                    try:
+                        await self._write(self._ws.send(Ping(payload=payload)))
+                    except ConnectionClosed:
+                        return
+                await answered.wait()
+            self._pong = None
+            if scope.cancelled_caught:
+                await self._start_close(1011, "keepalive ping timeout")
+                return
+
+
+async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler) -> None:
+    """Run one WebSocket connection: reader, heartbeat and the application handler.
+
+    The three tasks share one task group, so none outlives the connection.
+    When the handler returns the connection is closed with 1000 (1011 if it
+    raised); when the connection ends first the handler sees
+    :class:`ConnectionClosed` from ``receive``/``send``.
+
+    Args:
+        transport: The upgraded connection.
+        request: What the upgrade request said.
+        handler: The application's per-connection coroutine.
+    """
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(transport._read_loop)
+            tg.start_soon(transport._heartbeat)
+            code, reason = 1000, ""
+            try:
+                await handler(transport, request)
+            except ConnectionClosed:
+                pass
+            except Exception:
+                log.exception("WebSocket handler failed (path %s, peer %s)", request.path, request.peer)
+                code, reason = 1011, "internal error"
+            await transport.close(code, reason)
+            tg.cancel_scope.cancel()
+    finally:
+        transport._inbox.close()
+        transport._inbox_in.close()
+        if not transport._done.is_set():
+            await transport._abort()
