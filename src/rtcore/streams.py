@@ -54,7 +54,8 @@ def check_stream(name: str) -> None:
     """
     if not isinstance(name, str) or not name:
         raise RtcoreError("stream name is empty", code="bad_stream")
-    if len(name.encode()) > MAX_STREAM_NAME:
+    # surrogatepass: a lone surrogate must be a bad_stream (below), not a UnicodeEncodeError.
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_STREAM_NAME:
         raise RtcoreError(f"stream name is longer than {MAX_STREAM_NAME} bytes", code="bad_stream")
     kind, sep, ident = name.partition(":")
     if not sep or not kind or not ident:
