@@ -31,8 +31,9 @@ rather than reused. The rules themselves are in :mod:`rtcore.wallet.ledger`.
 from __future__ import annotations
 
 import random
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -131,6 +132,8 @@ CREATE TABLE IF NOT EXISTS wallet_outbox (
 # (CREATE TABLE IF NOT EXISTS itself races on the catalog).
 _MIGRATION_LOCK: Final = 0x72746377616C6C  # "rtcwall"
 
+_GUC: Final = re.compile(r"[A-Za-z0-9_.]+")
+
 _LOCK_ACCOUNT: Final = q.SELECT_ACCOUNT + " FOR UPDATE"
 _LOCK_TRANSFER: Final = q.SELECT_TRANSFER + " FOR UPDATE"
 
@@ -147,19 +150,25 @@ def _split_url(url: str) -> tuple[str, str | None]:
 class _Pool:
     """At most ``size`` connections, handed out one task at a time."""
 
-    def __init__(self, conninfo: str, schema: str | None, size: int) -> None:
+    def __init__(self, conninfo: str, schema: str | None, size: int, settings: Mapping[str, str] | None = None) -> None:
         self._conninfo = conninfo
-        self._schema = schema
+        # Session settings go in the startup packet, so every connection (and
+        # every retry) sees the same search_path and GUCs without a round trip.
+        gucs = dict(settings or {})
+        if schema is not None:
+            gucs["search_path"] = schema
+        for key, value in gucs.items():
+            if not _GUC.fullmatch(key) or not _GUC.fullmatch(value):
+                raise ValueError(f"unsupported PostgreSQL session setting {key}={value!r}")
+        self._options = " ".join(f"-c {key}={value}" for key, value in gucs.items())
         self._idle: list[Conn] = []
         self._slots = anyio.Semaphore(size)
         self._closed = False
 
     async def _connect(self) -> Conn:
         options: dict[str, Any] = {"autocommit": True}
-        if self._schema is not None:
-            # search_path is per session; set it at connect time so every
-            # statement (and every retry) sees the same schema.
-            options["options"] = f"-c search_path={self._schema}"
+        if self._options:
+            options["options"] = self._options
         return await psycopg.AsyncConnection.connect(self._conninfo, **options)
 
     @asynccontextmanager
@@ -202,7 +211,13 @@ class PostgresWalletStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, schema: str | None = None, pool_size: int = 8, clock: Callable[[], float] = time.time
+        cls,
+        url: str,
+        *,
+        schema: str | None = None,
+        pool_size: int = 8,
+        settings: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> PostgresWalletStore:
         """Connect and create the schema and tables if needed.
 
@@ -211,6 +226,9 @@ class PostgresWalletStore:
             schema: Schema to use (overrides the URL's); created if missing.
                 ``None`` uses the server's default search path.
             pool_size: Most connections open at once.
+            settings: Session settings for every pooled connection, such as
+                ``{"lock_timeout": "5s"}`` (names and values of
+                ``[A-Za-z0-9_.]`` only).
             clock: Time source for calls without ``now``.
 
         Raises:
@@ -218,6 +236,7 @@ class PostgresWalletStore:
         """
         conninfo, url_schema = _split_url(url)
         schema = schema or url_schema
+        pool = _Pool(conninfo, schema, pool_size, settings)
         try:
             async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
@@ -228,7 +247,7 @@ class PostgresWalletStore:
                     await conn.execute(statement)
         except psycopg.Error as exc:
             raise BackendError(f"cannot open the PostgreSQL wallet store: {exc}") from exc
-        return cls(_Pool(conninfo, schema, pool_size), clock=clock)
+        return cls(pool, clock=clock)
 
     # -- plumbing ---------------------------------------------------------------
 
