@@ -54,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -90,6 +91,9 @@ __all__ = [
 
 #: How long one ``XREAD BLOCK`` waits; bounds how late a watch/unwatch takes effect.
 BLOCK_MS = 100
+
+#: A feed round (checks plus one XREAD) taking longer than this is abandoned as a dead connection.
+_ROUND_TIMEOUT = 2.0 + BLOCK_MS / 1000
 
 #: Entries one ``XREAD`` returns per stream at most.
 _READ_COUNT = 500
@@ -379,13 +383,34 @@ class _RedisFeed:
         self._all_known = False  # the registry was snapshotted for watch("*")
         self._registry_size = -1
         self._instance: bytes | None = None
+        # stream -> first head this process observed after watch() (None: none yet)
+        self._marks: dict[str, int | None] = {}
 
     def watch(self, stream: str) -> None:
         if stream == "*":
             self._all = True
         else:
             self._wanted.add(stream)
+            if stream not in self._pos:
+                self._marks.setdefault(stream, None)
         self._dirty = True
+
+    def observe(self, stream: str, head: int) -> None:
+        """Called by the log with the head of ``stream`` as seen by an append or read right now.
+
+        The reader takes a new stream's starting position asynchronously, at
+        its next round. A caller that watches and then reads history (the
+        Hub's catch-up) must not lose events appended in between, so the
+        first head observed after ``watch`` caps the starting position.
+        """
+        if stream in self._pos:
+            return
+        if (stream in self._marks and self._marks[stream] is None) or (self._all and not self._all_known):
+            self._marks[stream] = head if self._marks.get(stream) is None else self._marks[stream]
+
+    def _start(self, stream: str, head: int) -> int:
+        mark = self._marks.pop(stream, None)
+        return head if mark is None else min(head, mark)
 
     def unwatch(self, stream: str) -> None:
         if stream == "*":
@@ -431,7 +456,7 @@ class _RedisFeed:
             self._dirty = False
             new = [s for s in self._wanted if s not in self._pos]
             for name, (epoch, head) in (await self._heads(new)).items():
-                self._track(name, epoch, head)
+                self._track(name, epoch, self._start(name, head))
         # 3. watch("*"): the registry only grows, so a size change means new names
         if self._all:
             size = await client.scard(_REGISTRY)
@@ -444,9 +469,12 @@ class _RedisFeed:
                         self._track(name, None, 0)
                 else:
                     for name, (epoch, head) in (await self._heads(new)).items():
-                        self._track(name, epoch, head)
+                        self._track(name, epoch, self._start(name, head))
                     self._all_known = True
+                    self._marks = {k: v for k, v in self._marks.items() if k in self._wanted}
         # 4. forget streams nobody wants any more
+        for name in [s for s in self._marks if not self._wants(s)]:
+            del self._marks[name]
         for name in [s for s in self._pos if not self._wants(s)]:
             del self._pos[name], self._epoch[name]
             del self._by_key[_stream_keys(name)[1].encode()]
@@ -455,7 +483,11 @@ class _RedisFeed:
         client = self._log._client
         while True:
             try:
-                with _engine_errors():
+                # A request caught on a connection that died with the server
+                # can wait forever; a round that takes far longer than its
+                # BLOCK is treated as a lost connection (cancelling a blocking
+                # command makes coredis drop that connection).
+                with _engine_errors(), anyio.fail_after(_ROUND_TIMEOUT):
                     await self._sync()
                     if not self._pos:
                         await anyio.sleep(BLOCK_MS / 1000)
@@ -465,9 +497,9 @@ class _RedisFeed:
                         count=_READ_COUNT,
                         block=BLOCK_MS,
                     )
-            except BackendError:
-                # Redis is down or restarting: keep positions, look again soon.
-                self._instance = self._instance or b""
+            except (BackendError, TimeoutError):
+                # Redis is down or restarting: keep positions, look again soon
+                # (the next round's instance check notices lost data).
                 await anyio.sleep(BLOCK_MS / 1000)
                 continue
             for key, entries in (reply or {}).items():
@@ -493,6 +525,11 @@ class RedisEventLog:
         self._append = client.register_script(_APPEND)
         self._read = client.register_script(_READ)
         self._trim = client.register_script(_TRIM)
+        self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
+
+    def _observe(self, stream: str, head: int) -> None:
+        for feed in self._feeds:
+            feed.observe(stream, head)
 
     async def append(
         self,
@@ -521,10 +558,13 @@ class RedisEventLog:
             reply = cast(list[Any], await self._append(keys=_stream_keys(stream), args=args))
         tag = _s(reply[0])
         if tag == "conflict":
+            self._observe(stream, int(_s(reply[1])))
             raise ConflictError(f"stream {stream!r} head is {_s(reply[1])}, expected {expect}")
         if tag == "dup":
             return AppendResult(_event(stream, int(_s(reply[1])), _fields(reply[2])), duplicate=True)
-        return AppendResult(Event(stream, _s(reply[2]), int(_s(reply[1])), type, data, float(now), key))
+        offset = int(_s(reply[1]))
+        self._observe(stream, offset - 1)
+        return AppendResult(Event(stream, _s(reply[2]), offset, type, data, float(now), key))
 
     async def read(self, stream: str, *, after: int, limit: int) -> ReadResult:
         """Read up to ``limit`` retained events with offset > ``after``."""
@@ -532,6 +572,7 @@ class RedisEventLog:
         with _engine_errors():
             epoch, head, first, entries = cast(list[Any], await self._read(keys=_stream_keys(stream), args=args))
         events = [_event(stream, _offset_of(e[0]), _fields(e[1])) for e in entries]
+        self._observe(stream, int(_s(head)))
         return ReadResult(_s(epoch), int(_s(head)), int(_s(first)), events)
 
     async def info(self, stream: str) -> StreamInfo:
@@ -554,7 +595,9 @@ class RedisEventLog:
 
     def live(self, deliver: Callable[[Event], None]) -> _RedisFeed:
         """Create a live feed; see :class:`~rtcore.backends.base.LiveFeed`."""
-        return _RedisFeed(self, deliver)
+        feed = _RedisFeed(self, deliver)
+        self._feeds.add(feed)
+        return feed
 
 
 def _retention_args(retention: Retention | None, now: float) -> list[str]:
