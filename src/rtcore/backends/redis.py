@@ -35,7 +35,11 @@ Why it is shaped this way:
   a second connection. ``watch("*")`` rescans the ``rt:streams`` set when its
   size changes (names are only ever added). Each round also checks
   ``rt:instance``; when it changed, the feed re-reads the epoch of each stream
-  and restarts streams that began a new life from offset 0.
+  and restarts streams that began a new life from offset 0. A newly watched
+  stream's start is taken by the reader at its next round, but capped by the
+  first head this process saw for it after ``watch`` (any append, read or
+  info), so "watch, then read history" (the Hub's catch-up) never leaves a
+  gap before live delivery starts.
 * **No automatic retries.** The client is built with ``NoRetryPolicy``: an
   append whose reply was lost may have happened, so it must not be replayed
   blindly. Connection errors surface as :class:`~rtcore.errors.BackendError`
