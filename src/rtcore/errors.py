@@ -76,6 +76,7 @@ ERROR_CODES: Final[dict[str, ErrorInfo]] = {
     "conflict": ErrorInfo(False, 409, "The stream head moved: the expected offset did not match."),
     "slow_consumer": ErrorInfo(True, 503, "The connection could not keep up with its subscriptions; reconnect and resume."),
     "timeout": ErrorInfo(True, 504, "The operation did not finish in time."),
+    "idle_timeout": ErrorInfo(True, 408, "No frame arrived within the idle timeout; the session was closed (reconnect and resume)."),
     "shutdown": ErrorInfo(True, 503, "The server is shutting down; reconnect to another or later."),
     "backend_unavailable": ErrorInfo(True, 503, "The storage backend failed; the command may be retried with the same key."),
     "internal": ErrorInfo(True, 500, "The handler raised an unexpected exception; nothing was stored for its key."),

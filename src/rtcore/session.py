@@ -158,7 +158,8 @@ class TokenBucket:
 
     def take(self, now: float) -> bool:
         """Take one token; False if the bucket is empty."""
-        self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
+        # A clock stepping backwards must not drain the bucket.
+        self._tokens = min(float(self.burst), self._tokens + max(0.0, now - self._last) * self.rate)
         self._last = now
         if self._tokens >= 1.0:
             self._tokens -= 1.0
@@ -224,6 +225,7 @@ class Session:
             frame = self.codec.decode_client(data)
         except BadFrame as exc:
             if self.state is SessionState.AWAIT_HELLO:
+                self.state = SessionState.CLOSED
                 return [_err(exc.request_id, exc), Close(1002, "bad first frame")]
             return [_err(exc.request_id, exc)]
         return self.receive_frame(frame, now)
@@ -248,6 +250,8 @@ class Session:
             return [_violation(getattr(frame, "id", None), "wait for welcome before sending frames")]
         match frame:
             case Ping(id=rid):
+                if rid in self._pending:
+                    return [_violation(rid, f"request id {rid} is still in use")]
                 return [Send(Pong(rid))]
             case Ack(stream=stream, offset=offset):
                 if stream not in self.subscriptions:
@@ -305,6 +309,10 @@ class Session:
 
     def authenticated(self, principal: Any, principal_id: str | None, expires_at: float | None, now: float, refresh_id: int | None = None) -> list[Action]:
         """The driver accepted the token."""
+        if self.state is SessionState.CLOSED:  # closed meanwhile (idle, shutdown): stay closed
+            if refresh_id is not None:
+                self._pending.pop(refresh_id, None)
+            return []
         self.principal, self.principal_id = principal, principal_id
         self._expires_at = expires_at
         self._expired_notice_at = None
@@ -319,12 +327,19 @@ class Session:
         """The driver refused the token: answer and close with 1008."""
         if refresh_id is not None:
             self._pending.pop(refresh_id, None)
+        if self.state is SessionState.CLOSED:
+            return []
         self.state = SessionState.CLOSED
         return [_err(refresh_id, exc), Close(1008, exc.code)]
 
     def reply(self, rid: int, frame: Any) -> list[Action]:
         """Answer the open request ``rid`` (a sub or a cmd) with ``frame`` (subbed/ok/err)."""
         kind = self._pending.pop(rid, None)
+        if kind is None or kind == "auth":
+            # Not an open sub/cmd: a second reply would break "one reply per id".
+            if kind is not None:
+                self._pending[rid] = kind
+            return []
         if kind == "cmd":
             self._commands -= 1
         elif kind == "sub":
