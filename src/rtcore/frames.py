@@ -161,6 +161,9 @@ class Subbed(msgspec.Struct, frozen=True, tag_field="t", tag="subbed"):
 
     ``recovered`` is true when every event after the client's ``since`` will be
     delivered; false means the client missed events (or sent no position).
+    ``snap`` true means a ``snap`` frame follows: the client keeps its position
+    until that frame arrives (if the connection dies first, it resumes from
+    where it was and gets a snapshot again).
     """
 
     id: int
@@ -168,6 +171,7 @@ class Subbed(msgspec.Struct, frozen=True, tag_field="t", tag="subbed"):
     epoch: str
     offset: int
     recovered: bool
+    snap: bool = False
 
 
 class Evt(msgspec.Struct, frozen=True, tag_field="t", tag="evt"):

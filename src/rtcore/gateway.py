@@ -125,6 +125,7 @@ class _Connection:
         self._inflight = 0
         self._idle = anyio.Event()
         self._on_close = on_close
+        self._acks: list[tuple[str, str, int]] = []
         self.bytes_out = 0
 
     # --- outbox ----------------------------------------------------------------
@@ -184,9 +185,9 @@ class _Connection:
                 case DoAck(stream=stream, offset=offset):
                     sub = self.subs.get(stream)
                     if sub is not None and self.session.principal is not None:
+                        # Never store a cursor beyond what this connection was sent.
                         off = min(offset, sub.tail.delivery.last)
-                        p, epoch = self.session.principal, sub.tail.delivery.epoch
-                        self._spawn(lambda: self.node.store_ack(p, stream, epoch, off))
+                        self._acks.append((stream, sub.tail.delivery.epoch, off))
                 case DoAuthenticate():
                     self._spawn(lambda a=action: self._authenticate(a))  # type: ignore[misc]
 
@@ -250,6 +251,7 @@ class _Connection:
                 on_stale=on_stale,
                 spawn=self._spawn,
                 use_cursor=use_cursor,
+                new_epoch=resubscribe,
             )
         except RtcoreError as exc:
             if not resubscribe:
@@ -263,7 +265,7 @@ class _Connection:
             return
         self.subs[stream] = sub
         sub.tail.on_sync = lambda _o, j, m: self.push(j if enc == "json" else m)
-        subbed = Subbed(action.id, stream, sub.epoch, sub.offset, sub.recovered)
+        subbed = Subbed(action.id, stream, sub.epoch, sub.offset, sub.recovered, sub.snap is not None)
         if resubscribe:
             self.push(self.codec.encode(subbed))
         else:
@@ -278,6 +280,12 @@ class _Connection:
         while True:
             data = await self.transport.receive()
             self._run(self.session.receive_data(data, self.node.clock()))
+            if self._acks:
+                # Acks are stored before the next frame is read, so a client that
+                # sends ack then ping knows its cursor is stored when pong arrives.
+                acks, self._acks = self._acks, []
+                for stream, epoch, offset in acks:
+                    await self.node.store_ack(self.session.principal, stream, epoch, offset)
 
     async def _timer(self) -> None:
         while True:

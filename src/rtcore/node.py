@@ -35,7 +35,7 @@ from .frames import Limits, Position, Snap, Sync
 from .hub import EncodedEvent, Hub, Tail
 from .idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
 from .state import StreamState
-from .streams import Delivery, check_stream, matches, plan_resume
+from .streams import Delivery, Phase, Plan, check_stream, matches, plan_resume
 
 __all__ = ["Node", "Reply", "Subscription"]
 
@@ -109,6 +109,12 @@ class _Follower:
         self.ready = anyio.Event()
         self.tail: Tail | None = None
         self.pending_sync: tuple[int, dict[str, bytes]] | None = None
+        self.node: Node | None = None
+
+    def fold_batch(self, batch: list[EncodedEvent]) -> None:
+        assert self.node is not None
+        for enc in batch:
+            self.node._fold(self, enc.event)
 
 
 class Node:
@@ -185,6 +191,9 @@ class Node:
             return await self._cm.__aexit__(*exc)
         finally:
             self._tg = None
+            for _spec, send in self._processor_queues:
+                send.close()
+            self._processor_queues.clear()
             if self._owns_backend:
                 await self.backend.aclose()
 
@@ -360,6 +369,7 @@ class Node:
         on_stale: Callable[[], None],
         spawn: Callable[[Callable[[], Awaitable[Any]]], None],
         use_cursor: bool = True,
+        new_epoch: bool = False,
     ) -> Subscription:
         """Start a subscription with the catch-up → live handoff.
 
@@ -380,7 +390,12 @@ class Node:
                 start = Position(cur[0], cur[1])
         info = await self.backend.events.info(stream)
         spec = self.app.state_for(stream)
-        plan = plan_resume(start, info, stateful=spec is not None)
+        if new_epoch and info.first == 1 and spec is None:
+            # The old history is void; the new one is complete: send all of it,
+            # but say recovered=false so the client drops its old position.
+            plan = Plan("replay", 0, False)
+        else:
+            plan = plan_resume(start, info, stateful=spec is not None)
         snap: Snap | None = None
         epoch, after = info.epoch, plan.after
         if plan.mode == "snapshot":
@@ -393,7 +408,9 @@ class Node:
         self.stats["recovered" if plan.recovered else "not_recovered"] += int(start is not None)
         tail = Tail(self.backend.events, stream, Delivery(epoch, after), emit, on_stale, spawn)
         self.hub.add(tail)
-        offset = after if plan.mode != "replay" else info.head
+        # subbed.offset: with recovered=true, the head the replay leads to; otherwise
+        # the position the client must jump to (events after it follow).
+        offset = info.head if plan.recovered else after
         return Subscription(stream, epoch, offset, plan.recovered, snap, tail)
 
     async def store_ack(self, principal: Principal | None, stream: str, epoch: str, offset: int) -> None:
@@ -433,20 +450,29 @@ class Node:
                 log.warning("state of %s: history before %d is gone and no snapshot covers it; folding from there", f.stream, info.first)
             f.state = StreamState(spec, info.epoch, info.first - 1)
 
-        def emit(batch: list[EncodedEvent]) -> None:
-            for enc in batch:
-                self._fold(f, enc.event)
-
         def stale() -> None:
-            # History was lost (new epoch): rebuild from scratch.
+            # History was lost (new epoch): the next offset-1 event starts a new follower.
             if self._followers.get(f.stream) is f:
                 del self._followers[f.stream]
             if f.tail is not None:
                 self.hub.remove(f.tail)
 
-        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), emit, stale, self.spawn)
+        f.node = self
+        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f.fold_batch, stale, self.spawn)
         self.hub.add(f.tail)
         await f.tail.fill()
+        f.ready.set()
+
+    def _fresh_follower(self, stream: str, state: StreamState) -> None:
+        old = self._followers.get(stream)
+        if old is not None and old.tail is not None:
+            self.hub.remove(old.tail)
+        f = _Follower(stream, state)
+        self._followers[stream] = f
+        f.tail = Tail(self.backend.events, stream, Delivery(state.epoch, state.offset), f.fold_batch, lambda: None, self.spawn)
+        f.tail.delivery.phase = Phase.LIVE
+        f.node = self
+        self.hub.add(f.tail)
         f.ready.set()
 
     def _fold(self, f: _Follower, event: Event) -> None:
@@ -465,8 +491,14 @@ class Node:
     def _on_event(self, event: Event) -> None:
         if self.app.states:
             spec = self.app.state_for(event.stream)
-            if spec is not None and event.stream not in self._followers and self._tg is not None:
-                self._start_follower(event.stream)
+            if spec is not None and self._tg is not None:
+                f = self._followers.get(event.stream)
+                if event.offset == 1 and (f is None or f.state.epoch != event.epoch):
+                    # A new history starts: fold it from here, synchronously, so no
+                    # event can be trimmed before the follower saw it.
+                    self._fresh_follower(event.stream, StreamState(spec, event.epoch, 0))
+                elif f is None:
+                    self._start_follower(event.stream)
         for spec_p, send in self._processor_queues:
             if matches(spec_p.pattern, event.stream):
                 try:

@@ -233,7 +233,7 @@ class Client:
         self._transport = client_t
         self.closed = None
         self.bye = None
-        tg.start_soon(self._serve, srv)
+        tg.start_soon(self._serve, srv, server_t)
         tg.start_soon(self._read, client_t)
         await self._send(Hello(token=self.token))
         frame = await self.next_frame(timeout=5, types=(Welcome, Err))
@@ -241,9 +241,12 @@ class Client:
             raise RtcoreError(frame.message, code=frame.code, retryable=frame.retryable)
         self.welcome = frame
 
-    async def _serve(self, transport: FrameTransport) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await serve_session(self.node, transport)
+    async def _serve(self, transport: FrameTransport, server_t: MemoryTransport) -> None:
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                await serve_session(self.node, transport)
+        finally:
+            server_t.abort()
 
     async def _read(self, t: MemoryTransport) -> None:
         try:
@@ -254,6 +257,8 @@ class Client:
             if t is self._transport:
                 self.closed = exc
                 self._notify()
+        finally:
+            t.abort()
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, anyio.Event()
@@ -267,7 +272,7 @@ class Client:
                 self._waiters.pop(rid).set()
             case Subbed(id=rid):
                 cur = self.cursors.setdefault(frame.stream, ClientCursor())
-                if not frame.recovered:
+                if not frame.recovered and not frame.snap:
                     cur.reset(frame.epoch, frame.offset)
                     self.notices.append(frame)
                 if rid in self._waiters:

@@ -6,13 +6,20 @@ Layers (each only knows the ones below it):
 * :mod:`rtcore.wallet.store` - the :class:`WalletStore` interface and
   :func:`open_wallet_store`; engines in :mod:`~rtcore.wallet.sqlite_store`
   and :mod:`~rtcore.wallet.postgres_store` run the rules in real transactions;
-* :mod:`rtcore.wallet.reconcile` - proves balances, entries and streams agree.
+* :mod:`rtcore.wallet.reconcile` - proves balances, entries and streams agree;
+* :mod:`rtcore.wallet.commands` - the ``wallet.*`` commands for an App:
+  ``app.include(rtcore.wallet.commands(store))``.
+
+``rtcore.wallet.commands`` is the router factory (a function), not the module:
+the package re-exports it under the module's name so the one-liner above reads
+naturally. Import argument types with ``from rtcore.wallet.commands import ...``.
 
 See docs/wallet.md for the model, the guarantees and the error codes.
 """
 
 from __future__ import annotations
 
+from .commands import WalletRouter, commands, last_balance_event
 from .errors import WALLET_ERROR_CODES, WalletError
 from .ledger import (
     Account,
@@ -44,8 +51,11 @@ __all__ = [
     "TransferRequest",
     "TransferResult",
     "WalletError",
+    "WalletRouter",
     "WalletStore",
     "check_ledger",
+    "commands",
+    "last_balance_event",
     "open_wallet_store",
     "reconcile",
 ]
