@@ -56,6 +56,10 @@ async def balance(store: WalletStore, account: str) -> tuple[int, int]:
 # -- accounts ------------------------------------------------------------------------
 
 
+async def test_store_implements_the_protocol(store: WalletStore) -> None:
+    assert isinstance(store, WalletStore)
+
+
 async def test_create_account_is_idempotent_and_rejects_other_fields(store: WalletStore) -> None:
     first = await store.create_account("alice", "EUR", owner="alice")
     assert await store.create_account("alice", "EUR", owner="alice") == first

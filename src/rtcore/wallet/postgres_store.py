@@ -177,12 +177,15 @@ class _Pool:
             raise BackendError("the wallet store is closed")
         async with self._slots:
             conn = self._idle.pop() if self._idle else await self._connect()
-            reusable = False
             try:
                 yield conn
-                reusable = True
             finally:
-                if reusable and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
+                # Judge the connection, not the exception: after a refused
+                # operation (WalletError) the transaction was rolled back and
+                # the connection is idle and fine; after a cancellation or a
+                # network error it is mid-query, in a failed transaction or
+                # closed, and must not be handed to the next caller.
+                if not self._closed and not conn.closed and conn.info.transaction_status == TransactionStatus.IDLE:
                     self._idle.append(conn)
                 else:
                     with anyio.CancelScope(shield=True):
