@@ -329,7 +329,10 @@ def test_non_object_frame_is_bad_frame(encoding: str, value: Any) -> None:
 @encodings
 def test_undecodable_bytes_are_bad_frame_without_field(encoding: str) -> None:
     codec = codec_for(encoding)
-    truncated = {"json": [b"", b"{", b'{"t":"ping","id":1', b"\xc1"], "msgpack": [b"", b"\xc1", b"\x81", b"\x82\xa1t\xa4ping"]}
+    truncated = {
+        "json": [b"", b"{", b'{"t":"ping","id":1', b"\xc1"],
+        "msgpack": [b"", b"\xc1", b"\x81", b"\x82\xa1t\xa4ping"],
+    }
     for data in truncated[encoding]:
         with pytest.raises(BadFrame) as info:
             codec.decode_client(data)
@@ -425,3 +428,9 @@ def test_fingerprint_of_args_with_int_keys_and_sets() -> None:
     assert a == b and len(a) == 32
     assert fingerprint("table.seat", {"a": 1}) != fingerprint("table.sit", {"a": 1})
     assert fingerprint("x", {"a": 1, "b": 2}) == fingerprint("x", {"b": 2, "a": 1})
+
+
+def test_decode_value_of_text_in_msgpack_is_a_decode_error() -> None:
+    # Regression: a str payload raised TypeError, which no caller catches.
+    with pytest.raises(msgspec.DecodeError, match="binary"):
+        codec_for("msgpack").decode_value('{"x":1}')

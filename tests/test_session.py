@@ -57,9 +57,7 @@ def send(s: Session, frame: Any, now: float = 0.0) -> list[Action]:
     return s.receive_data(s.codec.encode(frame), now)
 
 
-def open_session(
-    limits: Limits = LIMITS, now: float = 0.0, expires_at: float | None = None, **kw: Any
-) -> Session:
+def open_session(limits: Limits = LIMITS, now: float = 0.0, expires_at: float | None = None, **kw: Any) -> Session:
     s = new_session(limits, now, **kw)
     assert send(s, Hello(token="tok"), now) == [DoAuthenticate("tok")]
     actions = s.authenticated({"user": "alice"}, "alice", expires_at, now)
@@ -445,7 +443,10 @@ def test_token_expiry_warns_then_closes_after_grace() -> None:
     assert s.tick(24.0) == []  # warned once only
     assert_pong(s, now=24.0)  # the session still works during the grace period
     actions = s.tick(25.0)
-    assert actions == [Send(Bye("token_expired", "token expired and was not refreshed", False)), Close(1008, "token_expired")]
+    assert actions == [
+        Send(Bye("token_expired", "token expired and was not refreshed", False)),
+        Close(1008, "token_expired"),
+    ]
     assert s.state is SessionState.CLOSED
 
 
@@ -544,7 +545,9 @@ def inputs(encoding: str) -> st.SearchStrategy[tuple[str, Any]]:
 
 @given(st.data(), st.sampled_from(["json", "msgpack"]), st.booleans())
 def test_arbitrary_input_gives_only_documented_output(data: st.DataObject, encoding: str, start_open: bool) -> None:
-    h = Harness(Limits(max_subscriptions=3, max_inflight=2, command_rate=5.0, command_burst=4, idle_timeout=60.0), encoding)
+    h = Harness(
+        Limits(max_subscriptions=3, max_inflight=2, command_rate=5.0, command_burst=4, idle_timeout=60.0), encoding
+    )
     if start_open:
         h.feed(h.codec.encode(Hello()))
         h.answer(0, True)

@@ -185,7 +185,10 @@ def test_int_keys_and_sets_snapshot_and_checksum() -> None:
     s = StreamState(spec, "e1")
     for i, name in enumerate(["zed", "amy", "kim", "bo"], start=1):
         s.apply(ev(i, data={"seat": 10 - i, "name": name}))
-    assert s.builtins() == {"seats": {"6": "bo", "7": "kim", "8": "amy", "9": "zed"}, "tags": ["amy", "bo", "kim", "zed"]}
+    assert s.builtins() == {
+        "seats": {"6": "bo", "7": "kim", "8": "amy", "9": "zed"},
+        "tags": ["amy", "bo", "kim", "zed"],
+    }
     back = StreamState.from_snapshot(spec, s.snapshot("table:1"))
     assert back.state == s.state
     assert back.checksum() == s.checksum()

@@ -37,7 +37,15 @@ def offsets(events: list[Event]) -> list[int]:
 
 @pytest.mark.parametrize(
     "name",
-    ["room:7", "wallet:alice", "a:b", "room:7:extra", "kind:ünïcødé", "k:" + "x" * (MAX_STREAM_NAME - 2), "a:b-c_d.e@f"],
+    [
+        "room:7",
+        "wallet:alice",
+        "a:b",
+        "room:7:extra",
+        "kind:ünïcødé",
+        "k:" + "x" * (MAX_STREAM_NAME - 2),
+        "a:b-c_d.e@f",
+    ],
 )
 def test_valid_stream_names(name: str) -> None:
     check_stream(name)

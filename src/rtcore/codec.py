@@ -112,6 +112,8 @@ class Codec:
         """
         if self.encoding == "json":
             return msgspec.json.decode(data, type=type)
+        if isinstance(data, str):  # would be a TypeError, which callers do not expect
+            raise msgspec.DecodeError("MessagePack payloads must be binary, got text")
         return msgspec.msgpack.decode(data, type=type)
 
     def _decode(self, decoder: Any, data: bytes | str) -> Any:

@@ -163,7 +163,9 @@ def server_frames() -> st.SearchStrategy[ServerFrame]:
         st.builds(Welcome, session=texts(), heartbeat=finite, limits=_limits(), principal=st.none() | texts()),
         st.builds(Ok, id=request_ids(), result=json_values(), replayed=st.booleans()),
         st.builds(Err, id=st.none() | request_ids(), code=texts(), message=texts(), retryable=st.booleans()),
-        st.builds(Subbed, id=request_ids(), stream=stream_names(), epoch=texts(), offset=offsets, recovered=st.booleans()),
+        st.builds(
+            Subbed, id=request_ids(), stream=stream_names(), epoch=texts(), offset=offsets, recovered=st.booleans()
+        ),
         st.builds(
             Evt,
             stream=stream_names(),
