@@ -120,6 +120,7 @@ class _Connection:
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._wake = anyio.Event()
+        self._drained = anyio.Event()
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
@@ -130,15 +131,25 @@ class _Connection:
 
     # --- outbox ----------------------------------------------------------------
 
-    def push(self, data: bytes) -> None:
+    def push(self, data: bytes, *, backlog: bool = False) -> None:
         if self._closing is not None:
             return
         self._queue.append(data)
         self._queued_bytes += len(data)
-        if self._queued_bytes > self.limits.max_bytes or len(self._queue) > self.limits.max_frames:
+        if not backlog and (self._queued_bytes > self.limits.max_bytes or len(self._queue) > self.limits.max_frames):
             self._slow()
             return
         self._wake.set()
+
+    async def push_backlog(self, frames: list[bytes]) -> None:
+        """Queue history at the consumer's pace: wait until the queue is half empty."""
+        for data in frames:
+            self.push(data, backlog=True)
+        while self._closing is None and (
+            self._queued_bytes > self.limits.max_bytes // 2 or len(self._queue) > self.limits.max_frames // 2
+        ):
+            self._drained = anyio.Event()
+            await self._drained.wait()
 
     def _slow(self) -> None:
         self.node.stats["slow_consumers"] += 1
@@ -155,6 +166,7 @@ class _Connection:
                 batch = list(self._queue)
                 self._queue.clear()
                 self._queued_bytes = 0
+                self._drained.set()
                 self.bytes_out += sum(map(len, batch))
                 await self.transport.send(batch)
             if self._closing is not None and not self._queue:
@@ -235,6 +247,9 @@ class _Connection:
             for e in batch:
                 self.push(e.encoded(enc))
 
+        async def backlog(batch: list[EncodedEvent]) -> None:
+            await self.push_backlog([e.encoded(enc) for e in batch])
+
         def on_stale() -> None:
             # The stream's history changed under us: start over without a position.
             old = self.subs.pop(stream, None)
@@ -250,6 +265,7 @@ class _Connection:
                 emit=emit,
                 on_stale=on_stale,
                 spawn=self._spawn,
+                backlog=backlog,
                 use_cursor=use_cursor,
                 new_epoch=resubscribe,
             )
@@ -354,5 +370,5 @@ async def serve_session(
         outbox: Send-queue bounds.
         on_close: Called with the close code and reason at the end.
     """
-    conn = _Connection(node, transport, token, outbox or OutboxLimits(), on_close)
+    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close)
     await conn.run()

@@ -68,6 +68,9 @@ class Tail:
         emit: Called with each batch of in-order events (and their encodings).
         on_stale: Called once if the stream's epoch changes under the tail.
         spawn: Runs a coroutine function in the owner's task group.
+        backlog: Used instead of ``emit`` for history pages, and awaited after
+            each page so catch-up goes at the consumer's pace (a replay is a
+            burst by nature and must not count against the slow-consumer limit).
     """
 
     def __init__(
@@ -78,8 +81,10 @@ class Tail:
         emit: Callable[[list[EncodedEvent]], None],
         on_stale: Callable[[], None],
         spawn: Callable[[Callable[[], Awaitable[Any]]], None],
+        backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
     ) -> None:
         self.log = log
+        self._backlog = backlog
         self.stream = stream
         self.delivery = delivery
         self._emit = emit
@@ -107,6 +112,12 @@ class Tail:
             self._filling = True
             self._spawn(self.fill)
 
+    async def _send_backlog(self, batch: list[EncodedEvent]) -> None:
+        if self._backlog is None:
+            self._emit(batch)
+        else:
+            await self._backlog(batch)
+
     async def fill(self) -> None:
         """Read history after ``delivery.last`` until caught up, then go live."""
         self._filling = True
@@ -123,12 +134,12 @@ class Tail:
                     break
                 out = self.delivery.history(page.events)
                 if out:
-                    self._emit([EncodedEvent(e) for e in out])
+                    await self._send_backlog([EncodedEvent(e) for e in out])
                 if len(page.events) == PAGE:
                     continue
                 rest = self.delivery.go_live()
                 if rest:
-                    self._emit([EncodedEvent(e) for e in rest])
+                    await self._send_backlog([EncodedEvent(e) for e in rest])
                 if self.delivery.needs_fill:
                     stalled = stalled + 1 if self.delivery.last == before else 0
                     if stalled >= 3:

@@ -128,6 +128,7 @@ class Node:
         heartbeat: Ping interval announced to clients (seconds).
         idempotency_ttl: How long command outcomes are kept.
         node_id: Identifies this node (leases, consumer groups); random by default.
+        outbox: Default :class:`~rtcore.gateway.OutboxLimits` of its sessions.
     """
 
     def __init__(
@@ -142,8 +143,11 @@ class Node:
         idempotency_ttl: float = DEFAULT_TTL,
         idempotency_lease: float = DEFAULT_LEASE,
         node_id: str | None = None,
+        outbox: Any = None,
     ) -> None:
         self.app = app
+        #: Send-queue bounds for sessions (:class:`rtcore.gateway.OutboxLimits`).
+        self.outbox = outbox
         self._backend_arg = backend
         self.backend: Backend = backend if isinstance(backend, Backend) else None  # type: ignore[assignment]
         self.clock = clock
@@ -368,6 +372,7 @@ class Node:
         emit: Callable[[list[EncodedEvent]], None],
         on_stale: Callable[[], None],
         spawn: Callable[[Callable[[], Awaitable[Any]]], None],
+        backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
         use_cursor: bool = True,
         new_epoch: bool = False,
     ) -> Subscription:
@@ -406,7 +411,7 @@ class Node:
         if plan.mode == "replay":
             self.stats["replays"] += 1
         self.stats["recovered" if plan.recovered else "not_recovered"] += int(start is not None)
-        tail = Tail(self.backend.events, stream, Delivery(epoch, after), emit, on_stale, spawn)
+        tail = Tail(self.backend.events, stream, Delivery(epoch, after), emit, on_stale, spawn, backlog)
         self.hub.add(tail)
         # subbed.offset: with recovered=true, the head the replay leads to; otherwise
         # the position the client must jump to (events after it follow).
@@ -532,7 +537,7 @@ class Node:
                             await anyio.sleep(min(0.05 * 2**attempt, 2.0))
 
     async def _dead_letter(self, spec: ProcessorSpec, event: Event, exc: Exception) -> None:
-        name = spec.group or spec.handler.__qualname__.replace(".", "_").replace("<", "").replace(">", "")
+        name = spec.group or spec.handler.__name__
         try:
             await self.publish(
                 f"dlq:{name}",

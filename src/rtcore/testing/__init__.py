@@ -464,12 +464,20 @@ async def connect(
         else:
             node = await stack.enter_async_context(serve(target))
         client = Client(node, token=token, encoding=encoding, faults=faults)
+        refused: RtcoreError | None = None
         async with anyio.create_task_group() as tg:
             client._tg = tg
-            await client._open(tg)
             try:
-                yield client
-            finally:
-                client._tg = None
-                await client.disconnect()
+                await client._open(tg)
+            except RtcoreError as exc:
+                refused = exc
                 tg.cancel_scope.cancel()
+            else:
+                try:
+                    yield client
+                finally:
+                    client._tg = None
+                    await client.disconnect()
+                    tg.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
