@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -243,7 +244,7 @@ async def test_slow_consumer_is_cut_with_4008_and_resumes_without_loss() -> None
             await fast.subscribe("feed:1", rtcore.Position("", 0))
             for i in range(100):
                 await node.publish("feed:1", "tick", {"i": i})
-                await anyio.sleep(0)  # a live feed, not one burst: the fast writer keeps up
+                await anyio.lowlevel.checkpoint()  # a live feed, not one burst: the fast writer keeps up
             got = [(await fast.next_event("feed:1")).offset for _ in range(100)]
             assert got == list(range(1, 101))  # the fast one is not slowed or cut
             closed = await slow.wait_closed(timeout=10)

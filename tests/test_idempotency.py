@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 from hypothesis import given, settings
@@ -65,7 +66,7 @@ async def _race(n: int, encodings: list[str], retries: int, reuse: bool) -> None
             tg.start_soon(send_first)
             with anyio.fail_after(5):
                 while not calls:
-                    await anyio.sleep(0)
+                    await anyio.lowlevel.checkpoint()
             # duplicates while the first is executing
             for c in clients[1:]:
                 r = await c.command_reply("bet.place", {"on": "red", "amount": 5}, key="K")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import anyio
@@ -203,7 +203,7 @@ class _Connection:
                 case DoAuthenticate():
                     self._spawn(lambda a=action: self._authenticate(a))  # type: ignore[misc]
 
-    def _spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+    def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         assert self._tg is not None
         self._tg.start_soon(fn)
 

@@ -17,7 +17,7 @@ node for state followers — so every task has an owner.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .backends.base import Event, EventLog, LiveFeed
@@ -80,7 +80,7 @@ class Tail:
         delivery: Delivery,
         emit: Callable[[list[EncodedEvent]], None],
         on_stale: Callable[[], None],
-        spawn: Callable[[Callable[[], Awaitable[Any]]], None],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
         backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
     ) -> None:
         self.log = log

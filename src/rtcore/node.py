@@ -19,12 +19,14 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .app import App, Context, Principal, ProcessorSpec
 from .backends import Backend, open_backend
@@ -160,7 +162,7 @@ class Node:
         self.hub: Hub = None  # type: ignore[assignment]
         self._tg: TaskGroup | None = None
         self._followers: dict[str, _Follower] = {}
-        self._processor_queues: list[tuple[ProcessorSpec, anyio.abc.ObjectSendStream[Event]]] = []
+        self._processor_queues: list[tuple[ProcessorSpec, MemoryObjectSendStream[Event]]] = []
         self.sessions: set[Any] = set()
         self.timer_wakeup = anyio.Event()
         self.draining = False
@@ -182,11 +184,11 @@ class Node:
             send, recv = anyio.create_memory_object_stream[Event](max_buffer_size=10_000)
             self._processor_queues.append((spec, send))
             self._tg.start_soon(self._run_processor, spec, recv)
-        await anyio.sleep(0)  # let the feed register before the first append
+        await anyio.lowlevel.checkpoint()  # let the feed register before the first append
         self.app._running.append(self)
         return self
 
-    async def __aexit__(self, *exc: object) -> bool | None:
+    async def __aexit__(self, *exc: Any) -> bool | None:
         if self in self.app._running:
             self.app._running.remove(self)
         assert self._tg is not None
@@ -201,7 +203,7 @@ class Node:
             if self._owns_backend:
                 await self.backend.aclose()
 
-    def spawn(self, fn: Callable[[], Awaitable[Any]]) -> None:
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` in the node's task group."""
         if self._tg is None:
             raise RuntimeError("the node is not running; use 'async with node:'")
@@ -371,7 +373,7 @@ class Node:
         *,
         emit: Callable[[list[EncodedEvent]], None],
         on_stale: Callable[[], None],
-        spawn: Callable[[Callable[[], Awaitable[Any]]], None],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
         backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
         use_cursor: bool = True,
         new_epoch: bool = False,
@@ -521,7 +523,7 @@ class Node:
 
     # --- processors ------------------------------------------------------------
 
-    async def _run_processor(self, spec: ProcessorSpec, recv: anyio.abc.ObjectReceiveStream[Event]) -> None:
+    async def _run_processor(self, spec: ProcessorSpec, recv: MemoryObjectReceiveStream[Event]) -> None:
         async with recv:
             async for event in recv:
                 ctx = Context(self, None)

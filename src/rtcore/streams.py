@@ -152,6 +152,11 @@ class Delivery:
         self._buffer: list[Event] = []
 
     @property
+    def stale(self) -> bool:
+        """Whether the stream's epoch changed under this delivery."""
+        return self.phase is Phase.STALE
+
+    @property
     def needs_fill(self) -> bool:
         """Whether history must be read after :attr:`last` before going live."""
         return self.phase is Phase.CATCHUP
@@ -190,7 +195,7 @@ class Delivery:
         self._buffer.clear()
         out = self._take(buf)
         rest = [e for e in buf if e.offset > self.last and e.epoch == self.epoch]
-        if rest or self.phase is Phase.STALE:
+        if rest or self.stale:  # _take may have found an epoch change
             self._buffer = rest
             return out
         self.phase = Phase.LIVE
