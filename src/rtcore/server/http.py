@@ -94,6 +94,13 @@ class ServerState:
     websockets: set[WebSocketTransport] = field(default_factory=set)
 
 
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
 def render_error(error: HttpError) -> bytes:
     """A complete ``Connection: close`` error response, without h11.
 
@@ -101,12 +108,8 @@ def render_error(error: HttpError) -> bytes:
     refused one), where h11's state machine cannot produce a response.
     """
     body = error_body(error.code, error.message)
-    try:
-        phrase = HTTPStatus(error.status).phrase
-    except ValueError:
-        phrase = ""
     head = [
-        f"HTTP/1.1 {error.status} {phrase}\r\n".encode("ascii"),
+        b"HTTP/1.1 %d %s\r\n" % (error.status, _phrase(error.status)),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
         b"connection: close\r\n",
@@ -285,7 +288,9 @@ class HttpConnection:
         headers = self._response_headers(response.headers, self._state.shutdown.started)
         headers.append((b"content-length", b"%d" % len(response.body)))
         try:
-            data = conn.send(h11.Response(status_code=response.status, headers=headers))
+            data = conn.send(
+                h11.Response(status_code=response.status, headers=headers, reason=_phrase(response.status))
+            )
             if response.body and not head_only:
                 data += conn.send(h11.Data(data=response.body))
             data += conn.send(h11.EndOfMessage())
@@ -301,7 +306,9 @@ class HttpConnection:
         # A stream is long-lived, so the connection closes after it anyway.
         headers = self._response_headers(response.headers, close=True)
         try:
-            head = conn.send(h11.Response(status_code=response.status, headers=headers))
+            head = conn.send(
+                h11.Response(status_code=response.status, headers=headers, reason=_phrase(response.status))
+            )
         except h11.LocalProtocolError as exc:
             log.error("invalid streaming response from the HTTP handler: %s", exc)
             raise HttpError(500, "internal", "the handler returned an invalid response") from None
