@@ -19,6 +19,7 @@ root="$(cd "$here/../.." && pwd)"
 python="${PYTHON:-python3}"
 parallelism="${AUTOBAHN_PARALLELISM:-2}"
 reports="${AUTOBAHN_REPORTS:-$(mktemp -d -t autobahn-reports.XXXXXX)}"
+mkdir -p "$reports"
 
 installed="$("$python" -c 'import importlib.metadata as m; print(m.version("kosoku"))' 2>/dev/null || true)"
 if [[ "$installed" != "$KOSOKU_VERSION" ]]; then

@@ -265,3 +265,49 @@ async def test_sse_generator_is_closed_when_client_leaves() -> None:
                 break
         with anyio.fail_after(5):
             await closed.wait()
+
+
+async def test_head_has_length_but_no_body() -> None:
+    rec = Recorder()
+    async with running_server(echo_handler(rec), basic_http(rec)) as srv:
+        data = await anyio.to_thread.run_sync(
+            partial(raw_exchange, srv.port, b"HEAD /echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        )
+    status, headers, body = split_response(data)
+    assert status == 200
+    assert int(headers["content-length"]) > 0
+    assert body == b""
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\nHost : y\r\n\r\n",  # whitespace before the colon
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n",
+        b"NOT A REQUEST\r\n\r\n",
+    ],
+    ids=["space-before-colon", "two-content-lengths", "nul-in-value", "garbage"],
+)
+async def test_malformed_requests_are_400(request_bytes: bytes) -> None:
+    rec = Recorder()
+    async with running_server(echo_handler(rec), basic_http(rec)) as srv:
+        status, headers, body = await raw(srv.port, request_bytes)
+    assert status == 400
+    assert headers["connection"] == "close"
+    assert json_of(body)["code"] == "bad_request"
+    assert rec.http == []
+
+
+async def test_max_connections_pauses_accepting() -> None:
+    rec = Recorder()
+    limits = ServerLimits(max_connections=1, keepalive_timeout=60)
+    async with running_server(echo_handler(rec), basic_http(rec), limits=limits) as srv:
+        async with httpx.AsyncClient() as first:
+            assert (await first.get(f"{srv.http_url}/echo")).status_code == 200
+            assert srv.control.connections == 1
+            async with httpx.AsyncClient() as second:
+                with pytest.raises(httpx.TimeoutException):
+                    await second.get(f"{srv.http_url}/echo", timeout=0.3)  # queued in the backlog
+        async with httpx.AsyncClient() as third:  # the first one left: accepted again
+            assert (await third.get(f"{srv.http_url}/echo")).status_code == 200

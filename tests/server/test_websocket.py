@@ -366,3 +366,49 @@ async def test_handler_exception_closes_1011() -> None:
         with pytest.raises(ClientClosed) as info:
             await ws.recv()
     assert info.value.rcvd is not None and info.value.rcvd.code == 1011
+
+
+async def test_close_is_bounded_when_the_peer_never_answers() -> None:
+    closed = anyio.Event()
+
+    async def closer(transport: FrameTransport, request: UpgradeRequest) -> None:
+        await transport.close(1000)  # the raw client below never answers the close frame
+        closed.set()
+
+    rec = Recorder()
+    limits = ServerLimits(close_timeout=0.2)
+    async with running_server(closer, basic_http(rec), limits=limits) as srv:
+
+        def mute_client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                _handshake(sock)
+                return read_until_eof(sock)  # EOF once the server gives up waiting
+
+        data = await anyio.to_thread.run_sync(mute_client)
+        with anyio.fail_after(5):
+            await closed.wait()
+    assert _frames(data) == [(0x8, b"\x03\xe8")]
+
+
+async def test_send_to_a_peer_that_does_not_read_times_out() -> None:
+    outcome: list[ConnectionClosed] = []
+    done = anyio.Event()
+
+    async def flooder(transport: FrameTransport, request: UpgradeRequest) -> None:
+        try:
+            while True:
+                await transport.send([b"x" * 1_000_000])
+        except ConnectionClosed as exc:
+            outcome.append(exc)
+        finally:
+            done.set()
+
+    rec = Recorder()
+    limits = ServerLimits(send_timeout=0.2, ping_interval=None)
+    async with running_server(flooder, basic_http(rec), limits=limits) as srv:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+            await anyio.to_thread.run_sync(_handshake, sock)
+            with anyio.fail_after(10):
+                await done.wait()  # the client never reads: the server's writes stall
+    assert outcome[0].code == 1006
+    assert "send timeout" in outcome[0].reason

@@ -129,6 +129,7 @@ class WebSocketTransport:
         self._lock = anyio.Lock(fast_acquire=True)
         self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](limits.max_queue)
         self._close_sent = False
+        self._discard = False  # close() was called: inbound messages are dropped
         self._aborted = False
         self._code: int | None = None
         self._reason = ""
@@ -218,12 +219,13 @@ class WebSocketTransport:
             code: Close code (1000 normal, 1001 going away, 1008 policy, ...).
             reason: Close reason (truncated to fit a control frame).
         """
-        await self._start_close(code, reason)
-        # Queued messages will not be read any more: unblock a reader stuck on
-        # a full queue so it can see the peer's close frame.
+        # The application reads no more messages: drop new ones, and unblock a
+        # reader stuck on a full queue so it can see the peer's close frame.
+        self._discard = True
         if self._deliver_scope is not None:
             self._deliver_scope.cancel()
         with anyio.move_on_after(self._limits.close_timeout):
+            await self._start_close(code, reason)
             await self._done.wait()
         if not self._done.is_set():
             await self._abort()
@@ -281,14 +283,21 @@ class WebSocketTransport:
         if code not in _SENDABLE and not 3000 <= code <= 4999:
             code = 1000
         self._set_code(code, reason)
-        async with self._lock:
-            if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
-                return
-            self._close_sent = True
-            try:
-                await self._write(self._ws.send(CloseConnection(code=code, reason=reason or None)))
-            except ConnectionClosed:
-                return
+        if self._close_sent or self._aborted:
+            return
+        # The lock may be held by a write the peer does not drain: bound the wait.
+        with anyio.move_on_after(self._limits.close_timeout) as scope:
+            async with self._lock:
+                if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+                    return
+                self._close_sent = True
+                try:
+                    await self._write(self._ws.send(CloseConnection(code=code, reason=reason or None)))
+                except ConnectionClosed:
+                    return
+        if scope.cancelled_caught:
+            await self._abort()
+            return
         deadline = anyio.current_time() + self._limits.close_timeout
         self._reader_scope.deadline = min(self._reader_scope.deadline, deadline)
 
@@ -375,6 +384,8 @@ class WebSocketTransport:
         await self._deliver(message)
 
     async def _deliver(self, message: bytes | str) -> None:
+        if self._discard:
+            return
         try:
             self._inbox_in.send_nowait(message)
             return
