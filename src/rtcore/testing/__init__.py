@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
@@ -407,7 +408,7 @@ class Client:
         if self._transport is not None:
             self._transport.abort()
             self._transport = None
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
     async def reconnect(self) -> None:
         """Drop the connection and come back: hello, then resubscribe from the cursors."""
