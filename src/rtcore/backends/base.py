@@ -12,6 +12,9 @@ core never knows which engine it runs on:
 * :class:`CursorStore`: the last acknowledged position per (principal, stream).
 * :class:`SnapshotStore`: the latest snapshot of each stateful stream.
 * :class:`LeaseStore`: renewable leases so exactly one node runs a loop.
+* :class:`GroupLog`: consumer groups over the global log of every appended
+  event, so each event reaches one member of a group across all nodes, at
+  least once, and a dead member's events are claimed by another.
 
 Every implementation runs the shared contract suite in
 ``tests/contract/`` unchanged. Time is always passed in (``now``), never read,
@@ -31,6 +34,8 @@ __all__ = [
     "CursorStore",
     "Event",
     "EventLog",
+    "GroupLog",
+    "GroupMessage",
     "IdempotencyRecord",
     "IdempotencyStore",
     "LeaseStore",
@@ -279,6 +284,74 @@ class LeaseStore(Protocol):
         ...
 
 
+class GroupMessage(msgspec.Struct, frozen=True):
+    """One event delivered to one member of a consumer group.
+
+    Attributes:
+        id: Delivery id to pass to :meth:`GroupLog.ack` (opaque; the position in
+            the global log).
+        event: The event.
+        deliveries: How many times the group has handed this event out (1 the
+            first time; more after a member died or timed out holding it).
+    """
+
+    id: str
+    event: Event
+    deliveries: int = 1
+
+
+@runtime_checkable
+class GroupLog(Protocol):
+    """Consumer groups over one global, ordered log of every appended event.
+
+    Every :meth:`EventLog.append` also lands in the global log. A group has a
+    position in it (the last event handed to any member) and a pending list:
+    events handed to a member and not acknowledged yet. :meth:`read` hands
+    each new event to exactly one member; :meth:`claim` moves pending events
+    idle for too long (their member crashed or hangs) to another member.
+    Delivery is therefore at least once: handlers dedup on
+    ``(event.stream, event.epoch, event.offset)``.
+
+    The global log is bounded (per engine); an event dropped from it before a
+    group read it is never delivered to that group.
+    """
+
+    async def create(self, group: str) -> None:
+        """Create ``group`` if it does not exist, positioned after the newest event.
+
+        Only events appended afterwards are delivered; an existing group keeps
+        its position and pending list (this is how a restarted node resumes).
+        """
+        ...
+
+    async def read(self, group: str, consumer: str, *, now: float, count: int, block: float) -> list[GroupMessage]:
+        """Hand up to ``count`` events no member has seen to ``consumer``.
+
+        Args:
+            group: The group (created with :meth:`create` if missing).
+            consumer: Member id (the node id); the events become its pending ones.
+            now: Current time, recorded as the delivery time.
+            count: Most events to return.
+            block: Wait up to this many seconds when nothing is new (0: do not wait).
+
+        Returns:
+            The events in global order (possibly none).
+        """
+        ...
+
+    async def ack(self, group: str, ids: list[str]) -> None:
+        """Mark deliveries as done: they are never handed out again."""
+        ...
+
+    async def claim(self, group: str, consumer: str, *, min_idle: float, now: float, count: int) -> list[GroupMessage]:
+        """Take over up to ``count`` pending events delivered ``min_idle`` seconds ago or earlier.
+
+        Whoever held them (including ``consumer`` itself, e.g. after a restart
+        with the same id) loses them; ``deliveries`` grows by one.
+        """
+        ...
+
+
 class Backend:
     """A bundle of the stores one engine provides.
 
@@ -289,6 +362,8 @@ class Backend:
         cursors: The cursor store.
         snapshots: The snapshot store.
         leases: The lease store.
+        groups: Consumer groups over the global event log (``None`` for an
+            engine without them; group processors then refuse to start).
     """
 
     def __init__(
@@ -300,6 +375,7 @@ class Backend:
         cursors: CursorStore,
         snapshots: SnapshotStore,
         leases: LeaseStore,
+        groups: GroupLog | None = None,
     ) -> None:
         self.url = url
         self.events = events
@@ -307,6 +383,7 @@ class Backend:
         self.cursors = cursors
         self.snapshots = snapshots
         self.leases = leases
+        self.groups = groups
 
     async def aclose(self) -> None:
         """Release connections and files (the memory backend has none)."""

@@ -4,6 +4,12 @@ The default for tests and for trying rtcore. Appends are synchronous under
 the hood (no await between reading the head and writing the event), which is
 what makes them atomic on one event loop; the live feed is pushed from inside
 ``append`` so every watcher sees events in offset order.
+
+Consumer groups (:class:`MemoryGroupLog`) run over an in-process global list
+of every appended event, numbered by a global sequence and capped at
+:data:`GLOBAL_LOG_MAX` entries. Several :class:`~rtcore.node.Node` objects
+sharing one :class:`MemoryBackend` form a real group; nothing survives the
+process, so the group's position does not either.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .base import (
     AppendResult,
     Backend,
     Event,
+    GroupMessage,
     IdempotencyRecord,
     Outcome,
     ReadResult,
@@ -29,7 +36,10 @@ from .base import (
     StreamInfo,
 )
 
-__all__ = ["MemoryBackend", "MemoryEventLog", "new_epoch"]
+__all__ = ["GLOBAL_LOG_MAX", "MemoryBackend", "MemoryEventLog", "MemoryGroupLog", "new_epoch"]
+
+#: Most events the global log (what consumer groups read) keeps; older ones fall off.
+GLOBAL_LOG_MAX = 100_000
 
 
 def new_epoch() -> str:
@@ -93,6 +103,12 @@ class MemoryEventLog:
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._feeds: list[_MemoryFeed] = []
+        # The global log for consumer groups: events in append order; the last
+        # one has global sequence number ``_seq``.
+        self._all: deque[Event] = deque(maxlen=GLOBAL_LOG_MAX)
+        self._seq = 0
+        # Set (and replaced) on every append; group readers that found nothing wait on it.
+        self._appended: anyio.Event | None = None
 
     def _get(self, stream: str) -> _Stream:
         s = self._streams.get(stream)
@@ -125,7 +141,17 @@ class MemoryEventLog:
             self._trim(s, retention, now)
         for feed in tuple(self._feeds):
             feed.push(event)
+        self._all.append(event)
+        self._seq += 1
+        if self._appended is not None:
+            self._appended.set()
+            self._appended = None
         return AppendResult(event)
+
+    def _global(self, seq: int) -> Event | None:
+        """The event with global sequence ``seq``, or None once it fell off the capped log."""
+        index = seq - (self._seq - len(self._all) + 1)
+        return self._all[index] if 0 <= index < len(self._all) else None
 
     async def read(self, stream: str, *, after: int, limit: int) -> ReadResult:
         s = self._get(stream)
@@ -253,17 +279,87 @@ class MemoryLeaseStore:
             del self._leases[name]
 
 
+class _Group:
+    __slots__ = ("last", "pending")
+
+    def __init__(self, last: int) -> None:
+        self.last = last  # global seq of the newest event handed to any member
+        # global seq -> [consumer, delivered at, deliveries]
+        self.pending: dict[int, list[Any]] = {}
+
+
+class MemoryGroupLog:
+    """In-process :class:`~rtcore.backends.base.GroupLog` over :class:`MemoryEventLog`'s global log."""
+
+    def __init__(self, log: MemoryEventLog) -> None:
+        self._log = log
+        self._groups: dict[str, _Group] = {}
+
+    def _group(self, group: str) -> _Group:
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(self._log._seq)
+        return g
+
+    async def create(self, group: str) -> None:
+        self._group(group)
+
+    async def read(self, group: str, consumer: str, *, now: float, count: int, block: float) -> list[GroupMessage]:
+        log = self._log
+        with anyio.move_on_after(max(block, 0.0)):
+            while True:
+                g = self._group(group)
+                out: list[GroupMessage] = []
+                while g.last < log._seq and len(out) < count:
+                    g.last += 1
+                    event = log._global(g.last)
+                    if event is None:
+                        continue  # fell off the capped global log before anyone read it
+                    g.pending[g.last] = [consumer, now, 1]
+                    out.append(GroupMessage(str(g.last), event, 1))
+                if out or block <= 0:
+                    return out
+                if log._appended is None:
+                    log._appended = anyio.Event()
+                await log._appended.wait()
+        return []
+
+    async def ack(self, group: str, ids: list[str]) -> None:
+        g = self._group(group)
+        for i in ids:
+            g.pending.pop(int(i), None)
+
+    async def claim(self, group: str, consumer: str, *, min_idle: float, now: float, count: int) -> list[GroupMessage]:
+        g = self._group(group)
+        out: list[GroupMessage] = []
+        for seq in sorted(g.pending):
+            if len(out) >= count:
+                break
+            entry = g.pending[seq]
+            if entry[1] > now - min_idle:
+                continue
+            event = self._log._global(seq)
+            if event is None:
+                del g.pending[seq]  # gone from the global log: nothing left to hand out
+                continue
+            entry[0], entry[1], entry[2] = consumer, now, entry[2] + 1
+            out.append(GroupMessage(str(seq), event, entry[2]))
+        return out
+
+
 class MemoryBackend(Backend):
     """All four stores in memory (``memory://``)."""
 
     events: MemoryEventLog
 
     def __init__(self, url: str = "memory://") -> None:
+        log = MemoryEventLog()
         super().__init__(
             url,
-            events=MemoryEventLog(),
+            events=log,
             idempotency=MemoryIdempotencyStore(),
             cursors=MemoryCursorStore(),
             snapshots=MemorySnapshotStore(),
             leases=MemoryLeaseStore(),
+            groups=MemoryGroupLog(log),
         )

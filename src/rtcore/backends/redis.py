@@ -15,6 +15,18 @@ Why it is shaped this way:
       rt:{<stream>}:k   hash   idempotency key -> offset, for retained events only
       rt:streams        set    every stream name (for ``streams()`` and ``watch("*")``)
       rt:instance       string a random marker; when it vanishes Redis lost its data
+      rt:all            stream every appended event again (fields s o e t d ts [k]),
+                               auto ids, capped by MAXLEN ~ ``all_maxlen``
+
+* **Consumer groups read ``rt:all``.** The append script also appends (``XADD``) the
+  event (stream, offset and payload, so a processor still sees it after its
+  stream's retention dropped it) to one global stream, and groups are
+  ordinary Redis consumer groups on it: ``XREADGROUP`` hands each entry to
+  one consumer (the node id), ``XACK`` finishes it, ``XAUTOCLAIM`` moves
+  entries a dead consumer held to a live one. The global stream is one key
+  outside the per-stream hash tag, so the append script is not
+  cluster-compatible (one Redis or a primary with replicas); a cluster would
+  shard ``rt:all``. Idle times are measured by Redis's clock, not ``now``.
 
 * **Dense offsets are the entry ids.** Entry ``n`` has id ``n-0``, so
   ``read(after=n)`` is ``XRANGE (n+1)-0 +`` and trimming by count is
@@ -73,6 +85,7 @@ from .base import (
     AppendResult,
     Backend,
     Event,
+    GroupMessage,
     IdempotencyRecord,
     Outcome,
     ReadResult,
@@ -83,10 +96,12 @@ from .base import (
 from .memory import new_epoch
 
 __all__ = [
+    "ALL_MAXLEN",
     "BLOCK_MS",
     "RedisBackend",
     "RedisCursorStore",
     "RedisEventLog",
+    "RedisGroupLog",
     "RedisIdempotencyStore",
     "RedisLeaseStore",
     "RedisSnapshotStore",
@@ -107,6 +122,10 @@ _GRACE_MS = 1000
 
 _REGISTRY = "rt:streams"
 _INSTANCE = "rt:instance"
+_ALL = "rt:all"
+
+#: Default cap (approximate, ``MAXLEN ~``) of the global stream consumer groups read.
+ALL_MAXLEN = 1_000_000
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_any = msgspec.msgpack.Decoder().decode
@@ -211,8 +230,8 @@ local function first_offset(log, head)
 end
 """
 
-# KEYS: meta log idx registry
-# ARGV: name type data ts has_key key expect fresh_epoch maxlen cutoff
+# KEYS: meta log idx registry all
+# ARGV: name type data ts has_key key expect fresh_epoch maxlen cutoff all_maxlen
 _APPEND = (
     _LUA_LIB
     + """
@@ -238,6 +257,7 @@ if has_key then
   redis.call('HSET', KEYS[3], ARGV[6], head)
 end
 redis.call('XADD', KEYS[2], head .. '-0', unpack(fields))
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[11], '*', 's', ARGV[1], 'o', head, unpack(fields))
 trim(KEYS[2], KEYS[3], head, ARGV[9], ARGV[10])
 return {'ok', tostring(head), epoch}
 """
@@ -265,6 +285,27 @@ local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 return trim(KEYS[2], KEYS[3], head, ARGV[3], ARGV[4])
 """
 )
+
+# KEYS: all; ARGV: group consumer min_idle_ms count
+# XAUTOCLAIM does not say how often an entry was delivered; XPENDING on each
+# claimed id does, in the same atomic step. Entries trimmed from rt:all come
+# back in the third reply element and are dropped from the pending list by Redis.
+_GROUP_CLAIM = """
+local out, counts = {}, {}
+local cursor = '0-0'
+local want = tonumber(ARGV[4])
+for _ = 1, 16 do
+  local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], cursor, 'COUNT', want - #out)
+  for _, e in ipairs(r[2]) do
+    out[#out + 1] = e
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], e[1], e[1], 1)
+    counts[#counts + 1] = p[1] and p[1][4] or 1
+  end
+  cursor = r[1]
+  if cursor == '0-0' or #out >= want then break end
+end
+return {out, counts}
+"""
 
 # KEYS: record; ARGV: now pending_blob expires px
 _IDEM_BEGIN = """
@@ -524,8 +565,9 @@ class _RedisFeed:
 class RedisEventLog:
     """:class:`~rtcore.backends.base.EventLog` on Redis Streams."""
 
-    def __init__(self, client: coredis.Redis[bytes]) -> None:
+    def __init__(self, client: coredis.Redis[bytes], *, all_maxlen: int = ALL_MAXLEN) -> None:
         self._client = client
+        self._all_maxlen = all_maxlen
         self._append = client.register_script(_APPEND)
         self._read = client.register_script(_READ)
         self._trim = client.register_script(_TRIM)
@@ -557,9 +599,10 @@ class RedisEventLog:
             "" if expect is None else str(expect),
             new_epoch(),
             *_retention_args(retention, now),
+            str(self._all_maxlen),
         ]
         with _engine_errors():
-            reply = cast(list[Any], await self._append(keys=_stream_keys(stream), args=args))
+            reply = cast(list[Any], await self._append(keys=[*_stream_keys(stream), _ALL], args=args))
         tag = _s(reply[0])
         if tag == "conflict":
             self._observe(stream, int(_s(reply[1])))
@@ -707,19 +750,86 @@ class RedisLeaseStore:
             await self._release(keys=[f"rt:lease:{name}"], args=[holder])
 
 
+class RedisGroupLog:
+    """:class:`~rtcore.backends.base.GroupLog` as Redis consumer groups on ``rt:all``.
+
+    A group that vanished (Redis lost its data, or someone deleted it) is
+    created again from the start of whatever ``rt:all`` holds then, so events
+    appended after the loss still reach the group.
+    """
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._claim = client.register_script(_GROUP_CLAIM)
+
+    async def _create(self, group: str, start: str) -> None:
+        with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
+            await self._client.xgroup_create(_ALL, group, start, mkstream=True)
+
+    async def create(self, group: str) -> None:
+        """Create ``group`` at the end of ``rt:all`` unless it exists."""
+        with _engine_errors():
+            await self._create(group, "$")
+
+    @staticmethod
+    def _message(entry_id: Any, raw: Any, deliveries: int) -> GroupMessage:
+        fields = _fields(raw)
+        event = _event(fields[b"s"].decode(), int(fields[b"o"]), fields)
+        return GroupMessage(_s(entry_id), event, deliveries)
+
+    async def read(self, group: str, consumer: str, *, now: float, count: int, block: float) -> list[GroupMessage]:
+        """``XREADGROUP ... >``; ``now`` is unused (Redis keeps delivery times itself)."""
+        ms = max(0, round(block * 1000))
+        try:
+            # A blocking read on a connection that died with the server could
+            # wait forever; bound the round like the live feed does.
+            with _engine_errors(), anyio.fail_after(_ROUND_TIMEOUT + block):
+                try:
+                    reply = await self._client.xreadgroup(
+                        group, consumer, {_ALL: ">"}, count=count, block=ms if ms > 0 else None
+                    )
+                except coredis.exceptions.StreamConsumerGroupError:
+                    await self._create(group, "0")
+                    return []
+        except TimeoutError as exc:
+            raise BackendError("redis: XREADGROUP did not return in time") from exc
+        return [self._message(e.identifier, e.field_values, 1) for entries in (reply or {}).values() for e in entries]
+
+    async def ack(self, group: str, ids: list[str]) -> None:
+        """``XACK`` the entries."""
+        if ids:
+            with _engine_errors():
+                await self._client.xack(_ALL, group, ids)
+
+    async def claim(self, group: str, consumer: str, *, min_idle: float, now: float, count: int) -> list[GroupMessage]:
+        """``XAUTOCLAIM`` idle entries (idle as measured by Redis; ``now`` is unused)."""
+        args = [group, consumer, str(max(0, round(min_idle * 1000))), str(count)]
+        with _engine_errors():
+            try:
+                entries, counts = cast(list[Any], await self._claim(keys=[_ALL], args=args))
+            except coredis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return []  # the next read creates the group again
+        return [self._message(e[0], e[1], int(n)) for e, n in zip(entries, counts, strict=True)]
+
+
 class RedisBackend(Backend):
     """All stores on one Redis database (``redis://host:port/db``)."""
 
     events: RedisEventLog
 
-    def __init__(self, url: str, client: coredis.Redis[bytes], stack: contextlib.AsyncExitStack) -> None:
+    def __init__(
+        self, url: str, client: coredis.Redis[bytes], stack: contextlib.AsyncExitStack, *, all_maxlen: int = ALL_MAXLEN
+    ) -> None:
         super().__init__(
             url,
-            events=RedisEventLog(client),
+            events=RedisEventLog(client, all_maxlen=all_maxlen),
             idempotency=RedisIdempotencyStore(client),
             cursors=RedisCursorStore(client),
             snapshots=RedisSnapshotStore(client),
             leases=RedisLeaseStore(client),
+            groups=RedisGroupLog(client),
         )
         self.client = client
         self._stack = stack
@@ -730,11 +840,13 @@ class RedisBackend(Backend):
         await stack.aclose()
 
 
-async def open_redis(url: str) -> Backend:
+async def open_redis(url: str, *, all_maxlen: int = ALL_MAXLEN) -> Backend:
     """Connect to the Redis database named by ``url``.
 
     Args:
         url: ``redis://host:port/db`` (anything :meth:`coredis.Redis.from_url` accepts).
+        all_maxlen: Approximate cap of ``rt:all``, the global stream consumer
+            groups read; a group lagging further behind loses the oldest events.
 
     Returns:
         A :class:`RedisBackend`; call :meth:`~rtcore.backends.base.Backend.aclose`
@@ -752,4 +864,4 @@ async def open_redis(url: str) -> Backend:
     except BaseException:
         await stack.aclose()
         raise
-    return RedisBackend(url, client, stack)
+    return RedisBackend(url, client, stack, all_maxlen=all_maxlen)

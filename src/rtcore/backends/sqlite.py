@@ -26,6 +26,14 @@ Why it is shaped this way:
   and ``read`` of an unknown stream give it an epoch (a write), so the epoch a
   client sees before the first event is the one the first event carries.
 
+* **Consumer groups ride on ``seq``.** A group is a row holding the last
+  ``seq`` handed to any member, plus one ``group_pending`` row per event a
+  member holds and has not acknowledged. Both live in the database, so a
+  restarted process (or another process on the same file) continues where
+  the group left off. The global log is the ``events`` table itself: an
+  event trimmed by its stream's retention before the group read it is not
+  delivered.
+
 The URL follows the SQLAlchemy convention: ``sqlite:///rel/path.db`` is
 relative to the working directory, ``sqlite:////abs/path.db`` is absolute and
 ``sqlite:///:memory:`` is a private in-memory database (tests only: nothing
@@ -52,6 +60,7 @@ from .base import (
     AppendResult,
     Backend,
     Event,
+    GroupMessage,
     IdempotencyRecord,
     Outcome,
     ReadResult,
@@ -66,6 +75,7 @@ __all__ = [
     "SqliteBackend",
     "SqliteCursorStore",
     "SqliteEventLog",
+    "SqliteGroupLog",
     "SqliteIdempotencyStore",
     "SqliteLeaseStore",
     "SqliteSnapshotStore",
@@ -126,6 +136,18 @@ CREATE TABLE IF NOT EXISTS leases (
     name    TEXT PRIMARY KEY,
     holder  TEXT NOT NULL,
     expires REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS consumer_groups (
+    name TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_pending (
+    grp        TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    consumer   TEXT NOT NULL,
+    delivered  REAL NOT NULL,
+    deliveries INTEGER NOT NULL,
+    PRIMARY KEY (grp, seq)
 ) WITHOUT ROWID;
 """
 
@@ -561,6 +583,92 @@ class SqliteLeaseStore:
         )
 
 
+def _create_group(conn: sqlite3.Connection, group: str) -> int:
+    """Create ``group`` at the newest seq if missing; return its position."""
+    conn.execute("INSERT OR IGNORE INTO consumer_groups (name, last) VALUES (?, ?)", (group, _max_seq(conn)))
+    return int(conn.execute("SELECT last FROM consumer_groups WHERE name = ?", (group,)).fetchone()[0])
+
+
+class SqliteGroupLog:
+    """:class:`~rtcore.backends.base.GroupLog` on SQLite: positions and pending lists in the file.
+
+    Waiting for new events polls every :data:`POLL_INTERVAL` seconds (other
+    processes may append), with a cheap read-only check before taking the
+    write lock.
+    """
+
+    def __init__(self, db: _Db) -> None:
+        self._db = db
+
+    async def create(self, group: str) -> None:
+        """Create ``group`` at the newest event unless it exists."""
+        await self._db.write(lambda conn: _create_group(conn, group))
+
+    async def read(self, group: str, consumer: str, *, now: float, count: int, block: float) -> list[GroupMessage]:
+        """Hand up to ``count`` new events to ``consumer``; poll up to ``block`` seconds."""
+
+        def has_new(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT last FROM consumer_groups WHERE name = ?", (group,)).fetchone()
+            return row is None or _max_seq(conn) > int(row[0])
+
+        def tx(conn: sqlite3.Connection) -> list[GroupMessage]:
+            last = _create_group(conn, group)
+            rows: list[_Row] = conn.execute(
+                f"SELECT {_EVENT_COLS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (last, count)
+            ).fetchall()
+            if not rows:
+                return []
+            conn.executemany(
+                "INSERT OR REPLACE INTO group_pending (grp, seq, consumer, delivered, deliveries) VALUES (?, ?, ?, ?, 1)",
+                [(group, r[0], consumer, now) for r in rows],
+            )
+            conn.execute("UPDATE consumer_groups SET last = ? WHERE name = ?", (rows[-1][0], group))
+            return [GroupMessage(str(r[0]), _row_event(r), 1) for r in rows]
+
+        deadline = anyio.current_time() + max(block, 0.0)
+        while True:
+            if await self._db.run(has_new):
+                out = await self._db.write(tx)
+                if out:
+                    return out
+            remaining = deadline - anyio.current_time()
+            if remaining <= 0:
+                return []
+            await anyio.sleep(min(POLL_INTERVAL, remaining))
+
+    async def ack(self, group: str, ids: list[str]) -> None:
+        """Forget the pending entries ``ids``."""
+        if not ids:
+            return
+        params = [(group, int(i)) for i in ids]
+        await self._db.write(
+            lambda conn: conn.executemany("DELETE FROM group_pending WHERE grp = ? AND seq = ?", params)
+        )
+
+    async def claim(self, group: str, consumer: str, *, min_idle: float, now: float, count: int) -> list[GroupMessage]:
+        """Move pending entries idle for ``min_idle`` seconds to ``consumer``."""
+
+        def tx(conn: sqlite3.Connection) -> list[GroupMessage]:
+            pending = conn.execute(
+                "SELECT seq, deliveries FROM group_pending WHERE grp = ? AND delivered <= ? ORDER BY seq LIMIT ?",
+                (group, now - min_idle, count),
+            ).fetchall()
+            out: list[GroupMessage] = []
+            for seq, deliveries in pending:
+                row = conn.execute(f"SELECT {_EVENT_COLS} FROM events WHERE seq = ?", (seq,)).fetchone()
+                if row is None:  # trimmed away: nothing left to hand out
+                    conn.execute("DELETE FROM group_pending WHERE grp = ? AND seq = ?", (group, seq))
+                    continue
+                conn.execute(
+                    "UPDATE group_pending SET consumer = ?, delivered = ?, deliveries = ? WHERE grp = ? AND seq = ?",
+                    (consumer, now, deliveries + 1, group, seq),
+                )
+                out.append(GroupMessage(str(seq), _row_event(row), deliveries + 1))
+            return out
+
+        return await self._db.write(tx)
+
+
 class SqliteBackend(Backend):
     """All stores in one SQLite file (``sqlite:///path.db``)."""
 
@@ -574,6 +682,7 @@ class SqliteBackend(Backend):
             cursors=SqliteCursorStore(db),
             snapshots=SqliteSnapshotStore(db),
             leases=SqliteLeaseStore(db),
+            groups=SqliteGroupLog(db),
         )
         self._db = db
 
