@@ -35,6 +35,7 @@ __all__ = [
     "App",
     "CommandSpec",
     "Context",
+    "LoopSpec",
     "Principal",
     "ProcessorSpec",
     "Router",
@@ -76,6 +77,17 @@ class ProcessorSpec:
     handler: Callable[[Context, Event], Awaitable[Any]]
     group: str | None = None
     max_attempts: int = 5
+    idle_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """A registered server-side loop (``@app.loop``)."""
+
+    name: str
+    handler: Callable[[Context], Awaitable[Any]]
+    every: float
+    lease: float = 10.0
 
 
 def _args_type(fn: Callable[..., Any]) -> Any:
@@ -144,7 +156,7 @@ class App(Router):
         self.retentions: list[tuple[str, Retention]] = []
         self.states: list[StateSpec] = []
         self.processors: list[ProcessorSpec] = []
-        self.loops: list[tuple[str, Callable[..., Awaitable[Any]], float]] = []
+        self.loops: list[LoopSpec] = []
         self._running: list[Node] = []  # nodes currently running this app (rtcore.testing uses it)
 
     def include(self, router: Router) -> None:
@@ -181,16 +193,72 @@ class App(Router):
         self.hooks.authorize = fn
         return fn
 
-    def on(self, pattern: str, *, group: str | None = None, max_attempts: int = 5) -> Callable[[F], F]:
+    def on(
+        self, pattern: str, *, group: str | None = None, max_attempts: int = 5, idle_timeout: float = 30.0
+    ) -> Callable[[F], F]:
         """Register ``async def processor(ctx, event)`` for streams matching ``pattern``.
 
-        Processors run in the background of every node (``group=None``) or,
-        with ``group``, once per group across all nodes. Delivery is at least
-        once: dedup on ``(event.stream, event.offset)``.
+        Without ``group`` the processor runs on every node with the
+        ``processor`` role, fed by that node's live feed (best effort: events
+        appended while no node runs are not replayed). With ``group`` each
+        event is handled by ONE member of the group across all nodes, at least
+        once: a member that crashes or hangs for ``idle_timeout`` seconds
+        holding events loses them to another member, so the same event can be
+        handled twice. **Handlers must be idempotent**: dedup on
+        ``(event.stream, event.epoch, event.offset)``, e.g. with a unique key in
+        the database they write to, or with ``ctx.publish(..., key=...)``.
+
+        A handler that raises is retried with exponential backoff; after
+        ``max_attempts`` tries (or deliveries, when members died holding it)
+        the event's position and the error go to ``dlq:{group or handler
+        name}`` and processing moves on.
+
+        Args:
+            pattern: Stream glob (``orders:*``).
+            group: Consumer group name (one per app; see above).
+            max_attempts: Tries before dead-lettering.
+            idle_timeout: Seconds an unacknowledged event may stay with one
+                member before another claims it; keep it well above the
+                slowest handler run.
+
+        Raises:
+            ValueError: the group name is already used by another processor.
         """
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if idle_timeout <= 0:
+            raise ValueError("idle_timeout must be > 0")
+        if group is not None and any(p.group == group for p in self.processors):
+            raise ValueError(f"consumer group {group!r} is already used by another processor")
 
         def register(fn: F) -> F:
-            self.processors.append(ProcessorSpec(pattern, fn, group, max_attempts))
+            self.processors.append(ProcessorSpec(pattern, fn, group, max_attempts, idle_timeout))
+            return fn
+
+        return register
+
+    def loop(self, name: str, every: float, *, lease: float = 10.0) -> Callable[[F], F]:
+        """Register ``async def tick(ctx)`` to run every ``every`` seconds on ONE node.
+
+        The node that holds the renewable lease ``loop:{name}`` (from the
+        backend's lease store, renewed every ``lease / 3`` seconds) runs the
+        ticks; when it stops or dies another node with the ``processor`` role
+        takes over within about one lease period. Leases are time based, so
+        a holder that freezes for longer than ``lease`` may overlap briefly
+        with its successor: keep ticks idempotent.
+
+        Raises:
+            ValueError: a loop with that name exists, or a bad period.
+        """
+        if every <= 0 or lease <= 0:
+            raise ValueError("every and lease must be > 0")
+        if any(spec.name == name for spec in self.loops):
+            raise ValueError(f"loop {name!r} is already registered")
+
+        def register(fn: F) -> F:
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"loop {name!r}: handler must be an async def")
+            self.loops.append(LoopSpec(name, fn, every, lease))
             return fn
 
         return register

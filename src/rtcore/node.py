@@ -26,9 +26,8 @@ import anyio
 import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .app import App, Context, Principal, ProcessorSpec
+from .app import App, Context, Principal
 from .backends import Backend, open_backend
 from .backends.base import Event, Outcome, ReadResult
 from .codec import codec_for
@@ -36,10 +35,15 @@ from .errors import AuthError, RtcoreError
 from .frames import Limits, Position, Snap, Sync
 from .hub import EncodedEvent, Hub, Tail
 from .idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
+from .processors import Processors
 from .state import StreamState
-from .streams import Delivery, Phase, Plan, check_stream, matches, plan_resume
+from .streams import Delivery, Phase, Plan, check_stream, plan_resume
 
-__all__ = ["Node", "Reply", "Subscription"]
+__all__ = ["ROLES", "Node", "Reply", "Subscription"]
+
+#: What a node can do: serve WebSocket/SSE (``gateway``), answer commands
+#: (``api``), run processors and loops (``processor``).
+ROLES: frozenset[str] = frozenset({"gateway", "api", "processor"})
 
 log = logging.getLogger("rtcore.node")
 
@@ -130,7 +134,11 @@ class Node:
         heartbeat: Ping interval announced to clients (seconds).
         idempotency_ttl: How long command outcomes are kept.
         node_id: Identifies this node (leases, consumer groups); random by default.
+            Give a restarted node its old id to let it take its unacknowledged
+            group events back at once.
         outbox: Default :class:`~rtcore.gateway.OutboxLimits` of its sessions.
+        roles: Subset of :data:`ROLES`; only nodes with ``"processor"`` run
+            processors and loops (the server enforces the others).
     """
 
     def __init__(
@@ -146,7 +154,12 @@ class Node:
         idempotency_lease: float = DEFAULT_LEASE,
         node_id: str | None = None,
         outbox: Any = None,
+        roles: frozenset[str] = ROLES,
     ) -> None:
+        if not roles <= ROLES:
+            raise ValueError(f"unknown node roles {sorted(roles - ROLES)}; known: {sorted(ROLES)}")
+        #: What this node does (see :data:`ROLES`).
+        self.roles = frozenset(roles)
         self.app = app
         #: Send-queue bounds for sessions (:class:`rtcore.gateway.OutboxLimits`).
         self.outbox = outbox
@@ -162,7 +175,7 @@ class Node:
         self.hub: Hub = None  # type: ignore[assignment]
         self._tg: TaskGroup | None = None
         self._followers: dict[str, _Follower] = {}
-        self._processor_queues: list[tuple[ProcessorSpec, MemoryObjectSendStream[Event]]] = []
+        self._processors = Processors(self)
         self.sessions: set[Any] = set()
         self.timer_wakeup = anyio.Event()
         self.draining = False
@@ -175,15 +188,16 @@ class Node:
         if self.backend is None:
             self.backend = await open_backend(str(self._backend_arg))
         self.hub = Hub(self.backend.events, self._on_event, self._after_event)
-        if self.app.states or self.app.processors:
+        if self.app.states or self._processors.needs_feed:
             self.hub.feed.watch("*")
         self._cm = anyio.create_task_group()
         self._tg = await self._cm.__aenter__()
         self._tg.start_soon(self.hub.feed.run)
-        for spec in self.app.processors:
-            send, recv = anyio.create_memory_object_stream[Event](max_buffer_size=10_000)
-            self._processor_queues.append((spec, send))
-            self._tg.start_soon(self._run_processor, spec, recv)
+        try:
+            await self._processors.start(self._tg)
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
         await anyio.lowlevel.checkpoint()  # let the feed register before the first append
         self.app._running.append(self)
         return self
@@ -197,9 +211,7 @@ class Node:
             return await self._cm.__aexit__(*exc)
         finally:
             self._tg = None
-            for _spec, send in self._processor_queues:
-                send.close()
-            self._processor_queues.clear()
+            self._processors.stop()
             if self._owns_backend:
                 await self.backend.aclose()
 
@@ -506,12 +518,7 @@ class Node:
                     self._fresh_follower(event.stream, StreamState(spec, event.epoch, 0))
                 elif f is None:
                     self._start_follower(event.stream)
-        for spec_p, send in self._processor_queues:
-            if matches(spec_p.pattern, event.stream):
-                try:
-                    send.send_nowait(event)
-                except anyio.WouldBlock:
-                    log.error("processor %s is 10,000 events behind; dropping %s:%d", spec_p.handler.__qualname__, event.stream, event.offset)
+        self._processors.on_event(event)
 
     def _after_event(self, event: Event) -> None:
         # Send a parked ``sync`` once the event itself went to the tails.
@@ -520,35 +527,6 @@ class Node:
             offset, frames = f.pending_sync
             f.pending_sync = None
             self.hub.broadcast_sync(event.stream, offset, frames)
-
-    # --- processors ------------------------------------------------------------
-
-    async def _run_processor(self, spec: ProcessorSpec, recv: MemoryObjectReceiveStream[Event]) -> None:
-        async with recv:
-            async for event in recv:
-                ctx = Context(self, None)
-                for attempt in range(1, spec.max_attempts + 1):
-                    try:
-                        await spec.handler(ctx, event)
-                        break
-                    except Exception as exc:
-                        if attempt == spec.max_attempts:
-                            log.exception("processor %s gave up on %s:%d", spec.handler.__qualname__, event.stream, event.offset)
-                            await self._dead_letter(spec, event, exc)
-                        else:
-                            await anyio.sleep(min(0.05 * 2**attempt, 2.0))
-
-    async def _dead_letter(self, spec: ProcessorSpec, event: Event, exc: Exception) -> None:
-        name = spec.group or spec.handler.__name__
-        try:
-            await self.publish(
-                f"dlq:{name}",
-                "failed",
-                {"stream": event.stream, "offset": event.offset, "epoch": event.epoch, "error": repr(exc)},
-                key=f"{event.stream}:{event.epoch}:{event.offset}",
-            )
-        except RtcoreError:
-            log.exception("could not dead-letter %s:%d", event.stream, event.offset)
 
 
 class _CommandContext(Context):

@@ -1,0 +1,209 @@
+"""Group processors and loops across several nodes, on memory, sqlite and redis.
+
+Every test runs the same scenario on each engine: the memory engine with
+several :class:`rtcore.Node` objects sharing one backend object, sqlite with
+one connection per node on the same file, redis with one client per node on
+a private redis-server. A "crash" is the cancellation of a node's task while
+its handler is inside an event, so nothing it holds is acknowledged.
+
+Waits are bounded (``anyio.fail_after``) and nothing asserts on timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio.abc import TaskGroup
+
+import rtcore
+from rtcore.backends import Backend, MemoryBackend
+
+pytestmark = pytest.mark.anyio
+
+ENGINES = ["memory", "sqlite", "redis"]
+PROCESSOR_ONLY = frozenset({"processor"})
+NO_PROCESSOR = frozenset({"gateway", "api"})
+
+
+@asynccontextmanager
+async def engine(kind: str, tmp_path: Path) -> AsyncIterator[Callable[[], Backend | str]]:
+    """Yield a function giving each new node its backend (a shared object or a URL it opens)."""
+    if kind == "memory":
+        shared = MemoryBackend()
+        yield lambda: shared
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'rt.db'}"
+        yield lambda: url
+    else:
+        from tests.contract.engines import shared_redis_server
+
+        server = shared_redis_server()
+        server.flushall()
+        yield lambda: server.url
+
+
+class Running:
+    """A node running in its own task, which :meth:`crash` cancels."""
+
+    def __init__(self, node: rtcore.Node) -> None:
+        self.node = node
+        self.scope = anyio.CancelScope()
+        self.done = anyio.Event()
+
+    async def crash(self) -> None:
+        """Cancel the node's task (handlers in flight never acknowledge) and wait until it is gone."""
+        self.scope.cancel()
+        with anyio.fail_after(10):
+            await self.done.wait()
+
+
+async def start(tg: TaskGroup, node: rtcore.Node) -> Running:
+    r = Running(node)
+    started = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with r.scope:
+                async with node:
+                    started.set()
+                    await anyio.sleep_forever()
+        finally:
+            r.done.set()
+
+    tg.start_soon(run)
+    with anyio.fail_after(10):
+        await started.wait()
+    return r
+
+
+async def until(pred: Callable[[], bool | Awaitable[bool]], timeout: float = 20.0) -> None:
+    with anyio.fail_after(timeout):
+        while True:
+            got = pred()
+            if not isinstance(got, bool):
+                got = await got
+            if got:
+                return
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+async def test_group_hands_each_event_to_one_member(kind: str, tmp_path: Path) -> None:
+    app = rtcore.App()
+    calls: list[tuple[str, str, int]] = []  # (node, stream, offset)
+
+    @app.on("orders:*", group="billing")
+    async def bill(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        calls.append((ctx.node.id, event.stream, event.offset))
+        await anyio.sleep(0.005)  # long enough for the other members to get a share
+
+    async with engine(kind, tmp_path) as backend, anyio.create_task_group() as tg:
+        for i in range(3):
+            await start(tg, rtcore.Node(app, backend(), node_id=f"n{i}", roles=PROCESSOR_ONLY))
+        api = (await start(tg, rtcore.Node(app, backend(), node_id="api", roles=NO_PROCESSOR))).node
+        expected = set()
+        for i in range(60):
+            ev = await api.publish(f"orders:{i % 3}", "new", {"i": i})
+            expected.add((ev.stream, ev.offset))
+            await api.publish("other:1", "ignored", i)
+        await until(lambda: {(s, o) for _n, s, o in calls} == expected)
+        tg.cancel_scope.cancel()
+    positions = [(s, o) for _n, s, o in calls]
+    assert len(positions) == len(set(positions)) == 60  # nobody crashed: no event twice
+    members = {n for n, _s, _o in calls}
+    assert len(members) >= 2 and "api" not in members
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+async def test_crashed_member_events_are_claimed_after_idle_timeout(kind: str, tmp_path: Path) -> None:
+    app = rtcore.App()
+    handled: dict[tuple[str, int], str] = {}
+    victim_got: list[tuple[str, int]] = []
+
+    @app.on("jobs:*", group="workers", idle_timeout=1.0)
+    async def work(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        if ctx.node.id == "victim":
+            victim_got.append((event.stream, event.offset))
+            await anyio.sleep_forever()  # hangs inside the event until the crash
+        handled.setdefault((event.stream, event.offset), ctx.node.id)
+
+    async with engine(kind, tmp_path) as backend, anyio.create_task_group() as tg:
+        victim = await start(tg, rtcore.Node(app, backend(), node_id="victim"))
+        api = victim.node
+        events = [await api.publish("jobs:1", "job", i) for i in range(5)]
+        await until(lambda: bool(victim_got))  # the victim holds at least one event
+        survivor = await start(tg, rtcore.Node(app, backend(), node_id="survivor"))
+        api = survivor.node
+        await victim.crash()
+        events += [await api.publish("jobs:1", "job", i) for i in range(5, 20)]
+        await until(lambda: len(handled) == 20)
+        tg.cancel_scope.cancel()
+    assert set(handled) == {(e.stream, e.offset) for e in events}
+    assert set(handled.values()) == {"survivor"}
+    assert set(victim_got) <= set(handled)
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+async def test_poison_event_is_dead_lettered_without_blocking_later_events(kind: str, tmp_path: Path) -> None:
+    app = rtcore.App()
+    timeline: list[tuple[str, int]] = []
+
+    @app.on("bets:*", group="settle", max_attempts=3)
+    async def settle(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        if event.data == "poison":
+            timeline.append(("try", event.offset))
+            raise ValueError("cannot settle poison")
+        timeline.append(("ok", event.offset))
+
+    async with engine(kind, tmp_path) as backend, anyio.create_task_group() as tg:
+        node = (await start(tg, rtcore.Node(app, backend(), node_id="n1"))).node
+        await node.publish("bets:1", "bet", "fine")
+        await node.publish("bets:1", "bet", "poison")
+        for _ in range(5):
+            await node.publish("bets:1", "bet", "fine")
+
+        async def parked() -> bool:
+            return (await node.backend.events.info("dlq:settle")).head >= 1
+
+        await until(parked)
+        await until(lambda: sum(1 for kind_, _ in timeline if kind_ == "ok") == 6)
+        dlq = await node.backend.events.read("dlq:settle", after=0, limit=10)
+        tg.cancel_scope.cancel()
+    assert [(e.data["stream"], e.data["offset"]) for e in dlq.events] == [("bets:1", 2)]
+    assert "cannot settle poison" in dlq.events[0].data["error"]
+    tries = [i for i, (k, _o) in enumerate(timeline) if k == "try"]
+    assert len(tries) == 3
+    # the events behind the poison were handled while it waited for its retries
+    assert any(k == "ok" and o > 2 for k, o in timeline[tries[0] : tries[-1]])
+
+
+@pytest.mark.parametrize("kind", ENGINES)
+async def test_loop_runs_on_one_node_and_moves_when_it_exits(kind: str, tmp_path: Path) -> None:
+    app = rtcore.App()
+    ticks: list[str] = []
+
+    @app.loop("clock", every=0.02, lease=0.6)
+    async def tick(ctx: rtcore.Context) -> None:
+        ticks.append(ctx.node.id)
+
+    async with engine(kind, tmp_path) as backend, anyio.create_task_group() as tg:
+        running = {n: await start(tg, rtcore.Node(app, backend(), node_id=n)) for n in ("a", "b")}
+        await start(tg, rtcore.Node(app, backend(), node_id="gw", roles=NO_PROCESSOR))
+        await until(lambda: len(ticks) >= 10)
+        # the lease period has passed several times by now: still one holder
+        await anyio.sleep(0.7)
+        holders = set(ticks)
+        assert len(holders) == 1
+        (holder,) = holders
+        other = "b" if holder == "a" else "a"
+        await running[holder].crash()  # a clean exit releases the lease
+        seen = len(ticks)
+        await until(lambda: other in ticks[seen:])
+        after = len(ticks)
+        await until(lambda: len(ticks) >= after + 5)
+        tg.cancel_scope.cancel()
+    assert set(ticks[seen:]) == {other}
