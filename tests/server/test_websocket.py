@@ -412,3 +412,21 @@ async def test_send_to_a_peer_that_does_not_read_times_out() -> None:
                 await done.wait()  # the client never reads: the server's writes stall
     assert outcome[0].code == 1006
     assert "send timeout" in outcome[0].reason
+
+
+async def test_messages_before_a_protocol_error_are_answered_first() -> None:
+    rec = Recorder()
+    async with running_server(echo_handler(rec), basic_http(rec)) as srv:
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                _handshake(sock)
+                mask = b"\x00\x00\x00\x00"
+                # A valid text frame, then a frame with a reserved opcode (0x5), in one write.
+                sock.sendall(b"\x81\x82" + mask + b"hi" + b"\x85\x80" + mask)
+                return read_until_eof(sock)
+
+        data = await anyio.to_thread.run_sync(client)
+    frames = _frames(data)
+    assert frames[0] == (0x1, b"hi")  # the echo comes before the failure
+    assert frames[1][0] == 0x8 and struct.unpack("!H", frames[1][1][:2])[0] == 1002

@@ -137,6 +137,7 @@ class WebSocketTransport:
         self._reader_scope = anyio.CancelScope()
         self._deliver_scope: anyio.CancelScope | None = None
         self._pong: tuple[bytes, anyio.Event] | None = None
+        self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
         # The inbound message being assembled.
         self._parts: list[bytes | str] = []
         self._size = 0
@@ -162,6 +163,8 @@ class WebSocketTransport:
         Raises:
             ConnectionClosed: The connection is closed and nothing is queued.
         """
+        if self._caught_up is not None and self._inbox.statistics().current_buffer_used == 0:
+            self._caught_up.set()  # the application handled everything queued
         try:
             return await self._inbox.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
@@ -418,6 +421,7 @@ class WebSocketTransport:
         # Still OPEN: wsproto could not parse the peer's bytes (bad opcode,
         # invalid UTF-8, ...). Its parser is dead now, so fail the connection:
         # send the close frame, half-close TCP and wait for the peer to hang up.
+        await self._let_application_catch_up()
         await self._start_close(event.code, event.reason or "")
         try:
             await self._stream.send_eof()
@@ -428,6 +432,21 @@ class WebSocketTransport:
                 await self._stream.receive(self._limits.read_size)
             except STREAM_ERRORS:
                 return True
+
+    async def _let_application_catch_up(self) -> None:
+        """Before failing the connection, let the application answer what came before the error.
+
+        Messages queued ahead of a protocol error are valid (a command
+        followed by garbage still deserves its reply). Wait, briefly, until the
+        application has taken them all and is back in :meth:`receive`.
+        """
+        stats = self._inbox_in.statistics()
+        if self._discard or (stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0):
+            return
+        self._caught_up = anyio.Event()
+        with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
+            await self._caught_up.wait()
+        self._caught_up = None
 
     async def _heartbeat(self) -> None:
         """Ping every ``ping_interval``; close with 1011 when a pong is late."""
