@@ -171,8 +171,8 @@ class HttpConnection:
                 if not data:
                     return  # idle timeout, peer closed or shutdown: close quietly
                 buf += data
-                if not first:
-                    deadline = anyio.current_time() + limits.header_timeout
+            if not first:  # a keep-alive request: its head gets a fresh deadline
+                deadline = anyio.current_time() + limits.header_timeout
             start, _ = await self._read_head(buf, deadline)
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
             conn.receive_data(bytes(buf[start:]))
