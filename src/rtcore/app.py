@@ -157,7 +157,14 @@ class App(Router):
         self.states: list[StateSpec] = []
         self.processors: list[ProcessorSpec] = []
         self.loops: list[LoopSpec] = []
+        self.pages: dict[str, tuple[str, bytes]] = {}
         self._running: list[Node] = []  # nodes currently running this app (rtcore.testing uses it)
+
+    def page(self, path: str, body: bytes | str, content_type: str = "text/html; charset=utf-8") -> None:
+        """Serve a static page at ``path`` (``GET``), e.g. a demo client at ``/``."""
+        if not path.startswith("/") or path.startswith("/v1/") or path == "/metrics":
+            raise ValueError(f"page path {path!r} must start with '/' and not clash with rtcore's routes")
+        self.pages[path] = (content_type, body.encode() if isinstance(body, str) else body)
 
     def include(self, router: Router) -> None:
         """Mount every command of ``router`` on this app.

@@ -31,6 +31,7 @@ from .errors import RtcoreError
 from .frames import Err, Ok, Subbed
 from .hub import EncodedEvent
 from .node import Node, Subscription
+from .server.errors import ConnectionClosed
 from .session import (
     Action,
     Close,
@@ -46,20 +47,6 @@ from .session import (
 __all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
 
 log = logging.getLogger("rtcore.gateway")
-
-
-class ConnectionClosed(Exception):
-    """The peer closed the connection or it broke.
-
-    Attributes:
-        code: WebSocket close code (1006 when the connection just died).
-        reason: Close reason.
-    """
-
-    def __init__(self, code: int = 1006, reason: str = "") -> None:
-        super().__init__(f"connection closed ({code} {reason})".strip())
-        self.code = code
-        self.reason = reason
 
 
 class FrameTransport(Protocol):

@@ -1,0 +1,443 @@
+"""Serve an :class:`~rtcore.app.App` over the network: routes, sessions, shutdown.
+
+This module joins the three pieces: a :class:`~rtcore.node.Node` (the app on
+its backend), the transport in :mod:`rtcore.server` (HTTP and WebSocket on one
+port) and the session driver :func:`~rtcore.gateway.serve_session`. Every
+route is a thin adapter over a node method, so WebSocket and HTTP share one
+idempotency store, one hub and one set of error codes.
+
+Routes (DESIGN §7):
+
+======================================  =========================================
+``GET /v1/ws``                          WebSocket upgrade (``rtcore.v1.json`` / ``rtcore.v1.msgpack``)
+``POST /v1/cmd/{name}``                 run a command (Bearer token, ``Idempotency-Key``)
+``GET /v1/streams/{stream}``            history page (``after``, ``limit``)
+``GET /v1/streams/{stream}/sse``        Server-Sent Events live tail (``Last-Event-ID: epoch:offset``)
+``GET /v1/health``                      liveness and a few counters
+``GET /metrics``                        Prometheus text exposition
+``GET /v1/schema``                      JSON Schema of the frames and of each command's args
+======================================  =========================================
+
+Shutdown (SIGINT/SIGTERM or :meth:`Server.stop`): stop accepting, refuse new
+commands with ``shutdown`` (retryable), let in-flight commands finish within
+the grace period, say ``bye`` (``reconnect: true``) and close with 1001.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import ssl
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any
+from urllib.parse import unquote
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+
+from . import frames
+from .app import App, Principal
+from .backends import Backend
+from .codec import codec_for
+from .errors import RtcoreError
+from .frames import Position
+from .gateway import ConnectionClosed, serve_session
+from .hub import EncodedEvent
+from .node import Node
+from .server import (
+    HttpRequest,
+    HttpResponse,
+    ServerControl,
+    ServerLimits,
+    StreamingResponse,
+    UpgradeRequest,
+    WebSocketPolicy,
+    error_response,
+    json_response,
+    serve,
+)
+from .server import FrameTransport as _WsTransport
+
+__all__ = ["ROLES", "Server", "run"]
+
+log = logging.getLogger("rtcore.runner")
+
+#: Roles a process can take (``rtcore serve --role``).
+ROLES = frozenset({"gateway", "api", "processor"})
+
+_MAX_PAGE = 1000
+_SSE_HEARTBEAT = 15.0
+
+
+def _err(exc: RtcoreError) -> HttpResponse:
+    return error_response(exc.http_status, exc.code, exc.message)
+
+
+class Server:
+    """One rtcore server process: a node plus the HTTP/WebSocket listener.
+
+    Args:
+        app: The application.
+        backend: Backend URL or instance (``memory://`` default).
+        host: Address to bind.
+        port: Port to bind (0 picks a free one; see :attr:`port`).
+        ssl_context: Serve TLS with this context.
+        allowed_origins: Browser ``Origin`` values allowed to open WebSockets
+            (``None``: no check).
+        roles: Which of ``gateway`` (WebSocket/SSE), ``api`` (HTTP commands and
+            history) and ``processor`` (``@app.on`` and loops) this process runs.
+        grace: Seconds in-flight commands get to finish on shutdown.
+        limits: Transport limits (sizes, timeouts).
+        node_options: Passed to :class:`~rtcore.node.Node` (``limits``, ``heartbeat``...).
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        backend: Backend | str = "memory://",
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        ssl_context: ssl.SSLContext | None = None,
+        allowed_origins: list[str] | None = None,
+        roles: frozenset[str] = ROLES,
+        grace: float = 10.0,
+        limits: ServerLimits | None = None,
+        **node_options: Any,
+    ) -> None:
+        unknown = set(roles) - ROLES
+        if unknown or not roles:
+            raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
+        self.app = app
+        self.backend = backend
+        self.host = host
+        self._port = port
+        self.ssl_context = ssl_context
+        self.roles = frozenset(roles)
+        self.grace = grace
+        self.limits = limits or ServerLimits()
+        self.policy = WebSocketPolicy(
+            paths=frozenset({"/v1/ws"}) if "gateway" in self.roles else frozenset(),
+            allowed_origins=frozenset(allowed_origins) if allowed_origins else None,
+        )
+        self.node_options = node_options
+        self.control = ServerControl()
+        self.node: Node | None = None
+        self._stopping = False
+
+    @property
+    def port(self) -> int:
+        """The bound port (after startup)."""
+        return self.control.port
+
+    async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`stop` (or cancellation); reports the bound port."""
+        async with Node(self.app, self.backend, roles=self.roles, **self.node_options) as node:
+            self.node = node
+            async with anyio.create_task_group() as tg:
+                port = await tg.start(
+                    partial(
+                        serve,
+                        self._on_websocket,
+                        self._on_http,
+                        host=self.host,
+                        port=self._port,
+                        ssl_context=self.ssl_context,
+                        limits=self.limits,
+                        policy=self.policy,
+                        control=self.control,
+                    )
+                )
+                log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
+                task_status.started(port)
+
+    async def stop(self, grace: float | None = None, reason: str = "server shutdown") -> None:
+        """Graceful shutdown: drain sessions (``bye`` + 1001), then stop the listener."""
+        if self._stopping:
+            await self.control.stop(0)
+            return
+        self._stopping = True
+        grace = self.grace if grace is None else grace
+        node = self.node
+        if node is not None:
+            node.draining = True
+            async with anyio.create_task_group() as tg:
+                for conn in list(node.sessions):
+                    tg.start_soon(conn.drain, grace)
+        await self.control.stop(grace=1.0, reason=reason)
+
+    # --- WebSocket -------------------------------------------------------------
+
+    async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
+        assert self.node is not None
+        try:
+            await serve_session(self.node, transport, token=request.token)
+        except ConnectionClosed:
+            pass
+
+    # --- HTTP ------------------------------------------------------------------
+
+    async def _on_http(self, request: HttpRequest) -> HttpResponse | StreamingResponse:
+        assert self.node is not None
+        path = request.path
+        try:
+            if path == "/v1/health":
+                return self._health()
+            if path == "/metrics":
+                return self._metrics()
+            if path == "/v1/schema":
+                return json_response(200, schema(self.app))
+            if path.startswith("/v1/cmd/"):
+                if "api" not in self.roles:
+                    return error_response(404, "not_found", "this process does not serve the HTTP API (role)")
+                if request.method != "POST":
+                    return error_response(405, "method_not_allowed", "use POST for commands", [(b"allow", b"POST")])
+                return await self._command(request, unquote(path[len("/v1/cmd/"):]))
+            if path.startswith("/v1/streams/"):
+                if request.method not in ("GET", "HEAD"):
+                    return error_response(405, "method_not_allowed", "use GET", [(b"allow", b"GET")])
+                rest = path[len("/v1/streams/"):]
+                if rest.endswith("/sse"):
+                    if "gateway" not in self.roles:
+                        return error_response(404, "not_found", "this process does not serve live streams (role)")
+                    return await self._sse(request, rest[: -len("/sse")])
+                if "api" not in self.roles:
+                    return error_response(404, "not_found", "this process does not serve the HTTP API (role)")
+                return await self._history(request, rest)
+            page = self.app.pages.get(path)
+            if page is not None and request.method in ("GET", "HEAD"):
+                return HttpResponse(200, [(b"content-type", page[0].encode())], page[1])
+            return error_response(404, "not_found", f"no route for {request.method} {path}")
+        except RtcoreError as exc:
+            return _err(exc)
+
+    async def _principal(self, request: HttpRequest) -> Principal | None:
+        assert self.node is not None
+        return await self.node.authenticate(request.token)
+
+    async def _command(self, request: HttpRequest, name: str) -> HttpResponse:
+        assert self.node is not None
+        if self.node.draining:
+            return error_response(503, "shutdown", "the server is shutting down; retry", [(b"retry-after", b"1")])
+        principal = await self._principal(request)
+        key = request.header("idempotency-key")
+        body = request.body if request.body.strip() else b"null"
+        reply = await self.node.dispatch(principal, name, body, key=key, encoding="json")
+        headers = [(b"idempotent-replayed", b"true")] if reply.replayed else []
+        if reply.ok:
+            return json_response(200, {"result": reply.result, "replayed": reply.replayed}, headers)
+        return json_response(
+            reply.http_status,
+            {"code": reply.code, "message": reply.message, "retryable": reply.retryable},
+            headers,
+        )
+
+    @staticmethod
+    def _int_param(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
+        raw = request.query.get(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise RtcoreError(f"query parameter {name!r} must be an integer, got {raw!r}", code="bad_request") from None
+        if not low <= value <= high:
+            raise RtcoreError(f"query parameter {name!r} must be in {low}..{high}, got {value}", code="bad_request")
+        return value
+
+    async def _history(self, request: HttpRequest, stream: str) -> HttpResponse:
+        assert self.node is not None
+        after = self._int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = self._int_param(request, "limit", 100, 1, _MAX_PAGE)
+        principal = await self._principal(request)
+        page = await self.node.history(principal, stream, after=after, limit=limit)
+        return json_response(
+            200,
+            {
+                "stream": stream,
+                "epoch": page.epoch,
+                "head": page.head,
+                "first": page.first,
+                "events": [{"offset": e.offset, "type": e.type, "data": e.data, "ts": e.ts} for e in page.events],
+            },
+        )
+
+    async def _sse(self, request: HttpRequest, stream: str) -> StreamingResponse:
+        assert self.node is not None
+        since: Position | None = None
+        raw = request.header("last-event-id") or request.query.get("since")
+        if raw:
+            epoch, sep, off = raw.rpartition(":")
+            if not sep or not off.isdigit():
+                raise RtcoreError(f"Last-Event-ID must be 'epoch:offset', got {raw!r}", code="bad_request")
+            since = Position(epoch, int(off))
+        principal = await self._principal(request)
+        feed = _SseFeed(self.node, request)
+        await feed.start(principal, stream, since)
+        return StreamingResponse(
+            200,
+            [
+                (b"content-type", b"text/event-stream"),
+                (b"cache-control", b"no-store"),
+                (b"x-accel-buffering", b"no"),
+            ],
+            feed,
+        )
+
+    def _health(self) -> HttpResponse:
+        assert self.node is not None
+        return json_response(
+            200,
+            {
+                "status": "draining" if self.node.draining else "ok",
+                "node": self.node.id,
+                "roles": sorted(self.roles),
+                "sessions": len(self.node.sessions),
+                "backend": self.node.backend.url.split("@")[-1],
+            },
+        )
+
+    def _metrics(self) -> HttpResponse:
+        from .metrics import render  # imported lazily: prometheus-client is only needed here
+
+        assert self.node is not None
+        body, content_type = render(self.node)
+        return HttpResponse(200, [(b"content-type", content_type.encode())], body)
+
+
+class _SseFeed:
+    """Async iterator of SSE chunks for one subscriber (the HTTP body)."""
+
+    def __init__(self, node: Node, request: HttpRequest) -> None:
+        self.node = node
+        self.request = request
+        self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
+        self._json = codec_for("json")
+        self._tail: Any = None
+        self._pending = 0
+
+    async def start(self, principal: Principal | None, stream: str, since: Position | None) -> None:
+        def emit(batch: list[EncodedEvent]) -> None:
+            for enc in batch:
+                self._put(self._event_chunk(enc))
+
+        async def backlog(batch: list[EncodedEvent]) -> None:
+            emit(batch)
+
+        def stale() -> None:
+            self._put(b"event: rtcore.reset\ndata: {\"reason\":\"epoch_changed\"}\n\n")
+            self._send.close()
+
+        sub = await self.node.subscribe(
+            principal, stream, since, emit=emit, on_stale=stale, spawn=self.node.spawn, backlog=backlog, use_cursor=False
+        )
+        self._tail = sub.tail
+        info = {"stream": stream, "epoch": sub.epoch, "offset": sub.offset, "recovered": sub.recovered}
+        self._put(b"retry: 1000\nevent: rtcore.subscribed\ndata: " + self._json.encode(info) + b"\n\n")
+        if sub.snap is not None:
+            self._put(
+                f"id: {sub.epoch}:{sub.offset}\nevent: rtcore.snapshot\n".encode()
+                + b"data: "
+                + self._json.encode(sub.snap)
+                + b"\n\n"
+            )
+        self.node.spawn(sub.tail.fill)
+
+    def _event_chunk(self, enc: EncodedEvent) -> bytes:
+        e = enc.event
+        return f"id: {e.epoch}:{e.offset}\nevent: {e.type}\n".encode() + b"data: " + enc.encoded("json") + b"\n\n"
+
+    def _put(self, chunk: bytes) -> None:
+        try:
+            self._send.send_nowait(chunk)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        shutdown = self.request.shutdown
+        try:
+            while not shutdown.started:
+                with anyio.move_on_after(min(_SSE_HEARTBEAT, max(0.0, shutdown.remaining()))) as scope:
+                    chunk = await self._recv.receive()
+                if scope.cancelled_caught:
+                    yield b": ping\n\n"
+                    continue
+                yield chunk
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return
+        finally:
+            if self._tail is not None:
+                self.node.hub.remove(self._tail)
+            self._send.close()
+            self._recv.close()
+
+
+class _CmdDoc(msgspec.Struct, frozen=True, tag_field="t", tag="cmd"):
+    """Schema twin of :class:`~rtcore.frames.Cmd` (whose ``args`` stay raw bytes)."""
+
+    id: frames.RequestId
+    name: str
+    args: Any = None
+    key: str | None = None
+
+
+_CLIENT_DOC = frames.Hello | frames.Auth | frames.Sub | frames.Unsub | _CmdDoc | frames.Ack | frames.Ping
+
+
+def schema(app: App) -> dict[str, Any]:
+    """JSON Schema of the wire frames and of every command's arguments."""
+    client_frames = msgspec.json.schema(_CLIENT_DOC)
+    server_frames = msgspec.json.schema(frames.ServerFrame)
+    commands: dict[str, Any] = {}
+    for name, spec in sorted(app.commands.items()):
+        commands[name] = msgspec.json.schema(spec.args_type) if spec.args_type is not None else {"type": "null"}
+    return {"protocol": frames.PROTOCOL_VERSION, "client_frames": client_frames, "server_frames": server_frames, "commands": commands}
+
+
+def run(
+    app: App,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    backend: Backend | str = "memory://",
+    ssl_context: ssl.SSLContext | None = None,
+    allowed_origins: list[str] | None = None,
+    roles: frozenset[str] = ROLES,
+    grace: float = 10.0,
+    on_ready: Callable[[int], None] | None = None,
+    **node_options: Any,
+) -> None:
+    """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (exit 0).
+
+    Blocks; this is what ``rtcore serve`` calls. Arguments as for :class:`Server`.
+    """
+    server = Server(
+        app,
+        backend=backend,
+        host=host,
+        port=port,
+        ssl_context=ssl_context,
+        allowed_origins=allowed_origins,
+        roles=roles,
+        grace=grace,
+        **node_options,
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(server.serve)
+            if on_ready is not None:
+                on_ready(bound)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    await server.stop()
+                    break
+
+    anyio.run(main)
