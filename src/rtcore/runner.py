@@ -25,6 +25,7 @@ the grace period, say ``bye`` (``reconnect: true``) and close with 1001.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -47,6 +48,7 @@ from .frames import Position
 from .gateway import ConnectionClosed, serve_session
 from .hub import EncodedEvent
 from .node import Node
+from .server import FrameTransport as _WsTransport
 from .server import (
     HttpRequest,
     HttpResponse,
@@ -59,7 +61,6 @@ from .server import (
     json_response,
     serve,
 )
-from .server import FrameTransport as _WsTransport
 
 __all__ = ["ROLES", "Server", "run"]
 
@@ -173,10 +174,8 @@ class Server:
 
     async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
         assert self.node is not None
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await serve_session(self.node, transport, token=request.token)
-        except ConnectionClosed:
-            pass
 
     # --- HTTP ------------------------------------------------------------------
 
@@ -351,10 +350,8 @@ class _SseFeed:
         return f"id: {e.epoch}:{e.offset}\nevent: {e.type}\n".encode() + b"data: " + enc.encoded("json") + b"\n\n"
 
     def _put(self, chunk: bytes) -> None:
-        try:
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
             self._send.send_nowait(chunk)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._chunks()
