@@ -207,3 +207,39 @@ async def test_loop_runs_on_one_node_and_moves_when_it_exits(kind: str, tmp_path
         await until(lambda: len(ticks) >= after + 5)
         tg.cancel_scope.cancel()
     assert set(ticks[seen:]) == {other}
+
+
+async def test_roles_are_checked_and_exposed() -> None:
+    app = rtcore.App()
+    assert rtcore.Node(app).roles == frozenset({"gateway", "api", "processor"})
+    assert rtcore.Node(app, roles=NO_PROCESSOR).roles == NO_PROCESSOR
+    with pytest.raises(ValueError, match="unknown node roles"):
+        rtcore.Node(app, roles=frozenset({"processor", "janitor"}))
+
+
+async def test_group_names_and_loop_names_are_unique() -> None:
+    app = rtcore.App()
+
+    @app.on("a:*", group="g")
+    async def one(ctx: rtcore.Context, event: rtcore.Event) -> None: ...
+
+    with pytest.raises(ValueError, match="already used"):
+        app.on("b:*", group="g")
+    app.loop("l", every=1)(one)
+    with pytest.raises(ValueError, match="already registered"):
+        app.loop("l", every=1)
+
+
+async def test_a_group_processor_needs_a_backend_with_groups() -> None:
+    app = rtcore.App()
+
+    @app.on("a:*", group="g")
+    async def handler(ctx: rtcore.Context, event: rtcore.Event) -> None: ...
+
+    backend = MemoryBackend()
+    backend.groups = None
+    with pytest.raises(RuntimeError, match="no consumer groups"):
+        async with rtcore.Node(app, backend):
+            pass
+    async with rtcore.Node(app, backend, roles=NO_PROCESSOR):  # not a processor node: fine
+        pass

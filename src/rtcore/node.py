@@ -195,8 +195,8 @@ class Node:
         self._tg.start_soon(self.hub.feed.run)
         try:
             await self._processors.start(self._tg)
-        except BaseException as exc:
-            await self.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException:
+            await self.__aexit__(None, None, None)  # stop what started; raise the cause unwrapped
             raise
         await anyio.lowlevel.checkpoint()  # let the feed register before the first append
         self.app._running.append(self)
