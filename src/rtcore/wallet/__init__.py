@@ -8,7 +8,10 @@ Layers (each only knows the ones below it):
   and :mod:`~rtcore.wallet.postgres_store` run the rules in real transactions;
 * :mod:`rtcore.wallet.reconcile` - proves balances, entries and streams agree;
 * :mod:`rtcore.wallet.commands` - the ``wallet.*`` commands for an App:
-  ``app.include(rtcore.wallet.commands(store))``.
+  ``app.include(rtcore.wallet.commands(store))``, or
+  ``rtcore.wallet.install(app, store_or_url)`` which also schedules the
+  sweep (hold expiry and outbox flush) as an ``@app.loop``;
+* :mod:`rtcore.wallet.cli` - ``rtcore wallet reconcile``.
 
 ``rtcore.wallet.commands`` is the router factory (a function), not the module:
 the package re-exports it under the module's name so the one-liner above reads
@@ -19,7 +22,7 @@ See docs/wallet.md for the model, the guarantees and the error codes.
 
 from __future__ import annotations
 
-from .commands import WalletRouter, commands, last_balance_event
+from .commands import WalletRouter, commands, install, last_balance_event
 from .errors import WALLET_ERROR_CODES, WalletError
 from .ledger import (
     Account,
@@ -32,7 +35,15 @@ from .ledger import (
     TransferRequest,
 )
 from .reconcile import Mismatch, ReconcileReport, check_ledger, reconcile
-from .store import HistoryPage, HoldResult, LedgerSnapshot, TransferResult, WalletStore, open_wallet_store
+from .store import (
+    HistoryPage,
+    HoldResult,
+    LazyWalletStore,
+    LedgerSnapshot,
+    TransferResult,
+    WalletStore,
+    open_wallet_store,
+)
 
 __all__ = [
     "WALLET_ERROR_CODES",
@@ -44,6 +55,7 @@ __all__ = [
     "Hold",
     "HoldRequest",
     "HoldResult",
+    "LazyWalletStore",
     "LedgerSnapshot",
     "Mismatch",
     "ReconcileReport",
@@ -55,6 +67,7 @@ __all__ = [
     "WalletStore",
     "check_ledger",
     "commands",
+    "install",
     "last_balance_event",
     "open_wallet_store",
     "reconcile",

@@ -52,13 +52,13 @@ from typing import Any, Final, Protocol
 import anyio
 import msgspec
 
-from ..app import Context, Principal, Router
+from ..app import App, Context, Principal, Router
 from ..backends.base import EventLog
 from ..errors import AuthError
 from .errors import WalletError
 from .ledger import Account, Balance, BalanceChanged, Entry, Hold, HoldRequest, Transfer, TransferRequest
 from .reconcile import LastEvent
-from .store import WalletStore
+from .store import LazyWalletStore, WalletStore
 
 __all__ = [
     "BalanceArgs",
@@ -73,6 +73,7 @@ __all__ = [
     "VoidArgs",
     "WalletRouter",
     "commands",
+    "install",
     "last_balance_event",
 ]
 
@@ -82,6 +83,10 @@ log = logging.getLogger("rtcore.wallet")
 BALANCE_CHANGED: Final = "balance_changed"
 #: Records read from the outbox per round of a flush.
 FLUSH_BATCH: Final = 500
+#: Holds expired per store call of a sweep.
+SWEEP_BATCH: Final = 1000
+#: Name of the loop :func:`install` registers (and of its lease, ``loop:wallet.sweep``).
+SWEEP_LOOP: Final = "wallet.sweep"
 ADMIN: Final = "admin"
 
 
@@ -270,14 +275,29 @@ class WalletRouter(Router):
                     return published
 
     async def sweep(self, publish: Publish, now: float | None = None) -> int:
-        """Expire due holds and publish the resulting changes.
+        """Expire every due hold, then publish whatever is in the outbox.
+
+        Holds are expired in batches of :data:`SWEEP_BATCH` (each hold in its
+        own transaction) until a batch comes back short, so a backlog after
+        downtime is cleared in one sweep. The flush runs even when nothing
+        expired: it is also what drains records a crash or an event-log
+        outage left in the outbox.
+
+        Args:
+            publish: Appends an event, e.g. ``ctx.publish`` or ``node.publish``.
+            now: Expire holds due at this time (default: the store's clock).
 
         Returns:
             The number of holds expired.
         """
-        expired = await self.store.expire_holds(now)
+        expired = 0
+        while True:
+            batch = await self.store.expire_holds(now, limit=SWEEP_BATCH)
+            expired += len(batch)
+            if len(batch) < SWEEP_BATCH:
+                break
         await self.flush(publish)
-        return len(expired)
+        return expired
 
     async def _after_write(self, ctx: Context) -> None:
         try:
@@ -444,6 +464,54 @@ def commands(store: WalletStore, **options: Any) -> WalletRouter:
         :meth:`WalletRouter.sweep` from the application's timers.
     """
     return WalletRouter(store, **options)
+
+
+def install(
+    app: App,
+    store: WalletStore | str,
+    *,
+    sweep_every: float = 5.0,
+    sweep_lease: float = 10.0,
+    **options: Any,
+) -> WalletRouter:
+    """Mount the ``wallet.*`` commands on ``app`` and schedule the sweep.
+
+    The sweep is an ``@app.loop`` named :data:`SWEEP_LOOP`: every
+    ``sweep_every`` seconds, on the one node holding its lease, it expires
+    the holds that are due and flushes the outbox. Its first tick runs as
+    soon as a node takes the lease, so records a crashed process left in the
+    outbox are published at startup. Only nodes with the ``processor`` role
+    run loops; give at least one node that role.
+
+    Args:
+        app: The application.
+        store: An open store, or a store URL: a URL is opened on first use in
+            the server's event loop (see
+            :class:`~rtcore.wallet.store.LazyWalletStore`), which is what a
+            module served by ``rtcore.run`` or ``rtcore serve`` needs.
+        sweep_every: Seconds between sweeps. A hold may stay reserved this
+            long after its deadline (it can no longer be captured or voided
+            from the deadline on, so this only delays the release).
+        sweep_lease: Lease period of the loop (how fast another node takes
+            over when the sweeping one dies).
+        **options: Keyword arguments of :class:`WalletRouter`.
+
+    Returns:
+        The router (its ``store``, :meth:`~WalletRouter.flush`, :meth:`~WalletRouter.sweep`).
+
+    Raises:
+        ValueError: the app already has ``wallet.*`` commands or the sweep loop.
+    """
+    router = WalletRouter(LazyWalletStore(store) if isinstance(store, str) else store, **options)
+    app.include(router)
+
+    @app.loop(SWEEP_LOOP, every=sweep_every, lease=sweep_lease)
+    async def wallet_sweep(ctx: Context) -> None:
+        expired = await router.sweep(ctx.publish, now=ctx.now())
+        if expired:
+            log.info("wallet sweep: expired %d holds", expired)
+
+    return router
 
 
 def last_balance_event(events: EventLog) -> LastEvent:
