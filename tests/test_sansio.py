@@ -202,8 +202,10 @@ EXPORTED = {
     "Retention",
     "Router",
     "RtcoreError",
+    "Server",
     "__version__",
     "open_backend",
+    "run",
 }
 
 

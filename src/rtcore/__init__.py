@@ -22,6 +22,7 @@ from .errors import (
 )
 from .frames import Limits, Position
 from .node import Node, Reply
+from .runner import Server, run
 
 __version__ = "0.1.0.dev0"
 
@@ -46,6 +47,8 @@ __all__ = [
     "Retention",
     "Router",
     "RtcoreError",
+    "Server",
     "__version__",
     "open_backend",
+    "run",
 ]

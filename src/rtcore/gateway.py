@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
@@ -88,6 +89,7 @@ class _Connection:
         upgrade_token: str | None,
         outbox: OutboxLimits,
         on_close: Callable[[int, str], None] | None,
+        hello_timeout: float | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -100,6 +102,7 @@ class _Connection:
             node.clock(),
             heartbeat=node.heartbeat,
             token_grace=node.token_grace,
+            hello_timeout=hello_timeout,
         )
         self.upgrade_token = upgrade_token
         self.limits = outbox
@@ -115,6 +118,13 @@ class _Connection:
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
         self.bytes_out = 0
+        self.metrics = node.metrics
+        # For metrics (read at scrape time): publish time of the oldest live
+        # event not yet written, the newest (offset, ts) sent per stream, and
+        # the last offset each stream was acknowledged at.
+        self._unwritten_ts = 0.0
+        self.last_sent: dict[str, tuple[int, float]] = {}
+        self.acked: dict[str, int] = {}
 
     # --- outbox ----------------------------------------------------------------
 
@@ -154,8 +164,14 @@ class _Connection:
                 self._queue.clear()
                 self._queued_bytes = 0
                 self._drained.set()
-                self.bytes_out += sum(map(len, batch))
+                size = sum(map(len, batch))
+                self.bytes_out += size
+                self.metrics.bytes_out += size
+                ts, self._unwritten_ts = self._unwritten_ts, 0.0
                 await self.transport.send(batch)
+                if ts:
+                    # Once per write, for its oldest live event (see rtcore.metrics).
+                    self.metrics.written.observe(self.node.clock() - ts)
             if self._closing is not None and not self._queue:
                 code, reason = self._closing
                 with anyio.move_on_after(5):
@@ -187,8 +203,17 @@ class _Connection:
                         # Never store a cursor beyond what this connection was sent.
                         off = min(offset, sub.tail.delivery.last)
                         self._acks.append((stream, sub.tail.delivery.epoch, off))
+                    if sub is not None:
+                        self._ack_metrics(stream, offset)
                 case DoAuthenticate():
                     self._spawn(lambda a=action: self._authenticate(a))  # type: ignore[misc]
+
+    def _ack_metrics(self, stream: str, offset: int) -> None:
+        self.acked[stream] = offset
+        sent = self.last_sent.get(stream)
+        if sent is not None and offset >= sent[0]:
+            del self.last_sent[stream]  # time each delivered event's ack once
+            self.metrics.acked.observe(self.node.clock() - sent[1])
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         assert self._tg is not None
@@ -215,7 +240,11 @@ class _Connection:
             if self.node.draining:
                 reply_frame: Any = Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)
             else:
+                started = time.perf_counter()
                 reply = await self.node.dispatch(self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
+                self.metrics.command(
+                    action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, time.perf_counter() - started
+                )
                 if reply.ok:
                     reply_frame = Ok(action.id, reply.result, reply.replayed)
                 else:
@@ -233,6 +262,10 @@ class _Connection:
         def emit(batch: list[EncodedEvent]) -> None:
             for e in batch:
                 self.push(e.encoded(enc))
+            last = batch[-1].event
+            if not self._unwritten_ts:
+                self._unwritten_ts = batch[0].event.ts
+            self.last_sent[stream] = (last.offset, last.ts)
 
         async def backlog(batch: list[EncodedEvent]) -> None:
             await self.push_backlog([e.encoded(enc) for e in batch])
@@ -282,6 +315,8 @@ class _Connection:
     async def _reader(self) -> None:
         while True:
             data = await self.transport.receive()
+            self.metrics.messages_in += 1
+            self.metrics.bytes_in += len(data)
             self._run(self.session.receive_data(data, self.node.clock()))
             if self._acks:
                 # Acks are stored before the next frame is read, so a client that
@@ -309,6 +344,8 @@ class _Connection:
 
     async def run(self) -> None:
         self.node.sessions.add(self)
+        self.metrics.connections_opened += 1
+        code = 1006
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -321,9 +358,11 @@ class _Connection:
         except* ConnectionClosed as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ConnectionClosed)
+            code = exc.code
             if self._on_close is not None:
                 self._on_close(exc.code, exc.reason)
         finally:
+            self.metrics.closed(code)
             self.node.sessions.discard(self)
             for sub in self.subs.values():
                 self.node.hub.remove(sub.tail)
@@ -346,6 +385,7 @@ async def serve_session(
     token: str | None = None,
     outbox: OutboxLimits | None = None,
     on_close: Callable[[int, str], None] | None = None,
+    hello_timeout: float | None = None,
 ) -> None:
     """Run one client session over ``transport`` until it closes.
 
@@ -356,6 +396,8 @@ async def serve_session(
             carries none).
         outbox: Send-queue bounds.
         on_close: Called with the close code and reason at the end.
+        hello_timeout: Seconds the client has to send ``hello`` (``None``:
+            only the idle timeout applies).
     """
-    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close)
+    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout)
     await conn.run()

@@ -35,6 +35,7 @@ from .errors import AuthError, RtcoreError
 from .frames import Limits, Position, Snap, Sync
 from .hub import EncodedEvent, Hub, Tail
 from .idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
+from .metrics import NodeMetrics
 from .processors import Processors
 from .state import StreamState
 from .streams import Delivery, Phase, Plan, check_stream, plan_resume
@@ -181,6 +182,8 @@ class Node:
         self.draining = False
         self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0}
         self._owns_backend = not isinstance(backend, Backend)
+        #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.metrics`).
+        self.metrics = NodeMetrics()
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -521,6 +524,11 @@ class Node:
         self._processors.on_event(event)
 
     def _after_event(self, event: Event) -> None:
+        if self.hub.subscribers(event.stream):
+            # Once per event (not per subscriber): append -> fanned out here.
+            now = self.clock()
+            self.metrics.dispatch.observe(now - event.ts)
+            self.metrics.heads[event.stream] = (event.offset, event.ts)
         # Send a parked ``sync`` once the event itself went to the tails.
         f = self._followers.get(event.stream)
         if f is not None and f.pending_sync is not None and f.pending_sync[0] == event.offset:

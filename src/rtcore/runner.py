@@ -18,9 +18,22 @@ Routes (DESIGN §7):
 ``GET /v1/schema``                      JSON Schema of the frames and of each command's args
 ======================================  =========================================
 
-Shutdown (SIGINT/SIGTERM or :meth:`Server.stop`): stop accepting, refuse new
-commands with ``shutdown`` (retryable), let in-flight commands finish within
-the grace period, say ``bye`` (``reconnect: true``) and close with 1001.
+Shutdown (SIGINT/SIGTERM or :meth:`Server.stop`), in order:
+
+1. refuse new commands with ``shutdown`` (retryable; HTTP 503 + ``Retry-After``);
+2. stop accepting: the listening socket closes, new upgrades get 503, idle
+   keep-alive HTTP connections and SSE streams end;
+3. every session waits for its in-flight commands (at most ``grace`` seconds,
+   their clients get their ``ok``/``err``), then says ``bye``
+   (``reconnect: true``) and closes with 1001;
+4. whatever is still open ``grace`` + ``close_timeout`` later is closed by the
+   transport (1001) and then cancelled.
+
+Limits: the message-size limit announced in ``welcome``
+(``Limits.max_message_size``) is the transport's
+``ServerLimits.max_message_bytes`` (close 1009 beyond it), and a client must
+send ``hello`` within ``ServerLimits.handshake_timeout`` (``bye`` ``timeout``,
+close 1008).
 """
 
 from __future__ import annotations
@@ -30,12 +43,14 @@ import logging
 import math
 import signal
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskStatus
 
@@ -44,7 +59,7 @@ from .app import App, Principal
 from .backends import Backend
 from .codec import codec_for
 from .errors import RtcoreError
-from .frames import Position
+from .frames import Limits, Position
 from .gateway import ConnectionClosed, serve_session
 from .hub import EncodedEvent
 from .node import Node
@@ -74,7 +89,9 @@ _SSE_HEARTBEAT = 15.0
 
 
 def _err(exc: RtcoreError) -> HttpResponse:
-    return error_response(exc.http_status, exc.code, exc.message)
+    # RFC 9110 §11.6.1: a 401 names the scheme the client should use.
+    headers = [(b"www-authenticate", b'Bearer realm="rtcore"')] if exc.http_status == 401 else None
+    return error_response(exc.http_status, exc.code, exc.message, headers)
 
 
 class Server:
@@ -91,8 +108,13 @@ class Server:
         roles: Which of ``gateway`` (WebSocket/SSE), ``api`` (HTTP commands and
             history) and ``processor`` (``@app.on`` and loops) this process runs.
         grace: Seconds in-flight commands get to finish on shutdown.
-        limits: Transport limits (sizes, timeouts).
-        node_options: Passed to :class:`~rtcore.node.Node` (``limits``, ``heartbeat``...).
+        limits: Transport limits (sizes, timeouts): :class:`~rtcore.server.ServerLimits`.
+        session_limits: Per-session protocol limits announced in ``welcome``
+            (:class:`~rtcore.Limits`: subscriptions, command rate, idle
+            timeout...). Its ``max_message_size`` is replaced by the
+            transport's ``limits.max_message_bytes``, the limit really enforced.
+        node_options: Passed to :class:`~rtcore.node.Node` (``heartbeat``,
+            ``token_grace``, ``outbox``, ``clock``...).
     """
 
     def __init__(
@@ -107,6 +129,7 @@ class Server:
         roles: frozenset[str] = ROLES,
         grace: float = 10.0,
         limits: ServerLimits | None = None,
+        session_limits: Limits | None = None,
         **node_options: Any,
     ) -> None:
         unknown = set(roles) - ROLES
@@ -124,18 +147,34 @@ class Server:
             paths=frozenset({"/v1/ws"}) if "gateway" in self.roles else frozenset(),
             allowed_origins=frozenset(allowed_origins) if allowed_origins else None,
         )
+        limits_announced = session_limits or Limits()
+        if self.limits.max_message_bytes is not None:
+            # Clients are told the limit the transport really enforces (close 1009).
+            limits_announced = msgspec.structs.replace(limits_announced, max_message_size=self.limits.max_message_bytes)
+        node_options["limits"] = limits_announced
         self.node_options = node_options
         self.control = ServerControl()
         self.node: Node | None = None
         self._stopping = False
+        self._done = anyio.Event()
 
     @property
     def port(self) -> int:
         """The bound port (after startup)."""
         return self.control.port
 
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`serve` has returned (listener and node closed)."""
+        await self._done.wait()
+
     async def serve(self, *, task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`stop` (or cancellation); reports the bound port."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self._done.set()
+
+    async def _serve(self, task_status: TaskStatus[int]) -> None:
         async with Node(self.app, self.backend, roles=self.roles, **self.node_options) as node:
             self.node = node
             async with anyio.create_task_group() as tg:
@@ -156,18 +195,37 @@ class Server:
                 task_status.started(port)
 
     async def stop(self, grace: float | None = None, reason: str = "server shutdown") -> None:
-        """Graceful shutdown: drain sessions (``bye`` + 1001), then stop the listener."""
+        """Graceful shutdown (see the module docstring); returns when the server stopped.
+
+        A second call while the first is running stops at once: open
+        connections are closed by the transport without waiting.
+
+        Args:
+            grace: Seconds in-flight commands get (default: the server's ``grace``).
+            reason: Close reason of connections the transport closes itself.
+        """
         if self._stopping:
-            await self.control.stop(0)
+            await self.control.stop(0, reason)
             return
         self._stopping = True
         grace = self.grace if grace is None else grace
         node = self.node
-        if node is not None:
-            node.draining = True
-            async with anyio.create_task_group() as tg:
-                for conn in list(node.sessions):
+        if node is None:
+            await self.control.stop(0, reason)
+            return
+        node.draining = True
+        # Stop accepting now; the transport's own deadline is later than ours so
+        # the sessions say bye themselves before it closes anything by force.
+        self.control.begin_stop(grace + 1.0, reason)
+        drained: set[Any] = set()
+        async with anyio.create_task_group() as tg:
+            # A connection accepted just before the listener closed registers its
+            # session a moment later: look again until no new one appears.
+            while fresh := [c for c in list(node.sessions) if c not in drained]:
+                for conn in fresh:
+                    drained.add(conn)
                     tg.start_soon(conn.drain, grace)
+                await anyio.lowlevel.checkpoint()
         await self.control.stop(grace=1.0, reason=reason)
 
     # --- WebSocket -------------------------------------------------------------
@@ -175,7 +233,7 @@ class Server:
     async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
         assert self.node is not None
         with contextlib.suppress(ConnectionClosed):
-            await serve_session(self.node, transport, token=request.token)
+            await serve_session(self.node, transport, token=request.token, hello_timeout=self.limits.handshake_timeout)
 
     # --- HTTP ------------------------------------------------------------------
 
@@ -224,7 +282,9 @@ class Server:
         principal = await self._principal(request)
         key = request.header("idempotency-key")
         body = request.body if request.body.strip() else b"null"
+        started = time.perf_counter()
         reply = await self.node.dispatch(principal, name, body, key=key, encoding="json")
+        self.node.metrics.command(name in self.app.commands, name, "ok" if reply.ok else reply.code, time.perf_counter() - started)
         headers = [(b"idempotent-replayed", b"true")] if reply.replayed else []
         if reply.ok:
             return json_response(200, {"result": reply.result, "replayed": reply.replayed}, headers)
@@ -427,14 +487,26 @@ def run(
     )
 
     async def main() -> None:
-        async with anyio.create_task_group() as tg:
-            bound = await tg.start(server.serve)
-            if on_ready is not None:
-                on_ready(bound)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    await server.stop()
-                    break
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with anyio.create_task_group() as tg:
+                bound = await tg.start(server.serve)
+                if on_ready is not None:
+                    on_ready(bound)
+
+                async def on_signals() -> None:
+                    first = True
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if first:
+                            log.info("received %s: shutting down (grace %g s; repeat to stop at once)", name, server.grace)
+                        else:
+                            log.warning("received %s again: stopping now", name)
+                        first = False
+                        tg.start_soon(server.stop)  # a second stop() closes everything at once
+
+                async with anyio.create_task_group() as watcher:
+                    watcher.start_soon(on_signals)
+                    await server.wait_stopped()
+                    watcher.cancel_scope.cancel()
 
     anyio.run(main)

@@ -26,6 +26,10 @@ Rules (everything that changes session state lives in this module):
 6. More than ``max_inflight`` commands executing is ``too_many_inflight``;
    commands beyond the token bucket are ``rate_limited`` (both retryable).
 7. Idle: no frame for ``idle_timeout`` seconds closes with 1001 after ``bye``.
+   With a ``hello_timeout``, a client that has not sent ``hello`` that long
+   after connecting gets ``bye`` ``timeout`` and close 1008 (a handshake
+   deadline much shorter than the idle timeout, so a connection that never
+   speaks the protocol does not hold a slot for long).
 8. Token expiry: at ``expires_at`` the client gets ``err`` ``token_expired``
    (id null) and has ``token_grace`` seconds to send ``auth`` with a fresh
    token; otherwise ``bye`` and close 1008.
@@ -185,6 +189,8 @@ class Session:
         now: Current time.
         heartbeat: Interval the client should ping at (announced in ``welcome``).
         token_grace: Seconds a client has to refresh an expired token.
+        hello_timeout: Seconds from ``now`` the client has to send ``hello``
+            (``None``: only the idle timeout applies).
     """
 
     def __init__(
@@ -196,6 +202,7 @@ class Session:
         *,
         heartbeat: float = 15.0,
         token_grace: float = 10.0,
+        hello_timeout: float | None = None,
     ) -> None:
         self.id = session_id
         self.codec = codec
@@ -213,6 +220,7 @@ class Session:
         self._last_seen = now
         self._expires_at: float | None = None
         self._expired_notice_at: float | None = None
+        self._hello_deadline = now + hello_timeout if hello_timeout is not None else None
 
     # --- input -----------------------------------------------------------
 
@@ -359,6 +367,8 @@ class Session:
     def next_deadline(self) -> float:
         """The next time :meth:`tick` has something to do."""
         deadline = self._last_seen + self.limits.idle_timeout
+        if self._hello_deadline is not None and self.state is SessionState.AWAIT_HELLO:
+            deadline = min(deadline, self._hello_deadline)
         if self._expires_at is not None:
             grace_end = (self._expired_notice_at + self.token_grace) if self._expired_notice_at is not None else self._expires_at
             deadline = min(deadline, grace_end)
@@ -368,6 +378,8 @@ class Session:
         """Advance time: idle timeouts and token expiry."""
         if self.state in (SessionState.CLOSED,):
             return []
+        if self._hello_deadline is not None and self.state is SessionState.AWAIT_HELLO and now >= self._hello_deadline:
+            return self.close("timeout", "no hello frame in time", reconnect=True, code=1008)
         if now >= self._last_seen + self.limits.idle_timeout:
             return self.close("idle_timeout", f"no frame for {self.limits.idle_timeout:g} s", reconnect=True, code=1001)
         if self.state is SessionState.OPEN and self._expires_at is not None and now >= self._expires_at:
