@@ -117,6 +117,7 @@ class _Connection:
         self._idle = anyio.Event()
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
+        self._timer_scope = anyio.CancelScope()
         self.bytes_out = 0
         self.metrics = node.metrics
         # For metrics (read at scrape time): publish time of the oldest live
@@ -232,7 +233,9 @@ class _Connection:
         pid = principal.id if principal is not None else None
         expires = principal.expires_at if principal is not None else None
         self._run(self.session.authenticated(principal, pid, expires, self.node.clock(), action.refresh_id))
-        self.node.wake_timers()
+        # Only this session's deadlines changed: wake its own timer, not every
+        # session's (node.wake_timers() per login made connecting O(sessions)).
+        self._timer_scope.cancel()
 
     async def _command(self, action: DoCommand) -> None:
         self._inflight += 1
@@ -331,7 +334,7 @@ class _Connection:
             self._run(self.session.tick(now))
             wait = max(0.0, self.session.next_deadline() - now)
             wake = self.node.timer_wakeup
-            with anyio.move_on_after(min(wait, 5.0) + 0.001):
+            with anyio.move_on_after(min(wait, 5.0) + 0.001) as self._timer_scope:
                 await wake.wait()
 
     async def drain(self, deadline: float) -> None:

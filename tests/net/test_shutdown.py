@@ -1,0 +1,140 @@
+"""Graceful shutdown over real sockets, in-process and as an ``rtcore serve`` process."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
+
+import rtcore
+
+from . import netapp
+from .conftest import TIMEOUT, Peer, http_url, peer, ws_url
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def test_stop_lets_inflight_commands_finish_then_says_bye_1001() -> None:
+    gate = f"g-{uuid.uuid4()}"
+    server = rtcore.Server(netapp.app, port=0, grace=10.0)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        async with peer(server) as busy, peer(server) as idle:
+            await busy.send({"t": "cmd", "id": 1000, "name": "slow", "args": {"gate": gate}})
+            assert server.node is not None
+            while not any(c._inflight for c in server.node.sessions):
+                await anyio.sleep(0.01)  # the command is executing
+            tg.start_soon(server.stop)
+            while not server.node.draining:
+                await anyio.sleep(0.01)
+            # An idle session says goodbye at once.
+            code, frames = await idle.closed()
+            assert code == 1001 and [(f["t"], f["code"], f["reconnect"]) for f in frames] == [("bye", "shutdown", True)]
+            # New commands are refused (retryable) while the slow one runs...
+            refused = await busy.cmd("add", {"a": 1, "b": 1})
+            assert (refused["t"], refused["code"], refused["retryable"]) == ("err", "shutdown", True)
+            # ...and nobody new gets in.
+            with pytest.raises((OSError, InvalidStatus, InvalidURI)):
+                async with connect(ws_url(server), open_timeout=2):
+                    pass
+            netapp.GATE.setdefault(gate, anyio.Event()).set()
+            code, frames = await busy.closed()
+            assert code == 1001
+            assert [f["t"] for f in frames] == ["ok", "bye"]
+            assert frames[0] == {"t": "ok", "id": 1000, "result": "done", "replayed": False}
+            assert frames[1]["code"] == "shutdown" and frames[1]["reconnect"] is True
+        with anyio.fail_after(TIMEOUT):
+            await server.wait_stopped()
+
+
+async def test_in_flight_http_command_finishes_during_shutdown() -> None:
+    gate = f"g-{uuid.uuid4()}"
+    server = rtcore.Server(netapp.app, port=0)
+    async with anyio.create_task_group() as tg, httpx.AsyncClient(timeout=TIMEOUT) as http:
+        await tg.start(server.serve)
+        result: list[httpx.Response] = []
+
+        async def call() -> None:
+            result.append(await http.post(http_url(server, "/v1/cmd/slow"), json={"gate": gate}))
+
+        tg.start_soon(call)
+        while gate not in netapp.GATE:
+            await anyio.sleep(0.01)
+        tg.start_soon(server.stop)
+        assert server.node is not None
+        while not server.node.draining:
+            await anyio.sleep(0.01)
+        netapp.GATE[gate].set()
+        with anyio.fail_after(TIMEOUT):
+            await server.wait_stopped()
+    assert result[0].status_code == 200 and result[0].json()["result"] == "done"
+
+
+def _drain(proc: subprocess.Popen[str], lines: list[str]) -> None:
+    with contextlib.suppress(ValueError, OSError):  # the test closed the pipe
+        lines.extend(proc.stderr or ())
+
+
+def _start(*args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rtcore.cli", "serve", *args, "--port", "0"],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    for line in proc.stderr:
+        lines.append(line)
+        m = re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            # Keep draining stderr so the server never blocks on a full pipe.
+            threading.Thread(target=_drain, args=(proc, lines), daemon=True).start()
+            return proc, int(m.group(1)), lines
+    proc.kill()
+    proc.stderr.close()
+    raise AssertionError(f"rtcore serve did not start (exit {proc.wait()})")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_rtcore_serve_process_exits_0_on_signal(sig: signal.Signals) -> None:
+    proc, port, lines = await anyio.to_thread.run_sync(_start, "tests/net/netapp.py:app", "--grace", "5")
+    try:
+        async with connect(f"ws://127.0.0.1:{port}/v1/ws", subprotocols=[Subprotocol("rtcore.v1.json")], open_timeout=TIMEOUT) as ws:
+            p = Peer(ws, "json")
+            await p.send({"t": "hello", "v": 1})
+            assert (await p.next())["t"] == "welcome"
+            await p.send({"t": "cmd", "id": 1000, "name": "slow", "args": {"seconds": 0.3}})
+            assert (await p.cmd("add", {"a": 1, "b": 2}))["result"] == 3
+            proc.send_signal(sig)
+            code, frames = await p.closed()
+        assert code == 1001
+        assert [f["t"] for f in frames] == ["ok", "bye"]  # the slow command finished first
+        assert frames[1]["reconnect"] is True
+        status = await anyio.to_thread.run_sync(lambda: proc.wait(timeout=TIMEOUT))
+        assert status == 0
+        with anyio.fail_after(TIMEOUT):
+            while not any("rtcore: stopped" in line for line in lines):
+                await anyio.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
