@@ -4,12 +4,22 @@ Every player sees every click at once and in the same order. The room's state
 is folded on the server (``app.state``), so a player who joins late or comes
 back after a long time gets a snapshot instead of the whole history.
 
-Run in-process (no network) and watch what happens::
+Serve it and open http://127.0.0.1:8000 in two browser tabs::
+
+    rtcore serve examples/counter/app.py:app
+
+The page (``index.html``, next to this file) speaks the wire protocol with the
+browser's own WebSocket: it shows the counter live, sends each +1 with an
+idempotency key and resumes with ``since`` after a reconnect.
+
+Or run in-process (no network) and watch what happens::
 
     python examples/counter/app.py
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import anyio
 import msgspec
@@ -19,6 +29,7 @@ import rtcore.testing
 
 app = rtcore.App("counter")
 app.retention("room:*", max_events=1000)
+app.page("/", (Path(__file__).parent / "index.html").read_bytes())
 
 
 class Room(msgspec.Struct):
