@@ -168,6 +168,7 @@ def test_json_wire_format_matches_the_protocol() -> None:
         "code": "x",
         "message": "m",
         "retryable": False,
+        "replayed": False,
     }
 
 

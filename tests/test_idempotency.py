@@ -190,3 +190,19 @@ async def test_bad_keys_are_rejected() -> None:
     async with serve(make_app(gate, [])) as node, connect(node, token="a") as c:
         r = await c.command_reply("bet.place", {"amount": 1}, key="x" * 256)
         assert isinstance(r, Err) and r.code == "bad_args" and "255" in r.message
+
+
+async def test_replayed_errors_keep_their_status_and_say_replayed() -> None:
+    app = rtcore.App()
+
+    @app.command("refuse")
+    async def refuse(ctx: rtcore.Context, args: None) -> None:
+        raise rtcore.Rejected("limit_reached", "no more", http_status=422)
+
+    async with serve(app) as node, connect(node) as c:
+        first = await node.dispatch(None, "refuse", None, key="k")
+        again = await node.dispatch(None, "refuse", None, key="k")
+        assert (first.http_status, first.replayed) == (422, False)
+        assert (again.http_status, again.replayed, again.code) == (422, True, "limit_reached")
+        r = await c.command_reply("refuse", None, key="k")
+        assert isinstance(r, Err) and r.replayed and r.code == "limit_reached"

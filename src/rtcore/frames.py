@@ -148,12 +148,17 @@ class Ok(msgspec.Struct, frozen=True, tag_field="t", tag="ok"):
 
 
 class Err(msgspec.Struct, frozen=True, tag_field="t", tag="err"):
-    """Failed reply to ``id`` (``None`` when the request's id could not be read)."""
+    """Failed reply to ``id`` (``None`` when the request's id could not be read).
+
+    ``replayed`` is true when the error is the stored outcome of an earlier
+    execution with the same idempotency key.
+    """
 
     id: int | None
     code: str
     message: str
     retryable: bool = False
+    replayed: bool = False
 
 
 class Subbed(msgspec.Struct, frozen=True, tag_field="t", tag="subbed"):

@@ -251,7 +251,7 @@ class _Connection:
                 if reply.ok:
                     reply_frame = Ok(action.id, reply.result, reply.replayed)
                 else:
-                    reply_frame = Err(action.id, reply.code, reply.message, reply.retryable)
+                    reply_frame = Err(action.id, reply.code, reply.message, reply.retryable, reply.replayed)
             self._run(self.session.reply(action.id, reply_frame))
         finally:
             self._inflight -= 1

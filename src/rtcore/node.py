@@ -80,7 +80,7 @@ class Reply(msgspec.Struct, frozen=True):
         """A reply from a stored outcome."""
         if outcome.ok:
             return cls(True, outcome.result, replayed=replayed)
-        exc = RtcoreError(outcome.message or "", code=outcome.code or "internal", retryable=False)
+        exc = RtcoreError(outcome.message or "", code=outcome.code or "internal", retryable=False, http_status=outcome.http_status)
         return cls.error(exc, replayed)
 
 
@@ -341,7 +341,7 @@ class Node:
         finally:
             with anyio.CancelScope(shield=True):
                 if reply.ok or not reply.retryable:
-                    outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message)
+                    outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
                     await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl)
                 else:
                     await self.backend.idempotency.release(scope, key)

@@ -115,6 +115,7 @@ class Outcome(msgspec.Struct, frozen=True):
     result: Any = None
     code: str | None = None
     message: str | None = None
+    http_status: int | None = None  # so a replayed error keeps the status of the first answer
 
 
 class IdempotencyRecord(msgspec.Struct, frozen=True):
