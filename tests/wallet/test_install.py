@@ -37,7 +37,7 @@ async def _eventually(check: Any, timeout: float = 5.0) -> None:
 
 def _app(store: WalletStore | str, **options: Any) -> tuple[App, rtcore.wallet.WalletRouter]:
     app = App()
-    router = rtcore.wallet.install(app, store, sweep_every=0.02, sweep_lease=1.0, **options)
+    router = rtcore.wallet.install(app, store, sweep_every=0.25, sweep_lease=1.0, **options)
 
     @app.authenticate
     async def authenticate(token: str | None) -> Principal | None:

@@ -32,9 +32,10 @@ built-in ownership rule, every command also asks the app's
 Publishing. Every balance change must reach ``wallet:{account}`` in ledger
 order, exactly once, even if the process dies right after the commit. So
 handlers never publish the records they got back directly; they *flush the
-outbox*: under one lock per router, read the store's unpublished records in
-entry order, append each with ``key=f"entry:{entry_id}"`` (an idempotent
-append), then ``mark_published``. Entry ids increase in commit order per
+outbox*: one drain at a time per router reads the store's unpublished
+records in entry order, appends each with ``key=f"entry:{entry_id}"`` (an
+idempotent append), then calls ``mark_published``; commands that finish
+while a drain runs wait for the next one instead of draining again. Entry ids increase in commit order per
 account, so two commands racing on one account cannot publish out of order,
 and a record left behind by a crash (or by an event-log outage) goes out with
 the next flush. If publishing fails the command still succeeds (the money
@@ -83,6 +84,8 @@ log = logging.getLogger("rtcore.wallet")
 BALANCE_CHANGED: Final = "balance_changed"
 #: Records read from the outbox per round of a flush.
 FLUSH_BATCH: Final = 500
+#: Accounts a router keeps in memory (the whole cache is dropped when full).
+ACCOUNT_CACHE: Final = 100_000
 #: Holds expired per store call of a sweep.
 SWEEP_BATCH: Final = 1000
 #: Name of the loop :func:`install` registers (and of its lease, ``loop:wallet.sweep``).
@@ -243,36 +246,103 @@ class WalletRouter(Router):
         self.max_ttl = max_ttl
         self.ownership = ownership
         self.max_history = max_history
-        self._lock: anyio.Lock | None = None
+        # Flush coalescing (see flush): tickets handed out, tickets covered
+        # by a finished drain, whether a drain runs, and its completion event.
+        self._flush_wanted = 0
+        self._flush_done_upto = 0
+        self._draining = False
+        self._drained: anyio.Event | None = None
+        # Accounts are immutable once created (the stores refuse to change
+        # one), so a cached Account can never be stale; caching them takes
+        # the ownership checks (two or three reads per command) off the
+        # store, whose single SQLite writer thread or small PostgreSQL pool
+        # is the wallet's bottleneck under load. Unknown ids are not cached:
+        # the account may be created later. Bounded so an attacker probing
+        # ids cannot grow it (only existing accounts enter it anyway).
+        self._accounts: dict[str, Account] = {}
         self._register()
+
+    async def account(self, account_id: str) -> Account:
+        """The account (cached: accounts never change), or ``account_not_found``."""
+        cached = self._accounts.get(account_id)
+        if cached is not None:
+            return cached
+        account = await self.store.get_account(account_id)
+        if len(self._accounts) >= ACCOUNT_CACHE:
+            self._accounts.clear()
+        self._accounts[account_id] = account
+        return account
 
     # -- outbox ------------------------------------------------------------------------
 
     async def flush(self, publish: Publish) -> int:
-        """Publish every unpublished ``balance_changed`` record, in entry order.
+        """Publish every ``balance_changed`` record committed before this call, in entry order.
 
-        Safe to call concurrently and from several nodes: appends are keyed by
-        entry id, so a record published twice is stored once.
+        Concurrent calls are coalesced: one caller at a time drains the
+        outbox, and a caller that arrives while a drain is running waits for
+        the *next* drain (which starts after its commit, so it covers its
+        records) instead of reading the outbox again itself. Under load that
+        turns one outbox read and one ``mark_published`` per command into one
+        per drain, and no command waits behind a queue of other commands'
+        flushes. Within a drain, different accounts' streams are appended
+        concurrently and each stream in entry order.
+
+        Safe from several nodes too: appends are keyed by entry id, so a
+        record published twice is stored once.
 
         Args:
             publish: Appends an event, e.g. ``ctx.publish`` or ``node.publish``.
 
         Returns:
-            How many records this call published.
+            How many records this call's own drains published (0 when another
+            caller's drain covered it).
+
+        Raises:
+            Exception: Whatever ``publish`` or the store raised in this call's
+                own drain; the records stay in the outbox for the next flush.
         """
-        if self._lock is None:
-            self._lock = anyio.Lock()
+        self._flush_wanted += 1
+        ticket = self._flush_wanted
         published = 0
-        async with self._lock:
-            while True:
-                batch = await self.store.unpublished(limit=FLUSH_BATCH)
-                for change in batch:
+        while self._flush_done_upto < ticket:
+            if self._draining:
+                if self._drained is None:
+                    self._drained = anyio.Event()
+                await self._drained.wait()
+                continue
+            self._draining = True
+            try:
+                target = self._flush_wanted  # every caller so far committed before this drain starts
+                published += await self._drain(publish)
+                self._flush_done_upto = max(self._flush_done_upto, target)
+            finally:
+                self._draining = False
+                drained, self._drained = self._drained, None
+                if drained is not None:
+                    drained.set()
+        return published
+
+    async def _drain(self, publish: Publish) -> int:
+        """Publish the whole outbox in batches; return how many records went out."""
+        published = 0
+        while True:
+            batch = await self.store.unpublished(limit=FLUSH_BATCH)
+            streams: dict[str, list[BalanceChanged]] = {}
+            for change in batch:
+                streams.setdefault(change.account, []).append(change)
+
+            async def publish_stream(changes: list[BalanceChanged]) -> None:
+                for change in changes:  # one stream: strictly in entry order
                     await publish(f"wallet:{change.account}", BALANCE_CHANGED, change, key=f"entry:{change.entry_id}")
-                if batch:
-                    await self.store.mark_published(c.entry_id for c in batch)
-                published += len(batch)
-                if len(batch) < FLUSH_BATCH:
-                    return published
+
+            async with anyio.create_task_group() as tg:
+                for changes in streams.values():
+                    tg.start_soon(publish_stream, changes)
+            if batch:
+                await self.store.mark_published(c.entry_id for c in batch)
+            published += len(batch)
+            if len(batch) < FLUSH_BATCH:
+                return published
 
     async def sweep(self, publish: Publish, now: float | None = None) -> int:
         """Expire every due hold, then publish whatever is in the outbox.
@@ -313,7 +383,7 @@ class WalletRouter(Router):
     async def _account_for(self, ctx: Context, account_id: str) -> Account:
         """The account, or ``forbidden`` for a non-admin asking about an unknown one."""
         try:
-            return await self.store.get_account(account_id)
+            return await self.account(account_id)
         except WalletError as exc:
             if exc.code == "account_not_found" and self.ownership and not _is_admin(ctx.principal):
                 # Do not reveal which account ids exist to callers who own none of them.
@@ -341,7 +411,7 @@ class WalletRouter(Router):
         out = []
         for account_id in accounts:
             if self.ownership and not _is_admin(ctx.principal):
-                account = await self.store.get_account(account_id)
+                account = await self.account(account_id)
                 if ctx.principal is None or account.owner != ctx.principal.id:
                     continue
             out.append(after.get(account_id) or await self.store.get_balance(account_id))
@@ -402,7 +472,7 @@ class WalletRouter(Router):
         @self.command("wallet.credit")
         async def credit(ctx: Context, args: CreditArgs) -> TransferReply:
             await self._check_admin(ctx, args.account)
-            account = await store.get_account(args.account)
+            account = await self.account(args.account)
             system = args.system or self.system_account(account.currency)
             request = TransferRequest(args.id, system, args.account, args.amount, account.currency, args.metadata)
             return await self._transfer(ctx, request)
@@ -410,7 +480,7 @@ class WalletRouter(Router):
         @self.command("wallet.debit")
         async def debit(ctx: Context, args: CreditArgs) -> TransferReply:
             await self._check_admin(ctx, args.account)
-            account = await store.get_account(args.account)
+            account = await self.account(args.account)
             system = args.system or self.system_account(account.currency)
             request = TransferRequest(args.id, args.account, system, args.amount, account.currency, args.metadata)
             return await self._transfer(ctx, request)
