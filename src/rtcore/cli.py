@@ -168,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default="memory://",
         metavar="URL",
-        help="storage backend: memory://, sqlite:///path.db or redis://host:port/db (default: %(default)s)",
+        help="storage backend: memory://, sqlite:///path.db (or just a file name: events.db) "
+        "or redis://host:port/db (default: %(default)s)",
     )
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS (wss://, https://) with this certificate chain")
     serve.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
@@ -236,7 +237,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=args.host,
         port=args.port,
-        backend=args.backend,
+        backend=backend_url(args.backend),
         ssl_context=context,
         allowed_origins=args.allowed_origin,
         roles=roles,
@@ -245,6 +246,17 @@ def _serve(args: argparse.Namespace) -> int:
     )
     log.info("rtcore: stopped")
     return 0
+
+
+def backend_url(value: str) -> str:
+    """A backend URL from ``--backend``: a plain file name means SQLite.
+
+    ``events.db`` becomes ``sqlite:////abs/path/events.db``, so naming a file
+    is all it takes to keep events across restarts.
+    """
+    if "://" in value:
+        return value
+    return "sqlite:///" + os.path.abspath(value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
