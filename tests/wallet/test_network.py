@@ -12,14 +12,18 @@ accepted transfers, and reconciliation (ledger and streams) must be clean.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
 import anyio
+import anyio.abc
 import pytest
 
+from rtcore.backends import open_backend
 from rtcore.runner import Server
-from rtcore.wallet import WalletStore, last_balance_event, reconcile
+from rtcore.wallet import WalletStore, last_balance_event, open_wallet_store, reconcile
 from tests.wallet.netload import (
     ADMIN_TOKEN,
     HttpConn,
@@ -96,3 +100,113 @@ async def test_load_over_http_and_websocket(store_kind: str, tmp_path: Path) -> 
             assert server.node is not None
             await check_ledger(store, opening, stats, server.node.backend.events)
             await server.stop()
+
+
+# --- kill -9 -----------------------------------------------------------------------
+
+_SERVER = """
+import sys
+import rtcore
+from tests.wallet.netload import build_app
+
+store_url, events_url, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rtcore.run(
+    build_app(store_url, sweep_every=30.0),
+    port=port,
+    backend=events_url,
+    grace=1.0,
+    on_ready=lambda bound: print(bound, flush=True),
+    # A command in flight when the server dies keeps its idempotency key
+    # "in progress" until this lease ends; the retry then re-executes it and
+    # the wallet replays the transfer if it had committed. The lease must
+    # outlast the slowest command under load: the SQLite idempotency store
+    # garbage-collects pending keys whose lease ended, and then records the
+    # outcome with an empty fingerprint (retries get idempotency_key_reused).
+    idempotency_lease=10.0,
+)
+"""
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+async def _start_server(store_url: str, events_url: str, port: int, log: Path) -> tuple[anyio.abc.Process, int]:
+    with log.open("ab") as stderr:  # the child keeps its own copy of the descriptor
+        proc = await anyio.open_process(
+            [sys.executable, "-c", _SERVER, store_url, events_url, str(port)], cwd=REPO, stderr=stderr
+        )
+    assert proc.stdout is not None
+    line = b""
+    with anyio.fail_after(30):
+        while not line.endswith(b"\n"):
+            chunk = await proc.stdout.receive(64)
+            line += chunk
+    return proc, int(line.strip())
+
+
+async def test_kill_9_mid_load_then_retry_every_unanswered_request(tmp_path: Path) -> None:
+    """SIGKILL the server while 50 clients are mid-transfer, restart it, retry: each transfer once."""
+    plan = Plan(per_client=40, width=4)
+    store_url = f"sqlite:///{tmp_path / 'wallet.db'}"
+    events_url = f"sqlite:///{tmp_path / 'events.db'}"
+    log = tmp_path / "server.log"
+    store = await open_wallet_store(store_url)
+    await create_accounts(store, plan.accounts)
+    await store.aclose()
+
+    proc, port = await _start_server(store_url, events_url, 0, log)
+    base_http, base_ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/v1/ws"
+    stats = Stats()
+    admin = HttpConn(base_http, ADMIN_TOKEN, 1)
+    opening = await fund_accounts(admin, plan, OPENING, stats)
+    await admin.aclose()
+    total = plan.clients * plan.per_client
+    kill_now = anyio.Event()
+    unanswered_at_kill = 0
+
+    async def progress() -> None:
+        if len(stats.accepted) + len(stats.refused) >= total // 3:
+            kill_now.set()
+
+    async def killer() -> None:
+        nonlocal proc, unanswered_at_kill
+        await kill_now.wait()
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        unanswered_at_kill = stats.unanswered
+        await anyio.sleep(0.5)  # clients keep retrying against a dead port meanwhile
+        proc, restarted_on = await _start_server(store_url, events_url, port, log)
+        assert restarted_on == port
+
+    started = time.monotonic()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(killer)
+            await run_load(base_http, base_ws, plan, stats, progress)
+        elapsed = time.monotonic() - started
+        print(
+            f"\n[kill -9] {total} transfers in {elapsed:.1f} s; {stats.unanswered} unanswered sends retried "
+            f"with their keys; accepted {len(stats.accepted)}, refused {len(stats.refused)}"
+        )
+        assert kill_now.is_set()
+        assert stats.unanswered > 0, "the kill did not interrupt any request"
+        assert len(stats.accepted) + len(stats.refused) == total
+        store = await open_wallet_store(store_url)
+        backend = await open_backend(events_url)
+        try:
+            await check_ledger(store, opening, stats, backend.events)
+        finally:
+            await backend.aclose()
+            await store.aclose()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            with anyio.move_on_after(10):
+                await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+    # And the operator's view: the reconcile command agrees.
+    cli = await anyio.run_process(
+        [sys.executable, "-m", "rtcore.wallet.cli", "reconcile", "--store", store_url, "--events", events_url],
+        check=False,
+    )
+    assert cli.returncode == 0, cli.stdout.decode() + cli.stderr.decode()
