@@ -501,9 +501,19 @@ async def test_server_killed_and_restarted(tmp_path: Path, backend: str) -> None
             items: list[Evt | Missed] = []
             killed = anyio.Event()
 
+            done = anyio.Event()
+
             async def publish() -> None:
                 for n in range(total):
                     await writer.command("pub", {"stream": "room:k", "n": n}, timeout=30)
+                # memory://: events of the new epoch published before the reader
+                # resubscribed are skipped (it is told so), so it may not see the
+                # last one; keep publishing until it has seen one at or past it.
+                n = total
+                while not done.is_set():
+                    await writer.command("pub", {"stream": "room:k", "n": n}, timeout=30)
+                    n += 1
+                    await anyio.sleep(0.05)
 
             async def kill_and_restart() -> None:
                 await killed.wait()
@@ -519,7 +529,8 @@ async def test_server_killed_and_restarted(tmp_path: Path, backend: str) -> None
                         items.append(item)
                         if len(items) == kill_at:
                             killed.set()
-                        if isinstance(item, Evt) and item.data["n"] == total - 1:
+                        if isinstance(item, Evt) and item.data["n"] >= total - 1:
+                            done.set()
                             break
             events = [i for i in items if isinstance(i, Evt)]
             notices = [i for i in items if isinstance(i, Missed)]
@@ -543,7 +554,7 @@ async def test_server_killed_and_restarted(tmp_path: Path, backend: str) -> None
                 # A command in flight at the kill may have run on both servers
                 # (two epochs); within an epoch every number appears once.
                 assert [e.data["n"] for e in after] == sorted({e.data["n"] for e in after})
-                assert numbers[-1] == total - 1
+                assert numbers[-1] >= total - 1
                 assert items.index(missed) == len(before)
             assert reader.reconnects >= 1
     finally:
