@@ -342,7 +342,7 @@ class Node:
             with anyio.CancelScope(shield=True):
                 if reply.ok or not reply.retryable:
                     outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
-                    await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl)
+                    await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl, fingerprint=fp)
                 else:
                     await self.backend.idempotency.release(scope, key)
         return reply

@@ -329,4 +329,4 @@ class _LoopRunner:
                 log.exception("loop %s: tick failed", self._spec.name)
             # Fixed rate; ticks that a slow one overran are skipped, not bunched up.
             due = max(due + self._spec.every, anyio.current_time())
-            await anyio.sleep(due - anyio.current_time())
+            await anyio.sleep(max(0.0, due - anyio.current_time()))  # a slow tick must not go negative

@@ -252,3 +252,16 @@ async def test_leases_have_one_holder(backend_factory) -> None:
         assert not await ls.acquire("tick:room:1", "n1", now=T0 + 17, ttl=10)
         await ls.release("tick:room:1", "n2")
         assert await ls.acquire("tick:room:1", "n1", now=T0 + 18, ttl=10)
+
+
+async def test_idempotency_finish_keeps_the_fingerprint_after_the_lease_ran_out(backend_factory) -> None:
+    """A command outliving its lease still stores its own fingerprint, so retries replay."""
+    async with backend_factory() as b:
+        st = b.idempotency
+        assert await st.begin("s", "k", b"fp", now=T0, lease=1) is None
+        # the pending record may be garbage-collected once its lease is over
+        if hasattr(st, "_records"):
+            st._records.clear()
+        await st.finish("s", "k", Outcome(True, 1), now=T0 + 5, ttl=100, fingerprint=b"fp")
+        rec = await st.begin("s", "k", b"fp", now=T0 + 6, lease=1)
+        assert rec is not None and rec.fingerprint == b"fp" and rec.outcome == Outcome(True, 1)

@@ -236,8 +236,15 @@ class IdempotencyStore(Protocol):
         """
         ...
 
-    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
-        """Store the final outcome for ``ttl`` seconds."""
+    async def finish(
+        self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
+    ) -> None:
+        """Store the final outcome for ``ttl`` seconds.
+
+        ``fingerprint`` is the command's fingerprint; stores must use it when
+        given (the pending record may have been garbage-collected after its
+        lease ran out while the command was still running).
+        """
         ...
 
     async def release(self, scope: str, key: str) -> None:

@@ -213,9 +213,11 @@ class MemoryIdempotencyStore:
         self._records[(scope, key)] = IdempotencyRecord(fingerprint, "pending", now + lease)
         return None
 
-    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+    async def finish(
+        self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
+    ) -> None:
         rec = self._records.get((scope, key))
-        fp = rec.fingerprint if rec is not None else b""
+        fp = fingerprint if fingerprint is not None else (rec.fingerprint if rec is not None else b"")
         self._records[(scope, key)] = IdempotencyRecord(fp, "done", now + ttl, outcome)
         if len(self._records) > 4096 and len(self._records) % 1024 == 0:
             self._expire(now)

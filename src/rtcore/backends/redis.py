@@ -674,14 +674,19 @@ class RedisIdempotencyStore:
             raw: Any = await self._begin(keys=[_pair_key("idem", scope, key)], args=args)
         return None if raw is None else _decode_record(cast(bytes, raw))
 
-    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+    async def finish(
+        self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
+    ) -> None:
         """Store the final outcome for ``ttl`` seconds."""
         rkey = _pair_key("idem", scope, key)
         with _engine_errors():
             # Only the owner of a pending key finishes it, so reading the
             # fingerprint first cannot race with another writer.
-            old = await self._client.hget(rkey, "rec")
-            fp = _decode_record(old).fingerprint if old is not None else b""
+            if fingerprint is not None:
+                fp = fingerprint
+            else:
+                old = await self._client.hget(rkey, "rec")
+                fp = _decode_record(old).fingerprint if old is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
             await self._finish(keys=[rkey], args=[_encode(rec), repr(rec.expires), str(_px(ttl))])
 

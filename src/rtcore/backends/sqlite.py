@@ -473,14 +473,19 @@ class SqliteIdempotencyStore:
 
         return await self._db.write(tx)
 
-    async def finish(self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float) -> None:
+    async def finish(
+        self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
+    ) -> None:
         """Store the final outcome for ``ttl`` seconds."""
         self._finishes += 1
         sweep = self._finishes % 1024 == 0
 
         def tx(conn: sqlite3.Connection) -> None:
             row = conn.execute("SELECT record FROM idempotency WHERE scope = ? AND key = ?", (scope, key)).fetchone()
-            fp = _decode_record(row[0]).fingerprint if row is not None else b""
+            if fingerprint is not None:
+                fp = fingerprint
+            else:
+                fp = _decode_record(row[0]).fingerprint if row is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
