@@ -80,6 +80,9 @@ ERROR_CODES: Final[dict[str, ErrorInfo]] = {
     "shutdown": ErrorInfo(True, 503, "The server is shutting down; reconnect to another or later."),
     "backend_unavailable": ErrorInfo(True, 503, "The storage backend failed; the command may be retried with the same key."),
     "internal": ErrorInfo(True, 500, "The handler raised an unexpected exception; nothing was stored for its key."),
+    # Raised by rtcore.client on the caller's side, never sent by a server:
+    "disconnected": ErrorInfo(True, 503, "Client side: the connection is gone and reconnecting gave up (max_attempts)."),
+    "client_closed": ErrorInfo(False, 503, "Client side: the application closed the client; the request was not sent or not answered."),
 }
 
 
