@@ -157,9 +157,17 @@ def test_rule3_no_position() -> None:
     [Position("e0", 10), Position("e0", 50), Position("e1", 51), Position("e1", 10**9), Position("e1", 5)],
     ids=["other epoch", "other epoch at head", "beyond head", "far beyond head", "trimmed"],
 )
-def test_rule4_missed_events(start: Position) -> None:
+def test_rule5_missed_events(start: Position) -> None:
     assert plan_resume(start, TRIMMED, stateful=False) == Plan("live", 50, False)
     assert plan_resume(start, TRIMMED, stateful=True) == Plan("snapshot", 50, False)
+
+
+def test_rule4_other_epoch_with_complete_new_history_replays_it_all() -> None:
+    full = StreamInfo("e1", 50, 1)
+    assert plan_resume(Position("e0", 10), full, stateful=False) == Plan("replay", 0, False)
+    assert plan_resume(Position("e0", 99), full, stateful=False) == Plan("replay", 0, False)
+    # stateful streams answer with a snapshot instead
+    assert plan_resume(Position("e0", 10), full, stateful=True) == Plan("snapshot", 50, False)
 
 
 @given(
@@ -173,9 +181,12 @@ def test_plan_never_leaves_a_silent_gap(start: Position | None, head: int, first
     info = StreamInfo("e1", head, first)
     plan = plan_resume(start, info, stateful=stateful)
     assert plan.mode in ("replay", "snapshot", "live")
-    if plan.mode == "replay":
+    if plan.mode == "replay" and not plan.recovered:
+        # Rule 4: the client's epoch is gone; the whole new history follows.
+        assert start is not None and start.epoch != "e1" and not stateful
+        assert first == 1 and plan.after == 0
+    elif plan.mode == "replay":
         # Everything after `after` is still in the log.
-        assert plan.recovered
         assert first - 1 <= plan.after <= head
         assert start is not None and plan.after == start.offset
     else:

@@ -104,15 +104,21 @@ def plan_resume(start: Position | None, info: StreamInfo, *, stateful: bool) -> 
         3. No position at all: a fresh subscriber. Stateful streams start with a
            snapshot; others go live from the head. ``recovered=False`` since
            nothing was asked to be recovered.
-        4. Anything else (other epoch, trimmed history, an offset beyond the
-           head): the client missed events. Stateful streams send a snapshot;
-           others go live with ``recovered=False``.
+        4. Another epoch (the history the client knew is gone) on a stateless
+           stream whose new history is complete (offset 1 retained): the
+           client missed the end of the old history, but gets all of the new
+           one — replay from 0 with ``recovered=False``.
+        5. Anything else (trimmed history, an offset beyond the head): the
+           client missed events. Stateful streams send a snapshot; others go
+           live with ``recovered=False``.
     """
     if start is not None:
         if start.offset == 0 and info.first == 1:
             return Plan("replay", 0, True)
         if start.epoch == info.epoch and info.first - 1 <= start.offset <= info.head:
             return Plan("replay", start.offset, True)
+        if start.epoch != info.epoch and info.first == 1 and not stateful:
+            return Plan("replay", 0, False)
     if stateful:
         return Plan("snapshot", info.head, False)
     return Plan("live", info.head, False)
