@@ -18,6 +18,14 @@ Design, and why:
   inflating, see :mod:`rtcore.server.deflate`), fragments per message; both
   close with 1009. A heartbeat task pings every ``ping_interval`` and closes
   with 1011 when no pong comes back within ``ping_timeout``.
+* **asyncio fast path.** On asyncio, with a plain TCP stream, writes go to
+  the asyncio transport directly: when the kernel takes the whole batch (the
+  usual case) nothing is awaited at all; only when data is left in the
+  transport's buffer do we wait for it to drain, under ``send_timeout``.
+  Reads take what the protocol already queued and keep the transport reading
+  between calls (anyio pauses and resumes it on every ``receive``), pausing it
+  whenever the reader waits for anything but the socket, so TCP backpressure
+  is unchanged. Anything else (trio, TLS, other streams) uses the anyio calls.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
@@ -32,10 +40,11 @@ Design, and why:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import anyio
 from anyio.abc import ByteStream
@@ -55,6 +64,27 @@ log = logging.getLogger("rtcore.server")
 #: What a dead or closed byte stream raises (ssl.SSLError is an OSError).
 STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _NO_HALF_CLOSE = (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
+
+try:  # anyio's asyncio stream classes, for the fast path (see _direct_io)
+    from anyio._backends._asyncio import SocketStream as _AsyncioSocketStream
+except ImportError:  # pragma: no cover - anyio layout changed: portable path only
+    _AsyncioSocketStream = None  # type: ignore[assignment,misc]
+
+
+def _direct_io(stream: ByteStream) -> tuple[asyncio.Transport, Any] | None:
+    """The asyncio transport and anyio protocol behind ``stream``, when it is a plain
+    TCP stream of anyio's asyncio backend (exactly that class: not TLS, not wrapped)."""
+    if _AsyncioSocketStream is None or type(stream) is not _AsyncioSocketStream:
+        return None
+    transport = getattr(stream, "_transport", None)
+    protocol = getattr(stream, "_protocol", None)
+    if not isinstance(transport, asyncio.Transport) or protocol is None:
+        return None
+    for attr in ("write_event", "read_event", "read_queue", "is_at_eof", "exception"):
+        if not hasattr(protocol, attr):
+            return None  # pragma: no cover - anyio internals changed
+    return transport, protocol
+
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -123,6 +153,7 @@ class WebSocketTransport:
         self._limits = limits
         self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
         self._trailing = trailing_data
+        self._direct = _direct_io(stream)
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -252,6 +283,26 @@ class WebSocketTransport:
         """Write under the lock (held by the caller); any failure ends the connection."""
         if self._aborted:
             raise self._closed_error()
+        direct = self._direct
+        if direct is not None:
+            transport, protocol = direct
+            if protocol.write_event.is_set():
+                # asyncio fast path: anyio sets the transport's high-water mark to 0, so
+                # write_event stays set exactly when the kernel took everything.
+                if getattr(self._stream, "_closed", False) or protocol.exception is not None or transport.is_closing():
+                    self._set_code(1006, "connection lost")
+                    await self._abort()
+                    raise self._closed_error()
+                try:
+                    transport.write(data)
+                except RuntimeError:
+                    self._set_code(1006, "connection lost")
+                    await self._abort()
+                    raise self._closed_error() from None
+                if protocol.write_event.is_set():
+                    return
+                await self._drain(transport, protocol)
+                return
         timeout = self._limits.send_timeout
         try:
             if timeout is None:
@@ -271,6 +322,62 @@ class WebSocketTransport:
             # Cancelled mid-write: part of a frame may be on the wire.
             await self._abort()
             raise
+
+    async def _drain(self, transport: asyncio.Transport, protocol: Any) -> None:
+        """asyncio fast path: wait (``send_timeout``) until the transport's buffer is flushed."""
+        timeout = self._limits.send_timeout
+        try:
+            with anyio.fail_after(timeout):
+                await protocol.write_event.wait()
+        except TimeoutError:
+            self._set_code(1006, "send timeout: the peer is not reading")
+            await self._abort()
+            raise self._closed_error() from None
+        except BaseException:
+            # Cancelled while data is still buffered: do not reuse the connection.
+            await self._abort()
+            raise
+        if getattr(self._stream, "_closed", False) or protocol.exception is not None:
+            self._set_code(1006, "connection lost")
+            await self._abort()
+            raise self._closed_error()
+
+    def _pause_reading(self) -> None:
+        """asyncio fast path: stop reading the socket before the reader awaits anything
+        but the socket (as anyio's ``receive`` does), so TCP backpressure still works."""
+        direct = self._direct
+        if direct is not None:
+            transport = direct[0]
+            if transport.is_reading():
+                transport.pause_reading()
+
+    async def _receive_bytes(self, read_size: int) -> bytes:
+        """The next bytes from the socket (``STREAM_ERRORS`` at the end)."""
+        direct = self._direct
+        if direct is None:
+            return await self._stream.receive(read_size)
+        transport, protocol = direct
+        queue = protocol.read_queue
+        if not queue:
+            if not protocol.is_at_eof and not transport.is_closing() and not getattr(self._stream, "_closed", False):
+                # Keep reading between calls: no pause/resume (selector churn) per message.
+                protocol.read_event.clear()
+                if not transport.is_reading():
+                    transport.resume_reading()
+                await protocol.read_event.wait()
+            if not queue:
+                if getattr(self._stream, "_closed", False):
+                    raise anyio.ClosedResourceError
+                if protocol.exception is not None:
+                    raise anyio.BrokenResourceError from protocol.exception
+                raise anyio.EndOfStream
+        chunk: bytes = queue.popleft()
+        if len(chunk) > read_size:
+            chunk, rest = chunk[:read_size], chunk[read_size:]
+            queue.appendleft(rest)
+        if not queue:
+            protocol.read_event.clear()
+        return chunk
 
     async def _abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
@@ -316,7 +423,7 @@ class WebSocketTransport:
                 read_size = self._limits.read_size
                 while True:
                     try:
-                        data = await self._stream.receive(read_size)
+                        data = await self._receive_bytes(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
                         return
@@ -339,6 +446,7 @@ class WebSocketTransport:
             if isinstance(event, TextMessage | BytesMessage):
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
+                self._pause_reading()  # the write may wait: do not buffer meanwhile
                 async with self._lock:
                     if not self._close_sent and self._ws.state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
@@ -363,10 +471,12 @@ class WebSocketTransport:
             self._frames += 1
         if limits.max_message_bytes is not None and self._size > limits.max_message_bytes:
             self._parts.clear()
+            self._pause_reading()
             await self._start_close(1009, f"message larger than {limits.max_message_bytes} bytes")
             return
         if limits.max_fragments is not None and self._frames > limits.max_fragments:
             self._parts.clear()
+            self._pause_reading()
             await self._start_close(1009, f"message in more than {limits.max_fragments} fragments")
             return
         if not message_finished:
@@ -397,6 +507,7 @@ class WebSocketTransport:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # nobody will receive it any more
         # The queue is full: wait (backpressure) unless a close cancels us.
+        self._pause_reading()
         with anyio.CancelScope() as scope:
             self._deliver_scope = scope
             try:
@@ -412,6 +523,7 @@ class WebSocketTransport:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
+            self._pause_reading()
             async with self._lock:
                 if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
@@ -444,6 +556,7 @@ class WebSocketTransport:
         if self._discard or (stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0):
             return
         self._caught_up = anyio.Event()
+        self._pause_reading()
         with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
             await self._caught_up.wait()
         self._caught_up = None
