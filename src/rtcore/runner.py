@@ -283,7 +283,13 @@ class Server:
         key = request.header("idempotency-key")
         body = request.body if request.body.strip() else b"null"
         started = time.perf_counter()
-        reply = await self.node.dispatch(principal, name, body, key=key, encoding="json")
+        try:
+            reply = await self.node.dispatch(principal, name, body, key=key, encoding="json")
+        except RtcoreError as exc:
+            # dispatch answers command errors itself, but a backend failure while
+            # it stores or releases the key escapes it; the documented command
+            # error body still carries ``retryable`` (retry with the same key).
+            return json_response(exc.http_status, {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
         self.node.metrics.command(name in self.app.commands, name, "ok" if reply.ok else reply.code, time.perf_counter() - started)
         headers = [(b"idempotent-replayed", b"true")] if reply.replayed else []
         if reply.ok:

@@ -203,6 +203,12 @@ async def processes(*servers: ServerProcess) -> AsyncIterator[list[ServerProcess
             s.kill()
 
 
+def assert_alive(servers: Sequence[ServerProcess]) -> None:
+    """Fail with the log of any server process that died on its own."""
+    dead = [s for s in servers if not s.alive]
+    assert not dead, "\n".join(f"{s.name} died (exit {s.proc.returncode if s.proc else None}):\n{s.log()}" for s in dead)
+
+
 # --- raw protocol clients (websockets library only) --------------------------------
 
 
@@ -347,8 +353,8 @@ class Commander:
             return {"t": "ok", **body}
         return {"t": "err", **body}
 
-    def key(self, i: int) -> str:
-        return f"{self.prefix}-{i}"
+    def key(self, stream: str, i: int) -> str:
+        return f"{self.prefix}-{stream}-{i}"
 
     async def put(self, stream: str, i: int, *, deadline: float = 30.0) -> int:
         """Run ``put(stream, i)`` until it is acknowledged; return its offset."""
@@ -358,9 +364,9 @@ class Commander:
                 server = self._server()
                 try:
                     if self.transport == "ws":
-                        frame = await self._send_ws(server, args, self.key(i))
+                        frame = await self._send_ws(server, args, self.key(stream, i))
                     else:
-                        frame = await self._send_http(server, args, self.key(i))
+                        frame = await self._send_http(server, args, self.key(stream, i))
                 except NET_ERRORS as exc:
                     self.failures.append(f"{server.name}: {type(exc).__name__}")
                     await self.aclose()
@@ -450,11 +456,12 @@ async def history(http: httpx.AsyncClient, server: ServerProcess, stream: str) -
         after = page["events"][-1]["offset"]
 
 
-async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll ``predicate()`` every 20 ms; fail with ``what`` after ``timeout`` seconds."""
+async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "condition", state: Any = None) -> None:
+    """Poll ``predicate()`` every 20 ms; fail with ``what`` (and ``state()``) after ``timeout`` seconds."""
     try:
         with anyio.fail_after(timeout):
             while not predicate():
                 await anyio.sleep(0.02)
     except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        detail = f": {state()!r}" if state is not None else ""
+        raise AssertionError(f"timed out waiting for {what}{detail}") from None

@@ -20,7 +20,17 @@ import rtcore
 import rtcore.client
 from rtcore.frames import Evt
 
-from .procs import TIMEOUT, Commander, FailoverProxy, RawSubscriber, ServerProcess, private_redis, processes, wait_until
+from .procs import (
+    TIMEOUT,
+    Commander,
+    FailoverProxy,
+    RawSubscriber,
+    ServerProcess,
+    assert_alive,
+    private_redis,
+    processes,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
@@ -130,6 +140,7 @@ async def test_three_processes_same_order_then_kill_9_one(tmp_path: Path) -> Non
                     tg.cancel_scope.cancel()
             for c in commanders:
                 await c.aclose()
+            assert_alive(servers[1:])
 
     # Every command acknowledged, once, at the offset its ok reported.
     acked: dict[int, int] = {}

@@ -413,6 +413,36 @@ def _engine_errors() -> Any:
         raise BackendError(f"redis: {exc}") from exc
 
 
+class _Script:
+    """A Lua script run with ``EVALSHA``, loaded again whenever Redis lost it.
+
+    Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``).
+    coredis retries ``NoScriptError`` once after a ``SCRIPT LOAD`` whose
+    failure it swallows, so right after a restart (a pooled connection that
+    died with the old server fails the load) the call could still end in
+    ``NoScriptError``. ``NoScriptError`` means the script did not run, so
+    loading it and calling again is always safe.
+    """
+
+    __slots__ = ("_client", "_script")
+
+    def __init__(self, client: coredis.Redis[bytes], source: str) -> None:
+        self._client = client
+        self._script = client.register_script(source)
+
+    async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
+        for attempt in range(3):
+            try:
+                return await self._script(keys=keys, args=args)
+            except coredis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+            # A load on a dead pooled connection fails once; the next one is fresh.
+            with contextlib.suppress(coredis.exceptions.ConnectionError):
+                await self._client.script_load(self._script.script)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 class _RedisFeed:
     """One ``XREAD BLOCK`` loop over the watched streams (see the module docstring)."""
 
@@ -568,9 +598,9 @@ class RedisEventLog:
     def __init__(self, client: coredis.Redis[bytes], *, all_maxlen: int = ALL_MAXLEN) -> None:
         self._client = client
         self._all_maxlen = all_maxlen
-        self._append = client.register_script(_APPEND)
-        self._read = client.register_script(_READ)
-        self._trim = client.register_script(_TRIM)
+        self._append = _Script(client, _APPEND)
+        self._read = _Script(client, _READ)
+        self._trim = _Script(client, _TRIM)
         self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
 
     def _observe(self, stream: str, head: int) -> None:
@@ -660,9 +690,9 @@ class RedisIdempotencyStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._begin = client.register_script(_IDEM_BEGIN)
-        self._finish = client.register_script(_IDEM_FINISH)
-        self._release = client.register_script(_IDEM_RELEASE)
+        self._begin = _Script(client, _IDEM_BEGIN)
+        self._finish = _Script(client, _IDEM_FINISH)
+        self._release = _Script(client, _IDEM_RELEASE)
 
     async def begin(
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
@@ -693,7 +723,7 @@ class RedisIdempotencyStore:
     async def release(self, scope: str, key: str) -> None:
         """Forget a pending key; a finished outcome is kept."""
         with _engine_errors():
-            await self._release(keys=[_pair_key("idem", scope, key)])
+            await self._release(keys=[_pair_key("idem", scope, key)], args=[])
 
 
 class RedisCursorStore:
@@ -701,7 +731,7 @@ class RedisCursorStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._advance = client.register_script(_CURSOR_ADVANCE)
+        self._advance = _Script(client, _CURSOR_ADVANCE)
 
     async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
         """Return ``(epoch, offset)`` or ``None``."""
@@ -720,7 +750,7 @@ class RedisSnapshotStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._put = client.register_script(_SNAPSHOT_PUT)
+        self._put = _Script(client, _SNAPSHOT_PUT)
 
     async def get(self, stream: str) -> Snapshot | None:
         """Return the newest snapshot of ``stream``."""
@@ -740,8 +770,8 @@ class RedisLeaseStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._acquire = client.register_script(_LEASE_ACQUIRE)
-        self._release = client.register_script(_LEASE_RELEASE)
+        self._acquire = _Script(client, _LEASE_ACQUIRE)
+        self._release = _Script(client, _LEASE_RELEASE)
 
     async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
         """Take or renew ``name`` for ``holder``; False if someone else holds it."""
@@ -765,7 +795,7 @@ class RedisGroupLog:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._claim = client.register_script(_GROUP_CLAIM)
+        self._claim = _Script(client, _GROUP_CLAIM)
 
     async def _create(self, group: str, start: str) -> None:
         with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
