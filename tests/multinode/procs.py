@@ -356,6 +356,30 @@ class Commander:
     def key(self, stream: str, i: int) -> str:
         return f"{self.prefix}-{stream}-{i}"
 
+    async def try_put(self, stream: str, i: int) -> int | None:
+        """One attempt at ``put(stream, i)`` on the current server: its offset, or None when unanswered.
+
+        "Unanswered" is a dead connection or a retryable error; a final error fails the test.
+        """
+        server = self.servers[self.index % len(self.servers)]
+        args = {"stream": stream, "i": i}
+        try:
+            if self.transport == "ws":
+                frame = await self._send_ws(server, args, self.key(stream, i))
+            else:
+                frame = await self._send_http(server, args, self.key(stream, i))
+        except NET_ERRORS as exc:
+            self.failures.append(f"{server.name}: {type(exc).__name__}")
+            await self.aclose()
+            return None
+        if frame["t"] == "ok":
+            self.acked[i] = int(frame["result"])
+            return self.acked[i]
+        if not frame.get("retryable"):
+            raise AssertionError(f"put {i} failed for good: {frame}")
+        self.failures.append(f"{server.name}: {frame['code']}")
+        return None
+
     async def put(self, stream: str, i: int, *, deadline: float = 30.0) -> int:
         """Run ``put(stream, i)`` until it is acknowledged; return its offset."""
         args = {"stream": stream, "i": i}
