@@ -111,6 +111,14 @@ class _Connection:
         self._queued_bytes = 0
         self._wake = anyio.Event()
         self._drained = anyio.Event()
+        # asyncio fast path (see WebSocketTransport.send_nowait): frames queued in one
+        # loop tick are written by one callback at its end, without waking the writer.
+        self._send_nowait: Callable[[list[bytes]], bool] | None = getattr(transport, "send_nowait", None)
+        self._call_soon: Callable[..., Any] | None = getattr(transport, "call_soon", None)
+        if self._send_nowait is None or self._call_soon is None:
+            self._send_nowait = self._call_soon = None
+        self._flush_scheduled = False
+        self._writer_busy = False  # the writer task owns the send side (an awaited send)
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
@@ -137,7 +145,42 @@ class _Connection:
         if not backlog and (self._queued_bytes > self.limits.max_bytes or len(self._queue) > self.limits.max_frames):
             self._slow()
             return
-        self._wake.set()
+        if self._call_soon is not None and not self._writer_busy:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._call_soon(self._flush)
+        else:
+            self._wake.set()
+
+    def _flush(self) -> None:
+        """asyncio fast path: write what this tick queued, if the socket takes it now."""
+        self._flush_scheduled = False
+        if not self._queue or self._writer_busy or self._closing is not None:
+            self._wake.set()  # nothing to do, or the writer task's job
+            return
+        assert self._send_nowait is not None
+        batch = list(self._queue)
+        try:
+            sent = self._send_nowait(batch)
+        except Exception:  # pragma: no cover - let the writer task meet the error
+            sent = False
+        if not sent:
+            self._wake.set()  # the writer waits for the socket (send timeout, slow consumer)
+            return
+        self._queue.clear()
+        self._sent(batch)
+
+    def _sent(self, batch: list[bytes]) -> None:
+        """Bookkeeping once ``batch`` left the queue for the socket."""
+        self._queued_bytes = 0
+        self._drained.set()
+        size = sum(map(len, batch))
+        self.bytes_out += size
+        self.metrics.bytes_out += size
+        ts, self._unwritten_ts = self._unwritten_ts, 0.0
+        if ts:
+            # Once per write, for its oldest live event (see rtcore.metrics).
+            self.metrics.written.observe(self.node.clock() - ts)
 
     async def push_backlog(self, frames: list[bytes]) -> None:
         """Queue history at the consumer's pace: wait until the queue is half empty."""
@@ -169,10 +212,16 @@ class _Connection:
                 self.bytes_out += size
                 self.metrics.bytes_out += size
                 ts, self._unwritten_ts = self._unwritten_ts, 0.0
-                await self.transport.send(batch)
+                self._writer_busy = True
+                try:
+                    await self.transport.send(batch)
+                finally:
+                    self._writer_busy = False
                 if ts:
                     # Once per write, for its oldest live event (see rtcore.metrics).
                     self.metrics.written.observe(self.node.clock() - ts)
+                if self._queue:
+                    self._wake.set()  # queued while we were sending
             if self._closing is not None and not self._queue:
                 code, reason = self._closing
                 with anyio.move_on_after(5):

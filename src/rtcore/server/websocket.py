@@ -154,6 +154,9 @@ class WebSocketTransport:
         self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
         self._trailing = trailing_data
         self._direct = _direct_io(stream)
+        #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
+        #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
+        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -215,6 +218,8 @@ class WebSocketTransport:
         """
         if not frames:
             return
+        if self.send_nowait(frames):
+            return
         data = encode_frames(self._opcode, frames) if self._fast else None
         async with self._lock:
             self._check_open()
@@ -224,6 +229,34 @@ class WebSocketTransport:
                     self._ws.send(TextMessage(data=f.decode("utf-8")) if text else BytesMessage(data=f)) for f in frames
                 )
             await self._write(data)
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """Send like :meth:`send` if that needs no wait at all; ``False``: nothing was
+        sent, use :meth:`send`.
+
+        Only the asyncio fast path does this (the socket takes the bytes now, no
+        other write is in progress, no extension transforms frames). Data the
+        kernel did not take stays in the asyncio transport's buffer; the next
+        :meth:`send` waits for it to drain (``send_timeout``) before writing more.
+        """
+        direct = self._direct
+        if direct is None or not self._fast or self._lock.locked() or self._close_sent or self._aborted:
+            return False
+        transport, protocol = direct
+        if (
+            not protocol.write_event.is_set()
+            or protocol.exception is not None
+            or transport.is_closing()
+            or self._ws.state is not ConnectionState.OPEN
+            or getattr(self._stream, "_closed", False)
+        ):
+            return False
+        if frames:
+            try:
+                transport.write(encode_frames(self._opcode, frames))
+            except RuntimeError:  # pragma: no cover - the transport refused (closing)
+                return False
+        return True
 
     async def send_messages(self, messages: Sequence[bytes | str]) -> None:
         """Send messages of either kind (``str`` → text, ``bytes`` → binary) in one write.
