@@ -68,6 +68,10 @@ class FrameTransport(Protocol):
         ...
 
 
+#: Idle command workers a connection keeps (more exit once idle).
+_IDLE_WORKERS = 4
+
+
 class OutboxLimits:
     """Bounds of a connection's send queue (a slow consumer beyond them is cut).
 
@@ -123,6 +127,11 @@ class _Connection:
         self._tg: TaskGroup | None = None
         self._inflight = 0
         self._idle = anyio.Event()
+        # Commands run on a small pool of per-connection worker tasks: a command is
+        # handed to an idle worker (or a new one when all are busy, so commands stay
+        # concurrent and a slow one delays nothing), instead of one new task each.
+        self._commands: deque[DoCommand] = deque()
+        self._idle_workers: list[anyio.Event] = []
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
         self._timer_scope = anyio.CancelScope()
@@ -246,7 +255,7 @@ class _Connection:
                     if sub is not None:
                         self.node.hub.remove(sub.tail)
                 case DoCommand():
-                    self._spawn(lambda a=action: self._command(a))  # type: ignore[misc]
+                    self._enqueue_command(action)
                 case DoAck(stream=stream, offset=offset):
                     sub = self.subs.get(stream)
                     if sub is not None and self.session.principal is not None:
@@ -286,8 +295,26 @@ class _Connection:
         # session's (node.wake_timers() per login made connecting O(sessions)).
         self._timer_scope.cancel()
 
-    async def _command(self, action: DoCommand) -> None:
+    def _enqueue_command(self, action: DoCommand) -> None:
         self._inflight += 1
+        self._commands.append(action)
+        if self._idle_workers:
+            self._idle_workers.pop().set()
+        else:
+            self._spawn(self._command_worker)
+
+    async def _command_worker(self) -> None:
+        commands = self._commands
+        while True:
+            while commands:
+                await self._command(commands.popleft())
+            if len(self._idle_workers) >= _IDLE_WORKERS:
+                return
+            wake = anyio.Event()
+            self._idle_workers.append(wake)
+            await wake.wait()
+
+    async def _command(self, action: DoCommand) -> None:
         try:
             if self.node.draining:
                 reply_frame: Any = Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)
