@@ -20,8 +20,11 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import anyio
+
 from .backends.base import Event, EventLog, LiveFeed
 from .codec import codec_for
+from .errors import RtcoreError
 from .frames import Evt
 from .streams import Delivery, Phase
 
@@ -125,7 +128,13 @@ class Tail:
             stalled = 0
             while not self.closed and self.delivery.needs_fill:
                 before = self.delivery.last
-                page = await self.log.read(self.stream, after=before, limit=PAGE)
+                try:
+                    page = await self.log.read(self.stream, after=before, limit=PAGE)
+                except RtcoreError:
+                    # Backend outage: the owner's task must survive it; read again soon.
+                    log.warning("reading %s after %d failed; retrying", self.stream, before, exc_info=True)
+                    await anyio.sleep(0.5)
+                    continue
                 if self.closed:
                     return
                 if page.epoch != self.delivery.epoch or page.first > before + 1:

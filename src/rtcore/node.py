@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from .app import App, Context, Principal
 from .backends import Backend, open_backend
-from .backends.base import Event, Outcome, ReadResult
+from .backends.base import Event, Outcome, ReadResult, Snapshot
 from .codec import codec_for
 from .errors import AuthError, RtcoreError
 from .frames import Limits, Position, Snap, Sync
@@ -340,11 +340,17 @@ class Node:
             reply = await self._execute(spec.handler, spec.args_type, principal, name, value, f"{scope}:{key}")
         finally:
             with anyio.CancelScope(shield=True):
-                if reply.ok or not reply.retryable:
-                    outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
-                    await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl, fingerprint=fp)
-                else:
-                    await self.backend.idempotency.release(scope, key)
+                try:
+                    if reply.ok or not reply.retryable:
+                        outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
+                        await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl, fingerprint=fp)
+                    else:
+                        await self.backend.idempotency.release(scope, key)
+                except RtcoreError:
+                    # The command ran; only its record could not be stored. Answer it:
+                    # the pending claim expires after its lease and a retry re-executes,
+                    # which appends nothing twice (publishes are keyed by the command key).
+                    log.exception("could not store the outcome of %r under key %r", name, key)
         return reply
 
     @staticmethod
@@ -463,8 +469,15 @@ class Node:
 
     async def _load_follower(self, f: _Follower) -> None:
         spec = f.state.spec
-        snap = await self.backend.snapshots.get(f.stream)
-        info = await self.backend.events.info(f.stream)
+        for attempt in range(1_000_000):
+            try:
+                snap = await self.backend.snapshots.get(f.stream)
+                info = await self.backend.events.info(f.stream)
+                break
+            except RtcoreError:
+                # Backend outage: keep the node alive and try again.
+                log.warning("loading the state of %s failed (attempt %d)", f.stream, attempt + 1, exc_info=True)
+                await anyio.sleep(min(0.1 * 2**attempt, 5.0))
         if snap is not None and snap.epoch == info.epoch and info.first - 1 <= snap.offset <= info.head:
             f.state = StreamState.from_snapshot(spec, snap)
         else:
@@ -485,6 +498,14 @@ class Node:
         await f.tail.fill()
         f.ready.set()
 
+    async def _store_snapshot(self, snapshot: Snapshot) -> None:
+        # A snapshot is an optimisation: losing one to a backend outage must
+        # not take the node down; the next one (snapshot_every later) is tried.
+        try:
+            await self.backend.snapshots.put(snapshot)
+        except RtcoreError:
+            log.warning("could not store the snapshot of %s at %d", snapshot.stream, snapshot.offset, exc_info=True)
+
     def _fresh_follower(self, stream: str, state: StreamState) -> None:
         old = self._followers.get(stream)
         if old is not None and old.tail is not None:
@@ -502,7 +523,7 @@ class Node:
         st.apply(event)
         if st.snapshot_due:
             snapshot = st.snapshot(f.stream)
-            self.spawn(lambda: self.backend.snapshots.put(snapshot))
+            self.spawn(lambda: self._store_snapshot(snapshot))
         if st.sync_due:
             frame = Sync(f.stream, st.offset, st.checksum(), st.epoch)
             frames = {"json": codec_for("json").encode(frame), "msgpack": codec_for("msgpack").encode(frame)}

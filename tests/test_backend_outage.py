@@ -1,0 +1,63 @@
+"""A backend outage fails requests, never the node (DESIGN: the server keeps serving)."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+
+import rtcore
+from rtcore.backends import MemoryBackend
+from rtcore.errors import BackendError
+from rtcore.testing import connect, serve
+
+pytestmark = pytest.mark.anyio
+
+
+class Tally(msgspec.Struct):
+    n: int = 0
+
+    def apply(self, event: rtcore.Event) -> None:
+        self.n += 1
+
+
+def make_app() -> rtcore.App:
+    app = rtcore.App()
+    app.state("tally:*", Tally, snapshot_every=2)
+
+    @app.command("add")
+    async def add(ctx: rtcore.Context, args: None) -> int:
+        return (await ctx.publish("tally:1", "add", 1)).offset
+
+    return app
+
+
+async def test_outcome_store_failure_still_answers_the_command() -> None:
+    backend = MemoryBackend()
+
+    async def broken_finish(*args: object, **kwargs: object) -> None:
+        raise BackendError("redis went away")
+
+    backend.idempotency.finish = broken_finish  # type: ignore[method-assign]
+    async with serve(make_app(), backend) as node, connect(node) as c:
+        assert await c.command("add", None, key="k1") == 1
+        await c.ping()  # the session survived
+
+
+async def test_snapshot_store_failure_keeps_the_node_and_its_sessions() -> None:
+    backend = MemoryBackend()
+    puts: list[int] = []
+
+    async def broken_put(snapshot: object) -> None:
+        puts.append(1)
+        raise BackendError("disk full")
+
+    backend.snapshots.put = broken_put  # type: ignore[method-assign]
+    async with serve(make_app(), backend) as node, connect(node) as c:
+        for i in range(1, 6):
+            assert await c.command("add") == i
+        with anyio.fail_after(5):
+            while len(puts) < 2:
+                await anyio.sleep(0.01)
+        assert (await node.state_of("tally:1")).state.n == 5
+        await c.ping()
