@@ -200,6 +200,13 @@ class WebSocketTransport:
         if self._caught_up is not None and self._inbox.statistics().current_buffer_used == 0:
             self._caught_up.set()  # the application handled everything queued
         try:
+            # A message already queued is returned without an event-loop pass.
+            return self._inbox.receive_nowait()
+        except anyio.WouldBlock:
+            pass
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            raise self._closed_error() from None
+        try:
             return await self._inbox.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise self._closed_error() from None
