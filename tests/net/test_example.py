@@ -81,6 +81,13 @@ async def test_page_in_headless_chromium(counter_app) -> None:  # type: ignore[n
             ]
             return subprocess.run(args, capture_output=True, text=True, timeout=60, env={**os.environ}).stdout
 
-        dom = await anyio.to_thread.run_sync(dump)
-    m = re.search(r'<div id="value">([^<]*)</div>', dom)
-    assert m is not None and m.group(1) == "7", dom[-2000:]
+        # A headless browser on a loaded 2-core machine may dump the page before its
+        # WebSocket delivered the snapshot: each try is a fresh browser, up to three.
+        value = None
+        for _ in range(3):
+            dom = await anyio.to_thread.run_sync(dump)
+            m = re.search(r'<div id="value">([^<]*)</div>', dom)
+            value = m.group(1) if m else None
+            if value == "7":
+                break
+    assert value == "7", dom[-2000:]

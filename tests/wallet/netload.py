@@ -206,6 +206,8 @@ class WsConn(Conn):
             await ws.send(json.dumps({"t": "cmd", "id": rid, "name": name, "args": args, "key": key}))
         except (websockets.WebSocketException, OSError) as exc:
             self._pending.pop(rid, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # the reader failed it already; mark it retrieved
             raise Unanswered(repr(exc)) from exc
         try:
             return await asyncio.wait_for(future, 30)
