@@ -241,6 +241,8 @@ class Server:
         assert self.node is not None
         path = request.path
         try:
+            if path in ("/v1/health", "/metrics", "/v1/schema") and request.method not in ("GET", "HEAD"):
+                return error_response(405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET, HEAD")])
             if path == "/v1/health":
                 return self._health()
             if path == "/metrics":
