@@ -200,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, how long in-flight commands may run before clients are closed (default: %(default)s)",
     )
+    serve.add_argument(
+        "--idempotency-ttl",
+        type=float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="how long command outcomes are kept for retries with the same key (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--idempotency-lease",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long a running command holds its key before another node may run it again "
+        "(a crashed node's commands become retryable after this; default: %(default)s)",
+    )
     serve.set_defaults(handler=_serve)
 
     _add_plugin_commands(sub)
@@ -242,6 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
         allowed_origins=args.allowed_origin,
         roles=roles,
         grace=args.grace,
+        idempotency_ttl=args.idempotency_ttl,
+        idempotency_lease=args.idempotency_lease,
         on_ready=ready,
     )
     log.info("rtcore: stopped")
