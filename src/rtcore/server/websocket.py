@@ -22,10 +22,10 @@ Design, and why:
   the asyncio transport directly: when the kernel takes the whole batch (the
   usual case) nothing is awaited at all; only when data is left in the
   transport's buffer do we wait for it to drain, under ``send_timeout``.
-  Reads take what the protocol already queued and keep the transport reading
-  between calls (anyio pauses and resumes it on every ``receive``), pausing it
-  whenever the reader waits for anything but the socket, so TCP backpressure
-  is unchanged. Anything else (trio, TLS, other streams) uses the anyio calls.
+  Reads still go through anyio's ``receive``: a direct-read variant (kept
+  behind ``_DIRECT_READS``, off) dropped our close frame in Autobahn's
+  fail-the-connection cases. Anything else (trio, TLS, other streams) uses
+  the anyio calls for writes too.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
@@ -85,6 +85,11 @@ def _direct_io(stream: ByteStream) -> tuple[asyncio.Transport, Any] | None:
             return None  # pragma: no cover - anyio internals changed
     return transport, protocol
 
+
+#: Read through the asyncio protocol's queue directly (see _receive_bytes). Off:
+#: with it on, Autobahn's fail-the-connection cases (3.5, 6.6.x, 6.8.2, ...) sometimes
+#: saw the TCP connection dropped without our close frame; anyio's receive is used.
+_DIRECT_READS = False
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -386,7 +391,7 @@ class WebSocketTransport:
         """asyncio fast path: stop reading the socket before the reader awaits anything
         but the socket (as anyio's ``receive`` does), so TCP backpressure still works."""
         direct = self._direct
-        if direct is not None:
+        if direct is not None and _DIRECT_READS:
             transport = direct[0]
             if transport.is_reading():
                 transport.pause_reading()
@@ -394,7 +399,7 @@ class WebSocketTransport:
     async def _receive_bytes(self, read_size: int) -> bytes:
         """The next bytes from the socket (``STREAM_ERRORS`` at the end)."""
         direct = self._direct
-        if direct is None:
+        if direct is None or not _DIRECT_READS:
             return await self._stream.receive(read_size)
         transport, protocol = direct
         queue = protocol.read_queue
