@@ -22,10 +22,9 @@ Design, and why:
   the asyncio transport directly: when the kernel takes the whole batch (the
   usual case) nothing is awaited at all; only when data is left in the
   transport's buffer do we wait for it to drain, under ``send_timeout``.
-  Reads still go through anyio's ``receive``: a direct-read variant (kept
-  behind ``_DIRECT_READS``, off) dropped our close frame in Autobahn's
-  fail-the-connection cases. Anything else (trio, TLS, other streams) uses
-  the anyio calls for writes too.
+  Reads go through anyio's ``receive``: a direct-read variant was tried and
+  dropped our close frame in Autobahn's fail-the-connection cases. Anything
+  else (trio, TLS, other streams) uses the anyio calls for writes too.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
@@ -80,16 +79,11 @@ def _direct_io(stream: ByteStream) -> tuple[asyncio.Transport, Any] | None:
     protocol = getattr(stream, "_protocol", None)
     if not isinstance(transport, asyncio.Transport) or protocol is None:
         return None
-    for attr in ("write_event", "read_event", "read_queue", "is_at_eof", "exception"):
+    for attr in ("write_event", "exception"):
         if not hasattr(protocol, attr):
             return None  # pragma: no cover - anyio internals changed
     return transport, protocol
 
-
-#: Read through the asyncio protocol's queue directly (see _receive_bytes). Off:
-#: with it on, Autobahn's fail-the-connection cases (3.5, 6.6.x, 6.8.2, ...) sometimes
-#: saw the TCP connection dropped without our close frame; anyio's receive is used.
-_DIRECT_READS = False
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -387,43 +381,6 @@ class WebSocketTransport:
             await self._abort()
             raise self._closed_error()
 
-    def _pause_reading(self) -> None:
-        """asyncio fast path: stop reading the socket before the reader awaits anything
-        but the socket (as anyio's ``receive`` does), so TCP backpressure still works."""
-        direct = self._direct
-        if direct is not None and _DIRECT_READS:
-            transport = direct[0]
-            if transport.is_reading():
-                transport.pause_reading()
-
-    async def _receive_bytes(self, read_size: int) -> bytes:
-        """The next bytes from the socket (``STREAM_ERRORS`` at the end)."""
-        direct = self._direct
-        if direct is None or not _DIRECT_READS:
-            return await self._stream.receive(read_size)
-        transport, protocol = direct
-        queue = protocol.read_queue
-        if not queue:
-            if not protocol.is_at_eof and not transport.is_closing() and not getattr(self._stream, "_closed", False):
-                # Keep reading between calls: no pause/resume (selector churn) per message.
-                protocol.read_event.clear()
-                if not transport.is_reading():
-                    transport.resume_reading()
-                await protocol.read_event.wait()
-            if not queue:
-                if getattr(self._stream, "_closed", False):
-                    raise anyio.ClosedResourceError
-                if protocol.exception is not None:
-                    raise anyio.BrokenResourceError from protocol.exception
-                raise anyio.EndOfStream
-        chunk: bytes = queue.popleft()
-        if len(chunk) > read_size:
-            chunk, rest = chunk[:read_size], chunk[read_size:]
-            queue.appendleft(rest)
-        if not queue:
-            protocol.read_event.clear()
-        return chunk
-
     async def _abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
         self._set_code(1006, "connection aborted")
@@ -468,7 +425,7 @@ class WebSocketTransport:
                 read_size = self._limits.read_size
                 while True:
                     try:
-                        data = await self._receive_bytes(read_size)
+                        data = await self._stream.receive(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
                         return
@@ -491,7 +448,6 @@ class WebSocketTransport:
             if isinstance(event, TextMessage | BytesMessage):
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
-                self._pause_reading()  # the write may wait: do not buffer meanwhile
                 async with self._lock:
                     if not self._close_sent and self._ws.state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
@@ -516,12 +472,10 @@ class WebSocketTransport:
             self._frames += 1
         if limits.max_message_bytes is not None and self._size > limits.max_message_bytes:
             self._parts.clear()
-            self._pause_reading()
             await self._start_close(1009, f"message larger than {limits.max_message_bytes} bytes")
             return
         if limits.max_fragments is not None and self._frames > limits.max_fragments:
             self._parts.clear()
-            self._pause_reading()
             await self._start_close(1009, f"message in more than {limits.max_fragments} fragments")
             return
         if not message_finished:
@@ -552,7 +506,6 @@ class WebSocketTransport:
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             return  # nobody will receive it any more
         # The queue is full: wait (backpressure) unless a close cancels us.
-        self._pause_reading()
         with anyio.CancelScope() as scope:
             self._deliver_scope = scope
             try:
@@ -568,7 +521,6 @@ class WebSocketTransport:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
-            self._pause_reading()
             async with self._lock:
                 if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
@@ -601,7 +553,6 @@ class WebSocketTransport:
         if self._discard or (stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0):
             return
         self._caught_up = anyio.Event()
-        self._pause_reading()
         with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
             await self._caught_up.wait()
         self._caught_up = None
