@@ -1,4 +1,4 @@
-"""The rtcore side of the benchmark: a tiny app served by :class:`rtcore.runner.Server`.
+"""The rtcore side of the benchmark: a tiny app served by :class:`rtcore.server.runner.Server`.
 
 Run as ``python benchmarks/rtcore_server.py PORT``; prints ``READY <port>``
 once listening. Commands: ``echo`` (returns its args) and ``pub`` (appends
@@ -20,7 +20,7 @@ import anyio
 import msgspec
 
 import rtcore
-from rtcore.runner import Server
+from rtcore.server.runner import Server
 
 app = rtcore.App("bench")
 

@@ -8,9 +8,9 @@ import msgspec
 import pytest
 
 import rtcore
-from rtcore.frames import Bye, Err, Evt, Ok, Snap, Subbed, Sync
-from rtcore.gateway import OutboxLimits
-from rtcore.state import checksum
+from rtcore.protocol.frames import Bye, Err, Evt, Ok, Snap, Subbed, Sync
+from rtcore.protocol.state import checksum
+from rtcore.server.gateway import OutboxLimits
 from rtcore.testing import FakeClock, Faults, connect, serve
 
 pytestmark = pytest.mark.anyio
@@ -210,7 +210,7 @@ async def test_token_expiry_refresh_and_close() -> None:
             clock.advance(11)
             err = await c.next_frame(types=(Err,))
             assert err.code == "token_expired" and err.retryable and err.id is None
-            reply = await c._request(lambda rid: rtcore.frames.Auth(rid, "alice@2000"), 5)
+            reply = await c._request(lambda rid: rtcore.protocol.frames.Auth(rid, "alice@2000"), 5)
             assert isinstance(reply, Ok)
             clock.advance(10)
             assert await c.command("whoami") == "alice"

@@ -1,6 +1,6 @@
 """rtcore.client over real sockets: commands, subscriptions, faults, restarts.
 
-Every test runs a real :class:`rtcore.runner.Server` on port 0 (or a server
+Every test runs a real :class:`rtcore.server.runner.Server` on port 0 (or a server
 subprocess that is killed with SIGKILL and restarted on the same port) and
 talks to it through :mod:`rtcore.client`; network faults come from the
 in-process TCP proxy in ``tests/net_proxy.py``. Nothing asserts on timings:
@@ -27,8 +27,8 @@ import pytest
 import rtcore
 import rtcore.client
 from rtcore.client import Missed
-from rtcore.frames import Evt, Position
-from rtcore.runner import Server
+from rtcore.protocol.frames import Evt, Position
+from rtcore.server.runner import Server
 
 from .net_proxy import TcpProxy
 

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtcore.codec import ENCODINGS, Codec, canonical, codec_for
 from rtcore.errors import BadFrame, ProtocolError
-from rtcore.frames import (
+from rtcore.protocol.codec import ENCODINGS, Codec, canonical, codec_for
+from rtcore.protocol.frames import (
     Ack,
     Auth,
     Bye,
@@ -418,7 +418,7 @@ def test_canonical_sorts_keys() -> None:
 
 def test_fingerprint_of_args_with_int_keys_and_sets() -> None:
     # Regression: canonical() needs str keys, and a set's order depends on the hash seed.
-    from rtcore.idempotency import fingerprint
+    from rtcore.protocol.idempotency import fingerprint
 
     class Args(msgspec.Struct):
         seats: dict[int, str]

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rtcore
-from rtcore.frames import Err, Ok
+from rtcore.protocol.frames import Err, Ok
 from rtcore.testing import FakeClock, connect, serve
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import rtcore
-from rtcore.frames import Position, Snap, Subbed
+from rtcore.protocol.frames import Position, Snap, Subbed
 from rtcore.testing import Client, connect, serve
 
 STREAMS = ["p:1", "t:1", "s:1"]
@@ -83,7 +83,7 @@ class Application:
             self._jump(f.stream, f.epoch, f.offset, None)
         elif isinstance(f, Snap):
             self._jump(f.stream, f.epoch, f.offset, msgspec.convert(f.state, Counter))
-        elif isinstance(f, rtcore.frames.Evt):
+        elif isinstance(f, rtcore.protocol.frames.Evt):
             epoch, last = self.pos.get(f.stream, ("", 0))
             if f.epoch == epoch and f.offset <= last:
                 return  # the client library's duplicate drop (at-least-once wire)

@@ -2,8 +2,8 @@
 
 * every code of :data:`rtcore.errors.ERROR_CODES` is in the error table, with
   the same ``retryable`` and HTTP status (and the table lists no other code);
-* every frame tag of :data:`rtcore.frames.ClientFrame` and
-  :data:`rtcore.frames.ServerFrame` has its own ``### `tag``` section;
+* every frame tag of :data:`rtcore.protocol.frames.ClientFrame` and
+  :data:`rtcore.protocol.frames.ServerFrame` has its own ``### `tag``` section;
 * every field of a frame Struct (and of the Structs nested in it, such as
   ``Position`` in ``sub`` and ``Limits`` in ``welcome``) is mentioned, in
   backticks, in that frame's section.
@@ -19,8 +19,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from rtcore import frames
 from rtcore.errors import ERROR_CODES
+from rtcore.protocol import frames
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "protocol.md"
 

@@ -28,16 +28,16 @@ import rtcore
 PACKAGE_DIR = Path(rtcore.__file__).resolve().parent
 
 SANS_IO_MODULES = [
-    "rtcore.frames",
-    "rtcore.codec",
+    "rtcore.protocol.types",
+    "rtcore.protocol.frames",
+    "rtcore.protocol.codec",
     "rtcore.errors",
-    "rtcore.session",
-    "rtcore.streams",
-    "rtcore.state",
-    "rtcore.idempotency",
+    "rtcore.protocol.session",
+    "rtcore.protocol.streams",
+    "rtcore.protocol.state",
+    "rtcore.protocol.idempotency",
+    "rtcore.wallet.ledger",
 ]
-if (PACKAGE_DIR / "wallet" / "ledger.py").exists():
-    SANS_IO_MODULES.append("rtcore.wallet.ledger")
 
 FORBIDDEN = frozenset(
     {"anyio", "asyncio", "trio", "socket", "selectors", "ssl", "threading", "time", "datetime", "_thread"}
@@ -134,18 +134,13 @@ def test_source_has_no_io_imports_or_clock_calls(name: str) -> None:
 
 _BASELINE = "import sys, json, msgspec; print(json.dumps(sorted(sys.modules)))"
 
-# Importing ``rtcore.x`` normally runs ``rtcore/__init__.py``, which loads the
-# whole framework (app, node, backends: anyio). The parent packages are
-# replaced by empty stand-ins pointing at the same directories, so only the
-# module itself and what *it* imports (transitively) are loaded.
+# The real packages, in a fresh interpreter: ``import rtcore.protocol.frames``
+# runs ``rtcore/__init__.py`` and ``rtcore/protocol/__init__.py`` too, exactly
+# as an application would. Their public names load lazily, so a sans-IO module
+# pulls in nothing but itself and what *it* imports.
 _PROBE = """
-import importlib, json, sys, types
+import importlib, json, sys
 import msgspec
-pkg_dir = {pkg_dir!r}
-for pkg, sub in (("rtcore", ""), ("rtcore.backends", "/backends"), ("rtcore.wallet", "/wallet")):
-    m = types.ModuleType(pkg)
-    m.__path__ = [pkg_dir + sub]
-    sys.modules[pkg] = m
 importlib.import_module({name!r})
 print(json.dumps(sorted(sys.modules)))
 """
@@ -163,19 +158,20 @@ def baseline_modules() -> set[str]:
 
 @pytest.mark.parametrize("name", SANS_IO_MODULES)
 def test_import_pulls_in_no_io_module(name: str, baseline_modules: set[str]) -> None:
-    loaded = _modules_after(_PROBE.format(pkg_dir=str(PACKAGE_DIR), name=name))
+    """Mutation: make ``rtcore/__init__.py`` import ``.engine.node`` eagerly (or add
+    ``import anyio`` to any sans-IO module) and this fails."""
+    loaded = _modules_after(_PROBE.format(name=name))
     assert name in loaded
     new = loaded - baseline_modules
     bad = sorted(m for m in new if m.split(".")[0] in FORBIDDEN)
     assert bad == [], f"importing {name} loads {bad}"
-    # The stand-ins really kept the framework out, so the check is meaningful.
-    assert "rtcore.node" not in loaded
-    assert "rtcore.app" not in loaded
+    assert "rtcore.engine.node" not in loaded
+    assert "rtcore.backends" not in loaded
 
 
 def test_probe_detects_an_io_import(baseline_modules: set[str]) -> None:
     # rtcore.backends.memory imports anyio: the same probe must notice it.
-    loaded = _modules_after(_PROBE.format(pkg_dir=str(PACKAGE_DIR), name="rtcore.backends.memory"))
+    loaded = _modules_after(_PROBE.format(name="rtcore.backends.memory"))
     assert "anyio" in loaded - baseline_modules
 
 

@@ -1,4 +1,4 @@
-"""The per-connection session state machine (rtcore.session), rule by rule."""
+"""The per-connection session state machine (rtcore.protocol.session), rule by rule."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from rtcore.codec import Codec, codec_for
 from rtcore.errors import ERROR_CODES, AuthError, RtcoreError
-from rtcore.frames import (
+from rtcore.protocol.codec import Codec, codec_for
+from rtcore.protocol.frames import (
     Ack,
     Auth,
     Bye,
@@ -29,7 +29,7 @@ from rtcore.frames import (
     Unsub,
     Welcome,
 )
-from rtcore.session import (
+from rtcore.protocol.session import (
     Action,
     Close,
     DoAck,

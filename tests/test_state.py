@@ -1,4 +1,4 @@
-"""Stateful streams: folding, snapshots, checksums (rtcore.state)."""
+"""Stateful streams: folding, snapshots, checksums (rtcore.protocol.state)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rtcore.backends.base import Event, Snapshot
-from rtcore.state import StateSpec, StreamState, checksum, encode_state, state_builtins
+from rtcore.protocol.state import StateSpec, StreamState, checksum, encode_state, state_builtins
 from rtcore.testing.strategies import json_values
 
 
@@ -197,7 +197,7 @@ def test_int_keys_and_sets_snapshot_and_checksum() -> None:
 def test_set_checksum_is_the_same_in_every_process() -> None:
     code = (
         "import msgspec\n"
-        "from rtcore.state import checksum\n"
+        "from rtcore.protocol.state import checksum\n"
         "class S(msgspec.Struct):\n"
         "    tags: set[str]\n"
         "print(checksum(S({'alpha', 'beta', 'gamma', 'delta', 'epsilon', 'zeta'})))\n"

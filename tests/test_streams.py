@@ -1,4 +1,4 @@
-"""Stream rules: names, resume plans, gap-free delivery, client dedup (rtcore.streams)."""
+"""Stream rules: names, resume plans, gap-free delivery, client dedup (rtcore.protocol.streams)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from rtcore.backends.base import Event, StreamInfo
 from rtcore.errors import RtcoreError
-from rtcore.frames import Position
-from rtcore.streams import (
+from rtcore.protocol.frames import Position
+from rtcore.protocol.streams import (
     MAX_STREAM_NAME,
     ClientCursor,
     Delivery,

@@ -86,7 +86,7 @@ async def demo() -> None:
                 print("bob's big click is refused:", exc.code)
         async with rtcore.testing.connect(node, token="cy") as cy:
             await cy.subscribe("room:lobby")
-            snap = await cy.next_frame(types=(rtcore.frames.Snap,))
+            snap = await cy.next_frame(types=(rtcore.protocol.frames.Snap,))
             print(f"cy joins late and gets the room at #{snap.offset}: {snap.state} (checksum {snap.checksum[:8]})")
 
 

@@ -7,8 +7,9 @@ API is what ``__all__`` lists; everything else may change without notice.
 
 from __future__ import annotations
 
-from .app import App, Context, Principal, Router
-from .backends import Backend, Event, Retention, open_backend
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthError,
     BackendError,
@@ -20,9 +21,14 @@ from .errors import (
     Rejected,
     RtcoreError,
 )
-from .frames import Limits, Position
-from .node import Node, Reply
-from .runner import Server, run
+
+if TYPE_CHECKING:
+    from .backends import Backend, open_backend
+    from .engine.app import App, Context, Principal, Router
+    from .engine.node import Node, Reply
+    from .protocol.frames import Limits, Position
+    from .protocol.types import Event, Retention
+    from .server.runner import Server, run
 
 __version__ = "0.1.0.dev0"
 
@@ -52,3 +58,37 @@ __all__ = [
     "open_backend",
     "run",
 ]
+
+
+# Public names are imported on first use (as websockets does), so that
+# importing a sans-IO submodule such as ``rtcore.protocol.frames`` does not load
+# the engine, the server and anyio through this package's ``__init__``.
+_LAZY: dict[str, str] = {
+    "App": ".engine.app",
+    "Backend": ".backends",
+    "Context": ".engine.app",
+    "Event": ".protocol.types",
+    "Limits": ".protocol.frames",
+    "Node": ".engine.node",
+    "open_backend": ".backends",
+    "Position": ".protocol.frames",
+    "Principal": ".engine.app",
+    "Reply": ".engine.node",
+    "Retention": ".protocol.types",
+    "Router": ".engine.app",
+    "run": ".server.runner",
+    "Server": ".server.runner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

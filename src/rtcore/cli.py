@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .app import App
-from .runner import ROLES, run
+from .engine.app import App
+from .server.runner import ROLES, run
 
 __all__ = ["build_parser", "load_app", "main", "parse_roles"]
 

@@ -37,6 +37,9 @@ __all__ = [
     "ProtocolError",
     "Rejected",
     "RtcoreError",
+    "ConnectionClosed",
+    "error_class",
+    "error_from_wire",
     "error_info",
 ]
 
@@ -207,3 +210,80 @@ class BackendError(RtcoreError):
     """A storage engine failed; the operation may be retried."""
 
     default_code = "backend_unavailable"
+
+
+class ConnectionClosed(RtcoreError):
+    """A WebSocket connection is closed or died (raised by transports and clients).
+
+    Attributes:
+        close_code: The WebSocket close code: the peer's (1000, 1001, ...), ours
+            when we closed first (1009 too big, 1011 ping timeout, ...), or 1006
+            when the TCP connection was lost without a close frame.
+        reason: The close reason text (may be empty).
+    """
+
+    default_code = "disconnected"
+
+    def __init__(self, close_code: int, reason: str = "", *, code: str | None = None) -> None:
+        super().__init__(f"connection closed with code {close_code}" + (f": {reason}" if reason else ""), code=code)
+        self.close_code = close_code
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.close_code, self.reason), {"code": self.code})
+
+
+#: Which class raises each built-in code: a client turns an ``err`` frame into
+#: an instance of this class, so callers catch ``rtcore.IdempotencyError``
+#: instead of comparing strings. Codes not listed (application codes) map to
+#: :class:`Rejected`.
+_CODE_CLASSES: Final[dict[str, type[RtcoreError]]] = {
+    "bad_frame": ProtocolError,
+    "unsupported_version": ProtocolError,
+    "protocol_violation": ProtocolError,
+    "unauthenticated": AuthError,
+    "token_expired": AuthError,
+    "forbidden": AuthError,
+    "too_many_subscriptions": LimitExceeded,
+    "too_many_inflight": LimitExceeded,
+    "rate_limited": LimitExceeded,
+    "message_too_big": LimitExceeded,
+    "idempotency_key_reused": IdempotencyError,
+    "idempotency_in_progress": IdempotencyError,
+    "conflict": ConflictError,
+    "backend_unavailable": BackendError,
+}
+
+
+def error_class(code: str) -> type[RtcoreError]:
+    """The exception class that owns ``code``.
+
+    Args:
+        code: An error code (built-in or application-defined).
+
+    Returns:
+        The class in this module's tree; :class:`RtcoreError` for built-in
+        codes with no narrower owner, :class:`Rejected` for application codes.
+    """
+    cls = _CODE_CLASSES.get(code)
+    if cls is not None:
+        return cls
+    return RtcoreError if code in ERROR_CODES else Rejected
+
+
+def error_from_wire(code: str, message: str, retryable: bool | None = None, http_status: int | None = None) -> RtcoreError:
+    """Rebuild the exception a server sent as an ``err`` frame or HTTP error body.
+
+    Args:
+        code: The ``code`` field.
+        message: The ``message`` field.
+        retryable: The ``retryable`` field (``None``: the code's default).
+        http_status: The HTTP status, when the error came over HTTP.
+
+    Returns:
+        An instance of :func:`error_class` ``(code)`` carrying every field.
+    """
+    cls = error_class(code)
+    err = cls.__new__(cls)
+    RtcoreError.__init__(err, message, code=code, retryable=retryable, http_status=http_status)
+    return err

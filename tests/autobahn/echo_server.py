@@ -1,7 +1,7 @@
 """Echo server for the Autobahn TestSuite (run by ``tests/autobahn/run.sh``).
 
-It serves the *same* code as ``/v1/ws`` (:func:`rtcore.server.serve`, the same
-HTTP layer, handshake, :class:`~rtcore.server.WebSocketTransport`, reader,
+It serves the *same* code as ``/v1/ws`` (:func:`rtcore.transport.serve`, the same
+HTTP layer, handshake, :class:`~rtcore.transport.WebSocketTransport`, reader,
 limits machinery) with an echo handler: every message goes back with its own
 opcode (text as text, binary as binary), through the transport's one-write
 fast path.
@@ -30,7 +30,7 @@ from functools import partial
 
 import anyio
 
-from rtcore.server import (
+from rtcore.transport import (
     ConnectionClosed,
     FrameTransport,
     HttpRequest,

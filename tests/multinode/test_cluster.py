@@ -18,7 +18,7 @@ import pytest
 
 import rtcore
 import rtcore.client
-from rtcore.frames import Evt
+from rtcore.protocol.frames import Evt
 
 from .procs import (
     TIMEOUT,

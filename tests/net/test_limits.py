@@ -13,7 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from rtcore import Limits
-from rtcore.server import ServerLimits
+from rtcore.transport import ServerLimits
 
 from .conftest import TIMEOUT, http_url, peer, serving, ws_url
 from .netapp import app

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import rtcore
 from rtcore.cli import CliError, build_parser, load_app, parse_roles
-from rtcore.metrics import Histogram
+from rtcore.engine.metrics import Histogram
 
 from .conftest import TIMEOUT, http_url, peer, serving
 from .netapp import app

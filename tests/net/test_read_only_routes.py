@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 import rtcore
-from rtcore.runner import Server
+from rtcore.server.runner import Server
 
 pytestmark = pytest.mark.anyio
 

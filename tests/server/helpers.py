@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from rtcore.server import (
+from rtcore.transport import (
     ConnectionClosed,
     FrameTransport,
     HttpRequest,

@@ -10,7 +10,7 @@ import anyio
 import httpx
 import pytest
 
-from rtcore.server import HttpRequest, HttpResponse, ServerLimits, StreamingResponse
+from rtcore.transport import HttpRequest, HttpResponse, ServerLimits, StreamingResponse
 
 from .helpers import (
     Recorder,

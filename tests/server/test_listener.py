@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed as ClientClosed
 
-from rtcore.server import (
+from rtcore.transport import (
     ConnectionClosed,
     FrameTransport,
     HttpRequest,

@@ -16,11 +16,11 @@ from websockets.streams import StreamReader
 from wsproto.frame_protocol import CloseReason, FrameProtocol, RsvBits
 from wsproto.frame_protocol import Opcode as WsOpcode
 
-from rtcore.server import HttpError, ServerLimits, WebSocketPolicy, WebSocketTransport
-from rtcore.server.deflate import BoundedPerMessageDeflate
-from rtcore.server.handshake import accept_key, negotiate
-from rtcore.server.head import HeadScanner
-from rtcore.server.wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
+from rtcore.transport import HttpError, ServerLimits, WebSocketPolicy, WebSocketTransport
+from rtcore.transport.deflate import BoundedPerMessageDeflate
+from rtcore.transport.handshake import accept_key, negotiate
+from rtcore.transport.head import HeadScanner
+from rtcore.transport.wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.exceptions import InvalidStatus
 
-from rtcore.server import (
+from rtcore.transport import (
     ConnectionClosed,
     FrameTransport,
     ServerLimits,

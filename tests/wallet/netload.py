@@ -51,7 +51,7 @@ def build_app(store: WalletStore | str, *, sweep_every: float = 30.0) -> App:
 
     The sweep's first tick runs at startup; the period is long because a
     tick that overruns its period under load currently makes the loop runner
-    sleep a negative time and crash the node (rtcore.processors, reported).
+    sleep a negative time and crash the node (rtcore.engine.processors, reported).
     """
     app = App("wallet-load")
     rtcore.wallet.install(app, store, sweep_every=sweep_every)

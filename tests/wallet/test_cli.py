@@ -23,7 +23,7 @@ import pytest
 from rtcore.backends import open_backend
 from rtcore.wallet import TransferRequest, open_wallet_store
 from rtcore.wallet.cli import EXIT_ERROR, EXIT_MISMATCH, EXIT_OK, add_wallet_commands, main
-from rtcore.wallet.commands import BALANCE_CHANGED
+from rtcore.wallet.router import BALANCE_CHANGED
 from tests.wallet.stores import PG_URL, require_store
 
 

@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 
 from rtcore.wallet import Hold, HoldRequest, TransferRequest, WalletError, WalletStore
-from rtcore.wallet.reconcile import check_ledger
+from rtcore.wallet.reconciliation import check_ledger
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,7 @@ import rtcore.wallet
 from rtcore import App, Node, Principal
 from rtcore.testing import FakeClock, connect, serve
 from rtcore.wallet import HoldRequest, LazyWalletStore, TransferRequest, WalletStore, last_balance_event, reconcile
-from rtcore.wallet.commands import SWEEP_LOOP
+from rtcore.wallet.router import SWEEP_LOOP
 
 pytestmark = pytest.mark.anyio
 

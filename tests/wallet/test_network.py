@@ -22,7 +22,7 @@ import anyio.abc
 import pytest
 
 from rtcore.backends import open_backend
-from rtcore.runner import Server
+from rtcore.server.runner import Server
 from rtcore.wallet import WalletStore, last_balance_event, open_wallet_store, reconcile
 from tests.wallet.netload import (
     ADMIN_TOKEN,

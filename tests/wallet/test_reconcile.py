@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from rtcore.wallet import Account, Balance, Entry, LedgerSnapshot
-from rtcore.wallet.reconcile import check_ledger
+from rtcore.wallet.reconciliation import check_ledger
 
 pytestmark = pytest.mark.anyio
 

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from rtcore.wallet import HoldRequest, TransferRequest, WalletError, WalletStore
-from rtcore.wallet.reconcile import check_ledger
+from rtcore.wallet.reconciliation import check_ledger
 from tests.wallet.stores import STORE_KINDS, fresh_store, require_store
 
 T0 = 1_700_000_000.0

@@ -24,9 +24,19 @@ so the rules stay testable with a fake clock.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
-import msgspec
+from ..protocol.types import (
+    AppendResult,
+    Event,
+    GroupMessage,
+    IdempotencyRecord,
+    Outcome,
+    ReadResult,
+    Retention,
+    Snapshot,
+    StreamInfo,
+)
 
 __all__ = [
     "AppendResult",
@@ -47,99 +57,6 @@ __all__ = [
     "SnapshotStore",
     "StreamInfo",
 ]
-
-
-class Event(msgspec.Struct, frozen=True):
-    """One stored event.
-
-    Attributes:
-        stream: Stream name (``kind:id``).
-        epoch: The stream's epoch when the event was appended.
-        offset: Dense position in the stream, from 1.
-        type: Application event type.
-        data: Payload as msgspec builtins (dicts, lists, str, int, ...).
-        ts: Append time, Unix seconds.
-        key: The idempotency key of the append, if any.
-    """
-
-    stream: str
-    epoch: str
-    offset: int
-    type: str
-    data: Any
-    ts: float
-    key: str | None = None
-
-
-class AppendResult(msgspec.Struct, frozen=True):
-    """What :meth:`EventLog.append` returns: the event and whether it existed already."""
-
-    event: Event
-    duplicate: bool = False
-
-
-class StreamInfo(msgspec.Struct, frozen=True):
-    """The shape of a stream right now.
-
-    Attributes:
-        epoch: Current epoch (a stream that never existed gets one on first touch).
-        head: Offset of the last event (0 if none was ever appended).
-        first: Offset of the oldest retained event (``head + 1`` when none is retained).
-    """
-
-    epoch: str
-    head: int
-    first: int
-
-
-class ReadResult(msgspec.Struct, frozen=True):
-    """A page of history plus the stream's shape at the time of the read."""
-
-    epoch: str
-    head: int
-    first: int
-    events: list[Event]
-
-
-class Retention(msgspec.Struct, frozen=True):
-    """How much history a stream keeps: ``max_events`` and/or ``max_age`` seconds."""
-
-    max_events: int | None = None
-    max_age: float | None = None
-
-
-class Outcome(msgspec.Struct, frozen=True):
-    """The stored answer to a command: ``ok`` with ``result``, or an error."""
-
-    ok: bool
-    result: Any = None
-    code: str | None = None
-    message: str | None = None
-    http_status: int | None = None  # so a replayed error keeps the status of the first answer
-
-
-class IdempotencyRecord(msgspec.Struct, frozen=True):
-    """One idempotency entry.
-
-    ``state`` is ``"pending"`` while the command runs (with a short lease in
-    ``expires`` so a crashed node does not block the key forever) and
-    ``"done"`` once ``outcome`` is stored (``expires`` = now + TTL).
-    """
-
-    fingerprint: bytes
-    state: Literal["pending", "done"]
-    expires: float
-    outcome: Outcome | None = None
-
-
-class Snapshot(msgspec.Struct, frozen=True):
-    """Folded state of a stateful stream after ``offset`` (state in canonical msgpack)."""
-
-    stream: str
-    epoch: str
-    offset: int
-    state: bytes
-    checksum: str
 
 
 @runtime_checkable
@@ -232,7 +149,7 @@ class IdempotencyStore(Protocol):
         Returns ``None`` when the caller now owns the key (a pending record with
         ``expires = now + lease`` was written, or an expired one replaced).
         Otherwise returns the live record untouched, whatever its fingerprint:
-        the caller decides (see :mod:`rtcore.idempotency`).
+        the caller decides (see :mod:`rtcore.protocol.idempotency`).
         """
         ...
 
@@ -290,22 +207,6 @@ class LeaseStore(Protocol):
     async def release(self, name: str, holder: str) -> None:
         """Give the lease up if ``holder`` has it."""
         ...
-
-
-class GroupMessage(msgspec.Struct, frozen=True):
-    """One event delivered to one member of a consumer group.
-
-    Attributes:
-        id: Delivery id to pass to :meth:`GroupLog.ack` (opaque; the position in
-            the global log).
-        event: The event.
-        deliveries: How many times the group has handed this event out (1 the
-            first time; more after a member died or timed out holding it).
-    """
-
-    id: str
-    event: Event
-    deliveries: int = 1
 
 
 @runtime_checkable

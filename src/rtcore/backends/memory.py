@@ -7,7 +7,7 @@ what makes them atomic on one event loop; the live feed is pushed from inside
 
 Consumer groups (:class:`MemoryGroupLog`) run over an in-process global list
 of every appended event, numbered by a global sequence and capped at
-:data:`GLOBAL_LOG_MAX` entries. Several :class:`~rtcore.node.Node` objects
+:data:`GLOBAL_LOG_MAX` entries. Several :class:`~rtcore.engine.node.Node` objects
 sharing one :class:`MemoryBackend` form a real group; nothing survives the
 process, so the group's position does not either.
 """

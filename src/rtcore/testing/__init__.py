@@ -1,7 +1,7 @@
 """Test helpers, public API: an in-process client, faults, a fake clock.
 
-Everything here talks to a real :class:`~rtcore.node.Node` through the same
-:func:`~rtcore.gateway.serve_session` driver the WebSocket server uses, over
+Everything here talks to a real :class:`~rtcore.engine.node.Node` through the same
+:func:`~rtcore.server.gateway.serve_session` driver the WebSocket server uses, over
 an in-memory message transport that still encodes and decodes every frame.
 No sockets, so tests are fast and deterministic, but nothing is mocked
 between the frame bytes and the application.
@@ -28,10 +28,11 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..app import App
-from ..codec import codec_for
+from ..engine.app import App
+from ..engine.node import Node
 from ..errors import RtcoreError
-from ..frames import (
+from ..protocol.codec import codec_for
+from ..protocol.frames import (
     Ack,
     Bye,
     Cmd,
@@ -49,9 +50,8 @@ from ..frames import (
     Unsub,
     Welcome,
 )
-from ..gateway import ConnectionClosed, FrameTransport, serve_session
-from ..node import Node
-from ..streams import ClientCursor
+from ..protocol.streams import ClientCursor
+from ..server.gateway import ConnectionClosed, FrameTransport, serve_session
 
 __all__ = [
     "Client",
@@ -196,7 +196,7 @@ class FaultyTransport:
 class Client:
     """An in-process protocol client with the reconnect rules of a real one.
 
-    It keeps a :class:`~rtcore.streams.ClientCursor` per stream, resubscribes
+    It keeps a :class:`~rtcore.protocol.streams.ClientCursor` per stream, resubscribes
     from it on :meth:`reconnect`, and drops duplicates, so :attr:`seen` is what
     the application would see. Missed-event notices (``subbed`` with
     ``recovered`` false, ``snap``) are recorded in :attr:`notices`.

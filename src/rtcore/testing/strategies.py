@@ -24,8 +24,8 @@ from typing import Any
 import msgspec
 from hypothesis import strategies as st
 
-from ..codec import Encoding, codec_for
-from ..frames import (
+from ..protocol.codec import Encoding, codec_for
+from ..protocol.frames import (
     PROTOCOL_VERSION,
     Ack,
     Auth,
@@ -83,7 +83,7 @@ def request_ids() -> st.SearchStrategy[int]:
 
 
 def stream_names() -> st.SearchStrategy[str]:
-    """Valid stream names (``kind:id``) accepted by :func:`rtcore.streams.check_stream`."""
+    """Valid stream names (``kind:id``) accepted by :func:`rtcore.protocol.streams.check_stream`."""
     part = st.text(_NAME_ALPHABET, min_size=1, max_size=12)
     return st.builds(lambda kind, ident: f"{kind}:{ident}", part, part)
 
@@ -209,7 +209,7 @@ def frame_like_values() -> st.SearchStrategy[Any]:
     or missing, and a random selection of frame fields holding values of the
     right or a wrong type (plus unknown fields); sometimes a valid frame as a
     dict, sometimes not a dict at all. Encode them with
-    :meth:`rtcore.codec.Codec.encode` to fuzz a decoder or a session.
+    :meth:`rtcore.protocol.codec.Codec.encode` to fuzz a decoder or a session.
     """
     tag = st.one_of(st.sampled_from(CLIENT_TAGS), texts(max_size=6), _INT64, st.none())
     fields = st.dictionaries(st.sampled_from(_FIELDS), _field_values(), max_size=6)

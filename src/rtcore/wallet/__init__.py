@@ -6,44 +6,39 @@ Layers (each only knows the ones below it):
 * :mod:`rtcore.wallet.store` - the :class:`WalletStore` interface and
   :func:`open_wallet_store`; engines in :mod:`~rtcore.wallet.sqlite_store`
   and :mod:`~rtcore.wallet.postgres_store` run the rules in real transactions;
-* :mod:`rtcore.wallet.reconcile` - proves balances, entries and streams agree;
-* :mod:`rtcore.wallet.commands` - the ``wallet.*`` commands for an App:
+* :mod:`rtcore.wallet.reconciliation` - proves balances, entries and streams agree;
+* :mod:`rtcore.wallet.router` - the ``wallet.*`` commands for an App:
   ``app.include(rtcore.wallet.commands(store))``, or
   ``rtcore.wallet.install(app, store_or_url)`` which also schedules the
   sweep (hold expiry and outbox flush) as an ``@app.loop``;
 * :mod:`rtcore.wallet.cli` - ``rtcore wallet reconcile``.
 
-``rtcore.wallet.commands`` is the router factory (a function), not the module:
-the package re-exports it under the module's name so the one-liner above reads
-naturally. Import argument types with ``from rtcore.wallet.commands import ...``.
+``rtcore.wallet.commands`` is the router factory (a function) from
+:mod:`rtcore.wallet.router`. Import argument types with
+``from rtcore.wallet.router import ...``.
 
 See docs/wallet.md for the model, the guarantees and the error codes.
 """
 
 from __future__ import annotations
 
-from .commands import WalletRouter, commands, install, last_balance_event
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .errors import WALLET_ERROR_CODES, WalletError
-from .ledger import (
-    Account,
-    Balance,
-    BalanceChanged,
-    Entry,
-    Hold,
-    HoldRequest,
-    Transfer,
-    TransferRequest,
-)
-from .reconcile import Mismatch, ReconcileReport, check_ledger, reconcile
-from .store import (
-    HistoryPage,
-    HoldResult,
-    LazyWalletStore,
-    LedgerSnapshot,
-    TransferResult,
-    WalletStore,
-    open_wallet_store,
-)
+
+if TYPE_CHECKING:
+    from .engines import LazyWalletStore, open_wallet_store
+    from .ledger import Account, Balance, BalanceChanged, Entry, Hold, HoldRequest, Transfer, TransferRequest
+    from .reconciliation import Mismatch, ReconcileReport, check_ledger, reconcile
+    from .router import WalletRouter, commands, install, last_balance_event
+    from .store import (
+        HistoryPage,
+        HoldResult,
+        LedgerSnapshot,
+        TransferResult,
+        WalletStore,
+    )
 
 __all__ = [
     "WALLET_ERROR_CODES",
@@ -72,3 +67,46 @@ __all__ = [
     "open_wallet_store",
     "reconcile",
 ]
+
+
+# Public names are imported on first use (as websockets does), so that
+# importing a sans-IO submodule such as ``rtcore.protocol.frames`` does not load
+# the engine, the server and anyio through this package's ``__init__``.
+_LAZY: dict[str, str] = {
+    "Account": ".ledger",
+    "Balance": ".ledger",
+    "BalanceChanged": ".ledger",
+    "check_ledger": ".reconciliation",
+    "commands": ".router",
+    "Entry": ".ledger",
+    "HistoryPage": ".store",
+    "Hold": ".ledger",
+    "HoldRequest": ".ledger",
+    "HoldResult": ".store",
+    "install": ".router",
+    "last_balance_event": ".router",
+    "LazyWalletStore": ".engines",
+    "LedgerSnapshot": ".store",
+    "Mismatch": ".reconciliation",
+    "open_wallet_store": ".engines",
+    "reconcile": ".reconciliation",
+    "ReconcileReport": ".reconciliation",
+    "Transfer": ".ledger",
+    "TransferRequest": ".ledger",
+    "TransferResult": ".store",
+    "WalletRouter": ".router",
+    "WalletStore": ".store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

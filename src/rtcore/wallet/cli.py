@@ -31,9 +31,9 @@ import anyio
 import msgspec
 
 from ..errors import RtcoreError
-from .commands import last_balance_event
-from .reconcile import ReconcileReport, reconcile
-from .store import open_wallet_store
+from .engines import open_wallet_store
+from .reconciliation import ReconcileReport, reconcile
+from .router import last_balance_event
 
 __all__ = ["EXIT_ERROR", "EXIT_MISMATCH", "EXIT_OK", "add_wallet_commands", "main", "run_reconcile"]
 
@@ -173,7 +173,7 @@ def format_report(report: ReconcileReport, store_url: str, events_url: str | Non
     """The text report: a summary, the totals, then every mismatch.
 
     Args:
-        report: What :func:`~rtcore.wallet.reconcile` returned.
+        report: What :func:`~rtcore.wallet.reconciliation` returned.
         store_url: Shown in the header (password removed).
         events_url: Shown in the header when streams were checked.
 

@@ -2,7 +2,7 @@
 
 One :class:`HttpConnection` drives one TCP (or TLS) connection: it reads a
 request, answers it, and repeats while keep-alive allows, or hands the
-connection over to :mod:`rtcore.server.websocket` after a 101.
+connection over to :mod:`rtcore.transport.websocket` after a 101.
 
 Why it is built this way:
 
@@ -10,7 +10,7 @@ Why it is built this way:
   arrive in one read, bare-LF line endings, and ``Content-Length`` together
   with ``Transfer-Encoding`` (keeping the connection open, which RFC 9112
   §6.3 forbids). Every request head is therefore held back until
-  :class:`~rtcore.server.head.HeadScanner` has validated it, and the framing
+  :class:`~rtcore.transport.head.HeadScanner` has validated it, and the framing
   headers are checked before a body byte is read.
 * **A fresh h11 connection per request.** The scanner must see a request's
   bytes before h11 does, but h11 buffers what follows the previous request.
@@ -19,7 +19,7 @@ Why it is built this way:
   microseconds; HTTP here is the control plane, WebSocket is the data plane).
 * **Deadlines, not trust.** Slow heads (408), slow bodies (408), idle
   keep-alive connections (silent close) and stuck writes all have a limit
-  from :class:`~rtcore.server.config.ServerLimits`.
+  from :class:`~rtcore.transport.config.ServerLimits`.
 * **Errors are JSON and final.** Every error the server itself produces is
   ``{"code": ..., "message": ...}`` with the matching status and closes the
   connection afterwards (we may not have read the request body, so the
@@ -59,7 +59,7 @@ from .websocket import STREAM_ERRORS, WebSocketHandler, WebSocketTransport, run_
 
 __all__ = ["HttpConnection", "HttpHandler", "ServerState", "render_error"]
 
-log = logging.getLogger("rtcore.server")
+log = logging.getLogger("rtcore.transport")
 
 #: The application's HTTP entry point.
 HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse | StreamingResponse]]

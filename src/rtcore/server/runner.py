@@ -1,8 +1,8 @@
-"""Serve an :class:`~rtcore.app.App` over the network: routes, sessions, shutdown.
+"""Serve an :class:`~rtcore.engine.app.App` over the network: routes, sessions, shutdown.
 
-This module joins the three pieces: a :class:`~rtcore.node.Node` (the app on
-its backend), the transport in :mod:`rtcore.server` (HTTP and WebSocket on one
-port) and the session driver :func:`~rtcore.gateway.serve_session`. Every
+This module joins the three pieces: a :class:`~rtcore.engine.node.Node` (the app on
+its backend), the transport in :mod:`rtcore.transport` (HTTP and WebSocket on one
+port) and the session driver :func:`~rtcore.server.gateway.serve_session`. Every
 route is a thin adapter over a node method, so WebSocket and HTTP share one
 idempotency store, one hub and one set of error codes.
 
@@ -54,17 +54,16 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskStatus
 
-from . import frames
-from .app import App, Principal
-from .backends import Backend
-from .codec import codec_for
-from .errors import RtcoreError
-from .frames import Limits, Position
-from .gateway import ConnectionClosed, serve_session
-from .hub import EncodedEvent
-from .node import Node
-from .server import FrameTransport as _WsTransport
-from .server import (
+from ..backends import Backend
+from ..engine.app import App, Principal
+from ..engine.hub import EncodedEvent
+from ..engine.node import Node
+from ..errors import RtcoreError
+from ..protocol import frames
+from ..protocol.codec import codec_for
+from ..protocol.frames import Limits, Position
+from ..transport import FrameTransport as _WsTransport
+from ..transport import (
     HttpRequest,
     HttpResponse,
     ServerControl,
@@ -76,10 +75,11 @@ from .server import (
     json_response,
     serve,
 )
+from .gateway import ConnectionClosed, serve_session
 
 __all__ = ["ROLES", "Server", "run"]
 
-log = logging.getLogger("rtcore.runner")
+log = logging.getLogger("rtcore.server.runner")
 
 #: Roles a process can take (``rtcore serve --role``).
 ROLES = frozenset({"gateway", "api", "processor"})
@@ -108,12 +108,12 @@ class Server:
         roles: Which of ``gateway`` (WebSocket/SSE), ``api`` (HTTP commands and
             history) and ``processor`` (``@app.on`` and loops) this process runs.
         grace: Seconds in-flight commands get to finish on shutdown.
-        limits: Transport limits (sizes, timeouts): :class:`~rtcore.server.ServerLimits`.
+        limits: Transport limits (sizes, timeouts): :class:`~rtcore.transport.ServerLimits`.
         session_limits: Per-session protocol limits announced in ``welcome``
             (:class:`~rtcore.Limits`: subscriptions, command rate, idle
             timeout...). Its ``max_message_size`` is replaced by the
             transport's ``limits.max_message_bytes``, the limit really enforced.
-        node_options: Passed to :class:`~rtcore.node.Node` (``heartbeat``,
+        node_options: Passed to :class:`~rtcore.engine.node.Node` (``heartbeat``,
             ``token_grace``, ``outbox``, ``clock``...).
     """
 
@@ -368,7 +368,7 @@ class Server:
         )
 
     def _metrics(self) -> HttpResponse:
-        from .metrics import render  # imported lazily: prometheus-client is only needed here
+        from ..engine.metrics import render  # imported lazily: prometheus-client is only needed here
 
         assert self.node is not None
         body, content_type = render(self.node)
@@ -444,7 +444,7 @@ class _SseFeed:
 
 
 class _CmdDoc(msgspec.Struct, frozen=True, tag_field="t", tag="cmd"):
-    """Schema twin of :class:`~rtcore.frames.Cmd` (whose ``args`` stay raw bytes)."""
+    """Schema twin of :class:`~rtcore.protocol.frames.Cmd` (whose ``args`` stay raw bytes)."""
 
     id: frames.RequestId
     name: str

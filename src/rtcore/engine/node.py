@@ -1,7 +1,7 @@
-"""A node runs an :class:`~rtcore.app.App` on a backend.
+"""A node runs an :class:`~rtcore.engine.app.App` on a backend.
 
 One node per process (or per test). It owns the backend's live feed and the
-:class:`~rtcore.hub.Hub`, folds stateful streams, runs processors, dispatches
+:class:`~rtcore.engine.hub.Hub`, folds stateful streams, runs processors, dispatches
 commands through the idempotency layer, and starts subscriptions with the
 catch-up → live handoff. Transports (WebSocket, HTTP, SSE, in-process) are
 thin drivers over the methods here, which is why a command retried over HTTP
@@ -27,18 +27,18 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
+from ..backends import Backend, open_backend
+from ..backends.base import Event, Outcome, ReadResult, Snapshot
+from ..errors import AuthError, RtcoreError
+from ..protocol.codec import codec_for
+from ..protocol.frames import Limits, Position, Snap, Sync
+from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
+from ..protocol.state import StreamState
+from ..protocol.streams import Delivery, Phase, Plan, check_stream, plan_resume
 from .app import App, Context, Principal
-from .backends import Backend, open_backend
-from .backends.base import Event, Outcome, ReadResult, Snapshot
-from .codec import codec_for
-from .errors import AuthError, RtcoreError
-from .frames import Limits, Position, Snap, Sync
 from .hub import EncodedEvent, Hub, Tail
-from .idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
 from .metrics import NodeMetrics
 from .processors import Processors
-from .state import StreamState
-from .streams import Delivery, Phase, Plan, check_stream, plan_resume
 
 __all__ = ["ROLES", "Node", "Reply", "Subscription"]
 
@@ -46,7 +46,7 @@ __all__ = ["ROLES", "Node", "Reply", "Subscription"]
 #: (``api``), run processors and loops (``processor``).
 ROLES: frozenset[str] = frozenset({"gateway", "api", "processor"})
 
-log = logging.getLogger("rtcore.node")
+log = logging.getLogger("rtcore.engine.node")
 
 
 class Reply(msgspec.Struct, frozen=True):
@@ -137,7 +137,7 @@ class Node:
         node_id: Identifies this node (leases, consumer groups); random by default.
             Give a restarted node its old id to let it take its unacknowledged
             group events back at once.
-        outbox: Default :class:`~rtcore.gateway.OutboxLimits` of its sessions.
+        outbox: Default :class:`~rtcore.server.gateway.OutboxLimits` of its sessions.
         roles: Subset of :data:`ROLES`; only nodes with ``"processor"`` run
             processors and loops (the server enforces the others).
     """
@@ -162,7 +162,7 @@ class Node:
         #: What this node does (see :data:`ROLES`).
         self.roles = frozenset(roles)
         self.app = app
-        #: Send-queue bounds for sessions (:class:`rtcore.gateway.OutboxLimits`).
+        #: Send-queue bounds for sessions (:class:`rtcore.server.gateway.OutboxLimits`).
         self.outbox = outbox
         self._backend_arg = backend
         self.backend: Backend = backend if isinstance(backend, Backend) else None  # type: ignore[assignment]
@@ -182,7 +182,7 @@ class Node:
         self.draining = False
         self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0}
         self._owns_backend = not isinstance(backend, Backend)
-        #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.metrics`).
+        #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.engine.metrics`).
         self.metrics = NodeMetrics()
 
     # --- lifecycle -----------------------------------------------------------

@@ -3,7 +3,7 @@
 The backend's live feed calls :meth:`Hub.dispatch` once per appended event,
 in offset order per stream. Dispatch never awaits: it folds stateful streams,
 then hands the event to each local :class:`Tail`, whose
-:class:`~rtcore.streams.Delivery` decides (synchronously) whether to emit it,
+:class:`~rtcore.protocol.streams.Delivery` decides (synchronously) whether to emit it,
 drop it as a duplicate, or buffer it while history is being read. The event's
 wire frame is encoded at most once per encoding (:class:`EncodedEvent`) and
 the same bytes are queued for every subscriber, which is where fan-out speed
@@ -22,15 +22,15 @@ from typing import Any
 
 import anyio
 
-from .backends.base import Event, EventLog, LiveFeed
-from .codec import codec_for
-from .errors import RtcoreError
-from .frames import Evt
-from .streams import Delivery, Phase
+from ..backends.base import Event, EventLog, LiveFeed
+from ..errors import RtcoreError
+from ..protocol.codec import codec_for
+from ..protocol.frames import Evt
+from ..protocol.streams import Delivery, Phase
 
 __all__ = ["EncodedEvent", "Hub", "Tail", "evt_frame"]
 
-log = logging.getLogger("rtcore.hub")
+log = logging.getLogger("rtcore.engine.hub")
 
 PAGE = 500
 

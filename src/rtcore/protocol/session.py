@@ -42,8 +42,8 @@ from typing import Any
 
 import msgspec
 
+from ..errors import BadFrame, RtcoreError
 from .codec import Codec
-from .errors import BadFrame, RtcoreError
 from .frames import (
     PROTOCOL_VERSION,
     Ack,

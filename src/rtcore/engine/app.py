@@ -3,7 +3,7 @@
 An :class:`App` is a declaration: which commands exist, how tokens become
 principals, who may do what, how long streams keep history, which streams
 have server-side state, which processors react to events. It holds no
-connections and no storage; a :class:`~rtcore.node.Node` runs it on a
+connections and no storage; a :class:`~rtcore.engine.node.Node` runs it on a
 backend. A :class:`Router` is a reusable group of commands (the wallet ships
 one) mounted with :meth:`App.include`.
 
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
-from .backends.base import Event, Retention
-from .errors import AuthError
-from .state import StateSpec
-from .streams import matches
+from ..errors import AuthError
+from ..protocol.state import StateSpec
+from ..protocol.streams import matches
+from ..protocol.types import Event, Retention
 
 if TYPE_CHECKING:
     from .node import Node

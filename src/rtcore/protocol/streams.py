@@ -28,9 +28,9 @@ from typing import Final
 
 import msgspec
 
-from .backends.base import Event, StreamInfo
-from .errors import RtcoreError
+from ..errors import RtcoreError
 from .frames import Position
+from .types import Event, StreamInfo
 
 __all__ = [
     "MAX_STREAM_NAME",

@@ -19,8 +19,8 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 
-from .backends.base import Event, Snapshot
 from .codec import canonical
+from .types import Event, Snapshot
 
 __all__ = ["StateSpec", "StreamState", "checksum", "encode_state", "state_builtins"]
 
@@ -93,7 +93,7 @@ class StreamState:
 
         Raises:
             ValueError: the event is not the next one (a caller bug: the
-                :class:`~rtcore.streams.Delivery` in front guarantees order).
+                :class:`~rtcore.protocol.streams.Delivery` in front guarantees order).
         """
         if event.epoch != self.epoch or event.offset != self.offset + 1:
             raise ValueError(f"state of {event.stream} at {self.epoch}:{self.offset} cannot fold {event.epoch}:{event.offset}")

@@ -5,7 +5,7 @@ the request's method and headers alone, whether to accept it and with what:
 RFC 6455 §4.2 checks, the ``Origin`` allowlist, subprotocol negotiation and
 (optionally) permessage-deflate. It returns either a :class:`Handshake` (the
 101 headers and the negotiated options) or raises
-:class:`~rtcore.server.errors.HttpError` with the status to answer, before
+:class:`~rtcore.transport.errors.HttpError` with the status to answer, before
 anything is upgraded. Keeping it free of I/O makes every refusal testable
 without sockets.
 

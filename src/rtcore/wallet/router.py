@@ -53,13 +53,14 @@ from typing import Any, Final, Protocol
 import anyio
 import msgspec
 
-from ..app import App, Context, Principal, Router
 from ..backends.base import EventLog
+from ..engine.app import App, Context, Principal, Router
 from ..errors import AuthError
+from .engines import LazyWalletStore
 from .errors import WalletError
 from .ledger import Account, Balance, BalanceChanged, Entry, Hold, HoldRequest, Transfer, TransferRequest
-from .reconcile import LastEvent
-from .store import LazyWalletStore, WalletStore
+from .reconciliation import LastEvent
+from .store import WalletStore
 
 __all__ = [
     "BalanceArgs",
@@ -585,7 +586,7 @@ def install(
 
 
 def last_balance_event(events: EventLog) -> LastEvent:
-    """A ``last_event`` callable for :func:`~rtcore.wallet.reconcile` reading an event log.
+    """A ``last_event`` callable for :func:`~rtcore.wallet.reconciliation` reading an event log.
 
     Args:
         events: The backend's event log (``node.backend.events``).

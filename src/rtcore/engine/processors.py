@@ -2,7 +2,7 @@
 
 Three kinds, one module, because they share the same concerns (retries,
 dead letters, surviving a flaky backend, stopping cleanly) and none of them
-belongs in the request path that :mod:`rtcore.node` is about:
+belongs in the request path that :mod:`rtcore.engine.node` is about:
 
 * **Local processors** (``@app.on(pattern)``) run on every node, fed by the
   node's live feed through a bounded queue. Cheap and best effort: events
@@ -21,7 +21,7 @@ belongs in the request path that :mod:`rtcore.node` is about:
   successor starts at once.
 
 Only nodes with the ``processor`` role run any of them (see
-:class:`~rtcore.node.Node`). Everything here tolerates backend errors: it
+:class:`~rtcore.engine.node.Node`). Everything here tolerates backend errors: it
 logs, waits a moment and goes on, because a processor that dies with a Redis
 restart would silently stop the app's reactions.
 """
@@ -36,17 +36,17 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..backends.base import Event, GroupLog, GroupMessage
+from ..errors import RtcoreError
+from ..protocol.streams import matches
 from .app import Context, LoopSpec, ProcessorSpec
-from .backends.base import Event, GroupLog, GroupMessage
-from .errors import RtcoreError
-from .streams import matches
 
 if TYPE_CHECKING:
     from .node import Node
 
 __all__ = ["Processors", "backoff"]
 
-log = logging.getLogger("rtcore.processors")
+log = logging.getLogger("rtcore.engine.processors")
 
 #: Events a group member takes per read (also what it may lose to others if it hangs).
 BATCH = 16

@@ -13,7 +13,7 @@ every connection task without locking and compared in tests:
 
 Every limit is enforced by this package itself, because h11 and wsproto
 enforce almost none of them (see the module docstrings of
-:mod:`rtcore.server.head` and :mod:`rtcore.server.deflate`).
+:mod:`rtcore.transport.head` and :mod:`rtcore.transport.deflate`).
 """
 
 from __future__ import annotations

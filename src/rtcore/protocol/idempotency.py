@@ -22,9 +22,9 @@ from typing import Any, Final
 
 import msgspec
 
-from .backends.base import IdempotencyRecord, Outcome
+from ..errors import IdempotencyError
 from .codec import canonical
-from .errors import IdempotencyError
+from .types import IdempotencyRecord, Outcome
 
 __all__ = [
     "DEFAULT_LEASE",

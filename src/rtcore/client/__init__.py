@@ -17,7 +17,7 @@ client asks for). The client turns that into *exactly once, in order, or
 told*:
 
 1. **Positions.** Every subscription keeps a
-   :class:`~rtcore.streams.ClientCursor`: the epoch and offset of the last
+   :class:`~rtcore.protocol.streams.ClientCursor`: the epoch and offset of the last
    event it queued for the application. After any reconnect it resubscribes
    with ``since`` = that position, so the server replays exactly what is
    missing.
@@ -103,9 +103,9 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
-from .codec import Codec, Encoding, codec_for
-from .errors import BadFrame, RtcoreError
-from .frames import (
+from ..errors import BadFrame, RtcoreError
+from ..protocol.codec import Codec, Encoding, codec_for
+from ..protocol.frames import (
     Ack,
     Auth,
     Bye,
@@ -123,8 +123,8 @@ from .frames import (
     Unsub,
     Welcome,
 )
-from .frames import Ping as PingFrame
-from .streams import ClientCursor
+from ..protocol.frames import Ping as PingFrame
+from ..protocol.streams import ClientCursor
 
 __all__ = ["Client", "Missed", "Subscription", "backoff_delay", "connect"]
 
@@ -421,7 +421,7 @@ class _Request:
 class Subscription:
     """One stream subscription; iterate it for events (each exactly once, in order).
 
-    Items are :class:`~rtcore.frames.Evt` frames and :class:`Missed`
+    Items are :class:`~rtcore.protocol.frames.Evt` frames and :class:`Missed`
     notices. Iteration ends after :meth:`unsubscribe` or when the client is
     closed by the application, and raises :class:`~rtcore.errors.RtcoreError`
     when the client was closed by an error (or the server refused a

@@ -1,4 +1,4 @@
-"""Drives one :class:`~rtcore.session.Session` over any frame transport.
+"""Drives one :class:`~rtcore.protocol.session.Session` over any frame transport.
 
 Every bidirectional transport (WebSocket, the in-process test transport, the
 fault-injecting wrapper) implements :class:`FrameTransport` and hands itself
@@ -27,13 +27,12 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from .codec import Codec, codec_for
-from .errors import RtcoreError
-from .frames import Err, Ok, Subbed
-from .hub import EncodedEvent
-from .node import Node, Subscription
-from .server.errors import ConnectionClosed
-from .session import (
+from ..engine.hub import EncodedEvent
+from ..engine.node import Node, Subscription
+from ..errors import RtcoreError
+from ..protocol.codec import Codec, codec_for
+from ..protocol.frames import Err, Ok, Subbed
+from ..protocol.session import (
     Action,
     Close,
     DoAck,
@@ -44,10 +43,11 @@ from .session import (
     Send,
     Session,
 )
+from ..transport.errors import ConnectionClosed
 
 __all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
 
-log = logging.getLogger("rtcore.gateway")
+log = logging.getLogger("rtcore.server.gateway")
 
 
 class FrameTransport(Protocol):
@@ -188,7 +188,7 @@ class _Connection:
         self.metrics.bytes_out += size
         ts, self._unwritten_ts = self._unwritten_ts, 0.0
         if ts:
-            # Once per write, for its oldest live event (see rtcore.metrics).
+            # Once per write, for its oldest live event (see rtcore.engine.metrics).
             self.metrics.written.observe(self.node.clock() - ts)
 
     async def push_backlog(self, frames: list[bytes]) -> None:
@@ -227,7 +227,7 @@ class _Connection:
                 finally:
                     self._writer_busy = False
                 if ts:
-                    # Once per write, for its oldest live event (see rtcore.metrics).
+                    # Once per write, for its oldest live event (see rtcore.engine.metrics).
                     self.metrics.written.observe(self.node.clock() - ts)
                 if self._queue:
                     self._wake.set()  # queued while we were sending

@@ -43,7 +43,7 @@ from .websocket import WebSocketHandler
 
 __all__ = ["ServerControl", "serve"]
 
-log = logging.getLogger("rtcore.server")
+log = logging.getLogger("rtcore.transport")
 
 # accept() failures that mean "out of resources for now", not "listener broken".
 _TRANSIENT_ACCEPT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

@@ -4,7 +4,7 @@ Design, and why:
 
 * **wsproto parses, we frame.** Inbound bytes go through
   ``wsproto.Connection`` (frame parsing, masking, UTF-8 validation, close
-  codes). Outbound data frames are built by :mod:`rtcore.server.wsframes`
+  codes). Outbound data frames are built by :mod:`rtcore.transport.wsframes`
   and a whole batch goes out in **one** socket write (the biggest speed win
   measured in ANCHORS.md). Control frames (ping, pong, close) still go
   through wsproto so its state machine knows the connection is closing.
@@ -15,7 +15,7 @@ Design, and why:
   reading and TCP backpressure reaches the client. Keepalive and close work
   even while the application is busy with a long command.
 * **Limits wsproto lacks**: message size counted across fragments (and after
-  inflating, see :mod:`rtcore.server.deflate`), fragments per message; both
+  inflating, see :mod:`rtcore.transport.deflate`), fragments per message; both
   close with 1009. A heartbeat task pings every ``ping_interval`` and closes
   with 1011 when no pong comes back within ``ping_timeout``.
 * **asyncio fast path.** On asyncio, with a plain TCP stream, writes go to
@@ -33,7 +33,7 @@ Design, and why:
 * **Closing** follows RFC 6455 §7: whoever closes first sends a close frame
   and waits (``close_timeout``) for the other's; the server then closes TCP.
   Every way the connection ends surfaces to the application as one exception,
-  :class:`~rtcore.server.errors.ConnectionClosed`, with the code that
+  :class:`~rtcore.transport.errors.ConnectionClosed`, with the code that
   explains it (peer's code, ours, or 1006 when TCP was lost).
 """
 
@@ -58,7 +58,7 @@ from .wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
 
 __all__ = ["FrameTransport", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
 
-log = logging.getLogger("rtcore.server")
+log = logging.getLogger("rtcore.transport")
 
 #: What a dead or closed byte stream raises (ssl.SSLError is an OSError).
 STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)

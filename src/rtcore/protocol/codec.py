@@ -15,7 +15,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from .errors import BadFrame
+from ..errors import BadFrame
 from .frames import ClientFrame, Cmd, ServerFrame
 
 __all__ = ["ENCODINGS", "Codec", "Encoding", "canonical", "codec_for"]
