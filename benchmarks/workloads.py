@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 
-PAYLOAD = "x" * 64  # ~100-byte frames, as in ANCHORS.md
+PAYLOAD = "x" * 64  # ~100-byte frames
 
 
 async def open_conn(url: str, token: str = "bench") -> ClientConnection:

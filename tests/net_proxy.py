@@ -1,6 +1,6 @@
 """An in-process TCP proxy that cuts, stalls and resets connections.
 
-``tc netem`` is not available on the CI machines (ANCHORS.md), so network
+``tc netem`` is not available on the CI machines, so network
 faults between a real client and a real server come from this proxy instead:
 the client connects to the proxy, the proxy to the server, and a test can
 

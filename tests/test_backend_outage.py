@@ -1,4 +1,4 @@
-"""A backend outage fails requests, never the node (DESIGN: the server keeps serving)."""
+"""A backend outage fails requests, never the node: the server keeps serving."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Idempotency (DESIGN §6): one key, one execution, one result.
+"""Idempotency: one key, one execution, one result.
 
 The Hypothesis test races N clients (both encodings) sending the same command
 with the same key while the first execution is held in flight, mixes in the

@@ -1,4 +1,4 @@
-"""The sans-IO core never imports an event loop, a socket or a clock (DESIGN §3).
+"""The sans-IO core never imports an event loop, a socket or a clock.
 
 Two independent checks per module:
 
