@@ -176,7 +176,7 @@ class RtcoreError(Exception):
 
 
 def _rebuild(
-    cls: type[RtcoreError], message: str, code: str, retryable: bool, http_status: int
+    cls: type[RtcoreError], message: str, code: str, retryable: bool | None, http_status: int | None
 ) -> RtcoreError:
     # Subclasses have their own __init__ signatures (Rejected takes the code
     # first, ConnectionClosed the close code): bypass them and set the common
@@ -390,9 +390,4 @@ def error_from_wire(code: str, message: str, retryable: bool | None = None, http
         fields the wire does not carry (``BadFrame.field``,
         ``ConnectionClosed.close_code``) keep their class defaults.
     """
-    return _rebuild(error_class(code), message, code, *_wire_defaults(code, retryable, http_status))
-
-
-def _wire_defaults(code: str, retryable: bool | None, http_status: int | None) -> tuple[bool, int]:
-    info = error_info(code)
-    return (info.retryable if retryable is None else retryable, info.http_status if http_status is None else http_status)
+    return _rebuild(error_class(code), message, code, retryable, http_status)
