@@ -488,3 +488,41 @@ def test_protocol_doc_names_the_owner_of_each_code() -> None:
     section = text[text.index("## 12. Error codes") : text.index("## 13.")]
     rows = dict(_ROW.findall(section))
     assert rows == {code: cls.__name__ for code, cls in OWNERS.items()}
+
+
+@pytest.mark.anyio
+async def test_an_error_after_the_response_head_is_not_answered_twice() -> None:
+    """The HTTP loop answers an escaping ``RtcoreError`` with an error response,
+    but only while nothing of the current response went out: a streaming body
+    (SSE) that fails half-way must end the connection, not get a second status
+    line glued into its chunked body.
+
+    Mutation: in ``HttpConnection._pump`` iterate the chunks outside the task
+    group (so the error escapes bare, not in an exception group) and drop the
+    ``self._committed`` check in ``HttpConnection.run`` → fails.
+    """
+    from collections.abc import AsyncIterator
+    from functools import partial
+
+    import anyio.to_thread
+
+    from rtcore.transport import HttpRequest, HttpResponse, StreamingResponse
+
+    from .server.helpers import Recorder, echo_handler, raw_exchange, running_server, split_response
+
+    async def failing() -> AsyncIterator[bytes]:
+        yield b"data: one\n\n"
+        raise BackendError("the log went away")
+
+    async def on_http(request: HttpRequest) -> HttpResponse | StreamingResponse:
+        return StreamingResponse(200, [(b"content-type", b"text/event-stream")], failing())
+
+    async with running_server(echo_handler(Recorder()), on_http) as srv:
+        raw = await anyio.to_thread.run_sync(
+            partial(raw_exchange, srv.port, b"GET /sse HTTP/1.1\r\nHost: x\r\n\r\n")
+        )
+    status, _, body = split_response(raw)
+    assert status == 200
+    assert b"data: one" in body
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    assert b"backend_unavailable" not in raw

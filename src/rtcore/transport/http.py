@@ -140,16 +140,17 @@ class HttpConnection:
         self._state = state
         self._limits = state.limits
         self._peer = peer_of(stream)
-        self._upgraded = False
+        # True once bytes of the current response (or a 101) went out: from
+        # then on an error can only end the connection, not be answered.
+        self._committed = False
 
     async def run(self) -> None:
         """Serve until the connection ends; never raises for network errors."""
         try:
             await self._serve()
         except RtcoreError as error:
-            if self._upgraded:
-                # After the 101 the stream speaks WebSocket: no HTTP answer any more.
-                log.exception("WebSocket connection failed (peer %s)", self._peer)
+            if self._committed:
+                log.exception("connection failed after its response began (peer %s)", self._peer)
             else:
                 await self._fail(error)
         except _ENDED:
@@ -176,6 +177,7 @@ class HttpConnection:
                 if not data:
                     return  # idle timeout, peer closed or shutdown: close quietly
                 buf += data
+            self._committed = False
             if not first:  # a keep-alive request: its head gets a fresh deadline
                 deadline = anyio.current_time() + limits.header_timeout
             start, _ = await self._read_head(buf, deadline)
@@ -316,6 +318,7 @@ class HttpConnection:
             log.error("invalid streaming response from the HTTP handler: %s", exc)
             raise RtcoreError("the handler returned an invalid response") from None
         assert head is not None
+        self._committed = True
         await self._send(head)
         chunks = aiter(response.body)
         try:
@@ -395,7 +398,7 @@ class HttpConnection:
             response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
             assert response is not None
             await self._stream.send(response)
-        self._upgraded = True
+        self._committed = True
         trailing, _ = conn.trailing_data
         transport = WebSocketTransport(
             self._stream,
