@@ -106,7 +106,7 @@ async def test_unauthenticated_hello_closes_1008() -> None:
             with pytest.raises(rtcore.RtcoreError):
                 await client._open(tg)
             closed = await client.wait_closed()
-            assert closed.code == 1008
+            assert closed.close_code == 1008
             tg.cancel_scope.cancel()
 
 
@@ -220,7 +220,7 @@ async def test_token_expiry_refresh_and_close() -> None:
             clock.advance(6)
             bye = await c2.next_frame(types=(Bye,))
             assert bye.code == "token_expired" and not bye.reconnect
-            assert (await c2.wait_closed()).code == 1008
+            assert (await c2.wait_closed()).close_code == 1008
 
 
 async def test_idle_timeout_says_bye() -> None:
@@ -234,7 +234,7 @@ async def test_idle_timeout_says_bye() -> None:
             clock.advance(11)
             bye = await c.next_frame(types=(Bye,))
             assert bye.code == "idle_timeout" and bye.reconnect
-            assert (await c.wait_closed()).code == 1001
+            assert (await c.wait_closed()).close_code == 1001
 
 
 async def test_slow_consumer_is_cut_with_4008_and_resumes_without_loss() -> None:
@@ -248,7 +248,7 @@ async def test_slow_consumer_is_cut_with_4008_and_resumes_without_loss() -> None
             got = [(await fast.next_event("feed:1")).offset for _ in range(100)]
             assert got == list(range(1, 101))  # the fast one is not slowed or cut
             closed = await slow.wait_closed(timeout=10)
-            assert closed.code == 4008
+            assert closed.close_code == 4008
             assert node.stats["slow_consumers"] == 1
             slow.faults = None
             await slow.reconnect()

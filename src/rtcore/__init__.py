@@ -14,12 +14,15 @@ from .errors import (
     AuthError,
     BackendError,
     BadFrame,
+    BadRequest,
     ConflictError,
+    ConnectionClosed,
     IdempotencyError,
     LimitExceeded,
     ProtocolError,
     Rejected,
     RtcoreError,
+    Unavailable,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +41,9 @@ __all__ = [
     "Backend",
     "BackendError",
     "BadFrame",
+    "BadRequest",
     "ConflictError",
+    "ConnectionClosed",
     "Context",
     "Event",
     "IdempotencyError",
@@ -54,6 +59,7 @@ __all__ = [
     "Router",
     "RtcoreError",
     "Server",
+    "Unavailable",
     "__version__",
     "open_backend",
     "run",

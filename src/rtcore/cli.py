@@ -46,7 +46,13 @@ with 1001, then exits 0. A second signal stops at once.
 
 
 class CliError(Exception):
-    """A user error to print without a traceback (exit status 2)."""
+    """A user error to print without a traceback (exit status 2).
+
+    Deliberately outside the :mod:`rtcore.errors` tree: it is an operator's
+    command-line mistake, never sent to a client, so it has no error code,
+    retry flag or HTTP status, and library code that catches
+    :class:`~rtcore.errors.RtcoreError` must not swallow it.
+    """
 
 
 def load_app(spec: str) -> App:

@@ -2,23 +2,53 @@
 
 Every error a client can see has a stable snake_case ``code``, a ``retryable``
 flag and the HTTP status used when the same error is answered over HTTP. The
-table :data:`ERROR_CODES` is the single source of truth: docs/protocol.md is
-checked against it by a test, and the classes below only pick defaults from it.
+table :data:`ERROR_CODES` is the single source of truth for those facts:
+docs/protocol.md is checked against it by a test, and the classes below only
+pick defaults from it.
 
-The tree, split by who is at fault (as h11 and h2 do)::
+Each built-in code has exactly one *owner* class, given by :func:`error_class`
+(the table ``_CODE_CLASSES``). The server raises a code with its owner, and a
+client rebuilds the owner from an ``err`` frame or an HTTP error body with
+:func:`error_from_wire`, so an application catches ``rtcore.LimitExceeded``
+rather than comparing strings, on either side of the wire. A test
+(tests/test_errors.py) parses src/rtcore and fails when a module builds a code
+with anything but its owner.
 
-    RtcoreError                      .code .message .retryable .http_status
-    ├── ProtocolError                the peer broke the wire protocol
-    │   └── BadFrame                 a frame that does not decode (names the field)
-    ├── Rejected                     an application handler refused a command
-    ├── AuthError                    unauthenticated / forbidden / token_expired
-    ├── LimitExceeded                a per-connection limit (rate, subscriptions, ...)
-    ├── IdempotencyError             key reused with other args / still in progress
-    ├── ConflictError                ``expect`` did not match the stream head
-    └── BackendError                 a storage engine failed (retryable)
+The tree, split by what the caller does about it (as h11 and h2 split by who is
+at fault)::
 
-Errors carry the reply to send (``to_reply()``), so the transport adapters
-never invent codes of their own.
+    RtcoreError              .code .message .retryable .http_status .headers
+    │                        owns: internal (a bug on the server side)
+    ├── ProtocolError        the peer broke the wire protocol; fix the client library
+    │   │                    protocol_violation, unsupported_version
+    │   └── BadFrame         bad_frame (.field, .request_id)
+    ├── BadRequest           the request is wrong; fix the call, do not retry
+    │                        bad_request, bad_args, bad_stream, unknown_command,
+    │                        not_found, method_not_allowed, already_subscribed,
+    │                        not_subscribed
+    ├── AuthError            unauthenticated, token_expired, forbidden
+    ├── LimitExceeded        a per-connection or per-request limit was reached:
+    │                        rate_limited, too_many_inflight, too_many_subscriptions,
+    │                        message_too_big, slow_consumer
+    ├── IdempotencyError     idempotency_key_reused, idempotency_in_progress
+    ├── ConflictError        conflict (``expect`` did not match the stream head)
+    ├── Unavailable          not now; retry later, with the same idempotency key:
+    │   │                    timeout, idle_timeout, shutdown
+    │   └── BackendError     backend_unavailable (a storage engine failed)
+    ├── ConnectionClosed     the connection is gone: disconnected, client_closed
+    │                        (.close_code, .reason)
+    └── Rejected             an application handler refused a command; owns every
+                             code that is not in ERROR_CODES (wallet codes too)
+
+Errors carry the reply to send: ``code``, ``message``, ``retryable``,
+``http_status`` and the extra HTTP ``headers`` (``Allow``, ``Upgrade``), so the
+transports never invent codes of their own: the HTTP layer answers any
+:class:`RtcoreError` it catches from these fields.
+
+Not in the tree: ``rtcore.cli.CliError``, an operator's command-line mistake
+that becomes exit status 2 and is never sent to a client (it has no code,
+retry flag or HTTP status, and library code catching :class:`RtcoreError` must
+not swallow it).
 """
 
 from __future__ import annotations
@@ -30,14 +60,16 @@ __all__ = [
     "AuthError",
     "BackendError",
     "BadFrame",
+    "BadRequest",
     "ConflictError",
+    "ConnectionClosed",
     "ErrorInfo",
     "IdempotencyError",
     "LimitExceeded",
     "ProtocolError",
     "Rejected",
     "RtcoreError",
-    "ConnectionClosed",
+    "Unavailable",
     "error_class",
     "error_from_wire",
     "error_info",
@@ -102,14 +134,20 @@ def error_info(code: str) -> ErrorInfo:
     return ERROR_CODES.get(code, ErrorInfo(False, 400, "Application-defined error."))
 
 
+#: Extra HTTP response headers an error asks for, as (lower-case name, value).
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
 class RtcoreError(Exception):
-    """Base of every error rtcore raises on purpose.
+    """Base of every error rtcore raises on purpose; owns the code ``internal``.
 
     Attributes:
         code: Stable snake_case error code sent to clients.
         message: Human-readable explanation (safe to show to the client).
         retryable: Whether the same request may succeed if sent again.
         http_status: The HTTP status used for this error over HTTP.
+        headers: Extra HTTP response headers sent with this error over HTTP
+            (``Allow`` for a 405, ``Upgrade`` for a 426); empty otherwise.
     """
 
     default_code: str = "internal"
@@ -121,43 +159,58 @@ class RtcoreError(Exception):
         code: str | None = None,
         retryable: bool | None = None,
         http_status: int | None = None,
+        headers: Headers = (),
     ) -> None:
         self.code: str = code or self.default_code
         info = error_info(self.code)
         self.message: str = message or info.description
         self.retryable: bool = info.retryable if retryable is None else retryable
         self.http_status: int = info.http_status if http_status is None else http_status
+        self.headers: Headers = tuple(headers)
         super().__init__(f"{self.code}: {self.message}")
 
-    def __reduce__(self) -> tuple[object, ...]:  # keep pickling (multiprocessing, pytest-xdist) working
-        return (_rebuild, (type(self), self.message, self.code, self.retryable, self.http_status))
+    def __reduce__(self) -> tuple[object, ...]:
+        # Pickling (multiprocessing, pytest-xdist) must keep the class and every
+        # field, including a subclass's own (BadFrame.field, ConnectionClosed.close_code).
+        return (_rebuild, (type(self), self.message, self.code, self.retryable, self.http_status), self.__dict__)
 
 
 def _rebuild(
-    cls: type[RtcoreError], message: str, code: str, retryable: bool, http_status: int
+    cls: type[RtcoreError], message: str, code: str, retryable: bool | None, http_status: int | None
 ) -> RtcoreError:
+    # Subclasses have their own __init__ signatures (Rejected takes the code
+    # first, ConnectionClosed the close code): bypass them and set the common
+    # fields; the class attributes below give the subclass fields their defaults.
     err = cls.__new__(cls)
     RtcoreError.__init__(err, message, code=code, retryable=retryable, http_status=http_status)
     return err
 
 
 class ProtocolError(RtcoreError):
-    """The peer broke the wire protocol (a frame out of place, an unknown version)."""
+    """The peer broke the wire protocol (a frame out of place, an unknown version).
+
+    Owns ``protocol_violation`` and ``unsupported_version``; its subclass
+    :class:`BadFrame` owns ``bad_frame``. The client library, not the
+    application, has to be fixed.
+    """
 
     default_code = "protocol_violation"
 
 
 class BadFrame(ProtocolError):
-    """A frame that could not be decoded.
+    """A frame that could not be decoded (code ``bad_frame``).
 
     Attributes:
         field: The JSON path of the offending field (``$.stream``), or ``None``
-            when the frame as a whole is unreadable.
+            when the frame as a whole is unreadable (or the error came over
+            the wire, which does not carry the path apart from the message).
         request_id: The frame's ``id`` when it could still be read, so the
             error can be answered to the right request.
     """
 
     default_code = "bad_frame"
+    field: str | None = None
+    request_id: int | None = None
 
     def __init__(self, message: str, *, field: str | None = None, request_id: int | None = None) -> None:
         super().__init__(message)
@@ -165,11 +218,23 @@ class BadFrame(ProtocolError):
         self.request_id = request_id
 
 
+class BadRequest(RtcoreError):
+    """The request itself is wrong: fix the call, sending it again cannot help.
+
+    Owns ``bad_request``, ``bad_args``, ``bad_stream``, ``unknown_command``,
+    ``not_found``, ``method_not_allowed``, ``already_subscribed`` and
+    ``not_subscribed``. The message names the field or the value at fault.
+    """
+
+    default_code = "bad_request"
+
+
 class Rejected(RtcoreError):
     """Raise from a command handler to refuse the command with a stable code.
 
     A rejection is a final answer: it is stored under the command's idempotency
-    key and replayed to retries, unless ``retryable=True``.
+    key and replayed to retries, unless ``retryable=True``. Use your own codes:
+    the built-in ones of :data:`ERROR_CODES` belong to the other classes.
 
     Example::
 
@@ -183,31 +248,55 @@ class Rejected(RtcoreError):
 
 
 class AuthError(RtcoreError):
-    """Authentication or authorization failed."""
+    """Authentication or authorization failed.
+
+    Owns ``unauthenticated``, ``token_expired`` (retryable: send a fresh token)
+    and ``forbidden``.
+    """
 
     default_code = "unauthenticated"
 
 
 class LimitExceeded(RtcoreError):
-    """A per-connection or per-request limit was reached."""
+    """A per-connection or per-request limit was reached.
+
+    Owns ``rate_limited`` and ``too_many_inflight`` (retryable: slow down),
+    ``too_many_subscriptions``, ``message_too_big`` and ``slow_consumer`` (the
+    connection's send queue overflowed; reconnect and resume).
+    """
 
     default_code = "rate_limited"
 
 
 class IdempotencyError(RtcoreError):
-    """An idempotency key cannot be used for this request (reused or in progress)."""
+    """An idempotency key cannot be used for this request.
+
+    Owns ``idempotency_key_reused`` (other command or arguments under the same
+    key) and ``idempotency_in_progress`` (retryable: the first is still running).
+    A malformed key is a :class:`BadRequest` (``bad_args``).
+    """
 
     default_code = "idempotency_key_reused"
 
 
 class ConflictError(RtcoreError):
-    """Optimistic concurrency failed: the stream head is not what ``expect`` said."""
+    """Optimistic concurrency failed: the stream head is not what ``expect`` said (``conflict``)."""
 
     default_code = "conflict"
 
 
-class BackendError(RtcoreError):
-    """A storage engine failed; the operation may be retried."""
+class Unavailable(RtcoreError):
+    """The server cannot answer now; retry later (with the same idempotency key).
+
+    Owns ``timeout``, ``idle_timeout`` and ``shutdown``; its subclass
+    :class:`BackendError` owns ``backend_unavailable``.
+    """
+
+    default_code = "shutdown"
+
+
+class BackendError(Unavailable):
+    """A storage engine failed; the operation may be retried (``backend_unavailable``)."""
 
     default_code = "backend_unavailable"
 
@@ -215,32 +304,44 @@ class BackendError(RtcoreError):
 class ConnectionClosed(RtcoreError):
     """A WebSocket connection is closed or died (raised by transports and clients).
 
+    Owns ``disconnected`` (the default: the connection is gone) and
+    ``client_closed`` (the application closed its client).
+
     Attributes:
         close_code: The WebSocket close code: the peer's (1000, 1001, ...), ours
             when we closed first (1009 too big, 1011 ping timeout, ...), or 1006
-            when the TCP connection was lost without a close frame.
+            when the TCP connection was lost without a close frame (also when
+            the error was rebuilt from a code, which carries no close code).
         reason: The close reason text (may be empty).
     """
 
     default_code = "disconnected"
+    close_code: int = 1006
+    reason: str = ""
 
     def __init__(self, close_code: int, reason: str = "", *, code: str | None = None) -> None:
         super().__init__(f"connection closed with code {close_code}" + (f": {reason}" if reason else ""), code=code)
         self.close_code = close_code
         self.reason = reason
 
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.close_code, self.reason), {"code": self.code})
 
-
-#: Which class raises each built-in code: a client turns an ``err`` frame into
-#: an instance of this class, so callers catch ``rtcore.IdempotencyError``
-#: instead of comparing strings. Codes not listed (application codes) map to
-#: :class:`Rejected`.
+#: The owner of every built-in code: the server raises the code with this
+#: class, and a client turns an ``err`` frame into an instance of it, so
+#: callers catch ``rtcore.IdempotencyError`` instead of comparing strings.
+#: Codes not listed (application codes) belong to :class:`Rejected`.
 _CODE_CLASSES: Final[dict[str, type[RtcoreError]]] = {
-    "bad_frame": ProtocolError,
+    "internal": RtcoreError,
+    "bad_frame": BadFrame,
     "unsupported_version": ProtocolError,
     "protocol_violation": ProtocolError,
+    "bad_request": BadRequest,
+    "bad_args": BadRequest,
+    "bad_stream": BadRequest,
+    "unknown_command": BadRequest,
+    "not_found": BadRequest,
+    "method_not_allowed": BadRequest,
+    "already_subscribed": BadRequest,
+    "not_subscribed": BadRequest,
     "unauthenticated": AuthError,
     "token_expired": AuthError,
     "forbidden": AuthError,
@@ -248,10 +349,16 @@ _CODE_CLASSES: Final[dict[str, type[RtcoreError]]] = {
     "too_many_inflight": LimitExceeded,
     "rate_limited": LimitExceeded,
     "message_too_big": LimitExceeded,
+    "slow_consumer": LimitExceeded,
     "idempotency_key_reused": IdempotencyError,
     "idempotency_in_progress": IdempotencyError,
     "conflict": ConflictError,
+    "timeout": Unavailable,
+    "idle_timeout": Unavailable,
+    "shutdown": Unavailable,
     "backend_unavailable": BackendError,
+    "disconnected": ConnectionClosed,
+    "client_closed": ConnectionClosed,
 }
 
 
@@ -262,13 +369,10 @@ def error_class(code: str) -> type[RtcoreError]:
         code: An error code (built-in or application-defined).
 
     Returns:
-        The class in this module's tree; :class:`RtcoreError` for built-in
-        codes with no narrower owner, :class:`Rejected` for application codes.
+        The owner from the table above for a built-in code, :class:`Rejected`
+        for any other (application) code.
     """
-    cls = _CODE_CLASSES.get(code)
-    if cls is not None:
-        return cls
-    return RtcoreError if code in ERROR_CODES else Rejected
+    return _CODE_CLASSES.get(code, Rejected)
 
 
 def error_from_wire(code: str, message: str, retryable: bool | None = None, http_status: int | None = None) -> RtcoreError:
@@ -278,12 +382,12 @@ def error_from_wire(code: str, message: str, retryable: bool | None = None, http
         code: The ``code`` field.
         message: The ``message`` field.
         retryable: The ``retryable`` field (``None``: the code's default).
-        http_status: The HTTP status, when the error came over HTTP.
+        http_status: The HTTP status, when the error came over HTTP
+            (``None``: the code's default).
 
     Returns:
-        An instance of :func:`error_class` ``(code)`` carrying every field.
+        An instance of :func:`error_class` ``(code)`` carrying every field;
+        fields the wire does not carry (``BadFrame.field``,
+        ``ConnectionClosed.close_code``) keep their class defaults.
     """
-    cls = error_class(code)
-    err = cls.__new__(cls)
-    RtcoreError.__init__(err, message, code=code, retryable=retryable, http_status=http_status)
-    return err
+    return _rebuild(error_class(code), message, code, retryable, http_status)

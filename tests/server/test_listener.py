@@ -85,7 +85,7 @@ async def test_shutdown_deadline_closes_remaining_websockets_1001() -> None:
         assert info.value.rcvd is not None and info.value.rcvd.code == 1001
         with anyio.fail_after(5):
             await control.stop()
-    assert rec.closed[0].code == 1001
+    assert rec.closed[0].close_code == 1001
 
 
 async def test_shutdown_refuses_new_connections_and_closes_idle_keep_alive() -> None:

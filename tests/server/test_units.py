@@ -16,7 +16,8 @@ from websockets.streams import StreamReader
 from wsproto.frame_protocol import CloseReason, FrameProtocol, RsvBits
 from wsproto.frame_protocol import Opcode as WsOpcode
 
-from rtcore.transport import HttpError, ServerLimits, WebSocketPolicy, WebSocketTransport
+from rtcore.errors import RtcoreError
+from rtcore.transport import ServerLimits, WebSocketPolicy, WebSocketTransport
 from rtcore.transport.deflate import BoundedPerMessageDeflate
 from rtcore.transport.handshake import accept_key, negotiate
 from rtcore.transport.head import HeadScanner
@@ -156,16 +157,16 @@ def test_leading_empty_lines_are_skipped() -> None:
     ],
 )
 def test_head_errors(data: bytes, status: int) -> None:
-    with pytest.raises(HttpError) as info:
+    with pytest.raises(RtcoreError) as info:
         scan(data)
-    assert info.value.status == status
+    assert info.value.http_status == status
 
 
 def test_total_head_size_is_checked_in_one_read() -> None:
     head = b"GET / HTTP/1.1\r\n" + b"X-Filler: " + b"a" * 4000 + b"\r\n"
-    with pytest.raises(HttpError) as info:
+    with pytest.raises(RtcoreError) as info:
         scan(head * 5 + b"\r\n")
-    assert info.value.status == 431
+    assert info.value.http_status == 431
     assert scan(head * 3 + b"\r\n") is not None
 
 
@@ -197,9 +198,9 @@ def test_accept_key_matches_rfc_example() -> None:
     ],
 )
 def test_bad_upgrades(headers: list[tuple[bytes, bytes]], method: bytes, status: int) -> None:
-    with pytest.raises(HttpError) as info:
+    with pytest.raises(RtcoreError) as info:
         negotiate(method, b"1.1", headers, WebSocketPolicy(), ServerLimits())
-    assert info.value.status == status
+    assert info.value.http_status == status
 
 
 def test_negotiation_picks_the_clients_first_known_subprotocol() -> None:

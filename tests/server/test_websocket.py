@@ -45,7 +45,7 @@ async def test_default_subprotocol_is_json_text() -> None:
         assert rec.requests[0].encoding == "json"
         assert rec.requests[0].subprotocol is None
         assert rec.requests[0].path == "/v1/ws"
-        assert (await wait_closed(rec)).code == 1000
+        assert (await wait_closed(rec)).close_code == 1000
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,7 @@ async def test_message_too_big_closes_1009() -> None:
             with pytest.raises(ClientClosed) as info:
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
-        assert (await wait_closed(rec)).code == 1009
+        assert (await wait_closed(rec)).close_code == 1009
 
 
 async def test_fragmented_oversize_closes_1009() -> None:
@@ -145,7 +145,7 @@ async def test_fragmented_oversize_closes_1009() -> None:
             with pytest.raises(ClientClosed) as info:
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
-        assert (await wait_closed(rec)).code == 1009
+        assert (await wait_closed(rec)).close_code == 1009
 
 
 async def test_too_many_fragments_closes_1009() -> None:
@@ -187,7 +187,7 @@ async def test_deflate_round_trip_and_bomb_is_bounded() -> None:
             with pytest.raises(ClientClosed) as info:
                 await ws.recv()
         assert info.value.rcvd is not None and info.value.rcvd.code == 1009
-        assert (await wait_closed(rec)).code == 1009
+        assert (await wait_closed(rec)).close_code == 1009
 
 
 async def test_server_answers_pings() -> None:
@@ -252,7 +252,7 @@ async def test_ping_timeout_closes_1011() -> None:
         assert frames[0][0] == 0x9  # a ping
         close = next(payload for opcode, payload in frames if opcode == 0x8)
         assert struct.unpack("!H", close[:2])[0] == 1011
-        assert (await wait_closed(rec)).code == 1011
+        assert (await wait_closed(rec)).close_code == 1011
 
 
 async def test_invalid_utf8_fails_the_connection_1007() -> None:
@@ -269,7 +269,7 @@ async def test_invalid_utf8_fails_the_connection_1007() -> None:
         data = await anyio.to_thread.run_sync(client)
         close = next(payload for opcode, payload in _frames(data) if opcode == 0x8)
         assert struct.unpack("!H", close[:2])[0] == 1007
-        assert (await wait_closed(rec)).code == 1007
+        assert (await wait_closed(rec)).close_code == 1007
 
 
 async def test_first_frame_right_behind_the_handshake() -> None:
@@ -338,7 +338,7 @@ async def test_send_after_close_raises_connection_closed() -> None:
             await ws.close(1001, "bye")
         with anyio.fail_after(5):
             await done.wait()
-    assert (errors[0].code, errors[0].reason) == (1001, "bye")
+    assert (errors[0].close_code, errors[0].reason) == (1001, "bye")
 
 
 async def test_batch_is_delivered_in_order_with_every_size() -> None:
@@ -410,7 +410,7 @@ async def test_send_to_a_peer_that_does_not_read_times_out() -> None:
             await anyio.to_thread.run_sync(_handshake, sock)
             with anyio.fail_after(10):
                 await done.wait()  # the client never reads: the server's writes stall
-    assert outcome[0].code == 1006
+    assert outcome[0].close_code == 1006
     assert "send timeout" in outcome[0].reason
 
 

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from ..backends import Backend, open_backend
 from ..backends.base import Event, Outcome, ReadResult, Snapshot
-from ..errors import AuthError, RtcoreError
+from ..errors import AuthError, BadRequest, RtcoreError, Unavailable, error_from_wire
 from ..protocol.codec import codec_for
 from ..protocol.frames import Limits, Position, Snap, Sync
 from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
@@ -72,16 +72,30 @@ class Reply(msgspec.Struct, frozen=True):
 
     @classmethod
     def error(cls, exc: RtcoreError, replayed: bool = False) -> Reply:
-        """A failed reply from an error."""
+        """A failed reply from an error (every field of the reply comes from ``exc``)."""
         return cls(False, None, exc.code, exc.message, exc.retryable, exc.http_status, replayed)
 
     @classmethod
     def from_outcome(cls, outcome: Outcome, replayed: bool) -> Reply:
-        """A reply from a stored outcome."""
+        """A reply from a stored outcome.
+
+        A stored failure is rebuilt as its code's owner class (see
+        :func:`~rtcore.errors.error_class`); it is final, so not retryable.
+        """
         if outcome.ok:
             return cls(True, outcome.result, replayed=replayed)
-        exc = RtcoreError(outcome.message or "", code=outcome.code or "internal", retryable=False, http_status=outcome.http_status)
+        exc = error_from_wire(outcome.code or "internal", outcome.message or "", retryable=False, http_status=outcome.http_status)
         return cls.error(exc, replayed)
+
+    def exception(self) -> RtcoreError:
+        """The failed reply as an instance of its code's owner class.
+
+        Raises:
+            ValueError: The reply is a success.
+        """
+        if self.ok:
+            raise ValueError("a successful reply is not an error")
+        return error_from_wire(self.code, self.message, self.retryable, self.http_status)
 
 
 class Subscription:
@@ -314,7 +328,7 @@ class Node:
         try:
             spec = self.app.commands.get(name)
             if spec is None:
-                raise RtcoreError(f"no command named {name!r}", code="unknown_command")
+                raise BadRequest(f"no command named {name!r}", code="unknown_command")
             if not await self.allowed(principal, "command", name):
                 raise AuthError(f"command {name!r} is not allowed", code="forbidden")
             value = self._decode_args(spec.args_type, args, encoding)
@@ -335,7 +349,7 @@ class Node:
         if isinstance(decision, Replay):
             self.stats["idempotent_replays"] += 1
             return Reply.from_outcome(decision.outcome, replayed=True)
-        reply = Reply.error(RtcoreError("the command was cancelled", code="shutdown"))
+        reply = Reply.error(Unavailable("the command was cancelled", code="shutdown"))
         try:
             reply = await self._execute(spec.handler, spec.args_type, principal, name, value, f"{scope}:{key}")
         finally:
@@ -361,9 +375,9 @@ class Node:
                 return codec_for(encoding).decode_value(args, target)
             return msgspec.convert(args, target)
         except msgspec.ValidationError as exc:
-            raise RtcoreError(f"invalid args: {exc}", code="bad_args") from None
+            raise BadRequest(f"invalid args: {exc}", code="bad_args") from None
         except msgspec.DecodeError as exc:
-            raise RtcoreError(f"args are not valid {encoding}: {exc}", code="bad_args") from None
+            raise BadRequest(f"args are not valid {encoding}: {exc}", code="bad_args") from None
 
     async def _execute(
         self,

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ..errors import IdempotencyError
+from ..errors import BadRequest, IdempotencyError
 from .codec import canonical
 from .types import IdempotencyRecord, Outcome
 
@@ -103,10 +103,10 @@ def check_key(key: str) -> None:
     """Validate an idempotency key's shape.
 
     Raises:
-        IdempotencyError: empty or longer than :data:`MAX_KEY_LENGTH` (code ``bad_args``).
+        BadRequest: empty or longer than :data:`MAX_KEY_LENGTH` (code ``bad_args``).
     """
     if not key or len(key) > MAX_KEY_LENGTH:
-        raise IdempotencyError(
+        raise BadRequest(
             f"idempotency key must be 1..{MAX_KEY_LENGTH} characters, got {len(key)}",
             code="bad_args",
         )

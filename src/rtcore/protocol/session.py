@@ -42,7 +42,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import BadFrame, RtcoreError
+from ..errors import AuthError, BadFrame, BadRequest, LimitExceeded, ProtocolError, RtcoreError
 from .codec import Codec
 from .frames import (
     PROTOCOL_VERSION,
@@ -176,7 +176,7 @@ def _err(rid: int | None, exc: RtcoreError) -> Send:
 
 
 def _violation(rid: int | None, message: str) -> Send:
-    return _err(rid, RtcoreError(message, code="protocol_violation"))
+    return _err(rid, ProtocolError(message))
 
 
 class Session:
@@ -250,7 +250,7 @@ class Session:
                 return [_violation(getattr(frame, "id", None), "the first frame must be hello"), Close(1002, "expected hello")]
             if frame.v != PROTOCOL_VERSION:
                 self.state = SessionState.CLOSED
-                exc = RtcoreError(f"protocol version {frame.v} is not supported; this server speaks {PROTOCOL_VERSION}", code="unsupported_version")
+                exc = ProtocolError(f"protocol version {frame.v} is not supported; this server speaks {PROTOCOL_VERSION}", code="unsupported_version")
                 return [_err(None, exc), Close(1002, "unsupported version")]
             self.state = SessionState.AUTHENTICATING
             return [DoAuthenticate(frame.token)]
@@ -263,7 +263,7 @@ class Session:
                 return [Send(Pong(rid))]
             case Ack(stream=stream, offset=offset):
                 if stream not in self.subscriptions:
-                    return [_err(None, RtcoreError(f"ack for {stream!r}, which is not subscribed", code="not_subscribed"))]
+                    return [_err(None, BadRequest(f"ack for {stream!r}, which is not subscribed", code="not_subscribed"))]
                 return [DoAck(stream, offset)]
             case Sub():
                 return self._on_sub(frame)
@@ -271,7 +271,7 @@ class Session:
                 if rid in self._pending:
                     return [_violation(rid, f"request id {rid} is still in use")]
                 if stream not in self.subscriptions:
-                    return [_err(rid, RtcoreError(f"not subscribed to {stream!r}", code="not_subscribed"))]
+                    return [_err(rid, BadRequest(f"not subscribed to {stream!r}", code="not_subscribed"))]
                 self.subscriptions.discard(stream)
                 return [DoUnsubscribe(rid, stream), Send(Ok(rid))]
             case Cmd():
@@ -294,9 +294,9 @@ class Session:
         except RtcoreError as exc:
             return [_err(rid, exc)]
         if frame.stream in self.subscriptions or frame.stream in self._pending_subs.values():
-            return [_err(rid, RtcoreError(f"already subscribed to {frame.stream!r}", code="already_subscribed"))]
+            return [_err(rid, BadRequest(f"already subscribed to {frame.stream!r}", code="already_subscribed"))]
         if len(self.subscriptions) + len(self._pending_subs) >= self.limits.max_subscriptions:
-            return [_err(rid, RtcoreError(f"at most {self.limits.max_subscriptions} subscriptions per connection", code="too_many_subscriptions"))]
+            return [_err(rid, LimitExceeded(f"at most {self.limits.max_subscriptions} subscriptions per connection", code="too_many_subscriptions"))]
         self._pending[rid] = "sub"
         self._pending_subs[rid] = frame.stream
         return [DoSubscribe(rid, frame.stream, frame.since)]
@@ -306,9 +306,9 @@ class Session:
         if rid in self._pending:
             return [_violation(rid, f"request id {rid} is still in use")]
         if self._commands >= self.limits.max_inflight:
-            return [_err(rid, RtcoreError(f"at most {self.limits.max_inflight} commands may execute at once", code="too_many_inflight"))]
+            return [_err(rid, LimitExceeded(f"at most {self.limits.max_inflight} commands may execute at once", code="too_many_inflight"))]
         if not self._bucket.take(now):
-            return [_err(rid, RtcoreError(f"more than {self.limits.command_rate:g} commands/s (burst {self.limits.command_burst})", code="rate_limited"))]
+            return [_err(rid, LimitExceeded(f"more than {self.limits.command_rate:g} commands/s (burst {self.limits.command_burst})", code="rate_limited"))]
         self._pending[rid] = "cmd"
         self._commands += 1
         return [DoCommand(rid, frame.name, frame.args, frame.key)]
@@ -385,7 +385,7 @@ class Session:
         if self.state is SessionState.OPEN and self._expires_at is not None and now >= self._expires_at:
             if self._expired_notice_at is None:
                 self._expired_notice_at = now
-                return [_err(None, RtcoreError(f"token expired; send an auth frame within {self.token_grace:g} s", code="token_expired"))]
+                return [_err(None, AuthError(f"token expired; send an auth frame within {self.token_grace:g} s", code="token_expired"))]
             if now >= self._expired_notice_at + self.token_grace:
                 return self.close("token_expired", "token expired and was not refreshed", reconnect=False, code=1008)
         return []

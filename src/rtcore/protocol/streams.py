@@ -28,7 +28,7 @@ from typing import Final
 
 import msgspec
 
-from ..errors import RtcoreError
+from ..errors import BadRequest
 from .frames import Position
 from .types import Event, StreamInfo
 
@@ -50,18 +50,18 @@ def check_stream(name: str) -> None:
     """Validate a stream name: ``kind:id``, printable, at most 200 bytes.
 
     Raises:
-        RtcoreError: code ``bad_stream`` naming what is wrong.
+        BadRequest: code ``bad_stream`` naming what is wrong.
     """
     if not isinstance(name, str) or not name:
-        raise RtcoreError("stream name is empty", code="bad_stream")
+        raise BadRequest("stream name is empty", code="bad_stream")
     # surrogatepass: a lone surrogate must be a bad_stream (below), not a UnicodeEncodeError.
     if len(name.encode("utf-8", "surrogatepass")) > MAX_STREAM_NAME:
-        raise RtcoreError(f"stream name is longer than {MAX_STREAM_NAME} bytes", code="bad_stream")
+        raise BadRequest(f"stream name is longer than {MAX_STREAM_NAME} bytes", code="bad_stream")
     kind, sep, ident = name.partition(":")
     if not sep or not kind or not ident:
-        raise RtcoreError(f"stream name {name!r} must look like 'kind:id'", code="bad_stream")
+        raise BadRequest(f"stream name {name!r} must look like 'kind:id'", code="bad_stream")
     if not name.isprintable() or any(c in name for c in " *?[]"):
-        raise RtcoreError(f"stream name {name!r} has a space, wildcard or unprintable character", code="bad_stream")
+        raise BadRequest(f"stream name {name!r} has a space, wildcard or unprintable character", code="bad_stream")
 
 
 def matches(pattern: str, stream: str) -> bool:

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup
 
 from ..engine.hub import EncodedEvent
 from ..engine.node import Node, Subscription
-from ..errors import RtcoreError
+from ..errors import AuthError, ConnectionClosed, RtcoreError
 from ..protocol.codec import Codec, codec_for
 from ..protocol.frames import Err, Ok, Subbed
 from ..protocol.session import (
@@ -43,7 +43,6 @@ from ..protocol.session import (
     Send,
     Session,
 )
-from ..transport.errors import ConnectionClosed
 
 __all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
 
@@ -286,7 +285,7 @@ class _Connection:
             self._run(self.session.auth_failed(exc, action.refresh_id))
             return
         if action.refresh_id is not None and self.session.principal is not None and (principal is None or principal.id != self.session.principal_id):
-            self._run(self.session.auth_failed(RtcoreError("a refreshed token must name the same principal", code="unauthenticated"), action.refresh_id))
+            self._run(self.session.auth_failed(AuthError("a refreshed token must name the same principal"), action.refresh_id))
             return
         pid = principal.id if principal is not None else None
         expires = principal.expires_at if principal is not None else None
@@ -437,9 +436,9 @@ class _Connection:
         except* ConnectionClosed as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ConnectionClosed)
-            code = exc.code
+            code = exc.close_code
             if self._on_close is not None:
-                self._on_close(exc.code, exc.reason)
+                self._on_close(exc.close_code, exc.reason)
         finally:
             self.metrics.closed(code)
             self.node.sessions.discard(self)
@@ -451,7 +450,7 @@ class _Connection:
         try:
             await self._reader()
         except ConnectionClosed as exc:
-            self._closing = self._closing or (exc.code, exc.reason)
+            self._closing = self._closing or (exc.close_code, exc.reason)
             # The peer is gone: stop the writer without sending anything more.
             self._queue.clear()
             raise

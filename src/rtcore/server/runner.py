@@ -58,7 +58,7 @@ from ..backends import Backend
 from ..engine.app import App, Principal
 from ..engine.hub import EncodedEvent
 from ..engine.node import Node
-from ..errors import RtcoreError
+from ..errors import BadRequest, RtcoreError
 from ..protocol import frames
 from ..protocol.codec import codec_for
 from ..protocol.frames import Limits, Position
@@ -90,8 +90,10 @@ _SSE_HEARTBEAT = 15.0
 
 def _err(exc: RtcoreError) -> HttpResponse:
     # RFC 9110 §11.6.1: a 401 names the scheme the client should use.
-    headers = [(b"www-authenticate", b'Bearer realm="rtcore"')] if exc.http_status == 401 else None
-    return error_response(exc.http_status, exc.code, exc.message, headers)
+    headers = [*exc.headers]
+    if exc.http_status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="rtcore"'))
+    return error_response(exc.http_status, exc.code, exc.message, headers or None)
 
 
 class Server:
@@ -310,9 +312,9 @@ class Server:
         try:
             value = int(raw)
         except ValueError:
-            raise RtcoreError(f"query parameter {name!r} must be an integer, got {raw!r}", code="bad_request") from None
+            raise BadRequest(f"query parameter {name!r} must be an integer, got {raw!r}") from None
         if not low <= value <= high:
-            raise RtcoreError(f"query parameter {name!r} must be in {low}..{high}, got {value}", code="bad_request")
+            raise BadRequest(f"query parameter {name!r} must be in {low}..{high}, got {value}")
         return value
 
     async def _history(self, request: HttpRequest, stream: str) -> HttpResponse:
@@ -339,7 +341,7 @@ class Server:
         if raw:
             epoch, sep, off = raw.rpartition(":")
             if not sep or not off.isdigit():
-                raise RtcoreError(f"Last-Event-ID must be 'epoch:offset', got {raw!r}", code="bad_request")
+                raise BadRequest(f"Last-Event-ID must be 'epoch:offset', got {raw!r}")
             since = Position(epoch, int(off))
         principal = await self._principal(request)
         feed = _SseFeed(self.node, request)

@@ -23,7 +23,7 @@ permessage-deflate), :mod:`.shutdown` and :mod:`.listener` (serve, stop).
 """
 
 from .config import ServerLimits, WebSocketPolicy
-from .errors import ConnectionClosed, HttpError
+from .errors import ConnectionClosed
 from .handshake import SUBPROTOCOLS
 from .http import HttpHandler
 from .listener import ServerControl, serve
@@ -45,7 +45,6 @@ __all__ = [
     "ConnectionClosed",
     "FrameTransport",
     "Headers",
-    "HttpError",
     "HttpHandler",
     "HttpRequest",
     "HttpResponse",

@@ -5,7 +5,7 @@ the request's method and headers alone, whether to accept it and with what:
 RFC 6455 §4.2 checks, the ``Origin`` allowlist, subprotocol negotiation and
 (optionally) permessage-deflate. It returns either a :class:`Handshake` (the
 101 headers and the negotiated options) or raises
-:class:`~rtcore.transport.errors.HttpError` with the status to answer, before
+the owner class of its code (:class:`~rtcore.errors.BadRequest`, ...) with the status to answer, before
 anything is upgraded. Keeping it free of I/O makes every refusal testable
 without sockets.
 
@@ -26,9 +26,9 @@ from typing import Final, Literal
 
 from wsproto.extensions import Extension
 
+from ..errors import AuthError, BadRequest
 from .config import ServerLimits, WebSocketPolicy
 from .deflate import BoundedPerMessageDeflate
-from .errors import HttpError
 from .messages import Headers
 
 __all__ = ["SUBPROTOCOLS", "Handshake", "accept_key", "negotiate"]
@@ -100,29 +100,28 @@ def negotiate(
         The accepted handshake.
 
     Raises:
-        HttpError: 400 malformed upgrade or no known subprotocol, 403 origin
-            refused, 405 not GET, 426 unsupported WebSocket version.
+        BadRequest: 400 malformed upgrade or no known subprotocol, 405 not
+            GET, 426 unsupported WebSocket version.
+        AuthError: 403 origin refused.
     """
     if method != b"GET":
-        raise HttpError(405, "method_not_allowed", "a WebSocket upgrade must be a GET", [(b"allow", b"GET")])
+        raise BadRequest("a WebSocket upgrade must be a GET", code="method_not_allowed", headers=((b"allow", b"GET"),))
     if http_version != b"1.1":
-        raise HttpError(400, "bad_request", "a WebSocket upgrade needs HTTP/1.1")
+        raise BadRequest("a WebSocket upgrade needs HTTP/1.1")
     if not any(t.lower() == "upgrade" for t in _tokens(headers, b"connection")):
-        raise HttpError(400, "bad_request", "missing 'Connection: Upgrade'")
+        raise BadRequest("missing 'Connection: Upgrade'")
     versions = _values(headers, b"sec-websocket-version")
     if versions != [b"13"]:
-        raise HttpError(
-            426, "bad_request", "unsupported WebSocket version, only 13 is spoken", [(b"sec-websocket-version", b"13")]
-        )
+        raise BadRequest("unsupported WebSocket version, only 13 is spoken", http_status=426, headers=((b"sec-websocket-version", b"13"),))
     keys = _values(headers, b"sec-websocket-key")
     if len(keys) != 1 or not _valid_key(keys[0]):
-        raise HttpError(400, "bad_request", "missing or invalid Sec-WebSocket-Key")
+        raise BadRequest("missing or invalid Sec-WebSocket-Key")
 
     origin_values = _values(headers, b"origin")
     if policy.allowed_origins is not None:
         origin = origin_values[0].decode("latin-1") if len(origin_values) == 1 else None
         if origin is None or origin not in policy.allowed_origins:
-            raise HttpError(403, "forbidden", f"origin {origin!r} is not allowed")
+            raise AuthError(f"origin {origin!r} is not allowed", code="forbidden")
 
     offered = _tokens(headers, b"sec-websocket-protocol")
     subprotocol: str | None = None
@@ -131,7 +130,7 @@ def negotiate(
         subprotocol = next((p for p in offered if p in SUBPROTOCOLS), None)
         if subprotocol is None:
             supported = ", ".join(SUBPROTOCOLS)
-            raise HttpError(400, "bad_request", f"no supported subprotocol offered (supported: {supported})")
+            raise BadRequest(f"no supported subprotocol offered (supported: {supported})")
         encoding = SUBPROTOCOLS[subprotocol]
 
     response: Headers = [

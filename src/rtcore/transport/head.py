@@ -17,8 +17,8 @@ each byte is looked at once, however the head is split across reads.
 
 from __future__ import annotations
 
+from ..errors import BadRequest, LimitExceeded
 from .config import ServerLimits
-from .errors import HttpError
 
 __all__ = ["HeadScanner"]
 
@@ -34,7 +34,8 @@ class HeadScanner:
     a server ignore, are before ``start``) and body bytes start at ``end``.
 
     Raises:
-        HttpError: 400 for a bare LF, 414 for a request line over
+        BadRequest: 400 for a bare LF.
+        LimitExceeded: ``message_too_big``: 414 for a request line over
             ``max_header_line``, 431 for a header line over
             ``max_header_line``, more than ``max_headers`` fields or a head
             over ``max_header_bytes``.
@@ -59,7 +60,7 @@ class HeadScanner:
                 self._check_open_line(len(buf))
                 return None
             if nl == 0 or buf[nl - 1] != _CR:
-                raise HttpError(400, "bad_request", "line endings must be CRLF, bare LF is refused")
+                raise BadRequest("line endings must be CRLF, bare LF is refused")
             length = nl - 1 - self._line_start
             self._pos = nl + 1
             if length == 0:
@@ -67,7 +68,7 @@ class HeadScanner:
                     # An empty line before the request line: skip it.
                     self._start = self._line_start = self._pos
                     if self._start > limits.max_header_bytes:
-                        raise HttpError(431, "message_too_big", "too many empty lines before the request")
+                        raise LimitExceeded("too many empty lines before the request", code="message_too_big", http_status=431)
                     continue
                 end = self._pos
                 if end - self._start > limits.max_header_bytes:
@@ -76,7 +77,7 @@ class HeadScanner:
             self._check_line(length)
             self._lines += 1
             if self._lines - 1 > limits.max_headers:
-                raise HttpError(431, "message_too_big", f"more than {limits.max_headers} header fields")
+                raise LimitExceeded(f"more than {limits.max_headers} header fields", code="message_too_big", http_status=431)
             self._line_start = self._pos
             if self._pos - self._start > limits.max_header_bytes:
                 raise self._too_big()
@@ -93,8 +94,8 @@ class HeadScanner:
         if length <= self._limits.max_header_line:
             return
         if self._lines == 0:
-            raise HttpError(414, "message_too_big", f"request line longer than {self._limits.max_header_line} bytes")
-        raise HttpError(431, "message_too_big", f"header line longer than {self._limits.max_header_line} bytes")
+            raise LimitExceeded(f"request line longer than {self._limits.max_header_line} bytes", code="message_too_big", http_status=414)
+        raise LimitExceeded(f"header line longer than {self._limits.max_header_line} bytes", code="message_too_big", http_status=431)
 
-    def _too_big(self) -> HttpError:
-        return HttpError(431, "message_too_big", f"request head larger than {self._limits.max_header_bytes} bytes")
+    def _too_big(self) -> LimitExceeded:
+        return LimitExceeded(f"request head larger than {self._limits.max_header_bytes} bytes", code="message_too_big", http_status=431)

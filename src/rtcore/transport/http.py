@@ -38,8 +38,8 @@ import anyio
 import h11
 from anyio.abc import ByteStream, SocketAttribute
 
+from ..errors import BadRequest, LimitExceeded, RtcoreError, Unavailable
 from .config import ServerLimits, WebSocketPolicy
-from .errors import HttpError
 from .handshake import is_websocket_upgrade, negotiate
 from .head import HeadScanner
 from .messages import (
@@ -101,7 +101,7 @@ def _phrase(status: int) -> bytes:
         return b""
 
 
-def render_error(error: HttpError) -> bytes:
+def render_error(error: RtcoreError) -> bytes:
     """A complete ``Connection: close`` error response, without h11.
 
     Used for errors found before h11 has a request to answer (or after it
@@ -109,7 +109,7 @@ def render_error(error: HttpError) -> bytes:
     """
     body = error_body(error.code, error.message)
     head = [
-        b"HTTP/1.1 %d %s\r\n" % (error.status, _phrase(error.status)),
+        b"HTTP/1.1 %d %s\r\n" % (error.http_status, _phrase(error.http_status)),
         b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(body),
         b"connection: close\r\n",
@@ -140,13 +140,19 @@ class HttpConnection:
         self._state = state
         self._limits = state.limits
         self._peer = peer_of(stream)
+        # True once bytes of the current response (or a 101) went out: from
+        # then on an error can only end the connection, not be answered.
+        self._committed = False
 
     async def run(self) -> None:
         """Serve until the connection ends; never raises for network errors."""
         try:
             await self._serve()
-        except HttpError as error:
-            await self._fail(error)
+        except RtcoreError as error:
+            if self._committed:
+                log.exception("connection failed after its response began (peer %s)", self._peer)
+            else:
+                await self._fail(error)
         except _ENDED:
             pass
         except Exception:
@@ -171,6 +177,7 @@ class HttpConnection:
                 if not data:
                     return  # idle timeout, peer closed or shutdown: close quietly
                 buf += data
+            self._committed = False
             if not first:  # a keep-alive request: its head gets a fresh deadline
                 deadline = anyio.current_time() + limits.header_timeout
             start, _ = await self._read_head(buf, deadline)
@@ -179,7 +186,7 @@ class HttpConnection:
             buf.clear()
             event = _next_event(conn)
             if not isinstance(event, h11.Request):
-                raise HttpError(400, "bad_request", "malformed request")
+                raise BadRequest("malformed request")
             _check_framing(list(event.headers))
             if not await self._handle(conn, event):
                 return
@@ -210,7 +217,7 @@ class HttpConnection:
             with anyio.CancelScope(deadline=deadline) as scope:
                 buf += await self._stream.receive(self._limits.read_size)
             if scope.cancelled_caught:
-                raise HttpError(408, "timeout", f"request head not received within {self._limits.header_timeout} s")
+                raise Unavailable(f"request head not received within {self._limits.header_timeout} s", code="timeout", http_status=408)
         return found
 
     async def _handle(self, conn: h11.Connection, event: h11.Request) -> bool:
@@ -224,7 +231,7 @@ class HttpConnection:
             await self._upgrade(conn, event, headers, path, query)
             return False
         if on_ws_path and policy.paths is not None:
-            raise HttpError(426, "bad_request", "this path only speaks WebSocket", [(b"upgrade", b"websocket")])
+            raise BadRequest("this path only speaks WebSocket", http_status=426, headers=((b"upgrade", b"websocket"),))
 
         body = await self._read_body(conn, headers)
         request = HttpRequest(
@@ -254,7 +261,7 @@ class HttpConnection:
         limits = self._limits
         for name, value in headers:
             if name == b"content-length" and int(value) > limits.max_body_bytes:
-                raise HttpError(413, "message_too_big", f"request body larger than {limits.max_body_bytes} bytes")
+                raise LimitExceeded(f"request body larger than {limits.max_body_bytes} bytes", code="message_too_big")
         if conn.they_are_waiting_for_100_continue:
             await self._send(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
         body = bytearray()
@@ -266,15 +273,13 @@ class HttpConnection:
                 elif isinstance(event, h11.Data):
                     body += event.data
                     if len(body) > limits.max_body_bytes:
-                        raise HttpError(
-                            413, "message_too_big", f"request body larger than {limits.max_body_bytes} bytes"
-                        )
+                        raise LimitExceeded(f"request body larger than {limits.max_body_bytes} bytes", code="message_too_big")
                 elif isinstance(event, h11.EndOfMessage):
                     return bytes(body)
                 else:
                     raise anyio.EndOfStream  # the client went away
         assert scope.cancelled_caught
-        raise HttpError(408, "timeout", f"request body not received within {limits.body_timeout} s")
+        raise Unavailable(f"request body not received within {limits.body_timeout} s", code="timeout", http_status=408)
 
     # -- responses -------------------------------------------------------------
 
@@ -296,7 +301,7 @@ class HttpConnection:
             data += conn.send(h11.EndOfMessage())
         except h11.LocalProtocolError as exc:
             log.error("invalid response from the HTTP handler: %s", exc)
-            raise HttpError(500, "internal", "the handler returned an invalid response") from None
+            raise RtcoreError("the handler returned an invalid response") from None
         assert data is not None
         await self._send(data)
 
@@ -311,8 +316,9 @@ class HttpConnection:
             )
         except h11.LocalProtocolError as exc:
             log.error("invalid streaming response from the HTTP handler: %s", exc)
-            raise HttpError(500, "internal", "the handler returned an invalid response") from None
+            raise RtcoreError("the handler returned an invalid response") from None
         assert head is not None
+        self._committed = True
         await self._send(head)
         chunks = aiter(response.body)
         try:
@@ -363,7 +369,7 @@ class HttpConnection:
             with anyio.fail_after(timeout):
                 await self._stream.send(data)
 
-    async def _fail(self, error: HttpError) -> None:
+    async def _fail(self, error: RtcoreError) -> None:
         """Answer an error and close, reading what the client still sends for a moment."""
         try:
             await self._send(render_error(error))
@@ -385,13 +391,14 @@ class HttpConnection:
         state = self._state
         handshake = negotiate(event.method, event.http_version, headers, state.policy, self._limits)
         if not isinstance(_next_event(conn), h11.EndOfMessage):
-            raise HttpError(400, "bad_request", "an upgrade request must not have a body")
+            raise BadRequest("an upgrade request must not have a body")
         if state.shutdown.started:
-            raise HttpError(503, "shutdown", "the server is shutting down")
+            raise Unavailable("the server is shutting down", code="shutdown")
         with anyio.fail_after(self._limits.handshake_timeout):
             response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
             assert response is not None
             await self._stream.send(response)
+        self._committed = True
         trailing, _ = conn.trailing_data
         transport = WebSocketTransport(
             self._stream,
@@ -425,12 +432,14 @@ def _next_event(conn: h11.Connection) -> object:
         return conn.next_event()
     except h11.RemoteProtocolError as exc:
         status = exc.error_status_hint
-        code = "message_too_big" if status in (413, 414, 431) else "bad_request"
-        raise HttpError(status, code, str(exc) or "malformed request") from None
+        message = str(exc) or "malformed request"
+        if status in (413, 414, 431):
+            raise LimitExceeded(message, code="message_too_big", http_status=status) from None
+        raise BadRequest(message, http_status=status) from None
 
 
 def _check_framing(headers: Headers) -> None:
     """Refuse ambiguous message framing (request smuggling, RFC 9112 §6.3)."""
     names = {name for name, _ in headers}
     if b"content-length" in names and b"transfer-encoding" in names:
-        raise HttpError(400, "bad_request", "Content-Length and Transfer-Encoding together are refused")
+        raise BadRequest("Content-Length and Transfer-Encoding together are refused")

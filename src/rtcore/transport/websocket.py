@@ -33,8 +33,8 @@ Design, and why:
 * **Closing** follows RFC 6455 §7: whoever closes first sends a close frame
   and waits (``close_timeout``) for the other's; the server then closes TCP.
   Every way the connection ends surfaces to the application as one exception,
-  :class:`~rtcore.transport.errors.ConnectionClosed`, with the code that
-  explains it (peer's code, ours, or 1006 when TCP was lost).
+  :class:`~rtcore.errors.ConnectionClosed`, whose ``close_code`` explains
+  it (peer's code, ours, or 1006 when TCP was lost).
 """
 
 from __future__ import annotations
