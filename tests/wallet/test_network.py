@@ -106,6 +106,7 @@ async def test_load_over_http_and_websocket(store_kind: str, tmp_path: Path) -> 
                 f"{total / elapsed:.0f} transfers/s; accepted {len(stats.accepted)}, refused {len(stats.refused)} "
                 f"({sorted(set(stats.refused.values()))}); retryable answers retried {stats.retried_retryable}"
             )
+            assert stats.mismatched == []  # first: the most specific message
             assert len(stats.accepted) + len(stats.refused) == total
             assert stats.unanswered == 0
             assert stats.accepted, "no transfer was accepted"
@@ -221,6 +222,7 @@ async def _kill_9_run(plan: Plan, store_url: str, tmp_path: Path) -> None:
         )
         assert kill_now.is_set()
         assert stats.unanswered > 0, "the kill did not interrupt any request"
+        assert stats.mismatched == []  # first: the most specific message
         assert len(stats.accepted) + len(stats.refused) == total
         store = await open_wallet_store(store_url)
         backend = await open_backend(events_url)
