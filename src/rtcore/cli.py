@@ -250,23 +250,39 @@ def _serve(args: argparse.Namespace) -> int:
     scheme = "https" if context else "http"
     ws_scheme = "wss" if context else "ws"
 
+    started = False
+
     def ready(port: int) -> None:
+        nonlocal started
+        started = True
         host = args.host if ":" not in args.host else f"[{args.host}]"
         log.info("rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws)", app.name, scheme, host, port, ws_scheme, host, port)
 
-    run(
-        app,
-        host=args.host,
-        port=args.port,
-        backend=backend_url(args.backend),
-        ssl_context=context,
-        allowed_origins=args.allowed_origin,
-        roles=roles,
-        grace=args.grace,
-        idempotency_ttl=args.idempotency_ttl,
-        idempotency_lease=args.idempotency_lease,
-        on_ready=ready,
-    )
+    try:
+        run(
+            app,
+            host=args.host,
+            port=args.port,
+            backend=backend_url(args.backend),
+            ssl_context=context,
+            allowed_origins=args.allowed_origin,
+            roles=roles,
+            grace=args.grace,
+            idempotency_ttl=args.idempotency_ttl,
+            idempotency_lease=args.idempotency_lease,
+            on_ready=ready,
+        )
+    except Exception as exc:
+        if started:
+            raise
+        # The node did not start (a lifespan startup failed, the backend is
+        # down): one line naming the error, the traceback in the log.
+        log.error("rtcore: startup failed", exc_info=exc)
+        cause: BaseException = exc
+        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
+            cause = cause.exceptions[0]
+        print(f"rtcore: error: startup failed: {type(cause).__name__}: {cause}", file=sys.stderr)
+        return 1
     log.info("rtcore: stopped")
     return 0
 

@@ -14,6 +14,15 @@ About 10% of transfers are also sent twice on purpose: half race the
 original, half repeat it after its answer. Every answer for one key must be
 the same. The final answers define what the ledger must contain: every
 accepted transfer exactly once, nothing else.
+
+Those duplicates carry the same transfer id, so the wallet store's own dedup
+(by transfer id) would stop a double transfer even if rtcore's idempotency
+layer let the duplicate run. To test rtcore's guarantee and not the
+store's, about 6% of transfers are also *reused*: the same idempotency key is
+sent with a transfer id the wallet has never seen (``{id}-reuse``), either
+racing the original or after its answer. Only rtcore's idempotency layer
+(same key, other arguments: ``idempotency_key_reused``) stands between that
+request and a second transfer; exactly one of the two may execute.
 """
 
 from __future__ import annotations
@@ -46,15 +55,15 @@ def account(i: int) -> str:
     return f"acct-{i:02d}"
 
 
-def build_app(store: WalletStore | str, *, sweep_every: float = 30.0) -> App:
+def build_app(store: WalletStore | str) -> App:
     """The server under test: the wallet mounted with its sweep, bearer tokens ``user-N`` and ``admin-token``.
 
-    The sweep's first tick runs at startup; the period is long because a
-    tick that overruns its period under load currently makes the loop runner
-    sleep a negative time and crash the node (rtcore.engine.processors, reported).
+    Given a store URL, the wallet's lifespan opens the store when the node
+    starts. The sweep runs at its default period (its first tick at startup);
+    a tick that overruns its period under load waits for the next one.
     """
     app = App("wallet-load")
-    rtcore.wallet.install(app, store, sweep_every=sweep_every)
+    rtcore.wallet.install(app, store)
 
     @app.authenticate
     async def authenticate(token: str | None) -> Principal | None:
@@ -237,6 +246,7 @@ class Stats:
     duplicates: int = 0
     accepted: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # id -> (debit, credit, amount)
     refused: dict[str, str] = field(default_factory=dict)  # id -> code
+    reused: int = 0  # transfers whose key was also sent with a new transfer id
     mismatched: list[str] = field(default_factory=list)
     answered_at: list[float] = field(default_factory=list)
 
@@ -250,6 +260,8 @@ class Plan:
     accounts: int = 20
     width: int = 8  # requests in flight per client
     duplicate_rate: float = 0.10
+    reuse_rate: float = 0.06  # same key, unseen transfer id (half racing when reuse_race)
+    reuse_race: bool = True
     max_amount: int = 1_000
     seed: int = 1
 
@@ -281,34 +293,62 @@ async def run_client(
     ops = []
     for j in range(plan.per_client):
         other = rng.choice([i for i in range(plan.accounts) if i != me])
-        ops.append((f"c{c}-t{j}", f"c{c}-k{j}", other, rng.randint(1, plan.max_amount), rng.random()))
+        ops.append((f"c{c}-t{j}", f"c{c}-k{j}", other, rng.randint(1, plan.max_amount), rng.random(), rng.random()))
 
-    async def one(tid: str, key: str, other: int, amount: int, dice: float) -> None:
+    def record(tid: str, answer: Answer, other: int, amount: int) -> None:
+        if answer.ok:
+            stats.accepted[tid] = (account(me), account(other), amount)
+        else:
+            stats.refused[tid] = answer.code or "?"
+
+    async def one(tid: str, key: str, other: int, amount: int, dice: float, reuse_dice: float) -> None:
         args = {"id": tid, "debit": account(me), "credit": account(other), "amount": amount, "currency": CURRENCY}
+        # Same key and command, a transfer id the wallet has never seen: the
+        # store cannot tell it from a new transfer, rtcore's idempotency must.
+        reuse = {**args, "id": f"{tid}-reuse"}
         answers: list[Answer] = []
 
         async def attempt() -> None:
             answers.append(await send_until_answered(conn, "wallet.transfer", args, key, stats))
 
-        if dice < plan.duplicate_rate / 2:  # a duplicate racing the original
-            stats.duplicates += 1
+        if plan.reuse_race and reuse_dice < plan.reuse_rate / 2:  # the reuse races the original
+            stats.reused += 1
+            raced: dict[str, Answer] = {}
+
+            async def send(transfer: dict[str, Any]) -> None:
+                raced[transfer["id"]] = await send_until_answered(conn, "wallet.transfer", transfer, key, stats)
+
             async with anyio.create_task_group() as tg:
-                tg.start_soon(attempt)
-                tg.start_soon(attempt)
+                tg.start_soon(send, args)
+                tg.start_soon(send, reuse)
+            ran = {t: a for t, a in raced.items() if a.ok or a.code != "idempotency_key_reused"}
+            if len(ran) != 1:
+                stats.mismatched.append(f"{tid}: one key, two transfer ids, {len(ran)} executed: {raced}")
+            for executed, answer in ran.items():
+                record(executed, answer, other, amount)
         else:
-            await attempt()
-            if dice < plan.duplicate_rate:  # a retry after the answer
+            if dice < plan.duplicate_rate / 2:  # a duplicate racing the original
                 stats.duplicates += 1
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(attempt)
+                    tg.start_soon(attempt)
+            else:
                 await attempt()
-                if answers[1].ok and not answers[1].replayed:
-                    stats.mismatched.append(f"{tid}: a retry after the answer was not a replay")
-        first = answers[0]
-        if any(not a.same_outcome(first) for a in answers[1:]):
-            stats.mismatched.append(f"{tid}: answers differ: {answers}")
-        if first.ok:
-            stats.accepted[tid] = (account(me), account(other), amount)
-        else:
-            stats.refused[tid] = first.code or "?"
+                if dice < plan.duplicate_rate:  # a retry after the answer
+                    stats.duplicates += 1
+                    await attempt()
+                    if answers[1].ok and not answers[1].replayed:
+                        stats.mismatched.append(f"{tid}: a retry after the answer was not a replay")
+            first = answers[0]
+            if any(not a.same_outcome(first) for a in answers[1:]):
+                stats.mismatched.append(f"{tid}: answers differ: {answers}")
+            record(tid, first, other, amount)
+            if reuse_dice < plan.reuse_rate:  # the reuse after the original's final answer
+                stats.reused += 1
+                late = await send_until_answered(conn, "wallet.transfer", reuse, key, stats)
+                if late.ok or late.code != "idempotency_key_reused":
+                    stats.mismatched.append(f"{tid}: its key with a new transfer id was not refused: {late}")
+                    record(reuse["id"], late, other, amount)
         if on_progress is not None:
             await on_progress()
 

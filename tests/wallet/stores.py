@@ -85,3 +85,26 @@ async def fresh_store(kind: str, tmp_dir: Path) -> AsyncIterator[WalletStore]:
         await store.aclose()
         async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as conn:
             await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@asynccontextmanager
+async def fresh_store_url(kind: str, tmp_dir: Path) -> AsyncIterator[str]:
+    """A URL naming an empty store of ``kind`` (for a server process to open); removed afterwards.
+
+    SQLite: a new file in ``tmp_dir``. PostgreSQL: a new schema at
+    ``PG_URL``, with the server's default settings (durable commits), dropped
+    afterwards.
+    """
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_dir / f'wallet-{uuid.uuid4().hex}.db'}"
+        return
+
+    import psycopg
+    from psycopg import sql
+
+    schema = f"wallet_test_{uuid.uuid4().hex[:16]}"
+    try:
+        yield f"{PG_URL}{'&' if '?' in PG_URL else '?'}schema={schema}"
+    finally:
+        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as conn:
+            await conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

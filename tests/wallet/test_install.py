@@ -1,4 +1,4 @@
-"""``rtcore.wallet.install``: commands plus the scheduled sweep, and the lazily opened store.
+"""``rtcore.wallet.install``: commands plus the scheduled sweep, and the store its lifespan opens.
 
 The sweep closes the two gaps a command-driven wallet has: a hold past its
 deadline keeps the player's money reserved until someone sweeps, and records
@@ -18,7 +18,7 @@ import pytest
 import rtcore.wallet
 from rtcore import App, Node, Principal
 from rtcore.testing import FakeClock, connect, serve
-from rtcore.wallet import HoldRequest, LazyWalletStore, TransferRequest, WalletStore, last_balance_event, reconcile
+from rtcore.wallet import HoldRequest, TransferRequest, WalletStore, last_balance_event, reconcile
 from rtcore.wallet.router import SWEEP_LOOP
 
 pytestmark = pytest.mark.anyio
@@ -126,37 +126,105 @@ class _Patched:
         return self._methods.get(name) or getattr(self._store, name)
 
 
-async def test_a_url_is_opened_lazily_in_the_servers_loop(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'lazy.db'}"
-    app, router = _app(url)
-    assert isinstance(router.store, LazyWalletStore)
-    assert not (tmp_path / "lazy.db").exists()  # nothing opened at declaration time
-    try:
+class _Tracked:
+    """Opens real stores and records each open and close (wraps ``aclose``)."""
+
+    def __init__(self) -> None:
+        self.opened: list[WalletStore] = []
+        self.closed: list[WalletStore] = []
+
+    async def open(self, url: str) -> WalletStore:
+        store = await rtcore.wallet.open_wallet_store(url)
+        real_close = store.aclose
+
+        async def aclose() -> None:
+            self.closed.append(store)
+            await real_close()
+
+        store.aclose = aclose  # type: ignore[method-assign]
+        self.opened.append(store)
+        return store
+
+
+async def test_a_url_is_opened_at_startup_and_closed_when_the_node_stops(tmp_path: Path) -> None:
+    """The store of a URL exists exactly while a node runs: open for handlers and the sweep, closed after.
+
+    Mutations: the router does not register its lifespan for a URL → fails
+    (``router.store`` raises in the handler: the credit is refused);
+    ``Node.__aexit__`` skips the lifespan shutdown → fails (the store is
+    never closed); ``router.store`` keeps the closed store after the
+    shutdown → fails (no RuntimeError after the block).
+    """
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    tracked = _Tracked()
+    app, router = _app(url, opener=tracked.open)
+    assert router.url == url
+    with pytest.raises(RuntimeError, match="is not open"):
+        router.store  # noqa: B018 - the property raises
+    assert not (tmp_path / "w.db").exists()  # nothing opened at declaration time
+    async with serve(app) as node:
+        assert tracked.opened == [router.store] and tracked.closed == []
         await router.store.create_account("house:EUR", "EUR", kind="system")
         await router.store.create_account("bob", "EUR", owner="bob")
-        async with serve(app) as node, connect(node, token="root") as root:
+        async with connect(node, token="root") as root:
             reply = await root.command("wallet.credit", {"id": "c1", "account": "bob", "amount": 9})
-            assert reply["balances"][-1] == {"account": "bob", "currency": "EUR", "available": 9, "held": 0}
-            assert [e["available"] for e in await _events(node, "bob")] == [9]
-    finally:
-        await router.store.aclose()
-    # Closed, then used again: it reopens the same file.
-    assert (await router.store.get_balance("bob")).available == 9
-    await router.store.aclose()
+        assert reply["balances"][-1] == {"account": "bob", "currency": "EUR", "available": 9, "held": 0}
+        assert [e["available"] for e in await _events(node, "bob")] == [9]
+    assert tracked.closed == tracked.opened
+    with pytest.raises(RuntimeError, match="is not open"):
+        router.store  # noqa: B018
+    # A new node opens the same file again.
+    async with serve(app):
+        assert (await router.store.get_balance("bob")).available == 9
+    assert len(tracked.opened) == 2 and tracked.closed == tracked.opened
 
 
-async def test_lazy_store_opens_once_under_concurrent_first_use(tmp_path: Path) -> None:
-    opened: list[str] = []
+async def test_the_store_is_closed_even_when_the_node_stops_on_an_error(tmp_path: Path) -> None:
+    """Mutation: run the lifespan shutdown only on a clean exit → fails (the store stays open)."""
+    tracked = _Tracked()
+    app, _ = _app(f"sqlite:///{tmp_path / 'w.db'}", opener=tracked.open)
+    with pytest.raises(ZeroDivisionError):
+        async with serve(app):
+            1 / 0  # noqa: B018
+    assert len(tracked.opened) == 1 and tracked.closed == tracked.opened
 
-    async def opener(url: str) -> WalletStore:
-        opened.append(url)
-        await anyio.sleep(0.01)
-        return await rtcore.wallet.open_wallet_store(url)
 
-    lazy = LazyWalletStore(f"sqlite:///{tmp_path / 'once.db'}", opener)
-    async with anyio.create_task_group() as tg:
-        for _ in range(10):
-            tg.start_soon(lazy.all_balances)
-    assert len(opened) == 1
-    await lazy.aclose()
-    await lazy.aclose()  # idempotent
+async def test_a_store_that_cannot_open_fails_the_node_start(tmp_path: Path) -> None:
+    """The opener's error comes out of the node's start; nothing is served.
+
+    Mutation: swallow lifespan startup errors in ``Node.__aenter__`` → fails.
+    """
+    app, _ = _app(f"sqlite:///{tmp_path / 'missing-dir' / 'w.db'}")
+    with pytest.raises(rtcore.BackendError):
+        async with serve(app):
+            pytest.fail("the node must not start without its store")  # pragma: no cover
+
+
+async def test_nodes_of_one_app_share_the_store_until_the_last_stops(tmp_path: Path) -> None:
+    """Two nodes running the same app in one process: one store, closed when the second stops.
+
+    Mutation: close the store at every node's shutdown (no user count) →
+    fails (the inner node's exit closes the store the outer one still uses).
+    """
+    tracked = _Tracked()
+    app, router = _app(f"sqlite:///{tmp_path / 'w.db'}", opener=tracked.open)
+    async with serve(app):
+        async with serve(app):
+            await router.store.create_account("carol", "EUR")
+        assert tracked.closed == []
+        assert (await router.store.get_balance("carol")).available == 0
+    assert len(tracked.opened) == 1 and tracked.closed == tracked.opened
+
+
+async def test_an_open_store_is_left_to_its_owner(store: WalletStore) -> None:
+    """Given an open store, the router registers no lifespan and never closes it.
+
+    Mutation: register the closing lifespan for open stores too → fails
+    (the store is closed after the node stops).
+    """
+    app, router = _app(store)
+    assert router.lifespans == [] and app.lifespans == []
+    async with serve(app):
+        pass
+    assert router.store is store
+    await store.create_account("dave", "EUR")  # still open

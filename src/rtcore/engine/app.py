@@ -7,6 +7,16 @@ connections and no storage; a :class:`~rtcore.engine.node.Node` runs it on a
 backend. A :class:`Router` is a reusable group of commands (the wallet ships
 one) mounted with :meth:`App.include`.
 
+Lifespan: resources a handler needs for the whole life of a node (a database
+pool, the wallet's store) are opened by *lifespan* context managers, as in
+Starlette. ``@app.lifespan`` (or ``App(lifespan=...)``, or the same on a
+:class:`Router`) registers a factory ``fn(node)`` returning an async context
+manager; a :class:`~rtcore.engine.node.Node` enters them in registration
+order when it starts, before it serves anything, and exits them in reverse
+order when it stops, whatever ended it. What one yields (a mapping, or
+``None``) is merged into ``node.resources``, which handlers read as
+``ctx.resources``.
+
 Command handlers are ``async def handler(ctx, args: T) -> result``. ``T`` is
 read from the annotation once, at registration, and the arguments are decoded
 straight into it (msgspec validates while decoding), so a bad field is a
@@ -15,9 +25,11 @@ straight into it (msgspec validates while decoding), so a bad field is a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -35,6 +47,7 @@ __all__ = [
     "App",
     "CommandSpec",
     "Context",
+    "Lifespan",
     "LoopSpec",
     "Principal",
     "ProcessorSpec",
@@ -42,6 +55,11 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: A lifespan factory: called with the starting node, returns an async context
+#: manager whose ``__aenter__`` is the startup (it may return a mapping of
+#: resources for ``ctx.resources``) and whose ``__aexit__`` is the shutdown.
+Lifespan = Callable[["Node"], AbstractAsyncContextManager[Mapping[str, Any] | None]]
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -102,10 +120,51 @@ def _args_type(fn: Callable[..., Any]) -> Any:
 
 
 class Router:
-    """A group of commands that can be mounted on an :class:`App`."""
+    """A group of commands that can be mounted on an :class:`App`.
 
-    def __init__(self) -> None:
+    Args:
+        lifespan: A lifespan factory (see :meth:`lifespan`) the router brings
+            with it, so a library can open what its commands need.
+    """
+
+    def __init__(self, *, lifespan: Lifespan | None = None) -> None:
         self.commands: dict[str, CommandSpec] = {}
+        #: Lifespan factories, in startup order (see :meth:`lifespan`).
+        self.lifespans: list[Lifespan] = []
+        if lifespan is not None:
+            self.lifespan(lifespan)
+
+    def lifespan(self, fn: F) -> F:
+        """Register a lifespan: what a node opens when it starts and closes when it stops.
+
+        ``fn(node)`` must return an async context manager; an async generator
+        function is accepted too and wrapped with
+        :func:`contextlib.asynccontextmanager`. Example::
+
+            @app.lifespan
+            async def database(node: rtcore.Node) -> AsyncIterator[dict[str, Any]]:
+                pool = await open_pool()
+                yield {"db": pool}  # handlers: ctx.resources["db"]
+                await pool.close()  # runs even when the node stopped on an error
+
+        A node enters its lifespans in registration order (those of an
+        included router at the point of :meth:`App.include`) before it starts
+        its tasks or serves anything; a startup that raises makes the node's
+        ``__aenter__`` raise that error after the lifespans already entered
+        were closed. When the node stops it exits them in reverse order,
+        after its processors, loops and handlers have stopped, even if the
+        block or a handler raised, shielded from cancellation: keep shutdown
+        bounded. The generator form resumes after its ``yield`` without the
+        block's exception, so its cleanup needs no ``try``/``finally``.
+
+        Raises:
+            TypeError: ``fn`` is not callable.
+        """
+        if not callable(fn):
+            raise TypeError(f"lifespan must be callable, got {fn!r}")
+        factory: Lifespan = contextlib.asynccontextmanager(fn) if inspect.isasyncgenfunction(fn) else fn
+        self.lifespans.append(factory)
+        return fn
 
     def command(self, name: str) -> Callable[[F], F]:
         """Register ``async def handler(ctx, args: T) -> result`` as command ``name``.
@@ -149,8 +208,8 @@ class App(Router):
             return ev.offset
     """
 
-    def __init__(self, name: str = "rtcore") -> None:
-        super().__init__()
+    def __init__(self, name: str = "rtcore", *, lifespan: Lifespan | None = None) -> None:
+        super().__init__(lifespan=lifespan)
         self.name = name
         self.hooks = _Hooks()
         self.retentions: list[tuple[str, Retention]] = []
@@ -158,7 +217,6 @@ class App(Router):
         self.processors: list[ProcessorSpec] = []
         self.loops: list[LoopSpec] = []
         self.pages: dict[str, tuple[str, bytes]] = {}
-        self._running: list[Node] = []  # nodes currently running this app (rtcore.testing uses it)
 
     def page(self, path: str, body: bytes | str, content_type: str = "text/html; charset=utf-8") -> None:
         """Serve a static page at ``path`` (``GET``), e.g. a demo client at ``/``."""
@@ -167,15 +225,19 @@ class App(Router):
         self.pages[path] = (content_type, body.encode() if isinstance(body, str) else body)
 
     def include(self, router: Router) -> None:
-        """Mount every command of ``router`` on this app.
+        """Mount every command and lifespan of ``router`` on this app.
+
+        The router's lifespans (registered before this call) run after the
+        app's lifespans registered so far, in their order.
 
         Raises:
             ValueError: a command name clashes with one already registered.
         """
-        for name, spec in router.commands.items():
+        for name in router.commands:
             if name in self.commands:
                 raise ValueError(f"command {name!r} is already registered")
-            self.commands[name] = spec
+        self.commands.update(router.commands)
+        self.lifespans.extend(router.lifespans)
 
     def authenticate(self, fn: Callable[[str | None], Awaitable[Any]]) -> Callable[[str | None], Awaitable[Any]]:
         """Register ``async def auth(token: str | None) -> Principal | str``.
@@ -317,6 +379,7 @@ class Context:
         principal: Who sent it (``None`` for anonymous).
         command: The command name (empty in processors).
         key: The command's idempotency key, if any.
+        resources: What the app's lifespans provided (see :meth:`App.lifespan`).
     """
 
     __slots__ = ("command", "key", "node", "principal")
@@ -331,6 +394,11 @@ class Context:
     def app(self) -> App:
         """The application."""
         return self.node.app
+
+    @property
+    def resources(self) -> Mapping[str, Any]:
+        """What the app's lifespans yielded, merged (``node.resources``)."""
+        return self.node.resources
 
     def now(self) -> float:
         """The node's clock (a fake one under :mod:`rtcore.testing`)."""

@@ -16,6 +16,7 @@ group::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
@@ -198,12 +199,36 @@ class Node:
         self._owns_backend = not isinstance(backend, Backend)
         #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.engine.metrics`).
         self.metrics = NodeMetrics()
+        #: What the app's lifespans provided while the node runs (``ctx.resources``).
+        self.resources: dict[str, Any] = {}
+        self._lifespan = contextlib.AsyncExitStack()
 
     # --- lifecycle -----------------------------------------------------------
 
     async def __aenter__(self) -> Node:
+        """Start: open the backend, run the app's lifespan startups, start the tasks.
+
+        Raises:
+            Exception: whatever a lifespan startup (or opening the backend)
+                raised, unwrapped, after what had started was closed again.
+        """
         if self.backend is None:
             self.backend = await open_backend(str(self._backend_arg))
+        self.resources = {}
+        self._lifespan = contextlib.AsyncExitStack()
+        try:
+            # Before the task group: a lifespan may open its own cancel scopes
+            # or task groups, which must nest outside the node's.
+            for factory in self.app.lifespans:
+                provided = await self._lifespan.enter_async_context(factory(self))
+                if provided:
+                    clash = sorted(provided.keys() & self.resources.keys())
+                    if clash:
+                        raise ValueError(f"lifespan {factory!r} provides resources already provided: {clash}")
+                    self.resources.update(provided)
+        except BaseException:
+            await self._shut_down()
+            raise
         self.hub = Hub(self.backend.events, self._on_event, self._after_event)
         if self.app.states or self._processors.needs_feed:
             self.hub.feed.watch("*")
@@ -216,21 +241,36 @@ class Node:
             await self.__aexit__(None, None, None)  # stop what started; raise the cause unwrapped
             raise
         await anyio.lowlevel.checkpoint()  # let the feed register before the first append
-        self.app._running.append(self)
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        if self in self.app._running:
-            self.app._running.remove(self)
+        """Stop: cancel the tasks, then run the lifespan shutdowns in reverse, then close the backend."""
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         try:
             return await self._cm.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            # The task group wraps the block's own error; with no task error
+            # beside it, give the caller back the error its block raised.
+            if exc[1] is not None and group.exceptions == (exc[1],):
+                raise exc[1] from None
+            raise
         finally:
             self._tg = None
             self._processors.stop()
-            if self._owns_backend:
-                await self.backend.aclose()
+            await self._shut_down()
+
+    async def _shut_down(self) -> None:
+        # Shielded: a node stopped by cancellation (a timeout, Ctrl-C in a
+        # test) must still close what its lifespans opened. The stack exits
+        # every lifespan even if one raises, and re-raises at the end.
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._lifespan.aclose()
+            finally:
+                self.resources = {}
+                if self._owns_backend:
+                    await self.backend.aclose()
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` in the node's task group."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -430,11 +431,20 @@ async def serve(app: App, backend: Any = "memory://", **node_options: Any) -> As
     async with Node(app, backend, **node_options) as node:
         if isinstance(clock, FakeClock):
             clock.nodes.append(node)
+        serving = _serving.setdefault(app, [])
+        serving.append(node)
         try:
             yield node
         finally:
+            serving.remove(node)
             if isinstance(clock, FakeClock):
                 clock.nodes.remove(node)
+
+
+# The nodes :func:`serve` runs, per app, so that ``connect(app)`` inside a
+# ``serve(app)`` block joins that node (an App is a declaration and does not
+# know the nodes running it).
+_serving: weakref.WeakKeyDictionary[App, list[Node]] = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
@@ -448,8 +458,9 @@ async def connect(
     """Connect an in-process client.
 
     Args:
-        target: A running :class:`Node`, or an :class:`App` (its running node
-            is used; if none runs, one on ``memory://`` runs for this block).
+        target: A running :class:`Node`, or an :class:`App` (the node of the
+            enclosing :func:`serve` block of that app is used; without one, a
+            node on ``memory://`` runs for this block).
         token: Sent in ``hello``.
         encoding: ``"json"`` or ``"msgpack"``.
         faults: Faults to inject on this connection's server frames.
@@ -460,8 +471,8 @@ async def connect(
     async with contextlib.AsyncExitStack() as stack:
         if isinstance(target, Node):
             node = target
-        elif target._running:
-            node = target._running[-1]
+        elif _serving.get(target):
+            node = _serving[target][-1]
         else:
             node = await stack.enter_async_context(serve(target))
         client = Client(node, token=token, encoding=encoding, faults=faults)

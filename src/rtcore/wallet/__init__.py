@@ -10,7 +10,9 @@ Layers (each only knows the ones below it):
 * :mod:`rtcore.wallet.router` - the ``wallet.*`` commands for an App:
   ``app.include(rtcore.wallet.commands(store))``, or
   ``rtcore.wallet.install(app, store_or_url)`` which also schedules the
-  sweep (hold expiry and outbox flush) as an ``@app.loop``;
+  sweep (hold expiry and outbox flush) as an ``@app.loop``; given a URL, the
+  router's lifespan opens the store when a node starts and closes it when
+  the node stops;
 * :mod:`rtcore.wallet.cli` - ``rtcore wallet reconcile``.
 
 ``rtcore.wallet.commands`` is the router factory (a function) from
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import WALLET_ERROR_CODES, WalletError
 
 if TYPE_CHECKING:
-    from .engines import LazyWalletStore, open_wallet_store
+    from .engines import open_wallet_store
     from .ledger import Account, Balance, BalanceChanged, Entry, Hold, HoldRequest, Transfer, TransferRequest
     from .reconciliation import Mismatch, ReconcileReport, check_ledger, reconcile
     from .router import WalletRouter, commands, install, last_balance_event
@@ -50,7 +52,6 @@ __all__ = [
     "Hold",
     "HoldRequest",
     "HoldResult",
-    "LazyWalletStore",
     "LedgerSnapshot",
     "Mismatch",
     "ReconcileReport",
@@ -85,7 +86,6 @@ _LAZY: dict[str, str] = {
     "HoldResult": ".store",
     "install": ".router",
     "last_balance_event": ".router",
-    "LazyWalletStore": ".engines",
     "LedgerSnapshot": ".store",
     "Mismatch": ".reconciliation",
     "open_wallet_store": ".engines",

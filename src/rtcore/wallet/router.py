@@ -2,9 +2,15 @@
 
 Mount with::
 
-    store = await rtcore.wallet.open_wallet_store("sqlite:///wallet.db")
-    wallet = rtcore.wallet.commands(store)
-    app.include(wallet)
+    wallet = rtcore.wallet.install(app, "sqlite:///wallet.db")
+
+which also schedules the sweep; or ``app.include(rtcore.wallet.commands(url))``
+for the commands alone. Given a URL, the router carries a lifespan (see
+:meth:`rtcore.App.lifespan`): a node opens the store when it starts, before
+serving, and closes it when it stops; ``wallet.store`` is the open store
+while a node runs. Nodes of the same app in one process share one store,
+opened by the first to start and closed by the last to stop. Given an open
+store instead, the caller opens and closes it.
 
 Commands (arguments are the msgspec Structs below):
 
@@ -46,9 +52,10 @@ expire holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Final, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 import msgspec
@@ -56,11 +63,14 @@ import msgspec
 from ..backends.base import EventLog
 from ..engine.app import App, Context, Principal, Router
 from ..errors import AuthError
-from .engines import LazyWalletStore
+from .engines import open_wallet_store
 from .errors import WalletError
 from .ledger import Account, Balance, BalanceChanged, Entry, Hold, HoldRequest, Transfer, TransferRequest
 from .reconciliation import LastEvent
 from .store import WalletStore
+
+if TYPE_CHECKING:
+    from ..engine.node import Node
 
 __all__ = [
     "BalanceArgs",
@@ -219,7 +229,9 @@ class WalletRouter(Router):
     """The ``wallet.*`` commands bound to one store, plus outbox maintenance.
 
     Args:
-        store: The wallet store.
+        store: An open wallet store (the caller closes it), or a store URL
+            for :func:`~rtcore.wallet.open_wallet_store`, which the router's
+            lifespan opens when a node starts and closes when it stops.
         system_account: Maps a currency to the system account that admin
             credits come from and debits go to.
         default_ttl: Hold lifetime when ``wallet.hold`` gives neither ``ttl``
@@ -228,20 +240,31 @@ class WalletRouter(Router):
         ownership: Apply the built-in ownership rules (see the module
             docstring) before asking the app's authorize hook.
         max_history: Largest page ``wallet.history`` returns.
+        opener: Opens a store URL (default :func:`~rtcore.wallet.open_wallet_store`).
+
+    Attributes:
+        url: The store URL, or ``None`` when given an open store.
     """
 
     def __init__(
         self,
-        store: WalletStore,
+        store: WalletStore | str,
         *,
         system_account: Callable[[str], str] = lambda currency: f"house:{currency}",
         default_ttl: float = 300.0,
         max_ttl: float = 7 * 24 * 3600.0,
         ownership: bool = True,
         max_history: int = 500,
+        opener: Callable[[str], Awaitable[WalletStore]] = open_wallet_store,
     ) -> None:
         super().__init__()
-        self.store = store
+        self.url: str | None = store if isinstance(store, str) else None
+        self._store: WalletStore | None = None if isinstance(store, str) else store
+        self._opener = opener
+        self._users = 0  # running nodes sharing the store the lifespan opened
+        self._store_lock: anyio.Lock | None = None
+        if self.url is not None:
+            self.lifespan(self._store_lifespan)
         self.system_account = system_account
         self.default_ttl = default_ttl
         self.max_ttl = max_ttl
@@ -262,6 +285,46 @@ class WalletRouter(Router):
         # ids cannot grow it (only existing accounts enter it anyway).
         self._accounts: dict[str, Account] = {}
         self._register()
+
+    @property
+    def store(self) -> WalletStore:
+        """The wallet store (with a URL: open only while a node of the app runs).
+
+        Raises:
+            RuntimeError: the router was given a URL and no node runs it.
+        """
+        if self._store is None:
+            raise RuntimeError(
+                f"the wallet store {self.url!r} is not open: a node running the app opens it "
+                "when it starts (the wallet router's lifespan)"
+            )
+        return self._store
+
+    @store.setter
+    def store(self, store: WalletStore) -> None:
+        self._store = store
+
+    @contextlib.asynccontextmanager
+    async def _store_lifespan(self, node: Node) -> AsyncIterator[None]:
+        """Open the store URL for ``node``; close it when the last node using it stops."""
+        assert self.url is not None
+        if self._store_lock is None:
+            self._store_lock = anyio.Lock()
+        lock = self._store_lock
+        async with lock:
+            if self._users == 0:
+                self._store = await self._opener(self.url)
+            self._users += 1
+        try:
+            yield None
+        finally:
+            async with lock:
+                self._users -= 1
+                if self._users == 0:
+                    store, self._store = self._store, None
+                    self._store_lock = None  # a later start may be in another event loop
+                    if store is not None:
+                        await store.aclose()
 
     async def account(self, account_id: str) -> Account:
         """The account (cached: accounts never change), or ``account_not_found``."""
@@ -421,18 +484,19 @@ class WalletRouter(Router):
     # -- commands ----------------------------------------------------------------------------
 
     def _register(self) -> None:
-        store = self.store
+        # Handlers read ``self.store`` on every call: with a URL it exists
+        # only while a node runs.
 
         @self.command("wallet.balance")
         async def balance(ctx: Context, args: BalanceArgs) -> Balance:
             await self._check_owner(ctx, args.account)
-            return await store.get_balance(args.account)
+            return await self.store.get_balance(args.account)
 
         @self.command("wallet.history")
         async def history(ctx: Context, args: HistoryArgs) -> HistoryReply:
             await self._check_owner(ctx, args.account)
             limit = min(max(1, args.limit), self.max_history)
-            page = await store.history(args.account, after_entry_id=max(0, args.after), limit=limit)
+            page = await self.store.history(args.account, after_entry_id=max(0, args.after), limit=limit)
             return HistoryReply(entries=list(page.entries), next_after=page.next_after)
 
         @self.command("wallet.transfer")
@@ -449,7 +513,7 @@ class WalletRouter(Router):
             request = HoldRequest(
                 args.id, args.debit, args.credit, args.amount, args.currency, expires_at, args.metadata
             )
-            result = await store.hold(request, now=now)
+            result = await self.store.hold(request, now=now)
             await self._after_write(ctx)
             balances = await self._visible(ctx, result.changes, [args.debit])
             return HoldReply(hold=result.hold, replayed=result.replayed, balances=balances)
@@ -457,7 +521,7 @@ class WalletRouter(Router):
         @self.command("wallet.capture")
         async def capture(ctx: Context, args: CaptureArgs) -> HoldReply:
             pending = await self._hold_for(ctx, args.hold)
-            result = await store.capture(args.hold, args.amount, now=ctx.now())
+            result = await self.store.capture(args.hold, args.amount, now=ctx.now())
             await self._after_write(ctx)
             balances = await self._visible(ctx, result.changes, [pending.debit, pending.credit])
             return HoldReply(hold=result.hold, replayed=False, balances=balances)
@@ -465,7 +529,7 @@ class WalletRouter(Router):
         @self.command("wallet.void")
         async def void(ctx: Context, args: VoidArgs) -> HoldReply:
             pending = await self._hold_for(ctx, args.hold)
-            result = await store.void(args.hold, now=ctx.now())
+            result = await self.store.void(args.hold, now=ctx.now())
             await self._after_write(ctx)
             balances = await self._visible(ctx, result.changes, [pending.debit, pending.credit])
             return HoldReply(hold=result.hold, replayed=False, balances=balances)
@@ -523,11 +587,12 @@ class WalletRouter(Router):
         return now + ttl
 
 
-def commands(store: WalletStore, **options: Any) -> WalletRouter:
+def commands(store: WalletStore | str, **options: Any) -> WalletRouter:
     """Build the ``wallet.*`` commands for ``store`` (mount with ``app.include``).
 
     Args:
-        store: An open wallet store.
+        store: An open wallet store, or a URL the router's lifespan opens
+            while a node runs (see :class:`WalletRouter`).
         **options: Keyword arguments of :class:`WalletRouter`.
 
     Returns:
@@ -556,10 +621,11 @@ def install(
 
     Args:
         app: The application.
-        store: An open store, or a store URL: a URL is opened on first use in
-            the server's event loop (see
-            :class:`~rtcore.wallet.store.LazyWalletStore`), which is what a
-            module served by ``rtcore.run`` or ``rtcore serve`` needs.
+        store: An open store (the caller closes it), or a store URL: the
+            router's lifespan opens it when a node starts, in the node's
+            event loop, before the node serves or sweeps, and closes it when
+            the node stops (which is what a module served by ``rtcore.run``
+            or ``rtcore serve`` needs).
         sweep_every: Seconds between sweeps. A hold may stay reserved this
             long after its deadline (it can no longer be captured or voided
             from the deadline on, so this only delays the release).
@@ -573,7 +639,7 @@ def install(
     Raises:
         ValueError: the app already has ``wallet.*`` commands or the sweep loop.
     """
-    router = WalletRouter(LazyWalletStore(store) if isinstance(store, str) else store, **options)
+    router = WalletRouter(store, **options)
     app.include(router)
 
     @app.loop(SWEEP_LOOP, every=sweep_every, lease=sweep_lease)
