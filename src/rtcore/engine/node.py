@@ -264,13 +264,16 @@ class Node:
         # Shielded: a node stopped by cancellation (a timeout, Ctrl-C in a
         # test) must still close what its lifespans opened. The stack exits
         # every lifespan even if one raises, and re-raises at the end.
-        with anyio.CancelScope(shield=True):
-            try:
+        # The backend closes outside the shield: an engine such as coredis
+        # entered its own task group when it opened (outside this scope), and
+        # a cancel scope must be exited in the scope it was entered in.
+        try:
+            with anyio.CancelScope(shield=True):
                 await self._lifespan.aclose()
-            finally:
-                self.resources = {}
-                if self._owns_backend:
-                    await self.backend.aclose()
+        finally:
+            self.resources = {}
+            if self._owns_backend:
+                await self.backend.aclose()
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` in the node's task group."""
