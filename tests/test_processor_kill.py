@@ -128,8 +128,9 @@ async def test_kill_9_a_group_member_mid_stream(tmp_path: Path) -> None:
     """Proves the group's delivery bound when a member dies holding events (see the module docstring).
 
     Mutations (each verified to fail):
-      * processors.py ``_GroupMember._round`` never claims (``if False and ...``) →
-        the victim's held events stay pending, no survivor effect: fails.
+      * processors.py ``_GroupMember._round`` never claims (``claimed = []``
+        instead of ``groups.claim(...)``) → the victim's held events stay
+        pending, no survivor effect: fails.
       * processors.py ``_handle`` acknowledges before calling the handler → the
         event the victim was running when it died is lost: fails ("events whose
         effect never happened").

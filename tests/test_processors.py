@@ -126,8 +126,8 @@ async def test_crashed_member_events_are_claimed_after_idle_timeout(kind: str, t
     victim was running when it crashed runs twice; the survivor runs every event
     exactly once. Every call is recorded (no dedup), so a duplicate shows.
 
-    Mutations: processors.py ``_round`` never claims → the held events are never
-    handled: fails. ``_handle`` acknowledges before running the handler → the
+    Mutations: processors.py ``_round`` never claims (``claimed = []`` instead of
+    ``groups.claim(...)``) → the held events are never handled: fails. ``_handle`` acknowledges before running the handler → the
     event the victim was running is lost: fails.
     """
     app = rtcore.App()
