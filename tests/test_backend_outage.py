@@ -61,3 +61,41 @@ async def test_snapshot_store_failure_keeps_the_node_and_its_sessions() -> None:
                 await anyio.sleep(0.01)
         assert (await node.state_of("tally:1")).state.n == 5
         await c.ping()
+
+
+async def test_follower_load_and_history_fill_failures_are_retried() -> None:
+    """Proves: loading a stateful stream's follower (snapshot + stream info) and
+    filling its history survive backend failures: the node retries and the
+    state arrives once the backend answers again.
+
+    Mutation: engine/node.py ``_load_follower`` without its ``try/except`` (first
+    ``snapshots.get`` failure propagates) → the node's task group dies: fails.
+    Mutation: engine/hub.py ``Tail.fill`` without its ``try/except`` around
+    ``log.read`` → fails the same way.
+    """
+    backend = MemoryBackend()
+    for _ in range(5):
+        await backend.events.append("tally:1", "add", 1, now=0.0)
+    failures = {"get": 2, "read": 2}
+    real_get, real_read = backend.snapshots.get, backend.events.read
+
+    async def flaky_get(stream: str) -> object:
+        if failures["get"]:
+            failures["get"] -= 1
+            raise BackendError("redis went away")
+        return await real_get(stream)
+
+    async def flaky_read(stream: str, *, after: int, limit: int) -> object:
+        if failures["read"]:
+            failures["read"] -= 1
+            raise BackendError("redis went away")
+        return await real_read(stream, after=after, limit=limit)
+
+    backend.snapshots.get = flaky_get  # type: ignore[method-assign, assignment]
+    backend.events.read = flaky_read  # type: ignore[method-assign, assignment]
+    async with rtcore.Node(make_app(), backend) as node:
+        with anyio.fail_after(10):
+            st = await node.state_of("tally:1")
+        assert (st.offset, st.state.n) == (5, 5)
+        assert failures == {"get": 0, "read": 0}
+        assert (await node.publish("tally:1", "add", 1)).offset == 6  # still serving

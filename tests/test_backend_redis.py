@@ -9,12 +9,17 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
+import coredis
+import msgspec
+import msgspec.structs
 import pytest
 
-from rtcore.backends import Backend, Event, LiveFeed, open_backend
+import rtcore
+from rtcore.backends import Backend, Event, LiveFeed, Outcome, Retention, Snapshot, open_backend
 from rtcore.errors import BackendError
 from tests.redis_server import RedisServer, redis_server_binary, require_services
 
@@ -272,3 +277,146 @@ async def test_watch_then_read_history_leaves_no_gap(volatile_server: RedisServe
             tg.cancel_scope.cancel()
         assert history.head == 3
         assert [e.offset for e in got] == [4]
+
+
+class _Tally(msgspec.Struct):
+    n: int = 0
+
+    def apply(self, event: Event) -> None:
+        self.n += 1
+
+
+async def test_redis_killed_while_snapshots_are_written_fails_requests_not_the_node(
+    volatile_server: RedisServer,
+) -> None:
+    """Proves "a backend outage fails requests, not the node" against a real Redis
+    killed while snapshot writes are in flight (no waiting for them first).
+
+    A stateful stream stores a snapshot after EVERY event (``snapshot_every=1``).
+    The first snapshot writes are held back until Redis has been killed (a gate
+    in front of the real ``put``), so they certainly meet the dead server, as a
+    write on the wire at the moment of ``kill -9`` does. Publishes fail
+    meanwhile (retryable ``BackendError``); once Redis is back the same node
+    publishes again, folds the new epoch from 1 and stores a snapshot of it.
+
+    Mutation: engine/node.py ``_store_snapshot`` without its ``try/except`` (the
+    bug fixed in "A backend outage fails requests, not the node") → the node's
+    task group dies with the snapshot write's error: fails.
+    """
+    app = rtcore.App()
+    app.state("tally:*", _Tally, snapshot_every=1)
+    async with rtcore.Node(app, volatile_server.url, node_id="n1", roles=frozenset({"api"})) as node:
+        old = await node.state_of("tally:1")
+        killed = anyio.Event()
+        real_put = node.backend.snapshots.put
+        in_flight: list[int] = []
+        finished: list[int] = []
+
+        async def put_once_redis_is_dead(snapshot: Snapshot) -> None:
+            in_flight.append(snapshot.offset)
+            try:
+                await killed.wait()
+                await real_put(snapshot)
+            finally:
+                finished.append(snapshot.offset)
+
+        node.backend.snapshots.put = put_once_redis_is_dead  # type: ignore[method-assign]
+        for i in range(5):
+            await node.publish("tally:1", "add", i)
+        with anyio.fail_after(10):
+            while len(in_flight) < 5:
+                await anyio.sleep(0.01)
+        volatile_server.kill()
+        killed.set()
+        with anyio.fail_after(30):
+            while len(finished) < len(in_flight):  # every held write met the dead server
+                await anyio.sleep(0.01)
+        node.backend.snapshots.put = real_put  # type: ignore[method-assign]
+        with pytest.raises(BackendError) as exc:
+            await node.publish("tally:1", "add", "lost")
+        assert exc.value.retryable
+
+        await anyio.to_thread.run_sync(volatile_server.start)
+        first = await retrying(lambda: node.publish("tally:1", "add", "back"))
+        assert first.epoch != old.epoch and first.offset == 1
+        await node.publish("tally:1", "add", "again")
+        with anyio.fail_after(10):
+            while True:  # the follower moves to the new epoch and its snapshot lands
+                st = await node.state_of("tally:1")
+                snap = await retrying(lambda: node.backend.snapshots.get("tally:1"))
+                if st.epoch == first.epoch and snap is not None and snap.epoch == first.epoch and snap.offset >= 2:
+                    break
+                await anyio.sleep(0.02)
+        assert st.offset == 2 and msgspec.structs.asdict(st.state) == {"n": 2}
+        assert sorted(finished) == [1, 2, 3, 4, 5]
+
+
+async def test_scripts_run_on_the_first_try_after_a_redis_restart(volatile_server: RedisServer) -> None:
+    """Proves: after Redis restarts (and forgets every loaded Lua script), each
+    script-backed store call works again without the caller ever seeing
+    ``NOSCRIPT``. Dead pooled connections may fail a call (a connection error the
+    caller retries); a ``NoScriptError`` must never reach it.
+
+    The restart is real; what a pooled connection that died with the old server
+    does to the first ``SCRIPT LOAD`` (coredis's own NOSCRIPT retry loads on it,
+    fails, and swallows that) is injected: the first load after each restart
+    fails with a connection error.
+
+    Mutations:
+      * redis.py ``_Script.__call__`` calls the coredis script once with no reload
+        loop (the code before "redis scripts reload after a Redis restart
+        (NoScriptError)") → ``BackendError`` from ``NoScriptError``: fails.
+      * redis.py ``RedisGroupLog.claim`` without its ``StreamConsumerGroupError``
+        branch (found by this test: coredis rewords NOGROUP, so a group Redis lost
+        made every claim fail instead of returning ``[]``) → fails.
+    """
+    async with opened(volatile_server.url) as b:
+        client: Any = b.client  # type: ignore[attr-defined]
+        await b.events.append("s:1", "e", {}, now=T0)
+        assert b.groups is not None
+        await b.groups.create("g")
+
+        for round_ in range(3):  # several restarts: every script is lost each time
+            await anyio.to_thread.run_sync(volatile_server.restart)
+            _fail_next_script_load(client)
+            for call in _script_calls(b, round_):
+                await _without_noscript(call)
+
+
+def _fail_next_script_load(client: Any) -> None:
+    real = client.script_load
+
+    async def dead_connection_once(script: Any) -> Any:
+        client.script_load = real
+        raise coredis.exceptions.ConnectionError("a pooled connection that died with the old server")
+
+    client.script_load = dead_connection_once
+
+
+def _script_calls(b: Backend, r: int) -> list[Callable[[], Awaitable[object]]]:
+    """One call of every Lua script the Redis stores run."""
+    return [
+        lambda: b.events.append("s:1", "e", {"r": r}, now=T0),
+        lambda: b.events.read("s:1", after=0, limit=10),
+        lambda: b.events.trim("s:1", Retention(max_events=100), now=T0),
+        lambda: b.idempotency.begin("p", f"k{r}", b"fp", now=T0, lease=60),
+        lambda: b.idempotency.finish("p", f"k{r}", Outcome(True, 1), now=T0, ttl=60),
+        lambda: b.idempotency.release("p", "gone"),
+        lambda: b.cursors.advance("alice", "s:1", "e1", r + 1),
+        lambda: b.snapshots.put(Snapshot("s:1", "e1", r + 2, b"\x80", "c")),
+        lambda: b.leases.acquire("l", "n1", now=T0, ttl=10),
+        lambda: b.leases.release("l", "n1"),
+        lambda: b.groups.claim("g", "c", min_idle=0, now=T0, count=1) if b.groups else anyio.lowlevel.checkpoint(),
+    ]
+
+
+async def _without_noscript(op: Callable[[], Awaitable[T]]) -> T:
+    """Run ``op``, retrying only connection failures (dead pooled connections after a restart)."""
+    with anyio.fail_after(30):
+        while True:
+            try:
+                return await op()
+            except BackendError as exc:
+                if not isinstance(exc.__cause__, (coredis.exceptions.ConnectionError, TimeoutError, OSError)):
+                    raise  # NOSCRIPT or anything else that is not a dead connection reached the caller
+                await anyio.sleep(0.05)

@@ -6,10 +6,14 @@ through the Protocols of :mod:`rtcore.backends.base`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 
 from rtcore.backends import Backend, Event, IdempotencyRecord, Outcome, Retention, Snapshot
+from rtcore.backends.memory import MemoryIdempotencyStore
+from rtcore.backends.sqlite import SqliteIdempotencyStore
 from rtcore.errors import ConflictError
 
 pytestmark = pytest.mark.anyio
@@ -254,14 +258,60 @@ async def test_leases_have_one_holder(backend_factory) -> None:
         assert await ls.acquire("tick:room:1", "n1", now=T0 + 18, ttl=10)
 
 
+async def _pending_record_exists(b: Backend, scope: str, key: str) -> bool:
+    """Whether the engine still stores a record for ``(scope, key)`` (peeks at its storage)."""
+    st: Any = b.idempotency
+    if isinstance(st, MemoryIdempotencyStore):
+        return (scope, key) in st._records
+    if isinstance(st, SqliteIdempotencyStore):
+        sql = "SELECT 1 FROM idempotency WHERE scope = ? AND key = ?"
+        return await st._db.run(lambda conn: conn.execute(sql, (scope, key)).fetchone()) is not None
+    if type(st).__name__ == "RedisIdempotencyStore":
+        from rtcore.backends.redis import _pair_key
+
+        return bool(await st._client.exists([_pair_key("idem", scope, key)]))
+    pytest.fail(f"teach _pending_record_exists how {type(st).__name__} stores records")
+
+
+async def _collect_garbage(b: Backend, scope: str, key: str, *, now: float) -> None:
+    """Let the engine's OWN garbage collection drop the expired record of ``(scope, key)``.
+
+    Nothing is deleted by the test: memory and SQLite sweep expired records
+    from inside ``finish`` every so many calls, so unrelated commands are
+    finished until the sweep has run; Redis drops the key when its
+    ``PEXPIRE`` fires, so the test waits for that.
+    """
+    if type(b.idempotency).__name__ == "RedisIdempotencyStore":
+        with anyio.fail_after(10):
+            while await _pending_record_exists(b, scope, key):
+                await anyio.sleep(0.05)
+        return
+    for i in range(10_000):
+        if not await _pending_record_exists(b, scope, key):
+            return
+        await b.idempotency.finish(scope, f"other-{i}", Outcome(True, i), now=now, ttl=0.001, fingerprint=b"o")
+    pytest.fail("the engine never garbage-collected the expired pending record")
+
+
 async def test_idempotency_finish_keeps_the_fingerprint_after_the_lease_ran_out(backend_factory) -> None:
-    """A command outliving its lease still stores its own fingerprint, so retries replay."""
+    """A command that outlives its lease, whose pending record the engine then
+    garbage-collects, still stores its own fingerprint: a retry with the same
+    command replays the outcome instead of getting ``key_reused``.
+
+    The pending record is really collected by each engine (memory and SQLite:
+    the sweep inside ``finish``; Redis: the key's ``PEXPIRE``), never by the test.
+
+    Mutation: ``finish`` ignores its ``fingerprint`` argument and keeps the
+    pending record's (``b""`` once that is gone) in memory.py, sqlite.py or
+    redis.py → fails on that engine (fingerprint ``b""``).
+    """
     async with backend_factory() as b:
         st = b.idempotency
-        assert await st.begin("s", "k", b"fp", now=T0, lease=1) is None
-        # the pending record may be garbage-collected once its lease is over
-        if hasattr(st, "_records"):
-            st._records.clear()
+        # lease=0.001: Redis's garbage-collecting PEXPIRE fires after about a second.
+        assert await st.begin("s", "k", b"fp", now=T0, lease=0.001) is None
+        await _collect_garbage(b, "s", "k", now=T0 + 5)
+        assert not await _pending_record_exists(b, "s", "k")
         await st.finish("s", "k", Outcome(True, 1), now=T0 + 5, ttl=100, fingerprint=b"fp")
         rec = await st.begin("s", "k", b"fp", now=T0 + 6, lease=1)
-        assert rec is not None and rec.fingerprint == b"fp" and rec.outcome == Outcome(True, 1)
+        assert rec is not None and rec.state == "done"
+        assert rec.fingerprint == b"fp" and rec.outcome == Outcome(True, 1)

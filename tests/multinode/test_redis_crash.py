@@ -140,7 +140,15 @@ async def test_redis_kill_9_without_persistence_changes_the_epoch_and_says_so(tm
     ``subbed`` (new epoch, ``recovered: false``) before the new epoch's events;
     one of a stateful stream gets ``subbed`` ``snap: true`` and a ``snap`` of the
     new epoch; :mod:`rtcore.client` reports a ``Missed``; a client resuming with
-    an old-epoch ``since`` gets ``recovered: false`` (or a ``snap``)."""
+    an old-epoch ``since`` gets ``recovered: false`` (or a ``snap``). Redis is
+    killed while the processes may still be writing the offset-10 snapshot, and
+    both processes must survive it.
+
+    Not a guard for that fix on its own: whether the kill lands on the write is
+    left to timing here (with ``_store_snapshot``'s ``try/except`` removed this
+    test still passed when the write had finished first). The guard is
+    ``tests/test_backend_redis.py::test_redis_killed_while_snapshots_are_written_fails_requests_not_the_node``,
+    which holds the writes until Redis is dead."""
     news, tally = "news:1", "tally:1"
     before, after = 10, 5
     with private_redis(persistent=False) as redis:
@@ -164,14 +172,9 @@ async def test_redis_kill_9_without_persistence_changes_the_epoch_and_says_so(tm
                 old_tally, _, _ = await history(http, servers[0], tally)
                 await wait_until(lambda: live_news.offset == before and live_tally.offset == before, what="old events")
                 # Both processes fold tally:1 and store a snapshot every 10 events
-                # (fire and forget). Kill Redis only once those writes are done:
-                # a snapshot write that fails kills the process (reported bug).
-                await wait_until(
-                    lambda: redis.command("HGET", "rt:{tally:1}:snap", "off") == str(before).encode(),
-                    what="the snapshot at offset 10",
-                )
-                await anyio.sleep(0.2)
-
+                # (fire and forget): the one at offset 10 is being written right
+                # now. Kill Redis without waiting for it (a failed snapshot write
+                # used to kill the process; it must only be logged).
                 await anyio.to_thread.run_sync(redis.restart)  # kill -9, start empty
 
                 cmd.prefix = "after"  # the old keys died with Redis anyway

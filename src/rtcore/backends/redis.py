@@ -842,6 +842,9 @@ class RedisGroupLog:
         with _engine_errors():
             try:
                 entries, counts = cast(list[Any], await self._claim(keys=[_ALL], args=args))
+            except coredis.exceptions.StreamConsumerGroupError:
+                # NOGROUP (coredis rewords it): Redis lost the group; the next read creates it again.
+                return []
             except coredis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
