@@ -31,8 +31,6 @@ async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
 
     Mutation: ``_write`` does not put ``_unsent`` first → the client sees a
     corrupt stream or ``tail`` before ``big`` ends → fails.
-    Mutation: ``send_nowait`` keeps using the socket while bytes are left
-    over (drop the ``self._unsent`` check) → frames interleave → fails.
     """
     big = os.urandom(BIG)
     seen: dict[str, object] = {}

@@ -191,7 +191,6 @@ class Outbox:
         self._queue.clear()
         self._queued_bytes = 0
         self._unwritten_ts = 0.0
-        self._drained.set()
         self._on_slow()
         self.close()
 
@@ -199,7 +198,7 @@ class Outbox:
         """Take no more frames; the writer sends what is queued, then :meth:`take` returns None."""
         self._closed = True
         self._wake.set()
-        self._drained.set()
+        self._drained.set()  # a paced replay waiting for room returns now
 
     def abort(self) -> None:
         """The peer is gone: drop what is queued and close."""
