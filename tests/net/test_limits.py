@@ -67,7 +67,7 @@ async def test_missing_pongs_close_1011() -> None:
             assert '"welcome"' in await ws.recv()
             assert server.node is not None
             ws.transport.pause_reading()  # this client stops answering pings
-            await wait_until(lambda: not server.node.sessions)  # type: ignore[union-attr]
+            await wait_until(lambda: not server.sessions)
             ws.transport.resume_reading()
             with pytest.raises(ConnectionClosed) as info:
                 with anyio.fail_after(TIMEOUT):

@@ -49,7 +49,7 @@ async def test_a_thousand_connections_all_receive_a_broadcast() -> None:
                 for _ in range(CLIENTS):
                     tg.start_soon(join)
         assert server.node is not None
-        assert len(server.node.sessions) == CLIENTS
+        assert len(server.sessions) == CLIENTS
 
         async with httpx.AsyncClient(timeout=30) as http:
             r = await http.post(http_url(server, "/v1/cmd/publish"), json={"stream": stream, "n": 3})

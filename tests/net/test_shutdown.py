@@ -37,7 +37,7 @@ async def test_stop_lets_inflight_commands_finish_then_says_bye_1001() -> None:
         async with peer(server) as busy, peer(server) as idle:
             await busy.send({"t": "cmd", "id": 1000, "name": "slow", "args": {"gate": gate}})
             assert server.node is not None
-            while not any(c._inflight for c in server.node.sessions):
+            while not any(info.commands_in_flight for info in server.sessions.infos()):
                 await anyio.sleep(0.01)  # the command is executing
             tg.start_soon(server.stop)
             while not server.node.draining:

@@ -9,16 +9,18 @@ wire frame is encoded at most once per encoding (:class:`EncodedEvent`) and
 the same bytes are queued for every subscriber, which is where fan-out speed
 comes from.
 
-A tail that finds a gap schedules a fill (an async history read) through the
-``spawn`` function of whoever owns it — the connection for subscribers, the
-node for state followers — so every task has an owner.
+A tail delivers into an :class:`EventSink`: a subscriber's outbox (the
+bounded send queue of one connection, :class:`rtcore.server.outbox.Outbox`)
+or a state follower. A tail that finds a gap schedules a fill (an async
+history read) through the sink's ``spawn`` — the connection for subscribers,
+the node for state followers — so every task has an owner.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, Protocol
 
 import anyio
 
@@ -28,7 +30,7 @@ from ..protocol.codec import codec_for
 from ..protocol.frames import Evt
 from ..protocol.streams import Delivery, Phase
 
-__all__ = ["EncodedEvent", "Hub", "Tail", "evt_frame"]
+__all__ = ["EncodedEvent", "EventSink", "Hub", "OutboxLimits", "Tail", "evt_frame"]
 
 log = logging.getLogger("rtcore.engine.hub")
 
@@ -61,6 +63,62 @@ class EncodedEvent:
         return self._msgpack
 
 
+class OutboxLimits:
+    """Bounds of a subscriber's send queue (a slow consumer beyond them is cut).
+
+    Live frames that would take the queue past either bound cut the
+    subscriber (WebSocket: ``bye`` ``slow_consumer`` and close 4008; SSE: the
+    response ends); history replay instead waits until a frame fits within
+    half of each bound. A single frame bigger than a bound is still queued
+    when the queue is empty.
+
+    Attributes:
+        max_bytes: Queued bytes allowed.
+        max_frames: Queued frames allowed.
+    """
+
+    __slots__ = ("max_bytes", "max_frames")
+
+    def __init__(self, max_bytes: int = 4 << 20, max_frames: int = 10_000) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"OutboxLimits.max_bytes must be >= 1, got {max_bytes}")
+        if max_frames < 1:
+            raise ValueError(f"OutboxLimits.max_frames must be >= 1, got {max_frames}")
+        self.max_bytes = max_bytes
+        self.max_frames = max_frames
+
+    def __repr__(self) -> str:
+        return f"OutboxLimits(max_bytes={self.max_bytes}, max_frames={self.max_frames})"
+
+
+class EventSink(Protocol):
+    """Where a :class:`Tail` delivers: a subscriber's outbox or a state follower.
+
+    One sink may serve several tails (a connection's subscriptions share its
+    outbox); each call names the stream.
+    """
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``fn`` in the owner's task group (gap fills)."""
+        ...
+
+    def live(self, stream: str, batch: list[EncodedEvent]) -> None:
+        """Take in-order live events; never awaits (called from the hub's dispatch)."""
+        ...
+
+    async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
+        """Take a page of history; returns when the consumer can take more (pacing)."""
+        ...
+
+    def sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
+        """Take a ``sync`` frame (``frames`` by encoding) after event ``offset``."""
+        ...
+
+    def stale(self, stream: str) -> None:
+        """The stream's history changed under the tail (new epoch); called once."""
+        ...
+
+
 class Tail:
     """A consumer of one stream fed by the hub and, when needed, by history reads.
 
@@ -68,34 +126,18 @@ class Tail:
         log: The event log to fill gaps from.
         stream: The stream.
         delivery: Its ordering state (starts in catch-up).
-        emit: Called with each batch of in-order events (and their encodings).
-        on_stale: Called once if the stream's epoch changes under the tail.
-        spawn: Runs a coroutine function in the owner's task group.
-        backlog: Used instead of ``emit`` for history pages, and awaited after
-            each page so catch-up goes at the consumer's pace (a replay is a
-            burst by nature and must not count against the slow-consumer limit).
+        sink: Where in-order events go: live ones through :meth:`EventSink.live`,
+            history pages through :meth:`EventSink.backlog` (awaited after each
+            page so catch-up goes at the consumer's pace).
     """
 
-    def __init__(
-        self,
-        log: EventLog,
-        stream: str,
-        delivery: Delivery,
-        emit: Callable[[list[EncodedEvent]], None],
-        on_stale: Callable[[], None],
-        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
-        backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
-    ) -> None:
+    def __init__(self, log: EventLog, stream: str, delivery: Delivery, sink: EventSink) -> None:
         self.log = log
-        self._backlog = backlog
         self.stream = stream
         self.delivery = delivery
-        self._emit = emit
-        self._on_stale = on_stale
-        self._spawn = spawn
+        self.sink = sink
         self._filling = False
         self.closed = False
-        self.on_sync: Callable[[int, bytes, bytes], None] | None = None
 
     def live(self, enc: EncodedEvent) -> None:
         """Take one live event from the hub (never awaits)."""
@@ -103,23 +145,20 @@ class Tail:
             return
         out = self.delivery.live(enc.event)
         if out:
-            self._emit([enc])
+            self.sink.live(self.stream, [enc])
         self._check()
 
     def _check(self) -> None:
         d = self.delivery
         if d.phase is Phase.STALE:
             self.closed = True
-            self._on_stale()
+            self.sink.stale(self.stream)
         elif d.needs_fill and not self._filling:
             self._filling = True
-            self._spawn(self.fill)
+            self.sink.spawn(self.fill)
 
     async def _send_backlog(self, batch: list[EncodedEvent]) -> None:
-        if self._backlog is None:
-            self._emit(batch)
-        else:
-            await self._backlog(batch)
+        await self.sink.backlog(self.stream, batch)
 
     async def fill(self) -> None:
         """Read history after ``delivery.last`` until caught up, then go live."""
@@ -226,5 +265,5 @@ class Hub:
     def broadcast_sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
         """Send a ``sync`` frame to live tails of ``stream`` that delivered ``offset``."""
         for tail in tuple(self._tails.get(stream, ())):
-            if tail.on_sync is not None and tail.delivery.phase is Phase.LIVE and tail.delivery.last == offset:
-                tail.on_sync(offset, frames["json"], frames["msgpack"])
+            if not tail.closed and tail.delivery.phase is Phase.LIVE and tail.delivery.last == offset:
+                tail.sink.sync(stream, offset, frames)

@@ -8,7 +8,8 @@ Why this shape:
   lock and walks label dicts on every ``observe``; that is fine for a web
   request and too much on the fan-out path, which runs per subscriber.
 * **prometheus-client only at scrape time.** A custom collector reads the
-  recorders and the node's live objects (sessions, subscriptions, hub) when
+  recorders and a :class:`MetricsSource` (the node's counters plus the
+  server's session registry: sessions, subscriptions, outboxes) when
   Prometheus scrapes, and builds the metric families then. Gauges such as
   connections, subscriptions and subscriber lag are computed from the live
   state instead of being kept up to date on every change.
@@ -48,15 +49,13 @@ durations from ``time.perf_counter``.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from .node import Node
-
-__all__ = ["LATENCY_BUCKETS", "Histogram", "NodeMetrics", "render"]
+__all__ = ["LATENCY_BUCKETS", "Histogram", "MetricsSource", "NodeMetrics", "SessionStats", "SubscriptionStats", "render"]
 
 #: Bucket upper bounds (seconds) for latencies: 250 µs to 10 s.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -119,6 +118,85 @@ def _fmt(bound: float) -> str:
     return repr(float(bound))
 
 
+class SubscriptionStats(Protocol):
+    """What the metrics read of one subscription (see :class:`MetricsSource`)."""
+
+    @property
+    def stream(self) -> str:
+        """The stream."""
+        ...
+
+    @property
+    def delivered(self) -> int:
+        """The last offset queued to the subscriber."""
+        ...
+
+    @property
+    def acked(self) -> int | None:
+        """The last offset the client acknowledged (None: it never acked)."""
+        ...
+
+    @property
+    def last_sent(self) -> tuple[int, float] | None:
+        """``(offset, publish ts)`` of the newest live event queued and not yet acked."""
+        ...
+
+
+class SessionStats(Protocol):
+    """What the metrics read of one open session."""
+
+    @property
+    def kind(self) -> str:
+        """``"websocket"`` or ``"sse"``."""
+        ...
+
+    @property
+    def subscriptions(self) -> Sequence[SubscriptionStats]:
+        """Its subscriptions."""
+        ...
+
+
+class MetricsSource(Protocol):
+    """What :func:`render` reads: a node's recorders plus its open sessions.
+
+    The server builds one from its :class:`~rtcore.engine.node.Node` and its
+    session registry, so this module depends on neither.
+    """
+
+    @property
+    def metrics(self) -> NodeMetrics:
+        """The recorders."""
+        ...
+
+    @property
+    def stats(self) -> Mapping[str, int]:
+        """Node counters (replays, resumes, idempotent replays, slow consumers)."""
+        ...
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is shutting down."""
+        ...
+
+    @property
+    def deliveries(self) -> int:
+        """Live events handed to local subscribers so far."""
+        ...
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """Unix time (the clock ``Event.ts`` uses)."""
+        ...
+
+    def session_stats(self) -> Sequence[SessionStats]:
+        """The open sessions, now."""
+        ...
+
+    def processor_depths(self) -> Iterable[tuple[str, int]]:
+        """``(processor, queued events)`` for each local processor."""
+        ...
+
+
 class NodeMetrics:
     """Counters and histograms one node records; read by :func:`render`.
 
@@ -160,21 +238,21 @@ class NodeMetrics:
         """Count a session's end by close code."""
         self.closes[code] = self.closes.get(code, 0) + 1
 
-    def registry(self, node: Node) -> CollectorRegistry:
-        """This node's own registry (created on first scrape)."""
+    def registry(self, source: MetricsSource) -> CollectorRegistry:
+        """This node's own registry (created on first scrape, bound to ``source``)."""
         if self._registry is None:
             from prometheus_client.registry import CollectorRegistry
 
             self._registry = CollectorRegistry(auto_describe=False)
-            self._registry.register(_NodeCollector(node))
+            self._registry.register(_NodeCollector(source))
         return self._registry
 
 
 class _NodeCollector:
     """Builds every metric family from a node's recorders and live state."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(self, source: MetricsSource) -> None:
+        self.source = source
 
     def describe(self) -> Iterable[Any]:
         return []  # collected fresh each scrape; nothing to pre-declare
@@ -182,29 +260,29 @@ class _NodeCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        node = self.node
-        m: NodeMetrics = node.metrics
-        stats = node.stats
+        source = self.source
+        m: NodeMetrics = source.metrics
+        stats = source.stats
 
         # --- connections and subscriptions -----------------------------------
-        sessions = list(node.sessions)
-        yield GaugeMetricFamily("rtcore_connections", "Open WebSocket sessions.", value=len(sessions))
+        sessions = list(source.session_stats())
+        websockets = sum(1 for s in sessions if s.kind == "websocket")
+        yield GaugeMetricFamily("rtcore_connections", "Open WebSocket sessions.", value=websockets)
+        yield GaugeMetricFamily("rtcore_sse_streams", "Open Server-Sent Events streams.", value=len(sessions) - websockets)
         yield CounterMetricFamily("rtcore_connections_opened", "WebSocket sessions started.", value=m.connections_opened)
         closes = CounterMetricFamily("rtcore_connections_closed", "WebSocket sessions ended, by close code.", labels=["code"])
         for code, n in sorted(m.closes.items()):
             closes.add_metric([str(code)], n)
         yield closes
-        subs = [sub for conn in sessions for sub in getattr(conn, "subs", {}).values()]
-        yield GaugeMetricFamily("rtcore_subscriptions", "Live subscriptions over all sessions.", value=len(subs))
-        yield GaugeMetricFamily("rtcore_draining", "1 while the server is shutting down.", value=1 if node.draining else 0)
+        subs = sum(len(s.subscriptions) for s in sessions)
+        yield GaugeMetricFamily("rtcore_subscriptions", "Live subscriptions over all sessions.", value=subs)
+        yield GaugeMetricFamily("rtcore_draining", "1 while the server is shutting down.", value=1 if source.draining else 0)
 
         # --- traffic -------------------------------------------------------------
         yield CounterMetricFamily("rtcore_bytes_received", "WebSocket payload bytes received.", value=m.bytes_in)
         yield CounterMetricFamily("rtcore_bytes_sent", "WebSocket payload bytes sent.", value=m.bytes_out)
         yield CounterMetricFamily("rtcore_messages_received", "WebSocket messages received.", value=m.messages_in)
-        hub = node.hub
-        if hub is not None:
-            yield CounterMetricFamily("rtcore_deliveries", "Live events handed to local subscribers.", value=hub.delivered)
+        yield CounterMetricFamily("rtcore_deliveries", "Live events handed to local subscribers.", value=source.deliveries)
 
         # --- subscriptions, recovery, idempotency, slow consumers --------------
         yield CounterMetricFamily("rtcore_replays", "Subscriptions that replayed history.", value=stats.get("replays", 0))
@@ -218,7 +296,7 @@ class _NodeCollector:
             "rtcore_idempotent_replays", "Commands answered from the idempotency store.", value=stats.get("idempotent_replays", 0)
         )
         yield CounterMetricFamily(
-            "rtcore_slow_consumer_disconnects", "Sessions cut for not keeping up (close 4008).", value=stats.get("slow_consumers", 0)
+            "rtcore_slow_consumer_disconnects", "Subscribers cut for not keeping up (WebSocket close 4008, SSE end).", value=stats.get("slow_consumers", 0)
         )
 
         # --- latency histograms ----------------------------------------------
@@ -244,31 +322,30 @@ class _NodeCollector:
         yield from self._lag(sessions, m)
         yield from self._processors()
 
-    def _lag(self, sessions: list[Any], m: NodeMetrics) -> Iterator[Any]:
+    def _lag(self, sessions: list[SessionStats], m: NodeMetrics) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        now = self.node.clock()
+        now = self.source.clock()
         lag_max = lag_sum = 0
         age_max = 0.0
         unacked_max = 0
         live_streams: set[str] = set()
-        for conn in sessions:
-            acked: dict[str, int] = getattr(conn, "acked", {})
-            sent: dict[str, tuple[int, float]] = getattr(conn, "last_sent", {})
-            for stream, sub in getattr(conn, "subs", {}).items():
+        for session in sessions:
+            for sub in session.subscriptions:
+                stream = sub.stream
                 live_streams.add(stream)
-                delivered = sub.tail.delivery.last
+                delivered = sub.delivered
                 head = m.heads.get(stream)
                 if head is not None and head[0] > delivered:
                     behind = head[0] - delivered
                     lag_sum += behind
                     lag_max = max(lag_max, behind)
-                    last = sent.get(stream)
+                    last = sub.last_sent
                     # Age of what it has (publish time of its newest queued event), else of the head.
                     ts = last[1] if last is not None else head[1]
                     age_max = max(age_max, now - ts)
-                if stream in acked:
-                    unacked_max = max(unacked_max, delivered - acked[stream])
+                if sub.acked is not None:
+                    unacked_max = max(unacked_max, delivered - sub.acked)
         # Forget heads of streams nobody here follows any more (bounded memory).
         for stream in [s for s in m.heads if s not in live_streams]:
             del m.heads[stream]
@@ -291,29 +368,23 @@ class _NodeCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         # Local processors read from a bounded queue; its depth is their lag.
-        # Read defensively: the processors module owns that structure.
-        queues = getattr(getattr(self.node, "_processors", None), "_queues", None) or []
         depth = GaugeMetricFamily(
             "rtcore_processor_queue_depth", "Events waiting for a local processor (processor lag).", labels=["processor"]
         )
-        for spec, send in queues:
-            try:
-                used = send.statistics().current_buffer_used
-            except Exception:  # pragma: no cover - structure changed
-                continue
-            depth.add_metric([getattr(spec.handler, "__qualname__", "?")], used)
+        for name, used in self.source.processor_depths():
+            depth.add_metric([name], used)
         yield depth
 
 
-def render(node: Node) -> tuple[bytes, str]:
-    """The Prometheus text exposition of ``node``'s metrics.
+def render(source: MetricsSource) -> tuple[bytes, str]:
+    """The Prometheus text exposition of a node's metrics.
 
     Args:
-        node: A running node.
+        source: The node's recorders and open sessions (the server builds it).
 
     Returns:
         ``(body, content_type)`` for the ``GET /metrics`` response.
     """
     from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-    return generate_latest(node.metrics.registry(node)), CONTENT_TYPE_LATEST
+    return generate_latest(source.metrics.registry(source)), CONTENT_TYPE_LATEST

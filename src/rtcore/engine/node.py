@@ -37,7 +37,7 @@ from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key
 from ..protocol.state import StreamState
 from ..protocol.streams import Delivery, Phase, Plan, check_stream, plan_resume
 from .app import App, Context, Principal
-from .hub import EncodedEvent, Hub, Tail
+from .hub import EncodedEvent, EventSink, Hub, OutboxLimits, Tail
 from .metrics import NodeMetrics
 from .processors import Processors
 
@@ -109,11 +109,13 @@ class Subscription:
         recovered: ``subbed.recovered``.
         snap: The ``snap`` frame to send right after ``subbed`` (stateful resume), or None.
         tail: The tail (call :meth:`Tail.fill` after sending the preamble).
+        outbox: Where its events go (the subscriber's outbox).
     """
 
-    __slots__ = ("epoch", "offset", "recovered", "snap", "stream", "tail")
+    __slots__ = ("epoch", "offset", "outbox", "recovered", "snap", "stream", "tail")
 
     def __init__(self, stream: str, epoch: str, offset: int, recovered: bool, snap: Snap | None, tail: Tail) -> None:
+        self.outbox: EventSink = tail.sink
         self.stream = stream
         self.epoch = epoch
         self.offset = offset
@@ -123,7 +125,7 @@ class Subscription:
 
 
 class _Follower:
-    """Server-side fold of one stateful stream."""
+    """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
 
     def __init__(self, stream: str, state: StreamState) -> None:
         self.stream = stream
@@ -132,11 +134,29 @@ class _Follower:
         self.tail: Tail | None = None
         self.pending_sync: tuple[int, dict[str, bytes]] | None = None
         self.node: Node | None = None
+        self.on_stale: Callable[[], None] = lambda: None
 
     def fold_batch(self, batch: list[EncodedEvent]) -> None:
         assert self.node is not None
         for enc in batch:
             self.node._fold(self, enc.event)
+
+    # EventSink: history and live events are folded alike, at once.
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        assert self.node is not None
+        self.node.spawn(fn)
+
+    def live(self, stream: str, batch: list[EncodedEvent]) -> None:
+        self.fold_batch(batch)
+
+    async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
+        self.fold_batch(batch)
+
+    def sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
+        pass  # the follower is where sync frames come from
+
+    def stale(self, stream: str) -> None:
+        self.on_stale()
 
 
 class Node:
@@ -152,7 +172,8 @@ class Node:
         node_id: Identifies this node (leases, consumer groups); random by default.
             Give a restarted node its old id to let it take its unacknowledged
             group events back at once.
-        outbox: Default :class:`~rtcore.server.gateway.OutboxLimits` of its sessions.
+        outbox: Default :class:`~rtcore.engine.hub.OutboxLimits` of its subscribers'
+            outboxes (WebSocket sessions and SSE streams).
         roles: Subset of :data:`ROLES`; only nodes with ``"processor"`` run
             processors and loops (the server enforces the others).
     """
@@ -169,7 +190,7 @@ class Node:
         idempotency_ttl: float = DEFAULT_TTL,
         idempotency_lease: float = DEFAULT_LEASE,
         node_id: str | None = None,
-        outbox: Any = None,
+        outbox: OutboxLimits | None = None,
         roles: frozenset[str] = ROLES,
     ) -> None:
         if not roles <= ROLES:
@@ -177,8 +198,8 @@ class Node:
         #: What this node does (see :data:`ROLES`).
         self.roles = frozenset(roles)
         self.app = app
-        #: Send-queue bounds for sessions (:class:`rtcore.server.gateway.OutboxLimits`).
-        self.outbox = outbox
+        #: Send-queue bounds of subscribers (None: :class:`OutboxLimits` defaults).
+        self.outbox: OutboxLimits | None = outbox
         self._backend_arg = backend
         self.backend: Backend = backend if isinstance(backend, Backend) else None  # type: ignore[assignment]
         self.clock = clock
@@ -192,7 +213,6 @@ class Node:
         self._tg: TaskGroup | None = None
         self._followers: dict[str, _Follower] = {}
         self._processors = Processors(self)
-        self.sessions: set[Any] = set()
         self.timer_wakeup = anyio.Event()
         self.draining = False
         self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0}
@@ -280,6 +300,14 @@ class Node:
         if self._tg is None:
             raise RuntimeError("the node is not running; use 'async with node:'")
         self._tg.start_soon(fn)
+
+    def processor_depths(self) -> list[tuple[str, int]]:
+        """Events waiting in each local processor's queue (its lag), by handler name."""
+        # The processors module owns the queues; this is the one place that reads them.
+        return [
+            (getattr(spec.handler, "__qualname__", "?"), send.statistics().current_buffer_used)
+            for spec, send in self._processors._queues
+        ]
 
     def wake_timers(self) -> None:
         """Make every session re-check its deadlines (a fake clock moved)."""
@@ -448,11 +476,8 @@ class Node:
         principal: Principal | None,
         stream: str,
         since: Position | None,
+        outbox: EventSink,
         *,
-        emit: Callable[[list[EncodedEvent]], None],
-        on_stale: Callable[[], None],
-        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
-        backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
         use_cursor: bool = True,
         new_epoch: bool = False,
     ) -> Subscription:
@@ -460,7 +485,19 @@ class Node:
 
         The returned tail is already registered with the hub (live events are
         buffered). The caller sends ``subbed`` and ``snap``, then awaits
-        ``sub.tail.fill()`` which replays history and goes live.
+        ``sub.tail.fill()`` which replays history (paced by
+        ``outbox.backlog``) and goes live (``outbox.live``).
+
+        Args:
+            principal: The subscriber.
+            stream: The stream.
+            since: Position to resume after (None: the stored cursor, if any).
+            outbox: The subscriber's outbox (shared by its subscriptions);
+                ``outbox.stale(stream)`` is called if the stream's history
+                changes under the subscription.
+            use_cursor: Resume from the principal's stored cursor when
+                ``since`` is None.
+            new_epoch: Resubscribing after a stale epoch.
 
         Raises:
             RtcoreError: ``bad_stream`` or ``forbidden``.
@@ -491,7 +528,7 @@ class Node:
         if plan.mode == "replay":
             self.stats["replays"] += 1
         self.stats["recovered" if plan.recovered else "not_recovered"] += int(start is not None)
-        tail = Tail(self.backend.events, stream, Delivery(epoch, after), emit, on_stale, spawn, backlog)
+        tail = Tail(self.backend.events, stream, Delivery(epoch, after), outbox)
         self.hub.add(tail)
         # subbed.offset: with recovered=true, the head the replay leads to; otherwise
         # the position the client must jump to (events after it follow).
@@ -550,7 +587,8 @@ class Node:
                 self.hub.remove(f.tail)
 
         f.node = self
-        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f.fold_batch, stale, self.spawn)
+        f.on_stale = stale
+        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f)
         self.hub.add(f.tail)
         await f.tail.fill()
         f.ready.set()
@@ -569,7 +607,7 @@ class Node:
             self.hub.remove(old.tail)
         f = _Follower(stream, state)
         self._followers[stream] = f
-        f.tail = Tail(self.backend.events, stream, Delivery(state.epoch, state.offset), f.fold_batch, lambda: None, self.spawn)
+        f.tail = Tail(self.backend.events, stream, Delivery(state.epoch, state.offset), f)
         f.tail.delivery.phase = Phase.LIVE
         f.node = self
         self.hub.add(f.tail)

@@ -7,11 +7,12 @@ asked for:
 
 * a reader task feeds messages to the session and carries out its actions;
 * a single writer task owns the transport's send side: everything queued in
-  the bounded outbox goes out in one ``send`` call (one socket write), which
-  is what makes fan-out fast;
+  the connection's :class:`~rtcore.server.outbox.Outbox` goes out in one
+  ``send`` call (one socket write), which is what makes fan-out fast;
 * the hub pushes already-encoded event bytes into the outbox without awaiting;
-  when the outbox is over its limit the subscriber is too slow: it gets
-  ``bye`` ``slow_consumer`` and close 4008, and resumes from its position;
+  when a live frame does not fit the outbox the subscriber is too slow: it
+  gets ``bye`` ``slow_consumer`` and close 4008, and resumes from its
+  position; history replay is paced by the outbox instead;
 * a timer task wakes the session for idle and token-expiry deadlines.
 """
 
@@ -27,7 +28,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup
 
-from ..engine.hub import EncodedEvent
+from ..engine.hub import OutboxLimits
 from ..engine.node import Node, Subscription
 from ..errors import AuthError, ConnectionClosed, RtcoreError
 from ..protocol.codec import Codec, codec_for
@@ -43,6 +44,8 @@ from ..protocol.session import (
     Send,
     Session,
 )
+from .outbox import FastWriter, Outbox
+from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
 __all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
 
@@ -71,19 +74,6 @@ class FrameTransport(Protocol):
 _IDLE_WORKERS = 4
 
 
-class OutboxLimits:
-    """Bounds of a connection's send queue (a slow consumer beyond them is cut).
-
-    Attributes:
-        max_bytes: Queued bytes allowed before the connection counts as slow.
-        max_frames: Queued frames allowed before the connection counts as slow.
-    """
-
-    def __init__(self, max_bytes: int = 4 << 20, max_frames: int = 10_000) -> None:
-        self.max_bytes = max_bytes
-        self.max_frames = max_frames
-
-
 class _Connection:
     def __init__(
         self,
@@ -93,6 +83,7 @@ class _Connection:
         outbox: OutboxLimits,
         on_close: Callable[[int, str], None] | None,
         hello_timeout: float | None = None,
+        registry: SessionRegistry | None = None,
     ) -> None:
         self.node = node
         self.transport = transport
@@ -107,21 +98,27 @@ class _Connection:
             token_grace=node.token_grace,
             hello_timeout=hello_timeout,
         )
+        self.id = self.session.id
+        self.opened_at = node.clock()
         self.upgrade_token = upgrade_token
-        self.limits = outbox
         self.subs: dict[str, Subscription] = {}
-        self._queue: deque[bytes] = deque()
-        self._queued_bytes = 0
-        self._wake = anyio.Event()
-        self._drained = anyio.Event()
+        self.metrics = node.metrics
+        enc = self.encoding
         # asyncio fast path (see WebSocketTransport.send_nowait): frames queued in one
         # loop tick are written by one callback at its end, without waking the writer.
-        self._send_nowait: Callable[[list[bytes]], bool] | None = getattr(transport, "send_nowait", None)
-        self._call_soon: Callable[..., Any] | None = getattr(transport, "call_soon", None)
-        if self._send_nowait is None or self._call_soon is None:
-            self._send_nowait = self._call_soon = None
-        self._flush_scheduled = False
-        self._writer_busy = False  # the writer task owns the send side (an awaited send)
+        fast: FastWriter | None = transport if isinstance(transport, FastWriter) else None
+        self.outbox = Outbox(
+            outbox,
+            render=lambda e: e.encoded(enc),
+            render_sync=lambda frames: frames[enc],
+            spawn=self._spawn,
+            on_slow=self._slow,
+            on_stale=self._stale,
+            clock=node.clock,
+            metrics=node.metrics,
+            fast=fast,
+        )
+        self._registry = registry
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
@@ -134,107 +131,62 @@ class _Connection:
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
         self._timer_scope = anyio.CancelScope()
-        self.bytes_out = 0
-        self.metrics = node.metrics
-        # For metrics (read at scrape time): publish time of the oldest live
-        # event not yet written, the newest (offset, ts) sent per stream, and
-        # the last offset each stream was acknowledged at.
-        self._unwritten_ts = 0.0
-        self.last_sent: dict[str, tuple[int, float]] = {}
+        # The sub action of each subscribed stream (a stale epoch resubscribes with it).
+        self._sub_actions: dict[str, DoSubscribe] = {}
+        # For metrics (read at scrape time): the last offset each stream was acknowledged at.
         self.acked: dict[str, int] = {}
+
+    # --- registry --------------------------------------------------------------
+
+    def info(self) -> SessionInfo:
+        """Read-only view for the session registry (metrics, health, shutdown)."""
+        outbox = self.outbox
+        return SessionInfo(
+            id=self.id,
+            kind="websocket",
+            principal=self.session.principal_id,
+            opened_at=self.opened_at,
+            subscriptions=tuple(
+                SubscriptionInfo(
+                    stream=stream,
+                    epoch=sub.tail.delivery.epoch,
+                    delivered=sub.tail.delivery.last,
+                    acked=self.acked.get(stream),
+                    last_sent=outbox.last_sent.get(stream),
+                )
+                for stream, sub in self.subs.items()
+            ),
+            queued_bytes=outbox.queued_bytes,
+            queued_frames=outbox.queued_frames,
+            bytes_out=outbox.bytes_out,
+            commands_in_flight=self._inflight,
+        )
 
     # --- outbox ----------------------------------------------------------------
 
-    def push(self, data: bytes, *, backlog: bool = False) -> None:
-        if self._closing is not None:
-            return
-        self._queue.append(data)
-        self._queued_bytes += len(data)
-        if not backlog and (self._queued_bytes > self.limits.max_bytes or len(self._queue) > self.limits.max_frames):
-            self._slow()
-            return
-        if self._call_soon is not None and not self._writer_busy:
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._call_soon(self._flush)
-        else:
-            self._wake.set()
-
-    def _flush(self) -> None:
-        """asyncio fast path: write what this tick queued, if the socket takes it now."""
-        self._flush_scheduled = False
-        if not self._queue or self._writer_busy or self._closing is not None:
-            self._wake.set()  # nothing to do, or the writer task's job
-            return
-        assert self._send_nowait is not None
-        batch = list(self._queue)
-        try:
-            sent = self._send_nowait(batch)
-        except Exception:  # pragma: no cover - let the writer task meet the error
-            sent = False
-        if not sent:
-            self._wake.set()  # the writer waits for the socket (send timeout, slow consumer)
-            return
-        self._queue.clear()
-        self._sent(batch)
-
-    def _sent(self, batch: list[bytes]) -> None:
-        """Bookkeeping once ``batch`` left the queue for the socket."""
-        self._queued_bytes = 0
-        self._drained.set()
-        size = sum(map(len, batch))
-        self.bytes_out += size
-        self.metrics.bytes_out += size
-        ts, self._unwritten_ts = self._unwritten_ts, 0.0
-        if ts:
-            # Once per write, for its oldest live event (see rtcore.engine.metrics).
-            self.metrics.written.observe(self.node.clock() - ts)
-
-    async def push_backlog(self, frames: list[bytes]) -> None:
-        """Queue history at the consumer's pace: wait until the queue is half empty."""
-        for data in frames:
-            self.push(data, backlog=True)
-        while self._closing is None and (
-            self._queued_bytes > self.limits.max_bytes // 2 or len(self._queue) > self.limits.max_frames // 2
-        ):
-            self._drained = anyio.Event()
-            await self._drained.wait()
+    def push(self, data: bytes) -> None:
+        self.outbox.push(data)
 
     def _slow(self) -> None:
         self.node.stats["slow_consumers"] += 1
-        # Drop what is queued: the client resumes from its last position.
-        self._queue.clear()
-        self._queued_bytes = 0
         self._run(self.session.close("slow_consumer", "the connection could not keep up; reconnect and resume", reconnect=True, code=4008))
 
+    def _stale(self, stream: str) -> None:
+        # The stream's history changed under us: start over without a position.
+        old = self.subs.pop(stream, None)
+        if old is not None:
+            self.node.hub.remove(old.tail)
+        action = self._sub_actions.get(stream)
+        if action is not None:
+            self._spawn(lambda: self._subscribe(action, use_cursor=False, resubscribe=True))
+
     async def _writer(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            if self._queue:
-                batch = list(self._queue)
-                self._queue.clear()
-                self._queued_bytes = 0
-                self._drained.set()
-                size = sum(map(len, batch))
-                self.bytes_out += size
-                self.metrics.bytes_out += size
-                ts, self._unwritten_ts = self._unwritten_ts, 0.0
-                self._writer_busy = True
-                try:
-                    await self.transport.send(batch)
-                finally:
-                    self._writer_busy = False
-                if ts:
-                    # Once per write, for its oldest live event (see rtcore.engine.metrics).
-                    self.metrics.written.observe(self.node.clock() - ts)
-                if self._queue:
-                    self._wake.set()  # queued while we were sending
-            if self._closing is not None and not self._queue:
-                code, reason = self._closing
-                with anyio.move_on_after(5):
-                    await self.transport.close(code, reason)
-                raise ConnectionClosed(code, reason)
+        await self.outbox.run(self.transport.send)
+        if self._closing is not None:
+            code, reason = self._closing
+            with anyio.move_on_after(5):
+                await self.transport.close(code, reason)
+            raise ConnectionClosed(code, reason)
 
     # --- actions ---------------------------------------------------------------
 
@@ -246,10 +198,11 @@ class _Connection:
                 case Close(code=code, reason=reason):
                     if self._closing is None:
                         self._closing = (code, reason)
-                        self._wake.set()
+                        self.outbox.close()
                 case DoSubscribe():
                     self._spawn(lambda a=action: self._subscribe(a))  # type: ignore[misc]
                 case DoUnsubscribe(stream=stream):
+                    self._sub_actions.pop(stream, None)
                     sub = self.subs.pop(stream, None)
                     if sub is not None:
                         self.node.hub.remove(sub.tail)
@@ -268,9 +221,10 @@ class _Connection:
 
     def _ack_metrics(self, stream: str, offset: int) -> None:
         self.acked[stream] = offset
-        sent = self.last_sent.get(stream)
+        last_sent = self.outbox.last_sent
+        sent = last_sent.get(stream)
         if sent is not None and offset >= sent[0]:
-            del self.last_sent[stream]  # time each delivered event's ack once
+            del last_sent[stream]  # time each delivered event's ack once
             self.metrics.acked.observe(self.node.clock() - sent[1])
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
@@ -335,40 +289,20 @@ class _Connection:
 
     async def _subscribe(self, action: DoSubscribe, use_cursor: bool = True, resubscribe: bool = False) -> None:
         stream = action.stream
-        enc = self.encoding
-
-        def emit(batch: list[EncodedEvent]) -> None:
-            for e in batch:
-                self.push(e.encoded(enc))
-            last = batch[-1].event
-            if not self._unwritten_ts:
-                self._unwritten_ts = batch[0].event.ts
-            self.last_sent[stream] = (last.offset, last.ts)
-
-        async def backlog(batch: list[EncodedEvent]) -> None:
-            await self.push_backlog([e.encoded(enc) for e in batch])
-
-        def on_stale() -> None:
-            # The stream's history changed under us: start over without a position.
-            old = self.subs.pop(stream, None)
-            if old is not None:
-                self.node.hub.remove(old.tail)
-            self._spawn(lambda: self._subscribe(action, use_cursor=False, resubscribe=True))
-
+        if not resubscribe:
+            self._sub_actions[stream] = action
         try:
             sub = await self.node.subscribe(
                 self.session.principal,
                 stream,
                 None if resubscribe else action.since,
-                emit=emit,
-                on_stale=on_stale,
-                spawn=self._spawn,
-                backlog=backlog,
+                self.outbox,
                 use_cursor=use_cursor,
                 new_epoch=resubscribe,
             )
         except RtcoreError as exc:
             if not resubscribe:
+                self._sub_actions.pop(stream, None)
                 self._run(self.session.reply(action.id, Err(action.id, exc.code, exc.message, exc.retryable)))
             return
         if not resubscribe and stream in self.session.subscriptions:  # pragma: no cover - session forbids it
@@ -378,7 +312,6 @@ class _Connection:
             self.node.hub.remove(sub.tail)  # unsubscribed meanwhile
             return
         self.subs[stream] = sub
-        sub.tail.on_sync = lambda _o, j, m: self.push(j if enc == "json" else m)
         subbed = Subbed(action.id, stream, sub.epoch, sub.offset, sub.recovered, sub.snap is not None)
         if resubscribe:
             self.push(self.codec.encode(subbed))
@@ -421,7 +354,8 @@ class _Connection:
         self._run(self.session.close("shutdown", "the server is shutting down; reconnect", reconnect=True, code=1001))
 
     async def run(self) -> None:
-        self.node.sessions.add(self)
+        if self._registry is not None:
+            self._registry.add(self)
         self.metrics.connections_opened += 1
         code = 1006
         try:
@@ -441,7 +375,8 @@ class _Connection:
                 self._on_close(exc.close_code, exc.reason)
         finally:
             self.metrics.closed(code)
-            self.node.sessions.discard(self)
+            if self._registry is not None:
+                self._registry.discard(self)
             for sub in self.subs.values():
                 self.node.hub.remove(sub.tail)
             self.subs.clear()
@@ -452,7 +387,7 @@ class _Connection:
         except ConnectionClosed as exc:
             self._closing = self._closing or (exc.close_code, exc.reason)
             # The peer is gone: stop the writer without sending anything more.
-            self._queue.clear()
+            self.outbox.abort()
             raise
 
 
@@ -464,6 +399,7 @@ async def serve_session(
     outbox: OutboxLimits | None = None,
     on_close: Callable[[int, str], None] | None = None,
     hello_timeout: float | None = None,
+    registry: SessionRegistry | None = None,
 ) -> None:
     """Run one client session over ``transport`` until it closes.
 
@@ -476,6 +412,8 @@ async def serve_session(
         on_close: Called with the close code and reason at the end.
         hello_timeout: Seconds the client has to send ``hello`` (``None``:
             only the idle timeout applies).
+        registry: Where the session is listed while it runs (the server's
+            :class:`~rtcore.server.registry.SessionRegistry`; None: nowhere).
     """
-    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout)
+    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry)
     await conn.run()

@@ -40,27 +40,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
 import anyio
-import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskStatus
 
 from ..backends import Backend
 from ..engine.app import App, Principal
-from ..engine.hub import EncodedEvent
+from ..engine.hub import OutboxLimits
+from ..engine.metrics import NodeMetrics, SessionStats
 from ..engine.node import Node
 from ..errors import BadRequest, RtcoreError
 from ..protocol import frames
-from ..protocol.codec import codec_for
 from ..protocol.frames import Limits, Position
 from ..transport import FrameTransport as _WsTransport
 from ..transport import (
@@ -76,6 +74,8 @@ from ..transport import (
     serve,
 )
 from .gateway import ConnectionClosed, serve_session
+from .registry import SessionRegistry
+from .sse import SseStream
 
 __all__ = ["ROLES", "Server", "run"]
 
@@ -85,7 +85,6 @@ log = logging.getLogger("rtcore.server.runner")
 ROLES = frozenset({"gateway", "api", "processor"})
 
 _MAX_PAGE = 1000
-_SSE_HEARTBEAT = 15.0
 
 
 def _err(exc: RtcoreError) -> HttpResponse:
@@ -157,6 +156,8 @@ class Server:
         self.node_options = node_options
         self.control = ServerControl()
         self.node: Node | None = None
+        #: The open sessions (WebSocket and SSE) of this server.
+        self.sessions = SessionRegistry()
         self._stopping = False
         self._done = anyio.Event()
 
@@ -219,15 +220,7 @@ class Server:
         # Stop accepting now; the transport's own deadline is later than ours so
         # the sessions say bye themselves before it closes anything by force.
         self.control.begin_stop(grace + 1.0, reason)
-        drained: set[Any] = set()
-        async with anyio.create_task_group() as tg:
-            # A connection accepted just before the listener closed registers its
-            # session a moment later: look again until no new one appears.
-            while fresh := [c for c in list(node.sessions) if c not in drained]:
-                for conn in fresh:
-                    drained.add(conn)
-                    tg.start_soon(conn.drain, grace)
-                await anyio.lowlevel.checkpoint()
+        await self.sessions.drain(grace)
         await self.control.stop(grace=1.0, reason=reason)
 
     # --- WebSocket -------------------------------------------------------------
@@ -235,7 +228,9 @@ class Server:
     async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
         assert self.node is not None
         with contextlib.suppress(ConnectionClosed):
-            await serve_session(self.node, transport, token=request.token, hello_timeout=self.limits.handshake_timeout)
+            await serve_session(
+                self.node, transport, token=request.token, hello_timeout=self.limits.handshake_timeout, registry=self.sessions
+            )
 
     # --- HTTP ------------------------------------------------------------------
 
@@ -344,7 +339,7 @@ class Server:
                 raise BadRequest(f"Last-Event-ID must be 'epoch:offset', got {raw!r}")
             since = Position(epoch, int(off))
         principal = await self._principal(request)
-        feed = _SseFeed(self.node, request)
+        feed = SseStream(self.node, request, self.node.outbox or OutboxLimits(), self.sessions)
         await feed.start(principal, stream, since)
         return StreamingResponse(
             200,
@@ -364,7 +359,7 @@ class Server:
                 "status": "draining" if self.node.draining else "ok",
                 "node": self.node.id,
                 "roles": sorted(self.roles),
-                "sessions": len(self.node.sessions),
+                "sessions": len(self.sessions),
                 "backend": self.node.backend.url.split("@")[-1],
             },
         )
@@ -373,76 +368,42 @@ class Server:
         from ..engine.metrics import render  # imported lazily: prometheus-client is only needed here
 
         assert self.node is not None
-        body, content_type = render(self.node)
+        body, content_type = render(_MetricsView(self.node, self.sessions))
         return HttpResponse(200, [(b"content-type", content_type.encode())], body)
 
 
-class _SseFeed:
-    """Async iterator of SSE chunks for one subscriber (the HTTP body)."""
+class _MetricsView:
+    """What ``/metrics`` reads: the node's recorders and the server's sessions."""
 
-    def __init__(self, node: Node, request: HttpRequest) -> None:
-        self.node = node
-        self.request = request
-        self._send, self._recv = anyio.create_memory_object_stream[bytes](math.inf)
-        self._json = codec_for("json")
-        self._tail: Any = None
-        self._pending = 0
+    def __init__(self, node: Node, sessions: SessionRegistry) -> None:
+        self._node = node
+        self._sessions = sessions
 
-    async def start(self, principal: Principal | None, stream: str, since: Position | None) -> None:
-        def emit(batch: list[EncodedEvent]) -> None:
-            for enc in batch:
-                self._put(self._event_chunk(enc))
+    @property
+    def metrics(self) -> NodeMetrics:
+        return self._node.metrics
 
-        async def backlog(batch: list[EncodedEvent]) -> None:
-            emit(batch)
+    @property
+    def stats(self) -> Mapping[str, int]:
+        return self._node.stats
 
-        def stale() -> None:
-            self._put(b"event: rtcore.reset\ndata: {\"reason\":\"epoch_changed\"}\n\n")
-            self._send.close()
+    @property
+    def draining(self) -> bool:
+        return self._node.draining
 
-        sub = await self.node.subscribe(
-            principal, stream, since, emit=emit, on_stale=stale, spawn=self.node.spawn, backlog=backlog, use_cursor=False
-        )
-        self._tail = sub.tail
-        info = {"stream": stream, "epoch": sub.epoch, "offset": sub.offset, "recovered": sub.recovered}
-        self._put(b"retry: 1000\nevent: rtcore.subscribed\ndata: " + self._json.encode(info) + b"\n\n")
-        if sub.snap is not None:
-            self._put(
-                f"id: {sub.epoch}:{sub.offset}\nevent: rtcore.snapshot\n".encode()
-                + b"data: "
-                + self._json.encode(sub.snap)
-                + b"\n\n"
-            )
-        self.node.spawn(sub.tail.fill)
+    @property
+    def deliveries(self) -> int:
+        return self._node.hub.delivered if self._node.hub is not None else 0
 
-    def _event_chunk(self, enc: EncodedEvent) -> bytes:
-        e = enc.event
-        return f"id: {e.epoch}:{e.offset}\nevent: {e.type}\n".encode() + b"data: " + enc.encoded("json") + b"\n\n"
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._node.clock
 
-    def _put(self, chunk: bytes) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait(chunk)
+    def session_stats(self) -> Sequence[SessionStats]:
+        return self._sessions.infos()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks()
-
-    async def _chunks(self) -> AsyncIterator[bytes]:
-        shutdown = self.request.shutdown
-        try:
-            while not shutdown.started:
-                with anyio.move_on_after(min(_SSE_HEARTBEAT, max(0.0, shutdown.remaining()))) as scope:
-                    chunk = await self._recv.receive()
-                if scope.cancelled_caught:
-                    yield b": ping\n\n"
-                    continue
-                yield chunk
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            return
-        finally:
-            if self._tail is not None:
-                self.node.hub.remove(self._tail)
-            self._send.close()
-            self._recv.close()
+    def processor_depths(self) -> Iterable[tuple[str, int]]:
+        return self._node.processor_depths()
 
 
 class _CmdDoc(msgspec.Struct, frozen=True, tag_field="t", tag="cmd"):

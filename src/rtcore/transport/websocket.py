@@ -18,13 +18,22 @@ Design, and why:
   inflating, see :mod:`rtcore.transport.deflate`), fragments per message; both
   close with 1009. A heartbeat task pings every ``ping_interval`` and closes
   with 1011 when no pong comes back within ``ping_timeout``.
-* **asyncio fast path.** On asyncio, with a plain TCP stream, writes go to
-  the asyncio transport directly: when the kernel takes the whole batch (the
-  usual case) nothing is awaited at all; only when data is left in the
-  transport's buffer do we wait for it to drain, under ``send_timeout``.
-  Reads go through anyio's ``receive``: a direct-read variant was tried and
-  dropped our close frame in Autobahn's fail-the-connection cases. Anything
-  else (trio, TLS, other streams) uses the anyio calls for writes too.
+* **asyncio fast path, on public API only.** On asyncio's selector event
+  loop, with a plain TCP stream (an :class:`anyio.abc.SocketStream`, not
+  TLS), writes go straight to the non-blocking socket that anyio exposes as
+  ``SocketAttribute.raw_socket`` (``os.write`` on its ``fileno()``, read
+  just before each write: asyncio sets it to -1 when it closes the socket,
+  and nothing else runs in between, so a reused descriptor is never
+  written): when the kernel takes the whole batch (the usual case) nothing
+  is awaited at all. Whatever it does not take goes through anyio's
+  ``send`` (which waits until asyncio's buffer is empty, under
+  ``send_timeout``), so the socket is only written directly while nothing
+  is buffered and bytes stay in order. :meth:`WebSocketTransport.send_nowait`
+  offers that write to the session layer, which batches a loop tick's
+  frames with ``call_soon``. Reads go through anyio's ``receive``: a
+  direct-read variant was tried and dropped our close frame in Autobahn's
+  fail-the-connection cases. Anything else (trio, TLS, uvloop, other
+  streams) uses anyio's ``send`` for every write.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
@@ -42,11 +51,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import anyio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import Extension
@@ -64,25 +74,33 @@ log = logging.getLogger("rtcore.transport")
 STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 _NO_HALF_CLOSE = (NotImplementedError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError)
 
-try:  # anyio's asyncio stream classes, for the fast path (see _direct_io)
-    from anyio._backends._asyncio import SocketStream as _AsyncioSocketStream
-except ImportError:  # pragma: no cover - anyio layout changed: portable path only
-    _AsyncioSocketStream = None  # type: ignore[assignment,misc]
+def _direct_socket(stream: ByteStream) -> socket.socket | None:
+    """The non-blocking socket behind ``stream`` when writing it directly is safe:
+    a plain TCP :class:`~anyio.abc.SocketStream` (TLS streams are not) on asyncio's
+    selector event loop on POSIX (whose transport writes the socket the same way)."""
+    if os.name != "posix" or not isinstance(stream, SocketStream):
+        return None
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio (or no asyncio loop): the portable path
+        return None
+    if not isinstance(loop, asyncio.SelectorEventLoop):
+        return None  # uvloop, proactor: their sockets are not ours to write
+    sock = stream.extra(SocketAttribute.raw_socket, None)
+    if sock is None or sock.gettimeout() != 0.0 or sock.type != socket.SOCK_STREAM:
+        return None
+    return sock
 
 
-def _direct_io(stream: ByteStream) -> tuple[asyncio.Transport, Any] | None:
-    """The asyncio transport and anyio protocol behind ``stream``, when it is a plain
-    TCP stream of anyio's asyncio backend (exactly that class: not TLS, not wrapped)."""
-    if _AsyncioSocketStream is None or type(stream) is not _AsyncioSocketStream:
-        return None
-    transport = getattr(stream, "_transport", None)
-    protocol = getattr(stream, "_protocol", None)
-    if not isinstance(transport, asyncio.Transport) or protocol is None:
-        return None
-    for attr in ("write_event", "exception"):
-        if not hasattr(protocol, attr):
-            return None  # pragma: no cover - anyio internals changed
-    return transport, protocol
+def _write_now(sock: socket.socket, data: bytes) -> int:
+    """Write what the kernel takes now (0 when its buffer is full); OSError when the socket is gone."""
+    fd = sock.fileno()
+    if fd < 0:  # asyncio closed it: the descriptor may belong to someone else now
+        raise OSError("the socket is closed")
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return 0
 
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
@@ -152,10 +170,14 @@ class WebSocketTransport:
         self._limits = limits
         self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
         self._trailing = trailing_data
-        self._direct = _direct_io(stream)
+        self._sock = _direct_socket(stream)
         #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
         #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
-        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
+        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._sock is not None else None
+        # Fast path: bytes of a send_nowait the kernel did not take; they go out
+        # before anything else (the flusher task, or the next write under the lock).
+        self._unsent = b""
+        self._unsent_kick = anyio.Event()
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -237,31 +259,31 @@ class WebSocketTransport:
             await self._write(data)
 
     def send_nowait(self, frames: list[bytes]) -> bool:
-        """Send like :meth:`send` if that needs no wait at all; ``False``: nothing was
+        """Send like :meth:`send` if that needs no wait; ``False``: nothing was
         sent, use :meth:`send`.
 
-        Only the asyncio fast path does this (the socket takes the bytes now, no
-        other write is in progress, no extension transforms frames). Data the
-        kernel did not take stays in the asyncio transport's buffer; the next
-        :meth:`send` waits for it to drain (``send_timeout``) before writing more.
+        Only the asyncio fast path does this (no other write in progress or
+        pending, no extension transforms frames). Bytes the kernel does not
+        take at once are written by the connection's flusher task before any
+        later write (waiting at most ``send_timeout`` for the peer).
         """
-        direct = self._direct
-        if direct is None or not self._fast or self._lock.locked() or self._close_sent or self._aborted:
+        sock = self._sock
+        if sock is None or not self._fast or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
             return False
-        transport, protocol = direct
-        if (
-            not protocol.write_event.is_set()
-            or protocol.exception is not None
-            or transport.is_closing()
-            or self._ws.state is not ConnectionState.OPEN
-            or getattr(self._stream, "_closed", False)
-        ):
+        if self._ws.state is not ConnectionState.OPEN:
             return False
-        if frames:
-            try:
-                transport.write(encode_frames(self._opcode, frames))
-            except RuntimeError:  # pragma: no cover - the transport refused (closing)
-                return False
+        if not frames:
+            return True
+        data = encode_frames(self._opcode, frames)
+        try:
+            sent = _write_now(sock, data)
+        except OSError:
+            return False  # the connection is gone: the awaited send meets the error
+        if not sent:
+            return False
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._unsent_kick.set()
         return True
 
     async def send_messages(self, messages: Sequence[bytes | str]) -> None:
@@ -322,26 +344,23 @@ class WebSocketTransport:
         """Write under the lock (held by the caller); any failure ends the connection."""
         if self._aborted:
             raise self._closed_error()
-        direct = self._direct
-        if direct is not None:
-            transport, protocol = direct
-            if protocol.write_event.is_set():
-                # asyncio fast path: anyio sets the transport's high-water mark to 0, so
-                # write_event stays set exactly when the kernel took everything.
-                if getattr(self._stream, "_closed", False) or protocol.exception is not None or transport.is_closing():
-                    self._set_code(1006, "connection lost")
-                    await self._abort()
-                    raise self._closed_error()
-                try:
-                    transport.write(data)
-                except RuntimeError:
-                    self._set_code(1006, "connection lost")
-                    await self._abort()
-                    raise self._closed_error() from None
-                if protocol.write_event.is_set():
-                    return
-                await self._drain(transport, protocol)
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        if not data:
+            return
+        sock = self._sock
+        if sock is not None:
+            # Fast path: nothing is buffered in asyncio's transport (every earlier
+            # write completed), so the socket can take bytes directly.
+            try:
+                sent = _write_now(sock, data)
+            except OSError:
+                self._set_code(1006, "connection lost")
+                await self._abort()
+                raise self._closed_error() from None
+            if sent == len(data):
                 return
+            data = data[sent:]
         timeout = self._limits.send_timeout
         try:
             if timeout is None:
@@ -362,24 +381,20 @@ class WebSocketTransport:
             await self._abort()
             raise
 
-    async def _drain(self, transport: asyncio.Transport, protocol: Any) -> None:
-        """asyncio fast path: wait (``send_timeout``) until the transport's buffer is flushed."""
-        timeout = self._limits.send_timeout
-        try:
-            with anyio.fail_after(timeout):
-                await protocol.write_event.wait()
-        except TimeoutError:
-            self._set_code(1006, "send timeout: the peer is not reading")
-            await self._abort()
-            raise self._closed_error() from None
-        except BaseException:
-            # Cancelled while data is still buffered: do not reuse the connection.
-            await self._abort()
-            raise
-        if getattr(self._stream, "_closed", False) or protocol.exception is not None:
-            self._set_code(1006, "connection lost")
-            await self._abort()
-            raise self._closed_error()
+    async def _flush_unsent(self) -> None:
+        """Fast path: write what :meth:`send_nowait` left over; owned by :func:`run_websocket`."""
+        if self._sock is None:
+            return
+        while True:
+            await self._unsent_kick.wait()
+            self._unsent_kick = anyio.Event()
+            async with self._lock:
+                if not self._unsent or self._aborted:
+                    continue
+                try:
+                    await self._write(b"")
+                except ConnectionClosed:
+                    return
 
     async def _abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
@@ -601,6 +616,7 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
         async with anyio.create_task_group() as tg:
             tg.start_soon(transport._read_loop)
             tg.start_soon(transport._heartbeat)
+            tg.start_soon(transport._flush_unsent)
             code, reason = 1000, ""
             try:
                 await handler(transport, request)

@@ -1,0 +1,303 @@
+"""The send queue of one subscriber connection, shared by WebSocket and SSE.
+
+An :class:`Outbox` sits between the hub (which must never wait) and a
+connection's one writer (which waits for the peer):
+
+* **Bounded.** Live frames (events fanned out by the hub, replies, ``sync``)
+  are queued without awaiting. A live frame that would take the queue past
+  :class:`~rtcore.engine.hub.OutboxLimits` (bytes or frames) means the
+  subscriber cannot keep up: the queue is dropped, ``on_slow`` runs (the
+  WebSocket session says ``bye`` ``slow_consumer`` and closes 4008; an SSE
+  stream ends) and the client resumes from the last position it received.
+* **Paced catch-up.** History replay is a burst by nature and must not count
+  against the limit: :meth:`Outbox.push_backlog` queues a frame only while
+  the queue stays within half of each bound and otherwise waits for the
+  writer to drain it, so a replay goes at the consumer's pace and always
+  leaves half the room for live frames.
+* **Batched writes.** The writer takes everything queued at once
+  (:meth:`Outbox.take`) and writes it in one call (one socket write). On
+  asyncio a transport may offer a write that needs no wait
+  (:class:`FastWriter`): frames queued during one event-loop tick are then
+  written by one callback at its end, without waking the writer task.
+
+So ``queued_bytes`` never exceeds ``max_bytes`` (nor ``queued_frames``
+``max_frames``), except by a single frame larger than the bound queued into
+an empty outbox.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol, runtime_checkable
+
+import anyio
+
+from ..engine.hub import EncodedEvent, OutboxLimits
+from ..engine.metrics import NodeMetrics
+
+__all__ = ["FastWriter", "Outbox", "OutboxLimits"]
+
+
+@runtime_checkable
+class FastWriter(Protocol):
+    """A transport's optional wait-free write (the asyncio fast path)."""
+
+    def send_nowait(self, frames: list[bytes]) -> bool:
+        """Send ``frames`` now if that needs no wait; ``False``: nothing was sent."""
+        ...
+
+    @property
+    def call_soon(self) -> Callable[..., Any] | None:
+        """The event loop's ``call_soon`` (None: no fast path on this connection)."""
+        ...
+
+
+class Outbox:
+    """A subscriber's bounded send queue; the :class:`~rtcore.engine.hub.EventSink` of its subscriptions.
+
+    Args:
+        limits: Queue bounds.
+        render: Wire bytes of one event for this connection.
+        spawn: Runs a coroutine function in the connection's task group.
+        on_slow: Called once when a live frame does not fit (after the queue
+            was dropped; frames it pushes are still queued, then the outbox
+            closes).
+        on_stale: Called with the stream whose history changed under a subscription.
+        render_sync: Wire bytes of a ``sync`` frame from its encodings, or
+            None to skip ``sync`` frames (SSE).
+        clock: Unix time, for the written-latency metric.
+        metrics: Node recorders for bytes sent and publish → written latency
+            (None: not recorded).
+        fast: The transport's wait-free write, if it has one.
+
+    Attributes:
+        limits: Queue bounds.
+        bytes_out: Bytes taken by the writer so far.
+        frames_out: Frames taken by the writer so far.
+        peak_bytes: Most bytes ever queued at once.
+        peak_frames: Most frames ever queued at once.
+        slow: Whether the outbox was cut for a slow consumer.
+        last_sent: Per stream, ``(offset, publish ts)`` of the newest live
+            event queued (the session removes it once acknowledged).
+    """
+
+    def __init__(
+        self,
+        limits: OutboxLimits,
+        *,
+        render: Callable[[EncodedEvent], bytes],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
+        on_slow: Callable[[], None],
+        on_stale: Callable[[str], None],
+        render_sync: Callable[[dict[str, bytes]], bytes] | None = None,
+        clock: Callable[[], float] = time.time,
+        metrics: NodeMetrics | None = None,
+        fast: FastWriter | None = None,
+    ) -> None:
+        self.limits = limits
+        self._render = render
+        self._render_sync = render_sync
+        self._spawn = spawn
+        self._on_slow = on_slow
+        self._on_stale = on_stale
+        self._clock = clock
+        self._metrics = metrics
+        self._queue: deque[bytes] = deque()
+        self._queued_bytes = 0
+        self._wake = anyio.Event()
+        self._drained = anyio.Event()
+        self._closed = False
+        self.slow = False
+        self.bytes_out = 0
+        self.frames_out = 0
+        self.peak_bytes = 0
+        self.peak_frames = 0
+        self.last_sent: dict[str, tuple[int, float]] = {}
+        # Publish time of the oldest live event not yet taken (0: none), for metrics.
+        self._unwritten_ts = 0.0
+        call_soon = fast.call_soon if fast is not None else None
+        self._fast = fast if call_soon is not None else None
+        self._call_soon = call_soon
+        self._flush_scheduled = False
+        self._writer_busy = False  # the writer task owns the send side (an awaited send)
+
+    # --- state -----------------------------------------------------------------
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued now."""
+        return self._queued_bytes
+
+    @property
+    def queued_frames(self) -> int:
+        """Frames queued now."""
+        return len(self._queue)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the outbox takes no more frames."""
+        return self._closed
+
+    def _fits(self, size: int, max_bytes: int, max_frames: int) -> bool:
+        # An empty queue takes any frame: a frame is never refused for its size alone.
+        return not self._queue or (self._queued_bytes + size <= max_bytes and len(self._queue) < max_frames)
+
+    # --- queueing --------------------------------------------------------------
+
+    def push(self, data: bytes) -> None:
+        """Queue one live frame without waiting; cut the subscriber if it does not fit."""
+        if self._closed:
+            return
+        if not self._fits(len(data), self.limits.max_bytes, self.limits.max_frames):
+            self._cut()
+            return
+        self._append(data)
+
+    async def push_backlog(self, frames: list[bytes]) -> None:
+        """Queue history at the consumer's pace.
+
+        Each frame waits until it fits within half of each bound (or the
+        queue is empty); these frames never cut the subscriber.
+        """
+        half_bytes = self.limits.max_bytes // 2
+        half_frames = self.limits.max_frames // 2
+        for data in frames:
+            while not self._closed and not self._fits(len(data), half_bytes, half_frames):
+                self._drained = anyio.Event()
+                await self._drained.wait()
+            if self._closed:
+                return
+            self._append(data)
+
+    def _append(self, data: bytes) -> None:
+        self._queue.append(data)
+        self._queued_bytes += len(data)
+        if self._queued_bytes > self.peak_bytes:
+            self.peak_bytes = self._queued_bytes
+        if len(self._queue) > self.peak_frames:
+            self.peak_frames = len(self._queue)
+        if self._call_soon is not None and not self._writer_busy:
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._call_soon(self._flush)
+        else:
+            self._wake.set()
+
+    def _cut(self) -> None:
+        self.slow = True
+        # Drop what is queued: the client resumes from the last position it received.
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._unwritten_ts = 0.0
+        self._on_slow()
+        self.close()
+
+    def close(self) -> None:
+        """Take no more frames; the writer sends what is queued, then :meth:`take` returns None."""
+        self._closed = True
+        self._wake.set()
+        self._drained.set()  # a paced replay waiting for room returns now
+
+    def abort(self) -> None:
+        """The peer is gone: drop what is queued and close."""
+        self._queue.clear()
+        self._queued_bytes = 0
+        self.close()
+
+    # --- EventSink (called by the hub's tails) ---------------------------------
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``fn`` in the connection's task group."""
+        self._spawn(fn)
+
+    def live(self, stream: str, batch: list[EncodedEvent]) -> None:
+        """Queue live events (never waits)."""
+        render = self._render
+        for enc in batch:
+            self.push(render(enc))
+        if self._closed:
+            return
+        if not self._unwritten_ts:
+            self._unwritten_ts = batch[0].event.ts
+        last = batch[-1].event
+        self.last_sent[stream] = (last.offset, last.ts)
+
+    async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
+        """Queue a page of history, paced (see :meth:`push_backlog`)."""
+        await self.push_backlog([self._render(enc) for enc in batch])
+
+    def sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
+        """Queue a ``sync`` frame (live)."""
+        if self._render_sync is not None:
+            self.push(self._render_sync(frames))
+
+    def stale(self, stream: str) -> None:
+        """A subscription's history changed under it."""
+        self._on_stale(stream)
+
+    # --- writing ---------------------------------------------------------------
+
+    def _take_nowait(self) -> tuple[list[bytes], float]:
+        batch = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._drained.set()
+        size = sum(map(len, batch))
+        self.bytes_out += size
+        self.frames_out += len(batch)
+        if self._metrics is not None:
+            self._metrics.bytes_out += size
+        ts, self._unwritten_ts = self._unwritten_ts, 0.0
+        return batch, ts
+
+    def _written(self, ts: float) -> None:
+        if ts and self._metrics is not None:
+            # Once per write, for its oldest live event (see rtcore.engine.metrics).
+            self._metrics.written.observe(self._clock() - ts)
+
+    async def take(self) -> list[bytes] | None:
+        """Wait for frames and take all of them; None once closed and empty."""
+        batch, ts = await self._take()
+        self._written(ts)
+        return batch or None
+
+    async def _take(self) -> tuple[list[bytes], float]:
+        while not self._queue:
+            if self._closed:
+                return [], 0.0
+            await self._wake.wait()
+            self._wake = anyio.Event()
+        return self._take_nowait()
+
+    async def run(self, send: Callable[[list[bytes]], Awaitable[None]]) -> None:
+        """The writer: send batches with ``send`` until the outbox is closed and empty."""
+        while True:
+            batch, ts = await self._take()
+            if not batch:
+                return
+            self._writer_busy = True
+            try:
+                await send(batch)
+            finally:
+                self._writer_busy = False
+            self._written(ts)
+
+    def _flush(self) -> None:
+        """Fast path (an event-loop callback): write what this tick queued, if the socket takes it now."""
+        self._flush_scheduled = False
+        if not self._queue or self._writer_busy or self._closed:
+            self._wake.set()  # nothing to do, or the writer task's job
+            return
+        assert self._fast is not None
+        batch = list(self._queue)
+        try:
+            sent = self._fast.send_nowait(batch)
+        except Exception:  # pragma: no cover - let the writer task meet the error
+            sent = False
+        if not sent:
+            self._wake.set()  # the writer waits for the socket (send timeout, slow consumer)
+            return
+        _, ts = self._take_nowait()
+        self._written(ts)

@@ -1,0 +1,170 @@
+"""The asyncio write fast path of WebSocketTransport (public anyio API only), and trio without it."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import ssl
+import struct
+
+import anyio
+import pytest
+from websockets.asyncio.client import connect
+
+from rtcore.transport import FrameTransport, ServerLimits, UpgradeRequest
+from rtcore.transport.websocket import WebSocketTransport
+
+from .helpers import Recorder, basic_http, running_server
+
+pytestmark = pytest.mark.anyio
+
+NO_PROXY = {"proxy": None, "compression": None, "max_size": None}
+#: Far more than loopback socket buffers take in one write: the kernel takes part of it.
+BIG = 32 << 20
+#: No keepalive pings: a ping is a write, and would push leftover bytes out by itself.
+NO_PING = ServerLimits(ping_interval=None)
+
+
+async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
+    """A batch the kernel takes only partly is completed before anything written after it.
+
+    Mutation: ``_write`` does not put ``_unsent`` first → the client sees a
+    corrupt stream or ``tail`` before ``big`` ends → fails.
+    """
+    big = os.urandom(BIG)
+    seen: dict[str, object] = {}
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        assert isinstance(transport, WebSocketTransport)
+        seen["fast"] = transport.call_soon is not None
+        seen["accepted"] = transport.send_nowait([big])
+        seen["partial"] = bool(transport._unsent)  # the scenario under test really happened
+        seen["second"] = transport.send_nowait([b"second"])  # refused: bytes are left over
+        await transport.send([b"tail"])
+        await transport.receive()
+
+    rec = Recorder()
+    async with (
+        running_server(handler, basic_http(rec), limits=NO_PING) as srv,
+        connect(srv.ws_url, subprotocols=["rtcore.v1.msgpack"], **NO_PROXY) as ws,  # type: ignore[arg-type]
+    ):
+        with anyio.fail_after(10):
+            got = [await ws.recv(), await ws.recv()]
+    assert seen == {"fast": True, "accepted": True, "partial": True, "second": False}
+    assert got[0] == big
+    assert got[1] == b"tail"
+
+
+async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
+    """Nothing else is written after a partial ``send_nowait``: the flusher task completes it.
+
+    Mutation: ``send_nowait`` does not kick the flusher (or run_websocket does not
+    start ``_flush_unsent``) → the client never gets the whole message → times out.
+    """
+    big = os.urandom(BIG)
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        assert isinstance(transport, WebSocketTransport)
+        assert transport.send_nowait([big])
+        await transport.receive()
+
+    rec = Recorder()
+    async with (
+        running_server(handler, basic_http(rec), limits=NO_PING) as srv,
+        connect(srv.ws_url, subprotocols=["rtcore.v1.msgpack"], **NO_PROXY) as ws,  # type: ignore[arg-type]
+    ):
+        with anyio.fail_after(10):
+            assert await ws.recv() == big
+
+
+async def test_tls_streams_never_take_the_fast_path() -> None:
+    """The fast path writes the raw socket: it must be off for anything but a plain TCP stream.
+
+    Mutation: ``_direct_socket`` accepts any stream exposing ``raw_socket``
+    (a TLS stream does, from its transport stream) → fails.
+    """
+    from anyio.streams.tls import TLSStream
+
+    from rtcore.transport.websocket import _direct_socket
+
+    async def serve_one(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await stream.receive()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve_one)
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            assert _direct_socket(stream) is not None
+            read_bio, write_bio = ssl.MemoryBIO(), ssl.MemoryBIO()
+            ssl_object = ssl.create_default_context().wrap_bio(read_bio, write_bio)
+            tls = TLSStream(stream, False, ssl_object, read_bio, write_bio)  # no handshake needed here
+            # A TLS stream exposes its TCP stream's attributes, raw_socket included.
+            assert tls.extra(anyio.abc.SocketAttribute.raw_socket, None) is not None
+            assert _direct_socket(tls) is None
+        tg.cancel_scope.cancel()
+
+
+def _read_frames(sock: socket.socket, count: int) -> list[bytes]:
+    """Read ``count`` unmasked, unfragmented server data frames."""
+    buf = b""
+    out: list[bytes] = []
+
+    def need(n: int) -> None:
+        nonlocal buf
+        while len(buf) < n:
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+    while len(out) < count:
+        need(2)
+        n, offset = buf[1] & 0x7F, 2
+        if n == 126:
+            need(4)
+            (n,) = struct.unpack("!H", buf[2:4])
+            offset = 4
+        elif n == 127:
+            need(10)
+            (n,) = struct.unpack("!Q", buf[2:10])
+            offset = 10
+        need(offset + n)
+        out.append(buf[offset : offset + n])
+        buf = buf[offset + n :]
+    return out
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_trio_writes_through_anyio(anyio_backend: str) -> None:
+    """On trio there is no fast path; batches still go out whole and in order."""
+    payloads = [b"a" * 10, b"b" * 70_000, b"c" * 3_000_000, b""]
+    fast: list[bool] = []
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        assert isinstance(transport, WebSocketTransport)
+        fast.append(transport.call_soon is not None or transport.send_nowait([b"x"]))
+        await transport.send(payloads)
+        await transport.receive()
+
+    def client(port: int) -> list[bytes]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            key = base64.b64encode(os.urandom(16))
+            sock.sendall(
+                b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Protocol: rtcore.v1.msgpack\r\n"
+                b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 101 ")
+            return _read_frames(sock, len(payloads))
+
+    rec = Recorder()
+    async with running_server(handler, basic_http(rec), limits=ServerLimits(ping_interval=None)) as srv:
+        got = await anyio.to_thread.run_sync(client, srv.port)
+    assert fast == [False]
+    assert got == payloads
