@@ -200,8 +200,8 @@ async def bystander(server: rtcore.Server) -> AsyncIterator[Peer]:
     ids=lambda v: v if isinstance(v, str) else None,
 )
 async def test_malformed_chunked_body_is_400_bad_request(body: bytes, what: str) -> None:
-    """Mutation: let ``_next_event`` pass h11's RemoteProtocolError through
-    (no translation to 400) → the connection drops without a response → fails."""
+    """Mutation: let ``_next_event`` pass h11's ``RemoteProtocolError`` through
+    (no translation to 400) → the connection drops without a response → every case fails."""
     async with serving(app) as server, bystander(server):
         status, headers, error = await raw_http(server, chunked_post("/v1/cmd/echo", body))
         assert (status, error["code"]) == (400, "bad_request"), (what, status, error)
@@ -246,7 +246,7 @@ async def test_valid_chunked_body_is_served() -> None:
     ids=["256-chars", "empty", "blank", "9000-byte-line", "NUL"],
 )
 async def test_bad_idempotency_key_header(header: bytes, status: int, code: str, says: str) -> None:
-    """Mutation: skip ``check_key`` for HTTP keys → the 256-char and empty keys run the command → fails."""
+    """Mutation: drop ``check_key(key)`` in ``Node.dispatch`` → the 256-char, empty and blank keys run the command → fails."""
     async with serving(app) as server, bystander(server):
         got, _, error = await raw_http(server, keyed_post(header))
         assert (got, error["code"]) == (status, code), error
@@ -322,9 +322,13 @@ async def test_framing_error_closes_with_its_code(bad: bytes, close: int) -> Non
     """Close 1002 (1007 for bad UTF-8), nothing else sent, TCP closed; a command sent
     just before the bad frame is still answered.
 
-    Mutations: build the server's wsproto ``Connection`` with a permessage-deflate
-    extension always on → RSV1 accepted → "rsv1" fails; let control frames of any
-    size through wsproto (``MAX_CONTROL_PAYLOAD`` raised) → "ping-126-bytes" fails.
+    The parsing is wsproto's; what these guard is that the transport accepts
+    no extension it did not negotiate and answers wsproto's verdict as is.
+
+    Mutations: give the server's wsproto ``Connection`` an enabled
+    permessage-deflate extension when none was negotiated → RSV1 is taken for
+    compression (close 1007, not 1002) → "rsv1" fails; close with 1000 instead
+    of wsproto's code in ``_on_close`` → every case fails.
     """
     async with serving(app) as server, bystander(server), raw_ws(server) as ws:
         await ws.stream.send(frame(OP_TEXT, b'{"t":"ping","id":5}') + bad)
