@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import ByteStream
 
@@ -150,12 +151,12 @@ class RawWs:
 
 
 @asynccontextmanager
-async def raw_ws(server: rtcore.Server, *, hello: bool = True) -> AsyncIterator[RawWs]:
-    """Upgrade by hand (``rtcore.v1.json``), say ``hello`` and await ``welcome``."""
+async def raw_ws(server: rtcore.Server, *, encoding: str = "json") -> AsyncIterator[RawWs]:
+    """Upgrade by hand (``rtcore.v1.<encoding>``), say ``hello`` and await ``welcome``."""
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
         f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: rtcore.v1.json\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: rtcore.v1.{encoding}\r\n\r\n"
     ).encode()
     async with await anyio.connect_tcp("127.0.0.1", server.port) as stream:
         await stream.send(request)
@@ -166,9 +167,13 @@ async def raw_ws(server: rtcore.Server, *, hello: bool = True) -> AsyncIterator[
         head, _, rest = buf.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 101 "), head
         ws = RawWs(stream, rest)
-        if hello:
+        if encoding == "json":
             await stream.send(frame(OP_TEXT, b'{"t":"hello","v":1}'))
             assert (await ws.read_json())["t"] == "welcome"
+        else:
+            await stream.send(frame(OP_BINARY, b"\x82\xa1t\xa5hello\xa1v\x01"))
+            opcode, payload = await ws.read_frame()
+            assert opcode == OP_BINARY and b"welcome" in payload
         yield ws
 
 
@@ -284,6 +289,24 @@ async def test_binary_frame_on_a_json_connection() -> None:
         assert await ws.read_json() == {"t": "pong", "id": 9}  # still open
 
 
+async def test_text_frame_on_a_msgpack_connection_is_bad_frame() -> None:
+    """docs §3: a text frame on ``rtcore.v1.msgpack`` gets ``err bad_frame``; the session stays open.
+
+    Mutation: decode a text frame on a msgpack connection as its UTF-8 bytes
+    (instead of ``BadFrame`` in ``Codec._decode``) → no ``err`` → fails.
+    """
+    async with serving(app) as server, bystander(server), raw_ws(server, encoding="msgpack") as ws:
+        await ws.stream.send(frame(OP_TEXT, b'{"t":"ping","id":3}'))
+        opcode, payload = await ws.read_frame()
+        assert opcode == OP_BINARY
+        err = msgspec.msgpack.decode(payload)
+        assert (err["t"], err["code"], err["id"]) == ("err", "bad_frame", None)
+        assert "binary" in err["message"]
+        await ws.stream.send(frame(OP_BINARY, b"\x82\xa1t\xa4ping\xa2id\x04"))
+        opcode, payload = await ws.read_frame()
+        assert msgspec.msgpack.decode(payload) == {"t": "pong", "id": 4}  # still open
+
+
 # --- WebSocket: framing errors (close 1002, then TCP closed) ---------------------------
 
 PING = b'{"t":"ping","id":1}'
@@ -303,6 +326,7 @@ PING = b'{"t":"ping","id":1}'
         (frame(0x3, b"x"), 1002),  # reserved opcode
         (frame(OP_CONT, b"x"), 1002),  # continuation with nothing to continue
         (frame(OP_TEXT, b'{"t":"\xff"}'), 1007),  # invalid UTF-8 in a text frame
+        (frame(OP_CLOSE, struct.pack("!H", 1004)), 1002),  # a close code no endpoint may send
     ],
     ids=[
         "rsv1",
@@ -316,6 +340,7 @@ PING = b'{"t":"ping","id":1}'
         "reserved-opcode",
         "orphan-continuation",
         "invalid-utf8",
+        "close-code-1004",
     ],
 )
 async def test_framing_error_closes_with_its_code(bad: bytes, close: int) -> None:
