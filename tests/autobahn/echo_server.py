@@ -70,6 +70,11 @@ MiB = 1024 * 1024
 AUTOBAHN_LIMITS = ServerLimits(max_message_bytes=16 * MiB, max_fragments=65_536, ping_interval=None)
 
 _HELLO = '{"t":"hello","v":1}'
+
+#: Batches of echoes written by each path: the gateway's asyncio fast path
+#: (``send_nowait`` from its end-of-tick flush) and its writer task (``send``).
+#: Printed at exit (``WRITES nowait=N send=M``) so the test can check both ran.
+WRITES = {"nowait": 0, "send": 0}
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 
 
@@ -135,6 +140,7 @@ class EchoAdapter:
             self._ws._opcode = runs[0][0]
             if not self._ws.send_nowait(runs[0][1]):
                 return False
+            WRITES["nowait"] += 1
         self._echoes(frames)  # sent: now consume the messages
         return True
 
@@ -151,6 +157,7 @@ class EchoAdapter:
     async def send(self, frames: list[bytes]) -> None:
         for opcode, payloads in self._runs(self._echoes(frames)):
             self._ws._opcode = opcode
+            WRITES["send"] += 1
             await self._ws.send(payloads)
 
     async def close(self, code: int, reason: str = "") -> None:
@@ -179,6 +186,7 @@ async def main(host: str, port: int, deflate: bool) -> None:
             async for _ in signals:
                 await server.stop(grace=0.0)
                 break
+    print(f"WRITES nowait={WRITES['nowait']} send={WRITES['send']}", flush=True)
 
 
 if __name__ == "__main__":
