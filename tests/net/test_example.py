@@ -8,7 +8,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -107,11 +107,14 @@ class DevTools:
         result: dict[str, Any] = answer["result"]
         return result
 
-    async def event(self, method: str) -> dict[str, Any]:
-        """The first queued (or next) event named ``method``."""
-        while not self._events.get(method):
+    async def event(self, method: str, where: Callable[[dict[str, Any]], bool] = lambda params: True) -> dict[str, Any]:
+        """The first queued (or next) event named ``method`` whose params match ``where``."""
+        while True:
+            queued = self._events.get(method, [])
+            for i, msg in enumerate(queued):
+                if where(msg["params"]):
+                    return queued.pop(i)
             await self._arrived.wait()
-        return self._events[method].pop(0)
 
     async def evaluate(self, session: str, expression: str) -> Any:
         """Run ``expression`` in the page; a promise is awaited."""
@@ -219,8 +222,10 @@ async def test_page_in_headless_chromium(counter_app, tmp_path: Path) -> None:  
             attached = await devtools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
             page = attached["sessionId"]
             await devtools.call("Page.enable", page)
-            await devtools.call("Page.navigate", page, url=http_url(server, "/"))
-            await devtools.event("Page.loadEventFired")
+            await devtools.call("Page.setLifecycleEventsEnabled", page, enabled=True)
+            nav = await devtools.call("Page.navigate", page, url=http_url(server, "/"))
+            with anyio.fail_after(30):  # this navigation's load, not about:blank's
+                await devtools.event("Page.lifecycleEvent", lambda p: p["name"] == "load" and p["loaderId"] == nav["loaderId"])
             try:
                 with anyio.fail_after(30):
                     # The snapshot: the bot's click, made before the page opened.
