@@ -27,6 +27,11 @@ opcode (the transport's opcode is per connection: text for a JSON session).
 Anything else the session would send (``err``, ``bye``) is a bug here and
 fails the connection with a logged traceback, which the test reports.
 
+Two private names are touched, both checked at start so a rename fails
+loudly rather than silently testing something else: ``Server._on_websocket``
+(overridden to wrap the transport; the override is the same ``serve_session``
+call) and ``WebSocketTransport._opcode`` (set per write).
+
 Limits differ from :class:`~rtcore.transport.ServerLimits`' defaults only
 where Autobahn's cases need it:
 
@@ -170,6 +175,10 @@ class EchoAdapter:
 
     async def close(self, code: int, reason: str = "") -> None:
         await self._ws.close(code, reason)
+
+
+if not callable(getattr(rtcore.Server, "_on_websocket", None)):
+    raise RuntimeError("rtcore.Server._on_websocket is gone: update AutobahnServer to wrap the transport again")
 
 
 class AutobahnServer(rtcore.Server):
