@@ -114,5 +114,29 @@ def test_bad_invocations_exit_2() -> None:
     assert r.returncode == 2 and "--tls-key" in r.stderr
 
 
-def test_public_api() -> None:
-    assert rtcore.run is not None and rtcore.Server is not None
+def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rtcore serve`` is :func:`rtcore.run` with the command line's options.
+
+    Mutation: drop ``grace=args.grace`` (or any option) from ``_serve``'s call → fails.
+    """
+    import rtcore.cli
+
+    assert rtcore.run is rtcore.cli.run, "rtcore serve must run the public rtcore.run"
+    calls: list[tuple[rtcore.App, dict[str, object]]] = []
+    monkeypatch.setattr(rtcore.cli, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.chdir(ROOT)
+    argv = ["serve", "tests/net/netapp.py:app", "--host", "0.0.0.0", "--port", "8123", "--backend", "events.db"]
+    argv += ["--allowed-origin", "https://a.example", "--role", "gateway,api", "--grace", "2.5"]
+    assert rtcore.cli.main(argv) == 0
+    [(served, kw)] = calls
+    assert served.name == "nettest"
+    assert {k: v for k, v in kw.items() if k not in ("on_ready", "idempotency_ttl", "idempotency_lease")} == {
+        "host": "0.0.0.0",
+        "port": 8123,
+        "backend": "sqlite:///" + str(ROOT / "events.db"),
+        "ssl_context": None,
+        "allowed_origins": ["https://a.example"],
+        "roles": frozenset({"gateway", "api"}),
+        "grace": 2.5,
+    }
+    assert callable(kw["on_ready"])

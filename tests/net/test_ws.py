@@ -7,13 +7,10 @@ import uuid
 
 import anyio
 import httpx
-import msgspec
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
-
-import rtcore
 
 from .conftest import TIMEOUT, http_url, peer, serving, ws_url
 from .netapp import app
@@ -201,7 +198,14 @@ async def test_pages_are_served() -> None:
         assert (await http.get(http_url(server, "/nope"))).status_code == 404
 
 
-def test_msgpack_roundtrip_helper_sanity() -> None:
-    # The test client decodes msgpack with msgspec only; rtcore is not involved.
-    assert msgspec.msgpack.decode(msgspec.msgpack.encode({"t": "ok"})) == {"t": "ok"}
-    assert rtcore.Server is not None
+async def test_msgpack_ping_bytes_are_the_documented_example() -> None:
+    """docs/protocol.md §3: ``ping`` id 2 in MessagePack, and its answer, byte for byte.
+
+    Mutation: give ``Pong`` a field with a default (``ts: float = 0.0``) → the
+    answer has a third key → fails.
+    """
+    async with serving(app) as server, peer(server, encoding="msgpack") as p:
+        await p.ws.send(bytes.fromhex("82 a1 74 a4 70 69 6e 67 a2 69 64 02"))
+        with anyio.fail_after(TIMEOUT):
+            answer = await p.ws.recv()
+        assert answer == bytes.fromhex("82 a1 74 a4 70 6f 6e 67 a2 69 64 02")

@@ -30,8 +30,7 @@ MiB = 1024 * KiB
 class ServerLimits:
     """Sizes, counts and timeouts for the HTTP/WebSocket server.
 
-    A limit of ``None`` means "unlimited"; only use that for trusted peers
-    (the Autobahn echo server is the one place we do).
+    A limit of ``None`` means "unlimited"; only use that for trusted peers.
 
     Attributes:
         max_header_bytes: Largest request head (request line + headers + the
@@ -127,7 +126,7 @@ class WebSocketPolicy:
 
     Attributes:
         paths: Request paths that upgrade (query string excluded). ``None``
-            accepts an upgrade on any path (the Autobahn echo server).
+            accepts an upgrade on any path.
         allowed_origins: When set, an upgrade whose ``Origin`` header is not
             in it (or is missing) is refused with 403 before upgrading, so a
             page on another site cannot open a session with the user's

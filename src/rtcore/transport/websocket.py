@@ -193,6 +193,10 @@ class WebSocketTransport:
         self._deliver_scope: anyio.CancelScope | None = None
         self._pong: tuple[bytes, anyio.Event] | None = None
         self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
+        # Messages handed to the inbox so far, and that count when the application
+        # last started waiting in receive() (-1: not waiting); see _let_application_catch_up.
+        self._delivered = 0
+        self._waiting_at = -1
         # The inbound message being assembled.
         self._parts: list[bytes | str] = []
         self._size = 0
@@ -227,10 +231,15 @@ class WebSocketTransport:
             pass
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise self._closed_error() from None
+        # Set before the await: anyio's receive() yields once before it counts as
+        # a waiting receiver, and the reader must already see us as caught up then.
+        self._waiting_at = self._delivered
         try:
             return await self._inbox.receive()
         except (anyio.EndOfStream, anyio.ClosedResourceError):
             raise self._closed_error() from None
+        finally:
+            self._waiting_at = -1
 
     async def send(self, frames: list[bytes]) -> None:
         """Send each item as one message, in one socket write.
@@ -515,6 +524,7 @@ class WebSocketTransport:
             return
         try:
             self._inbox_in.send_nowait(message)
+            self._delivered += 1
             return
         except anyio.WouldBlock:
             pass
@@ -525,6 +535,7 @@ class WebSocketTransport:
             self._deliver_scope = scope
             try:
                 await self._inbox_in.send(message)
+                self._delivered += 1
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
             finally:
@@ -564,8 +575,11 @@ class WebSocketTransport:
         followed by garbage still deserves its reply). Wait, briefly, until the
         application has taken them all and is back in :meth:`receive`.
         """
-        stats = self._inbox_in.statistics()
-        if self._discard or (stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0):
+        # Caught up: waiting in receive() since before the last message was queued
+        # (so it has taken them all). Counting anyio's waiting receivers instead
+        # missed an application that had just entered receive(): it then never set
+        # _caught_up and the close frame went out a second late (Autobahn 7.9.3).
+        if self._discard or self._waiting_at == self._delivered:
             return
         self._caught_up = anyio.Event()
         with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
