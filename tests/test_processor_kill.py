@@ -87,7 +87,12 @@ from anyio.abc import Process  # noqa: E402
 
 from tests.redis_server import RedisServer, redis_server_binary, require_services  # noqa: E402
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.redis,
+    pytest.mark.slow,
+    pytest.mark.asyncio_only(reason="the group members are subprocesses running asyncio; a trio run would repeat them"),
+]
 
 
 def _count(db: str, sql: str) -> int:

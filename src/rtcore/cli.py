@@ -15,6 +15,7 @@ SIGINT/SIGTERM and shuts down gracefully (exit status 0).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import importlib.util
 import logging
@@ -38,6 +39,7 @@ examples:
   rtcore serve myproject.game:app --port 9000 --backend redis://127.0.0.1:6379/0
   rtcore serve myproject.game:app --role gateway --role api     # no processors here
   rtcore serve myproject.game:app --role processor               # workers only
+  rtcore serve myproject.game:app --loop trio                    # on trio instead of asyncio
 
 Shutdown: SIGINT (Ctrl-C) or SIGTERM stops accepting, lets in-flight commands
 finish for --grace seconds, sends every client bye (reconnect: true) and closes
@@ -221,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a running command holds its key before another node may run it again "
         "(a crashed node's commands become retryable after this; default: %(default)s)",
     )
+    serve.add_argument(
+        "--loop",
+        default="asyncio",
+        choices=["asyncio", "trio"],
+        help="event loop (anyio backend) to run on; asyncio has the WebSocket write fast path (default: %(default)s)",
+    )
     serve.set_defaults(handler=_serve)
 
     _add_plugin_commands(sub)
@@ -256,7 +264,10 @@ def _serve(args: argparse.Namespace) -> int:
         nonlocal started
         started = True
         host = args.host if ":" not in args.host else f"[{args.host}]"
-        log.info("rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws)", app.name, scheme, host, port, ws_scheme, host, port)
+        log.info(
+            "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; event loop: %s)",
+            app.name, scheme, host, port, ws_scheme, host, port, _event_loop(),
+        )
 
     try:
         run(
@@ -271,6 +282,7 @@ def _serve(args: argparse.Namespace) -> int:
             idempotency_ttl=args.idempotency_ttl,
             idempotency_lease=args.idempotency_lease,
             on_ready=ready,
+            anyio_backend=args.loop,
         )
     except Exception as exc:
         if started:
@@ -285,6 +297,15 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     log.info("rtcore: stopped")
     return 0
+
+
+def _event_loop() -> str:
+    """The event loop running now (asyncio or trio, the two anyio backends), for the log."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return "trio"
+    return "asyncio"
 
 
 def backend_url(value: str) -> str:

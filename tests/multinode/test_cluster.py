@@ -32,7 +32,12 @@ from .procs import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.redis,
+    pytest.mark.slow,
+    pytest.mark.asyncio_only(reason="the nodes are subprocesses running asyncio; a trio run would repeat the same servers"),
+]
 
 PHASE = 90  # commands per phase
 

@@ -14,7 +14,12 @@ from websockets.typing import Subprotocol
 
 from .procs import TIMEOUT, RawSubscriber, ServerProcess, assert_alive, history, private_redis, processes, wait_until
 
-pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.redis,
+    pytest.mark.slow,
+    pytest.mark.asyncio_only(reason="the nodes are subprocesses running asyncio; a trio run would repeat the same servers"),
+]
 
 N = 30
 

@@ -10,7 +10,11 @@ import pytest
 
 from .procs import TIMEOUT, Commander, ServerProcess, history, wait_until
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.slow,
+    pytest.mark.asyncio_only(reason="the nodes are subprocesses running asyncio; a trio run would repeat the same servers"),
+]
 
 N = 1000
 WORKERS = 8  # commands in flight at once (half WebSocket, half HTTP)

@@ -12,11 +12,11 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin, Subprotocol
 
 import rtcore
+from tests.ws_client import WebSocket, connect
 
 TIMEOUT = 10.0
 
@@ -47,7 +47,7 @@ def http_url(server: rtcore.Server, path: str) -> str:
 class Peer:
     """One WebSocket client speaking rtcore v1 by hand."""
 
-    def __init__(self, ws: ClientConnection, encoding: str) -> None:
+    def __init__(self, ws: WebSocket, encoding: str) -> None:
         self.ws = ws
         self.encoding = encoding
         self.pending: list[dict[str, Any]] = []

@@ -8,12 +8,12 @@ import time
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from rtcore import Limits
 from rtcore.transport import ServerLimits
+from tests.ws_client import connect
 
 from .conftest import TIMEOUT, http_url, peer, serving, ws_url
 from .netapp import app
@@ -57,6 +57,7 @@ async def test_idle_session_gets_bye_idle_timeout_and_1001() -> None:
         assert [(f["t"], f["code"], f["reconnect"]) for f in frames] == [("bye", "idle_timeout", True)]
 
 
+@pytest.mark.asyncio_only(reason="pauses reading on the asyncio transport of the websockets client to stop its pongs")
 async def test_missing_pongs_close_1011() -> None:
     limits = ServerLimits(ping_interval=0.1, ping_timeout=0.2, close_timeout=0.3)
     async with serving(app, limits=limits) as server:

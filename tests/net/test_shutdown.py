@@ -15,11 +15,11 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 import rtcore
+from tests.ws_client import connect
 
 from . import netapp
 from .conftest import TIMEOUT, Peer, http_url, peer, ws_url
@@ -112,10 +112,16 @@ def _start(*args: str) -> tuple[subprocess.Popen[str], int, list[str]]:
     raise AssertionError(f"rtcore serve did not start (exit {proc.wait()})")
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_rtcore_serve_process_exits_0_on_signal(sig: signal.Signals) -> None:
-    proc, port, lines = await anyio.to_thread.run_sync(_start, "tests/net/netapp.py:app", "--grace", "5")
+async def test_rtcore_serve_process_exits_0_on_signal(sig: signal.Signals, loop: str) -> None:
+    """``rtcore serve --loop`` runs on the chosen event loop, and drains on a signal on both.
+
+    Mutation: ``anyio.run(main)`` without ``backend=`` in rtcore.run → the log names asyncio → fails.
+    """
+    proc, port, lines = await anyio.to_thread.run_sync(_start, "tests/net/netapp.py:app", "--grace", "5", "--loop", loop)
     try:
+        assert any(f"event loop: {loop})" in line for line in lines), lines
         async with connect(f"ws://127.0.0.1:{port}/v1/ws", subprotocols=[Subprotocol("rtcore.v1.json")], open_timeout=TIMEOUT) as ws:
             p = Peer(ws, "json")
             await p.send({"t": "hello", "v": 1})
@@ -138,3 +144,9 @@ async def test_rtcore_serve_process_exits_0_on_signal(sig: signal.Signals) -> No
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def test_run_names_an_unknown_event_loop() -> None:
+    """Mutation: drop the check in rtcore.run → anyio's LookupError (or a server start) instead → fails."""
+    with pytest.raises(ValueError, match="anyio_backend must be 'asyncio' or 'trio', not 'curio'"):
+        rtcore.run(netapp.app, port=0, anyio_backend="curio")

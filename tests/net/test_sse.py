@@ -55,6 +55,9 @@ async def publish(http: httpx.AsyncClient, url: str, stream: str, n: int) -> Non
     assert r.status_code == 200
 
 
+@pytest.mark.asyncio_only(
+    reason="leaving an httpx stream early abandons its inner async generators; trio reports them (ResourceWarning)"
+)
 async def test_sse_live_then_resume_with_last_event_id() -> None:
     stream = f"room:{uuid.uuid4().hex[:8]}"
     async with serving(app) as server, httpx.AsyncClient(timeout=TIMEOUT) as http:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from rtcore.cli import _ssl_context
+from tests.ws_client import connect
 
 from .conftest import TIMEOUT, serving
 from .netapp import app

@@ -13,7 +13,6 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed as ClientClosed
 
 from rtcore.transport import (
@@ -27,6 +26,7 @@ from rtcore.transport import (
     UpgradeRequest,
     serve,
 )
+from tests.ws_client import connect
 
 from .helpers import Recorder, basic_http, echo_handler, running_server
 
@@ -177,6 +177,9 @@ async def test_tls_http_and_websocket(tls_contexts: tuple[ssl.SSLContext, ssl.SS
 # -- scale ---------------------------------------------------------------------------
 
 
+@pytest.mark.asyncio_only(
+    reason="a thousand clients: under trio the websockets client is its threaded one, one thread per blocking call"
+)
 async def test_thousand_concurrent_websockets_all_receive_a_broadcast() -> None:
     n = 1000
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -10,7 +10,6 @@ import struct
 
 import anyio
 import pytest
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.exceptions import InvalidStatus
 
@@ -21,6 +20,7 @@ from rtcore.transport import (
     UpgradeRequest,
     WebSocketPolicy,
 )
+from tests.ws_client import connect
 
 from .helpers import Recorder, basic_http, echo_handler, json_of, read_until_eof, running_server
 

@@ -26,7 +26,16 @@ import pytest
 from rtcore.wallet import WalletStore
 
 PG_URL = os.environ.get("RTCORE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-STORE_KINDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+STORE_KINDS = [
+    "sqlite",
+    pytest.param(
+        "postgres",
+        marks=[
+            pytest.mark.postgres,
+            pytest.mark.asyncio_only(reason="psycopg's async connections run on asyncio only"),
+        ],
+    ),
+]
 
 
 @functools.cache

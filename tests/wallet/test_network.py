@@ -41,7 +41,15 @@ from tests.wallet.netload import (
 )
 from tests.wallet.stores import STORE_KINDS, fresh_store, fresh_store_url, require_store
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.slow,
+    # The load clients are the asyncio client of the websockets library, 25
+    # pipelined connections at once (tests/ws_client.py's threaded stand-in for
+    # trio would need a thread per blocking call), and the kill -9 server is a
+    # subprocess; the wallet's trio coverage is the store and command tests.
+    pytest.mark.asyncio_only(reason="load clients are the asyncio websockets client; kill -9 server is a subprocess"),
+]
 
 OPENING = 20_000
 

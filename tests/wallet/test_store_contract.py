@@ -371,3 +371,14 @@ async def test_sqlite_store_survives_reopening(tmp_path: Path) -> None:
 async def test_sqlite_unopenable_path_is_a_backend_error(tmp_path: Path) -> None:
     with pytest.raises(BackendError):
         await open_wallet_store(f"sqlite:///{tmp_path / 'missing-dir' / 'w.db'}")
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_postgres_store_on_trio_is_a_clear_backend_error() -> None:
+    """psycopg's async connections run on asyncio only: on trio, opening says so.
+
+    Mutation: drop the asyncio check in PostgresWalletStore.open → psycopg's bare
+    "no running event loop" RuntimeError escapes → fails.
+    """
+    with pytest.raises(BackendError, match="asyncio backend only"):
+        await open_wallet_store("postgresql://nobody@127.0.0.1:1/none")

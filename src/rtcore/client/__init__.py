@@ -266,9 +266,15 @@ class _WebSocket:
         return conn
 
     async def _handshake(self, url: _Url, subprotocol: str) -> None:
-        await self.stream.send(
-            self.ws.send(Request(host=url.host_header, target=url.target, subprotocols=[subprotocol]))
-        )
+        request = self.ws.send(Request(host=url.host_header, target=url.target, subprotocols=[subprotocol]))
+        try:
+            await self.stream.send(request)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
+            # A peer that resets the connection at once (refusing proxy, server
+            # going down) is a lost connection, retryable like a failed read. On
+            # trio the reset reaches this send; on asyncio it usually reaches the read.
+            self.close_code = 1006
+            raise _Closed(1006, "connection lost") from None
         while not self._accepted and not (self._refused is not None and self._refused_done):
             await self._read()
         if self._refused is not None:

@@ -24,9 +24,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
-import anyio.lowlevel
 import msgspec
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 
 from ..backends import Backend, open_backend
 from ..backends.base import Event, Outcome, ReadResult, Snapshot
@@ -254,14 +253,23 @@ class Node:
             self.hub.feed.watch("*")
         self._cm = anyio.create_task_group()
         self._tg = await self._cm.__aenter__()
-        self._tg.start_soon(self.hub.feed.run)
+        # The feed registers with its engine when its task first runs; tg.start
+        # returns once that task has run up to its first wait (see _run_feed), so
+        # the first append is seen. (A bare checkpoint relied on asyncio's FIFO
+        # scheduling; trio may resume this task before the feed's first step.)
+        await self._tg.start(self._run_feed)
         try:
             await self._processors.start(self._tg)
         except BaseException:
             await self.__aexit__(None, None, None)  # stop what started; raise the cause unwrapped
             raise
-        await anyio.lowlevel.checkpoint()  # let the feed register before the first append
         return self
+
+    async def _run_feed(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # started() does not yield: this task goes on into feed.run() and
+        # registers before the waiting __aenter__ can resume.
+        task_status.started()
+        await self.hub.feed.run()
 
     async def __aexit__(self, *exc: Any) -> bool | None:
         """Stop: cancel the tasks, then run the lifespan shutdowns in reverse, then close the backend."""

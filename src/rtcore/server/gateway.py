@@ -249,6 +249,12 @@ class _Connection:
         self._timer_scope.cancel()
 
     def _enqueue_command(self, action: DoCommand) -> None:
+        if self.node.draining:
+            # Refused on receipt, not when a worker picks it up: a command that
+            # arrived before the shutdown began still runs (on trio the worker
+            # may first run after stop() has set draining).
+            self._run(self.session.reply(action.id, Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)))
+            return
         self._inflight += 1
         self._commands.append(action)
         if self._idle_workers:
@@ -269,18 +275,16 @@ class _Connection:
 
     async def _command(self, action: DoCommand) -> None:
         try:
-            if self.node.draining:
-                reply_frame: Any = Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)
+            started = time.perf_counter()
+            reply = await self.node.dispatch(self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
+            self.metrics.command(
+                action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, time.perf_counter() - started
+            )
+            reply_frame: Any
+            if reply.ok:
+                reply_frame = Ok(action.id, reply.result, reply.replayed)
             else:
-                started = time.perf_counter()
-                reply = await self.node.dispatch(self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
-                self.metrics.command(
-                    action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, time.perf_counter() - started
-                )
-                if reply.ok:
-                    reply_frame = Ok(action.id, reply.result, reply.replayed)
-                else:
-                    reply_frame = Err(action.id, reply.code, reply.message, reply.retryable, reply.replayed)
+                reply_frame = Err(action.id, reply.code, reply.message, reply.retryable, reply.replayed)
             self._run(self.session.reply(action.id, reply_frame))
         finally:
             self._inflight -= 1

@@ -439,12 +439,20 @@ def run(
     roles: frozenset[str] = ROLES,
     grace: float = 10.0,
     on_ready: Callable[[int], None] | None = None,
+    anyio_backend: str = "asyncio",
     **node_options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (exit 0).
 
-    Blocks; this is what ``rtcore serve`` calls. Arguments as for :class:`Server`.
+    Blocks; this is what ``rtcore serve`` calls. Arguments as for :class:`Server`,
+    and ``anyio_backend``: the event loop, ``"asyncio"`` (default; it has the
+    WebSocket write fast path) or ``"trio"``.
+
+    Raises:
+        ValueError: ``anyio_backend`` is neither ``"asyncio"`` nor ``"trio"``.
     """
+    if anyio_backend not in ("asyncio", "trio"):
+        raise ValueError(f"anyio_backend must be 'asyncio' or 'trio', not {anyio_backend!r}")
     server = Server(
         app,
         backend=backend,
@@ -480,4 +488,4 @@ def run(
                     await server.wait_stopped()
                     watcher.cancel_scope.cancel()
 
-    anyio.run(main)
+    anyio.run(main, backend=anyio_backend)

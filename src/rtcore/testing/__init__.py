@@ -226,6 +226,11 @@ class Client:
         self._transport: MemoryTransport | None = None
         self._tg: Any = None
         self._subscribed: set[str] = set()
+        # One reconnect at a time, and at most one scheduled by gaps: two
+        # interleaved would resubscribe twice on one connection (seen on trio,
+        # whose scheduling order differs from asyncio's).
+        self._reconnect_lock = anyio.Lock()
+        self._gap_reconnect = False
 
     # --- connection ------------------------------------------------------------
 
@@ -288,7 +293,8 @@ class Client:
                 if cur.epoch == frame.epoch and frame.offset > cur.offset + 1:
                     # A gap can only come from a broken transport: resume from what we have.
                     self._frame_queue.append(frame)
-                    if self._tg is not None:
+                    if self._tg is not None and not self._gap_reconnect:
+                        self._gap_reconnect = True
                         self._tg.start_soon(self.reconnect)
                     self._notify()
                     return
@@ -413,12 +419,14 @@ class Client:
 
     async def reconnect(self) -> None:
         """Drop the connection and come back: hello, then resubscribe from the cursors."""
-        await self.disconnect()
-        self._frame_queue.clear()
-        assert self._tg is not None
-        await self._open(self._tg)
-        for stream in sorted(self._subscribed):
-            await self.subscribe(stream)
+        async with self._reconnect_lock:
+            await self.disconnect()
+            self._gap_reconnect = False  # later gaps are the new connection's
+            self._frame_queue.clear()
+            assert self._tg is not None
+            await self._open(self._tg)
+            for stream in sorted(self._subscribed):
+                await self.subscribe(stream)
 
 
 @contextlib.asynccontextmanager

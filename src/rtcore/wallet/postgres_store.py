@@ -30,6 +30,7 @@ rather than reused. The rules themselves are in :mod:`rtcore.wallet.ledger`.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -147,6 +148,15 @@ def _split_url(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
+def _on_asyncio() -> bool:
+    """Whether an asyncio event loop runs here (psycopg's async connections need one)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class _Pool:
     """At most ``size`` connections, handed out one task at a time."""
 
@@ -235,8 +245,14 @@ class PostgresWalletStore:
             clock: Time source for calls without ``now``.
 
         Raises:
-            BackendError: PostgreSQL is unreachable or refused the schema.
+            BackendError: PostgreSQL is unreachable or refused the schema, or
+                the event loop is not asyncio's (psycopg's async API needs it).
         """
+        if not _on_asyncio():
+            raise BackendError(
+                "the PostgreSQL wallet store runs on the asyncio backend only (psycopg's async "
+                "connections need an asyncio event loop); on trio use the SQLite wallet store"
+            )
         conninfo, url_schema = _split_url(url)
         schema = schema or url_schema
         pool = _Pool(conninfo, schema, pool_size, settings)
