@@ -396,7 +396,7 @@ class Node:
         on_stale: Callable[[], None],
         spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
         backlog: Callable[[list[EncodedEvent]], Awaitable[None]] | None = None,
-        use_cursor: bool = True,
+        use_cursor: bool = False,  # resume from the server cursor only on request (sub.cursor)
         new_epoch: bool = False,
     ) -> Subscription:
         """Start a subscription with the catch-up → live handoff.

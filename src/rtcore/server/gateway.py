@@ -365,7 +365,7 @@ class _Connection:
                 on_stale=on_stale,
                 spawn=self._spawn,
                 backlog=backlog,
-                use_cursor=use_cursor,
+                use_cursor=use_cursor and action.cursor,  # a newcomer gets the current state
                 new_epoch=resubscribe,
             )
         except RtcoreError as exc:
