@@ -209,15 +209,15 @@ async def test_subscription_in_order_and_acked(encoding: str) -> None:
             assert [i.data["n"] for i in items if isinstance(i, Evt)] == list(range(20))
             assert client.positions["room:1"].offset == 20
             await client.command("echo", 0)  # acks are stored before later frames
-            await wait_for(lambda: sub._acked is not None and sub._acked.offset == 20)
+            await wait_for(lambda: sub.acked is not None and sub.acked.offset == 20)
             await sub.unsubscribe()
             assert "room:1" not in client.positions
             with anyio.fail_after(1):
                 assert [i async for i in sub] == []
-        # A new client without a position resumes from the server cursor (the ack).
+        # A new client that opts in (cursor=True) resumes from the server cursor (the ack).
         async with rtcore.client.connect(url, token="alice", encoding=encoding) as client:  # type: ignore[arg-type]
             await client.command("pub", {"stream": "room:1", "n": 20})
-            sub = await client.subscribe("room:1")
+            sub = await client.subscribe("room:1", cursor=True)
             [item] = await take(sub, 1)
             assert isinstance(item, Evt) and item.offset == 21
 

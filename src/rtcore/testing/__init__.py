@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -32,11 +31,11 @@ from ..engine.app import App
 from ..engine.node import Node
 from ..errors import RtcoreError
 from ..protocol.client import (
+    DEFAULT_ACK_INTERVAL,
     Broken,
     ClientEvent,
     ClientSession,
     Connected,
-    DEFAULT_ACK_INTERVAL,
     Missed,
     Refused,
     Request,
@@ -355,7 +354,7 @@ class Client:
         else:
             await self._transport._send.send(data)
 
-    async def _wait(self, req: Request, timeout: float) -> Request:  # noqa: ASYNC109
+    async def _wait(self, req: Request, timeout: float) -> Request:
         await self._flush()
         try:
             with anyio.fail_after(timeout):
@@ -366,7 +365,7 @@ class Client:
             raise
         return req
 
-    async def _request(self, frame_factory: Any, timeout: float) -> Any:  # noqa: ASYNC109
+    async def _request(self, frame_factory: Any, timeout: float) -> Any:
         """Send a request frame built by ``frame_factory(id)``; return the raw reply frame."""
         req = await self._wait(self.session.request(frame_factory), timeout)
         if req.error is not None:
