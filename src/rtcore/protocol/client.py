@@ -698,7 +698,10 @@ class ClientSession:
             self._kept.pop(req, None)
             req.id = None
             req.reply = frame
-            self._resolve(req, frame)
+            if req.kept:
+                self._resolve(req, frame)
+            else:  # our own resubscription: nobody waits for it
+                req.done, req.result = True, frame
 
     def _on_reply(self, req: Request, frame: Ok | Err | Pong, now: float) -> None:
         req.id = None

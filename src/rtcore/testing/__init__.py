@@ -35,6 +35,7 @@ from ..protocol.client import (
     Broken,
     ClientEvent,
     ClientSession,
+    ClientState,
     Connected,
     Missed,
     Refused,
@@ -184,6 +185,25 @@ class FaultyTransport:
         await self.inner.close(code, reason)
 
 
+class _Recording:
+    """Records what the server sends (before any fault injection)."""
+
+    def __init__(self, inner: FrameTransport, sent: list[bytes]) -> None:
+        self.inner = inner
+        self.sent = sent
+        self.encoding = inner.encoding
+
+    async def receive(self) -> bytes | str:
+        return await self.inner.receive()
+
+    async def send(self, frames: list[bytes]) -> None:
+        self.sent.extend(frames)
+        await self.inner.send(frames)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self.inner.close(code, reason)
+
+
 class Client:
     """An in-process protocol client: a thin driver of :class:`~rtcore.protocol.client.ClientSession`.
 
@@ -202,6 +222,8 @@ class Client:
             handed them out (what an application's fold would process).
         syncs: Every ``sync`` frame for a subscribed stream.
         frames: Every frame received, as it came (duplicates included).
+        wire: Per connection, every message the server sent, before fault
+            injection (to check the server, not the client's dedup).
     """
 
     def __init__(
@@ -233,7 +255,9 @@ class Client:
         self._changed = anyio.Event()
         self._transport: MemoryTransport | None = None
         self._tg: Any = None
-        self._reconnecting = False
+        self._reconnect_lock = anyio.Lock()
+        #: Per connection, every message the server sent, before fault injection.
+        self.wire: list[list[bytes]] = []
 
     @property
     def cursors(self) -> dict[str, ClientCursor]:
@@ -249,7 +273,10 @@ class Client:
 
     async def _open(self, tg: Any) -> None:
         client_t, server_t = memory_pipe(self.encoding)
-        srv: FrameTransport = FaultyTransport(server_t, self.faults) if self.faults else server_t
+        inner: FrameTransport = FaultyTransport(server_t, self.faults) if self.faults else server_t
+        sent: list[bytes] = []
+        self.wire.append(sent)
+        srv = _Recording(inner, sent)
         self._transport = client_t
         self.closed = None
         self.bye = None
@@ -268,7 +295,7 @@ class Client:
             error, self._refused = self._refused, None
             raise error
 
-    async def _serve(self, transport: FrameTransport, server_t: MemoryTransport) -> None:
+    async def _serve(self, transport: Any, server_t: MemoryTransport) -> None:
         try:
             with contextlib.suppress(ConnectionClosed):
                 await serve_session(self.node, transport)
@@ -335,8 +362,8 @@ class Client:
                     self._refused = error
                 case Broken():
                     # A gap can only come from a broken transport: resume from the positions.
-                    if self._tg is not None and not self._reconnecting:
-                        self._tg.start_soon(self.reconnect)
+                    if self._tg is not None:
+                        self._tg.start_soon(self._reconnect_after_gap)
                 case _:
                     pass  # Replied / SubscriptionEnded / TokenExpired / ServerError: read via frames
 
@@ -495,25 +522,37 @@ class Client:
             self._notify()
         await anyio.lowlevel.checkpoint()
 
-    async def reconnect(self) -> None:
+    async def reconnect(self, *, wait: bool = True) -> None:
         """Drop the connection and come back: hello, then the session resubscribes
         every stream from its position and resends unanswered commands (same keys).
 
-        Returns once every stream is subscribed again.
+        Args:
+            wait: Return only once every stream is subscribed again (or the
+                new connection ended); ``False``: return after ``welcome``.
+
+        A reconnect already under way (after a gap) is waited for instead of
+        starting a second one.
         """
-        self._reconnecting = True
-        try:
+        async with self._reconnect_lock:
             await self.disconnect()
             self._frame_queue.clear()
             assert self._tg is not None
             await self._open(self._tg)
+        if wait:
             with anyio.fail_after(5):
                 while not all(self.session.live(s) for s in self.session.streams):
                     if self.closed is not None:
-                        raise self.closed
+                        return
                     await self._changed.wait()
-        finally:
-            self._reconnecting = False
+
+    async def _reconnect_after_gap(self) -> None:
+        async with self._reconnect_lock:
+            if self.session.state is not ClientState.BROKEN:
+                return  # someone reconnected meanwhile
+            await self.disconnect()
+            self._frame_queue.clear()
+            assert self._tg is not None
+            await self._open(self._tg)
 
     async def _close(self) -> None:
         """Send due acks (what the test consumed), then drop the connection."""
