@@ -547,11 +547,10 @@ class Client:
 
     async def _reconnect_after_gap(self) -> None:
         async with self._reconnect_lock:
-            if self.session.state is not ClientState.BROKEN:
-                return  # someone reconnected meanwhile
+            if self.session.state is not ClientState.BROKEN or self._tg is None:
+                return  # someone reconnected meanwhile, or the client is closing
             await self.disconnect()
             self._frame_queue.clear()
-            assert self._tg is not None
             await self._open(self._tg)
 
     async def _close(self) -> None:
