@@ -555,8 +555,9 @@ class Client:
             req = self._session.ping()
             done = self._waits[req] = anyio.Event()
             self._flush()
-            with anyio.move_on_after(interval):
-                await done.wait()
+            if not req.done:
+                with anyio.move_on_after(interval):
+                    await done.wait()
             self._waits.pop(req, None)
             self._session.forget(req)
             if not req.done:
