@@ -152,8 +152,15 @@ async def test_live_state_sync_and_snapshot() -> None:
 
 
 async def test_server_cursor_resumes_a_new_device() -> None:
+    """Resuming from the server cursor is an explicit opt-in (``sub.cursor``);
+    without it a position-less subscriber starts at the current head.
+
+    Mutation: node.subscribe reads the cursor without the opt-in → the
+    ``newcomer`` subscribe below is recovered → fails.
+    """
     async with serve(make_app()) as node:
-        async with connect(node, token="alice") as c:
+        # ack_interval=None: this device acks by hand (3 of the 5 it read).
+        async with connect(node, token="alice", ack_interval=None) as c:
             await c.subscribe("chat:1", rtcore.Position("", 0))
             for i in range(5):
                 await node.publish("chat:1", "msg", {"i": i})
@@ -164,12 +171,15 @@ async def test_server_cursor_resumes_a_new_device() -> None:
         for i in range(5, 7):
             await node.publish("chat:1", "msg", {"i": i})
         async with connect(node, token="alice") as phone:
-            sub = await phone.subscribe("chat:1")
+            sub = await phone.subscribe("chat:1", cursor=True)
             assert sub.recovered
             got = [(await phone.next_event("chat:1")).offset for _ in range(4)]
             assert got == [4, 5, 6, 7]
+        async with connect(node, token="alice") as newcomer:
+            sub = await newcomer.subscribe("chat:1")  # no opt-in: the current head
+            assert not sub.recovered and sub.offset == 7
         async with connect(node, token="bob") as other:  # bob has no cursor
-            sub = await other.subscribe("chat:1")
+            sub = await other.subscribe("chat:1", cursor=True)
             assert not sub.recovered and sub.offset == 7
 
 

@@ -26,6 +26,7 @@ import pytest
 
 import rtcore
 import rtcore.client
+import rtcore.testing
 from rtcore.client import Missed
 from rtcore.protocol.frames import Evt, Position
 from rtcore.server.runner import Server
@@ -42,6 +43,15 @@ class Pub(msgspec.Struct):
     n: int
 
 
+class Score(msgspec.Struct):
+    """The state of the ``score:*`` streams: the sum of published ``n``."""
+
+    total: int = 0
+
+    def apply(self, event: rtcore.Event) -> None:
+        self.total += event.data["n"]
+
+
 class Probe:
     """What the handlers saw, shared with the test."""
 
@@ -54,6 +64,7 @@ class Probe:
 
 def make_app(probe: Probe) -> rtcore.App:
     app = rtcore.App("client-tests")
+    app.state("score:*", Score)
 
     @app.authenticate
     async def authenticate(token: str | None) -> rtcore.Principal | None:
@@ -209,15 +220,15 @@ async def test_subscription_in_order_and_acked(encoding: str) -> None:
             assert [i.data["n"] for i in items if isinstance(i, Evt)] == list(range(20))
             assert client.positions["room:1"].offset == 20
             await client.command("echo", 0)  # acks are stored before later frames
-            await wait_for(lambda: sub._acked is not None and sub._acked.offset == 20)
+            await wait_for(lambda: sub.acked is not None and sub.acked.offset == 20)
             await sub.unsubscribe()
             assert "room:1" not in client.positions
             with anyio.fail_after(1):
                 assert [i async for i in sub] == []
-        # A new client without a position resumes from the server cursor (the ack).
+        # A new client that opts in (cursor=True) resumes from the server cursor (the ack).
         async with rtcore.client.connect(url, token="alice", encoding=encoding) as client:  # type: ignore[arg-type]
             await client.command("pub", {"stream": "room:1", "n": 20})
-            sub = await client.subscribe("room:1")
+            sub = await client.subscribe("room:1", cursor=True)
             [item] = await take(sub, 1)
             assert isinstance(item, Evt) and item.offset == 21
 
@@ -559,3 +570,101 @@ async def test_server_killed_and_restarted(tmp_path: Path, backend: str) -> None
             assert reader.reconnects >= 1
     finally:
         server.stop()
+
+
+# --- the newcomer: no local position means the current state ------------------------
+
+
+async def _newcomer_network(app: rtcore.App) -> tuple[Missed, Position | None]:
+    async with running(app) as server:
+        url = ws_url(server.port)
+        async with rtcore.client.connect(url, token="zoe", ack_interval=0.01) as laptop:
+            sub = await laptop.subscribe("score:1")
+            for n in (1, 2, 3):
+                await laptop.command("pub", {"stream": "score:1", "n": n})
+            items = await take(sub, 4)  # the initial state, then 3 events
+            assert isinstance(items[0], Missed) and items[0].state == {"total": 0}
+            await wait_for(lambda: sub.acked is not None and sub.acked.offset == 3)
+            await laptop.command("echo", 0)  # acks are stored before later frames
+            acked = sub.acked
+        async with rtcore.client.connect(url, token="pub") as other:
+            for n in (4, 5):
+                await other.command("pub", {"stream": "score:1", "n": n})
+        async with rtcore.client.connect(url, token="zoe") as phone:  # auto-acking, no position
+            sub = await phone.subscribe("score:1")
+            [first] = await take(sub, 1)
+            assert isinstance(first, Missed)
+            return first, acked
+
+
+async def _newcomer_in_process(app: rtcore.App) -> tuple[Missed, Position | None]:
+    async with rtcore.testing.serve(app) as node:
+        async with rtcore.testing.connect(node, "zoe", ack_interval=0.01) as laptop:
+            await laptop.subscribe("score:1")
+            for n in (1, 2, 3):
+                await laptop.command("pub", {"stream": "score:1", "n": n})
+            for _ in range(3):
+                await laptop.next_event("score:1")  # consumed: acked (batched)
+            with anyio.fail_after(5):
+                while (pos := laptop.session.acked("score:1")) is None or pos.offset != 3:
+                    await laptop.ping()  # a round trip; the batch timer runs meanwhile
+            await laptop.ping()  # acks are stored before later frames
+            acked = laptop.session.acked("score:1")
+        async with rtcore.testing.connect(node, "pub") as other:
+            for n in (4, 5):
+                await other.command("pub", {"stream": "score:1", "n": n})
+        async with rtcore.testing.connect(node, "zoe") as phone:
+            subbed = await phone.subscribe("score:1")
+            assert subbed.snap and not subbed.recovered
+            with anyio.fail_after(5):
+                while not phone.notices:
+                    await phone.next_frame()
+            return phone.notices[0], acked
+
+
+@pytest.mark.parametrize("via", ["network", "in_process"])
+async def test_newcomer_gets_the_current_state_although_its_principal_acked_elsewhere(via: str) -> None:
+    """A fresh auto-acking client for a principal with a server cursor gets the
+    CURRENT state of a stateful stream (a snapshot), not the events after
+    another device's ack — the same over the network and in-process.
+
+    Mutation: server/gateway.py passes ``use_cursor=use_cursor`` (ignoring
+    ``sub.cursor``), i.e. resume from the server cursor by default → the phone
+    gets events 4, 5 without the state → fails (both variants).
+    """
+    run = _newcomer_network if via == "network" else _newcomer_in_process
+    first, acked = await run(make_app(Probe()))
+    assert acked is not None and acked.offset == 3  # the principal has a server cursor at 3
+    assert (first.offset, first.state) == (5, {"total": 15})
+    assert first.checksum is not None
+
+
+async def test_cursor_opt_in_resumes_from_the_principals_acks() -> None:
+    """``cursor=True`` is the explicit way to continue where another device acked."""
+    async with running(make_app(Probe())) as server:
+        url = ws_url(server.port)
+        async with rtcore.client.connect(url, token="yan", ack_interval=0.01) as laptop:
+            sub = await laptop.subscribe("room:c", Position("", 0))
+            for n in range(3):
+                await laptop.command("pub", {"stream": "room:c", "n": n})
+            await take(sub, 3)
+            await wait_for(lambda: sub.acked is not None and sub.acked.offset == 3)
+            await laptop.command("echo", 0)
+        async with rtcore.client.connect(url, token="yan") as phone:
+            await phone.command("pub", {"stream": "room:c", "n": 3})
+            sub = await phone.subscribe("room:c", cursor=True)
+            [item] = await take(sub, 1)
+            assert isinstance(item, Evt) and item.offset == 4
+
+
+async def test_err_replies_raise_the_class_that_owns_the_code() -> None:
+    """Mutation: ClientSession builds ``RtcoreError`` instead of ``error_from_wire`` → fails."""
+    async with running(make_app(Probe())) as server:
+        async with rtcore.client.connect(ws_url(server.port), token="kim") as client:
+            with pytest.raises(rtcore.Rejected) as err:
+                await client.command("refuse")
+            assert err.value.code == "insufficient_funds"
+            await client.command("echo", 1, key="K1")
+            with pytest.raises(rtcore.IdempotencyError) as reused:
+                await client.command("echo", 2, key="K1")
+            assert reused.value.code == "idempotency_key_reused"

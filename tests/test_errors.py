@@ -268,21 +268,12 @@ def test_checker_accepts_owners() -> None:
     assert violations(source) == []
 
 
-#: Modules another branch is rewriting (they will call ``error_from_wire``):
-#: strict xfail, so the test turns red once they are clean, as a reminder to
-#: delete the entry.
-_PENDING = {"client/__init__.py", "testing/__init__.py"}
 _MODULES = sorted(str(p.relative_to(PACKAGE_DIR)) for p in PACKAGE_DIR.rglob("*.py"))
 
 
 @pytest.mark.parametrize(
     "module",
-    [
-        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason="being rewritten on another branch"))
-        if m in _PENDING
-        else m
-        for m in _MODULES
-    ],
+    _MODULES,
 )
 def test_every_code_is_built_by_its_owner(module: str) -> None:
     """Mutation: put back ``IdempotencyError(..., code="bad_args")`` in

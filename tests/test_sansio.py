@@ -36,6 +36,8 @@ SANS_IO_MODULES = [
     "rtcore.protocol.streams",
     "rtcore.protocol.state",
     "rtcore.protocol.idempotency",
+    "rtcore.protocol.client",
+    "rtcore.protocol.backoff",
     "rtcore.wallet.ledger",
 ]
 

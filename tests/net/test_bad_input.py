@@ -312,6 +312,9 @@ async def test_text_frame_on_a_msgpack_connection_is_bad_frame() -> None:
 PING = b'{"t":"ping","id":1}'
 
 
+@pytest.mark.asyncio_only(
+    reason="known limit on trio: the close after a framing error can overtake the reply to a message queued just before it (docs/architecture.md, Known limits)"
+)
 @pytest.mark.parametrize(
     ("bad", "close"),
     [

@@ -188,6 +188,7 @@ async def headless_chromium(chromium: str, profile: Path) -> AsyncIterator[DevTo
                 await proc.wait()
 
 
+@pytest.mark.asyncio_only(reason="the DevTools driver is the websockets library's asyncio client")
 @pytest.mark.skipif(
     _chromium() is None and os.environ.get("RTCORE_REQUIRE_SERVICES") != "1",
     reason="no headless Chromium on this machine (.ci/run installs it)",

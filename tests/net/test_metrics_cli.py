@@ -126,7 +126,7 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(rtcore.cli, "run", lambda app, **kw: calls.append((app, kw)))
     monkeypatch.chdir(ROOT)
     argv = ["serve", "tests/net/netapp.py:app", "--host", "0.0.0.0", "--port", "8123", "--backend", "events.db"]
-    argv += ["--allowed-origin", "https://a.example", "--role", "gateway,api", "--grace", "2.5"]
+    argv += ["--allowed-origin", "https://a.example", "--role", "gateway,api", "--grace", "2.5", "--loop", "trio"]
     assert rtcore.cli.main(argv) == 0
     [(served, kw)] = calls
     assert served.name == "nettest"
@@ -138,5 +138,6 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
         "allowed_origins": ["https://a.example"],
         "roles": frozenset({"gateway", "api"}),
         "grace": 2.5,
+        "anyio_backend": "trio",
     }
     assert callable(kw["on_ready"])

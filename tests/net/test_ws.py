@@ -158,8 +158,8 @@ async def test_server_cursor_resumes_from_the_last_ack() -> None:
             await p.events(stream, 3)
             await p.send({"t": "ack", "stream": stream, "offset": 2})
             assert (await p.request({"t": "ping"}))["t"] == "pong"  # the ack is stored before pong
-        async with peer(server, token="cy") as p:  # a new tab: no position of its own
-            subbed = await p.sub(stream)
+        async with peer(server, token="cy") as p:  # a new tab: no position, asks for the cursor
+            subbed = await p.request({"t": "sub", "stream": stream, "cursor": True})
             assert subbed["recovered"] is True
             assert [e["offset"] for e in await p.events(stream, 1)] == [3]
 

@@ -26,6 +26,7 @@ BIG = 32 << 20
 NO_PING = ServerLimits(ping_interval=None)
 
 
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
     """A batch the kernel takes only partly is completed before anything written after it.
 
@@ -56,6 +57,7 @@ async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
     assert got[1] == b"tail"
 
 
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
     """Nothing else is written after a partial ``send_nowait``: the flusher task completes it.
 
@@ -78,6 +80,7 @@ async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
             assert await ws.recv() == big
 
 
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_tls_streams_never_take_the_fast_path() -> None:
     """The fast path writes the raw socket: it must be off for anything but a plain TCP stream.
 

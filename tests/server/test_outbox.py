@@ -271,6 +271,7 @@ class FakeFast:
         return self.accept
 
 
+@pytest.mark.asyncio_only(reason="the tick-batched fast write is scheduled with asyncio's loop.call_soon; trio always uses the writer task")
 async def test_fast_path_writes_a_ticks_frames_in_one_call() -> None:
     """Frames queued in one loop tick go out in one wait-free write, with its bookkeeping.
 
@@ -287,6 +288,7 @@ async def test_fast_path_writes_a_ticks_frames_in_one_call() -> None:
     assert metrics.written.count == 1 and metrics.written.sum == pytest.approx(1.0)
 
 
+@pytest.mark.asyncio_only(reason="the tick-batched fast write is scheduled with asyncio's loop.call_soon; trio always uses the writer task")
 async def test_fast_path_refused_falls_back_to_the_writer() -> None:
     """Mutation: ``_flush`` does not wake the writer when the socket refuses → hangs → fails."""
     fast = FakeFast(accept=False)

@@ -486,7 +486,7 @@ class Node:
         since: Position | None,
         outbox: EventSink,
         *,
-        use_cursor: bool = True,
+        use_cursor: bool = False,  # resume from the server cursor only on request (sub.cursor)
         new_epoch: bool = False,
     ) -> Subscription:
         """Start a subscription with the catch-up → live handoff.

@@ -38,6 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..backends.base import Event, GroupLog, GroupMessage
 from ..errors import RtcoreError
+from ..protocol.backoff import backoff_delay
 from ..protocol.streams import matches
 from .app import Context, LoopSpec, ProcessorSpec
 
@@ -63,7 +64,7 @@ LOCAL_QUEUE = 10_000
 
 def backoff(attempt: int) -> float:
     """Seconds to wait before try ``attempt + 1`` after try ``attempt`` failed (0.1, 0.2, ... 2.0)."""
-    return float(min(0.05 * 2**attempt, 2.0))
+    return backoff_delay(attempt, 0.05, 2.0, jitter=0.0)
 
 
 async def _call(node: Node, spec: ProcessorSpec, event: Event) -> Exception | None:

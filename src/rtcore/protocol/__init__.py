@@ -12,4 +12,7 @@ drive these modules; they never re-implement their rules.
 * :mod:`.streams`: stream names, resume plans, the catch-up → live handoff.
 * :mod:`.state`: folding, snapshots and checksums.
 * :mod:`.idempotency`: fingerprints and the replay / reuse / in-progress rules.
+* :mod:`.client`: the client side of a connection (``ClientSession``), driven
+  by :mod:`rtcore.client` and :mod:`rtcore.testing`.
+* :mod:`.backoff`: the one retry-delay rule.
 """

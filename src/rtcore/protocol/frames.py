@@ -89,11 +89,18 @@ class Auth(msgspec.Struct, frozen=True, tag_field="t", tag="auth"):
 
 
 class Sub(msgspec.Struct, frozen=True, tag_field="t", tag="sub"):
-    """Subscribe to a stream, optionally resuming after ``since``."""
+    """Subscribe to a stream, optionally resuming after ``since``.
+
+    Without ``since`` the subscriber gets the stream's current state (a
+    snapshot on a stateful stream, live from the head otherwise). ``cursor``
+    true asks instead to resume from the principal's server-side cursor (its
+    last ``ack`` on any connection); ignored when ``since`` is given.
+    """
 
     id: RequestId
     stream: str
     since: Position | None = None
+    cursor: bool = False
 
 
 class Unsub(msgspec.Struct, frozen=True, tag_field="t", tag="unsub"):

@@ -116,11 +116,17 @@ class DoAuthenticate(msgspec.Struct, frozen=True):
 
 
 class DoSubscribe(msgspec.Struct, frozen=True):
-    """Start delivering ``stream`` from ``since``; then :meth:`Session.reply` to ``id``."""
+    """Start delivering ``stream`` from ``since``; then :meth:`Session.reply` to ``id``.
+
+    ``cursor``: without ``since``, resume from the principal's server-side
+    cursor (``sub.cursor``); otherwise a position-less subscriber gets the
+    current state.
+    """
 
     id: int
     stream: str
     since: Position | None
+    cursor: bool = False
 
 
 class DoUnsubscribe(msgspec.Struct, frozen=True):
@@ -299,7 +305,7 @@ class Session:
             return [_err(rid, LimitExceeded(f"at most {self.limits.max_subscriptions} subscriptions per connection", code="too_many_subscriptions"))]
         self._pending[rid] = "sub"
         self._pending_subs[rid] = frame.stream
-        return [DoSubscribe(rid, frame.stream, frame.since)]
+        return [DoSubscribe(rid, frame.stream, frame.since, frame.cursor)]
 
     def _on_cmd(self, frame: Cmd, now: float) -> list[Action]:
         rid = frame.id

@@ -14,7 +14,7 @@ Three pieces, each a pure function or a small state machine:
   is filled from the log instead of skipped. The same machine is used by the
   server-side state folder.
 * :class:`ClientCursor` — the client side: drop offsets already seen, notice
-  epoch changes. Used by :mod:`rtcore.client` and :mod:`rtcore.testing`.
+  epoch changes. Used by :class:`rtcore.protocol.client.ClientSession`.
 
 No I/O, no clock: callers pass events and positions in.
 """

@@ -301,7 +301,7 @@ class _Connection:
                 stream,
                 None if resubscribe else action.since,
                 self.outbox,
-                use_cursor=use_cursor,
+                use_cursor=use_cursor and action.cursor,  # a newcomer gets the current state
                 new_epoch=resubscribe,
             )
         except RtcoreError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import anyio
-import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from .outbox import Outbox
 
@@ -104,6 +104,7 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, RegisteredSession] = {}
         self._changed = anyio.Event()
+        self._draining: tuple[TaskGroup, float] | None = None
         #: Sessions ever registered.
         self.opened = 0
 
@@ -114,6 +115,9 @@ class SessionRegistry:
         self._sessions[session.id] = session
         self.opened += 1
         self._notify()
+        if self._draining is not None:
+            tg, grace = self._draining
+            tg.start_soon(session.drain, grace)
 
     def discard(self, session: RegisteredSession) -> None:
         """Unlist a session (its driver calls this when it ends); unknown ones are ignored."""
@@ -154,12 +158,14 @@ class SessionRegistry:
         Args:
             grace: Seconds in-flight commands get to finish.
         """
-        drained: set[str] = set()
-        async with anyio.create_task_group() as tg:
-            # A connection accepted just before the listener closed registers its
-            # session a moment later: look again until no new one appears.
-            while fresh := [s for s in list(self._sessions.values()) if s.id not in drained]:
-                for session in fresh:
-                    drained.add(session.id)
+        # A connection accepted just before the listener closed registers its
+        # session a moment later: while this task group is open, add() hands
+        # every new session to it at once (polling for newcomers missed those
+        # that registered after the poll's last look — seen on trio).
+        try:
+            async with anyio.create_task_group() as tg:
+                self._draining = (tg, grace)
+                for session in list(self._sessions.values()):
                     tg.start_soon(session.drain, grace)
-                await anyio.lowlevel.checkpoint()
+        finally:
+            self._draining = None

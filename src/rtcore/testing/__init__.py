@@ -17,7 +17,6 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import weakref
 from collections import defaultdict
@@ -31,26 +30,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..engine.app import App
 from ..engine.node import Node
-from ..errors import RtcoreError
-from ..protocol.codec import codec_for
-from ..protocol.frames import (
-    Ack,
-    Bye,
-    Cmd,
-    Err,
-    Evt,
-    Hello,
-    Ok,
-    Ping,
-    Pong,
-    Position,
-    Snap,
-    Sub,
-    Subbed,
-    Sync,
-    Unsub,
-    Welcome,
+from ..errors import BadRequest, RtcoreError
+from ..protocol.client import (
+    DEFAULT_ACK_INTERVAL,
+    Broken,
+    ClientEvent,
+    ClientSession,
+    ClientState,
+    Connected,
+    Missed,
+    Refused,
+    Request,
 )
+from ..protocol.codec import codec_for
+from ..protocol.frames import Bye, Err, Evt, Ok, Pong, Position, Subbed, Sync, Welcome
 from ..protocol.streams import ClientCursor
 from ..server.gateway import ConnectionClosed, FrameTransport, serve_session
 
@@ -65,7 +58,6 @@ __all__ = [
     "serve",
 ]
 
-_CLOSED = object()
 
 
 class FakeClock:
@@ -194,61 +186,117 @@ class FaultyTransport:
         await self.inner.close(code, reason)
 
 
-class Client:
-    """An in-process protocol client with the reconnect rules of a real one.
+class _Recording:
+    """Records what the server sends (before any fault injection)."""
 
-    It keeps a :class:`~rtcore.protocol.streams.ClientCursor` per stream, resubscribes
-    from it on :meth:`reconnect`, and drops duplicates, so :attr:`seen` is what
-    the application would see. Missed-event notices (``subbed`` with
-    ``recovered`` false, ``snap``) are recorded in :attr:`notices`.
+    def __init__(self, inner: FrameTransport, sent: list[bytes]) -> None:
+        self.inner = inner
+        self.sent = sent
+        self.encoding = inner.encoding
+
+    async def receive(self) -> bytes | str:
+        return await self.inner.receive()
+
+    async def send(self, frames: list[bytes]) -> None:
+        self.sent.extend(frames)
+        await self.inner.send(frames)
+
+    async def close(self, code: int, reason: str = "") -> None:
+        await self.inner.close(code, reason)
+
+
+class Client:
+    """An in-process protocol client: a thin driver of :class:`~rtcore.protocol.client.ClientSession`.
+
+    The same session as :mod:`rtcore.client` decides everything (positions,
+    duplicate drop, gap → reconnect, ``Missed`` notices, keyed command resend,
+    resubscription from positions, acks), so an application behaves the same
+    in-process and over the network. Acks follow the session's policy: what
+    the test *consumed* with :meth:`next_event` is acked cumulatively, batched
+    over ``ack_interval`` seconds (``None``: only explicit :meth:`ack`).
+
+    Attributes:
+        session: The protocol state machine this client drives.
+        seen: Per stream, every new event handed to the application, in order.
+        notices: Every :class:`~rtcore.protocol.client.Missed` notice, in order.
+        timeline: Events and notices of all streams, in the order the session
+            handed them out (what an application's fold would process).
+        syncs: Every ``sync`` frame for a subscribed stream.
+        frames: Every frame received, as it came (duplicates included).
+        wire: Per connection, every message the server sent, before fault
+            injection (to check the server, not the client's dedup).
     """
 
-    def __init__(self, node: Node, *, token: str | None, encoding: str, faults: Faults | None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        token: str | None,
+        encoding: str,
+        faults: Faults | None,
+        ack_interval: float | None = DEFAULT_ACK_INTERVAL,
+    ) -> None:
         self.node = node
         self.token = token
         self.encoding = encoding
         self.codec = codec_for(encoding)
         self.faults = faults
-        self.cursors: dict[str, ClientCursor] = {}
+        self.session = ClientSession(encoding=encoding, ack_interval=ack_interval)
         self.seen: dict[str, list[Evt]] = defaultdict(list)
-        self.notices: list[Subbed | Snap] = []
+        self.notices: list[Missed] = []
+        self.timeline: list[Evt | Missed] = []
         self.syncs: list[Sync] = []
         self.frames: list[Any] = []
         self.welcome: Welcome | None = None
         self.bye: Bye | None = None
         self.closed: ConnectionClosed | None = None
-        self._ids = itertools.count(1)
-        self._waiters: dict[int, anyio.Event] = {}
-        self._replies: dict[int, Any] = {}
+        self._refused: RtcoreError | None = None
         self._events: dict[str | None, list[Evt]] = defaultdict(list)
         self._frame_queue: list[Any] = []
         self._changed = anyio.Event()
         self._transport: MemoryTransport | None = None
         self._tg: Any = None
-        self._subscribed: set[str] = set()
-        # One reconnect at a time, and at most one scheduled by gaps: two
-        # interleaved would resubscribe twice on one connection (seen on trio,
-        # whose scheduling order differs from asyncio's).
         self._reconnect_lock = anyio.Lock()
-        self._gap_reconnect = False
+        #: Per connection, every message the server sent, before fault injection.
+        self.wire: list[list[bytes]] = []
+
+    @property
+    def cursors(self) -> dict[str, ClientCursor]:
+        """Per subscribed stream, the position of the last event handed out."""
+        out: dict[str, ClientCursor] = {}
+        for stream in self.session.streams:
+            cur = self.session.cursor(stream)
+            if cur is not None:
+                out[stream] = cur
+        return out
 
     # --- connection ------------------------------------------------------------
 
     async def _open(self, tg: Any) -> None:
         client_t, server_t = memory_pipe(self.encoding)
-        srv: FrameTransport = FaultyTransport(server_t, self.faults) if self.faults else server_t
+        inner: FrameTransport = FaultyTransport(server_t, self.faults) if self.faults else server_t
+        sent: list[bytes] = []
+        self.wire.append(sent)
+        srv = _Recording(inner, sent)
         self._transport = client_t
         self.closed = None
         self.bye = None
+        self.welcome = None
+        self._refused = None
         tg.start_soon(self._serve, srv, server_t)
         tg.start_soon(self._read, client_t)
-        await self._send(Hello(token=self.token))
-        frame = await self.next_frame(timeout=5, types=(Welcome, Err))
-        if isinstance(frame, Err):
-            raise RtcoreError(frame.message, code=frame.code, retryable=frame.retryable)
-        self.welcome = frame
+        self.session.start(self.token)
+        await self._flush()
+        with anyio.fail_after(5):
+            while self.welcome is None and self._refused is None:
+                if self.closed is not None:
+                    raise self.closed
+                await self._changed.wait()
+        if self._refused is not None:
+            error, self._refused = self._refused, None
+            raise error
 
-    async def _serve(self, transport: FrameTransport, server_t: MemoryTransport) -> None:
+    async def _serve(self, transport: Any, server_t: MemoryTransport) -> None:
         try:
             with contextlib.suppress(ConnectionClosed):
                 await serve_session(self.node, transport)
@@ -259,13 +307,30 @@ class Client:
         try:
             while True:
                 frame = self.codec.decode_server(await t.receive())
+                if t is not self._transport:
+                    return
                 self._on_frame(frame)
+                await self._flush()
         except ConnectionClosed as exc:
             if t is self._transport:
                 self.closed = exc
+                self._dispatch(self.session.disconnected(exc.close_code, exc.reason))
                 self._notify()
         finally:
             t.abort()
+
+    async def _timer(self) -> None:
+        """Run the session's deadlines (batched acks, command retries)."""
+        while True:
+            deadline = self.session.next_deadline()
+            wake = self._changed
+            if deadline is None:
+                await wake.wait()
+            else:
+                with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                    await wake.wait()
+            self.session.tick(anyio.current_time())
+            await self._flush()
 
     def _notify(self) -> None:
         ev, self._changed = self._changed, anyio.Event()
@@ -273,45 +338,41 @@ class Client:
 
     def _on_frame(self, frame: Any) -> None:
         self.frames.append(frame)
-        match frame:
-            case Ok(id=rid) | Err(id=rid) | Pong(id=rid) if rid is not None and rid in self._waiters:
-                self._replies[rid] = frame
-                self._waiters.pop(rid).set()
-            case Subbed(id=rid):
-                cur = self.cursors.setdefault(frame.stream, ClientCursor())
-                if not frame.recovered and not frame.snap:
-                    cur.reset(frame.epoch, frame.offset)
-                    self.notices.append(frame)
-                if rid in self._waiters:
-                    self._replies[rid] = frame
-                    self._waiters.pop(rid).set()
-            case Snap():
-                self.cursors.setdefault(frame.stream, ClientCursor()).reset(frame.epoch, frame.offset)
-                self.notices.append(frame)
-            case Evt():
-                cur = self.cursors.setdefault(frame.stream, ClientCursor())
-                if cur.epoch == frame.epoch and frame.offset > cur.offset + 1:
-                    # A gap can only come from a broken transport: resume from what we have.
-                    self._frame_queue.append(frame)
-                    if self._tg is not None and not self._gap_reconnect:
-                        self._gap_reconnect = True
-                        self._tg.start_soon(self.reconnect)
-                    self._notify()
-                    return
-                if cur.accept(frame.epoch, frame.offset):
-                    self.seen[frame.stream].append(frame)
-                    self._events[frame.stream].append(frame)
-                    self._events[None].append(frame)
-            case Sync():
-                self.syncs.append(frame)
-            case Bye():
-                self.bye = frame
         self._frame_queue.append(frame)
+        self._dispatch(self.session.receive_frame(frame, anyio.current_time()))
         self._notify()
 
-    async def _send(self, frame: Any) -> None:
-        assert self._transport is not None
-        await self._transport.send([self.codec.encode(frame)])
+    def _dispatch(self, events: list[ClientEvent]) -> None:
+        for ev in events:
+            match ev:
+                case Evt():
+                    self.seen[ev.stream].append(ev)
+                    self.timeline.append(ev)
+                    self._events[ev.stream].append(ev)
+                    self._events[None].append(ev)
+                case Missed():
+                    self.notices.append(ev)
+                    self.timeline.append(ev)
+                case Sync():
+                    self.syncs.append(ev)
+                case Bye():
+                    self.bye = ev
+                case Connected(welcome=welcome):
+                    self.welcome = welcome
+                case Refused(error=error):
+                    self._refused = error
+                case Broken():
+                    # A gap can only come from a broken transport: resume from the positions.
+                    if self._tg is not None:
+                        self._tg.start_soon(self._reconnect_after_gap)
+                case _:
+                    pass  # Replied / SubscriptionEnded / TokenExpired / ServerError: read via frames
+
+    async def _flush(self) -> None:
+        data = self.session.data_to_send()
+        if data and self._transport is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._transport.send(data)
 
     async def send_raw(self, data: bytes | str) -> None:
         """Send arbitrary bytes as one message (for malformed-frame tests)."""
@@ -321,65 +382,106 @@ class Client:
         else:
             await self._transport._send.send(data)
 
+    async def _wait(self, req: Request, timeout: float) -> Request:
+        await self._flush()
+        try:
+            with anyio.fail_after(timeout):
+                while not req.done:
+                    await self._changed.wait()
+        except TimeoutError:
+            self.session.forget(req)
+            raise
+        return req
+
     async def _request(self, frame_factory: Any, timeout: float) -> Any:
-        rid = next(self._ids)
-        ev = self._waiters[rid] = anyio.Event()
-        await self._send(frame_factory(rid))
-        with anyio.fail_after(timeout):
-            await ev.wait()
-        return self._replies.pop(rid)
+        """Send a request frame built by ``frame_factory(id)``; return the raw reply frame."""
+        req = await self._wait(self.session.request(frame_factory), timeout)
+        if req.error is not None:
+            raise req.error
+        return req.reply
 
     # --- public API ------------------------------------------------------------
 
-    async def subscribe(self, stream: str, since: Position | None = None, *, timeout: float = 5.0) -> Subbed:
-        """Subscribe; without ``since`` the client's own cursor is used if it has one.
+    async def subscribe(
+        self, stream: str, since: Position | None = None, *, cursor: bool = False, timeout: float = 5.0
+    ) -> Subbed:
+        """Subscribe to ``stream``.
+
+        Args:
+            stream: The stream name.
+            since: Resume after this position; ``None``: the stream's current
+                state (a snapshot on a stateful stream).
+            cursor: Without ``since``: resume from the principal's server-side
+                cursor instead (``sub.cursor``).
+            timeout: Seconds to wait for ``subbed``.
 
         Raises:
-            RtcoreError: the server answered ``err``.
+            RtcoreError: the server answered ``err`` (the class owning its code).
         """
-        cur = self.cursors.get(stream)
-        pos = since if since is not None else (cur.position if cur is not None else None)
-        reply = await self._request(lambda rid: Sub(rid, stream, pos), timeout)
-        if isinstance(reply, Err):
-            raise RtcoreError(reply.message, code=reply.code, retryable=reply.retryable)
-        self._subscribed.add(stream)
-        return reply  # type: ignore[no-any-return]
+        req = self.session.subscribe(stream, since, cursor=cursor)
+        try:
+            await self._wait(req, timeout)
+        except TimeoutError:
+            self.session.unsubscribe(stream)
+            raise
+        if req.error is not None:
+            raise req.error
+        assert isinstance(req.result, Subbed)
+        return req.result
 
     async def unsubscribe(self, stream: str, *, timeout: float = 5.0) -> None:
         """Unsubscribe from ``stream``."""
-        self._subscribed.discard(stream)
-        reply = await self._request(lambda rid: Unsub(rid, stream), timeout)
-        if isinstance(reply, Err):
-            raise RtcoreError(reply.message, code=reply.code, retryable=reply.retryable)
+        req = self.session.unsubscribe(stream)
+        if req is not None:
+            await self._wait(req, timeout)
+            if req.error is not None:
+                raise req.error
 
     async def command_reply(self, name: str, args: Any = None, *, key: str | None = None, timeout: float = 5.0) -> Ok | Err:
-        """Send a command and return the raw ``ok``/``err`` frame."""
-        raw = msgspec.Raw(self.codec.encode(args))
-        return await self._request(lambda rid: Cmd(rid, name, raw, key), timeout)  # type: ignore[no-any-return]
+        """Send a command and return the raw ``ok``/``err`` frame (no retry of
+        ``idempotency_in_progress`` or ``shutdown``: protocol tests see them)."""
+        req = await self._wait(self.session.command(name, args, key=key, retry=False), timeout)
+        if not isinstance(req.reply, Ok | Err):
+            assert req.error is not None
+            raise req.error
+        return req.reply
 
     async def command(self, name: str, args: Any = None, *, key: str | None = None, timeout: float = 5.0) -> Any:
-        """Send a command and return its result.
+        """Send a command (idempotency key generated unless given) and return its result.
 
         Raises:
-            RtcoreError: the server answered ``err`` (``.code`` says why).
+            RtcoreError: the server answered ``err``, as the class owning its
+                code (e.g. :class:`~rtcore.errors.IdempotencyError`).
         """
-        reply = await self.command_reply(name, args, key=key, timeout=timeout)
-        if isinstance(reply, Err):
-            raise RtcoreError(reply.message, code=reply.code, retryable=reply.retryable)
-        return reply.result
+        req = await self._wait(self.session.command(name, args, key=key), timeout)
+        if req.error is not None:
+            raise req.error
+        return req.result
 
     async def ping(self, *, timeout: float = 5.0) -> Pong:
         """Round-trip a ``ping``."""
-        return await self._request(lambda rid: Ping(rid), timeout)  # type: ignore[no-any-return]
+        req = await self._wait(self.session.ping(), timeout)
+        if req.error is not None:
+            raise req.error
+        assert isinstance(req.result, Pong)
+        return req.result
 
     async def ack(self, stream: str, offset: int | None = None) -> None:
-        """Acknowledge ``stream`` up to ``offset`` (default: everything seen)."""
+        """Acknowledge ``stream`` up to ``offset`` now (default: everything seen)."""
         if offset is None:
-            offset = self.cursors[stream].offset
-        await self._send(Ack(stream, offset))
+            cur = self.session.cursor(stream)
+            if cur is None:
+                raise BadRequest(f"not subscribed to {stream!r}", code="not_subscribed")
+            offset = cur.offset
+        self.session.ack(stream, offset)
+        await self._flush()
 
     async def next_event(self, stream: str | None = None, *, timeout: float = 5.0) -> Evt:
-        """Wait for the next new (deduplicated) event, of ``stream`` or any."""
+        """Wait for the next new (deduplicated) event, of ``stream`` or any.
+
+        Taking it counts as the application consuming it: the session acks it
+        (batched) like :mod:`rtcore.client` acks what its iterators yield.
+        """
         q = self._events[stream]
         with anyio.fail_after(timeout):
             while not q:
@@ -389,6 +491,8 @@ class Client:
             self._events[None].remove(ev)
         elif stream is None:
             self._events[ev.stream].remove(ev)
+        self.session.consumed(ev.stream, ev.epoch, ev.offset, anyio.current_time())
+        self._notify()  # the timer re-reads the deadline
         return ev
 
     async def next_frame(self, *, timeout: float = 5.0, types: tuple[type, ...] | None = None) -> Any:
@@ -415,18 +519,46 @@ class Client:
         if self._transport is not None:
             self._transport.abort()
             self._transport = None
+            self._dispatch(self.session.disconnected(1006, "disconnected by the test"))
+            self._notify()
         await anyio.lowlevel.checkpoint()
 
-    async def reconnect(self) -> None:
-        """Drop the connection and come back: hello, then resubscribe from the cursors."""
+    async def reconnect(self, *, wait: bool = True) -> None:
+        """Drop the connection and come back: hello, then the session resubscribes
+        every stream from its position and resends unanswered commands (same keys).
+
+        Args:
+            wait: Return only once every stream is subscribed again (or the
+                new connection ended); ``False``: return after ``welcome``.
+
+        A reconnect already under way (after a gap) is waited for instead of
+        starting a second one.
+        """
         async with self._reconnect_lock:
             await self.disconnect()
-            self._gap_reconnect = False  # later gaps are the new connection's
             self._frame_queue.clear()
             assert self._tg is not None
             await self._open(self._tg)
-            for stream in sorted(self._subscribed):
-                await self.subscribe(stream)
+        if wait:
+            with anyio.fail_after(5):
+                while not all(self.session.live(s) for s in self.session.streams):
+                    if self.closed is not None:
+                        return
+                    await self._changed.wait()
+
+    async def _reconnect_after_gap(self) -> None:
+        async with self._reconnect_lock:
+            if self.session.state is not ClientState.BROKEN or self._tg is None:
+                return  # someone reconnected meanwhile, or the client is closing
+            await self.disconnect()
+            self._frame_queue.clear()
+            await self._open(self._tg)
+
+    async def _close(self) -> None:
+        """Send due acks (what the test consumed), then drop the connection."""
+        self.session.flush_acks()
+        await self._flush()
+        await self.disconnect()
 
 
 @contextlib.asynccontextmanager
@@ -462,6 +594,7 @@ async def connect(
     *,
     encoding: str = "json",
     faults: Faults | None = None,
+    ack_interval: float | None = DEFAULT_ACK_INTERVAL,
 ) -> AsyncIterator[Client]:
     """Connect an in-process client.
 
@@ -472,6 +605,9 @@ async def connect(
         token: Sent in ``hello``.
         encoding: ``"json"`` or ``"msgpack"``.
         faults: Faults to inject on this connection's server frames.
+        ack_interval: Acks for consumed events are batched over this many
+            seconds, as in :func:`rtcore.client.connect`; ``None``: only
+            explicit :meth:`Client.ack`.
 
     Raises:
         RtcoreError: the server refused the hello (e.g. ``unauthenticated``).
@@ -483,7 +619,7 @@ async def connect(
             node = _serving[target][-1]
         else:
             node = await stack.enter_async_context(serve(target))
-        client = Client(node, token=token, encoding=encoding, faults=faults)
+        client = Client(node, token=token, encoding=encoding, faults=faults, ack_interval=ack_interval)
         refused: RtcoreError | None = None
         async with anyio.create_task_group() as tg:
             client._tg = tg
@@ -493,11 +629,12 @@ async def connect(
                 refused = exc
                 tg.cancel_scope.cancel()
             else:
+                tg.start_soon(client._timer)
                 try:
                     yield client
                 finally:
                     client._tg = None
-                    await client.disconnect()
+                    await client._close()
                     tg.cancel_scope.cancel()
         if refused is not None:
             raise refused

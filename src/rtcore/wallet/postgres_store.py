@@ -31,7 +31,6 @@ rather than reused. The rules themselves are in :mod:`rtcore.wallet.ledger`.
 from __future__ import annotations
 
 import asyncio
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -46,6 +45,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ..errors import BackendError
+from ..protocol.backoff import backoff_delay
 from . import _sql as q
 from .errors import WalletError
 from .ledger import (
@@ -281,7 +281,7 @@ class PostgresWalletStore:
             except _RETRY as exc:
                 if attempt == MAX_ATTEMPTS:
                     raise BackendError(f"wallet transaction kept conflicting: {exc}") from exc
-                await anyio.sleep(random.uniform(0, 0.002 * 2**attempt))
+                await anyio.sleep(backoff_delay(attempt, 0.002, 1.0, jitter=1.0))  # full jitter
             except psycopg.Error as exc:
                 raise BackendError(f"wallet database error: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
