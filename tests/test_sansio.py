@@ -36,6 +36,7 @@ SANS_IO_MODULES = [
     "rtcore.protocol.streams",
     "rtcore.protocol.state",
     "rtcore.protocol.idempotency",
+    "rtcore.protocol.patch",
     "rtcore.wallet.ledger",
 ]
 
