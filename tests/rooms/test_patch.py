@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from rtcore.protocol.patch import PatchError, apply, diff
@@ -22,6 +22,8 @@ docs = st.recursive(
 
 
 @given(docs, docs)
+@example({"a": 1}, {"a": 1.0})
+@example([True], [1])
 def test_apply_of_diff_gives_new(old: Any, new: Any) -> None:
     """The patch of any two documents turns the first into the second, byte for byte.
 
