@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ async def test_turn_clock_drop_grace_and_forfeit() -> None:
     spec = importlib.util.spec_from_file_location("tictactoe_example", EXAMPLE)
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = example  # so the room's annotations resolve
     spec.loader.exec_module(example)
     app, reg = example.app, example.registry
     assert isinstance(reg, Rooms)

@@ -355,7 +355,7 @@ class _Actor:
             return await call(self.room.on_message, player, type_, data.get("data"))
         fn = getattr(self.room, name)
         value = data.get("data")
-        target = _data_type(fn)
+        target = self.rt.rooms.data_types[self.cls].get(type_)
         if target is not None:
             try:
                 value = msgspec.convert(value, target, strict=False)
@@ -521,12 +521,20 @@ class _Actor:
 
 
 def _data_type(fn: Callable[..., Any]) -> Any:
-    """The annotation of a message handler's ``data`` parameter (``None``: pass as is)."""
+    """The annotation of a message handler's ``data`` parameter (``None``: pass as is).
+
+    ``fn`` is the plain function ``(self, player, data)``; the annotations are
+    resolved once, when the room type is defined, so a typo fails there.
+    """
     params = list(inspect.signature(fn).parameters.values())
-    if len(params) < 2:
+    if len(params) < 3:
         return None
-    hints = typing.get_type_hints(fn)
-    return hints.get(params[1].name)
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TypeError(f"cannot resolve the annotations of message handler {fn.__qualname__}: {exc}") from exc
+    target = hints.get(params[2].name)
+    return None if target is Any else target
 
 
 class _WatchedSessions(set[Any]):
@@ -692,6 +700,7 @@ class Rooms:
     def __init__(self, app: App) -> None:
         self.app = app
         self.types: dict[str, type[Room[Any]]] = {}
+        self.data_types: dict[type[Room[Any]], dict[str, Any]] = {}
         self._runtimes: weakref.WeakKeyDictionary[Node, _Runtime] = weakref.WeakKeyDictionary()
 
     def define(self, name: str) -> Callable[[type[Room[Any]]], type[Room[Any]]]:
@@ -709,6 +718,7 @@ class Rooms:
                 raise ValueError(f"room type {name!r}: declare the state type as Room[MyState]")
             if name in self.types:
                 raise ValueError(f"room type {name!r} is already defined")
+            self.data_types[cls] = {kind: _data_type(getattr(cls, attr)) for kind, attr in cls._handlers.items()}
             self.types[name] = cls
             for rt in self._runtimes.values():
                 rt.types_by_cls[cls] = name
