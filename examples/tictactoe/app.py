@@ -8,7 +8,7 @@ time and sends each change to both players as a small patch.
 
 Run it on the embedded backend (state survives a restart)::
 
-    rtcore serve examples/tictactoe/app.py:app --backend sqlite://tictactoe.db
+    rtcore serve examples/tictactoe/app.py:app --backend tictactoe.db
 
 and play bots against each other::
 
