@@ -58,6 +58,8 @@ BATCH = 64
 RESULTS_KEPT = 1024
 #: Longest real-time wait of an idle room before it re-checks its lease and clock.
 IDLE_WAIT = 1.0
+#: How often one node looks for rooms whose owner died (seconds).
+SUPERVISE_EVERY = 2.0
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
@@ -388,12 +390,29 @@ class _Actor:
                 self.outgoing.clear()
         self.applied = ev.offset
         await self.after_step()
+        origin = data.get("node")
+        if isinstance(origin, str) and origin != self.node.id:
+            await self._reply(origin, ev.offset, entry)
         self.results[ev.offset] = entry
         while len(self.results) > RESULTS_KEPT:
             self.results.popitem(last=False)
         waiter = self.waiters.pop(ev.offset, None)
         if waiter is not None:
             waiter.set()
+
+    async def _reply(self, origin: str, offset: int, entry: _Entry) -> None:
+        """Answer an entry appended on another node through ``roomreply:{id}``."""
+        err = entry.error
+        body = {
+            "node": origin,
+            "inbox": offset,
+            "ok": entry.ok,
+            "result": entry.result,
+            "code": err.code if err else "",
+            "message": err.message if err else "",
+            "retryable": err.retryable if err else False,
+        }
+        await self.node.publish(f"roomreply:{self.id}", "reply", body, key=f"reply:{offset}")
 
     async def after_step(self) -> None:
         if self.dispose_requested and not self.disposed:
@@ -409,19 +428,25 @@ class _Actor:
 
     # --- the loop -------------------------------------------------------------------
 
-    async def result(self, offset: int) -> _Entry:
-        """Wait until inbox entry ``offset`` was applied; return what it gave."""
-        if offset > self.applied:
+    async def result(self, offset: int) -> _Entry | None:
+        """Wait until inbox entry ``offset`` was applied; return what it gave.
+
+        ``None``: this owner stopped (lost its lease) before applying it; the
+        caller waits for the next owner.
+        """
+        if offset > self.applied and not self.closed:
             ev = self.waiters.setdefault(offset, anyio.Event())
             self.wake.set()
             await ev.wait()
         entry = self.results.get(offset)
-        if entry is None:
-            if self.disposed or self.closed:
-                return _Entry(False, error=Rejected("room_not_found", f"room {self.id} is gone"))
-            # Applied by an earlier owner (or long ago): the effect is in the state.
-            return _Entry(True, {"room_id": self.id, "inbox": offset, "recovered": True})
-        return entry
+        if entry is not None:
+            return entry
+        if self.disposed:
+            return _Entry(False, error=Rejected("room_not_found", f"room {self.id} is gone"))
+        if offset > self.applied:
+            return None
+        # Applied by an earlier owner (or long ago): the effect is in the state.
+        return _Entry(True, {"room_id": self.id, "inbox": offset, "recovered": True})
 
     async def run(self) -> None:
         try:
@@ -573,6 +598,12 @@ class _Runtime:
         self.codes: dict[str, str] = {}
         self.matchmaking: dict[str, anyio.Lock] = {}
         self._adopting: dict[str, anyio.Lock] = {}
+        # Answers from other owners to entries appended here, and who waits for them.
+        self.replies: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        self.reply_waiters: dict[tuple[str, int], anyio.Event] = {}
+        # Rooms each user joined through this node (to record their drops).
+        self.via_here: dict[str, set[str]] = {}
+        self.gone: set[str] = set()  # rooms known to be disposed (the supervisor skips them)
         node.sessions = _WatchedSessions(node.sessions, self._connection_gone)
 
     def forget(self, actor: _Actor) -> None:
@@ -584,17 +615,47 @@ class _Runtime:
         uid = _principal_id(conn)
         if uid is None or any(_principal_id(c) == uid for c in self.node.sessions):
             return  # anonymous, or another tab of the same user is still here
+        rooms = set(self.via_here.pop(uid, set()))
         for actor in list(self.actors.values()):
             m = actor.members.get(uid)
             if m is not None and m.connected:
-                self.node.spawn(functools.partial(self._submit_drop, actor, uid))
+                rooms.add(actor.id)
+        for room_id in sorted(rooms):
+            try:
+                self.node.spawn(functools.partial(self._submit_drop, room_id, uid))
+            except RuntimeError:
+                return  # the node is stopping: the next owner sees the members as they were
 
-    async def _submit_drop(self, actor: _Actor, uid: str) -> None:
+    async def _submit_drop(self, room_id: str, uid: str) -> None:
         try:
-            await self.node.publish(actor.inbox, "drop", {"user": uid})
-            actor.wake.set()
+            await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
         except RtcoreError:
-            log.warning("room %s: could not record the drop of %r", actor.id, uid, exc_info=True)
+            log.warning("room %s: could not record the drop of %r", room_id, uid, exc_info=True)
+        self.wake(room_id)
+
+    def wake(self, room_id: str) -> None:
+        """Tell the local owner of ``room_id`` (if any) that its inbox grew."""
+        actor = self.actors.get(room_id)
+        if actor is not None:
+            actor.wake.set()
+
+    def on_reply(self, event: Event) -> None:
+        """A ``roomreply:{id}`` event: wake the command here that waits for it."""
+        data = event.data
+        if not isinstance(data, dict) or data.get("node") != self.node.id:
+            return
+        room_id = event.stream.partition(":")[2]
+        key = (room_id, int(data["inbox"]))
+        if data["ok"]:
+            entry = _Entry(True, data.get("result"))
+        else:
+            entry = _Entry(False, error=RtcoreError(data["message"], code=data["code"], retryable=bool(data["retryable"])))
+        waiter = self.reply_waiters.pop(key, None)
+        if waiter is not None:
+            self.replies[key] = entry
+            while len(self.replies) > RESULTS_KEPT:
+                self.replies.popitem(last=False)
+            waiter.set()
 
     def _new_code(self) -> str:
         while True:
@@ -614,18 +675,59 @@ class _Runtime:
         self.actors[room_id] = actor
         self.codes[actor.code] = room_id
         self.node.spawn(actor.run)
-        return await self.submit(ctx, actor, "create", uid, {"options": options, "metadata": metadata})
+        return await self.submit(ctx, room_id, "create", uid, {"options": options, "metadata": metadata}, actor=actor)
 
-    async def submit(self, ctx: Context, actor: _Actor, kind: str, uid: str, data: dict[str, Any]) -> Any:
-        """Append an input to the room's inbox (idempotent per command key) and await its result."""
-        ev = await ctx.publish(actor.inbox, kind, {"user": uid, **data})
-        entry = await actor.result(ev.offset)
+    async def submit(
+        self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], *, actor: _Actor | None = None
+    ) -> Any:
+        """Append an input to the room's inbox (idempotent per command key) and await its result.
+
+        The owner may be this node (it wakes at once), another node (it answers
+        on ``roomreply:{id}``), or nobody (its lease ran out: this node adopts
+        the room and applies the entry itself).
+        """
+        if actor is None:
+            actor = await self.local(room_id)
+        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+        entry = await self._await(room_id, ev.offset, actor)
         if entry.error is not None:
             raise entry.error
+        if kind in ("join", "create"):
+            self.via_here.setdefault(uid, set()).add(room_id)
+        elif kind == "leave":
+            self.via_here.get(uid, set()).discard(room_id)
         return entry.result
 
-    async def actor(self, room_id: str) -> _Actor:
-        """The local actor of ``room_id``, adopting the room if nobody owns it."""
+    async def _await(self, room_id: str, offset: int, actor: _Actor | None) -> _Entry:
+        key = (room_id, offset)
+        while True:
+            if actor is not None and not actor.closed:
+                local = await actor.result(offset)
+                if local is not None:
+                    return local
+            else:
+                waiter = self.reply_waiters.setdefault(key, anyio.Event())
+                with anyio.move_on_after(IDLE_WAIT):
+                    await waiter.wait()
+                got = self.replies.pop(key, None)
+                if got is not None:
+                    return got
+                st = await self.node.state_of(f"room:{room_id}")
+                if isinstance(st.state, RoomDoc) and st.state.inbox >= offset:
+                    # Applied by an owner that did not answer here (e.g. it died right after).
+                    self.reply_waiters.pop(key, None)
+                    return _Entry(True, {"room_id": room_id, "inbox": offset, "recovered": True})
+            # No answer yet: if the owner is gone (its lease ran out), take the room over.
+            actor = await self.local(room_id)
+            if actor is not None:
+                self.reply_waiters.pop(key, None)
+
+    async def local(self, room_id: str) -> _Actor | None:
+        """The local owner of ``room_id``, adopting the room if nobody owns it; ``None``: another node does.
+
+        Raises:
+            Rejected: ``room_not_found``.
+        """
         actor = self.actors.get(room_id)
         if actor is not None and not actor.closed:
             return actor
@@ -636,7 +738,30 @@ class _Runtime:
                 return actor
             return await self._adopt(room_id)
 
-    async def _adopt(self, room_id: str) -> _Actor:
+    async def actor(self, room_id: str) -> _Actor:
+        """The local owner of ``room_id`` (adopting it if nobody owns it).
+
+        Raises:
+            Rejected: ``room_not_found``.
+            RtcoreError: ``room_elsewhere`` (retryable) when another node owns it.
+        """
+        actor = await self.local(room_id)
+        if actor is None:
+            raise RtcoreError(f"room {room_id} is owned by another node", code="room_elsewhere", retryable=True)
+        return actor
+
+    async def supervise(self) -> None:
+        """Adopt every live room whose owner is gone (its lease ran out), so its timers run again."""
+        for stream in await self.node.backend.events.streams("roominbox:*"):
+            room_id = stream.partition(":")[2]
+            if room_id in self.actors or room_id in self.gone:
+                continue
+            try:
+                await self.local(room_id)
+            except Rejected:
+                self.gone.add(room_id)
+
+    async def _adopt(self, room_id: str) -> _Actor | None:
         stream = f"room:{room_id}"
         if not room_id or len(room_id) > 64 or not room_id.isalnum():
             raise Rejected("room_not_found", f"no room {room_id!r}")
@@ -644,8 +769,7 @@ class _Runtime:
         if info.head == 0:
             raise Rejected("room_not_found", f"no room {room_id!r}")
         if not await self.node.backend.leases.acquire(stream, self.node.id, now=self.node.clock(), ttl=LEASE):
-            # Forwarding to the owner is not built yet (docs/rooms.md, "Not yet").
-            raise RtcoreError(f"room {room_id} is owned by another node", code="room_elsewhere", retryable=True)
+            return None  # another node owns it
         try:
             st = await self.node.state_of(stream)
             for _ in range(100):  # the local fold may trail the head by in-flight events
@@ -657,6 +781,7 @@ class _Runtime:
             assert isinstance(doc, RoomDoc)
             cls = self.rooms.types.get(str(doc.room.get("type", "")))
             if cls is None or doc.room.get("disposed"):
+                self.gone.add(room_id)
                 raise Rejected("room_not_found", f"no room {room_id!r}")
             actor = _Actor(self, cls, room_id, str(doc.room.get("code", "")) or self._new_code(), bool(doc.room.get("private")))
             actor.restore(doc, st.offset)
@@ -785,6 +910,21 @@ def install(app: App) -> Rooms:
     app.retention("room:*", max_events=1000)
     app.retention("roominbox:*", max_events=10_000)
     app.retention("roomdm:*", max_events=100, max_age=60.0)
+    app.retention("roomreply:*", max_events=1000, max_age=300.0)
+
+    # Every node with the processor role: answers from owners on other nodes,
+    # inputs appended elsewhere for rooms owned here, and orphaned rooms.
+    @app.on("roomreply:*")
+    async def room_reply(ctx: Context, event: Event) -> None:
+        rooms.runtime(ctx.node).on_reply(event)
+
+    @app.on("roominbox:*")
+    async def room_input(ctx: Context, event: Event) -> None:
+        rooms.runtime(ctx.node).wake(event.stream.partition(":")[2])
+
+    @app.loop("rooms.supervisor", every=SUPERVISE_EVERY, lease=LEASE)
+    async def supervise(ctx: Context) -> None:
+        await rooms.runtime(ctx.node).supervise()
 
     @app.command("room.create")
     async def create(ctx: Context, args: _Args) -> Any:
@@ -803,7 +943,7 @@ def install(app: App) -> Rooms:
                 if actor.locked or (actor.cls.max_clients and len(actor.members) >= actor.cls.max_clients and uid not in actor.members):
                     continue
                 try:
-                    return await rt.submit(ctx, actor, "join", uid, {"options": args.options})
+                    return await rt.submit(ctx, actor.id, "join", uid, {"options": args.options}, actor=actor)
                 except Rejected as exc:
                     if exc.code not in ("room_full", "room_locked", "room_not_found"):
                         raise
@@ -816,17 +956,17 @@ def install(app: App) -> Rooms:
         room_id = args.room_id or rt.codes.get(args.code.upper(), "")
         if not room_id:
             raise Rejected("room_not_found", f"no room with code {args.code!r}" if args.code else "give room_id or code")
-        return await rt.submit(ctx, await rt.actor(room_id), "join", uid, {"options": args.options})
+        return await rt.submit(ctx, room_id, "join", uid, {"options": args.options})
 
     @app.command("room.leave")
     async def leave(ctx: Context, args: _LeaveArgs) -> Any:
         rt = rooms.runtime(ctx.node)
-        return await rt.submit(ctx, await rt.actor(args.room_id), "leave", _user(ctx), {})
+        return await rt.submit(ctx, args.room_id, "leave", _user(ctx), {})
 
     @app.command("room.send")
     async def send(ctx: Context, args: _SendArgs) -> Any:
         rt = rooms.runtime(ctx.node)
-        return await rt.submit(ctx, await rt.actor(args.room_id), "send", _user(ctx), {"type": args.type, "data": args.data})
+        return await rt.submit(ctx, args.room_id, "send", _user(ctx), {"type": args.type, "data": args.data})
 
     @app.command("room.list")
     async def listing(ctx: Context, args: _ListArgs) -> Any:

@@ -1,0 +1,130 @@
+"""Rooms on two nodes sharing one backend: forwarding, seats, failover.
+
+The nodes share a ``memory://`` backend object, the in-process stand-in for
+several processes on one Redis (the same stores and live feed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+
+from rtcore.backends import open_backend
+from rtcore.engine.node import Node
+from rtcore.protocol.frames import Ok, Position
+from rtcore.rooms import Rooms
+from rtcore.testing import FakeClock, connect, serve
+
+from .roomapp import caught_up, make_app
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def two_nodes(max_clients: int = 3, clock: FakeClock | None = None) -> AsyncIterator[tuple[Node, Node, Rooms]]:
+    app, reg = make_app(tick_rate=None, max_clients=max_clients)
+    backend = await open_backend("memory://")
+    opts = {"clock": clock} if clock else {}
+    async with serve(app, backend, node_id="A", **opts) as a, serve(app, backend, node_id="B", **opts) as b:
+        yield a, b, reg
+
+
+async def test_commands_on_another_node_run_on_the_owner() -> None:
+    """A player on node B joins and plays in a room owned by node A; a retried key,
+    on either node, applies once; B's subscriber folds the same document.
+
+    Mutation: skip the reply on ``roomreply:{id}`` in ``_Actor.apply_entry`` →
+    B waits until the entry shows in the folded document and answers
+    ``recovered`` instead of the handler's result → fails.
+    """
+    async with two_nodes() as (na, nb, reg), connect(na, "alice") as alice, connect(nb, "bob") as bob:
+        room = await alice.command("room.create", {"type": "game"})
+        rid = room["room_id"]
+        joined = await bob.command("room.join", {"room_id": rid})
+        assert joined["room_id"] == rid and rid not in reg.runtime(nb).actors
+        args = {"room_id": rid, "type": "add", "data": {"by": 2}}
+        assert await bob.command("room.send", args, key="b1") == 2
+        assert await bob.command("room.send", args, key="b1") == 2
+        async with connect(na, "bob") as bob_on_a:
+            assert await bob_on_a.command("room.send", args, key="b1") == 2
+        assert await bob.command("room.send", args, key="b2") == 4
+        await bob.subscribe(room["stream"], Position("", 0))
+        actor = reg.runtime(na).actors[rid]
+        doc = await caught_up(bob, room["stream"], actor.head)
+        assert doc == actor.prev and doc["state"]["counter"] == 4
+
+
+async def test_seat_race_across_two_nodes() -> None:
+    """50 joiners on two nodes for the last 2 seats: exactly 2 join, 48 get ``room_full``.
+
+    Mutation: let the joiner's node seat players itself (adopt even when the lease is
+    held: ``_adopt`` ignores ``acquire``'s answer) → two writers; the fence turns one
+    away and seats are lost or doubled → fails.
+    """
+    async with two_nodes(max_clients=3) as (na, nb, _reg), connect(na, "owner") as owner:
+        room = await owner.command("room.create", {"type": "game"})
+        codes: list[str] = []
+
+        async def joiner(i: int) -> None:
+            async with connect(na if i % 2 else nb, f"p{i}") as c:
+                reply = await c.command_reply("room.join", {"room_id": room["room_id"]}, key="j")
+                codes.append("ok" if isinstance(reply, Ok) else reply.code)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(50):
+                tg.start_soon(joiner, i)
+        assert codes.count("ok") == 2 and codes.count("room_full") == 48, codes
+
+
+async def test_owner_gone_another_node_takes_the_room_over() -> None:
+    """Node A (the owner) stops; node B's next command adopts the room with its state
+    and members and applies the entry once; B's supervisor would adopt it anyway.
+
+    Mutation: restore the members as empty in ``_Actor.restore`` → bob is
+    ``not_in_room`` on the new owner → fails.
+    """
+    app, reg = make_app(tick_rate=None)
+    backend = await open_backend("memory://")
+    async with serve(app, backend, node_id="B") as nb, connect(nb, "bob") as bob:
+        async with serve(app, backend, node_id="A") as na, connect(na, "alice") as alice:
+            room = await alice.command("room.create", {"type": "game"})
+            rid = room["room_id"]
+            await bob.command("room.join", {"room_id": rid})
+            await bob.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}, key="m1")
+        # A stopped (cleanly: its lease is released; after a crash B waits for the lease to run out).
+        assert await bob.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}, key="m2") == 2
+        assert await bob.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}, key="m1") == 1
+        actor = reg.runtime(nb).actors[rid]
+        assert set(actor.members) == {"alice", "bob"}
+        assert actor.prev["state"]["log"][-1] == "drop:alice"  # A's last act: alice's connection ended
+
+
+async def test_supervisor_adopts_orphaned_rooms() -> None:
+    """With no command at all, a surviving node adopts a room whose owner is gone, so its
+    timers and graces run again.
+
+    Mutation: make ``_Runtime.supervise`` a no-op → the room is never adopted → fails.
+    """
+    clock = FakeClock()
+    app, reg = make_app(tick_rate=None)
+    backend = await open_backend("memory://")
+    async with serve(app, backend, node_id="B", clock=clock) as nb:
+        async with serve(app, backend, node_id="A", clock=clock) as na, connect(na, "alice") as alice:
+            room = await alice.command("room.create", {"type": "game", "options": {"interval": 5}})
+            rid = room["room_id"]
+            await alice.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 7}})
+            assert rid in reg.runtime(na).actors
+        with anyio.fail_after(10):
+            while rid not in reg.runtime(nb).actors:
+                await anyio.sleep(0.05)
+        actor = reg.runtime(nb).actors[rid]
+        assert actor.prev["state"]["counter"] == 7
+        assert actor.prev["members"]["alice"]["connected"] is False
+        assert actor.prev["members"]["alice"]["grace_until"] is not None
+        clock.advance(11)  # past alice's reconnection grace, re-armed from the document
+        await reg.settle(nb, rid)
+        assert "alice" not in actor.members
+        assert actor.prev["state"]["log"][-1] == "leave:alice:False"
