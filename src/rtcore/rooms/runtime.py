@@ -738,18 +738,6 @@ class _Runtime:
                 return actor
             return await self._adopt(room_id)
 
-    async def actor(self, room_id: str) -> _Actor:
-        """The local owner of ``room_id`` (adopting it if nobody owns it).
-
-        Raises:
-            Rejected: ``room_not_found``.
-            RtcoreError: ``room_elsewhere`` (retryable) when another node owns it.
-        """
-        actor = await self.local(room_id)
-        if actor is None:
-            raise RtcoreError(f"room {room_id} is owned by another node", code="room_elsewhere", retryable=True)
-        return actor
-
     async def supervise(self) -> None:
         """Adopt every live room whose owner is gone (its lease ran out), so its timers run again."""
         for stream in await self.node.backend.events.streams("roominbox:*"):
