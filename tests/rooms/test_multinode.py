@@ -106,7 +106,9 @@ async def test_supervisor_adopts_orphaned_rooms() -> None:
     """With no command at all, a surviving node adopts a room whose owner is gone, so its
     timers and graces run again.
 
-    Mutation: make ``_Runtime.supervise`` a no-op → the room is never adopted → fails.
+    Mutation: make ``_Runtime.supervise`` a no-op → the room is never adopted → fails;
+    skip re-arming the document's timers in ``_Actor.restore`` → the interval does
+    not fire on the new owner → fails.
     """
     clock = FakeClock()
     app, reg = make_app(tick_rate=None)
@@ -124,7 +126,12 @@ async def test_supervisor_adopts_orphaned_rooms() -> None:
         assert actor.prev["state"]["counter"] == 7
         assert actor.prev["members"]["alice"]["connected"] is False
         assert actor.prev["members"]["alice"]["grace_until"] is not None
-        clock.advance(11)  # past alice's reconnection grace, re-armed from the document
+        assert [t[1:] for t in actor.prev["room"]["timers"]] == [[5, "bump", []]]
+        clock.advance(6)  # the interval set on A fires on B
+        await reg.settle(nb, rid)
+        assert actor.prev["state"]["fired"] == 1
+        clock.advance(5)  # past alice's reconnection grace, re-armed from the document
         await reg.settle(nb, rid)
         assert "alice" not in actor.members
         assert actor.prev["state"]["log"][-1] == "leave:alice:False"
+        assert actor.prev["state"]["fired"] == 2

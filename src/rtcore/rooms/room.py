@@ -130,8 +130,9 @@ class Room(Generic[S]):
         metadata: Free-form listing data (filtered by ``join_or_create`` and
             ``room.list``); assign or update it in a hook.
 
-    Everything that must survive a change of owner lives in ``state``
-    (timers other than the reconnection graces are not restored yet).
+    Everything that must survive a change of owner lives in ``state``; timers
+    survive it when their callback is a method of the room with builtin
+    arguments (see docs/rooms.md).
     """
 
     max_clients: ClassVar[int] = 0

@@ -188,9 +188,31 @@ class _Actor:
                 "private": self.private,
                 "metadata": state_builtins(self.room.metadata),
                 "disposed": self.disposed,
+                "timers": self._durable_timers(),
             },
             "inbox": self.applied,
         }
+
+    def _durable_timers(self) -> list[list[Any]]:
+        """Pending timers that a new owner can re-arm: ``[due, every, method, args]``.
+
+        A timer is durable when its callback is a method of the room and its
+        arguments are plain builtins (what the tic-tac-toe turn clock uses);
+        a closure cannot be rebuilt on another node and is left out.
+        """
+        out: list[list[Any]] = []
+        for due, _, t in sorted(self.timers, key=lambda item: (item[0], item[1])):
+            name = getattr(t.fn, "__name__", None)
+            if t.cancelled or getattr(t.fn, "__self__", None) is not self.room or name is None:
+                continue
+            try:
+                args = msgspec.to_builtins(list(t.args))
+            except TypeError:
+                continue
+            if args != list(t.args):
+                continue
+            out.append([due, t.every, name, args])
+        return out
 
     def restore(self, doc: RoomDoc, head: int) -> None:
         """Continue from a folded document (a new owner)."""
@@ -206,6 +228,12 @@ class _Actor:
         for uid, m in self.members.items():
             if not m.connected and m.grace_until is not None:
                 self.graces[uid] = self._at(max(0.0, m.grace_until - now), self._grace_over, uid)
+        for due, every, name, args in doc.room.get("timers", []):
+            fn = getattr(self.room, str(name), None)
+            if callable(fn):
+                self._schedule(Timer(float(due), every, fn, tuple(args)))
+        if not self.members:
+            self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
         self._start_ticks()
 
     async def commit(self) -> None:
