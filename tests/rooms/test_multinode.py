@@ -135,3 +135,30 @@ async def test_supervisor_adopts_orphaned_rooms() -> None:
         assert "alice" not in actor.members
         assert actor.prev["state"]["log"][-1] == "leave:alice:False"
         assert actor.prev["state"]["fired"] == 2
+
+
+async def test_matchmaking_listing_and_codes_across_nodes() -> None:
+    """A player on node B is matched into a room owned by node A, sees it in
+    ``room.list``, and joins A's private room by its code.
+
+    Mutation: list only this node's rooms (skip the ``roomindex:{type}`` fold in
+    ``_Runtime.listing``) → bob gets a new room on B → fails; look codes up only
+    locally → ``room_not_found`` → fails.
+    """
+    clock = FakeClock()
+    async with two_nodes(clock=clock) as (na, nb, reg), connect(na, "alice") as alice, connect(nb, "bob") as bob:
+        public = await alice.command("room.join_or_create", {"type": "game", "metadata": {"mode": "duel"}})
+        secret = await alice.command("room.create", {"type": "game", "private": True})
+        matched = await bob.command("room.join_or_create", {"type": "game", "metadata": {"mode": "duel"}})
+        assert matched["room_id"] == public["room_id"]
+        assert public["room_id"] not in reg.runtime(nb).actors  # still owned by A
+        listed = await bob.command("room.list", {"type": "game"})
+        assert [(r["room_id"], r["clients"]) for r in listed] == [(public["room_id"], 2)]
+        joined = await bob.command("room.join", {"code": secret["code"]})
+        assert joined["room_id"] == secret["room_id"]
+        assert (await bob.command_reply("room.join", {"code": "NOPE99"})).code == "room_not_found"
+        for c in (alice, bob):
+            await c.command("room.leave", {"room_id": public["room_id"]})
+        clock.advance(6)  # empty for longer than auto_dispose: disposed, and unlisted everywhere
+        await reg.settle(na, public["room_id"])
+        assert await bob.command("room.list", {"type": "game"}) == []

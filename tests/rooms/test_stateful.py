@@ -178,6 +178,10 @@ class RoomMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.room is not None)
     @rule(seconds=st.sampled_from([0.5, 1.0, 3.0, 7.0, 11.0]))
     def advance(self, seconds: float) -> None:
+        # Keep the sessions alive (the server's idle timeout runs on this clock too):
+        # a client that goes quiet for 45 s is closed, which is a real drop.
+        for client in self.clients.values():
+            self.portal.call(client.ping)
         self.clock.advance(seconds)
         now = self._now()
         if self.dispose_at is not None and self.dispose_at <= now:

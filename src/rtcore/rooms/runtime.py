@@ -46,7 +46,7 @@ from .room import Player, Room, RoomClock, Timer, call
 if typing.TYPE_CHECKING:
     from ..engine.node import Node
 
-__all__ = ["RoomDoc", "Rooms", "install"]
+__all__ = ["RoomDoc", "RoomIndex", "Rooms", "install"]
 
 log = logging.getLogger("rtcore.rooms")
 
@@ -92,6 +92,30 @@ class RoomDoc(msgspec.Struct):
     def builtins(self) -> dict[str, Any]:
         """The document as a builtins map (shares the containers)."""
         return {"state": self.state, "members": self.members, "room": self.room, "inbox": self.inbox}
+
+
+class RoomIndex(msgspec.Struct):
+    """The fold of ``roomindex:{type}``: the listed rooms of one type, across nodes.
+
+    Owners append an entry whenever what a lobby shows changes (players,
+    lock, metadata) and a ``gone`` entry when the room is disposed; private
+    rooms are never listed. A client may subscribe to it as a live lobby.
+
+    Attributes:
+        rooms: ``{room id: {"room_id", "type", "clients", "max_clients", "locked", "metadata"}}``.
+    """
+
+    rooms: dict[str, Any] = {}
+
+    def apply(self, event: Event) -> None:
+        """Fold one listing entry."""
+        data = event.data
+        if event.type != "room" or not isinstance(data, dict):
+            return
+        if data.get("gone"):
+            self.rooms.pop(str(data.get("room_id")), None)
+        else:
+            self.rooms[str(data["room_id"])] = data
 
 
 class _Member(msgspec.Struct):
@@ -156,6 +180,7 @@ class _Actor:
         self.graces: dict[str, Timer] = {}
         self.dispose_timer: Timer | None = None
         self.next_tick: float | None = None
+        self.listed: dict[str, Any] | None = None  # last entry appended to roomindex:{type}
         self.last_tick = 0.0
         self.renewed = -1e18
         self.wake = anyio.Event()
@@ -451,8 +476,18 @@ class _Actor:
                 t.cancel()
             self.graces.clear()
         await self.commit()
+        await self._list()
         if self.disposed:
             self.closed = True
+
+    async def _list(self) -> None:
+        """Append the room's listing entry to ``roomindex:{type}`` when it changed."""
+        if self.private:
+            return
+        entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
+        if entry != self.listed:
+            await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
+            self.listed = entry
 
     # --- the loop -------------------------------------------------------------------
 
@@ -699,6 +734,8 @@ class _Runtime:
         if not await self.node.backend.leases.acquire(f"room:{room_id}", self.node.id, now=self.node.clock(), ttl=LEASE):
             raise RtcoreError("could not take the new room's lease", code="backend_unavailable", retryable=True)
         actor = _Actor(self, cls, room_id, self._new_code(), private)
+        # So any node can find the room by its code (the code is the secret of a private room).
+        await self.node.publish(f"roomcode:{actor.code}", "room", {"room_id": room_id}, key=room_id)
         actor.renewed = self.node.clock()
         self.actors[room_id] = actor
         self.codes[actor.code] = room_id
@@ -811,17 +848,35 @@ class _Runtime:
         self.node.spawn(actor.run)
         return actor
 
-    def listing(self, type_: str, metadata: dict[str, Any]) -> list[_Actor]:
-        found = []
+    async def listing(self, type_: str, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+        """Listed rooms of ``type_`` (all types if empty) whose metadata has ``metadata``.
+
+        The fold of ``roomindex:{type}`` (every node's rooms), overlaid with
+        this node's own rooms, which are always current.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for t in [type_] if type_ else sorted(self.rooms.types):
+            st = await self.node.state_of(f"roomindex:{t}")
+            if isinstance(st.state, RoomIndex):
+                found.update(st.state.rooms)
         for a in self.actors.values():
             if a.closed or a.disposed or a.private or a.dispose_requested:
-                continue
-            if type_ and self.types_by_cls[a.cls] != type_:
-                continue
-            if any(a.room.metadata.get(k) != v for k, v in metadata.items()):
-                continue
-            found.append(a)
-        return found
+                found.pop(a.id, None)
+            elif not type_ or self.types_by_cls[a.cls] == type_:
+                found[a.id] = _entry(a)
+        meta = msgspec.to_builtins(metadata)
+        return [e for e in found.values() if all(e.get("metadata", {}).get(k) == v for k, v in meta.items())]
+
+    async def find_code(self, code: str) -> str:
+        """The room id of a short code (this node's rooms, then ``roomcode:{code}``)."""
+        code = code.upper()
+        if code in self.codes:
+            return self.codes[code]
+        if code.isalnum() and 0 < len(code) <= 16:
+            page = await self.node.backend.events.read(f"roomcode:{code}", after=0, limit=1)
+            if page.events:
+                return str(page.events[0].data["room_id"])
+        raise Rejected("room_not_found", f"no room with code {code!r}")
 
 
 def _entry(a: _Actor) -> dict[str, Any]:
@@ -923,6 +978,9 @@ def install(app: App) -> Rooms:
         raise ValueError("the app already declares state for room:* streams, which rooms use")
     rooms = Rooms(app)
     app.state("room:*", RoomDoc, snapshot_every=100, sync_every=10)
+    app.state("roomindex:*", RoomIndex, snapshot_every=100, sync_every=0)
+    app.retention("roomindex:*", max_events=1000)
+    app.retention("roomcode:*", max_events=1)
     app.retention("room:*", max_events=1000)
     app.retention("roominbox:*", max_events=10_000)
     app.retention("roomdm:*", max_events=100, max_age=60.0)
@@ -955,11 +1013,12 @@ def install(app: App) -> Rooms:
         # One matchmaker per type and node, so two players looking at once
         # land in the same room instead of creating one each.
         async with rt.matchmaking.setdefault(args.type, anyio.Lock()):
-            for actor in rt.listing(args.type, args.metadata):
-                if actor.locked or (actor.cls.max_clients and len(actor.members) >= actor.cls.max_clients and uid not in actor.members):
+            for entry in await rt.listing(args.type, args.metadata):
+                if entry["locked"] or (entry["max_clients"] and entry["clients"] >= entry["max_clients"]):
                     continue
+                rid = entry["room_id"]
                 try:
-                    return await rt.submit(ctx, actor.id, "join", uid, {"options": args.options}, actor=actor)
+                    return await rt.submit(ctx, rid, "join", uid, {"options": args.options}, actor=rt.actors.get(rid))
                 except Rejected as exc:
                     if exc.code not in ("room_full", "room_locked", "room_not_found"):
                         raise
@@ -969,9 +1028,9 @@ def install(app: App) -> Rooms:
     async def join(ctx: Context, args: _Args) -> Any:
         uid = _user(ctx)
         rt = rooms.runtime(ctx.node)
-        room_id = args.room_id or rt.codes.get(args.code.upper(), "")
-        if not room_id:
-            raise Rejected("room_not_found", f"no room with code {args.code!r}" if args.code else "give room_id or code")
+        if not args.room_id and not args.code:
+            raise Rejected("room_not_found", "give room_id or code")
+        room_id = args.room_id or await rt.find_code(args.code)
         return await rt.submit(ctx, room_id, "join", uid, {"options": args.options})
 
     @app.command("room.leave")
@@ -986,6 +1045,6 @@ def install(app: App) -> Rooms:
 
     @app.command("room.list")
     async def listing(ctx: Context, args: _ListArgs) -> Any:
-        return [_entry(a) for a in rooms.runtime(ctx.node).listing(args.type, args.metadata)]
+        return await rooms.runtime(ctx.node).listing(args.type, args.metadata)
 
     return rooms
