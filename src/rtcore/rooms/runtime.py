@@ -441,8 +441,14 @@ class _Actor:
                 self.room.state = msgspec.convert(snapshot[0]["state"], self.cls.state_type, strict=False)
                 self.locked = snapshot[1]
                 self.outgoing.clear()
-        self.applied = ev.offset
-        await self.after_step()
+        before, self.applied = self.applied, ev.offset
+        try:
+            await self.after_step()
+        except BaseException:
+            # The patch covering this entry was not written: it is not applied
+            # (the next owner applies it), and result() must not say it was.
+            self.applied = before
+            raise
         origin = data.get("node")
         if isinstance(origin, str) and origin != self.node.id:
             await self._reply(origin, ev.offset, entry)
