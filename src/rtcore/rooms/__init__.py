@@ -29,6 +29,6 @@ Example::
 from __future__ import annotations
 
 from .room import Player, Room, RoomClock, Timer, message
-from .runtime import RoomDoc, RoomIndex, Rooms, install
+from .runtime import RoomDoc, RoomIndex, Rooms, allowed, install
 
-__all__ = ["Player", "Room", "RoomClock", "RoomDoc", "RoomIndex", "Rooms", "Timer", "install", "message"]
+__all__ = ["Player", "Room", "RoomClock", "RoomDoc", "RoomIndex", "Rooms", "Timer", "allowed", "install", "message"]

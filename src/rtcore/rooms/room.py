@@ -136,6 +136,9 @@ class Room(Generic[S]):
     """
 
     max_clients: ClassVar[int] = 0
+    #: Top-level state fields that are maps keyed by player id, each entry
+    #: visible to that player only (a hand of cards); see docs/rooms.md.
+    private_fields: ClassVar[tuple[str, ...]] = ()
     tick_rate: ClassVar[float | None] = None
     auto_dispose: ClassVar[float] = 0.0
     #: Resolved from ``Room[MyState]`` when the subclass is defined.

@@ -46,7 +46,7 @@ from .room import Player, Room, RoomClock, Timer, call
 if typing.TYPE_CHECKING:
     from ..engine.node import Node
 
-__all__ = ["RoomDoc", "RoomIndex", "Rooms", "install"]
+__all__ = ["RoomDoc", "RoomIndex", "Rooms", "allowed", "install"]
 
 log = logging.getLogger("rtcore.rooms")
 
@@ -174,7 +174,11 @@ class _Actor:
         self.outgoing: list[tuple[str, str | None, str, Any]] = []
         self.applied = 0  # last inbox offset applied
         self.head = 0  # last offset of room:{id} written (the fence)
-        self.prev: Any = None
+        self.prev: Any = None  # the public document as last published
+        self.full_prev: Any = None  # the whole state (private fields too) as last published
+        self._full: Any = None
+        self.view_prev: dict[str, Any] = {}  # each player's view as last published
+        self.view_heads: dict[str, int] = {}
         self.timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
         self.graces: dict[str, Timer] = {}
@@ -201,8 +205,10 @@ class _Actor:
     # --- document ---------------------------------------------------------------
 
     def doc(self) -> dict[str, Any]:
+        full = self._full = state_builtins(self.room.state)
+        private = self.cls.private_fields
         return {
-            "state": state_builtins(self.room.state),
+            "state": {k: v for k, v in full.items() if k not in private} if private else full,
             "members": {uid: state_builtins(m) for uid, m in self.members.items()},
             "room": {
                 "id": self.id,
@@ -239,10 +245,48 @@ class _Actor:
             out.append([due, t.every, name, args])
         return out
 
-    def restore(self, doc: RoomDoc, head: int) -> None:
+    def view(self, uid: str, full: dict[str, Any]) -> dict[str, Any]:
+        """What ``uid`` alone sees of the private fields: ``{"state": {field: full[field][uid]}}``."""
+        mine = {}
+        for f in self.cls.private_fields:
+            values = full.get(f)
+            if uid in self.members and isinstance(values, dict) and uid in values:
+                mine[f] = values[uid]
+        return {"state": mine, "members": {}, "room": {}, "inbox": 0}
+
+    async def commit_views(self, full: dict[str, Any]) -> None:
+        """Append a patch to ``roomview:{id}:{user}`` for each player whose private part changed."""
+        for uid in sorted(set(self.members) | set(self.view_prev)):
+            new = self.view(uid, full)
+            prev = self.view_prev.get(uid)
+            ops = [["set", [], new]] if prev is None else patch.diff(prev, new)
+            if ops:
+                stream = f"roomview:{self.id}:{uid}"
+                ev = await self.node.publish(stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.view_heads.get(uid, 0))
+                self.view_heads[uid] = ev.offset
+                self.view_prev[uid] = new
+
+    async def restore(self, doc: RoomDoc, head: int) -> None:
         """Continue from a folded document (a new owner)."""
         st = self.cls.state_type
-        self.room.state = msgspec.convert(doc.state, st, strict=False)
+        full = dict(doc.state or {})
+        for uid in doc.members if self.cls.private_fields else ():
+            # Private fields live only in the players' views: fold them back in.
+            stream = f"roomview:{self.id}:{uid}"
+            info = await self.node.backend.events.info(stream)
+            view = await self.node.state_of(stream)
+            for _ in range(100):  # the local fold may trail the head by in-flight events
+                if view.offset >= info.head:
+                    break
+                await anyio.sleep(0.01)
+            vdoc = view.state
+            assert isinstance(vdoc, RoomDoc)
+            for f, v in (vdoc.state or {}).items():
+                full.setdefault(f, {})[uid] = v
+            self.view_prev[uid] = msgspec.to_builtins(vdoc.builtins())
+            self.view_heads[uid] = view.offset
+        self.room.state = msgspec.convert(full, st, strict=False)
+        self.full_prev = state_builtins(self.room.state)
         self.members = {uid: msgspec.convert(m, _Member) for uid, m in doc.members.items()}
         self.locked = bool(doc.room.get("locked", False))
         self.room.metadata = dict(doc.room.get("metadata", {}))
@@ -269,6 +313,9 @@ class _Actor:
             ev = await self.node.publish(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
             self.head = ev.offset
             self.prev = new
+        if self.cls.private_fields:
+            await self.commit_views(self._full)
+        self.full_prev = self._full
         out, self.outgoing = self.outgoing, []
         for kind, who, type_, data in out:
             body = {"room": self.id, "type": type_, "data": msgspec.to_builtins(data)}
@@ -341,6 +388,7 @@ class _Actor:
             "code": self.code,
             "stream": self.stream,
             "dm": f"roomdm:{uid}",
+            "view": f"roomview:{self.id}:{uid}" if self.cls.private_fields else None,
             "reconnected": reconnected,
         }
 
@@ -422,7 +470,7 @@ class _Actor:
         data = ev.data if isinstance(ev.data, dict) else {}
         uid = str(data.get("user", ""))
         op = getattr(self, f"_op_{ev.type}", None)
-        snapshot = (self.prev, self.locked) if self.head else None
+        snapshot = (self.full_prev, self.locked) if self.head else None
         entry: _Entry
         if self.disposed:
             entry = _Entry(False, error=Rejected("room_not_found", f"room {self.id} was disposed"))
@@ -438,7 +486,7 @@ class _Actor:
                 entry = _Entry(False, error=RtcoreError(f"room {ev.type} failed unexpectedly", code="internal", retryable=False))
             if not entry.ok and snapshot is not None and snapshot[0] is not None:
                 # A handler that refuses changes nothing: back to the last published document.
-                self.room.state = msgspec.convert(snapshot[0]["state"], self.cls.state_type, strict=False)
+                self.room.state = msgspec.convert(snapshot[0], self.cls.state_type, strict=False)
                 self.locked = snapshot[1]
                 self.outgoing.clear()
         before, self.applied = self.applied, ev.offset
@@ -583,13 +631,13 @@ class _Actor:
 
     async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Run a timer or tick callback on the executor; a raise is logged and reverted."""
-        before = (self.prev, self.locked)
+        before = (self.full_prev, self.locked)
         try:
             await call(fn, *args)
         except Exception:
             log.exception("room %s: timer or tick raised", self.id)
             if before[0] is not None:
-                self.room.state = msgspec.convert(before[0]["state"], self.cls.state_type, strict=False)
+                self.room.state = msgspec.convert(before[0], self.cls.state_type, strict=False)
                 self.locked = before[1]
                 self.outgoing.clear()
         await self.after_step()
@@ -843,7 +891,7 @@ class _Runtime:
                 self.gone.add(room_id)
                 raise Rejected("room_not_found", f"no room {room_id!r}")
             actor = _Actor(self, cls, room_id, str(doc.room.get("code", "")) or self._new_code(), bool(doc.room.get("private")))
-            actor.restore(doc, st.offset)
+            await actor.restore(doc, st.offset)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.node.backend.leases.release(stream, self.node.id)
@@ -918,6 +966,14 @@ class Rooms:
                 raise TypeError(f"room type {name!r} must be a subclass of rtcore.rooms.Room")
             if cls.state_type is None:
                 raise ValueError(f"room type {name!r}: declare the state type as Room[MyState]")
+            if cls.private_fields:
+                fields = {f.name: f for f in msgspec.structs.fields(cls.state_type)}
+                for f in cls.private_fields:
+                    spec = fields.get(f)
+                    if spec is None or spec.required:
+                        raise ValueError(
+                            f"room type {name!r}: private field {f!r} must be a state field with a default (a map by player id)"
+                        )
             if name in self.types:
                 raise ValueError(f"room type {name!r} is already defined")
             self.data_types[cls] = {kind: _data_type(getattr(cls, attr)) for kind, attr in cls._handlers.items()}
@@ -959,6 +1015,34 @@ class Rooms:
             await idle.wait()
 
 
+def allowed(principal: Any, action: str, resource: str) -> bool:
+    """Whether rooms allow ``action`` on ``resource``: a player's private streams are theirs alone.
+
+    ``roomview:{room}:{user}`` (private fields) and ``roomdm:{user}`` (direct
+    messages) may be subscribed to or read (``history``) only by that user.
+    :func:`install` uses this as the app's ``authorize`` hook when the app has
+    none; an app with its own hook must call it::
+
+        @app.authorize
+        async def authz(principal, action, resource):
+            return rtcore.rooms.allowed(principal, action, resource) and ...
+    """
+    if action not in ("subscribe", "history"):
+        return True
+    kind, _, rest = resource.partition(":")
+    if kind == "roomview":
+        owner = rest.partition(":")[2]
+    elif kind == "roomdm":
+        owner = rest
+    else:
+        return True
+    return getattr(principal, "id", None) == owner
+
+
+async def _default_authorize(principal: Any, action: str, resource: str) -> bool:
+    return allowed(principal, action, resource)
+
+
 def _user(ctx: Context) -> str:
     if ctx.principal is None:
         raise AuthError("rooms need an authenticated player (add @app.authenticate)")
@@ -985,6 +1069,10 @@ def install(app: App) -> Rooms:
     rooms = Rooms(app)
     app.state("room:*", RoomDoc, snapshot_every=100, sync_every=10)
     app.state("roomindex:*", RoomIndex, snapshot_every=100, sync_every=0)
+    app.state("roomview:*", RoomDoc, snapshot_every=100, sync_every=10)
+    app.retention("roomview:*", max_events=1000)
+    if app.hooks.authorize is None:
+        app.hooks.authorize = _default_authorize
     app.retention("roomindex:*", max_events=1000)
     app.retention("roomcode:*", max_events=1)
     app.retention("room:*", max_events=1000)
