@@ -96,3 +96,52 @@ async def test_tictactoe_over_real_sockets() -> None:
         assert s["winner"] == "alice" and s["status"] == "over" and s["players"] == ["alice"]
         assert list(fa.doc["members"]) == ["alice"]
         assert fa.syncs >= 1
+
+
+async def test_newcomer_device_gets_the_current_board() -> None:
+    """A player who played on one device (an auto-acking ``rtcore.client``, so the
+    server cursor is at the head) opens a fresh client: subscribing with offset 0 it
+    holds the current board, not a partial history.
+
+    Mutation: subscribe the fresh client without ``since`` (server cursor) → it gets
+    no patch and holds nothing → fails.
+    """
+    import anyio
+
+    import rtcore.client
+    from rtcore.protocol.frames import Position
+
+    app = load_app(f"{EXAMPLE}:app")
+
+    async def fold(client: rtcore.client.Client, stream: str, until: Any, since: Position | None) -> Any:
+        sub = await client.subscribe(stream, since=since)
+        doc: Any = None
+        with anyio.fail_after(10):
+            async for item in sub:
+                if isinstance(item, rtcore.client.Missed):
+                    doc = copy.deepcopy(item.state) if item.state is not None else doc
+                elif item.type == "patch":
+                    doc = apply(doc, item.data["ops"])
+                if doc is not None and until(doc["state"]):
+                    return doc
+        return doc
+
+    async with serving(app) as server, peer(server, token="bob") as b:
+        url = f"ws://127.0.0.1:{server.port}/v1/ws"
+        async with rtcore.client.connect(url, token="alice") as first:
+            room = await first.command("room.join_or_create", {"type": "tictactoe"})
+            await b.cmd("room.join_or_create", {"type": "tictactoe"})
+            await first.command("room.send", {"room_id": room["room_id"], "type": "move", "data": {"cell": 4}})
+            seen = await fold(first, room["stream"], lambda s: s["moves"] == [4], Position("", 0))
+            # The case being tested: the automatic acks moved alice's server cursor to the head.
+            node = server.node
+            assert node is not None
+            head = (await node.backend.events.info(room["stream"])).head
+            with anyio.fail_after(10):
+                while (await node.backend.cursors.get("alice", room["stream"])) is None or (
+                    (await node.backend.cursors.get("alice", room["stream"])) or ("", 0)
+                )[1] < head:
+                    await anyio.sleep(0.02)
+        async with rtcore.client.connect(url, token="alice") as fresh:
+            doc = await fold(fresh, room["stream"], lambda s: s["moves"] == [4], Position("", 0))
+        assert doc == seen and doc["state"]["cells"][4] == "X"
