@@ -121,7 +121,7 @@ async def test_private_room_by_code_lock_and_listing() -> None:
 
 async def test_direct_message_and_broadcast_except_sender() -> None:
     """``send`` reaches every connection of one user; ``broadcast(exclude=)`` names who must skip it."""
-    app, _reg = make_app(tick_rate=None)
+    app, reg = make_app(tick_rate=None)
     async with serve(app) as node, connect(node, "a") as a, connect(node, "b") as b1, connect(node, "b") as b2:
         room = await a.command("room.create", {"type": "game"})
         await b1.command("room.join", {"room_id": room["room_id"]})
@@ -137,6 +137,11 @@ async def test_direct_message_and_broadcast_except_sender() -> None:
                 await a.next_event(room["stream"])
         (msg,) = [e for e in a.seen[room["stream"]] if e.type == "msg"]
         assert msg.data == {"room": room["room_id"], "type": "said", "data": {"by": "a"}, "except": "a"}
+        # From outside any room (a command or processor):
+        await reg.send(rtcore.Context(node, None), "b", "promo", {"x": 1})
+        for c in (b1, b2):
+            evt = await c.next_event("roomdm:b")
+            assert evt.data == {"room": None, "type": "promo", "data": {"x": 1}}
 
 
 async def test_three_tabs_count_once_and_drop_needs_the_last_tab() -> None:

@@ -991,6 +991,14 @@ class Rooms:
             rt = self._runtimes[node] = _Runtime(self, node)
         return rt
 
+    async def send(self, ctx: Context, user: str, type: str, data: Any = None) -> None:
+        """Send a direct message to every live connection of ``user`` from any command or processor.
+
+        The same short-lived stream a room's :meth:`Room.send` uses
+        (``roomdm:{user}``, ``room`` is ``None``).
+        """
+        await ctx.node.publish(f"roomdm:{user}", "msg", {"room": None, "type": type, "data": msgspec.to_builtins(data)})
+
     async def state(self, node: Node, room_id: str) -> dict[str, Any]:
         """The room's document as the owner last published it (tests and tools)."""
         rt = self.runtime(node)
