@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 import pytest
 
 import rtcore
+from rtcore import rooms
 from rtcore.engine.node import _CommandContext
 from rtcore.protocol.frames import Ok, Position
 from rtcore.protocol.state import checksum
@@ -214,3 +216,46 @@ async def test_anonymous_players_are_refused() -> None:
     async with serve(app) as node, connect(node) as anon:
         assert (await anon.command_reply("room.create", {"type": "game"})).code == "unauthenticated"
 
+
+
+async def test_join_attempt_refusal_players_and_dispose() -> None:
+    """``on_join_attempt`` can refuse with a code (no seat taken); ``players`` and
+    ``connected`` report seats; ``dispose()`` ends the room for everyone.
+
+    Mutation: seat the player before ``on_join_attempt`` → the refused player holds a
+    seat → fails.
+    """
+    class Lobby(msgspec.Struct):
+        seen: list[str] = []
+
+    app = rtcore.App("lobby")
+    reg = rooms.install(app)
+    app.authenticate(_token_auth)
+
+    @reg.define("lobby")
+    class LobbyRoom(rooms.Room[Lobby]):
+        async def on_join_attempt(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            if player.id == "mallory":
+                raise rtcore.Rejected("banned", "not you")
+
+        @rooms.message("who")
+        def who(self, player: rooms.Player, data: Any) -> list[Any]:
+            return [[p.id, self.connected(p)] for p in self.players]
+
+        @rooms.message("close")
+        def close(self, player: rooms.Player, data: Any) -> None:
+            self.dispose()
+
+    async with serve(app) as node, connect(node, "a") as a, connect(node, "mallory") as m:
+        room = await a.command("room.create", {"type": "lobby"})
+        refused = await m.command_reply("room.join", {"room_id": room["room_id"]})
+        assert refused.code == "banned"
+        assert await a.command("room.send", {"room_id": room["room_id"], "type": "who"}) == [["a", True]]
+        await a.command("room.send", {"room_id": room["room_id"], "type": "close"})
+        gone = await a.command_reply("room.send", {"room_id": room["room_id"], "type": "who"})
+        assert gone.code == "room_not_found"
+        assert await a.command("room.list", {}) == []
+
+
+async def _token_auth(token: str | None) -> str | None:
+    return token
