@@ -426,7 +426,13 @@ class _Actor:
         if self.dispose_timer is not None:
             self.dispose_timer.cancel()
             self.dispose_timer = None
-        await call(self.room.on_join, player, options)
+        try:
+            await call(self.room.on_join, player, options)
+        except BaseException:
+            del self.members[uid]  # a join that failed takes no seat
+            if not self.members and self.dispose_timer is None:
+                self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
+            raise
         return self._join_result(uid, False)
 
     async def _op_leave(self, uid: str, data: dict[str, Any]) -> Any:
