@@ -223,7 +223,7 @@ async def test_join_attempt_refusal_players_and_dispose() -> None:
     ``connected`` report seats; ``dispose()`` ends the room for everyone.
 
     Mutation: seat the player before ``on_join_attempt`` → the refused player holds a
-    seat → fails.
+    seat → fails; keep the seat when ``on_join`` raises → "oops" is listed → fails.
     """
     class Lobby(msgspec.Struct):
         seen: list[str] = []
@@ -238,6 +238,10 @@ async def test_join_attempt_refusal_players_and_dispose() -> None:
             if player.id == "mallory":
                 raise rtcore.Rejected("banned", "not you")
 
+        async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            if player.id == "oops":
+                raise RuntimeError("a bug in on_join")
+
         @rooms.message("who")
         def who(self, player: rooms.Player, data: Any) -> list[Any]:
             return [[p.id, self.connected(p)] for p in self.players]
@@ -250,6 +254,8 @@ async def test_join_attempt_refusal_players_and_dispose() -> None:
         room = await a.command("room.create", {"type": "lobby"})
         refused = await m.command_reply("room.join", {"room_id": room["room_id"]})
         assert refused.code == "banned"
+        async with connect(node, "oops") as o:
+            assert (await o.command_reply("room.join", {"room_id": room["room_id"]})).code == "internal"
         assert await a.command("room.send", {"room_id": room["room_id"], "type": "who"}) == [["a", True]]
         await a.command("room.send", {"room_id": room["room_id"], "type": "close"})
         gone = await a.command_reply("room.send", {"room_id": room["room_id"], "type": "who"})
