@@ -256,7 +256,7 @@ async def test_join_attempt_refusal_players_and_dispose() -> None:
         assert refused.code == "banned"
         async with connect(node, "oops") as o:
             assert (await o.command_reply("room.join", {"room_id": room["room_id"]})).code == "internal"
-        assert await a.command("room.send", {"room_id": room["room_id"], "type": "who"}) == [["a", True]]
+            assert await a.command("room.send", {"room_id": room["room_id"], "type": "who"}) == [["a", True]]
         await a.command("room.send", {"room_id": room["room_id"], "type": "close"})
         gone = await a.command_reply("room.send", {"room_id": room["room_id"], "type": "who"})
         assert gone.code == "room_not_found"
