@@ -38,6 +38,7 @@ SANS_IO_MODULES = [
     "rtcore.protocol.idempotency",
     "rtcore.protocol.client",
     "rtcore.protocol.backoff",
+    "rtcore.protocol.patch",
     "rtcore.wallet.ledger",
 ]
 

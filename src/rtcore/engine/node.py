@@ -38,6 +38,7 @@ from ..protocol.streams import Delivery, Phase, Plan, check_stream, plan_resume
 from .app import App, Context, Principal
 from .hub import EncodedEvent, EventSink, Hub, OutboxLimits, Tail
 from .metrics import NodeMetrics
+from .presence import Presence
 from .processors import Processors
 
 __all__ = ["ROLES", "Node", "Reply", "Subscription"]
@@ -218,6 +219,8 @@ class Node:
         self._owns_backend = not isinstance(backend, Backend)
         #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.engine.metrics`).
         self.metrics = NodeMetrics()
+        #: Principals with live connections on this node (the server reports them).
+        self.presence = Presence()
         #: What the app's lifespans provided while the node runs (``ctx.resources``).
         self.resources: dict[str, Any] = {}
         self._lifespan = contextlib.AsyncExitStack()

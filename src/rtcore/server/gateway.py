@@ -119,6 +119,7 @@ class _Connection:
             fast=fast,
         )
         self._registry = registry
+        self._present: str | None = None  # the principal reported to node.presence
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
@@ -244,6 +245,9 @@ class _Connection:
         pid = principal.id if principal is not None else None
         expires = principal.expires_at if principal is not None else None
         self._run(self.session.authenticated(principal, pid, expires, self.node.clock(), action.refresh_id))
+        if pid is not None and self._present is None:
+            self._present = pid
+            self.node.presence.connected(pid)
         # Only this session's deadlines changed: wake its own timer, not every
         # session's (node.wake_timers() per login made connecting O(sessions)).
         self._timer_scope.cancel()
@@ -381,6 +385,9 @@ class _Connection:
             self.metrics.closed(code)
             if self._registry is not None:
                 self._registry.discard(self)
+            if self._present is not None:
+                self.node.presence.disconnected(self._present)
+                self._present = None
             for sub in self.subs.values():
                 self.node.hub.remove(sub.tail)
             self.subs.clear()

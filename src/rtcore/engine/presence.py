@@ -1,0 +1,76 @@
+"""Which principals have live connections on this node, and who wants to know.
+
+The server's session driver reports every authenticated connection that
+opens and closes; the node keeps a count per principal, so three tabs of one
+user make one presence and the user goes offline only when the last tab
+closes. Plugins (rooms) and applications watch the transitions instead of
+reaching into the server's connection objects, which keeps the engine below
+the server in the layers.
+
+Transitions are reported synchronously, from the driver's own task: a
+watcher must not block (spawn a task with ``node.spawn`` for any I/O).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+__all__ = ["Presence", "PresenceWatcher"]
+
+log = logging.getLogger("rtcore.engine.presence")
+
+#: ``watcher(principal_id, online)``: called when a principal's first
+#: connection on this node opens (``True``) and when its last one closes (``False``).
+PresenceWatcher = Callable[[str, bool], None]
+
+
+class Presence:
+    """Connection counts per principal on one node."""
+
+    def __init__(self) -> None:
+        self._connections: dict[str, int] = {}
+        self._watchers: list[PresenceWatcher] = []
+
+    def connected(self, principal_id: str) -> None:
+        """A connection of ``principal_id`` authenticated."""
+        n = self._connections.get(principal_id, 0) + 1
+        self._connections[principal_id] = n
+        if n == 1:
+            self._notify(principal_id, True)
+
+    def disconnected(self, principal_id: str) -> None:
+        """A connection of ``principal_id`` closed (one that :meth:`connected` reported)."""
+        n = self._connections.get(principal_id, 0) - 1
+        if n > 0:
+            self._connections[principal_id] = n
+            return
+        self._connections.pop(principal_id, None)
+        if n == 0:
+            self._notify(principal_id, False)
+
+    def online(self, principal_id: str) -> bool:
+        """Whether ``principal_id`` has at least one live connection here."""
+        return principal_id in self._connections
+
+    def connections(self, principal_id: str) -> int:
+        """How many live connections ``principal_id`` has here."""
+        return self._connections.get(principal_id, 0)
+
+    def watch(self, watcher: PresenceWatcher) -> Callable[[], None]:
+        """Call ``watcher`` on every online/offline transition; returns the unwatch function."""
+        self._watchers.append(watcher)
+
+        def unwatch() -> None:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+        return unwatch
+
+    def _notify(self, principal_id: str, online: bool) -> None:
+        for watcher in list(self._watchers):
+            try:
+                watcher(principal_id, online)
+            except Exception:
+                # One faulty watcher must not break a connection's close for the others.
+                log.exception("presence watcher %r failed", watcher)

@@ -1,0 +1,157 @@
+"""Generic state patches (sans-IO): ``diff(old, new) -> ops`` and ``apply(doc, ops)``.
+
+Rooms sync their state as a stream of small patches instead of game events,
+so a client in any language can hold the exact state with no game code: it
+applies each patch to the document it has. Documents are msgspec *builtins*
+(``dict`` with ``str`` keys, ``list``, ``str``, ``int``, ``float``, ``bool``,
+``None``), i.e. what :func:`rtcore.protocol.state.state_builtins` produces and
+what JSON or MessagePack decoding gives.
+
+An op is a short list (cheap in JSON and MessagePack, easy to apply in
+JavaScript), its path a list of map keys (``str``) and list indexes (``int``):
+
+* ``["set", path, value]`` — put ``value`` at ``path`` (a map key is added or
+  replaced; a list index must exist; the empty path replaces the document);
+* ``["del", path]`` — remove a map key;
+* ``["push", path, value]`` — append ``value`` to the list at ``path``;
+* ``["trunc", path, n]`` — cut the list at ``path`` to its first ``n`` items.
+
+The guarantee, checked by a property test: ``apply(copy(old), diff(old, new))
+== new`` for any builtins, with the same canonical checksum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+__all__ = ["Op", "PatchError", "apply", "diff"]
+
+#: One operation (see the module docstring).
+Op: TypeAlias = list[Any]
+
+
+class PatchError(ValueError):
+    """An op does not fit the document (a client that missed a patch, or a bad op)."""
+
+
+def _same(a: Any, b: Any) -> bool:
+    # ``1 == 1.0 == True`` in Python, but they encode differently: a patch must
+    # turn an int into a float even when they compare equal.
+    return type(a) is type(b) and bool(a == b)
+
+
+def diff(old: Any, new: Any) -> list[Op]:
+    """The ops that turn ``old`` into ``new`` (both builtins).
+
+    Maps are compared key by key and lists index by index (then items are
+    pushed or the list is truncated), so a change deep in a large state costs
+    one small op.
+
+    Args:
+        old: The document before.
+        new: The document after.
+
+    Returns:
+        The ops, in the order they must be applied (empty: nothing changed).
+    """
+    ops: list[Op] = []
+    _diff(old, new, [], ops)
+    return ops
+
+
+def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
+    if type(old) is dict and type(new) is dict:
+        for k in old:
+            if k not in new:
+                ops.append(["del", [*path, k]])
+        for k, v in new.items():
+            if k in old:
+                _diff(old[k], v, [*path, k], ops)
+            else:
+                ops.append(["set", [*path, k], v])
+    elif type(old) is list and type(new) is list:
+        common = min(len(old), len(new))
+        for i in range(common):
+            _diff(old[i], new[i], [*path, i], ops)
+        if len(new) < len(old):
+            ops.append(["trunc", path, len(new)])
+        for i in range(common, len(new)):
+            ops.append(["push", path, new[i]])
+    elif not _same(old, new):
+        ops.append(["set", path, new])
+
+
+def _copy(value: Any) -> Any:
+    # Values inside ops may be shared with the sender's document (in-process):
+    # never alias them into the receiver's.
+    if type(value) is dict:
+        return {k: _copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_copy(v) for v in value]
+    return value
+
+
+def _walk(doc: Any, path: list[Any], op: Op) -> Any:
+    node = doc
+    for step in path:
+        try:
+            node = node[step]
+        except (KeyError, IndexError, TypeError):
+            raise PatchError(f"op {op[0]!r}: path {path!r} does not exist") from None
+    return node
+
+
+def apply(doc: Any, ops: list[Op]) -> Any:
+    """Apply ``ops`` to ``doc`` and return the new document.
+
+    Maps and lists are changed in place; the return value matters when an op
+    replaces the whole document (empty path).
+
+    Args:
+        doc: A builtins document.
+        ops: Ops made by :func:`diff` (from JSON or MessagePack).
+
+    Returns:
+        The patched document.
+
+    Raises:
+        PatchError: an op is malformed or its path does not exist.
+    """
+    for op in ops:
+        if not isinstance(op, list) or len(op) < 2 or not isinstance(op[1], list):
+            raise PatchError(f"malformed op {op!r}: expected [name, path, ...]")
+        name, path = op[0], op[1]
+        if name == "set":
+            if len(op) != 3:
+                raise PatchError(f"op 'set' needs [name, path, value], got {op!r}")
+            if not path:
+                doc = _copy(op[2])
+                continue
+            parent = _walk(doc, path[:-1], op)
+            last = path[-1]
+            in_map = type(parent) is dict and isinstance(last, str)
+            if in_map or (type(parent) is list and type(last) is int and 0 <= last < len(parent)):
+                parent[last] = _copy(op[2])
+            else:
+                raise PatchError(f"op 'set': cannot set {last!r} at {path[:-1]!r}")
+        elif name == "del":
+            parent = _walk(doc, path[:-1], op) if path else None
+            if type(parent) is not dict or path[-1] not in parent:
+                raise PatchError(f"op 'del': no key at {path!r}")
+            del parent[path[-1]]
+        elif name in ("push", "trunc"):
+            if len(op) != 3:
+                raise PatchError(f"op {name!r} needs [name, path, arg], got {op!r}")
+            target = _walk(doc, path, op)
+            if type(target) is not list:
+                raise PatchError(f"op {name!r}: {path!r} is not a list")
+            if name == "push":
+                target.append(_copy(op[2]))
+            else:
+                n = op[2]
+                if type(n) is not int or not 0 <= n <= len(target):
+                    raise PatchError(f"op 'trunc': length {n!r} out of range 0..{len(target)}")
+                del target[n:]
+        else:
+            raise PatchError(f"unknown op {name!r} (expected set, del, push or trunc)")
+    return doc

@@ -1,0 +1,1132 @@
+"""How rooms run: one owner per room, an inbox, a serial executor, patches.
+
+Streams of a room ``{id}``:
+
+* ``roominbox:{id}`` — every input (create, join, leave, send, drop) is
+  appended here by the command handler that received it, under the
+  command's idempotency key, so a retried key lands once;
+* ``room:{id}`` — a stateful stream (fold: :class:`RoomDoc`) of ``patch``
+  events (ops from :mod:`rtcore.protocol.patch`, each covering the inbox up to
+  the document's ``inbox`` field) and ``msg`` broadcasts;
+* ``roomdm:{user}`` — short-lived direct messages to one user.
+
+The owner holds the lease ``room:{id}``, reads the inbox in order and runs
+each entry, timer and tick one at a time on one task (the serial executor).
+After each one it diffs the document and appends ONE patch with
+``expect=`` the head it last wrote, so a second writer is fenced off by the
+log itself. A new owner folds ``room:{id}`` (snapshot + patches), rebuilds
+the state and continues the inbox after the document's ``inbox``: nothing is
+applied twice, nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import inspect
+import itertools
+import logging
+import secrets
+import typing
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import msgspec
+
+from ..engine.app import App, Context
+from ..errors import AuthError, ConflictError, Rejected, RtcoreError
+from ..protocol import patch
+from ..protocol.state import state_builtins
+from ..protocol.types import Event
+from .room import Player, Room, RoomClock, Timer, call
+
+if typing.TYPE_CHECKING:
+    from ..engine.node import Node
+
+__all__ = ["RoomDoc", "RoomIndex", "Rooms", "allowed", "install"]
+
+log = logging.getLogger("rtcore.rooms")
+
+#: Lease of a room's owner (seconds); renewed every third of it.
+LEASE = 10.0
+#: Inbox entries read per batch.
+BATCH = 64
+#: Results kept for callers that ask after the entry was applied.
+RESULTS_KEPT = 1024
+#: Longest real-time wait of an idle room before it re-checks its lease and clock.
+IDLE_WAIT = 1.0
+#: How often one node looks for rooms whose owner died (seconds).
+SUPERVISE_EVERY = 2.0
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+class RoomDoc(msgspec.Struct):
+    """The fold of ``room:{id}``: what every client holds as the room's document.
+
+    Attributes:
+        state: The room type's state, as builtins.
+        members: ``{user id: {"connected": bool, "grace_until": float | None}}``.
+        room: ``id``, ``type``, ``code``, ``max_clients``, ``locked``,
+            ``private``, ``metadata``, ``disposed``.
+        inbox: The last inbox offset this document covers.
+    """
+
+    state: Any = None
+    members: dict[str, Any] = {}
+    room: dict[str, Any] = {}
+    inbox: int = 0
+
+    def apply(self, event: Event) -> None:
+        """Fold one event: ``patch`` events change the document, others (``msg``) do not."""
+        if event.type != "patch":
+            return
+        doc = patch.apply(self.builtins(), event.data["ops"])
+        self.state = doc.get("state")
+        self.members = doc.get("members", {})
+        self.room = doc.get("room", {})
+        self.inbox = doc.get("inbox", 0)
+
+    def builtins(self) -> dict[str, Any]:
+        """The document as a builtins map (shares the containers)."""
+        return {"state": self.state, "members": self.members, "room": self.room, "inbox": self.inbox}
+
+
+class RoomIndex(msgspec.Struct):
+    """The fold of ``roomindex:{type}``: the listed rooms of one type, across nodes.
+
+    Owners append an entry whenever what a lobby shows changes (players,
+    lock, metadata) and a ``gone`` entry when the room is disposed; private
+    rooms are never listed. A client may subscribe to it as a live lobby.
+
+    Attributes:
+        rooms: ``{room id: {"room_id", "type", "clients", "max_clients", "locked", "metadata"}}``.
+    """
+
+    rooms: dict[str, Any] = {}
+
+    def apply(self, event: Event) -> None:
+        """Fold one listing entry."""
+        data = event.data
+        if event.type != "room" or not isinstance(data, dict):
+            return
+        if data.get("gone"):
+            self.rooms.pop(str(data.get("room_id")), None)
+        else:
+            self.rooms[str(data["room_id"])] = data
+
+
+class _Member(msgspec.Struct):
+    connected: bool = True
+    grace_until: float | None = None
+
+
+class _Entry(msgspec.Struct, frozen=True):
+    """What a caller gets back for an inbox entry."""
+
+    ok: bool
+    result: Any = None
+    error: RtcoreError | None = None
+
+
+class _Args(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: str = ""
+    room_id: str = ""
+    code: str = ""
+    options: dict[str, Any] = {}
+    private: bool = False
+    metadata: dict[str, Any] = {}
+
+
+class _SendArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    room_id: str
+    type: str
+    data: Any = None
+
+
+class _LeaveArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    room_id: str
+
+
+class _ListArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    type: str = ""
+    metadata: dict[str, Any] = {}
+
+
+class _Actor:
+    """One room on its owner node: the serial executor and the patch writer."""
+
+    def __init__(self, rt: _Runtime, cls: type[Room[Any]], room_id: str, code: str, private: bool) -> None:
+        self.rt = rt
+        self.node = rt.node
+        self.cls = cls
+        self.id = room_id
+        self.stream = f"room:{room_id}"
+        self.inbox = f"roominbox:{room_id}"
+        self.code = code
+        self.private = private
+        self.members: dict[str, _Member] = {}
+        self.locked = False
+        self.disposed = False
+        self.dispose_requested = False
+        self.outgoing: list[tuple[str, str | None, str, Any]] = []
+        self.applied = 0  # last inbox offset applied
+        self.head = 0  # last offset of room:{id} written (the fence)
+        self.prev: Any = None  # the public document as last published
+        self.full_prev: Any = None  # the whole state (private fields too) as last published
+        self._full: Any = None
+        self.view_prev: dict[str, Any] = {}  # each player's view as last published
+        self.view_heads: dict[str, int] = {}
+        self.timers: list[tuple[float, int, Timer]] = []
+        self._seq = itertools.count()
+        self.graces: dict[str, Timer] = {}
+        self.dispose_timer: Timer | None = None
+        self.next_tick: float | None = None
+        self.listed: dict[str, Any] | None = None  # last entry appended to roomindex:{type}
+        self.last_tick = 0.0
+        self.renewed = -1e18
+        self.wake = anyio.Event()
+        self.waiters: dict[int, anyio.Event] = {}
+        self.results: OrderedDict[int, _Entry] = OrderedDict()
+        self.closed = False
+        self.stopped = anyio.Event()
+        self.idle = anyio.Event()
+        room = cls()
+        room.id = room_id
+        room.code = code
+        room.metadata = {}
+        room.clock = RoomClock(self.node.clock, self._schedule)
+        room._actor = self
+        room.state = cls.state_type()
+        self.room = room
+
+    # --- document ---------------------------------------------------------------
+
+    def doc(self) -> dict[str, Any]:
+        full = self._full = state_builtins(self.room.state)
+        private = self.cls.private_fields
+        return {
+            "state": {k: v for k, v in full.items() if k not in private} if private else full,
+            "members": {uid: state_builtins(m) for uid, m in self.members.items()},
+            "room": {
+                "id": self.id,
+                "type": self.rt.types_by_cls[self.cls],
+                "code": self.code,
+                "max_clients": self.cls.max_clients,
+                "locked": self.locked,
+                "private": self.private,
+                "metadata": state_builtins(self.room.metadata),
+                "disposed": self.disposed,
+                "timers": self._durable_timers(),
+            },
+            "inbox": self.applied,
+        }
+
+    def _durable_timers(self) -> list[list[Any]]:
+        """Pending timers that a new owner can re-arm: ``[due, every, method, args]``.
+
+        A timer is durable when its callback is a method of the room and its
+        arguments are plain builtins (what the tic-tac-toe turn clock uses);
+        a closure cannot be rebuilt on another node and is left out.
+        """
+        out: list[list[Any]] = []
+        for due, _, t in sorted(self.timers, key=lambda item: (item[0], item[1])):
+            name = getattr(t.fn, "__name__", None)
+            if t.cancelled or getattr(t.fn, "__self__", None) is not self.room or name is None:
+                continue
+            try:
+                args = msgspec.to_builtins(list(t.args))
+            except TypeError:
+                continue
+            if args != list(t.args):
+                continue
+            out.append([due, t.every, name, args])
+        return out
+
+    def view(self, uid: str, full: dict[str, Any]) -> dict[str, Any]:
+        """What ``uid`` alone sees of the private fields: ``{"state": {field: full[field][uid]}}``."""
+        mine = {}
+        for f in self.cls.private_fields:
+            values = full.get(f)
+            if uid in self.members and isinstance(values, dict) and uid in values:
+                mine[f] = values[uid]
+        return {"state": mine, "members": {}, "room": {}, "inbox": 0}
+
+    async def commit_views(self, full: dict[str, Any]) -> None:
+        """Append a patch to ``roomview:{id}:{user}`` for each player whose private part changed."""
+        for uid in sorted(set(self.members) | set(self.view_prev)):
+            new = self.view(uid, full)
+            prev = self.view_prev.get(uid)
+            ops = [["set", [], new]] if prev is None else patch.diff(prev, new)
+            if ops:
+                stream = f"roomview:{self.id}:{uid}"
+                ev = await self.node.publish(stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.view_heads.get(uid, 0))
+                self.view_heads[uid] = ev.offset
+                self.view_prev[uid] = new
+
+    async def restore(self, doc: RoomDoc, head: int) -> None:
+        """Continue from a folded document (a new owner)."""
+        st = self.cls.state_type
+        full = dict(doc.state or {})
+        for uid in doc.members if self.cls.private_fields else ():
+            # Private fields live only in the players' views: fold them back in.
+            stream = f"roomview:{self.id}:{uid}"
+            info = await self.node.backend.events.info(stream)
+            view = await self.node.state_of(stream)
+            for _ in range(100):  # the local fold may trail the head by in-flight events
+                if view.offset >= info.head:
+                    break
+                await anyio.sleep(0.01)
+            vdoc = view.state
+            assert isinstance(vdoc, RoomDoc)
+            for f, v in (vdoc.state or {}).items():
+                full.setdefault(f, {})[uid] = v
+            self.view_prev[uid] = msgspec.to_builtins(vdoc.builtins())
+            self.view_heads[uid] = view.offset
+        self.room.state = msgspec.convert(full, st, strict=False)
+        self.full_prev = state_builtins(self.room.state)
+        self.members = {uid: msgspec.convert(m, _Member) for uid, m in doc.members.items()}
+        self.locked = bool(doc.room.get("locked", False))
+        self.room.metadata = dict(doc.room.get("metadata", {}))
+        self.applied = doc.inbox
+        self.head = head
+        self.prev = msgspec.to_builtins(doc.builtins())
+        now = self.node.clock()
+        for uid, m in self.members.items():
+            if not m.connected and m.grace_until is not None:
+                self.graces[uid] = self._at(max(0.0, m.grace_until - now), self._grace_over, uid)
+        for due, every, name, args in doc.room.get("timers", []):
+            fn = getattr(self.room, str(name), None)
+            if callable(fn):
+                self._schedule(Timer(float(due), every, fn, tuple(args)))
+        if not self.members:
+            self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
+        self._start_ticks()
+
+    async def commit(self) -> None:
+        """Append one patch with what changed (if anything), then the queued messages."""
+        new = self.doc()
+        ops = [["set", [], new]] if self.head == 0 else patch.diff(self.prev, new)
+        if ops:
+            ev = await self.node.publish(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
+            self.head = ev.offset
+            self.prev = new
+        if self.cls.private_fields:
+            await self.commit_views(self._full)
+        self.full_prev = self._full
+        out, self.outgoing = self.outgoing, []
+        for kind, who, type_, data in out:
+            body = {"room": self.id, "type": type_, "data": msgspec.to_builtins(data)}
+            if kind == "dm":
+                assert who is not None
+                await self.node.publish(f"roomdm:{who}", "msg", body)
+            else:
+                body["except"] = who
+                ev = await self.node.publish(self.stream, "msg", body, expect=self.head)
+                self.head = ev.offset
+
+    # --- timers -------------------------------------------------------------------
+
+    def _schedule(self, timer: Timer) -> None:
+        heapq.heappush(self.timers, (timer.due, next(self._seq), timer))
+        self.wake.set()
+
+    def _at(self, seconds: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        return self.room.clock.set_timeout(seconds, fn, *args)
+
+    def _start_ticks(self) -> None:
+        if self.cls.tick_rate:
+            self.last_tick = self.node.clock()
+            self.next_tick = self.last_tick + 1 / self.cls.tick_rate
+
+    def _next_due(self) -> float | None:
+        while self.timers and self.timers[0][2].cancelled:
+            heapq.heappop(self.timers)
+        due = [t for t in (self.timers[0][0] if self.timers else None, self.next_tick) if t is not None]
+        return min(due) if due else None
+
+    # --- membership ---------------------------------------------------------------
+
+    def allow_reconnection(self, uid: str, seconds: float) -> None:
+        m = self.members.get(uid)
+        if m is None or m.connected:
+            raise ValueError(f"allow_reconnection: {uid!r} is not a dropped member of room {self.id}")
+        if seconds <= 0:
+            raise ValueError(f"allow_reconnection: seconds must be > 0, got {seconds}")
+        m.grace_until = self.node.clock() + seconds
+        old = self.graces.pop(uid, None)
+        if old is not None:
+            old.cancel()
+        self.graces[uid] = self._at(seconds, self._grace_over, uid)
+
+    async def _grace_over(self, uid: str) -> None:
+        m = self.members.get(uid)
+        self.graces.pop(uid, None)
+        if m is not None and not m.connected:
+            await self._remove(uid, consented=False)
+
+    async def _remove(self, uid: str, *, consented: bool) -> None:
+        del self.members[uid]
+        grace = self.graces.pop(uid, None)
+        if grace is not None:
+            grace.cancel()
+        await call(self.room.on_leave, Player(uid), consented)
+        if not self.members and self.dispose_timer is None:
+            self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
+
+    async def _auto_dispose(self) -> None:
+        self.dispose_timer = None
+        if not self.members:
+            self.dispose_requested = True
+
+    def _join_result(self, uid: str, reconnected: bool) -> dict[str, Any]:
+        return {
+            "room_id": self.id,
+            "type": self.rt.types_by_cls[self.cls],
+            "code": self.code,
+            "stream": self.stream,
+            "dm": f"roomdm:{uid}",
+            "view": f"roomview:{self.id}:{uid}" if self.cls.private_fields else None,
+            "reconnected": reconnected,
+        }
+
+    # --- inbox entries --------------------------------------------------------------
+
+    async def _op_create(self, uid: str, data: dict[str, Any]) -> Any:
+        self.room.metadata = dict(data.get("metadata") or {})
+        try:
+            await call(self.room.on_create, data.get("options") or {})
+            self._start_ticks()
+            return await self._op_join(uid, data)
+        except BaseException:
+            self.dispose_requested = True  # a room nobody could enter is not left behind
+            raise
+
+    async def _op_join(self, uid: str, data: dict[str, Any]) -> Any:
+        options = data.get("options") or {}
+        m = self.members.get(uid)
+        if m is not None:
+            if m.connected:
+                return self._join_result(uid, False)  # another tab of a seated player
+            m.connected, m.grace_until = True, None
+            grace = self.graces.pop(uid, None)
+            if grace is not None:
+                grace.cancel()
+            await call(self.room.on_reconnect, Player(uid))
+            return self._join_result(uid, True)
+        if self.locked:
+            raise Rejected("room_locked", f"room {self.id} is locked")
+        if self.cls.max_clients and len(self.members) >= self.cls.max_clients:
+            raise Rejected("room_full", f"room {self.id} has no free seat ({self.cls.max_clients} max)")
+        player = Player(uid)
+        await call(self.room.on_join_attempt, player, options)
+        self.members[uid] = _Member()
+        if self.dispose_timer is not None:
+            self.dispose_timer.cancel()
+            self.dispose_timer = None
+        try:
+            await call(self.room.on_join, player, options)
+        except BaseException:
+            del self.members[uid]  # a join that failed takes no seat
+            if not self.members and self.dispose_timer is None:
+                self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
+            raise
+        return self._join_result(uid, False)
+
+    async def _op_leave(self, uid: str, data: dict[str, Any]) -> Any:
+        if uid not in self.members:
+            raise Rejected("not_in_room", f"{uid!r} is not a member of room {self.id}")
+        await self._remove(uid, consented=True)
+        return {"room_id": self.id}
+
+    async def _op_drop(self, uid: str, data: dict[str, Any]) -> Any:
+        m = self.members.get(uid)
+        if m is None or not m.connected:
+            return None
+        m.connected = False
+        await call(self.room.on_drop, Player(uid))
+        if uid not in self.graces and uid in self.members:
+            await self._remove(uid, consented=False)
+        return None
+
+    async def _op_send(self, uid: str, data: dict[str, Any]) -> Any:
+        m = self.members.get(uid)
+        if m is None:
+            raise Rejected("not_in_room", f"{uid!r} is not a member of room {self.id}")
+        if not m.connected:
+            await self._op_join(uid, {})  # a dropped player who speaks is back
+        type_ = data["type"]
+        name = self.cls._handlers.get(type_)
+        player = Player(uid)
+        if name is None:
+            return await call(self.room.on_message, player, type_, data.get("data"))
+        fn = getattr(self.room, name)
+        value = data.get("data")
+        target = self.rt.rooms.data_types[self.cls].get(type_)
+        if target is not None:
+            try:
+                value = msgspec.convert(value, target, strict=False)
+            except msgspec.ValidationError as exc:
+                raise RtcoreError(f"message {type_!r}: invalid data: {exc}", code="bad_args") from None
+        return await call(fn, player, value)
+
+    async def apply_entry(self, ev: Event) -> None:
+        data = ev.data if isinstance(ev.data, dict) else {}
+        uid = str(data.get("user", ""))
+        op = getattr(self, f"_op_{ev.type}", None)
+        snapshot = (self.full_prev, self.locked) if self.head else None
+        entry: _Entry
+        if self.disposed:
+            entry = _Entry(False, error=Rejected("room_not_found", f"room {self.id} was disposed"))
+        elif op is None:
+            entry = _Entry(False, error=RtcoreError(f"unknown room inbox entry {ev.type!r}", code="internal"))
+        else:
+            try:
+                entry = _Entry(True, msgspec.to_builtins(await op(uid, data)))
+            except RtcoreError as exc:
+                entry = _Entry(False, error=exc)
+            except Exception:
+                log.exception("room %s: %s by %r raised", self.id, ev.type, uid)
+                entry = _Entry(False, error=RtcoreError(f"room {ev.type} failed unexpectedly", code="internal", retryable=False))
+            if not entry.ok and snapshot is not None and snapshot[0] is not None:
+                # A handler that refuses changes nothing: back to the last published document.
+                self.room.state = msgspec.convert(snapshot[0], self.cls.state_type, strict=False)
+                self.locked = snapshot[1]
+                self.outgoing.clear()
+        before, self.applied = self.applied, ev.offset
+        try:
+            await self.after_step()
+        except BaseException:
+            # The patch covering this entry was not written: it is not applied
+            # (the next owner applies it), and result() must not say it was.
+            self.applied = before
+            raise
+        origin = data.get("node")
+        if isinstance(origin, str) and origin != self.node.id:
+            await self._reply(origin, ev.offset, entry)
+        self.results[ev.offset] = entry
+        while len(self.results) > RESULTS_KEPT:
+            self.results.popitem(last=False)
+        waiter = self.waiters.pop(ev.offset, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def _reply(self, origin: str, offset: int, entry: _Entry) -> None:
+        """Answer an entry appended on another node through ``roomreply:{id}``."""
+        err = entry.error
+        body = {
+            "node": origin,
+            "inbox": offset,
+            "ok": entry.ok,
+            "result": entry.result,
+            "code": err.code if err else "",
+            "message": err.message if err else "",
+            "retryable": err.retryable if err else False,
+        }
+        await self.node.publish(f"roomreply:{self.id}", "reply", body, key=f"reply:{offset}")
+
+    async def after_step(self) -> None:
+        if self.dispose_requested and not self.disposed:
+            await call(self.room.on_dispose)
+            self.disposed = True
+            self.members.clear()
+            for t in self.graces.values():
+                t.cancel()
+            self.graces.clear()
+        await self.commit()
+        await self._list()
+        if self.disposed:
+            self.closed = True
+
+    async def _list(self) -> None:
+        """Append the room's listing entry to ``roomindex:{type}`` when it changed."""
+        if self.private:
+            return
+        entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
+        if entry != self.listed:
+            await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
+            self.listed = entry
+
+    # --- the loop -------------------------------------------------------------------
+
+    async def result(self, offset: int) -> _Entry | None:
+        """Wait until inbox entry ``offset`` was applied; return what it gave.
+
+        ``None``: this owner stopped (lost its lease) before applying it; the
+        caller waits for the next owner.
+        """
+        if offset > self.applied and not self.closed:
+            ev = self.waiters.setdefault(offset, anyio.Event())
+            self.wake.set()
+            await ev.wait()
+        entry = self.results.get(offset)
+        if entry is not None:
+            return entry
+        if self.disposed:
+            return _Entry(False, error=Rejected("room_not_found", f"room {self.id} is gone"))
+        if offset > self.applied:
+            return None
+        # Applied by an earlier owner (or long ago): the effect is in the state.
+        return _Entry(True, {"room_id": self.id, "inbox": offset, "recovered": True})
+
+    async def run(self) -> None:
+        try:
+            while not self.closed:
+                if not await self._renew():
+                    log.warning("room %s: lost its lease; stopping here", self.id)
+                    break
+                await self._drain()
+                await self._fire_due()
+                if self.closed:
+                    break
+                await self._wait()
+        except ConflictError:
+            log.warning("room %s: another node wrote its stream; stopping here", self.id)
+        finally:
+            self.closed = True
+            self.rt.forget(self)
+            for waiter in self.waiters.values():
+                waiter.set()
+            self.waiters.clear()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.node.backend.leases.release(self.stream, self.node.id)
+                except RtcoreError:
+                    log.warning("room %s: could not release its lease", self.id, exc_info=True)
+            self.stopped.set()
+            self.idle.set()
+
+    async def _renew(self) -> bool:
+        now = self.node.clock()
+        if now - self.renewed < LEASE / 3:
+            return True
+        ok = await self.node.backend.leases.acquire(self.stream, self.node.id, now=now, ttl=LEASE)
+        if ok:
+            self.renewed = now
+        return ok
+
+    async def _drain(self) -> None:
+        while not self.closed:
+            page = await self.node.backend.events.read(self.inbox, after=self.applied, limit=BATCH)
+            if not page.events:
+                return
+            for ev in page.events:
+                await self.apply_entry(ev)
+                if self.closed:
+                    return
+
+    async def _fire_due(self) -> None:
+        while not self.closed:
+            now = self.node.clock()
+            due = self._next_due()
+            if due is None or due > now:
+                return
+            if self.next_tick is not None and self.next_tick <= now and (not self.timers or self.next_tick <= self.timers[0][0]):
+                dt = now - self.last_tick
+                self.last_tick = now
+                self.next_tick = now + 1 / float(self.cls.tick_rate or 1)
+                await self._step(self.room.on_tick, (dt,))
+                continue
+            _, _, timer = heapq.heappop(self.timers)
+            if timer.every is not None:
+                timer.due = max(timer.due + timer.every, now)
+                heapq.heappush(self.timers, (timer.due, next(self._seq), timer))
+            await self._step(timer.fn, timer.args)
+
+    async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        """Run a timer or tick callback on the executor; a raise is logged and reverted."""
+        before = (self.full_prev, self.locked)
+        try:
+            await call(fn, *args)
+        except Exception:
+            log.exception("room %s: timer or tick raised", self.id)
+            if before[0] is not None:
+                self.room.state = msgspec.convert(before[0], self.cls.state_type, strict=False)
+                self.locked = before[1]
+                self.outgoing.clear()
+        await self.after_step()
+
+    async def _wait(self) -> None:
+        now = self.node.clock()
+        due = self._next_due()
+        wait = IDLE_WAIT if due is None else max(0.0, min(due - now, IDLE_WAIT))
+        clock_moved = self.node.timer_wakeup
+        self.idle.set()
+        self.idle = anyio.Event()
+        with anyio.move_on_after(wait):
+            async with anyio.create_task_group() as tg:
+
+                async def on_clock() -> None:
+                    await clock_moved.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(on_clock)
+                await self.wake.wait()
+                tg.cancel_scope.cancel()
+        self.wake = anyio.Event()
+
+
+def _data_type(fn: Callable[..., Any]) -> Any:
+    """The annotation of a message handler's ``data`` parameter (``None``: pass as is).
+
+    ``fn`` is the plain function ``(self, player, data)``; the annotations are
+    resolved once, when the room type is defined, so a typo fails there.
+    """
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) < 3:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception as exc:
+        raise TypeError(f"cannot resolve the annotations of message handler {fn.__qualname__}: {exc}") from exc
+    target = hints.get(params[2].name)
+    return None if target is Any else target
+
+
+class _Runtime:
+    """The rooms of one node."""
+
+    def __init__(self, rooms: Rooms, node: Node) -> None:
+        self.rooms = rooms
+        self.node = node
+        self.types_by_cls = {cls: name for name, cls in rooms.types.items()}
+        self.actors: dict[str, _Actor] = {}
+        self.codes: dict[str, str] = {}
+        self.matchmaking: dict[str, anyio.Lock] = {}
+        self._adopting: dict[str, anyio.Lock] = {}
+        # Answers from other owners to entries appended here, and who waits for them.
+        self.replies: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
+        self.reply_waiters: dict[tuple[str, int], anyio.Event] = {}
+        # Rooms each user joined through this node (to record their drops).
+        self.via_here: dict[str, set[str]] = {}
+        self.gone: set[str] = set()  # rooms known to be disposed (the supervisor skips them)
+        node.presence.watch(self._presence_changed)
+
+    def forget(self, actor: _Actor) -> None:
+        if self.actors.get(actor.id) is actor:
+            del self.actors[actor.id]
+            self.codes.pop(actor.code, None)
+
+    def _presence_changed(self, uid: str, online: bool) -> None:
+        if online:
+            return  # the user's last tab on this node closed: only then is it a drop
+        rooms = set(self.via_here.pop(uid, set()))
+        for actor in list(self.actors.values()):
+            m = actor.members.get(uid)
+            if m is not None and m.connected:
+                rooms.add(actor.id)
+        for room_id in sorted(rooms):
+            try:
+                self.node.spawn(functools.partial(self._submit_drop, room_id, uid))
+            except RuntimeError:
+                return  # the node is stopping: the next owner sees the members as they were
+
+    async def _submit_drop(self, room_id: str, uid: str) -> None:
+        try:
+            await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
+        except RtcoreError:
+            log.warning("room %s: could not record the drop of %r", room_id, uid, exc_info=True)
+        self.wake(room_id)
+
+    def wake(self, room_id: str) -> None:
+        """Tell the local owner of ``room_id`` (if any) that its inbox grew."""
+        actor = self.actors.get(room_id)
+        if actor is not None:
+            actor.wake.set()
+
+    def on_reply(self, event: Event) -> None:
+        """A ``roomreply:{id}`` event: wake the command here that waits for it."""
+        data = event.data
+        if not isinstance(data, dict) or data.get("node") != self.node.id:
+            return
+        room_id = event.stream.partition(":")[2]
+        key = (room_id, int(data["inbox"]))
+        if data["ok"]:
+            entry = _Entry(True, data.get("result"))
+        else:
+            entry = _Entry(False, error=RtcoreError(data["message"], code=data["code"], retryable=bool(data["retryable"])))
+        waiter = self.reply_waiters.pop(key, None)
+        if waiter is not None:
+            self.replies[key] = entry
+            while len(self.replies) > RESULTS_KEPT:
+                self.replies.popitem(last=False)
+            waiter.set()
+
+    def _new_code(self) -> str:
+        while True:
+            code = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(6))
+            if code not in self.codes:
+                return code
+
+    async def create(self, ctx: Context, uid: str, type_: str, options: dict[str, Any], private: bool, metadata: dict[str, Any]) -> Any:
+        cls = self.rooms.types.get(type_)
+        if cls is None:
+            raise Rejected("unknown_room_type", f"no room type named {type_!r}")
+        room_id = secrets.token_hex(6)
+        if not await self.node.backend.leases.acquire(f"room:{room_id}", self.node.id, now=self.node.clock(), ttl=LEASE):
+            raise RtcoreError("could not take the new room's lease", code="backend_unavailable", retryable=True)
+        actor = _Actor(self, cls, room_id, self._new_code(), private)
+        # So any node can find the room by its code (the code is the secret of a private room).
+        await self.node.publish(f"roomcode:{actor.code}", "room", {"room_id": room_id}, key=room_id)
+        actor.renewed = self.node.clock()
+        self.actors[room_id] = actor
+        self.codes[actor.code] = room_id
+        self.node.spawn(actor.run)
+        return await self.submit(ctx, room_id, "create", uid, {"options": options, "metadata": metadata}, actor=actor)
+
+    async def submit(
+        self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], *, actor: _Actor | None = None
+    ) -> Any:
+        """Append an input to the room's inbox (idempotent per command key) and await its result.
+
+        The owner may be this node (it wakes at once), another node (it answers
+        on ``roomreply:{id}``), or nobody (its lease ran out: this node adopts
+        the room and applies the entry itself).
+        """
+        if actor is None:
+            actor = await self.local(room_id)
+        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+        entry = await self._await(room_id, ev.offset, actor)
+        if entry.error is not None:
+            raise entry.error
+        if kind in ("join", "create"):
+            self.via_here.setdefault(uid, set()).add(room_id)
+        elif kind == "leave":
+            self.via_here.get(uid, set()).discard(room_id)
+        return entry.result
+
+    async def _await(self, room_id: str, offset: int, actor: _Actor | None) -> _Entry:
+        key = (room_id, offset)
+        while True:
+            if actor is not None and not actor.closed:
+                local = await actor.result(offset)
+                if local is not None:
+                    return local
+            else:
+                waiter = self.reply_waiters.setdefault(key, anyio.Event())
+                with anyio.move_on_after(IDLE_WAIT):
+                    await waiter.wait()
+                got = self.replies.pop(key, None)
+                if got is not None:
+                    return got
+                st = await self.node.state_of(f"room:{room_id}")
+                if isinstance(st.state, RoomDoc) and st.state.inbox >= offset:
+                    # Applied by an owner that did not answer here (e.g. it died right after).
+                    self.reply_waiters.pop(key, None)
+                    return _Entry(True, {"room_id": room_id, "inbox": offset, "recovered": True})
+            # No answer yet: if the owner is gone (its lease ran out), take the room over.
+            actor = await self.local(room_id)
+            if actor is not None:
+                self.reply_waiters.pop(key, None)
+
+    async def local(self, room_id: str) -> _Actor | None:
+        """The local owner of ``room_id``, adopting the room if nobody owns it; ``None``: another node does.
+
+        Raises:
+            Rejected: ``room_not_found``.
+        """
+        actor = self.actors.get(room_id)
+        if actor is not None and not actor.closed:
+            return actor
+        lock = self._adopting.setdefault(room_id, anyio.Lock())
+        async with lock:
+            actor = self.actors.get(room_id)
+            if actor is not None and not actor.closed:
+                return actor
+            return await self._adopt(room_id)
+
+    async def supervise(self) -> None:
+        """Adopt every live room whose owner is gone (its lease ran out), so its timers run again."""
+        for stream in await self.node.backend.events.streams("roominbox:*"):
+            room_id = stream.partition(":")[2]
+            if room_id in self.actors or room_id in self.gone:
+                continue
+            try:
+                await self.local(room_id)
+            except Rejected:
+                self.gone.add(room_id)
+
+    async def _adopt(self, room_id: str) -> _Actor | None:
+        stream = f"room:{room_id}"
+        if not room_id or len(room_id) > 64 or not room_id.isalnum():
+            raise Rejected("room_not_found", f"no room {room_id!r}")
+        info = await self.node.backend.events.info(stream)
+        if info.head == 0:
+            raise Rejected("room_not_found", f"no room {room_id!r}")
+        if not await self.node.backend.leases.acquire(stream, self.node.id, now=self.node.clock(), ttl=LEASE):
+            return None  # another node owns it
+        try:
+            st = await self.node.state_of(stream)
+            for _ in range(100):  # the local fold may trail the head by in-flight events
+                if st.offset >= info.head:
+                    break
+                await anyio.sleep(0.01)
+                st = await self.node.state_of(stream)
+            doc = st.state
+            assert isinstance(doc, RoomDoc)
+            cls = self.rooms.types.get(str(doc.room.get("type", "")))
+            if cls is None or doc.room.get("disposed"):
+                self.gone.add(room_id)
+                raise Rejected("room_not_found", f"no room {room_id!r}")
+            actor = _Actor(self, cls, room_id, str(doc.room.get("code", "")) or self._new_code(), bool(doc.room.get("private")))
+            await actor.restore(doc, st.offset)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.node.backend.leases.release(stream, self.node.id)
+            raise
+        actor.renewed = self.node.clock()
+        self.actors[room_id] = actor
+        self.codes[actor.code] = room_id
+        self.node.spawn(actor.run)
+        return actor
+
+    async def listing(self, type_: str, metadata: dict[str, Any]) -> list[dict[str, Any]]:
+        """Listed rooms of ``type_`` (all types if empty) whose metadata has ``metadata``.
+
+        The fold of ``roomindex:{type}`` (every node's rooms), overlaid with
+        this node's own rooms, which are always current.
+        """
+        found: dict[str, dict[str, Any]] = {}
+        for t in [type_] if type_ else sorted(self.rooms.types):
+            st = await self.node.state_of(f"roomindex:{t}")
+            if isinstance(st.state, RoomIndex):
+                found.update(st.state.rooms)
+        for a in self.actors.values():
+            if a.closed or a.disposed or a.private or a.dispose_requested:
+                found.pop(a.id, None)
+            elif not type_ or self.types_by_cls[a.cls] == type_:
+                found[a.id] = _entry(a)
+        meta = msgspec.to_builtins(metadata)
+        return [e for e in found.values() if all(e.get("metadata", {}).get(k) == v for k, v in meta.items())]
+
+    async def find_code(self, code: str) -> str:
+        """The room id of a short code (this node's rooms, then ``roomcode:{code}``)."""
+        code = code.upper()
+        if code in self.codes:
+            return self.codes[code]
+        if code.isalnum() and 0 < len(code) <= 16:
+            page = await self.node.backend.events.read(f"roomcode:{code}", after=0, limit=1)
+            if page.events:
+                return str(page.events[0].data["room_id"])
+        raise Rejected("room_not_found", f"no room with code {code!r}")
+
+
+def _entry(a: _Actor) -> dict[str, Any]:
+    return {
+        "room_id": a.id,
+        "type": a.rt.types_by_cls[a.cls],
+        "clients": len(a.members),
+        "max_clients": a.cls.max_clients,
+        "locked": a.locked,
+        "metadata": state_builtins(a.room.metadata),
+    }
+
+
+class Rooms:
+    """The room layer of one app (made by :func:`install`)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.types: dict[str, type[Room[Any]]] = {}
+        self.data_types: dict[type[Room[Any]], dict[str, Any]] = {}
+        self._runtimes: weakref.WeakKeyDictionary[Node, _Runtime] = weakref.WeakKeyDictionary()
+
+    def define(self, name: str) -> Callable[[type[Room[Any]]], type[Room[Any]]]:
+        """Class decorator: register a :class:`Room` subclass as room type ``name``.
+
+        Raises:
+            ValueError: ``name`` is taken, or the class has no state type.
+            TypeError: the class is not a :class:`Room` subclass.
+        """
+
+        def register(cls: type[Room[Any]]) -> type[Room[Any]]:
+            if not (isinstance(cls, type) and issubclass(cls, Room)):
+                raise TypeError(f"room type {name!r} must be a subclass of rtcore.rooms.Room")
+            if cls.state_type is None:
+                raise ValueError(f"room type {name!r}: declare the state type as Room[MyState]")
+            if cls.private_fields:
+                fields = {f.name: f for f in msgspec.structs.fields(cls.state_type)}
+                for f in cls.private_fields:
+                    spec = fields.get(f)
+                    if spec is None or spec.required:
+                        raise ValueError(
+                            f"room type {name!r}: private field {f!r} must be a state field with a default (a map by player id)"
+                        )
+            if name in self.types:
+                raise ValueError(f"room type {name!r} is already defined")
+            self.data_types[cls] = {kind: _data_type(getattr(cls, attr)) for kind, attr in cls._handlers.items()}
+            self.types[name] = cls
+            for rt in self._runtimes.values():
+                rt.types_by_cls[cls] = name
+            return cls
+
+        return register
+
+    def runtime(self, node: Node) -> _Runtime:
+        """The rooms running on ``node`` (created on first use)."""
+        rt = self._runtimes.get(node)
+        if rt is None:
+            rt = self._runtimes[node] = _Runtime(self, node)
+        return rt
+
+    async def send(self, ctx: Context, user: str, type: str, data: Any = None) -> None:
+        """Send a direct message to every live connection of ``user`` from any command or processor.
+
+        The same short-lived stream a room's :meth:`Room.send` uses
+        (``roomdm:{user}``, ``room`` is ``None``).
+        """
+        await ctx.node.publish(f"roomdm:{user}", "msg", {"room": None, "type": type, "data": msgspec.to_builtins(data)})
+
+    async def state(self, node: Node, room_id: str) -> dict[str, Any]:
+        """The room's document as the owner last published it (tests and tools)."""
+        rt = self.runtime(node)
+        actor = rt.actors.get(room_id)
+        if actor is None or actor.prev is None:
+            raise Rejected("room_not_found", f"no room {room_id!r} on this node")
+        return typing.cast(dict[str, Any], actor.prev)
+
+    async def settle(self, node: Node, room_id: str) -> None:
+        """Wait until the room has applied its inbox and every due timer (tests with a FakeClock)."""
+        actor = self.runtime(node).actors.get(room_id)
+        if actor is None or actor.closed:
+            return
+        idle = actor.idle
+        actor.wake.set()
+        with anyio.fail_after(10):
+            await idle.wait()
+            if actor.closed:
+                return
+            idle = actor.idle  # one more full pass after the wake-up
+            actor.wake.set()
+            await idle.wait()
+
+
+def allowed(principal: Any, action: str, resource: str) -> bool:
+    """Whether rooms allow ``action`` on ``resource``: a player's private streams are theirs alone.
+
+    ``roomview:{room}:{user}`` (private fields) and ``roomdm:{user}`` (direct
+    messages) may be subscribed to or read (``history``) only by that user.
+    :func:`install` uses this as the app's ``authorize`` hook when the app has
+    none; an app with its own hook must call it::
+
+        @app.authorize
+        async def authz(principal, action, resource):
+            return rtcore.rooms.allowed(principal, action, resource) and ...
+    """
+    if action not in ("subscribe", "history"):
+        return True
+    kind, _, rest = resource.partition(":")
+    if kind == "roomview":
+        owner = rest.partition(":")[2]
+    elif kind == "roomdm":
+        owner = rest
+    else:
+        return True
+    return getattr(principal, "id", None) == owner
+
+
+async def _default_authorize(principal: Any, action: str, resource: str) -> bool:
+    return allowed(principal, action, resource)
+
+
+def _user(ctx: Context) -> str:
+    if ctx.principal is None:
+        raise AuthError("rooms need an authenticated player (add @app.authenticate)")
+    return ctx.principal.id
+
+
+def install(app: App) -> Rooms:
+    """Add rooms to ``app``: the ``room.*`` commands and the room streams' rules.
+
+    Example::
+
+        app = rtcore.App("games")
+        rooms = rtcore.rooms.install(app)
+
+        @rooms.define("tictactoe")
+        class TicTacToe(rtcore.rooms.Room[Board]):
+            max_clients = 2
+
+    Raises:
+        ValueError: the app already declares state for ``room:*`` streams.
+    """
+    if app.state_for("room:x") is not None:
+        raise ValueError("the app already declares state for room:* streams, which rooms use")
+    rooms = Rooms(app)
+    app.state("room:*", RoomDoc, snapshot_every=100, sync_every=10)
+    app.state("roomindex:*", RoomIndex, snapshot_every=100, sync_every=0)
+    app.state("roomview:*", RoomDoc, snapshot_every=100, sync_every=10)
+    app.retention("roomview:*", max_events=1000)
+    if app.hooks.authorize is None:
+        app.hooks.authorize = _default_authorize
+    app.retention("roomindex:*", max_events=1000)
+    app.retention("roomcode:*", max_events=1)
+    app.retention("room:*", max_events=1000)
+    app.retention("roominbox:*", max_events=10_000)
+    app.retention("roomdm:*", max_events=100, max_age=60.0)
+    app.retention("roomreply:*", max_events=1000, max_age=300.0)
+
+    # Every node with the processor role: answers from owners on other nodes,
+    # inputs appended elsewhere for rooms owned here, and orphaned rooms.
+    @app.on("roomreply:*")
+    async def room_reply(ctx: Context, event: Event) -> None:
+        rooms.runtime(ctx.node).on_reply(event)
+
+    @app.on("roominbox:*")
+    async def room_input(ctx: Context, event: Event) -> None:
+        rooms.runtime(ctx.node).wake(event.stream.partition(":")[2])
+
+    @app.loop("rooms.supervisor", every=SUPERVISE_EVERY, lease=LEASE)
+    async def supervise(ctx: Context) -> None:
+        await rooms.runtime(ctx.node).supervise()
+
+    @app.command("room.create")
+    async def create(ctx: Context, args: _Args) -> Any:
+        return await rooms.runtime(ctx.node).create(ctx, _user(ctx), args.type, args.options, args.private, args.metadata)
+
+    @app.command("room.join_or_create")
+    async def join_or_create(ctx: Context, args: _Args) -> Any:
+        uid = _user(ctx)
+        rt = rooms.runtime(ctx.node)
+        if args.type not in rooms.types:
+            raise Rejected("unknown_room_type", f"no room type named {args.type!r}")
+        # One matchmaker per type and node, so two players looking at once
+        # land in the same room instead of creating one each.
+        async with rt.matchmaking.setdefault(args.type, anyio.Lock()):
+            for entry in await rt.listing(args.type, args.metadata):
+                if entry["locked"] or (entry["max_clients"] and entry["clients"] >= entry["max_clients"]):
+                    continue
+                rid = entry["room_id"]
+                try:
+                    return await rt.submit(ctx, rid, "join", uid, {"options": args.options}, actor=rt.actors.get(rid))
+                except Rejected as exc:
+                    if exc.code not in ("room_full", "room_locked", "room_not_found"):
+                        raise
+            return await rt.create(ctx, uid, args.type, args.options, args.private, args.metadata)
+
+    @app.command("room.join")
+    async def join(ctx: Context, args: _Args) -> Any:
+        uid = _user(ctx)
+        rt = rooms.runtime(ctx.node)
+        if not args.room_id and not args.code:
+            raise Rejected("room_not_found", "give room_id or code")
+        room_id = args.room_id or await rt.find_code(args.code)
+        return await rt.submit(ctx, room_id, "join", uid, {"options": args.options})
+
+    @app.command("room.leave")
+    async def leave(ctx: Context, args: _LeaveArgs) -> Any:
+        rt = rooms.runtime(ctx.node)
+        return await rt.submit(ctx, args.room_id, "leave", _user(ctx), {})
+
+    @app.command("room.send")
+    async def send(ctx: Context, args: _SendArgs) -> Any:
+        rt = rooms.runtime(ctx.node)
+        return await rt.submit(ctx, args.room_id, "send", _user(ctx), {"type": args.type, "data": args.data})
+
+    @app.command("room.list")
+    async def listing(ctx: Context, args: _ListArgs) -> Any:
+        return await rooms.runtime(ctx.node).listing(args.type, args.metadata)
+
+    return rooms

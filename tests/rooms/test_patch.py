@@ -1,0 +1,85 @@
+"""Generic state patches: ``apply(old, diff(old, new)) == new`` for any builtins."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from rtcore.protocol.patch import PatchError, apply, diff
+from rtcore.protocol.state import checksum
+
+scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5)
+docs = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=3), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(docs, docs)
+@example({"a": 1}, {"a": 1.0})
+@example([True], [1])
+def test_apply_of_diff_gives_new(old: Any, new: Any) -> None:
+    """The patch of any two documents turns the first into the second, byte for byte.
+
+    Mutation: drop the ``trunc`` op for shorter lists → fails; compare with ``==``
+    only (so ``1`` → ``1.0`` or ``True`` → ``1`` produce no op) → fails on the
+    checksum.
+    """
+    ops = diff(old, new)
+    got = apply(copy.deepcopy(old), ops)
+    assert got == new
+    assert checksum(got) == checksum(new)
+
+
+@given(docs, docs)
+def test_patch_survives_the_wire(old: Any, new: Any) -> None:
+    """A client that receives the ops over JSON and MessagePack gets the same document and checksum."""
+    ops = diff(old, new)
+    for enc, dec in ((msgspec.json.encode, msgspec.json.decode), (msgspec.msgpack.encode, msgspec.msgpack.decode)):
+        mine = dec(enc(old))
+        got = apply(mine, dec(enc(ops)))
+        assert checksum(got) == checksum(new)
+
+
+@given(docs)
+def test_no_change_no_ops(doc: Any) -> None:
+    """An unchanged document costs no patch (rooms publish nothing then)."""
+    assert diff(doc, copy.deepcopy(doc)) == []
+
+
+def test_ops_are_small_and_do_not_alias() -> None:
+    """A change deep in a large document is one op; applied values are copies, not shared."""
+    old = {"state": {"cells": [""] * 9, "log": [1, 2]}, "inbox": 3}
+    new = copy.deepcopy(old)
+    new["state"]["cells"][4] = "x"
+    new["state"]["log"].append({"a": 1})
+    ops = diff(old, new)
+    assert ops == [["set", ["state", "cells", 4], "x"], ["push", ["state", "log"], {"a": 1}]]
+    mine = copy.deepcopy(old)
+    apply(mine, ops)
+    new["state"]["log"][2]["a"] = 99
+    assert mine["state"]["log"][2] == {"a": 1}
+
+
+@pytest.mark.parametrize(
+    ("doc", "ops", "message"),
+    [
+        ({}, [["del", ["x"]]], "no key"),
+        ({"a": []}, [["push", ["a", "b"], 1]], "does not exist"),
+        ({"a": 1}, [["push", ["a"], 1]], "not a list"),
+        ({"a": [1]}, [["trunc", ["a"], 5]], "out of range"),
+        ({}, [["zap", []]], "unknown op"),
+        ({}, ["set"], "malformed"),
+        ({"a": [1]}, [["set", ["a", 3], 1]], "cannot set"),
+    ],
+)
+def test_bad_ops_name_the_problem(doc: Any, ops: Any, message: str) -> None:
+    """An op that does not fit (a client that missed a patch) raises PatchError naming it."""
+    with pytest.raises(PatchError, match=message):
+        apply(doc, ops)
