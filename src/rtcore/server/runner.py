@@ -56,7 +56,7 @@ from ..backends import Backend
 from ..engine.app import App, Principal
 from ..engine.hub import OutboxLimits
 from ..engine.metrics import NodeMetrics, SessionStats
-from ..engine.node import Node
+from ..engine.node import ROLES, Node
 from ..errors import BadRequest, RtcoreError
 from ..protocol import frames
 from ..protocol.frames import Limits, Position
@@ -81,8 +81,6 @@ __all__ = ["ROLES", "Server", "run"]
 
 log = logging.getLogger("rtcore.server.runner")
 
-#: Roles a process can take (``rtcore serve --role``).
-ROLES = frozenset({"gateway", "api", "processor"})
 
 _MAX_PAGE = 1000
 
