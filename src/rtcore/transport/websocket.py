@@ -6,7 +6,7 @@ Design, and why:
   ``wsproto.Connection`` (frame parsing, masking, UTF-8 validation, close
   codes). Outbound data frames are built by :mod:`rtcore.transport.wsframes`
   and a whole batch goes out in **one** socket write (the biggest speed win
-  measured in ANCHORS.md). Control frames (ping, pong, close) still go
+  we measured: every await is an event-loop pass). Control frames (ping, pong, close) still go
   through wsproto so its state machine knows the connection is closing.
 * **A reader task per connection** reads the socket all the time, answers
   pings, notices pongs and the peer's close, and queues complete messages in
