@@ -51,6 +51,8 @@ __all__ = [
     "LoopSpec",
     "Principal",
     "ProcessorSpec",
+    "RouteHandler",
+    "RouteSpec",
     "Router",
 ]
 
@@ -185,6 +187,33 @@ class Router:
         return register
 
 
+#: A read-only HTTP route: ``async def handler(ctx, query) -> JSON-able result``
+#: (``query``: the URL's query parameters, one value each).
+RouteHandler = Callable[["Context", Mapping[str, str]], Awaitable[Any]]
+
+#: Paths an app route may not take (the server's own routes).
+_RESERVED_PATHS = ("/v1/ws", "/v1/cmd/", "/v1/streams/", "/v1/health", "/v1/schema", "/metrics")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """An extra read-only HTTP route (made by :meth:`App.route`).
+
+    Attributes:
+        method: ``GET`` (``HEAD`` is answered too).
+        path: The exact path.
+        handler: ``async def handler(ctx, query) -> result``.
+        action: The ``authorize`` action asked before the handler runs.
+        resource: The ``authorize`` resource.
+    """
+
+    method: str
+    path: str
+    handler: RouteHandler
+    action: str
+    resource: str
+
+
 @dataclass
 class _Hooks:
     authenticate: Callable[[str | None], Awaitable[Any]] | None = None
@@ -217,6 +246,43 @@ class App(Router):
         self.processors: list[ProcessorSpec] = []
         self.loops: list[LoopSpec] = []
         self.pages: dict[str, tuple[str, bytes]] = {}
+        self.routes: dict[str, RouteSpec] = {}
+
+    def route(
+        self, method: str, path: str, handler: RouteHandler | None = None, *, action: str = "read", resource: str | None = None
+    ) -> Any:
+        """Serve a read-only JSON route over HTTP (the ``api`` role), e.g. a listing.
+
+        The server authenticates the Bearer token like every route, asks
+        ``authorize(principal, action, resource)`` (``forbidden`` if it says
+        no), calls ``handler(ctx, query)`` and answers ``200`` with the result
+        as JSON; an :class:`~rtcore.errors.RtcoreError` from the handler is
+        answered with its status and code. Plugins use it at install (the
+        rooms' ``GET /v1/rooms``), so the server needs no import of them.
+        Usable as a decorator: ``@app.route("GET", "/v1/things")``.
+
+        Args:
+            method: ``"GET"`` (routes are read-only: nothing else is accepted).
+            path: The exact path, under ``/v1/``, not one of the server's own.
+            handler: ``async def handler(ctx, query) -> result``.
+            action: The ``authorize`` action (default ``"read"``).
+            resource: The ``authorize`` resource (default: the path).
+
+        Raises:
+            ValueError: another method, a path outside ``/v1/`` or taken.
+        """
+        if method.upper() != "GET":
+            raise ValueError(f"app routes are read-only: method must be GET, got {method!r}")
+        if not path.startswith("/v1/") or any(path == r or (r.endswith("/") and path.startswith(r)) for r in _RESERVED_PATHS):
+            raise ValueError(f"route path {path!r} must be under /v1/ and not clash with rtcore's routes")
+        if path in self.routes:
+            raise ValueError(f"route {path!r} is already registered")
+
+        def register(fn: RouteHandler) -> RouteHandler:
+            self.routes[path] = RouteSpec("GET", path, fn, action, resource if resource is not None else path)
+            return fn
+
+        return register(handler) if handler is not None else register
 
     def page(self, path: str, body: bytes | str, content_type: str = "text/html; charset=utf-8") -> None:
         """Serve a static page at ``path`` (``GET``), e.g. a demo client at ``/``."""
