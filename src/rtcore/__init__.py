@@ -28,7 +28,8 @@ from .errors import (
 if TYPE_CHECKING:
     from .backends import Backend, open_backend
     from .engine.app import App, Context, Principal, Router
-    from .engine.node import Node, Reply
+    from .engine.dispatch import Reply
+    from .engine.node import Node
     from .protocol.frames import Limits, Position
     from .protocol.types import Event, Retention
     from .server.runner import Server, run
@@ -79,7 +80,7 @@ _LAZY: dict[str, str] = {
     "open_backend": ".backends",
     "Position": ".protocol.frames",
     "Principal": ".engine.app",
-    "Reply": ".engine.node",
+    "Reply": ".engine.dispatch",
     "Retention": ".protocol.types",
     "Router": ".engine.app",
     "run": ".server.runner",

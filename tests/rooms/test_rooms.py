@@ -11,7 +11,7 @@ import pytest
 
 import rtcore
 from rtcore import rooms
-from rtcore.engine.node import _CommandContext
+from rtcore.engine.dispatch import CommandContext
 from rtcore.protocol.frames import Ok, Position
 from rtcore.protocol.state import checksum
 from rtcore.testing import FakeClock, connect, serve
@@ -65,7 +65,7 @@ async def test_retried_send_applies_once() -> None:
         spec = app.commands["room.send"]
         value = msgspec.convert({**args, "data": {"by": 5}}, spec.args_type)
         for _ in range(2):
-            ctx = _CommandContext(node, rtcore.Principal("a"), "room.send", "p:a:move-2")
+            ctx = CommandContext(node, rtcore.Principal("a"), "room.send", "p:a:move-2")
             assert await spec.handler(ctx, value) == 10
         await reg.settle(node, room["room_id"])
         assert (await reg.state(node, room["room_id"]))["state"]["counter"] == 10

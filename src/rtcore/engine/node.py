@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import anyio
@@ -28,20 +28,21 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from ..backends import Backend, open_backend
-from ..backends.base import Event, Outcome, ReadResult, Snapshot
-from ..errors import AuthError, BadRequest, RtcoreError, Unavailable, error_from_wire
-from ..protocol.codec import codec_for
-from ..protocol.frames import Limits, Position, Snap, Sync
-from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL, Replay, check_key, decide, fingerprint, scope_of
+from ..backends.base import Event, ReadResult
+from ..errors import AuthError, RtcoreError
+from ..protocol.frames import Limits, Position, Snap
+from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
 from ..protocol.state import StreamState
-from ..protocol.streams import Delivery, Phase, Plan, check_stream, plan_resume
-from .app import App, Context, Principal
-from .hub import EncodedEvent, EventSink, Hub, OutboxLimits, Tail
+from ..protocol.streams import Delivery, Plan, check_stream, plan_resume
+from .app import App, Principal
+from .dispatch import Reply, dispatch
+from .followers import Followers
+from .hub import EventSink, Hub, OutboxLimits, Tail
 from .metrics import NodeMetrics
 from .presence import Presence
 from .processors import Processors
 
-__all__ = ["ROLES", "Node", "Reply", "Subscription"]
+__all__ = ["ROLES", "Node", "Reply", "SubscriptionStart"]
 
 #: What a node can do: serve WebSocket/SSE (``gateway``), answer commands
 #: (``api``), run processors and loops (``processor``).
@@ -50,56 +51,7 @@ ROLES: frozenset[str] = frozenset({"gateway", "api", "processor"})
 log = logging.getLogger("rtcore.engine.node")
 
 
-class Reply(msgspec.Struct, frozen=True):
-    """The answer to a command, whichever transport asked.
-
-    Attributes:
-        ok: Whether it succeeded.
-        result: The handler's result as builtins (when ``ok``).
-        code: Error code (when not ``ok``).
-        message: Error message.
-        retryable: Whether retrying may succeed.
-        http_status: Status for the HTTP transport.
-        replayed: The outcome came from the idempotency store.
-    """
-
-    ok: bool
-    result: Any = None
-    code: str = ""
-    message: str = ""
-    retryable: bool = False
-    http_status: int = 200
-    replayed: bool = False
-
-    @classmethod
-    def error(cls, exc: RtcoreError, replayed: bool = False) -> Reply:
-        """A failed reply from an error (every field of the reply comes from ``exc``)."""
-        return cls(False, None, exc.code, exc.message, exc.retryable, exc.http_status, replayed)
-
-    @classmethod
-    def from_outcome(cls, outcome: Outcome, replayed: bool) -> Reply:
-        """A reply from a stored outcome.
-
-        A stored failure is rebuilt as its code's owner class (see
-        :func:`~rtcore.errors.error_class`); it is final, so not retryable.
-        """
-        if outcome.ok:
-            return cls(True, outcome.result, replayed=replayed)
-        exc = error_from_wire(outcome.code or "internal", outcome.message or "", retryable=False, http_status=outcome.http_status)
-        return cls.error(exc, replayed)
-
-    def exception(self) -> RtcoreError:
-        """The failed reply as an instance of its code's owner class.
-
-        Raises:
-            ValueError: The reply is a success.
-        """
-        if self.ok:
-            raise ValueError("a successful reply is not an error")
-        return error_from_wire(self.code, self.message, self.retryable, self.http_status)
-
-
-class Subscription:
+class SubscriptionStart:
     """A started subscription: what to tell the client first, and the tail that feeds it.
 
     Attributes:
@@ -122,41 +74,6 @@ class Subscription:
         self.recovered = recovered
         self.snap = snap
         self.tail = tail
-
-
-class _Follower:
-    """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
-
-    def __init__(self, stream: str, state: StreamState) -> None:
-        self.stream = stream
-        self.state = state
-        self.ready = anyio.Event()
-        self.tail: Tail | None = None
-        self.pending_sync: tuple[int, dict[str, bytes]] | None = None
-        self.node: Node | None = None
-        self.on_stale: Callable[[], None] = lambda: None
-
-    def fold_batch(self, batch: list[EncodedEvent]) -> None:
-        assert self.node is not None
-        for enc in batch:
-            self.node._fold(self, enc.event)
-
-    # EventSink: history and live events are folded alike, at once.
-    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        assert self.node is not None
-        self.node.spawn(fn)
-
-    def live(self, stream: str, batch: list[EncodedEvent]) -> None:
-        self.fold_batch(batch)
-
-    async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
-        self.fold_batch(batch)
-
-    def sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
-        pass  # the follower is where sync frames come from
-
-    def stale(self, stream: str) -> None:
-        self.on_stale()
 
 
 class Node:
@@ -211,7 +128,7 @@ class Node:
         self.id = node_id or secrets.token_hex(4)
         self.hub: Hub = None  # type: ignore[assignment]
         self._tg: TaskGroup | None = None
-        self._followers: dict[str, _Follower] = {}
+        self.followers: Followers = None  # type: ignore[assignment]  # made with the hub, on start
         self._processors = Processors(self)
         self.timer_wakeup = anyio.Event()
         self.draining = False
@@ -252,6 +169,7 @@ class Node:
             await self._shut_down()
             raise
         self.hub = Hub(self.backend.events, self._on_event, self._after_event)
+        self.followers = Followers(self.app, self.backend, self.hub, self.spawn)
         if self.app.states or self._processors.needs_feed:
             self.hub.feed.watch("*")
         self._cm = anyio.create_task_group()
@@ -394,91 +312,12 @@ class Node:
         key: str | None = None,
         encoding: Literal["json", "msgpack"] = "json",
     ) -> Reply:
-        """Run command ``name`` exactly once per idempotency key.
-
-        Args:
-            principal: Caller.
-            name: Command name.
-            args: Raw encoded arguments (``msgspec.Raw``/bytes in ``encoding``)
-                or already-decoded builtins.
-            key: Idempotency key (scope: the principal).
-            encoding: Encoding of raw ``args``.
+        """Run command ``name`` exactly once per idempotency key (see :func:`.dispatch.dispatch`).
 
         Returns:
             The :class:`Reply`; this method does not raise for command errors.
         """
-        try:
-            spec = self.app.commands.get(name)
-            if spec is None:
-                raise BadRequest(f"no command named {name!r}", code="unknown_command")
-            if not await self.allowed(principal, "command", name):
-                raise AuthError(f"command {name!r} is not allowed", code="forbidden")
-            value = self._decode_args(spec.args_type, args, encoding)
-            if key is not None:
-                check_key(key)
-        except RtcoreError as exc:
-            return Reply.error(exc)
-        if key is None:
-            return await self._execute(spec.handler, spec.args_type, principal, name, value, None)
-        scope = scope_of(principal.id if principal else None)
-        fp = fingerprint(name, value)
-        now = self.clock()
-        try:
-            existing = await self.backend.idempotency.begin(scope, key, fp, now=now, lease=self.idempotency_lease)
-            decision = decide(existing, fp)
-        except RtcoreError as exc:
-            return Reply.error(exc)
-        if isinstance(decision, Replay):
-            self.stats["idempotent_replays"] += 1
-            return Reply.from_outcome(decision.outcome, replayed=True)
-        reply = Reply.error(Unavailable("the command was cancelled", code="shutdown"))
-        try:
-            reply = await self._execute(spec.handler, spec.args_type, principal, name, value, f"{scope}:{key}")
-        finally:
-            with anyio.CancelScope(shield=True):
-                try:
-                    if reply.ok or not reply.retryable:
-                        outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
-                        await self.backend.idempotency.finish(scope, key, outcome, now=self.clock(), ttl=self.idempotency_ttl, fingerprint=fp)
-                    else:
-                        await self.backend.idempotency.release(scope, key)
-                except RtcoreError:
-                    # The command ran; only its record could not be stored. Answer it:
-                    # the pending claim expires after its lease and a retry re-executes,
-                    # which appends nothing twice (publishes are keyed by the command key).
-                    log.exception("could not store the outcome of %r under key %r", name, key)
-        return reply
-
-    @staticmethod
-    def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:
-        target = Any if args_type is None else args_type
-        try:
-            if isinstance(args, msgspec.Raw | bytes | str):
-                return codec_for(encoding).decode_value(args, target)
-            return msgspec.convert(args, target)
-        except msgspec.ValidationError as exc:
-            raise BadRequest(f"invalid args: {exc}", code="bad_args") from None
-        except msgspec.DecodeError as exc:
-            raise BadRequest(f"args are not valid {encoding}: {exc}", code="bad_args") from None
-
-    async def _execute(
-        self,
-        handler: Callable[..., Awaitable[Any]],
-        args_type: Any,
-        principal: Principal | None,
-        name: str,
-        value: Any,
-        publish_scope: str | None,
-    ) -> Reply:
-        ctx = _CommandContext(self, principal, name, publish_scope)
-        try:
-            result = await (handler(ctx) if args_type is None else handler(ctx, value))
-            return Reply(True, msgspec.to_builtins(result))
-        except RtcoreError as exc:
-            return Reply.error(exc)
-        except Exception:
-            log.exception("command %r raised", name)
-            return Reply.error(RtcoreError(f"command {name!r} failed unexpectedly", code="internal"))
+        return await dispatch(self, principal, name, args, key=key, encoding=encoding)
 
     # --- subscriptions ---------------------------------------------------------
 
@@ -491,7 +330,7 @@ class Node:
         *,
         use_cursor: bool = False,  # resume from the server cursor only on request (sub.cursor)
         new_epoch: bool = False,
-    ) -> Subscription:
+    ) -> SubscriptionStart:
         """Start a subscription with the catch-up → live handoff.
 
         The returned tail is already registered with the hub (live events are
@@ -532,7 +371,7 @@ class Node:
         snap: Snap | None = None
         epoch, after = info.epoch, plan.after
         if plan.mode == "snapshot":
-            follower = await self._follower(stream)
+            follower = await self.followers.get(stream)
             st = follower.state
             epoch, after = st.epoch, st.offset
             snap = Snap(stream, st.epoch, st.offset, st.builtins(), st.checksum())
@@ -544,7 +383,7 @@ class Node:
         # subbed.offset: with recovered=true, the head the replay leads to; otherwise
         # the position the client must jump to (events after it follow).
         offset = info.head if plan.recovered else after
-        return Subscription(stream, epoch, offset, plan.recovered, snap, tail)
+        return SubscriptionStart(stream, epoch, offset, plan.recovered, snap, tail)
 
     async def store_ack(self, principal: Principal | None, stream: str, epoch: str, offset: int) -> None:
         """Remember a principal's cumulative ack as its server cursor."""
@@ -555,99 +394,11 @@ class Node:
 
     async def state_of(self, stream: str) -> StreamState:
         """The current folded state of a stateful stream."""
-        return (await self._follower(stream)).state
-
-    async def _follower(self, stream: str) -> _Follower:
-        f = self._followers.get(stream)
-        if f is None:
-            f = self._start_follower(stream)
-        await f.ready.wait()
-        return f
-
-    def _start_follower(self, stream: str) -> _Follower:
-        spec = self.app.state_for(stream)
-        assert spec is not None
-        f = _Follower(stream, StreamState(spec, ""))
-        self._followers[stream] = f
-        self.spawn(lambda: self._load_follower(f))
-        return f
-
-    async def _load_follower(self, f: _Follower) -> None:
-        spec = f.state.spec
-        for attempt in range(1_000_000):
-            try:
-                snap = await self.backend.snapshots.get(f.stream)
-                info = await self.backend.events.info(f.stream)
-                break
-            except RtcoreError:
-                # Backend outage: keep the node alive and try again.
-                log.warning("loading the state of %s failed (attempt %d)", f.stream, attempt + 1, exc_info=True)
-                await anyio.sleep(min(0.1 * 2**attempt, 5.0))
-        if snap is not None and snap.epoch == info.epoch and info.first - 1 <= snap.offset <= info.head:
-            f.state = StreamState.from_snapshot(spec, snap)
-        else:
-            if info.first > 1:
-                log.warning("state of %s: history before %d is gone and no snapshot covers it; folding from there", f.stream, info.first)
-            f.state = StreamState(spec, info.epoch, info.first - 1)
-
-        def stale() -> None:
-            # History was lost (new epoch): the next offset-1 event starts a new follower.
-            if self._followers.get(f.stream) is f:
-                del self._followers[f.stream]
-            if f.tail is not None:
-                self.hub.remove(f.tail)
-
-        f.node = self
-        f.on_stale = stale
-        f.tail = Tail(self.backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f)
-        self.hub.add(f.tail)
-        await f.tail.fill()
-        f.ready.set()
-
-    async def _store_snapshot(self, snapshot: Snapshot) -> None:
-        # A snapshot is an optimisation: losing one to a backend outage must
-        # not take the node down; the next one (snapshot_every later) is tried.
-        try:
-            await self.backend.snapshots.put(snapshot)
-        except RtcoreError:
-            log.warning("could not store the snapshot of %s at %d", snapshot.stream, snapshot.offset, exc_info=True)
-
-    def _fresh_follower(self, stream: str, state: StreamState) -> None:
-        old = self._followers.get(stream)
-        if old is not None and old.tail is not None:
-            self.hub.remove(old.tail)
-        f = _Follower(stream, state)
-        self._followers[stream] = f
-        f.tail = Tail(self.backend.events, stream, Delivery(state.epoch, state.offset), f)
-        f.tail.delivery.phase = Phase.LIVE
-        f.node = self
-        self.hub.add(f.tail)
-        f.ready.set()
-
-    def _fold(self, f: _Follower, event: Event) -> None:
-        st = f.state
-        st.apply(event)
-        if st.snapshot_due:
-            snapshot = st.snapshot(f.stream)
-            self.spawn(lambda: self._store_snapshot(snapshot))
-        if st.sync_due:
-            frame = Sync(f.stream, st.offset, st.checksum(), st.epoch)
-            frames = {"json": codec_for("json").encode(frame), "msgpack": codec_for("msgpack").encode(frame)}
-            # Subscribers must get evt k before sync k, and the hub calls the tails
-            # after this fold: park the sync until _after_event.
-            f.pending_sync = (st.offset, frames)
+        return (await self.followers.get(stream)).state
 
     def _on_event(self, event: Event) -> None:
-        if self.app.states:
-            spec = self.app.state_for(event.stream)
-            if spec is not None and self._tg is not None:
-                f = self._followers.get(event.stream)
-                if event.offset == 1 and (f is None or f.state.epoch != event.epoch):
-                    # A new history starts: fold it from here, synchronously, so no
-                    # event can be trimmed before the follower saw it.
-                    self._fresh_follower(event.stream, StreamState(spec, event.epoch, 0))
-                elif f is None:
-                    self._start_follower(event.stream)
+        if self.app.states and self._tg is not None:
+            self.followers.on_event(event)
         self._processors.on_event(event)
 
     def _after_event(self, event: Event) -> None:
@@ -656,34 +407,4 @@ class Node:
             now = self.clock()
             self.metrics.dispatch.observe(now - event.ts)
             self.metrics.heads[event.stream] = (event.offset, event.ts)
-        # Send a parked ``sync`` once the event itself went to the tails.
-        f = self._followers.get(event.stream)
-        if f is not None and f.pending_sync is not None and f.pending_sync[0] == event.offset:
-            offset, frames = f.pending_sync
-            f.pending_sync = None
-            self.hub.broadcast_sync(event.stream, offset, frames)
-
-
-class _CommandContext(Context):
-    """Context whose publishes are idempotent per command key.
-
-    When the command has an idempotency key and a publish has none, the
-    publish gets ``{scope}:{key}:{n}`` (n = its index in this execution). A
-    command re-executed after a crash therefore appends nothing twice.
-    """
-
-    __slots__ = ("_n", "_scope")
-
-    def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
-        super().__init__(node, principal, command, scope)
-        self._scope = scope
-        self._n = 0
-
-    async def publish(
-        self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
-    ) -> Event:
-        if key is None and self._scope is not None:
-            self._n += 1
-            key = f"cmd:{self._scope}:{self._n}"
-        return await self.node.publish(stream, type, data, key=key, expect=expect)
-
+        self.followers.after_event(event)

@@ -37,7 +37,7 @@ import anyio
 import msgspec
 
 from ..engine.app import App, Context
-from ..errors import AuthError, ConflictError, Rejected, RtcoreError
+from ..errors import AuthError, BackendError, BadRequest, ConflictError, Rejected, RtcoreError, error_from_wire
 from ..protocol import patch
 from ..protocol.state import state_builtins
 from ..protocol.types import Event
@@ -469,7 +469,7 @@ class _Actor:
             try:
                 value = msgspec.convert(value, target, strict=False)
             except msgspec.ValidationError as exc:
-                raise RtcoreError(f"message {type_!r}: invalid data: {exc}", code="bad_args") from None
+                raise BadRequest(f"message {type_!r}: invalid data: {exc}", code="bad_args") from None
         return await call(fn, player, value)
 
     async def apply_entry(self, ev: Event) -> None:
@@ -724,10 +724,15 @@ class _Runtime:
                 return  # the node is stopping: the next owner sees the members as they were
 
     async def _submit_drop(self, room_id: str, uid: str) -> None:
-        try:
-            await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
-        except RtcoreError:
-            log.warning("room %s: could not record the drop of %r", room_id, uid, exc_info=True)
+        # Shielded (and bounded): a connection that closes just before its node
+        # stops must still have its drop recorded, or the next owner would keep
+        # a seat "connected" that nobody holds (trio may start this task only
+        # after the node's task group was cancelled).
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
+            except RtcoreError:
+                log.warning("room %s: could not record the drop of %r", room_id, uid, exc_info=True)
         self.wake(room_id)
 
     def wake(self, room_id: str) -> None:
@@ -746,7 +751,7 @@ class _Runtime:
         if data["ok"]:
             entry = _Entry(True, data.get("result"))
         else:
-            entry = _Entry(False, error=RtcoreError(data["message"], code=data["code"], retryable=bool(data["retryable"])))
+            entry = _Entry(False, error=error_from_wire(data["code"], data["message"], bool(data["retryable"])))
         waiter = self.reply_waiters.pop(key, None)
         if waiter is not None:
             self.replies[key] = entry
@@ -766,7 +771,7 @@ class _Runtime:
             raise Rejected("unknown_room_type", f"no room type named {type_!r}")
         room_id = secrets.token_hex(6)
         if not await self.node.backend.leases.acquire(f"room:{room_id}", self.node.id, now=self.node.clock(), ttl=LEASE):
-            raise RtcoreError("could not take the new room's lease", code="backend_unavailable", retryable=True)
+            raise BackendError("could not take the new room's lease", code="backend_unavailable", retryable=True)
         actor = _Actor(self, cls, room_id, self._new_code(), private)
         # So any node can find the room by its code (the code is the secret of a private room).
         await self.node.publish(f"roomcode:{actor.code}", "room", {"room_id": room_id}, key=room_id)

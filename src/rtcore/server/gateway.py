@@ -23,13 +23,13 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
 from ..engine.hub import OutboxLimits
-from ..engine.node import Node, Subscription
+from ..engine.node import Node, SubscriptionStart
 from ..errors import AuthError, ConnectionClosed, RtcoreError
 from ..protocol.codec import Codec, codec_for
 from ..protocol.frames import Err, Ok, Subbed
@@ -44,30 +44,13 @@ from ..protocol.session import (
     Send,
     Session,
 )
+from ..transport.websocket import FrameTransport
 from .outbox import FastWriter, Outbox
 from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
 __all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
 
 log = logging.getLogger("rtcore.server.gateway")
-
-
-class FrameTransport(Protocol):
-    """A message transport: one message = one frame."""
-
-    encoding: str
-
-    async def receive(self) -> bytes | str:
-        """The next whole message. Raises :class:`ConnectionClosed` at the end."""
-        ...
-
-    async def send(self, frames: list[bytes]) -> None:
-        """Send each item as one message, all in one write."""
-        ...
-
-    async def close(self, code: int, reason: str = "") -> None:
-        """Close the connection with a WebSocket close code."""
-        ...
 
 
 #: Idle command workers a connection keeps (more exit once idle).
@@ -101,7 +84,7 @@ class _Connection:
         self.id = self.session.id
         self.opened_at = node.clock()
         self.upgrade_token = upgrade_token
-        self.subs: dict[str, Subscription] = {}
+        self.subs: dict[str, SubscriptionStart] = {}
         self.metrics = node.metrics
         enc = self.encoding
         # asyncio fast path (see WebSocketTransport.send_nowait): frames queued in one

@@ -45,7 +45,7 @@ from anyio.abc import TaskStatus
 
 from ..backends import Backend
 from ..engine.app import App
-from ..engine.node import Node
+from ..engine.node import ROLES, Node
 from ..protocol.frames import Limits
 from ..transport import FrameTransport as _WsTransport
 from ..transport import (
@@ -66,8 +66,6 @@ __all__ = ["ROLES", "Server", "run", "schema"]
 
 log = logging.getLogger("rtcore.server.runner")
 
-#: Roles a process can take (``rtcore serve --role``).
-ROLES = frozenset({"gateway", "api", "processor"})
 
 
 class Server:

@@ -1,0 +1,202 @@
+"""Command dispatch: arguments, authorization, the idempotency rules, the handler.
+
+Every transport (WebSocket, HTTP, in-process) answers a command through
+:func:`dispatch`, which is why a command retried over HTTP after being sent
+over WebSocket sees the same idempotency record. The rules themselves (what a
+stored record means for a retry) are sans-IO, in
+:mod:`rtcore.protocol.idempotency`; this module applies them against the
+backend's :class:`~rtcore.backends.base.IdempotencyStore`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import msgspec
+
+from ..errors import AuthError, BadRequest, RtcoreError, Unavailable, error_from_wire
+from ..protocol.codec import codec_for
+from ..protocol.idempotency import Replay, check_key, decide, fingerprint, scope_of
+from ..protocol.types import Event, Outcome
+from .app import Context, Principal
+
+if TYPE_CHECKING:
+    from .node import Node
+
+__all__ = ["CommandContext", "Reply", "dispatch"]
+
+log = logging.getLogger("rtcore.engine.dispatch")
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """The answer to a command, whichever transport asked.
+
+    Attributes:
+        ok: Whether it succeeded.
+        result: The handler's result as builtins (when ``ok``).
+        code: Error code (when not ``ok``).
+        message: Error message.
+        retryable: Whether retrying may succeed.
+        http_status: Status for the HTTP transport.
+        replayed: The outcome came from the idempotency store.
+    """
+
+    ok: bool
+    result: Any = None
+    code: str = ""
+    message: str = ""
+    retryable: bool = False
+    http_status: int = 200
+    replayed: bool = False
+
+    @classmethod
+    def error(cls, exc: RtcoreError, replayed: bool = False) -> Reply:
+        """A failed reply from an error (every field of the reply comes from ``exc``)."""
+        return cls(False, None, exc.code, exc.message, exc.retryable, exc.http_status, replayed)
+
+    @classmethod
+    def from_outcome(cls, outcome: Outcome, replayed: bool) -> Reply:
+        """A reply from a stored outcome.
+
+        A stored failure is rebuilt as its code's owner class (see
+        :func:`~rtcore.errors.error_class`); it is final, so not retryable.
+        """
+        if outcome.ok:
+            return cls(True, outcome.result, replayed=replayed)
+        exc = error_from_wire(outcome.code or "internal", outcome.message or "", retryable=False, http_status=outcome.http_status)
+        return cls.error(exc, replayed)
+
+    def exception(self) -> RtcoreError:
+        """The failed reply as an instance of its code's owner class.
+
+        Raises:
+            ValueError: The reply is a success.
+        """
+        if self.ok:
+            raise ValueError("a successful reply is not an error")
+        return error_from_wire(self.code, self.message, self.retryable, self.http_status)
+
+
+async def dispatch(
+    node: Node,
+    principal: Principal | None,
+    name: str,
+    args: Any,
+    *,
+    key: str | None = None,
+    encoding: Literal["json", "msgpack"] = "json",
+) -> Reply:
+    """Run command ``name`` on ``node`` exactly once per idempotency key.
+
+    Args:
+        node: The running node (its app, backend, clock and idempotency settings).
+        principal: Caller.
+        name: Command name.
+        args: Raw encoded arguments (``msgspec.Raw``/bytes in ``encoding``)
+            or already-decoded builtins.
+        key: Idempotency key (scope: the principal).
+        encoding: Encoding of raw ``args``.
+
+    Returns:
+        The :class:`Reply`; this function does not raise for command errors.
+    """
+    try:
+        spec = node.app.commands.get(name)
+        if spec is None:
+            raise BadRequest(f"no command named {name!r}", code="unknown_command")
+        if not await node.allowed(principal, "command", name):
+            raise AuthError(f"command {name!r} is not allowed", code="forbidden")
+        value = _decode_args(spec.args_type, args, encoding)
+        if key is not None:
+            check_key(key)
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    if key is None:
+        return await _execute(node, spec.handler, spec.args_type, principal, name, value, None)
+    scope = scope_of(principal.id if principal else None)
+    fp = fingerprint(name, value)
+    now = node.clock()
+    try:
+        existing = await node.backend.idempotency.begin(scope, key, fp, now=now, lease=node.idempotency_lease)
+        decision = decide(existing, fp)
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    if isinstance(decision, Replay):
+        node.stats["idempotent_replays"] += 1
+        return Reply.from_outcome(decision.outcome, replayed=True)
+    reply = Reply.error(Unavailable("the command was cancelled", code="shutdown"))
+    try:
+        reply = await _execute(node, spec.handler, spec.args_type, principal, name, value, f"{scope}:{key}")
+    finally:
+        with anyio.CancelScope(shield=True):
+            try:
+                if reply.ok or not reply.retryable:
+                    outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
+                    await node.backend.idempotency.finish(scope, key, outcome, now=node.clock(), ttl=node.idempotency_ttl, fingerprint=fp)
+                else:
+                    await node.backend.idempotency.release(scope, key)
+            except RtcoreError:
+                # The command ran; only its record could not be stored. Answer it:
+                # the pending claim expires after its lease and a retry re-executes,
+                # which appends nothing twice (publishes are keyed by the command key).
+                log.exception("could not store the outcome of %r under key %r", name, key)
+    return reply
+
+
+def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:
+    target = Any if args_type is None else args_type
+    try:
+        if isinstance(args, msgspec.Raw | bytes | str):
+            return codec_for(encoding).decode_value(args, target)
+        return msgspec.convert(args, target)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid args: {exc}", code="bad_args") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"args are not valid {encoding}: {exc}", code="bad_args") from None
+
+
+async def _execute(
+    node: Node,
+    handler: Callable[..., Awaitable[Any]],
+    args_type: Any,
+    principal: Principal | None,
+    name: str,
+    value: Any,
+    publish_scope: str | None,
+) -> Reply:
+    ctx = CommandContext(node, principal, name, publish_scope)
+    try:
+        result = await (handler(ctx) if args_type is None else handler(ctx, value))
+        return Reply(True, msgspec.to_builtins(result))
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    except Exception:
+        log.exception("command %r raised", name)
+        return Reply.error(RtcoreError(f"command {name!r} failed unexpectedly", code="internal"))
+
+
+class CommandContext(Context):
+    """Context whose publishes are idempotent per command key.
+
+    When the command has an idempotency key and a publish has none, the
+    publish gets ``{scope}:{key}:{n}`` (n = its index in this execution). A
+    command re-executed after a crash therefore appends nothing twice.
+    """
+
+    __slots__ = ("_n", "_scope")
+
+    def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
+        super().__init__(node, principal, command, scope)
+        self._scope = scope
+        self._n = 0
+
+    async def publish(
+        self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
+    ) -> Event:
+        if key is None and self._scope is not None:
+            self._n += 1
+            key = f"cmd:{self._scope}:{self._n}"
+        return await self.node.publish(stream, type, data, key=key, expect=expect)
