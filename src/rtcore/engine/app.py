@@ -49,6 +49,7 @@ __all__ = [
     "Context",
     "Lifespan",
     "LoopSpec",
+    "PresenceSpec",
     "Principal",
     "ProcessorSpec",
     "RouteHandler",
@@ -214,6 +215,23 @@ class RouteSpec:
     resource: str
 
 
+@dataclass(frozen=True)
+class PresenceSpec:
+    """Stream presence for streams matching ``pattern`` (made by :meth:`App.presence`).
+
+    Attributes:
+        pattern: Glob of stream names.
+        events: Publish coalesced ``presence`` events (``{"joined": [...],
+            "left": [...]}``) to the stream when its subscribers change.
+        interval: Seconds changes are coalesced over (one event per stream
+            and interval at most).
+    """
+
+    pattern: str
+    events: bool = False
+    interval: float = 1.0
+
+
 @dataclass
 class _Hooks:
     authenticate: Callable[[str | None], Awaitable[Any]] | None = None
@@ -247,6 +265,32 @@ class App(Router):
         self.loops: list[LoopSpec] = []
         self.pages: dict[str, tuple[str, bytes]] = {}
         self.routes: dict[str, RouteSpec] = {}
+        self.presences: list[PresenceSpec] = []
+
+    def presence(self, pattern: str, *, events: bool = False, interval: float = 1.0) -> None:
+        """Track who is subscribed to streams matching ``pattern`` (like Centrifugo's presence).
+
+        Enables ``GET /v1/streams/{stream}/presence`` for those streams
+        (authorized as ``presence`` on the stream): the principals subscribed
+        over WebSocket or SSE, several connections of one principal counting
+        once. With ``events=True`` the server also appends a ``presence`` event
+        to the stream when its subscribers change, coalesced over ``interval``
+        seconds: ``{"joined": [ids], "left": [ids]}``. Presence is each
+        server's own view (see docs/architecture.md, "Stream presence").
+
+        Raises:
+            ValueError: ``interval`` is not positive.
+        """
+        if not interval > 0:
+            raise ValueError(f"presence interval must be > 0 seconds, got {interval!r}")
+        self.presences.append(PresenceSpec(pattern, events, float(interval)))
+
+    def presence_for(self, stream: str) -> PresenceSpec | None:
+        """The presence declaration covering ``stream`` (the first one that matches)."""
+        for spec in self.presences:
+            if matches(spec.pattern, stream):
+                return spec
+        return None
 
     def route(
         self, method: str, path: str, handler: RouteHandler | None = None, *, action: str = "read", resource: str | None = None

@@ -1079,6 +1079,9 @@ def install(app: App) -> Rooms:
     app.state("roomindex:*", RoomIndex, snapshot_every=100, sync_every=0)
     app.state("roomview:*", RoomDoc, snapshot_every=100, sync_every=10)
     app.retention("roomview:*", max_events=1000)
+    # Who follows a room's stream (GET /v1/streams/room:{id}/presence); the
+    # seats themselves are the document's `members`.
+    app.presence("room:*")
     if app.hooks.authorize is None:
         app.hooks.authorize = _default_authorize
     app.retention("roomindex:*", max_events=1000)

@@ -37,7 +37,9 @@ from ..engine.node import Node
 from ..errors import AuthError, BadRequest, RtcoreError
 from ..protocol import frames
 from ..protocol.frames import Position
+from ..protocol.streams import check_stream
 from ..transport import HttpRequest, HttpResponse, StreamingResponse, error_response, json_response
+from .presence import stream_presence
 from .registry import SessionRegistry
 from .sse import SseStream
 
@@ -90,6 +92,10 @@ class Routes:
                 if request.method not in ("GET", "HEAD"):
                     return error_response(405, "method_not_allowed", "use GET", [(b"allow", b"GET")])
                 rest = path[len("/v1/streams/"):]
+                if rest.endswith("/presence"):
+                    if "api" not in self.roles:
+                        return error_response(404, "not_found", "this process does not serve the HTTP API (role)")
+                    return await self._presence(request, rest[: -len("/presence")])
                 if rest.endswith("/sse"):
                     if "gateway" not in self.roles:
                         return error_response(404, "not_found", "this process does not serve live streams (role)")
@@ -171,6 +177,25 @@ class Routes:
                 "head": page.head,
                 "first": page.first,
                 "events": [{"offset": e.offset, "type": e.type, "data": e.data, "ts": e.ts} for e in page.events],
+            },
+        )
+
+    async def _presence(self, request: HttpRequest, stream: str) -> HttpResponse:
+        check_stream(stream)
+        if self.app.presence_for(stream) is None:
+            raise BadRequest(f"presence is not enabled for {stream!r} (declare it with app.presence)", code="not_found")
+        principal = await self._principal(request)
+        if not await self.node.allowed(principal, "presence", stream):
+            raise AuthError(f"presence of {stream!r} is not allowed", code="forbidden")
+        named, anonymous = stream_presence(self.sessions.infos(), stream)
+        return json_response(
+            200,
+            {
+                "stream": stream,
+                "node": self.node.id,
+                "principals": {pid: {"connections": n} for pid, n in sorted(named.items())},
+                "count": len(named),
+                "anonymous": anonymous,
             },
         )
 

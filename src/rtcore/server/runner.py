@@ -59,13 +59,13 @@ from ..transport import (
     serve,
 )
 from .gateway import ConnectionClosed, serve_session
+from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes, schema
 
 __all__ = ["ROLES", "Server", "run", "schema"]
 
 log = logging.getLogger("rtcore.server.runner")
-
 
 
 class Server:
@@ -132,6 +132,8 @@ class Server:
         #: The open sessions (WebSocket and SSE) of this server.
         self.sessions = SessionRegistry()
         self.routes: Routes | None = None
+        #: Appends the presence events of this server's sessions (after startup).
+        self.presence: PresenceAnnouncer | None = None
         self._stopping = False
         self._done = anyio.Event()
 
@@ -155,22 +157,27 @@ class Server:
         async with Node(self.app, self.backend, roles=self.roles, **self.node_options) as node:
             self.node = node
             self.routes = Routes(node, self.roles, self.sessions)
-            async with anyio.create_task_group() as tg:
-                port = await tg.start(
-                    partial(
-                        serve,
-                        self._on_websocket,
-                        self._on_http,
-                        host=self.host,
-                        port=self._port,
-                        ssl_context=self.ssl_context,
-                        limits=self.limits,
-                        policy=self.policy,
-                        control=self.control,
+            self.presence = PresenceAnnouncer(node, self.sessions)
+            async with anyio.create_task_group() as side:
+                # Presence events of app.presence(..., events=True) streams, until the listener ends.
+                side.start_soon(self.presence.run)
+                async with anyio.create_task_group() as tg:
+                    port = await tg.start(
+                        partial(
+                            serve,
+                            self._on_websocket,
+                            self._on_http,
+                            host=self.host,
+                            port=self._port,
+                            ssl_context=self.ssl_context,
+                            limits=self.limits,
+                            policy=self.policy,
+                            control=self.control,
+                        )
                     )
-                )
-                log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
-                task_status.started(port)
+                    log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
+                    task_status.started(port)
+                side.cancel_scope.cancel()
 
     async def stop(self, grace: float | None = None, reason: str = "server shutdown") -> None:
         """Graceful shutdown (see the module docstring); returns when the server stopped.
