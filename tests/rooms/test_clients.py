@@ -71,6 +71,9 @@ async def play(kind: str) -> list[Any]:
         heard: list[Any] = []
         rb.on_message("said", heard.append)
         ra.on_message("said", heard.append)
+        notes: list[Any] = []
+        rb.on_message("note", lambda data: notes.append(("bob", data)))
+        ra.on_message("note", lambda data: notes.append(("alice", data)))
         changes: list[str] = []
         rb.on_change(lambda ch: changes.append(ch.kind))
         for i, (who, by) in enumerate([(ra, 1), (rb, 2), (ra, 3), (rb, 4), (ra, 5)]):
@@ -84,9 +87,10 @@ async def play(kind: str) -> list[Any]:
             transcript.append(copy.deepcopy(ra.state))
         await ra.send("tell", {"to": "bob"})
         with anyio.fail_after(10):
-            while not heard:
+            while not (heard and notes):
                 await anyio.sleep(0.01)
         assert heard == [{"by": "alice"}], "the broadcast reaches bob only (alice is excluded)"
+        assert notes == [("bob", {"from": "alice"})], "the direct message reaches bob's room only"
         assert changes.count("patch") >= 5
         assert set(ra.members) == {"alice", "bob"}
         await rb.leave()
@@ -105,7 +109,9 @@ async def test_both_clients_hold_the_servers_document_after_every_move() -> None
 
     Mutation: make ``RoomView._event`` skip one patch (``if evt.offset == 4: return []``)
     → the document differs from the server's at that step → fails; drop the
-    ``except`` filter of broadcasts → alice hears her own → fails.
+    ``except`` filter of broadcasts → alice hears her own → fails; do not
+    subscribe to the player's ``dm`` stream in ``ClientSession.track_room`` → bob
+    gets no note → fails.
     """
     by_driver = {kind: await play(kind) for kind in DRIVERS}
     assert by_driver["testing"] == by_driver["network"]

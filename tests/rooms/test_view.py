@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rtcore.protocol.client import ClientSession, Connected, Missed, RoomChanged
+from rtcore.protocol.client import ClientSession, Connected, Missed, Replied, RoomChanged
 from rtcore.protocol.frames import Evt, Limits, Snap, Sub, Subbed, Sync, Unsub, Welcome
 from rtcore.protocol.patch import diff
 from rtcore.protocol.rooms import RoomView
@@ -102,22 +102,36 @@ def test_session_routes_a_tracked_room_and_resyncs_it() -> None:
     the driver), acks what it folded, and on a sync mismatch sends ``unsub`` then
     ``sub`` without a position.
 
+    Direct messages (``roomdm:{user}``, shared by the player's rooms) are
+    subscribed once and reach the room they name only.
+
     Mutation: skip the resubscription in ``ClientSession._route_rooms`` → no
-    ``unsub``/``sub`` frames → fails.
+    ``unsub``/``sub`` frames → fails; skip the ``room`` check in
+    ``RoomView.direct`` → room r2 gets r1's note too → fails.
     """
     s = ClientSession(ack_interval=0.05)
     s.start("alice")
     s.frames_to_send()
     assert s.receive_frame(Welcome("s-1", 15.0, Limits(), "alice"), 0.0)[0] == Connected(Welcome("s-1", 15.0, Limits(), "alice"))
     view = RoomView(JOINED)
-    [req] = s.track_room(view)
-    [sub] = s.frames_to_send()
+    other = RoomView({**JOINED, "room_id": "r2", "stream": "room:r2"})
+    [req, dm_req] = s.track_room(view)
+    [sub, dm_sub] = s.frames_to_send()
     assert isinstance(sub, Sub) and sub.since is None and not sub.cursor
+    assert isinstance(dm_sub, Sub) and dm_sub.stream == "roomdm:alice" and dm_sub.since is None
     s.receive_frame(Subbed(sub.id, "room:r1", "e1", 3, recovered=False, snap=True), 0.0)
-    assert req.done
+    s.receive_frame(Subbed(dm_sub.id, "roomdm:alice", "d1", 7, recovered=False), 0.0)
+    assert req.done and dm_req.done
+    assert len(s.track_room(other)) == 1, "the dm stream is shared: subscribed once"
+    s.frames_to_send()
+    note = Evt("roomdm:alice", "d1", 8, "msg", {"room": "r1", "type": "note", "data": 1}, 0.0)
+    events = s.receive_frame(note, 0.0)
+    assert [(e.view.room_id, e.change.kind) for e in events if isinstance(e, RoomChanged)] == [("r1", "direct")]
+    s.untrack_room(other)
+    assert "roomdm:alice" in s.streams, "still needed by room r1"
     doc = {"state": {"n": 1}, "members": {}, "room": {}, "inbox": 3}
     events = s.receive_frame(Snap("room:r1", "e1", 3, doc, checksum(doc)), 0.0)
-    assert [type(e) for e in events] == [RoomChanged] and view.document == doc
+    assert [type(e) for e in events if not isinstance(e, Replied)] == [RoomChanged] and view.document == doc
     events = s.receive_frame(patch(4, [["set", ["state", "n"], 2]]), 0.0)
     assert [e.change.kind for e in events if isinstance(e, RoomChanged)] == ["patch"]
     s.tick(1.0)
@@ -125,7 +139,7 @@ def test_session_routes_a_tracked_room_and_resyncs_it() -> None:
     events = s.receive_frame(Sync("room:r1", 4, "wrong", "e1"), 0.0)
     assert [e.change.kind for e in events if isinstance(e, RoomChanged)] == ["resync"]
     out = s.frames_to_send()
-    assert [type(f) for f in out] == [Unsub, Sub]
+    assert [type(f) for f in out] == [Unsub, Sub] and out[0].stream == "room:r1"
     assert isinstance(out[1], Sub) and out[1].since is None
-    assert s.untrack_room(view) == [], "the resubscription is not live yet: nothing to unsub"
-    assert s.rooms == [] and s.streams == []
+    s.untrack_room(view)
+    assert s.rooms == [] and s.streams == [], "the last room gone: its streams and the dm stream are unsubscribed"

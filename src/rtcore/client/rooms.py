@@ -109,8 +109,9 @@ class Room:
         return callback
 
     def on_message(self, type: str | None, callback: MessageCallback | None = None) -> Any:
-        """Call ``callback(data)`` for each broadcast of ``type`` (``None``: every
-        broadcast, called with the whole ``{"type", "data", ...}``).
+        """Call ``callback(data)`` for each message of ``type`` from the room:
+        broadcasts and messages to this player alone (``None``: every message,
+        called with the whole ``{"type", "data", ...}``).
 
         Usable as a decorator: ``@room.on_message("chat")``.
         """
@@ -161,7 +162,7 @@ class Room:
     def _deliver(self, change: RoomChange) -> None:
         for fn in list(self._callbacks):
             self._run(fn, change)
-        if change.kind == "message":
+        if change.kind in ("message", "direct"):
             msg = change.message if isinstance(change.message, dict) else {}
             for type_, fn in list(self._on_message):
                 if type_ is None:

@@ -72,7 +72,10 @@ Rules:
     like rule 9). A view that loses track (a patch that does not fit, a
     ``sync`` checksum mismatch, a notice without a state) is resynced:
     ``unsub``, then ``sub`` without a position, and the snapshot replaces the
-    document.
+    document. The player's direct-message stream (``roomdm:{user}``, shared by
+    its rooms) is subscribed live (no position) unless the application
+    subscribed to it itself; its messages become ``direct`` changes of the
+    room they name.
 
 This module is sans-IO: no sockets, no event loop, no clock.
 """
@@ -331,6 +334,7 @@ class ClientSession:
         self._events: list[ClientEvent] = []
         self._ack_at: float | None = None
         self._rooms: dict[str, RoomView] = {}  # by stream: tracked rooms (rule 11)
+        self._dms: dict[str, list[RoomView]] = {}  # roomdm:{user} streams we subscribed for rooms
 
     # --- introspection ------------------------------------------------------------
 
@@ -517,6 +521,13 @@ class ClientSession:
             self._rooms[stream] = view
             if stream not in self._streams:
                 reqs.append(self.subscribe(stream))
+        dm = view.dm_stream
+        if dm is not None and (dm in self._dms or dm not in self._streams):
+            # Direct messages: live from now (no position), shared by the player's
+            # rooms; left alone when the application subscribed to it itself.
+            if dm not in self._dms:
+                reqs.append(self.subscribe(dm))
+            self._dms.setdefault(dm, []).append(view)
         return reqs
 
     def untrack_room(self, view: RoomView) -> list[Request]:
@@ -532,6 +543,15 @@ class ClientSession:
                 req = self.unsubscribe(stream)
                 if req is not None:
                     reqs.append(req)
+        dm = view.dm_stream
+        views = self._dms.get(dm) if dm is not None else None
+        if dm is not None and views is not None and view in views:
+            views.remove(view)
+            if not views:
+                del self._dms[dm]
+                req = self.unsubscribe(dm)
+                if req is not None:
+                    reqs.append(req)
         return reqs
 
     def _route_rooms(self, now: float) -> None:
@@ -539,6 +559,13 @@ class ClientSession:
         events, self._events = self._events, []
         out: list[ClientEvent] = []
         for ev in events:
+            if isinstance(ev, Evt | Missed | Sync) and ev.stream in self._dms:
+                if not isinstance(ev, Sync):
+                    self.consumed(ev.stream, ev.epoch, ev.offset, now)
+                if isinstance(ev, Evt):
+                    for dm_view in self._dms[ev.stream]:
+                        out.extend(RoomChanged(dm_view, change) for change in dm_view.direct(ev))
+                continue
             if not isinstance(ev, Evt | Missed | Sync) or ev.stream not in self._rooms:
                 out.append(ev)
                 continue

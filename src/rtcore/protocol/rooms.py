@@ -47,7 +47,7 @@ from .state import checksum
 
 __all__ = ["RoomChange", "RoomView", "merge_private"]
 
-ChangeKind = Literal["snapshot", "patch", "message", "resync"]
+ChangeKind = Literal["snapshot", "patch", "message", "direct", "resync"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class RoomChange:
             ``roomview:{id}:{user}``).
         kind: ``snapshot`` (the document was replaced), ``patch`` (``ops``
             were applied), ``message`` (a broadcast: ``message`` is
-            ``{"type", "data", ...}``), ``resync`` (the fold lost track; the
+            ``{"type", "data", ...}``), ``direct`` (a message to this player
+            alone, from the room's ``send``: same shape), ``resync`` (the fold lost track; the
             client resubscribes and a ``snapshot`` follows).
         offset: The stream offset of the item.
         ops: The applied ops of a ``patch``.
@@ -112,6 +113,8 @@ class RoomView:
         code: The room's short code (for ``room.join {"code"}``).
         stream: The public stream ``room:{id}``.
         view_stream: The private stream ``roomview:{id}:{user}``, or ``None``.
+        dm_stream: The player's direct-message stream ``roomdm:{user}``
+            (shared by every room of the player), or ``None``.
         user: The player this view belongs to.
         document: The public document (``state``, ``members``, ``room``,
             ``inbox``) as the server last published it, or ``None`` while
@@ -133,6 +136,7 @@ class RoomView:
         view = joined.get("view")
         self.view_stream: str | None = str(view) if view else None
         dm = str(joined.get("dm") or "")
+        self.dm_stream: str | None = dm or None
         self.user = user if user is not None else dm.partition(":")[2]
         self.document: dict[str, Any] | None = None
         self.private: dict[str, Any] | None = None
@@ -228,6 +232,14 @@ class RoomView:
         self._set(stream, apply(None, [["set", [], state]]))
         self.offsets[stream] = offset
         return [RoomChange(self.room_id, stream, "snapshot", offset)]
+
+    def direct(self, evt: Evt) -> list[RoomChange]:
+        """A ``msg`` event of the player's ``roomdm:{user}`` stream: a ``direct``
+        change when it comes from this room, else nothing."""
+        data = evt.data
+        if evt.stream != self.dm_stream or evt.type != "msg" or not isinstance(data, dict) or data.get("room") != self.room_id:
+            return []
+        return [RoomChange(self.room_id, evt.stream, "direct", evt.offset, message=data)]
 
     def _event(self, evt: Evt) -> list[RoomChange]:
         stream = evt.stream
