@@ -194,3 +194,27 @@ async def test_a_corrupted_fold_is_repaired_by_the_sync_checksum(kind: str) -> N
         assert room.view.resyncs >= 1
         server_doc = await registry.state(node, room.id)
         assert await settled(registry, node, room, server_doc["inbox"]) == room.document
+
+
+async def test_lost_frames_do_not_leave_a_room_behind() -> None:
+    """alice's connection loses a run of server frames while bob plays: the session
+    sees the gap, the client reconnects and resumes from its position (no
+    snapshot, no resync), and her document ends equal to the server's.
+
+    Mutation: make the in-process client ignore ``Broken`` (no reconnect after a
+    gap) → alice's room stops at the gap → times out → fails.
+    """
+    app, registry = make_app(tick_rate=None)
+    async with rtcore.testing.serve(app) as node:
+        faults = rtcore.testing.Faults(drop=frozenset(range(8, 11)))
+        async with rtcore.testing.connect(node, "alice", faults=faults) as alice, rtcore.testing.connect(node, "bob") as bob:
+            ra = await alice.join_or_create("game")
+            rb = await bob.join(ra.id)
+            for _ in range(12):
+                await rb.send("add", {"by": 1})
+            await ra.wait_for(lambda s: s["counter"] == 12)
+            assert len(alice.wire) >= 2, "the gap made alice reconnect"
+            server_doc = await registry.state(node, ra.id)
+            assert await settled(registry, node, ra, server_doc["inbox"]) == ra.document
+            assert ra.document == rb.document
+            assert ra.view.resyncs == 0
