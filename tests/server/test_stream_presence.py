@@ -70,10 +70,10 @@ async def test_presence_is_keyed_by_principal_and_events_are_coalesced() -> None
             body: dict[str, Any] = r.json()
             return body
 
-        async def until(pred: Any) -> dict[str, Any]:
+        async def until(pred: Any, stream: str = "chat:1") -> dict[str, Any]:
             # Waits for the server to see a connection close (an observable condition).
             with anyio.fail_after(10):
-                while not pred(body := await present()):
+                while not pred(body := await present(stream)):
                     await anyio.sleep(0.01)
             return body
 
@@ -104,6 +104,10 @@ async def test_presence_is_keyed_by_principal_and_events_are_coalesced() -> None
                 await dora.subscribe("quiet:1")
                 assert (await present("quiet:1"))["principals"] == {"dora": {"connections": 1}}
                 assert await announcer.step() == []
+            # An SSE subscriber is present too (its session is in the same registry).
+            async with http.stream("GET", http_url(server, "/v1/streams/quiet:1/sse"), headers={"authorization": "Bearer sam"}) as sse:
+                assert sse.status_code == 200
+                await until(lambda b: b["principals"] == {"sam": {"connections": 1}}, "quiet:1")
             r = await http.get(http_url(server, "/v1/streams/other:1/presence"))
             assert r.status_code == 404 and r.json()["code"] == "not_found"
             r = await http.get(http_url(server, "/v1/streams/chat:1/presence"), headers={"authorization": "Bearer eve"})
