@@ -5,14 +5,14 @@
 Each pair meets through matchmaking (``room.join_or_create`` with a metadata
 tag only the pair uses), plays ``--games`` games in total across the pairs
 (rematches in the same room), checks every finished game and prints the
-results. The bots hold the board with no game code: they fold the room's
-patches with :func:`rtcore.protocol.patch.apply`.
+results. The bots hold the board with no game code: ``room.state`` of
+:mod:`rtcore.client` follows the server's state by folding the room's generic
+patches.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import secrets
 import time
@@ -22,8 +22,6 @@ import anyio
 
 import rtcore.client
 from rtcore.errors import RtcoreError
-from rtcore.protocol.frames import Position
-from rtcore.protocol.patch import apply
 
 LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
 
@@ -41,36 +39,34 @@ def check(game: dict[str, Any]) -> None:
 
 async def bot(url: str, name: str, tag: str, games: int, results: list[dict[str, Any]], rng: random.Random) -> None:
     async with rtcore.client.connect(url, token=name) as client:
-        joined = await client.command("room.join_or_create", {"type": "tictactoe", "metadata": {"pair": tag}})
-        room_id = joined["room_id"]
-        sub = await client.subscribe(joined["stream"], since=Position("", 0))
-        doc: Any = None
+        room = await client.join_or_create("tictactoe", metadata={"pair": tag})
         moved_at, played = -1, 0
-        async for item in sub:
-            if isinstance(item, rtcore.client.Missed):
-                if item.state is not None:
-                    doc = copy.deepcopy(item.state)
-                continue
-            if item.type != "patch":
-                continue
-            doc = apply(doc, item.data["ops"])
-            s = doc["state"]
-            if s["status"] == "playing" and s["turn"] == name and moved_at != len(s["moves"]):
+
+        def my_move(s: dict[str, Any]) -> bool:
+            return s["status"] == "playing" and s["turn"] == name and moved_at != len(s["moves"])
+
+        def game_over(s: dict[str, Any]) -> bool:
+            return s["status"] == "over" and s["games"] > played
+
+        while True:
+            # room.state follows the server's (the client folds the room's patches).
+            s = await room.wait_for(lambda s: my_move(s) or game_over(s), timeout=300)
+            if my_move(s):
                 moved_at = len(s["moves"])
                 cell = rng.choice([i for i, c in enumerate(s["cells"]) if not c])
                 try:
-                    await client.command("room.send", {"room_id": room_id, "type": "move", "data": {"cell": cell}})
+                    await room.send("move", {"cell": cell})
                 except RtcoreError as exc:  # e.g. the turn clock ran out meanwhile
                     print(f"{name}: move refused: {exc.code}")
-            elif s["status"] == "over" and s["games"] > played:
-                played = s["games"]
-                check(s)
-                if name == s["players"][0]:
-                    results.append({"winner": s["winner"], "reason": s["reason"], "moves": len(s["moves"]), "x": s["players"][0]})
-                if played >= games:
-                    break
-                await client.command("room.send", {"room_id": room_id, "type": "rematch"})
-        await client.command("room.leave", {"room_id": room_id})
+                continue
+            played = s["games"]
+            check(s)
+            if name == s["players"][0]:
+                results.append({"winner": s["winner"], "reason": s["reason"], "moves": len(s["moves"]), "x": s["players"][0]})
+            if played >= games:
+                break
+            await room.send("rematch")
+        await room.leave()
 
 
 async def main() -> None:

@@ -71,6 +71,13 @@ the contract for any client:
 8. **Token refresh.** When the server says ``token_expired`` the client asks
    ``token_provider`` for a fresh token and sends an ``auth`` frame; the new
    token is also used for every later ``hello``.
+9. **Rooms.** ``room = await client.join_or_create("tictactoe")`` (or
+   :meth:`~Client.create`, :meth:`~Client.join`) returns a
+   :class:`~rtcore.client.rooms.Room` whose ``state`` is the server's, kept
+   by folding the room's generic patches (no game code; ``sync`` checksums
+   verified, resync on a mismatch); ``room.send``, ``room.leave``,
+   ``room.on_change``, ``room.changes()``, ``room.wait_for``. See
+   docs/rooms.md.
 
 The first connection is made inside :func:`connect`: if it fails, the error
 is raised there (``OSError`` for an unreachable server, ``RtcoreError`` for a
@@ -83,13 +90,17 @@ from __future__ import annotations
 from ..errors import ConnectionClosed
 from ..protocol.backoff import backoff_delay
 from ..protocol.client import ClientSession, Missed
+from ..protocol.rooms import RoomChange
 from .client import Client, Subscription, TokenProvider, connect
+from .rooms import Room
 
 __all__ = [
     "Client",
     "ClientSession",
     "ConnectionClosed",
     "Missed",
+    "Room",
+    "RoomChange",
     "Subscription",
     "TokenProvider",
     "backoff_delay",

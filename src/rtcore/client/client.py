@@ -33,6 +33,7 @@ from ..protocol.client import (
     Refused,
     Replied,
     Request,
+    RoomChanged,
     ServerError,
     SubscriptionEnded,
     TokenExpired,
@@ -40,6 +41,7 @@ from ..protocol.client import (
 from ..protocol.codec import Encoding
 from ..protocol.frames import Bye, Evt, Position, Welcome
 from ..protocol.streams import ClientCursor
+from .rooms import Room, RoomClient
 from .websocket import HandshakeRefused, Url, WebSocket
 
 __all__ = ["Client", "Subscription", "TokenProvider", "connect"]
@@ -125,8 +127,11 @@ class Subscription:
         await self._client._unsubscribe(self, timeout)
 
 
-class Client:
+class Client(RoomClient):
     """A reconnecting rtcore client. Create it with :func:`connect`.
+
+    Rooms: :meth:`join_or_create`, :meth:`create`, :meth:`join` return a
+    :class:`~rtcore.client.rooms.Room` whose ``state`` follows the server's.
 
     Attributes:
         welcome: The current connection's ``welcome`` (``None`` while
@@ -170,6 +175,7 @@ class Client:
         self._ws: WebSocket | None = None
         self._conn_scope: anyio.CancelScope | None = None
         self._subs: dict[str, Subscription] = {}
+        self._rooms: dict[str, Room] = {}
         self._waits: dict[Request, anyio.Event] = {}
         self._bye: Bye | None = None
         self._buffered = 0
@@ -273,6 +279,14 @@ class Client:
 
     # --- internals: requests and events -------------------------------------------
 
+    async def _await_requests(self, requests: list[Request], timeout: float, *, check: bool = True) -> None:  # noqa: ASYNC109
+        for req in requests:
+            try:
+                await self._call(req, timeout, f"{req.kind} {req.stream!r}")
+            except RtcoreError:
+                if check:
+                    raise
+
     def _check_open(self) -> None:
         if self.closed is not None:
             raise self.closed
@@ -310,6 +324,8 @@ class Client:
                     sub = self._subs.get(ev.stream)
                     if sub is not None:
                         sub._put(ev)
+                case RoomChanged():
+                    self._room_changed(ev)
                 case Replied(request=req):
                     done = self._waits.get(req)
                     if done is not None:
@@ -571,6 +587,8 @@ class Client:
         self._dispatch(self._session.close(error))
         for sub in self._subs.values():
             sub._end(error)
+        for room in self._rooms.values():
+            room._end()
         self._drained.set()
         if self._conn_scope is not None:
             self._conn_scope.cancel()

@@ -90,6 +90,9 @@ class WebSocket:
     writer that merges everything queued into one socket write.
     """
 
+    #: Longest wait for one socket write that a close must not interrupt, seconds.
+    WRITE_TIMEOUT = 5.0
+
     def __init__(self, stream: anyio.abc.ByteStream, text: bool, max_message_size: int) -> None:
         self.stream = stream
         self.ws = WSConnection(ConnectionType.CLIENT)
@@ -233,7 +236,11 @@ class WebSocket:
                 except anyio.WouldBlock:
                     break
             try:
-                await self.stream.send(b"".join(chunks))
+                # Shielded: frames taken off the queue are written even when the
+                # connection is being closed meanwhile (the acks flushed by a clean
+                # close would be lost otherwise); bounded, as a dead peer may never read.
+                with anyio.move_on_after(self.WRITE_TIMEOUT, shield=True):
+                    await self.stream.send(b"".join(chunks))
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, ssl.SSLError):
                 raise ConnectionClosed(1006, "connection lost") from None
 

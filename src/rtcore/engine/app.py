@@ -49,8 +49,11 @@ __all__ = [
     "Context",
     "Lifespan",
     "LoopSpec",
+    "PresenceSpec",
     "Principal",
     "ProcessorSpec",
+    "RouteHandler",
+    "RouteSpec",
     "Router",
 ]
 
@@ -185,6 +188,50 @@ class Router:
         return register
 
 
+#: A read-only HTTP route: ``async def handler(ctx, query) -> JSON-able result``
+#: (``query``: the URL's query parameters, one value each).
+RouteHandler = Callable[["Context", Mapping[str, str]], Awaitable[Any]]
+
+#: Paths an app route may not take (the server's own routes).
+_RESERVED_PATHS = ("/v1/ws", "/v1/cmd/", "/v1/streams/", "/v1/health", "/v1/schema", "/metrics")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """An extra read-only HTTP route (made by :meth:`App.route`).
+
+    Attributes:
+        method: ``GET`` (``HEAD`` is answered too).
+        path: The exact path.
+        handler: ``async def handler(ctx, query) -> result``.
+        action: The ``authorize`` action asked before the handler runs.
+        resource: The ``authorize`` resource.
+    """
+
+    method: str
+    path: str
+    handler: RouteHandler
+    action: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class PresenceSpec:
+    """Stream presence for streams matching ``pattern`` (made by :meth:`App.presence`).
+
+    Attributes:
+        pattern: Glob of stream names.
+        events: Publish coalesced ``presence`` events (``{"joined": [...],
+            "left": [...]}``) to the stream when its subscribers change.
+        interval: Seconds changes are coalesced over (one event per stream
+            and interval at most).
+    """
+
+    pattern: str
+    events: bool = False
+    interval: float = 1.0
+
+
 @dataclass
 class _Hooks:
     authenticate: Callable[[str | None], Awaitable[Any]] | None = None
@@ -217,6 +264,69 @@ class App(Router):
         self.processors: list[ProcessorSpec] = []
         self.loops: list[LoopSpec] = []
         self.pages: dict[str, tuple[str, bytes]] = {}
+        self.routes: dict[str, RouteSpec] = {}
+        self.presences: list[PresenceSpec] = []
+
+    def presence(self, pattern: str, *, events: bool = False, interval: float = 1.0) -> None:
+        """Track who is subscribed to streams matching ``pattern`` (like Centrifugo's presence).
+
+        Enables ``GET /v1/streams/{stream}/presence`` for those streams
+        (authorized as ``presence`` on the stream): the principals subscribed
+        over WebSocket or SSE, several connections of one principal counting
+        once. With ``events=True`` the server also appends a ``presence`` event
+        to the stream when its subscribers change, coalesced over ``interval``
+        seconds: ``{"joined": [ids], "left": [ids]}``. Presence is each
+        server's own view (see docs/architecture.md, "Stream presence").
+
+        Raises:
+            ValueError: ``interval`` is not positive.
+        """
+        if not interval > 0:
+            raise ValueError(f"presence interval must be > 0 seconds, got {interval!r}")
+        self.presences.append(PresenceSpec(pattern, events, float(interval)))
+
+    def presence_for(self, stream: str) -> PresenceSpec | None:
+        """The presence declaration covering ``stream`` (the first one that matches)."""
+        for spec in self.presences:
+            if matches(spec.pattern, stream):
+                return spec
+        return None
+
+    def route(
+        self, method: str, path: str, handler: RouteHandler | None = None, *, action: str = "read", resource: str | None = None
+    ) -> Any:
+        """Serve a read-only JSON route over HTTP (the ``api`` role), e.g. a listing.
+
+        The server authenticates the Bearer token like every route, asks
+        ``authorize(principal, action, resource)`` (``forbidden`` if it says
+        no), calls ``handler(ctx, query)`` and answers ``200`` with the result
+        as JSON; an :class:`~rtcore.errors.RtcoreError` from the handler is
+        answered with its status and code. Plugins use it at install (the
+        rooms' ``GET /v1/rooms``), so the server needs no import of them.
+        Usable as a decorator: ``@app.route("GET", "/v1/things")``.
+
+        Args:
+            method: ``"GET"`` (routes are read-only: nothing else is accepted).
+            path: The exact path, under ``/v1/``, not one of the server's own.
+            handler: ``async def handler(ctx, query) -> result``.
+            action: The ``authorize`` action (default ``"read"``).
+            resource: The ``authorize`` resource (default: the path).
+
+        Raises:
+            ValueError: another method, a path outside ``/v1/`` or taken.
+        """
+        if method.upper() != "GET":
+            raise ValueError(f"app routes are read-only: method must be GET, got {method!r}")
+        if not path.startswith("/v1/") or any(path == r or (r.endswith("/") and path.startswith(r)) for r in _RESERVED_PATHS):
+            raise ValueError(f"route path {path!r} must be under /v1/ and not clash with rtcore's routes")
+        if path in self.routes:
+            raise ValueError(f"route {path!r} is already registered")
+
+        def register(fn: RouteHandler) -> RouteHandler:
+            self.routes[path] = RouteSpec("GET", path, fn, action, resource if resource is not None else path)
+            return fn
+
+        return register(handler) if handler is not None else register
 
     def page(self, path: str, body: bytes | str, content_type: str = "text/html; charset=utf-8") -> None:
         """Serve a static page at ``path`` (``GET``), e.g. a demo client at ``/``."""

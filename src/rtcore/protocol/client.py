@@ -64,6 +64,18 @@ Rules:
 10. **Time** is passed in (``now``, any monotonic seconds); the session never
     reads a clock. :meth:`~ClientSession.next_deadline` says when the driver
     must call :meth:`~ClientSession.tick`.
+11. **Rooms.** The streams of a room tracked with
+    :meth:`~ClientSession.track_room` (subscribed without a position: the
+    current document, whatever the server-side cursor) are folded by its
+    :class:`~rtcore.protocol.rooms.RoomView` and surface only as
+    :class:`RoomChanged` events; each folded item counts as consumed (acked
+    like rule 9). A view that loses track (a patch that does not fit, a
+    ``sync`` checksum mismatch, a notice without a state) is resynced:
+    ``unsub``, then ``sub`` without a position, and the snapshot replaces the
+    document. The player's direct-message stream (``roomdm:{user}``, shared by
+    its rooms) is subscribed live (no position) unless the application
+    subscribed to it itself; its messages become ``direct`` changes of the
+    room they name.
 
 This module is sans-IO: no sockets, no event loop, no clock.
 """
@@ -104,6 +116,7 @@ from .frames import (
     Unsub,
     Welcome,
 )
+from .rooms import RoomChange, RoomView
 from .streams import ClientCursor
 
 __all__ = [
@@ -117,6 +130,7 @@ __all__ = [
     "Refused",
     "Replied",
     "Request",
+    "RoomChanged",
     "ServerError",
     "SubscriptionEnded",
     "TokenExpired",
@@ -250,11 +264,25 @@ class ServerError:
     error: RtcoreError
 
 
+@dataclass(frozen=True)
+class RoomChanged:
+    """A tracked room's document changed (or a broadcast arrived); see rule 11.
+
+    The items of a tracked room's streams are folded by ``view`` and reach the
+    driver only as these events.
+    """
+
+    view: RoomView
+    change: RoomChange
+
+
 #: What :meth:`ClientSession.receive_frame` and friends return: new events
 #: (:class:`~rtcore.protocol.frames.Evt`, each once, in order), notices
 #: (:class:`Missed`), ``sync`` and ``bye`` frames as they are, and the
 #: dataclasses above.
-ClientEvent = Evt | Missed | Sync | Bye | Connected | Refused | Replied | SubscriptionEnded | Broken | TokenExpired | ServerError
+ClientEvent = (
+    Evt | Missed | Sync | Bye | Connected | Refused | Replied | SubscriptionEnded | Broken | TokenExpired | ServerError | RoomChanged
+)
 
 
 @dataclass(eq=False)
@@ -305,6 +333,8 @@ class ClientSession:
         self._out: list[ClientFrame] = []
         self._events: list[ClientEvent] = []
         self._ack_at: float | None = None
+        self._rooms: dict[str, RoomView] = {}  # by stream: tracked rooms (rule 11)
+        self._dms: dict[str, list[RoomView]] = {}  # roomdm:{user} streams we subscribed for rooms
 
     # --- introspection ------------------------------------------------------------
 
@@ -469,6 +499,88 @@ class ClientSession:
         """Stop tracking ``request`` (its caller gave up); a late answer is ignored."""
         self._forget(request)
 
+    # --- rooms ---------------------------------------------------------------------
+
+    @property
+    def rooms(self) -> list[RoomView]:
+        """The tracked rooms, in the order they were tracked."""
+        return list(dict.fromkeys(self._rooms.values()))
+
+    def track_room(self, view: RoomView) -> list[Request]:
+        """Fold the room's streams into ``view`` from now on (rule 11).
+
+        Subscribes each stream of the room that is not subscribed yet, with no
+        position: the server answers with the current document (a snapshot),
+        whatever the principal's server-side cursor says.
+
+        Returns:
+            The ``sub`` requests sent (answered like :meth:`subscribe`'s).
+        """
+        reqs: list[Request] = []
+        for stream in view.streams:
+            self._rooms[stream] = view
+            if stream not in self._streams:
+                reqs.append(self.subscribe(stream))
+        dm = view.dm_stream
+        if dm is not None and (dm in self._dms or dm not in self._streams):
+            # Direct messages: live from now (no position), shared by the player's
+            # rooms; left alone when the application subscribed to it itself.
+            if dm not in self._dms:
+                reqs.append(self.subscribe(dm))
+            self._dms.setdefault(dm, []).append(view)
+        return reqs
+
+    def untrack_room(self, view: RoomView) -> list[Request]:
+        """Stop folding ``view``'s streams and unsubscribe them.
+
+        Returns:
+            The ``unsub`` requests sent.
+        """
+        reqs: list[Request] = []
+        for stream in view.streams:
+            if self._rooms.get(stream) is view:
+                del self._rooms[stream]
+                req = self.unsubscribe(stream)
+                if req is not None:
+                    reqs.append(req)
+        dm = view.dm_stream
+        views = self._dms.get(dm) if dm is not None else None
+        if dm is not None and views is not None and view in views:
+            views.remove(view)
+            if not views:
+                del self._dms[dm]
+                req = self.unsubscribe(dm)
+                if req is not None:
+                    reqs.append(req)
+        return reqs
+
+    def _route_rooms(self, now: float) -> None:
+        """Hand the items of tracked rooms' streams to their views (rule 11)."""
+        events, self._events = self._events, []
+        out: list[ClientEvent] = []
+        for ev in events:
+            if isinstance(ev, Evt | Missed | Sync) and ev.stream in self._dms:
+                if not isinstance(ev, Sync):
+                    self.consumed(ev.stream, ev.epoch, ev.offset, now)
+                if isinstance(ev, Evt):
+                    for dm_view in self._dms[ev.stream]:
+                        out.extend(RoomChanged(dm_view, change) for change in dm_view.direct(ev))
+                continue
+            if not isinstance(ev, Evt | Missed | Sync) or ev.stream not in self._rooms:
+                out.append(ev)
+                continue
+            view = self._rooms[ev.stream]
+            if not isinstance(ev, Sync):
+                # Folded into the document is consumed: acks follow (rule 9).
+                self.consumed(ev.stream, ev.epoch, ev.offset, now)
+            for change in view.feed(ev):
+                if change.kind == "resync" and change.stream in self._streams:
+                    # unsub, then sub without a position: a fresh snapshot.
+                    self.unsubscribe(change.stream)
+                    self.subscribe(change.stream)
+                out.append(RoomChanged(view, change))
+        self._events = out + self._events
+
     # --- acks -------------------------------------------------------------------------
 
     def consumed(self, stream: str, epoch: str, offset: int, now: float) -> None:
@@ -556,6 +668,8 @@ class ClientSession:
             self._on_hello_answer(frame)
         elif self.state is ClientState.OPEN:
             self._on_frame(frame, now)
+            if self._rooms:
+                self._route_rooms(now)
         return self.events()
 
     def events(self) -> list[ClientEvent]:

@@ -30,7 +30,7 @@ import secrets
 import typing
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -1036,6 +1036,21 @@ async def _default_authorize(principal: Any, action: str, resource: str) -> bool
     return allowed(principal, action, resource)
 
 
+def _query_matches(metadata: Mapping[str, Any], filters: Mapping[str, str]) -> bool:
+    """Whether listed ``metadata`` has every ``key=value`` of a URL query.
+
+    A string matches as is; any other value matches its JSON text
+    (``?level=2``, ``?ranked=true``).
+    """
+    for key, want in filters.items():
+        if key not in metadata:
+            return False
+        value = metadata[key]
+        if value != want and (isinstance(value, str) or msgspec.json.encode(value).decode() != want):
+            return False
+    return True
+
+
 def _user(ctx: Context) -> str:
     if ctx.principal is None:
         raise AuthError("rooms need an authenticated player (add @app.authenticate)")
@@ -1064,6 +1079,9 @@ def install(app: App) -> Rooms:
     app.state("roomindex:*", RoomIndex, snapshot_every=100, sync_every=0)
     app.state("roomview:*", RoomDoc, snapshot_every=100, sync_every=10)
     app.retention("roomview:*", max_events=1000)
+    # Who follows a room's stream (GET /v1/streams/room:{id}/presence); the
+    # seats themselves are the document's `members`.
+    app.presence("room:*")
     if app.hooks.authorize is None:
         app.hooks.authorize = _default_authorize
     app.retention("roomindex:*", max_events=1000)
@@ -1133,5 +1151,17 @@ def install(app: App) -> Rooms:
     @app.command("room.list")
     async def listing(ctx: Context, args: _ListArgs) -> Any:
         return await rooms.runtime(ctx.node).listing(args.type, args.metadata)
+
+    async def http_listing(ctx: Context, query: Mapping[str, str]) -> Any:
+        filters = dict(query)
+        type_ = filters.pop("type", "")
+        if type_ and type_ not in rooms.types:
+            raise Rejected("unknown_room_type", f"no room type named {type_!r}")
+        entries = await rooms.runtime(ctx.node).listing(type_, {})
+        found = [e for e in entries if _query_matches(e.get("metadata") or {}, filters)]
+        return {"rooms": sorted(found, key=lambda e: str(e["room_id"]))}
+
+    # Listing over HTTP, read-only, authorized as ("list", "rooms").
+    app.route("GET", "/v1/rooms", http_listing, action="list", resource="rooms")
 
     return rooms

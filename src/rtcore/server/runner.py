@@ -6,17 +6,10 @@ port) and the session driver :func:`~rtcore.server.gateway.serve_session`. Every
 route is a thin adapter over a node method, so WebSocket and HTTP share one
 idempotency store, one hub and one set of error codes.
 
-Routes (DESIGN §7):
-
-======================================  =========================================
-``GET /v1/ws``                          WebSocket upgrade (``rtcore.v1.json`` / ``rtcore.v1.msgpack``)
-``POST /v1/cmd/{name}``                 run a command (Bearer token, ``Idempotency-Key``)
-``GET /v1/streams/{stream}``            history page (``after``, ``limit``)
-``GET /v1/streams/{stream}/sse``        Server-Sent Events live tail (``Last-Event-ID: epoch:offset``)
-``GET /v1/health``                      liveness and a few counters
-``GET /metrics``                        Prometheus text exposition
-``GET /v1/schema``                      JSON Schema of the frames and of each command's args
-======================================  =========================================
+Routes: ``GET /v1/ws`` is the WebSocket upgrade (``rtcore.v1.json`` /
+``rtcore.v1.msgpack``), served here; every HTTP route (commands, history,
+SSE, presence, health, metrics, schema, the app's read-only routes and
+pages) is in :mod:`rtcore.server.routes`.
 
 Shutdown (SIGINT/SIGTERM or :meth:`Server.stop`), in order:
 
@@ -42,24 +35,18 @@ import contextlib
 import logging
 import signal
 import ssl
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any
-from urllib.parse import unquote
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
 from ..backends import Backend
-from ..engine.app import App, Principal
-from ..engine.hub import OutboxLimits
-from ..engine.metrics import NodeMetrics, SessionStats
+from ..engine.app import App
 from ..engine.node import ROLES, Node
-from ..errors import BadRequest, RtcoreError
-from ..protocol import frames
-from ..protocol.frames import Limits, Position
+from ..protocol.frames import Limits
 from ..transport import FrameTransport as _WsTransport
 from ..transport import (
     HttpRequest,
@@ -69,28 +56,16 @@ from ..transport import (
     StreamingResponse,
     UpgradeRequest,
     WebSocketPolicy,
-    error_response,
-    json_response,
     serve,
 )
 from .gateway import ConnectionClosed, serve_session
+from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
-from .sse import SseStream
+from .routes import Routes, schema
 
-__all__ = ["ROLES", "Server", "run"]
+__all__ = ["ROLES", "Server", "run", "schema"]
 
 log = logging.getLogger("rtcore.server.runner")
-
-
-_MAX_PAGE = 1000
-
-
-def _err(exc: RtcoreError) -> HttpResponse:
-    # RFC 9110 §11.6.1: a 401 names the scheme the client should use.
-    headers = [*exc.headers]
-    if exc.http_status == 401:
-        headers.append((b"www-authenticate", b'Bearer realm="rtcore"'))
-    return error_response(exc.http_status, exc.code, exc.message, headers or None)
 
 
 class Server:
@@ -156,6 +131,9 @@ class Server:
         self.node: Node | None = None
         #: The open sessions (WebSocket and SSE) of this server.
         self.sessions = SessionRegistry()
+        self.routes: Routes | None = None
+        #: Appends the presence events of this server's sessions (after startup).
+        self.presence: PresenceAnnouncer | None = None
         self._stopping = False
         self._done = anyio.Event()
 
@@ -178,22 +156,28 @@ class Server:
     async def _serve(self, task_status: TaskStatus[int]) -> None:
         async with Node(self.app, self.backend, roles=self.roles, **self.node_options) as node:
             self.node = node
-            async with anyio.create_task_group() as tg:
-                port = await tg.start(
-                    partial(
-                        serve,
-                        self._on_websocket,
-                        self._on_http,
-                        host=self.host,
-                        port=self._port,
-                        ssl_context=self.ssl_context,
-                        limits=self.limits,
-                        policy=self.policy,
-                        control=self.control,
+            self.routes = Routes(node, self.roles, self.sessions)
+            self.presence = PresenceAnnouncer(node, self.sessions)
+            async with anyio.create_task_group() as side:
+                # Presence events of app.presence(..., events=True) streams, until the listener ends.
+                side.start_soon(self.presence.run)
+                async with anyio.create_task_group() as tg:
+                    port = await tg.start(
+                        partial(
+                            serve,
+                            self._on_websocket,
+                            self._on_http,
+                            host=self.host,
+                            port=self._port,
+                            ssl_context=self.ssl_context,
+                            limits=self.limits,
+                            policy=self.policy,
+                            control=self.control,
+                        )
                     )
-                )
-                log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
-                task_status.started(port)
+                    log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
+                    task_status.started(port)
+                side.cancel_scope.cancel()
 
     async def stop(self, grace: float | None = None, reason: str = "server shutdown") -> None:
         """Graceful shutdown (see the module docstring); returns when the server stopped.
@@ -233,197 +217,8 @@ class Server:
     # --- HTTP ------------------------------------------------------------------
 
     async def _on_http(self, request: HttpRequest) -> HttpResponse | StreamingResponse:
-        assert self.node is not None
-        path = request.path
-        try:
-            if path in ("/v1/health", "/metrics", "/v1/schema") and request.method not in ("GET", "HEAD"):
-                return error_response(405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET, HEAD")])
-            if path == "/v1/health":
-                return self._health()
-            if path == "/metrics":
-                return self._metrics()
-            if path == "/v1/schema":
-                return json_response(200, schema(self.app))
-            if path.startswith("/v1/cmd/"):
-                if "api" not in self.roles:
-                    return error_response(404, "not_found", "this process does not serve the HTTP API (role)")
-                if request.method != "POST":
-                    return error_response(405, "method_not_allowed", "use POST for commands", [(b"allow", b"POST")])
-                return await self._command(request, unquote(path[len("/v1/cmd/"):]))
-            if path.startswith("/v1/streams/"):
-                if request.method not in ("GET", "HEAD"):
-                    return error_response(405, "method_not_allowed", "use GET", [(b"allow", b"GET")])
-                rest = path[len("/v1/streams/"):]
-                if rest.endswith("/sse"):
-                    if "gateway" not in self.roles:
-                        return error_response(404, "not_found", "this process does not serve live streams (role)")
-                    return await self._sse(request, rest[: -len("/sse")])
-                if "api" not in self.roles:
-                    return error_response(404, "not_found", "this process does not serve the HTTP API (role)")
-                return await self._history(request, rest)
-            page = self.app.pages.get(path)
-            if page is not None and request.method in ("GET", "HEAD"):
-                return HttpResponse(200, [(b"content-type", page[0].encode())], page[1])
-            return error_response(404, "not_found", f"no route for {request.method} {path}")
-        except RtcoreError as exc:
-            return _err(exc)
-
-    async def _principal(self, request: HttpRequest) -> Principal | None:
-        assert self.node is not None
-        return await self.node.authenticate(request.token)
-
-    async def _command(self, request: HttpRequest, name: str) -> HttpResponse:
-        assert self.node is not None
-        if self.node.draining:
-            return error_response(503, "shutdown", "the server is shutting down; retry", [(b"retry-after", b"1")])
-        principal = await self._principal(request)
-        key = request.header("idempotency-key")
-        body = request.body if request.body.strip() else b"null"
-        started = time.perf_counter()
-        try:
-            reply = await self.node.dispatch(principal, name, body, key=key, encoding="json")
-        except RtcoreError as exc:
-            # dispatch answers command errors itself, but a backend failure while
-            # it stores or releases the key escapes it; the documented command
-            # error body still carries ``retryable`` (retry with the same key).
-            return json_response(exc.http_status, {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
-        self.node.metrics.command(name in self.app.commands, name, "ok" if reply.ok else reply.code, time.perf_counter() - started)
-        headers = [(b"idempotent-replayed", b"true")] if reply.replayed else []
-        if reply.ok:
-            return json_response(200, {"result": reply.result, "replayed": reply.replayed}, headers)
-        return json_response(
-            reply.http_status,
-            {"code": reply.code, "message": reply.message, "retryable": reply.retryable},
-            headers,
-        )
-
-    @staticmethod
-    def _int_param(request: HttpRequest, name: str, default: int, low: int, high: int) -> int:
-        raw = request.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise BadRequest(f"query parameter {name!r} must be an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise BadRequest(f"query parameter {name!r} must be in {low}..{high}, got {value}")
-        return value
-
-    async def _history(self, request: HttpRequest, stream: str) -> HttpResponse:
-        assert self.node is not None
-        after = self._int_param(request, "after", 0, 0, 2**63 - 1)
-        limit = self._int_param(request, "limit", 100, 1, _MAX_PAGE)
-        principal = await self._principal(request)
-        page = await self.node.history(principal, stream, after=after, limit=limit)
-        return json_response(
-            200,
-            {
-                "stream": stream,
-                "epoch": page.epoch,
-                "head": page.head,
-                "first": page.first,
-                "events": [{"offset": e.offset, "type": e.type, "data": e.data, "ts": e.ts} for e in page.events],
-            },
-        )
-
-    async def _sse(self, request: HttpRequest, stream: str) -> StreamingResponse:
-        assert self.node is not None
-        since: Position | None = None
-        raw = request.header("last-event-id") or request.query.get("since")
-        if raw:
-            epoch, sep, off = raw.rpartition(":")
-            if not sep or not off.isdigit():
-                raise BadRequest(f"Last-Event-ID must be 'epoch:offset', got {raw!r}")
-            since = Position(epoch, int(off))
-        principal = await self._principal(request)
-        feed = SseStream(self.node, request, self.node.outbox or OutboxLimits(), self.sessions)
-        await feed.start(principal, stream, since)
-        return StreamingResponse(
-            200,
-            [
-                (b"content-type", b"text/event-stream"),
-                (b"cache-control", b"no-store"),
-                (b"x-accel-buffering", b"no"),
-            ],
-            feed,
-        )
-
-    def _health(self) -> HttpResponse:
-        assert self.node is not None
-        return json_response(
-            200,
-            {
-                "status": "draining" if self.node.draining else "ok",
-                "node": self.node.id,
-                "roles": sorted(self.roles),
-                "sessions": len(self.sessions),
-                "backend": self.node.backend.url.split("@")[-1],
-            },
-        )
-
-    def _metrics(self) -> HttpResponse:
-        from ..engine.metrics import render  # imported lazily: prometheus-client is only needed here
-
-        assert self.node is not None
-        body, content_type = render(_MetricsView(self.node, self.sessions))
-        return HttpResponse(200, [(b"content-type", content_type.encode())], body)
-
-
-class _MetricsView:
-    """What ``/metrics`` reads: the node's recorders and the server's sessions."""
-
-    def __init__(self, node: Node, sessions: SessionRegistry) -> None:
-        self._node = node
-        self._sessions = sessions
-
-    @property
-    def metrics(self) -> NodeMetrics:
-        return self._node.metrics
-
-    @property
-    def stats(self) -> Mapping[str, int]:
-        return self._node.stats
-
-    @property
-    def draining(self) -> bool:
-        return self._node.draining
-
-    @property
-    def deliveries(self) -> int:
-        return self._node.hub.delivered if self._node.hub is not None else 0
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        return self._node.clock
-
-    def session_stats(self) -> Sequence[SessionStats]:
-        return self._sessions.infos()
-
-    def processor_depths(self) -> Iterable[tuple[str, int]]:
-        return self._node.processor_depths()
-
-
-class _CmdDoc(msgspec.Struct, frozen=True, tag_field="t", tag="cmd"):
-    """Schema twin of :class:`~rtcore.protocol.frames.Cmd` (whose ``args`` stay raw bytes)."""
-
-    id: frames.RequestId
-    name: str
-    args: Any = None
-    key: str | None = None
-
-
-_CLIENT_DOC = frames.Hello | frames.Auth | frames.Sub | frames.Unsub | _CmdDoc | frames.Ack | frames.Ping
-
-
-def schema(app: App) -> dict[str, Any]:
-    """JSON Schema of the wire frames and of every command's arguments."""
-    client_frames = msgspec.json.schema(_CLIENT_DOC)
-    server_frames = msgspec.json.schema(frames.ServerFrame)
-    commands: dict[str, Any] = {}
-    for name, spec in sorted(app.commands.items()):
-        commands[name] = msgspec.json.schema(spec.args_type) if spec.args_type is not None else {"type": "null"}
-    return {"protocol": frames.PROTOCOL_VERSION, "client_frames": client_frames, "server_frames": server_frames, "commands": commands}
+        assert self.routes is not None
+        return await self.routes.handle(request)
 
 
 def run(

@@ -28,6 +28,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..client.rooms import Room, RoomClient
 from ..engine.app import App
 from ..engine.node import Node
 from ..errors import BadRequest, RtcoreError
@@ -41,6 +42,7 @@ from ..protocol.client import (
     Missed,
     Refused,
     Request,
+    RoomChanged,
 )
 from ..protocol.codec import codec_for
 from ..protocol.frames import Bye, Err, Evt, Ok, Pong, Position, Subbed, Sync, Welcome
@@ -205,7 +207,7 @@ class _Recording:
         await self.inner.close(code, reason)
 
 
-class Client:
+class Client(RoomClient):
     """An in-process protocol client: a thin driver of :class:`~rtcore.protocol.client.ClientSession`.
 
     The same session as :mod:`rtcore.client` decides everything (positions,
@@ -214,6 +216,8 @@ class Client:
     in-process and over the network. Acks follow the session's policy: what
     the test *consumed* with :meth:`next_event` is acked cumulatively, batched
     over ``ack_interval`` seconds (``None``: only explicit :meth:`ack`).
+    Rooms (:meth:`join_or_create`, :meth:`create`, :meth:`join`) are the same
+    :class:`~rtcore.client.rooms.Room` as in :mod:`rtcore.client`.
 
     Attributes:
         session: The protocol state machine this client drives.
@@ -257,6 +261,7 @@ class Client:
         self._transport: MemoryTransport | None = None
         self._tg: Any = None
         self._reconnect_lock = anyio.Lock()
+        self._rooms: dict[str, Room] = {}
         #: Per connection, every message the server sent, before fault injection.
         self.wire: list[list[bytes]] = []
 
@@ -361,6 +366,8 @@ class Client:
                     self.welcome = welcome
                 case Refused(error=error):
                     self._refused = error
+                case RoomChanged():
+                    self._room_changed(ev)
                 case Broken():
                     # A gap can only come from a broken transport: resume from the positions.
                     if self._tg is not None:
@@ -392,6 +399,17 @@ class Client:
             self.session.forget(req)
             raise
         return req
+
+    async def _await_requests(self, requests: list[Request], timeout: float, *, check: bool = True) -> None:
+        for req in requests:
+            try:
+                await self._wait(req, timeout)
+            except TimeoutError:
+                if check:
+                    raise
+                continue
+            if req.error is not None and check:
+                raise req.error
 
     async def _request(self, frame_factory: Any, timeout: float) -> Any:
         """Send a request frame built by ``frame_factory(id)``; return the raw reply frame."""
