@@ -100,7 +100,7 @@ async def test_authentication_and_authorization() -> None:
 
 async def test_unauthenticated_hello_closes_1008() -> None:
     async with serve(make_app()) as node:
-        client = rtcore.testing.Client(node, token="bad", encoding="json", faults=None)
+        client = rtcore.testing.TestClient(node, token="bad", encoding="json", faults=None)
         async with anyio.create_task_group() as tg:
             client._tg = tg
             with pytest.raises(rtcore.RtcoreError):

@@ -80,7 +80,7 @@ async def _race(n: int, encodings: list[str], retries: int, reuse: bool) -> None
         # everyone retries, several times, concurrently
         replies: list[Ok | Err] = []
 
-        async def retry(c: rtcore.testing.Client) -> None:
+        async def retry(c: rtcore.testing.TestClient) -> None:
             for _ in range(retries):
                 replies.append(await c.command_reply("bet.place", {"amount": 5, "on": "red"}, key="K"))
 

@@ -1,12 +1,12 @@
 """Property: every application sees every event exactly once, in offset order,
 or is told explicitly that it missed events — through the SHIPPED client.
 
-The clients are :class:`rtcore.testing.Client`, thin drivers of
+The clients are :class:`rtcore.testing.TestClient`, thin drivers of
 :class:`rtcore.protocol.client.ClientSession` (the same session
 :mod:`rtcore.client` drives), talking to a real node through the real gateway
 (:func:`rtcore.server.gateway.serve_session`). Nothing in this test filters
 duplicates: what an application sees is exactly the session's output
-(``Client.timeline``).
+(``TestClient.timeline``).
 
 Hypothesis generates interleavings of publishes to three streams (plain;
 short retention; stateful with short retention), reconnects of a client
@@ -50,7 +50,7 @@ import rtcore
 from rtcore.protocol.client import Missed
 from rtcore.protocol.codec import codec_for
 from rtcore.protocol.frames import Evt, Position, Snap, Subbed
-from rtcore.testing import Client, Faults, connect, serve
+from rtcore.testing import Faults, TestClient, connect, serve
 
 STREAMS = ["p:1", "t:1", "s:1"]
 
@@ -86,11 +86,11 @@ class Application:
         self.name = name
         self.pos: dict[str, tuple[str, int]] = {}  # stream -> (epoch, last processed offset)
         self.folds: dict[str, Counter] = {}
-        self.client: Client | None = None
+        self.client: TestClient | None = None
         self.taken = 0  # items of client.timeline processed
         self.errors: list[str] = []
 
-    def attach(self, client: Client) -> None:
+    def attach(self, client: TestClient) -> None:
         self.client, self.taken = client, 0
 
     def consume(self) -> None:
@@ -147,7 +147,7 @@ class Application:
         self.folds.clear()
 
 
-def check_wire(client: Client, encoding: str) -> list[str]:
+def check_wire(client: TestClient, encoding: str) -> list[str]:
     """(b): per connection and stream, offsets strictly increasing, none skipped."""
     codec = codec_for(encoding)
     errors: list[str] = []
@@ -243,7 +243,7 @@ async def _run(program: list[tuple[Any, ...]], encoding: str) -> None:
     async with serve(app) as node:
         apps = [Application("alice"), Application("bob")]
         values: dict[str, int] = {}
-        clients: list[Client] = []
+        clients: list[TestClient] = []
         stack: list[Any] = []
         faulted: set[int] = set()
 

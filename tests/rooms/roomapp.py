@@ -12,7 +12,7 @@ import rtcore
 from rtcore import rooms
 from rtcore.protocol.frames import Evt, Snap
 from rtcore.protocol.patch import apply
-from rtcore.testing import Client
+from rtcore.testing import TestClient
 
 GRACE = 10.0
 DISPOSE = 5.0
@@ -90,7 +90,7 @@ def make_app(*, tick_rate: float | None = 1.0, max_clients: int = 3) -> tuple[rt
     return app, registry
 
 
-def client_doc(client: Client, stream: str) -> tuple[Any, int]:
+def client_doc(client: TestClient, stream: str) -> tuple[Any, int]:
     """Fold what ``client`` received on ``stream`` with the generic patch code: (document, offset)."""
     doc: Any = None
     last = 0
@@ -104,7 +104,7 @@ def client_doc(client: Client, stream: str) -> tuple[Any, int]:
     return doc, last
 
 
-async def caught_up(client: Client, stream: str, head: int) -> Any:
+async def caught_up(client: TestClient, stream: str, head: int) -> Any:
     """Wait until ``client`` folded ``stream`` up to ``head``; return its document."""
     with anyio.fail_after(5):
         while True:

@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from rtcore.protocol.frames import Ok, Position
 from rtcore.protocol.state import checksum
-from rtcore.testing import Client, FakeClock, connect, serve
+from rtcore.testing import FakeClock, TestClient, connect, serve
 
 from .roomapp import DISPOSE, GRACE, caught_up, make_app
 
@@ -43,7 +43,7 @@ class RoomMachine(RuleBasedStateMachine):
         self.clock = FakeClock()
         self.app, self.reg = make_app(tick_rate=1.0, max_clients=SEATS)
         self.node = self._stack.enter_context(self.portal.wrap_async_context_manager(serve(self.app, clock=self.clock)))
-        self.clients: dict[str, Client] = {}
+        self.clients: dict[str, TestClient] = {}
         self._client_cms: dict[str, Any] = {}
         # the model
         self.room: str | None = None
@@ -61,7 +61,7 @@ class RoomMachine(RuleBasedStateMachine):
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _client(self, uid: str) -> Client:
+    def _client(self, uid: str) -> TestClient:
         if uid not in self.clients:
             cm = self.portal.wrap_async_context_manager(connect(self.node, uid))
             self.clients[uid] = cm.__enter__()

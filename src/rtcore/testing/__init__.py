@@ -50,7 +50,7 @@ from ..protocol.streams import ClientCursor
 from ..server.gateway import ConnectionClosed, FrameTransport, serve_session
 
 __all__ = [
-    "Client",
+    "TestClient",
     "FakeClock",
     "Faults",
     "FaultyTransport",
@@ -207,7 +207,7 @@ class _Recording:
         await self.inner.close(code, reason)
 
 
-class Client(RoomClient):
+class TestClient(RoomClient):
     """An in-process protocol client: a thin driver of :class:`~rtcore.protocol.client.ClientSession`.
 
     The same session as :mod:`rtcore.client` decides everything (positions,
@@ -230,6 +230,8 @@ class Client(RoomClient):
         wire: Per connection, every message the server sent, before fault
             injection (to check the server, not the client's dedup).
     """
+
+    __test__ = False  # not a pytest test class, though its name starts with Test
 
     def __init__(
         self,
@@ -613,7 +615,7 @@ async def connect(
     encoding: str = "json",
     faults: Faults | None = None,
     ack_interval: float | None = DEFAULT_ACK_INTERVAL,
-) -> AsyncIterator[Client]:
+) -> AsyncIterator[TestClient]:
     """Connect an in-process client.
 
     Args:
@@ -625,7 +627,7 @@ async def connect(
         faults: Faults to inject on this connection's server frames.
         ack_interval: Acks for consumed events are batched over this many
             seconds, as in :func:`rtcore.client.connect`; ``None``: only
-            explicit :meth:`Client.ack`.
+            explicit :meth:`TestClient.ack`.
 
     Raises:
         RtcoreError: the server refused the hello (e.g. ``unauthenticated``).
@@ -637,7 +639,7 @@ async def connect(
             node = _serving[target][-1]
         else:
             node = await stack.enter_async_context(serve(target))
-        client = Client(node, token=token, encoding=encoding, faults=faults, ack_interval=ack_interval)
+        client = TestClient(node, token=token, encoding=encoding, faults=faults, ack_interval=ack_interval)
         refused: RtcoreError | None = None
         async with anyio.create_task_group() as tg:
             client._tg = tg
