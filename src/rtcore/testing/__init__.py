@@ -143,12 +143,16 @@ class Faults(msgspec.Struct):
         drop: Indexes (0-based, counted over server frames) to drop silently.
         duplicate: Indexes to send twice.
         delay: Seconds to wait before each send.
+        connections: Inject into the first this-many connections of the client
+            only (``None``: every connection). Indexes count per connection, so
+            without a bound a fault that is a gap repeats after each reconnect.
     """
 
     cut_after: int | None = None
     drop: frozenset[int] = frozenset()
     duplicate: frozenset[int] = frozenset()
     delay: float = 0.0
+    connections: int | None = None
 
 
 class FaultyTransport:
@@ -281,7 +285,9 @@ class TestClient(RoomClient):
 
     async def _open(self, tg: Any) -> None:
         client_t, server_t = memory_pipe(self.encoding)
-        inner: FrameTransport = FaultyTransport(server_t, self.faults) if self.faults else server_t
+        f = self.faults
+        faulty = f is not None and (f.connections is None or len(self.wire) < f.connections)
+        inner: FrameTransport = FaultyTransport(server_t, f) if f is not None and faulty else server_t
         sent: list[bytes] = []
         self.wire.append(sent)
         srv = _Recording(inner, sent)
