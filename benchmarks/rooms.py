@@ -179,7 +179,11 @@ def serve(backend: str) -> None:
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
         server.node_options["limits"] = rtcore.Limits(
-            command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000
+            command_rate=1e9,
+            command_burst=1_000_000_000,
+            max_inflight=10_000,
+            max_subscriptions=1000,
+            idle_timeout=3600.0,
         )
         async with anyio.create_task_group() as tg:
             bound = await tg.start(server.serve)
@@ -255,7 +259,9 @@ class Conn:
                 return reply
 
     async def cmd(self, name: str, args: dict[str, Any]) -> Any:
-        return (await self.request({"t": "cmd", "name": name, "args": args, "key": f"{self.name}-{self.rid + 1}"}))["result"]
+        return (await self.request({"t": "cmd", "name": name, "args": args, "key": f"{self.name}-{self.rid + 1}"}))[
+            "result"
+        ]
 
     async def subscribe_first_patch(self, stream: str) -> dict[str, Any]:
         """``sub`` with ``since {"epoch": "", "offset": 0}``; return the first patch's document."""
@@ -352,7 +358,9 @@ def moves_worker(*args: Any) -> None:
     asyncio.run(_moves_worker(*args))
 
 
-async def _join_worker(url: str, players: int, tag: str, inflight: int, ready: Any, go: Any, release: Any, out: Any) -> None:
+async def _join_worker(
+    url: str, players: int, tag: str, inflight: int, ready: Any, go: Any, release: Any, out: Any
+) -> None:
     sem = asyncio.Semaphore(inflight)
     conns: list[Conn] = []
     ready.set()
@@ -378,7 +386,9 @@ def join_worker(*args: Any) -> None:
     asyncio.run(_join_worker(*args))
 
 
-async def _arena_worker(url: str, room_id: str, names: list[str], input_hz: float, seconds: float, reps: int, barrier: Any, out: Any) -> None:
+async def _arena_worker(
+    url: str, room_id: str, names: list[str], input_hz: float, seconds: float, reps: int, barrier: Any, out: Any
+) -> None:
     conns = [await Conn.open(url, n) for n in names]
     for c in conns:
         joined = await c.cmd("room.join", {"room_id": room_id})
@@ -397,7 +407,13 @@ async def _arena_worker(url: str, room_id: str, names: list[str], input_hz: floa
         k = 0
         while time.perf_counter() < until:
             k += 1
-            await c.send({"t": "cmd", "name": "room.send", "args": {"room_id": room_id, "type": "input", "data": {"x": k * 0.5, "y": -k * 0.25}}})
+            await c.send(
+                {
+                    "t": "cmd",
+                    "name": "room.send",
+                    "args": {"room_id": room_id, "type": "input", "data": {"x": k * 0.5, "y": -k * 0.25}},
+                }
+            )
             counting["inputs"] += 1
             await asyncio.sleep(1 / input_hz)
 
@@ -410,7 +426,16 @@ async def _arena_worker(url: str, room_id: str, names: list[str], input_hz: floa
         await asyncio.gather(*(sender(c, i / len(conns) / input_hz, until) for i, c in enumerate(conns)))
         elapsed = time.perf_counter() - t0
         counting["on"] = False
-        out.put({"bytes": counting["bytes"], "frames": counting["frames"], "inputs": counting["inputs"], "clients": len(conns), "seconds": elapsed, "pid": os.getpid()})
+        out.put(
+            {
+                "bytes": counting["bytes"],
+                "frames": counting["frames"],
+                "inputs": counting["inputs"],
+                "clients": len(conns),
+                "seconds": elapsed,
+                "pid": os.getpid(),
+            }
+        )
         await asyncio.sleep(0.3)
     for r in readers:
         r.cancel()
@@ -479,9 +504,12 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
                     "load": loadavg(),
                 }
             )
-            print(f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
-                  f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move, server {runs[-1]['server_cpu_pct']:.0f}% "
-                  f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%", flush=True)
+            print(
+                f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
+                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move, server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
         for p in procs:
             p.join(30)
     finally:
@@ -490,7 +518,10 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
         "backend": backend.split(":")[0],
         "rooms": rooms,
         "runs": runs,
-        **{k: summary([r[k] for r in runs]) for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_cpu_pct")},
+        **{
+            k: summary([r[k] for r in runs])
+            for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_cpu_pct")
+        },
         "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
     }
 
@@ -504,7 +535,9 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
             # Warm up imports and code paths (one room, then the listing is empty again).
             warm_go, warm_ready, warm_out = ctx.Event(), ctx.Event(), ctx.Queue()
             warm_go.set()
-            warm = ctx.Process(target=join_worker, args=(server.url, 2, f"warm{rep}", 2, warm_ready, warm_go, warm_go, warm_out))
+            warm = ctx.Process(
+                target=join_worker, args=(server.url, 2, f"warm{rep}", 2, warm_ready, warm_go, warm_go, warm_out)
+            )
             warm.start()
             warm_out.get(timeout=60)
             warm.join(60)
@@ -516,7 +549,10 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
             for w in range(workers):
                 ready = ctx.Event()
                 share = players // workers + (1 if w < players % workers else 0)
-                p = ctx.Process(target=join_worker, args=(server.url, share, f"r{rep}w{w}", inflight // workers, ready, go, release, out))
+                p = ctx.Process(
+                    target=join_worker,
+                    args=(server.url, share, f"r{rep}w{w}", inflight // workers, ready, go, release, out),
+                )
                 p.start()
                 procs.append(p)
                 readies.append(ready)
@@ -545,8 +581,11 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
                     "load": loadavg(),
                 }
             )
-            print(f"  joins: {runs[-1]['joins_per_s']:,.0f}/s, {runs[-1]['rss_kb_per_player']:.1f} kB/player, "
-                  f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%", flush=True)
+            print(
+                f"  joins: {runs[-1]['joins_per_s']:,.0f}/s, {runs[-1]['rss_kb_per_player']:.1f} kB/player, "
+                f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
         finally:
             server.stop()
     return {
@@ -588,7 +627,9 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
         procs = []
         for w in range(workers):
             names = [f"a{w}-{i}" for i in range(w, players, workers)]
-            p = ctx.Process(target=arena_worker, args=(server.url, room_id, names, input_hz, seconds, reps, barrier, out))
+            p = ctx.Process(
+                target=arena_worker, args=(server.url, room_id, names, input_hz, seconds, reps, barrier, out)
+            )
             p.start()
             procs.append(p)
         pids = [p.pid for p in procs if p.pid is not None]
@@ -618,8 +659,11 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     "load": loadavg(),
                 }
             )
-            print(f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms, server {runs[-1]['server_cpu_pct']:.0f}%, "
-                  f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%", flush=True)
+            print(
+                f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms, server {runs[-1]['server_cpu_pct']:.0f}%, "
+                f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
         for p in procs:
             p.join(30)
     finally:
@@ -629,7 +673,10 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
         "tick_rate": 20,
         "input_hz": input_hz,
         "runs": runs,
-        **{k: summary([r[k] for r in runs]) for k in ("tick_p99_ms", "server_cpu_pct", "bytes_per_client_s", "ticks_per_s")},
+        **{
+            k: summary([r[k] for r in runs])
+            for k in ("tick_p99_ms", "server_cpu_pct", "bytes_per_client_s", "ticks_per_s")
+        },
         "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
     }
 
@@ -662,13 +709,21 @@ def table(report: dict[str, Any], source: str) -> str:
     for r in report["moves"]:
         w = f"moves, {r['rooms']:,} rooms, `{r['backend']}://`"
         lines.append(f"| {w} | moves/s | {_fmt(r['moves_per_s'])} | reported | 7,400-7,750 |")
-        lines.append(f"| {w} | move → patch p50 / p99 ms | {_fmt(r['p50_ms'], 1)} / {_fmt(r['p99_ms'], 1)} | reported | — |")
+        lines.append(
+            f"| {w} | move → patch p50 / p99 ms | {_fmt(r['p50_ms'], 1)} / {_fmt(r['p99_ms'], 1)} | reported | — |"
+        )
         lines.append(f"| {w} | server CPU µs per move | {_fmt(r['server_cpu_us_per_move'])} | ≤ 130 | 125-140 |")
         lines.append(f"| {w} | server CPU % of a core | {_fmt(r['server_cpu_pct'])} | — | ~100 |")
     j = report["joins"]
-    lines.append(f"| {j['players']:,} players in {j['rooms']:,} rooms | server RSS kB per seated player | {_fmt(j['rss_kb_per_player'], 1)} | ≤ 20 | 41-44 |")
-    lines.append(f"| {j['players']:,} players in {j['rooms']:,} rooms | joins/s (matchmaking + seat + first patch) | {_fmt(j['joins_per_s'])} | ≥ 230 | ~230 |")
-    lines.append(f"| {j['players']:,} players in {j['rooms']:,} rooms | server CPU µs per join | {_fmt(j['server_cpu_us_per_join'])} | — | — |")
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | server RSS kB per seated player | {_fmt(j['rss_kb_per_player'], 1)} | ≤ 20 | 41-44 |"
+    )
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | joins/s (matchmaking + seat + first patch) | {_fmt(j['joins_per_s'])} | ≥ 230 | ~230 |"
+    )
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | server CPU µs per join | {_fmt(j['server_cpu_us_per_join'])} | — | — |"
+    )
     a = report["arena"]
     w = f"1 room, 20 Hz, {a['players']} players x {a['input_hz']:g} inputs/s"
     lines.append(f"| {w} | tick p99 ms (server-side) | {_fmt(a['tick_p99_ms'], 2)} | ≤ 1 | 0.6-0.9 |")
@@ -709,7 +764,12 @@ def main() -> None:
     parser.add_argument("--input-hz", type=float, default=2.0, help="inputs per second per arena player")
     parser.add_argument("--serve", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--table", type=Path, help="only regenerate the README table from this results file")
-    parser.add_argument("--only", choices=["moves", "joins", "arena"], action="append", help="run only these workloads (no files written)")
+    parser.add_argument(
+        "--only",
+        choices=["moves", "joins", "arena"],
+        action="append",
+        help="run only these workloads (no files written)",
+    )
     opts = parser.parse_args()
     if opts.serve:
         serve(opts.serve)
@@ -724,8 +784,18 @@ def main() -> None:
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": opts.quick,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "python": platform.python_version()},
-        "settings": {"reps": reps, "window_s": window, "workers": opts.workers, "input_hz": opts.input_hz, "joins_inflight": 64},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(terse=True),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "reps": reps,
+            "window_s": window,
+            "workers": opts.workers,
+            "input_hz": opts.input_hz,
+            "joins_inflight": 64,
+        },
         "load_start": loadavg(),
         "moves": [],
     }
