@@ -82,7 +82,9 @@ class Player:
     async def play(self, room: dict[str, Any], create: bool, joined: anyio.Event, killed: anyio.Event) -> None:
         async with rtcore.client.connect(self.url, token=self.name, backoff_base=0.05, backoff_max=0.5) as client:
             if create:
-                room.update(await client.command("room.create", {"type": "tictactoe", "private": True}, timeout=60))
+                created = await client.command("room.create", {"type": "tictactoe", "private": True}, timeout=60)
+                assert "stream" in created, f"{self.name}: room.create answered {created}"
+                room.update(created)
                 joined.set()
             else:
                 await joined.wait()
