@@ -33,7 +33,8 @@ every repetition, the README shows median and min-max):
 
 Writes ``benchmarks/results/rooms-<date>.json`` and regenerates the rooms
 table of ``benchmarks/README.md`` (between ``<!-- rooms:begin -->`` and
-``<!-- rooms:end -->``) from it; ``--table FILE.json`` only regenerates it.
+``<!-- rooms:end -->``) from it (``--quick`` writes ``rooms-<date>-quick.json``
+and prints the table instead); ``--table FILE.json`` only regenerates it.
 """
 
 import argparse
@@ -833,6 +834,10 @@ def main() -> None:
         return
     out = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
+    if opts.quick:  # a smoke run does not replace the README's figures
+        print(table(report, f"benchmarks/results/{out.name}"))
+        print(f"written to {out}")
+        return
     write_table(out)
     print(f"written to {out} and the rooms table of {README}")
 
