@@ -173,6 +173,7 @@ class _Actor:
         self.dispose_requested = False
         self.outgoing: list[tuple[str, str | None, str, Any]] = []
         self.applied = 0  # last inbox offset applied
+        self.applying = 0  # the inbox offset being applied (its patch may not be written yet)
         self.head = 0  # last offset of room:{id} written (the fence)
         self.prev: Any = None  # the public document as last published
         self.full_prev: Any = None  # the whole state (private fields too) as last published
@@ -495,18 +496,19 @@ class _Actor:
                 self.room.state = msgspec.convert(snapshot[0], self.cls.state_type, strict=False)
                 self.locked = snapshot[1]
                 self.outgoing.clear()
-        before, self.applied = self.applied, ev.offset
+        before, self.applied, self.applying = self.applied, ev.offset, ev.offset
         try:
             await self.after_step()
         except BaseException:
             # The patch covering this entry was not written: it is not applied
             # (the next owner applies it), and result() must not say it was.
-            self.applied = before
+            self.applied, self.applying = before, 0
             raise
         origin = data.get("node")
         if isinstance(origin, str) and origin != self.node.id:
             await self._reply(origin, ev.offset, entry)
         self.results[ev.offset] = entry
+        self.applying = 0
         while len(self.results) > RESULTS_KEPT:
             self.results.popitem(last=False)
         waiter = self.waiters.pop(ev.offset, None)
@@ -557,7 +559,9 @@ class _Actor:
         ``None``: this owner stopped (lost its lease) before applying it; the
         caller waits for the next owner.
         """
-        if offset > self.applied and not self.closed:
+        # While its patch is being written, an entry counts as applied but its
+        # result is not stored yet: wait for it too (else "recovered" is answered).
+        if (offset > self.applied or offset == self.applying) and not self.closed:
             ev = self.waiters.setdefault(offset, anyio.Event())
             self.wake.set()
             await ev.wait()

@@ -1,0 +1,848 @@
+"""Benchmark rtcore rooms: moves, memory per player, a 20 Hz room, joins.
+
+One command::
+
+    python benchmarks/rooms.py [--quick]
+
+The server (``rtcore.server.runner.Server`` with :func:`rtcore.rooms.install`)
+runs in its own process (``rooms.py --serve BACKEND``), on loopback. The load
+client speaks the wire protocol directly with the ``websockets`` library and
+msgspec (raw JSON frames, no rtcore client code) and runs in worker processes
+(``--workers``, 2 by default) so it is not the bottleneck; the CPU of the server
+and of every client process is read from ``/proc/<pid>/stat`` around each
+measured window and written next to each figure.
+
+Workloads (each figure is measured ``--reps`` times, at least 3; the JSON keeps
+every repetition, the README shows median and min-max):
+
+1. **moves**: N two-player ``duel`` rooms (200 and 1,000), on ``memory://`` and
+   ``sqlite://``. The player whose turn it is sends ``room.send move``; the
+   round trip is from sending the command to receiving, on the same
+   connection, the patch that passes the turn. moves/s, p50/p99, server CPU
+   per move.
+2. **memory**: 2,000 players join 1,000 rooms through matchmaking
+   (``room.join_or_create`` + ``sub`` + first patch); server RSS after minus
+   before, divided by 2,000. The same run gives **joins/s** (all 2,000 joins,
+   64 in flight).
+3. **tick**: one ``arena`` room at 20 Hz with 100 players, each sending an
+   input (a new position) every ``1/--input-hz`` seconds. Tick duration is
+   timed inside the server process around the room executor's tick step
+   (``on_tick`` + diff + patch append), by wrapping ``_Actor._step`` in this
+   benchmark's server only; server CPU % of one core; bytes of room-stream
+   frames (``evt``/``sync``) received per client per second.
+
+Writes ``benchmarks/results/rooms-<date>.json`` and regenerates the rooms
+table of ``benchmarks/README.md`` (between ``<!-- rooms:begin -->`` and
+``<!-- rooms:end -->``) from it (``--quick`` writes ``rooms-<date>-quick.json``
+and prints the table instead); ``--table FILE.json`` only regenerates it.
+"""
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+BEGIN, END = "<!-- rooms:begin -->", "<!-- rooms:end -->"
+TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+#: Seconds the server's CPU is read with every room set up and nobody moving.
+IDLE_WINDOW = 3.0
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
+# --- /proc ---------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (seconds)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid``."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+# --- the server (``--serve``) -----------------------------------------------------------
+
+
+def serve(backend: str) -> None:
+    """Run the benchmark app; print ``READY <port>``; stop on SIGTERM."""
+    import signal
+    from time import perf_counter
+
+    import anyio
+
+    import rtcore
+    from rtcore import rooms
+    from rtcore.rooms import runtime
+    from rtcore.server.runner import Server
+
+    app = rtcore.App("roomsbench")
+    registry = rooms.install(app)
+    tick_durations: list[float] = []
+
+    @app.authenticate
+    async def authenticate(token: str | None) -> rtcore.Principal | None:
+        return rtcore.Principal(token) if token else None
+
+    class Duel(msgspec.Struct):
+        players: list[str] = []
+        turn: str = ""
+        moves: int = 0
+        last: int = -1
+
+    class MoveData(msgspec.Struct):
+        n: int
+
+    @registry.define("duel")
+    class DuelRoom(rooms.Room[Duel]):
+        max_clients = 2
+
+        async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            self.state.players.append(player.id)
+            if len(self.state.players) == 2:
+                self.lock()
+                self.state.turn = self.state.players[0]
+
+        @rooms.message("move")
+        async def move(self, player: rooms.Player, data: MoveData) -> None:
+            s = self.state
+            if s.turn != player.id:
+                raise rtcore.Rejected("not_your_turn")
+            s.moves += 1
+            s.last = data.n
+            s.turn = s.players[1] if s.players[0] == player.id else s.players[0]
+
+    class Arena(msgspec.Struct):
+        tick: int = 0
+        pos: dict[str, list[float]] = {}
+
+    class Input(msgspec.Struct):
+        x: float
+        y: float
+
+    @registry.define("arena")
+    class ArenaRoom(rooms.Room[Arena]):
+        max_clients = 0
+        tick_rate = 20
+        auto_dispose = 3600.0  # the creator leaves before the players come
+
+        async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            self.state.pos[player.id] = [0.0, 0.0]
+
+        @rooms.message("input")
+        async def input(self, player: rooms.Player, data: Input) -> None:
+            self.state.pos[player.id] = [data.x, data.y]
+
+        async def on_tick(self, dt: float) -> None:
+            self.state.tick += 1
+
+    # Tick timing: rtcore exposes none, so time the executor's whole tick step
+    # (on_tick, diff, patch append) here, in the benchmark's server only.
+    step = runtime._Actor._step
+
+    async def timed_step(self: Any, fn: Any, args: Any) -> None:
+        t0 = perf_counter()
+        await step(self, fn, args)
+        if getattr(fn, "__name__", "") == "on_tick":
+            tick_durations.append(perf_counter() - t0)
+
+    runtime._Actor._step = timed_step  # type: ignore[method-assign]
+
+    @app.command("bench.ticks")
+    async def ticks(ctx: rtcore.Context, args: Any) -> list[float]:
+        out = list(tick_durations)
+        tick_durations.clear()
+        return out
+
+    async def main() -> None:
+        server = Server(app, port=0, backend=backend, grace=0.5)
+        server.node_options["limits"] = rtcore.Limits(
+            command_rate=1e9,
+            command_burst=1_000_000_000,
+            max_inflight=10_000,
+            max_subscriptions=1000,
+            idle_timeout=3600.0,
+        )
+        async with anyio.create_task_group() as tg:
+            bound = await tg.start(server.serve)
+            print("READY", bound, flush=True)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    await server.stop(grace=0.2)
+                    break
+
+    anyio.run(main)
+
+
+class ServerProcess:
+    """The benchmark server in a child process."""
+
+    def __init__(self, backend: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--serve", backend],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"server did not start: {line!r}")
+        self.url = f"ws://127.0.0.1:{int(line.split()[1])}/v1/ws"
+        self.pid = self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the load client (worker processes) ---------------------------------------------------
+
+
+class Conn:
+    """One raw WebSocket connection: hello, numbered requests, a frame queue per kind."""
+
+    def __init__(self, ws: Any, name: str) -> None:
+        self.ws = ws
+        self.name = name
+        self.rid = 0
+
+    @classmethod
+    async def open(cls, url: str, name: str) -> "Conn":
+        from websockets.asyncio.client import connect
+
+        ws = await connect(url, subprotocols=["rtcore.v1.json"], compression=None, ping_interval=None, max_queue=None)  # type: ignore[list-item]
+        await ws.send(_encode({"t": "hello", "v": 1, "token": name}).decode())
+        welcome = _decode(await ws.recv())
+        assert welcome["t"] == "welcome", welcome
+        return cls(ws, name)
+
+    async def send(self, frame: dict[str, Any]) -> int:
+        self.rid += 1
+        frame["id"] = self.rid
+        await self.ws.send(_encode(frame).decode())
+        return self.rid
+
+    async def request(self, frame: dict[str, Any]) -> dict[str, Any]:
+        """Send and wait for the reply (frames before it are returned in ``.early``)."""
+        rid = await self.send(frame)
+        while True:
+            reply = _decode(await self.ws.recv())
+            if reply.get("id") == rid and reply["t"] in ("ok", "err", "subbed"):
+                if reply["t"] == "err":
+                    raise RuntimeError(f"{self.name}: {reply}")
+                return reply
+
+    async def cmd(self, name: str, args: dict[str, Any]) -> Any:
+        return (await self.request({"t": "cmd", "name": name, "args": args, "key": f"{self.name}-{self.rid + 1}"}))[
+            "result"
+        ]
+
+    async def subscribe_first_patch(self, stream: str) -> dict[str, Any]:
+        """``sub`` with ``since {"epoch": "", "offset": 0}``; return the first patch's document."""
+        await self.request({"t": "sub", "stream": stream, "since": {"epoch": "", "offset": 0}})
+        while True:
+            frame = _decode(await self.ws.recv())
+            if frame.get("t") == "evt" and frame["type"] == "patch":
+                return dict(frame["data"]["ops"][0][2])
+            if frame.get("t") == "snap":
+                return dict(frame["state"])
+
+
+def turn_of(ops: list[Any]) -> str | None:
+    """The ``state.turn`` a patch sets, if any (the only field the mover needs)."""
+    turn = None
+    for op in ops:
+        if op[0] != "set":
+            continue
+        path = op[1]
+        if path == ["state", "turn"]:
+            turn = op[2]
+        elif not path:
+            turn = op[2]["state"]["turn"]
+    return turn
+
+
+async def _moves_worker(url: str, rooms: int, tag: str, reps: int, seconds: float, barrier: Any, out: Any) -> None:
+    pairs: list[tuple[Conn, Conn]] = []
+    sem = asyncio.Semaphore(32)
+
+    async def setup(i: int) -> tuple[Conn, Conn]:
+        async with sem:
+            a = await Conn.open(url, f"{tag}a{i}")
+            b = await Conn.open(url, f"{tag}b{i}")
+            joined = await a.cmd("room.create", {"type": "duel", "private": True})
+            await b.cmd("room.join", {"room_id": joined["room_id"]})
+            for c in (a, b):
+                await c.request({"t": "sub", "stream": joined["stream"], "since": {"epoch": "", "offset": 0}})
+            a.room = b.room = joined["room_id"]  # type: ignore[attr-defined]
+            return a, b
+
+    pairs = list(await asyncio.gather(*(setup(i) for i in range(rooms))))
+    state = {"playing": False, "lat": [], "done": 0, "errors": 0, "t_end": 0.0}
+    t0s: dict[str, float] = {}
+    turns: dict[str, str] = {}
+    n = 0
+
+    async def move(c: Conn) -> None:
+        nonlocal n
+        n += 1
+        t0s[c.name] = time.perf_counter()
+        await c.send({"t": "cmd", "name": "room.send", "args": {"room_id": c.room, "type": "move", "data": {"n": n}}})  # type: ignore[attr-defined]
+
+    async def reader(c: Conn) -> None:
+        async for raw in c.ws:
+            frame = _decode(raw)
+            t = frame.get("t")
+            if t == "err":
+                state["errors"] += 1
+                continue
+            if t != "evt" or frame["type"] != "patch":
+                continue
+            turn = turn_of(frame["data"]["ops"])
+            if turn is None:
+                continue
+            turns[c.room] = turn  # type: ignore[attr-defined]
+            t0 = t0s.pop(c.name, None)
+            if t0 is not None and turn != c.name:
+                now = time.perf_counter()
+                if now <= state["t_end"]:
+                    state["lat"].append(now - t0)
+                    state["done"] += 1
+            if turn == c.name and state["playing"]:
+                await move(c)
+
+    readers = [asyncio.create_task(reader(c)) for pair in pairs for c in pair]
+    await asyncio.to_thread(barrier.wait)  # set up; the parent measures the idle server
+    await asyncio.to_thread(barrier.wait)
+    for _ in range(reps):
+        await asyncio.to_thread(barrier.wait)
+        state.update(playing=True, lat=[], done=0, errors=0, t_end=time.perf_counter() + seconds)
+        for a, b in pairs:
+            first = a if turns.get(a.room, a.name) == a.name else b  # type: ignore[attr-defined]
+            await move(first)
+        await asyncio.sleep(seconds)
+        state["playing"] = False
+        await asyncio.sleep(0.5)  # moves in flight finish
+        out.put({"lat": state["lat"], "moves": state["done"], "errors": state["errors"], "pid": os.getpid()})
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*(c.ws.close() for pair in pairs for c in pair), return_exceptions=True)
+
+
+def moves_worker(*args: Any) -> None:
+    """Process entry point of workload 1."""
+    asyncio.run(_moves_worker(*args))
+
+
+async def _join_worker(
+    url: str, players: int, tag: str, inflight: int, ready: Any, go: Any, release: Any, out: Any
+) -> None:
+    sem = asyncio.Semaphore(inflight)
+    conns: list[Conn] = []
+    ready.set()
+    await asyncio.to_thread(go.wait)
+    t0 = time.perf_counter()
+
+    async def join(i: int) -> None:
+        async with sem:
+            c = await Conn.open(url, f"{tag}p{i}")
+            joined = await c.cmd("room.join_or_create", {"type": "duel"})
+            await c.subscribe_first_patch(joined["stream"])
+            conns.append(c)
+
+    await asyncio.gather(*(join(i) for i in range(players)))
+    out.put({"seconds": time.perf_counter() - t0, "joined": len(conns), "pid": os.getpid()})
+    # Stay connected (seated) until the parent has read the server's RSS.
+    await asyncio.to_thread(release.wait)
+    await asyncio.gather(*(c.ws.close() for c in conns), return_exceptions=True)
+
+
+def join_worker(*args: Any) -> None:
+    """Process entry point of workload 2."""
+    asyncio.run(_join_worker(*args))
+
+
+async def _arena_worker(
+    url: str, room_id: str, names: list[str], input_hz: float, seconds: float, reps: int, barrier: Any, out: Any
+) -> None:
+    conns = [await Conn.open(url, n) for n in names]
+    for c in conns:
+        joined = await c.cmd("room.join", {"room_id": room_id})
+        await c.request({"t": "sub", "stream": joined["stream"], "since": {"epoch": "", "offset": 0}})
+    counting = {"on": False, "bytes": 0, "frames": 0, "inputs": 0}
+
+    async def reader(c: Conn) -> None:
+        async for raw in c.ws:
+            # Room-stream frames only (evt/sync/snap); command replies are not state.
+            if counting["on"] and raw.startswith(('{"t":"evt"', '{"t":"sync"', '{"t":"snap"')):
+                counting["bytes"] += len(raw.encode() if isinstance(raw, str) else raw)
+                counting["frames"] += 1
+
+    async def sender(c: Conn, offset: float, until: float) -> None:
+        await asyncio.sleep(offset)
+        k = 0
+        while time.perf_counter() < until:
+            k += 1
+            await c.send(
+                {
+                    "t": "cmd",
+                    "name": "room.send",
+                    "args": {"room_id": room_id, "type": "input", "data": {"x": k * 0.5, "y": -k * 0.25}},
+                }
+            )
+            counting["inputs"] += 1
+            await asyncio.sleep(1 / input_hz)
+
+    readers = [asyncio.create_task(reader(c)) for c in conns]
+    for _ in range(reps):
+        await asyncio.to_thread(barrier.wait)
+        counting.update(on=True, bytes=0, frames=0, inputs=0)
+        t0 = time.perf_counter()
+        until = t0 + seconds
+        await asyncio.gather(*(sender(c, i / len(conns) / input_hz, until) for i, c in enumerate(conns)))
+        elapsed = time.perf_counter() - t0
+        counting["on"] = False
+        out.put(
+            {
+                "bytes": counting["bytes"],
+                "frames": counting["frames"],
+                "inputs": counting["inputs"],
+                "clients": len(conns),
+                "seconds": elapsed,
+                "pid": os.getpid(),
+            }
+        )
+        await asyncio.sleep(0.3)
+    for r in readers:
+        r.cancel()
+    await asyncio.gather(*(c.ws.close() for c in conns), return_exceptions=True)
+
+
+def arena_worker(*args: Any) -> None:
+    """Process entry point of workload 3."""
+    asyncio.run(_arena_worker(*args))
+
+
+# --- the parent: workloads ----------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "reps": values}
+
+
+def _cpu(pids: list[int]) -> list[float]:
+    out = []
+    for p in pids:
+        try:
+            out.append(cpu_seconds(p))
+        except OSError:
+            out.append(0.0)
+    return out
+
+
+def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    server = ServerProcess(backend)
+    try:
+        barrier = ctx.Barrier(workers + 1)
+        out = ctx.Queue()
+        procs = []
+        for w in range(workers):
+            share = rooms // workers + (1 if w < rooms % workers else 0)
+            p = ctx.Process(target=moves_worker, args=(server.url, share, f"w{w}", reps, seconds, barrier, out))
+            p.start()
+            procs.append(p)
+        pids = [p.pid for p in procs if p.pid is not None]
+        barrier.wait(timeout=300)
+        # The rooms' own cost with nobody moving (leases, idle wake-ups, supervisor).
+        i0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(IDLE_WINDOW)
+        idle_pct = (cpu_seconds(server.pid) - i0) / (time.perf_counter() - t0) * 100
+        barrier.wait(timeout=60)
+        runs = []
+        for _ in range(reps):
+            barrier.wait(timeout=300)
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            time.sleep(seconds)
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            parts = [out.get(timeout=120) for _ in procs]
+            lat = [x for part in parts for x in part["lat"]]
+            moves = sum(part["moves"] for part in parts)
+            wall = l1 - l0
+            runs.append(
+                {
+                    "moves_per_s": moves / seconds,
+                    "p50_ms": pct(lat, 0.5) * 1e3,
+                    "p99_ms": pct(lat, 0.99) * 1e3,
+                    "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
+                    "server_cpu_pct": (s1 - s0) / wall * 100,
+                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    "errors": sum(part["errors"] for part in parts),
+                    "load": loadavg(),
+                }
+            )
+            print(
+                f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
+                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move, server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
+        for p in procs:
+            p.join(30)
+    finally:
+        server.stop()
+    return {
+        "backend": backend.split(":")[0],
+        "rooms": rooms,
+        "runs": runs,
+        **{
+            k: summary([r[k] for r in runs])
+            for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_cpu_pct")
+        },
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+        "idle_server_cpu_pct": idle_pct,
+    }
+
+
+def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    runs = []
+    for rep in range(reps):
+        server = ServerProcess("memory://")
+        try:
+            # Warm up imports and code paths (one room, then the listing is empty again).
+            warm_go, warm_ready, warm_out = ctx.Event(), ctx.Event(), ctx.Queue()
+            warm_go.set()
+            warm = ctx.Process(
+                target=join_worker, args=(server.url, 2, f"warm{rep}", 2, warm_ready, warm_go, warm_go, warm_out)
+            )
+            warm.start()
+            warm_out.get(timeout=60)
+            warm.join(60)
+            time.sleep(0.5)
+            rss0 = rss_bytes(server.pid)
+            go, release = ctx.Event(), ctx.Event()
+            out = ctx.Queue()
+            procs, readies = [], []
+            for w in range(workers):
+                ready = ctx.Event()
+                share = players // workers + (1 if w < players % workers else 0)
+                p = ctx.Process(
+                    target=join_worker,
+                    args=(server.url, share, f"r{rep}w{w}", inflight // workers, ready, go, release, out),
+                )
+                p.start()
+                procs.append(p)
+                readies.append(ready)
+            for r in readies:
+                r.wait(60)
+            pids = [p.pid for p in procs if p.pid is not None]
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            go.set()
+            parts = [out.get(timeout=300) for _ in procs]
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            time.sleep(0.5)
+            rss1 = rss_bytes(server.pid)
+            release.set()
+            joined = sum(p["joined"] for p in parts)
+            seconds = max(p["seconds"] for p in parts)
+            for p in procs:
+                p.join(30)
+            runs.append(
+                {
+                    "joins_per_s": joined / seconds,
+                    "rss_before_mb": rss0 / 2**20,
+                    "rss_after_mb": rss1 / 2**20,
+                    "rss_kb_per_player": (rss1 - rss0) / joined / 1024,
+                    "server_cpu_us_per_join": (s1 - s0) / joined * 1e6,
+                    "client_cpu_pct": [(b - a) / (l1 - l0) * 100 for a, b in zip(c0, c1, strict=True)],
+                    "load": loadavg(),
+                }
+            )
+            print(
+                f"  joins: {runs[-1]['joins_per_s']:,.0f}/s, {runs[-1]['rss_kb_per_player']:.1f} kB/player, "
+                f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
+        finally:
+            server.stop()
+    return {
+        "players": players,
+        "rooms": players // 2,
+        "runs": runs,
+        **{k: summary([r[k] for r in runs]) for k in ("joins_per_s", "rss_kb_per_player", "server_cpu_us_per_join")},
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+    }
+
+
+def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    server = ServerProcess("memory://")
+    try:
+
+        async def create() -> tuple[str, Conn]:
+            host = await Conn.open(server.url, "host")
+            joined = await host.cmd("room.create", {"type": "arena"})
+            return joined["room_id"], host
+
+        async def ticks() -> list[float]:
+            c = await Conn.open(server.url, f"probe{time.monotonic_ns()}")  # a fresh key: no replayed answer
+            got = await c.cmd("bench.ticks", {})
+            await c.ws.close()
+            return list(got)
+
+        async def hold_host() -> str:
+            # The creator stays seated through the run only via its seat: it leaves
+            # no connection open, so the room has exactly ``players`` clients (+ host seat).
+            room_id, host = await create()
+            await host.cmd("room.leave", {"room_id": room_id})
+            await host.ws.close()
+            return room_id
+
+        room_id = asyncio.run(hold_host())
+        barrier = ctx.Barrier(workers + 1)
+        out = ctx.Queue()
+        procs = []
+        for w in range(workers):
+            names = [f"a{w}-{i}" for i in range(w, players, workers)]
+            p = ctx.Process(
+                target=arena_worker, args=(server.url, room_id, names, input_hz, seconds, reps, barrier, out)
+            )
+            p.start()
+            procs.append(p)
+        pids = [p.pid for p in procs if p.pid is not None]
+        runs = []
+        for _ in range(reps):
+            barrier.wait(timeout=120)
+            asyncio.run(ticks())  # drop the ticks of the idle time before
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            parts = [out.get(timeout=120) for _ in procs]
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            durations = asyncio.run(ticks())
+            wall = l1 - l0
+            clients = sum(p["clients"] for p in parts)
+            per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
+            runs.append(
+                {
+                    "tick_p50_ms": pct(durations, 0.5) * 1e3,
+                    "tick_p99_ms": pct(durations, 0.99) * 1e3,
+                    "tick_max_ms": max(durations) * 1e3,
+                    "ticks": len(durations),
+                    "ticks_per_s": len(durations) / wall,
+                    "server_cpu_pct": (s1 - s0) / wall * 100,
+                    "bytes_per_client_s": per_client_s,
+                    "frames_per_client_s": sum(p["frames"] / p["seconds"] for p in parts) / clients,
+                    "inputs_per_s": sum(p["inputs"] for p in parts) / wall,
+                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    "load": loadavg(),
+                }
+            )
+            print(
+                f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms, server {runs[-1]['server_cpu_pct']:.0f}%, "
+                f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                flush=True,
+            )
+        for p in procs:
+            p.join(30)
+    finally:
+        server.stop()
+    return {
+        "players": players,
+        "tick_rate": 20,
+        "input_hz": input_hz,
+        "runs": runs,
+        **{
+            k: summary([r[k] for r in runs])
+            for k in ("tick_p99_ms", "server_cpu_pct", "bytes_per_client_s", "ticks_per_s")
+        },
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+    }
+
+
+# --- the README table -------------------------------------------------------------------------
+
+
+def _fmt(s: dict[str, Any], digits: int = 0, scale: float = 1.0) -> str:
+    f = f"{{:,.{digits}f}}"
+    return f"{f.format(s['median'] * scale)} ({f.format(s['min'] * scale)}-{f.format(s['max'] * scale)})"
+
+
+def table(report: dict[str, Any], source: str) -> str:
+    """The rooms section of the README, generated from one results file."""
+    m = report["machine"]
+    lines = [
+        BEGIN,
+        f"<!-- generated by `python benchmarks/rooms.py` from {source}; do not edit by hand -->",
+        "",
+        f"{report['date']}, {m['cpus']} vCPU, {m['platform']}, Python {m['python']}, "
+        f"`python benchmarks/rooms.py{' --quick' if report['quick'] else ''}`, "
+        f"{report['settings']['workers']} load-client processes; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in report['load_start'])}, at end {', '.join(f'{x:.2f}' for x in report['load_end'])} "
+        "(the machine is shared with other jobs). Median (min-max) of "
+        f"{report['settings']['reps']} repetitions; every repetition is in `{source}`.",
+        "",
+        "| workload | figure | rtcore | goal | Colyseus 0.18.8 |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in report["moves"]:
+        w = f"moves, {r['rooms']:,} rooms, `{r['backend']}://`"
+        lines.append(f"| {w} | moves/s | {_fmt(r['moves_per_s'])} | reported | 7,400-7,750 |")
+        lines.append(
+            f"| {w} | move → patch p50 / p99 ms | {_fmt(r['p50_ms'], 1)} / {_fmt(r['p99_ms'], 1)} | reported | — |"
+        )
+        lines.append(f"| {w} | server CPU µs per move | {_fmt(r['server_cpu_us_per_move'])} | ≤ 130 | 125-140 |")
+        lines.append(f"| {w} | server CPU % of a core | {_fmt(r['server_cpu_pct'])} | — | ~100 |")
+        if "idle_server_cpu_pct" in r:
+            lines.append(
+                f"| {w} | server CPU % of a core, idle (nobody moving) | {r['idle_server_cpu_pct']:.0f} | — | — |"
+            )
+    j = report["joins"]
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | server RSS kB per seated player | {_fmt(j['rss_kb_per_player'], 1)} | ≤ 20 | 41-44 |"
+    )
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | joins/s (matchmaking + seat + first patch) | {_fmt(j['joins_per_s'])} | ≥ 230 | ~230 |"
+    )
+    lines.append(
+        f"| {j['players']:,} players in {j['rooms']:,} rooms | server CPU µs per join | {_fmt(j['server_cpu_us_per_join'])} | — | — |"
+    )
+    a = report["arena"]
+    w = f"1 room, 20 Hz, {a['players']} players x {a['input_hz']:g} inputs/s"
+    lines.append(f"| {w} | tick p99 ms (server-side) | {_fmt(a['tick_p99_ms'], 2)} | ≤ 1 | 0.6-0.9 |")
+    lines.append(f"| {w} | server CPU % of a core | {_fmt(a['server_cpu_pct'], 1)} | ≤ 20 | 18.5 |")
+    lines.append(f"| {w} | state kB per client per second | {_fmt(a['bytes_per_client_s'], 1, 1e-3)} | ≤ 33 | 33 |")
+    lines.append(f"| {w} | ticks/s observed | {_fmt(a['ticks_per_s'], 1)} | 20 | 20 |")
+    lines += [
+        "",
+        "Load client CPU (highest of any client process in any repetition, % of a core): "
+        + ", ".join(
+            [f"moves {r['rooms']:,} rooms `{r['backend']}://` {r['client_cpu_pct_max']:.0f} %" for r in report["moves"]]
+            + [f"joins {j['client_cpu_pct_max']:.0f} %", f"arena {a['client_cpu_pct_max']:.0f} %"]
+        )
+        + ".",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write_table(path: Path) -> None:
+    report = json.loads(path.read_text())
+    text = README.read_text()
+    block = table(report, f"benchmarks/results/{path.name}")
+    if BEGIN in text:
+        head, _, rest = text.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    README.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run (< 2 minutes): 3 s windows, 200 rooms, 1,000 joiners"
+    )
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2, help="load-client processes")
+    parser.add_argument("--input-hz", type=float, default=2.0, help="inputs per second per arena player")
+    parser.add_argument("--serve", metavar="BACKEND", help=argparse.SUPPRESS)
+    parser.add_argument("--table", type=Path, help="only regenerate the README table from this results file")
+    parser.add_argument(
+        "--only",
+        choices=["moves", "joins", "arena"],
+        action="append",
+        help="run only these workloads (no files written)",
+    )
+    opts = parser.parse_args()
+    if opts.serve:
+        serve(opts.serve)
+        return
+    if opts.table:
+        write_table(opts.table)
+        return
+    reps = max(3, opts.reps)
+    players = 1000 if opts.quick else 2000
+    window = 3.0 if opts.quick else 6.0
+    only = set(opts.only or ["moves", "joins", "arena"])
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": opts.quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(terse=True),
+            "python": platform.python_version(),
+        },
+        "settings": {
+            "reps": reps,
+            "window_s": window,
+            "workers": opts.workers,
+            "input_hz": opts.input_hz,
+            "joins_inflight": 64,
+        },
+        "load_start": loadavg(),
+        "moves": [],
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if "moves" in only:
+            for backend in ("memory://", "sqlite"):
+                for rooms in (200,) if opts.quick else (200, 1000):
+                    url = backend if backend != "sqlite" else f"sqlite:///{tmp}/rooms-{rooms}.db"
+                    report["moves"].append(run_moves(url, rooms, reps, window, opts.workers))
+    if "joins" in only:
+        report["joins"] = run_joins(players, reps, opts.workers, 64)
+    if "arena" in only:
+        report["arena"] = run_arena(100, opts.input_hz, reps, window, opts.workers)
+    report["load_end"] = loadavg()
+    report["elapsed_s"] = time.perf_counter() - started
+    print(f"done in {report['elapsed_s']:.0f} s")
+    if opts.only:
+        print(json.dumps(report, indent=1)[:4000])
+        return
+    out = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    if opts.quick:  # a smoke run does not replace the README's figures
+        print(table(report, f"benchmarks/results/{out.name}"))
+        print(f"written to {out}")
+        return
+    write_table(out)
+    print(f"written to {out} and the rooms table of {README}")
+
+
+if __name__ == "__main__":
+    main()
