@@ -21,7 +21,7 @@ from rtcore.transport import ServerLimits, WebSocketPolicy, WebSocketTransport
 from rtcore.transport.deflate import BoundedPerMessageDeflate
 from rtcore.transport.handshake import accept_key, negotiate
 from rtcore.transport.head import HeadScanner
-from rtcore.transport.wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
+from rtcore.transport.wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 pytestmark = pytest.mark.anyio
 
@@ -60,11 +60,6 @@ def test_batch_of_text_frames_parses_in_websockets() -> None:
     frames = parse_all(encode_frames(OP_TEXT, payloads))
     assert [f.data for f in frames] == payloads
     assert {f.opcode for f in frames} == {Opcode.TEXT}
-
-
-def test_mixed_frames() -> None:
-    frames = parse_all(encode_mixed(["héllo", b"\x00\x01"]))
-    assert [(f.opcode, f.data) for f in frames] == [(Opcode.TEXT, "héllo".encode()), (Opcode.BINARY, b"\x00\x01")]
 
 
 class RecordingStream(ByteStream):

@@ -64,7 +64,7 @@ from wsproto.extensions import Extension
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
-from .wsframes import OP_BINARY, OP_TEXT, encode_frames, encode_mixed
+from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 __all__ = ["FrameTransport", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
 
@@ -294,26 +294,6 @@ class WebSocketTransport:
             self._unsent = data[sent:]
             self._unsent_kick.set()
         return True
-
-    async def send_messages(self, messages: Sequence[bytes | str]) -> None:
-        """Send messages of either kind (``str`` → text, ``bytes`` → binary) in one write.
-
-        The encoding-agnostic sibling of :meth:`send` (used by the Autobahn
-        echo server, which must echo each message with its own opcode).
-
-        Raises:
-            ConnectionClosed: The connection is closing or closed.
-        """
-        if not messages:
-            return
-        data = encode_mixed(messages) if self._fast else None
-        async with self._lock:
-            self._check_open()
-            if data is None:
-                data = b"".join(
-                    self._ws.send(TextMessage(data=m) if isinstance(m, str) else BytesMessage(data=m)) for m in messages
-                )
-            await self._write(data)
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close: send a close frame, wait up to ``close_timeout`` for the

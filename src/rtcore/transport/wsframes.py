@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable
 from typing import Final
 
-__all__ = ["OP_BINARY", "OP_TEXT", "encode_frame", "encode_frames", "encode_mixed"]
+__all__ = ["OP_BINARY", "OP_TEXT", "encode_frame", "encode_frames"]
 
 OP_TEXT: Final = 0x1
 OP_BINARY: Final = 0x2
@@ -61,18 +61,4 @@ def encode_frames(opcode: int, payloads: Iterable[bytes]) -> bytes:
         n = len(payload)
         append(small[n] if n < 126 else _header(opcode, n))
         append(payload)
-    return b"".join(parts)
-
-
-def encode_mixed(messages: Iterable[bytes | str]) -> bytes:
-    """Messages of either kind: ``str`` as text frames, ``bytes`` as binary."""
-    parts: list[bytes] = []
-    for message in messages:
-        if isinstance(message, str):
-            data = message.encode("utf-8")
-            parts.append(_header(OP_TEXT, len(data)))
-        else:
-            data = message
-            parts.append(_header(OP_BINARY, len(data)))
-        parts.append(data)
     return b"".join(parts)
