@@ -47,3 +47,16 @@ async def test_https_and_wss(cert: tuple[str, str]) -> None:
         ) as ws:
             await ws.send('{"t":"hello","v":1}')
             assert '"welcome"' in await ws.recv()
+
+
+def test_cli_tls_context_is_tls12_or_newer_without_compression(cert: tuple[str, str]) -> None:
+    """``rtcore serve --tls-*`` refuses TLS < 1.2 and TLS compression (docs/security.md).
+
+    Mutation: set ``minimum_version = ssl.TLSVersion.TLSv1`` in ``_ssl_context``
+    (or clear ``OP_NO_COMPRESSION``) → this test fails.
+    """
+    context = _ssl_context(*cert)
+    assert context is not None
+    assert context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert context.options & ssl.OP_NO_COMPRESSION
+    assert context.verify_mode == ssl.CERT_NONE  # clients are not asked for certificates

@@ -23,6 +23,9 @@ from .config import ServerLimits
 __all__ = ["HeadScanner"]
 
 _CR = 0x0D
+#: A header line that starts with one of these continues the previous one
+#: (obs-fold, RFC 9112 §5.2).
+_FOLD = (0x20, 0x09)
 
 
 class HeadScanner:
@@ -34,7 +37,7 @@ class HeadScanner:
     a server ignore, are before ``start``) and body bytes start at ``end``.
 
     Raises:
-        BadRequest: 400 for a bare LF.
+        BadRequest: 400 for a bare LF or an obs-fold continuation line.
         LimitExceeded: ``message_too_big``: 414 for a request line over
             ``max_header_line``, 431 for a header line over
             ``max_header_line``, more than ``max_headers`` fields or a head
@@ -75,6 +78,10 @@ class HeadScanner:
                     raise self._too_big()
                 return self._start, end
             self._check_line(length)
+            if self._lines and buf[self._line_start] in _FOLD:
+                # h11 would unfold it; a front proxy may not, and then the two
+                # disagree on what the headers say (RFC 9112 §5.2 allows 400).
+                raise BadRequest("obsolete line folding (a header line starting with whitespace) is refused")
             self._lines += 1
             if self._lines - 1 > limits.max_headers:
                 raise LimitExceeded(f"more than {limits.max_headers} header fields", code="message_too_big", http_status=431)

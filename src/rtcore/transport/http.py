@@ -30,6 +30,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -66,6 +67,7 @@ HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse | StreamingResponse
 
 # Framing is ours: the application may not set these.
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
+_CONTENT_LENGTHS = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
 _ENDED = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError, TimeoutError)
 
 
@@ -180,14 +182,21 @@ class HttpConnection:
             self._committed = False
             if not first:  # a keep-alive request: its head gets a fresh deadline
                 deadline = anyio.current_time() + limits.header_timeout
-            start, _ = await self._read_head(buf, deadline)
+            start, end = await self._read_head(buf, deadline)
+            lengths = _CONTENT_LENGTHS.findall(buf, start, end)
+            if len(lengths) > 1 or (lengths and b"," in lengths[0]):
+                # h11 merges identical values ("4" twice, or "4, 4") into one,
+                # so the raw head is the only place they can still be seen; a
+                # proxy that takes the first and one that takes the last would
+                # disagree (RFC 9112 §6.3 allows refusing them).
+                raise BadRequest("more than one Content-Length value is refused")
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
             conn.receive_data(bytes(buf[start:]))
             buf.clear()
             event = _next_event(conn)
             if not isinstance(event, h11.Request):
                 raise BadRequest("malformed request")
-            _check_framing(list(event.headers))
+            _check_request(event)
             if not await self._handle(conn, event):
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
@@ -438,8 +447,28 @@ def _next_event(conn: h11.Connection) -> object:
         raise BadRequest(message, http_status=status) from None
 
 
-def _check_framing(headers: Headers) -> None:
-    """Refuse ambiguous message framing (request smuggling, RFC 9112 §6.3)."""
-    names = {name for name, _ in headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
+def _check_request(event: h11.Request) -> None:
+    """Refuse what h11 accepts but an origin server should not (RFC 9112).
+
+    Each rule closes a request-smuggling or confusion gap between rtcore and a
+    proxy in front of it: ambiguous framing (§6.1, §6.3), versions we do not
+    speak (§2.3) and request targets that are not origin-form (§3.2).
+    """
+    version = event.http_version
+    if version not in (b"1.1", b"1.0"):
+        raise BadRequest(f"HTTP version {version.decode('ascii', 'replace')} is not supported", http_status=505)
+    target = event.target
+    if not target.startswith(b"/"):
+        # absolute-form is for proxies and asterisk-form for server-wide
+        # OPTIONS; rtcore is an origin server and answers neither.
+        raise BadRequest("the request target must be a path starting with /")
+    lengths = chunked = False
+    for name, _ in event.headers:
+        if name == b"content-length":
+            lengths = True
+        elif name == b"transfer-encoding":
+            chunked = True
+    if chunked and lengths:
         raise BadRequest("Content-Length and Transfer-Encoding together are refused")
+    if chunked and version == b"1.0":
+        raise BadRequest("Transfer-Encoding in an HTTP/1.0 request is refused (RFC 9112 §6.1)")
