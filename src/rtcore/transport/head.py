@@ -62,22 +62,25 @@ class HeadScanner:
                 self._pos = len(buf)
                 self._check_open_line(len(buf))
                 return None
-            if nl == 0 or buf[nl - 1] != _CR:
+            bare = nl == 0 or buf[nl - 1] != _CR
+            length = nl - self._line_start - (0 if bare else 1)
+            # The limits come first, in the order _check_open_line applies
+            # them, so the answer does not depend on how the bytes were split
+            # into reads (found by tests/hardening fuzzing: 400 in one read,
+            # 431 in several).
+            if length:
+                self._check_line(length)
+            if nl + 1 - self._start > limits.max_header_bytes:
+                raise self._too_big()
+            if bare:
                 raise BadRequest("line endings must be CRLF, bare LF is refused")
-            length = nl - 1 - self._line_start
             self._pos = nl + 1
             if length == 0:
                 if self._lines == 0:
                     # An empty line before the request line: skip it.
                     self._start = self._line_start = self._pos
-                    if self._start > limits.max_header_bytes:
-                        raise LimitExceeded("too many empty lines before the request", code="message_too_big", http_status=431)
                     continue
-                end = self._pos
-                if end - self._start > limits.max_header_bytes:
-                    raise self._too_big()
-                return self._start, end
-            self._check_line(length)
+                return self._start, self._pos
             if self._lines and buf[self._line_start] in _FOLD:
                 # h11 would unfold it; a front proxy may not, and then the two
                 # disagree on what the headers say (RFC 9112 §5.2 allows 400).
@@ -86,8 +89,6 @@ class HeadScanner:
             if self._lines - 1 > limits.max_headers:
                 raise LimitExceeded(f"more than {limits.max_headers} header fields", code="message_too_big", http_status=431)
             self._line_start = self._pos
-            if self._pos - self._start > limits.max_header_bytes:
-                raise self._too_big()
 
     def _check_open_line(self, buffered: int) -> None:
         # The line being received may end with a CR whose LF is still to come.
