@@ -119,6 +119,11 @@ _READ_COUNT = 500
 
 #: Added to every garbage-collecting PEXPIRE so real time never undercuts the caller's clock by a little.
 _GRACE_MS = 1000
+#: Seconds a Redis reply may take before the call fails with a retryable
+#: BackendError. A paused or partitioned Redis keeps its connections open and
+#: answers nothing; without a bound every command would hang with it. Longer
+#: than any blocking read rtcore issues (BLOCK_MS, processors' 1 s).
+COMMAND_TIMEOUT = 5.0
 
 _REGISTRY = "rt:streams"
 _INSTANCE = "rt:instance"
@@ -878,13 +883,16 @@ class RedisBackend(Backend):
         await stack.aclose()
 
 
-async def open_redis(url: str, *, all_maxlen: int = ALL_MAXLEN) -> Backend:
+async def open_redis(url: str, *, all_maxlen: int = ALL_MAXLEN, command_timeout: float = COMMAND_TIMEOUT) -> Backend:
     """Connect to the Redis database named by ``url``.
 
     Args:
         url: ``redis://host:port/db`` (anything :meth:`coredis.Redis.from_url` accepts).
         all_maxlen: Approximate cap of ``rt:all``, the global stream consumer
             groups read; a group lagging further behind loses the oldest events.
+        command_timeout: Seconds a reply may take before the call fails with
+            a retryable :class:`~rtcore.errors.BackendError` (a paused Redis
+            answers nothing and would otherwise hang every request).
 
     Returns:
         A :class:`RedisBackend`; call :meth:`~rtcore.backends.base.Backend.aclose`
@@ -893,7 +901,13 @@ async def open_redis(url: str, *, all_maxlen: int = ALL_MAXLEN) -> Backend:
     Raises:
         BackendError: Redis cannot be reached.
     """
-    client: coredis.Redis[bytes] = coredis.Redis.from_url(url, decode_responses=False, retry_policy=NoRetryPolicy())
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        retry_policy=NoRetryPolicy(),
+        stream_timeout=command_timeout,
+        connect_timeout=command_timeout,
+    )
     stack = contextlib.AsyncExitStack()
     try:
         with _engine_errors():
