@@ -47,7 +47,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_guide_builds_strict(site: Path) -> None:
     """Mutation: link docs/tutorial.md to ``howto/nope.md`` (or to an anchor
     ``index.md#nope``) -> mkdocs warns, and strict mode fails this test."""
-    for page in ("index.html", "tutorial/index.html", "howto/index.html", "reference/index.html", "protocol/index.html"):
+    for page in (
+        "index.html",
+        "tutorial/index.html",
+        "howto/index.html",
+        "reference/index.html",
+        "protocol/index.html",
+    ):
         assert (site / page).is_file(), page
 
 
