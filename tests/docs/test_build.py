@@ -19,7 +19,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 #: Modules whose every public name (``__all__``) must be in the API reference.
-REFERENCED = ("rtcore", "rtcore.rooms", "rtcore.client", "rtcore.testing", "rtcore.errors", "rtcore.backends")
+REFERENCED = (
+    "rtcore",
+    "rtcore.rooms",
+    "rtcore.client",
+    "rtcore.testing",
+    "rtcore.errors",
+    "rtcore.backends",
+    "rtcore.wallet",
+)
 
 
 def build(site: Path) -> subprocess.CompletedProcess[str]:
