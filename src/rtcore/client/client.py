@@ -51,6 +51,8 @@ log = logging.getLogger("rtcore.client")
 #: Handshake statuses worth retrying: the server is busy or restarting, not refusing us.
 _RETRY_STATUSES: Final = frozenset({408, 429})
 
+#: ``token_provider`` of :func:`connect`: called (sync or async) for a token on every
+#: connect and when the server says ``token_expired``; ``None`` means no token.
 TokenProvider = Callable[[], str | Awaitable[str | None] | None]
 
 

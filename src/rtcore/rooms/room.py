@@ -115,12 +115,17 @@ class RoomClock:
 class Room(Generic[S]):
     """Base class of a room type; subclass it as ``Room[MyState]``.
 
-    Class attributes (override them):
-        max_clients: Seats (players, counted by user); 0 means unlimited.
-        tick_rate: ``on_tick`` calls per second (1-60), or ``None`` for no ticks.
-        auto_dispose: Seconds the room may stay empty before it is disposed.
+    A subclass overrides the class attributes ``max_clients``, ``tick_rate``
+    and ``auto_dispose``; rtcore sets the instance attributes ``id``,
+    ``code``, ``state``, ``clock`` and ``metadata`` before ``on_create``.
 
-    Instance attributes (set by rtcore before ``on_create``):
+    Attributes:
+        max_clients: Class attribute: seats (players, counted by user); 0
+            means unlimited.
+        tick_rate: Class attribute: ``on_tick`` calls per second (1-60), or
+            ``None`` for no ticks.
+        auto_dispose: Class attribute: seconds the room may stay empty before
+            it is disposed.
         id: The room id (its stream is ``room:{id}``).
         code: Short code to join a private room by.
         state: The authoritative state, an instance of the state type. Read
