@@ -22,11 +22,10 @@ counts and the totals checked.
 ``RTCORE_SOAK_SECONDS`` sets the length (120 in CI; the long form in
 docs/security.md runs 1800).
 
-Mutation: in ``tests/multinode/mnapp.py``'s ``put``, publish without the
-command's idempotency (e.g. ``ctx.publish(..., key=str(uuid4()))``)... is not
-how rtcore keys appends; the mutation that was checked is in the engine:
-make ``Node.dispatch`` skip ``idempotency.begin`` for keyed commands → retried
-commands after a cut are applied twice and "exactly once" fails.
+Mutation seen caught (it is how the defect was found): drop the
+retryable-resubscription branch in ``ClientSession._on_reply`` → an
+:mod:`rtcore.client` subscriber ends with ``backend_unavailable`` while Redis
+restarts, and the soak fails.
 """
 
 from __future__ import annotations
