@@ -533,3 +533,36 @@ def test_sub_frame_cursor_is_optional_on_the_wire() -> None:
     codec = rtcore.protocol.codec.codec_for("json")
     frame = codec.decode_client(b'{"t":"sub","id":1,"stream":"a:1"}')
     assert frame == Sub(1, "a:1", None, cursor=False)
+
+
+def test_retryable_resubscription_refusal_is_retried_from_the_same_position() -> None:
+    """A resubscription refused with a retryable error (the server's backend is
+    down) is asked again after a backoff, from the cursor; the stream goes on.
+
+    Found by the chaos soak (tests/soak): rtcore.client ended the subscription
+    with ``backend_unavailable`` while Redis restarted. Mutation: drop the
+    ``frame.retryable`` branch in ``_on_reply`` → ``SubscriptionEnded`` is
+    emitted and this test fails.
+    """
+    s = opened()
+    subscribed(s)
+    s.receive_frame(evt("a:1", "e1", 1), 0)
+    s.disconnected()
+    s.start()
+    s.receive_frame(WELCOME, 0)
+    [_, sub] = s.frames_to_send()
+    assert events_of(s.receive_frame(Err(sub.id, "backend_unavailable", "redis is down", True), 1.0)) == []  # type: ignore[union-attr]
+    assert s.streams == ["a:1"]
+    due = s.next_deadline()
+    assert due is not None and due > 1.0
+    s.tick(due - 0.001)
+    assert s.frames_to_send() == []
+    s.tick(due)
+    [again] = s.frames_to_send()
+    assert isinstance(again, Sub) and again.stream == "a:1" and again.since == Position("e1", 1)
+    assert s.receive_frame(Subbed(again.id, "a:1", "e1", 1, recovered=True), due) == []  # our own resubscription
+    assert s.receive_frame(evt("a:1", "e1", 2), due) == [evt("a:1", "e1", 2)]
+
+
+def events_of(events: list[Any]) -> list[Any]:
+    return [e for e in events if isinstance(e, SubscriptionEnded | Replied)]

@@ -15,6 +15,7 @@ process, so the group's position does not either.
 from __future__ import annotations
 
 import fnmatch
+import heapq
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -199,18 +200,31 @@ class MemoryEventLog:
 
 
 class MemoryIdempotencyStore:
-    """In-process :class:`~rtcore.backends.base.IdempotencyStore`."""
+    """In-process :class:`~rtcore.backends.base.IdempotencyStore`.
+
+    Records are dropped when they expire: every write pops the expired ones
+    off a heap ordered by expiry (amortized O(log n) per write), so the store
+    holds at most what was written within one TTL, whatever the number of
+    distinct keys.
+    """
 
     def __init__(self) -> None:
         self._records: dict[tuple[str, str], IdempotencyRecord] = {}
+        # (expires, scope, key); entries superseded by a later write stay in the
+        # heap until they come up and are skipped (their expiry no longer matches).
+        self._expiries: list[tuple[float, str, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._records)
 
     async def begin(
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
     ) -> IdempotencyRecord | None:
+        self._expire(now)
         rec = self._records.get((scope, key))
         if rec is not None and rec.expires > now:
             return rec
-        self._records[(scope, key)] = IdempotencyRecord(fingerprint, "pending", now + lease)
+        self._put(scope, key, IdempotencyRecord(fingerprint, "pending", now + lease))
         return None
 
     async def finish(
@@ -218,18 +232,24 @@ class MemoryIdempotencyStore:
     ) -> None:
         rec = self._records.get((scope, key))
         fp = fingerprint if fingerprint is not None else (rec.fingerprint if rec is not None else b"")
-        self._records[(scope, key)] = IdempotencyRecord(fp, "done", now + ttl, outcome)
-        if len(self._records) > 4096 and len(self._records) % 1024 == 0:
-            self._expire(now)
+        self._put(scope, key, IdempotencyRecord(fp, "done", now + ttl, outcome))
 
     async def release(self, scope: str, key: str) -> None:
         rec = self._records.get((scope, key))
         if rec is not None and rec.state == "pending":
             del self._records[(scope, key)]
 
+    def _put(self, scope: str, key: str, rec: IdempotencyRecord) -> None:
+        self._records[(scope, key)] = rec
+        heapq.heappush(self._expiries, (rec.expires, scope, key))
+
     def _expire(self, now: float) -> None:
-        for k in [k for k, r in self._records.items() if r.expires <= now]:
-            del self._records[k]
+        heap, records = self._expiries, self._records
+        while heap and heap[0][0] <= now:
+            expires, scope, key = heapq.heappop(heap)
+            rec = records.get((scope, key))
+            if rec is not None and rec.expires == expires:
+                del records[(scope, key)]
 
 
 class MemoryCursorStore:

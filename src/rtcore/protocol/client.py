@@ -42,7 +42,10 @@ Rules:
 7. **Requests.** Ids come from one counter for the session's lifetime (never
    reused, even across connections). ``sub`` and ``cmd`` are *kept*: if the
    connection drops before the answer they are sent again, in the order they
-   were made, after the resubscriptions of established streams. ``ping``,
+   were made, after the resubscriptions of established streams. A
+   resubscription refused with a *retryable* error (``backend_unavailable``,
+   ``shutdown``...) is sent again after a backoff, from the same position; a
+   final refusal ends the stream (:class:`SubscriptionEnded`). ``ping``,
    ``auth`` and ``unsub`` are not kept: they fail with
    :class:`~rtcore.errors.ConnectionClosed` when the connection drops.
 8. **Commands** always carry an idempotency key (``uuid4().hex`` unless the
@@ -294,6 +297,8 @@ class _Stream:
     consumed: Position | None = None  # last item the application took
     acked: Position | None = None
     request: Request | None = field(default=None, repr=False)  # the first (kept) subscribe
+    retry_at: float | None = None  # a refused-but-retryable resubscription is due again
+    attempts: int = 0
 
 
 class ClientSession:
@@ -626,6 +631,7 @@ class ClientSession:
     def next_deadline(self) -> float | None:
         """When :meth:`tick` must run next (``None``: nothing scheduled)."""
         times = [r.retry_at for r in self._kept if r.retry_at is not None]
+        times += [st.retry_at for st in self._streams.values() if st.retry_at is not None]
         if self._ack_at is not None:
             times.append(self._ack_at)
         return min(times) if times else None
@@ -641,6 +647,10 @@ class ClientSession:
                 req.retry_at = None
                 if req.id is None:
                     self._send(req)
+        for st in list(self._streams.values()):
+            if st.retry_at is not None and now >= st.retry_at:
+                st.retry_at = None
+                self._send(self._sub_request(st, kept=False))
 
     # --- bytes and frames -------------------------------------------------------------
 
@@ -724,6 +734,7 @@ class ClientSession:
     def _attach(self) -> None:
         """``welcome``: resubscribe established streams, then resend kept requests in order."""
         for st in self._streams.values():
+            st.retry_at = None  # resubscribed now, whatever was scheduled
             if st.request is None or st.request.done:
                 self._send(self._sub_request(st, kept=False))
         for req in self._kept:
@@ -798,6 +809,7 @@ class ClientSession:
         st = self._streams.get(frame.stream)
         if st is not None:
             st.live = True
+            st.attempts = 0
             cur = st.cursor
             if frame.recovered:
                 if cur.epoch is not None and cur.offset == 0:
@@ -833,8 +845,15 @@ class ClientSession:
             if req.kind == "cmd" and req.retry and frame.code == "shutdown":
                 return  # the server is draining: kept, resent on the next connection
             if req.kind == "sub" and req.stream is not None and not req.kept:
-                # A resubscription was refused: the stream cannot continue.
                 st = self._streams.get(req.stream)
+                if st is not None and frame.retryable and (st.request is None or st.request.done):
+                    # A transient refusal (the backend is down, the server is
+                    # busy): nobody awaits a resubscription, so the session
+                    # asks again after a backoff, from the same position.
+                    st.retry_at = now + backoff_delay(st.attempts, *IN_PROGRESS_RETRY, rng=self._rng)
+                    st.attempts += 1
+                    return
+                # A final refusal: the stream cannot continue.
                 if st is not None and (st.request is None or st.request.done):
                     del self._streams[req.stream]
                     self._events.append(SubscriptionEnded(req.stream, error))
