@@ -62,6 +62,41 @@ def _import_pyjwt() -> Any:
     return pyjwt
 
 
+class _FileJwks:
+    """A JWKS file, with PyJWKClient's ``get_signing_key_from_jwt``.
+
+    Read at construction and again when a token names a ``kid`` the file did
+    not have (keys were rotated), so a rotation needs no restart.
+    """
+
+    def __init__(self, pyjwt: Any, path: Path) -> None:
+        if not path.is_file():
+            raise ValueError(f"JWKS file {str(path)!r} does not exist")
+        self._pyjwt = pyjwt
+        self._path = path
+        self._keys = self._load()
+
+    def _load(self) -> dict[str | None, Any]:
+        try:
+            jwk_set = self._pyjwt.PyJWKSet.from_json(self._path.read_text(encoding="utf-8"))
+        except (OSError, self._pyjwt.PyJWTError) as exc:
+            raise ValueError(f"cannot read the JWKS file {str(self._path)!r}: {exc}") from None
+        return {k.key_id: k for k in jwk_set.keys}
+
+    def get_signing_key_from_jwt(self, token: str) -> Any:
+        kid = self._pyjwt.get_unverified_header(token).get("kid")
+        if kid not in self._keys:
+            try:
+                self._keys = self._load()
+            except ValueError as exc:
+                raise self._pyjwt.PyJWKClientError(str(exc)) from None
+        if kid not in self._keys:
+            if kid is None and len(self._keys) == 1:
+                return next(iter(self._keys.values()))
+            raise self._pyjwt.PyJWKClientError(f"no key with kid {kid!r} in {str(self._path)!r}")
+        return self._keys[kid]
+
+
 class JwtAuth:
     """A configured JWT verifier; call it with a token (it is the authenticate hook).
 
@@ -105,15 +140,14 @@ class JwtAuth:
         self._jwks_client: Any = None
         if jwks is not None:
             uri = str(jwks)
-            if "://" not in uri:
-                path = Path(uri)
-                if not path.is_file():
-                    raise ValueError(f"JWKS file {uri!r} does not exist")
-                uri = path.resolve().as_uri()  # urllib reads file:// like http(s)://
             self.jwks_uri = uri
-            self._jwks_client = self._pyjwt.PyJWKClient(
-                uri, cache_keys=True, lifespan=jwks_cache_seconds, timeout=jwks_timeout
-            )
+            if "://" in uri:
+                self._jwks_client = self._pyjwt.PyJWKClient(
+                    uri, cache_keys=True, lifespan=jwks_cache_seconds, timeout=jwks_timeout
+                )
+            else:
+                # PyJWKClient fetches http(s) only (on purpose): a file is read here.
+                self._jwks_client = _FileJwks(self._pyjwt, Path(uri))
 
     async def __call__(self, token: str | None) -> Principal:
         """Verify ``token`` and return its principal.
