@@ -96,7 +96,7 @@ def load_app(spec: str) -> App:
             obj = getattr(obj, part)
         except AttributeError:
             raise CliError(f"{target!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, App) and callable(obj):
+    if not isinstance(obj, App) and callable(obj) and not isinstance(obj, type):  # a factory, not a class
         obj = obj()
     if not isinstance(obj, App):
         raise CliError(f"{spec!r} is a {type(obj).__name__}, not an rtcore.App")
@@ -145,11 +145,14 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
         return None
     if cert is None or key is None:
         raise CliError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not os.path.isfile(path):
+            raise CliError(f"{option}: no such file: {path!r}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise CliError(f"cannot load the TLS certificate/key: {exc}") from None
+        raise CliError(f"cannot load the TLS certificate {cert!r} with key {key!r} (PEM files expected): {exc}") from None
     return context
 
 
@@ -344,7 +347,9 @@ def startup_error(exc: BaseException, *, host: str, port: int, backend: str) -> 
         if top in _EXTRAS:
             return f"a required package is missing ({top}): pip install 'rtcore[{_EXTRAS[top]}]'"
     if isinstance(cause, BackendError):
-        return f"backend {_redact(backend)} is unavailable: {_first_line(cause.message)}"
+        # The event backend or a service a lifespan opens (the wallet's PostgreSQL).
+        where = f" (--backend {_redact(backend)})" if not backend.startswith("memory:") else ""
+        return f"startup failed: a service is unreachable{where}: {_first_line(cause.message)}"
     return f"startup failed: {type(cause).__name__}: {_first_line(str(cause))}"
 
 
