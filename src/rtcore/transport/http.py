@@ -155,10 +155,11 @@ class HttpConnection:
         if current is None or not ACCESS_LOG.isEnabledFor(logging.INFO):
             return
         method, path, started = current
-        emit(
-            ACCESS_LOG, logging.INFO, "http request", peer=format_peer(self._peer), method=method, path=path,
-            status=status, bytes=size, duration_ms=(time.perf_counter() - started) * 1000, code=code,
-        )
+        fields: dict[str, object] = {"peer": format_peer(self._peer), "method": method, "path": path, "status": status, "bytes": size}
+        fields["duration_ms"] = (time.perf_counter() - started) * 1000
+        if code is not None:  # refused before the handler ran (400, 413, 426...)
+            fields["code"] = code
+        emit(ACCESS_LOG, logging.INFO, "http request", **fields)
 
     async def run(self) -> None:
         """Serve until the connection ends; never raises for network errors."""
