@@ -43,6 +43,10 @@ examples:
   rtcore serve myproject.game:app --role gateway --role api     # no processors here
   rtcore serve myproject.game:app --role processor               # workers only
   rtcore serve myproject.game:app --loop trio                    # on trio instead of asyncio
+  rtcore serve myproject.game:app --log-format json --log-level debug   # JSON lines, one per command too
+
+A bad invocation (port in use, unknown backend, unreachable service, missing
+extra, bad TLS files or MODULE:APP) prints one line and exits with status 2.
 
 Shutdown: SIGINT (Ctrl-C) or SIGTERM stops accepting, lets in-flight commands
 finish for --grace seconds, sends every client bye (reconnect: true) and closes
