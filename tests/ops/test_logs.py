@@ -272,3 +272,23 @@ def test_serve_log_format_json_is_one_object_per_line(tmp_path: Path) -> None:
     access = next(o for o in objs if o.get("event") == "http request")
     assert access["path"] == "/v1/health" and access["status"] == 200 and access["method"] == "GET"
     assert not any(TOKEN in line for line in lines)
+
+
+def test_no_access_log_drops_the_http_lines(tmp_path: Path) -> None:
+    """Mutation: ignore ``--no-access-log`` in ``rtcore.cli.main`` → an access line appears."""
+    code, lines = _serve(tmp_path, "--no-access-log")
+    assert code == 0
+    assert not any("rtcore.http" in ln for ln in lines), lines
+    assert len([ln for ln in lines if "serving" in ln]) == 1
+
+
+def test_json_lines_survive_tracebacks() -> None:
+    """An exception's traceback stays inside its one JSON line (``exc``)."""
+    record = logging.LogRecord("rtcore.transport", logging.ERROR, __file__, 1, "handler failed: %s", ("GET /",), None)
+    try:
+        raise RuntimeError("boom\nsecond line")
+    except RuntimeError:
+        record.exc_info = sys.exc_info()
+    (line,) = JsonFormatter().format(record).splitlines()
+    obj = json.loads(line)
+    assert obj["message"] == "handler failed: GET /" and "RuntimeError: boom" in obj["exc"]
