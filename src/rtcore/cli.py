@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-access-log",
         action="store_true",
-        help="no HTTP access lines (the rtcore.http logger at warning); they cost ~10-15%% of an HTTP request's CPU",
+        help="no HTTP access lines (sets the rtcore.http logger to warning; see benchmarks/log_overhead.py for their cost)",
     )
     serve.add_argument(
         "--log-format",
