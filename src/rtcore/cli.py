@@ -23,6 +23,7 @@ import os
 import socket
 import ssl
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -160,9 +161,21 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     return context
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rtcore serve: error: ... (see rtcore serve --help)``.
+
+    argparse prints the whole usage before its error; an operator reading a
+    failed start (or a log collector) gets one line naming the problem, like
+    every other bad invocation. Subcommand parsers are of this class too.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rtcore`` argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rtcore",
         description="rtcore: event-driven real-time servers (WebSocket + HTTP on one port).",
     )

@@ -156,3 +156,18 @@ def test_a_failing_lifespan(tmp_path: Path) -> None:
         "import rtcore\napp = rtcore.App()\n@app.lifespan\nasync def boom(node):\n    raise RuntimeError('cache at c:1 refused')\n    yield\n"
     )
     one_line(*serve(f"{path}:app", "--port", "0"), "startup failed: RuntimeError: cache at c:1 refused")
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+        ([], "the following arguments are required: MODULE:APP"),
+        (["--loop", "uv"], "argument --loop: invalid choice: 'uv'"),
+    ],
+)
+def test_argparse_errors_are_one_line_too(args: list[str], needle: str) -> None:
+    """Mutation: drop ``_Parser.error`` (argparse's own prints the usage first) → several lines."""
+    code, lines = serve(*args)
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith("rtcore serve: error: ") and needle in lines[0] and "rtcore serve --help" in lines[0]
