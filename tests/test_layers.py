@@ -4,11 +4,11 @@ Layers, bottom to top (a module may import its own package and any lower
 layer, never a higher one or a peer on the same layer):
 
 ====  ==================================  =========================================
- 0    ``rtcore.errors``                    the error tree
+ 0    ``rtcore.errors``, ``rtcore.logs``   the error tree; logger names, log formats
  1    ``rtcore.protocol``                  sans-IO wire protocol and rules
  2    ``rtcore.backends``, ``transport``   storage engines; HTTP/WebSocket on anyio
  3    ``rtcore.engine``                    app declarations, node, hub, processors
- 4    ``rtcore.server``                    session driver, routes, SSE, runner
+ 4    ``rtcore.server``, ``rtcore.auth``   session driver, routes, SSE, runner; JWT hook
  5    ``rtcore.client``, ``wallet``        plugins and clients on the public layers
  6    ``rtcore.testing``                   in-process helpers
  7    ``rtcore``                           the public API (lazy re-exports)
@@ -32,11 +32,13 @@ PACKAGE_DIR = Path(rtcore.__file__).resolve().parent
 
 LAYERS: dict[str, int] = {
     "rtcore.errors": 0,
+    "rtcore.logs": 0,
     "rtcore.protocol": 1,
     "rtcore.backends": 2,
     "rtcore.transport": 2,
     "rtcore.engine": 3,
     "rtcore.server": 4,
+    "rtcore.auth": 4,
     "rtcore.client": 5,
     "rtcore.wallet": 5,
     "rtcore.rooms": 5,

@@ -230,7 +230,7 @@ async def test_connect_to_an_app_joins_the_node_serving_it() -> None:
 
 
 def test_rtcore_serve_exits_with_the_startup_error(tmp_path: Path) -> None:
-    """``rtcore serve`` reports a failed startup in one line and exits 1 after closing what started.
+    """``rtcore serve`` reports a failed startup in one line and exits 2 (like every bad invocation) after closing what started.
 
     Mutation: let ``_serve`` propagate the error (drop its ``except``) → fails
     (a traceback of an ExceptionGroup, no ``rtcore: error:`` line).
@@ -264,7 +264,7 @@ def test_rtcore_serve_exits_with_the_startup_error(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.splitlines()
     assert "rtcore: error: startup failed: ConnectionRefusedError: database at db:5432 refused the connection" in lines
     assert any(line.endswith("cache closed") for line in lines)

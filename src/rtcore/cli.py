@@ -15,18 +15,22 @@ SIGINT/SIGTERM and shuts down gracefully (exit status 0).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import errno
 import importlib
 import importlib.util
 import logging
 import os
+import socket
 import ssl
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .engine.app import App
+from .logs import LOG_FORMATS
+from .logs import configure as configure_logging
 from .server.runner import ROLES, run
 
 __all__ = ["build_parser", "load_app", "main", "parse_roles"]
@@ -40,6 +44,10 @@ examples:
   rtcore serve myproject.game:app --role gateway --role api     # no processors here
   rtcore serve myproject.game:app --role processor               # workers only
   rtcore serve myproject.game:app --loop trio                    # on trio instead of asyncio
+  rtcore serve myproject.game:app --log-format json --log-level debug   # JSON lines, one per command too
+
+A bad invocation (port in use, unknown backend, unreachable service, missing
+extra, bad TLS files or MODULE:APP) prints one line and exits with status 2.
 
 Shutdown: SIGINT (Ctrl-C) or SIGTERM stops accepting, lets in-flight commands
 finish for --grace seconds, sends every client bye (reconnect: true) and closes
@@ -93,7 +101,7 @@ def load_app(spec: str) -> App:
             obj = getattr(obj, part)
         except AttributeError:
             raise CliError(f"{target!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, App) and callable(obj):
+    if not isinstance(obj, App) and callable(obj) and not isinstance(obj, type):  # a factory, not a class
         obj = obj()
     if not isinstance(obj, App):
         raise CliError(f"{spec!r} is a {type(obj).__name__}, not an rtcore.App")
@@ -142,6 +150,9 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
         return None
     if cert is None or key is None:
         raise CliError("--tls-cert and --tls-key go together")
+    for option, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not os.path.isfile(path):
+            raise CliError(f"{option}: no such file: {path!r}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     # Python's defaults today, pinned so a future default cannot weaken them:
     # TLS 1.2 or newer, and no TLS compression (CRIME).
@@ -150,13 +161,25 @@ def _ssl_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:
-        raise CliError(f"cannot load the TLS certificate/key: {exc}") from None
+        raise CliError(f"cannot load the TLS certificate {cert!r} with key {key!r} (PEM files expected): {exc}") from None
     return context
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``rtcore serve: error: ... (see rtcore serve --help)``.
+
+    argparse prints the whole usage before its error; an operator reading a
+    failed start (or a log collector) gets one line naming the problem, like
+    every other bad invocation. Subcommand parsers are of this class too.
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``rtcore`` argument parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rtcore",
         description="rtcore: event-driven real-time servers (WebSocket + HTTP on one port).",
     )
@@ -203,7 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
-        help="logging level (default: %(default)s)",
+        help="logging level (default: %(default)s); debug adds one line per command",
+    )
+    serve.add_argument(
+        "--no-access-log",
+        action="store_true",
+        help="no HTTP access lines (sets the rtcore.http logger to warning; see benchmarks/log_overhead.py for their cost)",
+    )
+    serve.add_argument(
+        "--log-format",
+        default="text",
+        choices=list(LOG_FORMATS),
+        help="log lines as text or as one JSON object per line (default: %(default)s)",
     )
     serve.add_argument(
         "--grace",
@@ -256,29 +290,25 @@ def _version() -> str:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    _check_port(args.port)
     roles = parse_roles(args.role)
     context = _ssl_context(args.tls_cert, args.tls_key)
+    backend = _check_backend(backend_url(args.backend))
     app = load_app(args.app)
-    scheme = "https" if context else "http"
-    ws_scheme = "wss" if context else "ws"
 
     started = False
 
     def ready(port: int) -> None:
+        # rtcore.run logs the one "serving" line; here we only note the start.
         nonlocal started
         started = True
-        host = args.host if ":" not in args.host else f"[{args.host}]"
-        log.info(
-            "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; event loop: %s)",
-            app.name, scheme, host, port, ws_scheme, host, port, _event_loop(),
-        )
 
     try:
         run(
             app,
             host=args.host,
             port=args.port,
-            backend=backend_url(args.backend),
+            backend=backend,
             ssl_context=context,
             allowed_origins=args.allowed_origin,
             roles=roles,
@@ -291,25 +321,82 @@ def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:
         if started:
             raise
-        # The node did not start (a lifespan startup failed, the backend is
-        # down): one line naming the error, the traceback in the log.
-        log.error("rtcore: startup failed", exc_info=exc)
-        cause: BaseException = exc
-        while isinstance(cause, BaseExceptionGroup) and len(cause.exceptions) == 1:
-            cause = cause.exceptions[0]
-        print(f"rtcore: error: startup failed: {type(cause).__name__}: {cause}", file=sys.stderr)
-        return 1
-    log.info("rtcore: stopped")
+        # The node did not start (port taken, backend down, a lifespan failed):
+        # one line naming the problem; the traceback only at --log-level debug.
+        log.debug("startup failed", exc_info=exc)
+        raise CliError(startup_error(exc, host=args.host, port=args.port, backend=backend)) from None
     return 0
 
 
-def _event_loop() -> str:
-    """The event loop running now (asyncio or trio, the two anyio backends), for the log."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return "trio"
-    return "asyncio"
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise CliError(f"invalid port {port}: must be 0..65535 (0 picks a free one)")
+
+
+def _check_backend(url: str) -> str:
+    from .backends import SCHEMES
+
+    scheme = url.partition("://")[0]
+    if scheme not in SCHEMES:
+        raise CliError(f"unknown backend URL scheme {scheme!r} in {url!r}; use one of: {', '.join(f'{s}://' for s in sorted(SCHEMES))}")
+    return url
+
+
+#: Optional dependencies → the extra that installs them.
+_EXTRAS = {"coredis": "redis", "psycopg": "postgres", "jwt": "jwt", "cryptography": "jwt"}
+
+
+def startup_error(exc: BaseException, *, host: str, port: int, backend: str) -> str:
+    """The one line ``rtcore serve`` prints when the server could not start.
+
+    Args:
+        exc: What the start raised (an exception group is unwrapped).
+        host: The ``--host`` asked for.
+        port: The ``--port`` asked for.
+        backend: The backend URL (its password is not printed).
+
+    Returns:
+        The message, without the ``rtcore: error:`` prefix.
+    """
+    from .errors import BackendError
+
+    cause = _leaf(exc)
+    if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+        return f"cannot listen on {host}:{port}: the address is already in use (another server? pick another --port)"
+    if isinstance(cause, socket.gaierror) or (isinstance(cause, OSError) and cause.errno in (errno.EADDRNOTAVAIL, errno.EACCES)):
+        assert isinstance(cause, OSError)
+        return f"cannot listen on {host}:{port}: {cause.strerror or cause}"
+    if isinstance(cause, ImportError):
+        if "pip install" in str(cause):
+            return f"{_first_line(str(cause))}"
+        top = (cause.name or "").split(".")[0]
+        if top in _EXTRAS:
+            return f"a required package is missing ({top}): pip install 'rtcore[{_EXTRAS[top]}]'"
+    if isinstance(cause, BackendError):
+        # The event backend or a service a lifespan opens (the wallet's PostgreSQL).
+        where = f" (--backend {_redact(backend)})" if not backend.startswith("memory:") else ""
+        return f"startup failed: a service is unreachable{where}: {_first_line(cause.message)}"
+    return f"startup failed: {type(cause).__name__}: {_first_line(str(cause))}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    # anyio wraps a failing start in exception groups: report the first real error.
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _redact(url: str) -> str:
+    # redis://:password@host → redis://:***@host (never print a secret).
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at or ":" not in creds:
+        return url
+    return f"{scheme}{sep}{creds.split(':', 1)[0]}:***@{host}"
 
 
 def backend_url(value: str) -> str:
@@ -331,8 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = getattr(args, "log_level", "info")
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+    if getattr(args, "no_access_log", False):
+        logging.getLogger("rtcore.http").setLevel(logging.WARNING)
     # Subcommands set ``handler`` (ours) or ``func`` (argparse's usual name).
     handler = getattr(args, "handler", None) or getattr(args, "func", None)
     if handler is None:  # pragma: no cover - every subcommand sets one
@@ -341,8 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = handler(args)
     except CliError as exc:
         parser.exit(2, f"rtcore: error: {exc}\n")
-    except OSError as exc:  # e.g. the port is taken
-        parser.exit(1, f"rtcore: error: {exc}\n")
+    except OSError as exc:  # e.g. an unreadable file named on the command line
+        parser.exit(2, f"rtcore: error: {exc}\n")
     return int(status or 0)
 
 

@@ -26,7 +26,7 @@ at fault)::
     │                        bad_request, bad_args, bad_stream, unknown_command,
     │                        not_found, method_not_allowed, already_subscribed,
     │                        not_subscribed
-    ├── AuthError            unauthenticated, token_expired, forbidden
+    ├── AuthError            unauthenticated, token_expired, forbidden, token_* (JWT)
     ├── LimitExceeded        a per-connection or per-request limit was reached:
     │                        rate_limited, too_many_inflight, too_many_subscriptions,
     │                        message_too_big, slow_consumer
@@ -98,6 +98,12 @@ ERROR_CODES: Final[dict[str, ErrorInfo]] = {
     "protocol_violation": ErrorInfo(False, 400, "A frame arrived that is not allowed in the session's current state."),
     "unauthenticated": ErrorInfo(False, 401, "The token is missing, invalid or was refused."),
     "token_expired": ErrorInfo(True, 401, "The session's token expired; send a fresh one with an auth frame."),
+    "token_not_yet_valid": ErrorInfo(False, 401, "The token's nbf (not before) or iat is in the future (beyond the leeway)."),
+    "token_wrong_audience": ErrorInfo(False, 401, "The token's aud does not name this service (or is missing when one is required)."),
+    "token_wrong_issuer": ErrorInfo(False, 401, "The token's iss is not the expected issuer (or is missing when one is required)."),
+    "token_bad_signature": ErrorInfo(False, 401, "The token's signature does not verify with the configured key or JWKS."),
+    "token_bad_algorithm": ErrorInfo(False, 401, "The token's alg is not allowed (alg none, or one outside the configured list)."),
+    "token_malformed": ErrorInfo(False, 401, "The token cannot be decoded, or a required claim is missing or of the wrong type."),
     "forbidden": ErrorInfo(False, 403, "The principal may not do this (authorize returned false, or Origin refused)."),
     "already_subscribed": ErrorInfo(False, 409, "The connection is already subscribed to this stream."),
     "not_subscribed": ErrorInfo(False, 409, "The connection is not subscribed to this stream."),
@@ -250,8 +256,10 @@ class Rejected(RtcoreError):
 class AuthError(RtcoreError):
     """Authentication or authorization failed.
 
-    Owns ``unauthenticated``, ``token_expired`` (retryable: send a fresh token)
-    and ``forbidden``.
+    Owns ``unauthenticated``, ``token_expired`` (retryable: send a fresh token),
+    ``forbidden``, and the JWT refusals of :func:`rtcore.auth.jwt`:
+    ``token_not_yet_valid``, ``token_wrong_audience``, ``token_wrong_issuer``,
+    ``token_bad_signature``, ``token_bad_algorithm`` and ``token_malformed``.
     """
 
     default_code = "unauthenticated"
@@ -344,6 +352,12 @@ _CODE_CLASSES: Final[dict[str, type[RtcoreError]]] = {
     "not_subscribed": BadRequest,
     "unauthenticated": AuthError,
     "token_expired": AuthError,
+    "token_not_yet_valid": AuthError,
+    "token_wrong_audience": AuthError,
+    "token_wrong_issuer": AuthError,
+    "token_bad_signature": AuthError,
+    "token_bad_algorithm": AuthError,
+    "token_malformed": AuthError,
     "forbidden": AuthError,
     "too_many_subscriptions": LimitExceeded,
     "too_many_inflight": LimitExceeded,

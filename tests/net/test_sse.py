@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -94,7 +95,7 @@ async def test_sse_bad_last_event_id_is_400() -> None:
 
 
 @pytest.mark.asyncio_only(reason="leaving an httpx stream early abandons its inner async generators; trio reports them (ResourceWarning)")
-async def test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once() -> None:
+async def test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once(caplog: pytest.LogCaptureFixture) -> None:
     """A stalled SSE reader costs the server at most its outbox bound; it is cut and resumes losslessly.
 
     The client stops reading while ~4 KB events are published; the socket
@@ -110,7 +111,9 @@ async def test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once() 
     Mutation: the cut keeps the queue (no ``clear``) and ends after it → still
     exactly once (the client resumes after what it got), but more than the
     ``bye`` stays queued after the cut → fails.
+    Mutation: drop the warning in ``SseStream._slow`` → no "slow consumer cut" line → fails.
     """
+    caplog.set_level(logging.WARNING, logger="rtcore.connection")
     stream = f"room:{uuid.uuid4().hex[:8]}"
     limits = OutboxLimits(max_bytes=64 * 1024, max_frames=1000)
     pad = "x" * 4000
@@ -141,6 +144,7 @@ async def test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once() 
             assert outbox.peak_bytes <= limits.max_bytes
             assert outbox.queued_frames == 1  # what was queued is dropped; only the bye waits
             assert server.node.stats["slow_consumers"] == 1
+            assert [r.getMessage().split(" id=")[0] for r in caplog.records if r.name == "rtcore.connection"] == ["slow consumer cut"]
             for _ in range(5):  # a few more while cut: nothing is queued for us any more
                 await server.node.publish(stream, "blob", {"pad": pad})
                 published += 1

@@ -49,7 +49,9 @@ def postgres_unavailable() -> str | None:
         with psycopg.connect(PG_URL, connect_timeout=3) as conn:
             conn.execute("SELECT 1")
     except psycopg.Error as exc:
-        return f"PostgreSQL at {PG_URL} is not reachable: {exc}".strip()
+        # One line: pytest -rs prints the reason as given, and psycopg's spans several.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"PostgreSQL at {PG_URL} is not reachable: {first}"
     return None
 
 

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from ..backends import Backend, open_backend
 from ..backends.base import Event, ReadResult
-from ..errors import AuthError, RtcoreError
+from ..errors import AuthError, Rejected, RtcoreError
 from ..protocol.frames import Limits, Position, Snap
 from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
 from ..protocol.state import StreamState
@@ -249,15 +249,23 @@ class Node:
         """Turn a token into a principal with the app's hook.
 
         Raises:
-            AuthError: ``unauthenticated``.
+            AuthError: ``unauthenticated`` (no token, refused, the hook failed),
+                or the app's code when the hook raised :class:`~rtcore.errors.Rejected`
+                or :class:`~rtcore.errors.AuthError` (always HTTP status 401).
         """
         hook = self.app.hooks.authenticate
         if hook is None:
             return None
         try:
             result = await hook(token)
+        except (AuthError, Rejected) as exc:
+            # A refusal: 401 over HTTP (close 1008 over WebSocket) with the app's
+            # own code (``bad_token``), not a Rejected's default 400.
+            if isinstance(exc, AuthError) and exc.http_status != 400:
+                raise
+            raise AuthError(exc.message, code=exc.code, retryable=exc.retryable, http_status=401) from exc
         except RtcoreError:
-            raise
+            raise  # backend_unavailable, timeout...: not a refusal, keep the status
         except Exception as exc:
             log.exception("authenticate hook failed")
             raise AuthError("authentication failed") from exc

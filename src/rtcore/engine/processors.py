@@ -38,6 +38,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from ..backends.base import Event, GroupLog, GroupMessage
 from ..errors import RtcoreError
+from ..logs import PROCESSOR, emit
 from ..protocol.backoff import backoff_delay
 from ..protocol.streams import matches
 from .app import Context, LoopSpec, ProcessorSpec
@@ -76,6 +77,14 @@ async def _call(node: Node, spec: ProcessorSpec, event: Event) -> Exception | No
     return None
 
 
+def _log_retry(spec: ProcessorSpec, event: Event, attempt: int, exc: Exception) -> None:
+    if PROCESSOR.isEnabledFor(logging.WARNING):
+        emit(
+            PROCESSOR, logging.WARNING, "processor retry", processor=_dlq_name(spec), group=spec.group,
+            stream=event.stream, offset=event.offset, attempt=attempt, max_attempts=spec.max_attempts, error=repr(exc),
+        )
+
+
 def _dlq_name(spec: ProcessorSpec) -> str:
     return spec.group or spec.handler.__name__
 
@@ -87,6 +96,11 @@ async def _dead_letter(node: Node, spec: ProcessorSpec, event: Event, error: str
     between dead-lettering and acknowledging and is then replaced does not
     park the same event twice.
     """
+    if PROCESSOR.isEnabledFor(logging.ERROR):
+        emit(
+            PROCESSOR, logging.ERROR, "processor dead letter", processor=_dlq_name(spec), group=spec.group,
+            stream=event.stream, offset=event.offset, dlq=f"dlq:{_dlq_name(spec)}", error=error,
+        )
     await node.publish(
         f"dlq:{_dlq_name(spec)}",
         "failed",
@@ -175,11 +189,9 @@ class Processors:
                     if exc is None:
                         break
                     if attempt < spec.max_attempts:
+                        _log_retry(spec, event, attempt, exc)
                         await anyio.sleep(backoff(attempt))
                         continue
-                    log.error(
-                        "processor %s gave up on %s:%d: %r", spec.handler.__qualname__, event.stream, event.offset, exc
-                    )
                     try:
                         await _dead_letter(self._node, spec, event, repr(exc))
                     except RtcoreError:
@@ -243,25 +255,17 @@ class _GroupMember:
         if attempt == 1 and m.deliveries > spec.max_attempts:
             # Handed out this often without an ack: its members died or hung on it.
             error = f"delivered {m.deliveries} times without being acknowledged (members crashed or timed out)"
-            log.error("processor group %s gives up on %s:%d: %s", self._group, ev.stream, ev.offset, error)
             await _dead_letter(self._node, spec, ev, error)
             await self._groups.ack(self._group, [m.id])
             return
         exc = await _call(self._node, spec, ev)
         if exc is not None and attempt < spec.max_attempts:
+            _log_retry(spec, ev, attempt, exc)
             self._ticket += 1
             self._waiting[m.id] = m
             heapq.heappush(self._retries, (anyio.current_time() + backoff(attempt), self._ticket, m.id, attempt + 1))
             return
         if exc is not None:
-            log.error(
-                "processor group %s gave up on %s:%d after %d tries: %r",
-                self._group,
-                ev.stream,
-                ev.offset,
-                attempt,
-                exc,
-            )
             await _dead_letter(self._node, spec, ev, repr(exc))
         await self._groups.ack(self._group, [m.id])
 

@@ -31,6 +31,7 @@ from anyio.abc import TaskGroup
 from ..engine.hub import OutboxLimits
 from ..engine.node import Node, SubscriptionStart
 from ..errors import AuthError, ConnectionClosed, RtcoreError
+from ..logs import COMMAND, CONNECTION, emit
 from ..protocol.codec import Codec, codec_for
 from ..protocol.frames import Err, Ok, Subbed
 from ..protocol.session import (
@@ -67,8 +68,10 @@ class _Connection:
         on_close: Callable[[int, str], None] | None,
         hello_timeout: float | None = None,
         registry: SessionRegistry | None = None,
+        peer: str | None = None,
     ) -> None:
         self.node = node
+        self.peer = peer
         self.transport = transport
         self.codec: Codec = codec_for(transport.encoding)
         self.encoding = transport.encoding
@@ -153,6 +156,11 @@ class _Connection:
 
     def _slow(self) -> None:
         self.node.stats["slow_consumers"] += 1
+        if CONNECTION.isEnabledFor(logging.WARNING):
+            emit(
+                CONNECTION, logging.WARNING, "slow consumer cut", id=self.id, peer=self.peer,
+                principal=self.session.principal_id, queued_bytes=self.outbox.queued_bytes,
+            )
         self._run(self.session.close("slow_consumer", "the connection could not keep up; reconnect and resume", reconnect=True, code=4008))
 
     def _stale(self, stream: str) -> None:
@@ -264,9 +272,13 @@ class _Connection:
         try:
             started = time.perf_counter()
             reply = await self.node.dispatch(self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
-            self.metrics.command(
-                action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, time.perf_counter() - started
-            )
+            elapsed = time.perf_counter() - started
+            self.metrics.command(action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, elapsed)
+            if COMMAND.isEnabledFor(logging.DEBUG):  # one cached check per command when disabled
+                emit(
+                    COMMAND, logging.DEBUG, "command", name=action.name, key=action.key, via="ws",
+                    principal=self.session.principal_id, duration_ms=elapsed * 1000, outcome="ok" if reply.ok else reply.code,
+                )
             reply_frame: Any
             if reply.ok:
                 reply_frame = Ok(action.id, reply.result, reply.replayed)
@@ -348,7 +360,10 @@ class _Connection:
         if self._registry is not None:
             self._registry.add(self)
         self.metrics.connections_opened += 1
+        if CONNECTION.isEnabledFor(logging.INFO):
+            emit(CONNECTION, logging.INFO, "connection opened", id=self.id, peer=self.peer, encoding=self.encoding)
         code = 1006
+        reason = ""
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -362,10 +377,16 @@ class _Connection:
             exc = group.exceptions[0]
             assert isinstance(exc, ConnectionClosed)
             code = exc.close_code
+            reason = exc.reason
             if self._on_close is not None:
                 self._on_close(exc.close_code, exc.reason)
         finally:
             self.metrics.closed(code)
+            if CONNECTION.isEnabledFor(logging.INFO):
+                emit(
+                    CONNECTION, logging.INFO, "connection closed", id=self.id, peer=self.peer,
+                    principal=self.session.principal_id, duration_s=self.node.clock() - self.opened_at, code=code, reason=reason,
+                )
             if self._registry is not None:
                 self._registry.discard(self)
             if self._present is not None:
@@ -394,6 +415,7 @@ async def serve_session(
     on_close: Callable[[int, str], None] | None = None,
     hello_timeout: float | None = None,
     registry: SessionRegistry | None = None,
+    peer: str | None = None,
 ) -> None:
     """Run one client session over ``transport`` until it closes.
 
@@ -408,6 +430,7 @@ async def serve_session(
             only the idle timeout applies).
         registry: Where the session is listed while it runs (the server's
             :class:`~rtcore.server.registry.SessionRegistry`; None: nowhere).
+        peer: The client's address (``host:port``) for the connection log.
     """
-    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry)
+    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry, peer)
     await conn.run()

@@ -23,6 +23,7 @@ Roles: commands, history, presence and app routes need ``api``; SSE needs
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from ..engine.hub import OutboxLimits
 from ..engine.metrics import NodeMetrics, SessionStats
 from ..engine.node import Node
 from ..errors import AuthError, BadRequest, RtcoreError
+from ..logs import COMMAND, emit
 from ..protocol import frames
 from ..protocol.frames import Position
 from ..protocol.streams import check_stream
@@ -134,7 +136,14 @@ class Routes:
             # it stores or releases the key escapes it; the documented command
             # error body still carries ``retryable`` (retry with the same key).
             return json_response(exc.http_status, {"code": exc.code, "message": exc.message, "retryable": exc.retryable})
-        self.node.metrics.command(name in self.app.commands, name, "ok" if reply.ok else reply.code, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.node.metrics.command(name in self.app.commands, name, "ok" if reply.ok else reply.code, elapsed)
+        if COMMAND.isEnabledFor(logging.DEBUG):
+            emit(
+                COMMAND, logging.DEBUG, "command", name=name, key=key, via="http",
+                principal=principal.id if principal is not None else None, duration_ms=elapsed * 1000,
+                outcome="ok" if reply.ok else reply.code,
+            )
         headers = [(b"idempotent-replayed", b"true")] if reply.replayed else []
         if reply.ok:
             return json_response(200, {"result": reply.result, "replayed": reply.replayed}, headers)

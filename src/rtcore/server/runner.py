@@ -58,6 +58,7 @@ from ..transport import (
     WebSocketPolicy,
     serve,
 )
+from ..transport.http import format_peer
 from .gateway import ConnectionClosed, serve_session
 from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
@@ -65,7 +66,7 @@ from .routes import Routes, schema
 
 __all__ = ["ROLES", "Server", "run", "schema"]
 
-log = logging.getLogger("rtcore.server.runner")
+log = logging.getLogger("rtcore.server")
 
 
 class Server:
@@ -175,7 +176,8 @@ class Server:
                             control=self.control,
                         )
                     )
-                    log.info("rtcore serving %s on %s:%d (roles: %s)", self.app.name, self.host, port, ",".join(sorted(self.roles)))
+                    # Debug only: run() (what ``rtcore serve`` calls) logs the start once, with the URLs.
+                    log.debug("listening on %s:%d (roles: %s)", self.host, port, ",".join(sorted(self.roles)))
                     task_status.started(port)
                 side.cancel_scope.cancel()
 
@@ -211,7 +213,12 @@ class Server:
         assert self.node is not None
         with contextlib.suppress(ConnectionClosed):
             await serve_session(
-                self.node, transport, token=request.token, hello_timeout=self.limits.handshake_timeout, registry=self.sessions
+                self.node,
+                transport,
+                token=request.token,
+                hello_timeout=self.limits.handshake_timeout,
+                registry=self.sessions,
+                peer=format_peer(request.peer),
             )
 
     # --- HTTP ------------------------------------------------------------------
@@ -262,6 +269,7 @@ def run(
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
                 bound = await tg.start(server.serve)
+                _log_started(server, bound, anyio_backend)
                 if on_ready is not None:
                     on_ready(bound)
 
@@ -282,3 +290,14 @@ def run(
                     watcher.cancel_scope.cancel()
 
     anyio.run(main, backend=anyio_backend)
+    log.info("rtcore: stopped")
+
+
+def _log_started(server: Server, port: int, loop: str) -> None:
+    # The one "serving" line of a start (the CLI adds none of its own).
+    host = server.host if ":" not in server.host else f"[{server.host}]"
+    scheme, ws = ("https", "wss") if server.ssl_context is not None else ("http", "ws")
+    log.info(
+        "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; roles: %s; event loop: %s)",
+        server.app.name, scheme, host, port, ws, host, port, ",".join(sorted(server.roles)), loop,
+    )

@@ -14,6 +14,7 @@ stream's retention covers that position.
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 import anyio
@@ -21,9 +22,11 @@ import anyio
 from ..engine.app import Principal
 from ..engine.hub import EncodedEvent, OutboxLimits, Tail
 from ..engine.node import Node
+from ..logs import CONNECTION, emit
 from ..protocol.codec import codec_for
 from ..protocol.frames import Position
 from ..transport import HttpRequest
+from ..transport.http import format_peer
 from .outbox import Outbox
 from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
@@ -86,6 +89,11 @@ class SseStream:
 
     def _slow(self) -> None:
         self.node.stats["slow_consumers"] += 1
+        if CONNECTION.isEnabledFor(logging.WARNING):
+            emit(
+                CONNECTION, logging.WARNING, "slow consumer cut", id=self.id, peer=format_peer(self.request.peer),
+                principal=self.principal.id if self.principal is not None else None, queued_bytes=self.outbox.queued_bytes,
+            )
         if self._tail is not None:
             self.node.hub.remove(self._tail)  # the subscription ends here, even if nobody reads on
         self.outbox.push(_BYE)  # the outbox closes right after: the response ends

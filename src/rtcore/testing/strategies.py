@@ -14,6 +14,9 @@ server::
 Every strategy produces values that both encodings can carry: strings have no
 lone surrogates, integers fit in 64 bits and floats are finite, so a JSON or
 MessagePack round trip gives back an equal value.
+
+This is the only module of rtcore that imports Hypothesis: ``rtcore.testing``
+itself works without it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,13 @@ import string
 from typing import Any
 
 import msgspec
-from hypothesis import strategies as st
+
+try:
+    from hypothesis import strategies as st
+except ImportError as exc:  # only this module needs Hypothesis, not rtcore.testing
+    raise ImportError(
+        f"rtcore.testing.strategies needs Hypothesis: pip install hypothesis (or 'rtcore[test]') ({exc})", name=exc.name
+    ) from exc
 
 from ..protocol.codec import Encoding, codec_for
 from ..protocol.frames import (

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -40,6 +41,8 @@ import h11
 from anyio.abc import ByteStream, SocketAttribute
 
 from ..errors import BadRequest, LimitExceeded, RtcoreError, Unavailable
+from ..logs import HTTP as ACCESS_LOG
+from ..logs import emit
 from .config import ServerLimits, WebSocketPolicy
 from .handshake import is_websocket_upgrade, negotiate
 from .head import HeadScanner
@@ -58,7 +61,7 @@ from .messages import (
 from .shutdown import Shutdown
 from .websocket import STREAM_ERRORS, WebSocketHandler, WebSocketTransport, run_websocket
 
-__all__ = ["HttpConnection", "HttpHandler", "ServerState", "render_error"]
+__all__ = ["HttpConnection", "HttpHandler", "ServerState", "format_peer", "render_error"]
 
 log = logging.getLogger("rtcore.transport")
 
@@ -145,6 +148,20 @@ class HttpConnection:
         # True once bytes of the current response (or a 101) went out: from
         # then on an error can only end the connection, not be answered.
         self._committed = False
+        # (method, path, start) of the request being answered, for the access log.
+        self._current: tuple[str, str, float] | None = None
+
+    def _access(self, status: int, size: int | None, code: str | None = None) -> None:
+        # One line per request; the path only: a query may hold ?token=.
+        current, self._current = self._current, None
+        if current is None or not ACCESS_LOG.isEnabledFor(logging.INFO):
+            return
+        method, path, started = current
+        fields: dict[str, object] = {"peer": format_peer(self._peer), "method": method, "path": path, "status": status, "bytes": size}
+        fields["duration_ms"] = (time.perf_counter() - started) * 1000
+        if code is not None:  # refused before the handler ran (400, 413, 426...)
+            fields["code"] = code
+        emit(ACCESS_LOG, logging.INFO, "http request", **fields)
 
     async def run(self) -> None:
         """Serve until the connection ends; never raises for network errors."""
@@ -233,6 +250,7 @@ class HttpConnection:
         """Answer one request; ``False`` when the connection must close."""
         headers: Headers = list(event.headers)
         path, raw_path, query = split_target(event.target)
+        self._current = (event.method.decode("ascii", "replace"), path, time.perf_counter())
         policy = self._state.policy
         upgrade = is_websocket_upgrade(headers)
         on_ws_path = policy.paths is None or path in policy.paths
@@ -261,9 +279,13 @@ class HttpConnection:
             response = error_response(500, "internal", "internal server error")
         head_only = event.method == b"HEAD"
         if isinstance(response, StreamingResponse):
-            await self._stream_response(conn, response, head_only)
+            try:
+                await self._stream_response(conn, response, head_only)
+            finally:
+                self._access(response.status, None)
             return False
         await self._respond(conn, response, head_only)
+        self._access(response.status, len(response.body))
         return not self._state.shutdown.started
 
     async def _read_body(self, conn: h11.Connection, headers: Headers) -> bytes:
@@ -380,6 +402,7 @@ class HttpConnection:
 
     async def _fail(self, error: RtcoreError) -> None:
         """Answer an error and close, reading what the client still sends for a moment."""
+        self._access(error.http_status, None, error.code)
         try:
             await self._send(render_error(error))
             try:
@@ -408,6 +431,7 @@ class HttpConnection:
             assert response is not None
             await self._stream.send(response)
         self._committed = True
+        self._access(101, None)
         trailing, _ = conn.trailing_data
         transport = WebSocketTransport(
             self._stream,
@@ -433,6 +457,14 @@ class HttpConnection:
             await run_websocket(transport, request, state.on_websocket)
         finally:
             state.websockets.discard(transport)
+
+
+def format_peer(peer: Peer) -> str | None:
+    """``host:port`` (``[v6]:port``) of a peer address, for the logs."""
+    if peer is None:
+        return None
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _next_event(conn: h11.Connection) -> object:

@@ -24,6 +24,7 @@ async def open_wallet_store(url: str) -> WalletStore:
 
     Raises:
         ValueError: unknown scheme.
+        ImportError: ``psycopg`` is missing (the message names the extra).
         BackendError: the database could not be opened.
     """
     if url.startswith("sqlite://"):
@@ -31,7 +32,11 @@ async def open_wallet_store(url: str) -> WalletStore:
 
         return await SqliteWalletStore.open(url)
     if url.startswith(("postgresql://", "postgres://")):
-        from .postgres_store import PostgresWalletStore
+        try:
+            from .postgres_store import PostgresWalletStore
+        except ImportError as exc:
+            # Name the extra, as open_backend does for redis (a bare "No module named psycopg" helps nobody).
+            raise ImportError(f"the PostgreSQL wallet store needs an extra: pip install 'rtcore[postgres]' ({exc})", name=exc.name) from exc
 
         return await PostgresWalletStore.open(url)
     raise ValueError(f"unsupported wallet store URL {url!r}: use sqlite:///path.db or postgresql://...")
