@@ -32,6 +32,7 @@ the machine may be shared.
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -83,7 +84,7 @@ def serve(url: str) -> None:
         )
         async with anyio.create_task_group() as tg:
             bound = await tg.start(server.serve)
-            print("READY", bound, flush=True)
+            print("READY", bound, os.getpid(), flush=True)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
                     await server.stop(grace=0.2)
@@ -306,15 +307,23 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(Path(tree).resolve())
-    server = subprocess.Popen(
-        [sys.executable, str(HERE), "--serve", url], stdout=subprocess.PIPE, env=env, text=True
-    )
+    cmd = [sys.executable, str(HERE), "--serve", url]
+    if args.profile:
+        # py-spy samples the server (subprocesses included) into collapsed stacks; the
+        # top self-time frames are printed by --top.
+        out = Path(args.profile) / f"{backend}-{Path(tree or 'this').parent.name or 'this'}.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cmd = ["py-spy", "record", "--format", "raw", "--rate", "250", "-o", str(out), "--", *cmd]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env, text=True)
+    pid = server.pid
     try:
         assert server.stdout is not None
         line = server.stdout.readline()
+        while line and not line.startswith("READY"):  # py-spy prints a banner first
+            line = server.stdout.readline()
         if not line.startswith("READY"):
             raise SystemExit(f"server did not start: {line!r}")
-        port = int(line.split()[1])
+        port, pid = int(line.split()[1]), int(line.split()[2])
         client = subprocess.Popen(
             [sys.executable, str(HERE), "--client", str(port), str(args.connections), str(args.window),
              str(args.seconds), str(args.warmup)],
@@ -326,7 +335,7 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
         for line in client.stdout:
             tag = line.split(" ", 1)[0].strip()
             if tag in ("MEASURE", "STOP"):
-                marks[tag] = (_cpu_seconds(server.pid), _cpu_seconds(redis.proc.pid) if redis else 0.0)
+                marks[tag] = (_cpu_seconds(pid), _cpu_seconds(redis.proc.pid) if redis else 0.0)
             elif tag == "RESULT":
                 result = json.loads(line.split(" ", 1)[1])
         client.wait(60)
@@ -335,7 +344,8 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
         result["redis_cpu_us"] = (marks["STOP"][1] - marks["MEASURE"][1]) / done * 1e6 if redis else None
         return result
     finally:
-        server.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # the server itself (py-spy, if any, then writes its profile)
         try:
             server.wait(15)
         except subprocess.TimeoutExpired:
@@ -344,6 +354,26 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
         if redis is not None:
             redis.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_top(path: Path, n: int = 25) -> None:
+    """Print the ``n`` frames with the most self samples (and inclusive samples) in a py-spy raw file."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack:
+            continue
+        c = int(count)
+        total += c
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + c
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + c
+    print(f"{total} samples; top self:")
+    for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]:
+        print(f"{100 * c / total:5.1f}% self {100 * incl[f] / total:5.1f}% incl  {f}")
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -362,9 +392,14 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--out", default=None, help="write the JSON results here")
+    p.add_argument("--profile", default=None, help="run the server under py-spy, collapsed stacks into this dir")
+    p.add_argument("--top", default=None, help="print the top self-time frames of a collapsed-stack file and exit")
     args = p.parse_args()
     if args.serve:
         serve(args.serve)
+        return
+    if args.top:
+        print_top(Path(args.top))
         return
     if args.client:
         port, conns, window, seconds, warmup = args.client

@@ -71,6 +71,7 @@ from .base import (
 from .memory import new_epoch
 
 __all__ = [
+    "MAX_GROUP",
     "POLL_INTERVAL",
     "SqliteBackend",
     "SqliteCursorStore",
@@ -87,6 +88,9 @@ POLL_INTERVAL = 0.05
 
 #: Most rows one poll reads; a feed far behind catches up over several polls.
 _POLL_BATCH = 1000
+
+#: Most writes one group commit holds (the rest wait for the next group).
+MAX_GROUP = 512
 
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
@@ -174,26 +178,80 @@ def _path_from_url(url: str) -> str:
     return path
 
 
-def _in_tx(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
-    # IMMEDIATE takes the write lock up front, so a read-then-write (head,
-    # then insert) can never be invalidated by another process in between.
+def _commit(conn: sqlite3.Connection) -> None:
+    """``COMMIT``: with WAL and ``synchronous=FULL`` this is the fsync that makes a group durable.
+
+    A module function (not inlined) so tests can make a group's commit fail.
+    """
+    conn.execute("COMMIT")
+
+
+class _Write:
+    """One queued write: its function, what to run after the commit, and its outcome."""
+
+    __slots__ = ("after", "done", "error", "fn", "lead", "result")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any], after: Callable[[], None] | None) -> None:
+        self.fn = fn
+        self.after = after
+        self.done = anyio.Event()
+        self.lead = False  # handed the job of committing the next group
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
+    """Run ``group`` as one transaction (one fsync), each write in its own savepoint.
+
+    A write that raises is rolled back alone (its savepoint) and gets its
+    error; the others go on. If the COMMIT itself fails, every write of the
+    group gets the error, so none of them is reported done.
+    """
     conn.execute("BEGIN IMMEDIATE")
     try:
-        result = fn(conn)
-    except BaseException:
-        conn.execute("ROLLBACK")
+        for w in group:
+            conn.execute("SAVEPOINT w")
+            try:
+                w.result = w.fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO w")
+                w.error = exc
+            conn.execute("RELEASE w")
+        _commit(conn)
+    except BaseException as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        for w in group:
+            w.result, w.error = None, exc
         raise
-    conn.execute("COMMIT")
-    return result
+    for w in group:
+        if w.error is None and w.after is not None:
+            w.after()
 
 
 class _Db:
-    """The one connection plus the one-at-a-time worker that uses it."""
+    """The one connection plus the one-at-a-time worker that uses it.
+
+    Writes are **group-committed**: a write queues itself; whoever finds no
+    group in flight becomes the leader and runs every queued write in one
+    ``BEGIN IMMEDIATE ... COMMIT`` on the worker thread, so one fsync (and one
+    thread hop) covers them all. Each caller is answered only after the
+    COMMIT that covers its write returned, so an acknowledged write is on
+    disk. Writes queued while a group commits form the next group, led by
+    the first of them. The window is therefore not a timer: a group is
+    whatever arrived while the previous one was committing (at most
+    :data:`MAX_GROUP` writes).
+    """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._limiter = anyio.CapacityLimiter(1)
         self.closed = False
+        self._queue: list[_Write] = []
+        self._leading = False
+        #: Groups committed and writes in them (for tests and metrics).
+        self.groups = 0
+        self.grouped_writes = 0
 
     async def run(self, fn: Callable[[sqlite3.Connection, Unpack[Ts]], T], *args: *Ts) -> T:
         """Run ``fn(conn, *args)`` on the worker, mapping engine failures to BackendError."""
@@ -204,9 +262,67 @@ class _Db:
         except sqlite3.Error as exc:
             raise BackendError(f"sqlite: {exc}") from exc
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn(conn)`` inside ``BEGIN IMMEDIATE ... COMMIT`` (rolled back if it raises)."""
-        return await self.run(lambda conn: _in_tx(conn, fn))
+    async def write(self, fn: Callable[[sqlite3.Connection], T], after: Callable[[], None] | None = None) -> T:
+        """Run ``fn(conn)`` in the next group commit; return once that commit is durable.
+
+        Args:
+            fn: The write (runs on the worker thread inside a savepoint; if it
+                raises, only its own changes are rolled back).
+            after: Runs on the worker thread right after the covering COMMIT
+                (in queue order), never if ``fn`` raised or the commit failed.
+
+        Raises:
+            BackendError: the engine failed, or the group's COMMIT failed
+                (retryable: nothing of this write was kept).
+        """
+        if self.closed:
+            raise BackendError("the sqlite backend is closed")
+        w = _Write(fn, after)
+        self._queue.append(w)
+        if self._leading:
+            try:
+                await w.done.wait()
+            except BaseException:
+                if w.lead:  # cancelled right after being handed the lead: lead anyway
+                    with anyio.CancelScope(shield=True):
+                        await self._lead()
+                elif w in self._queue:  # not taken into a group yet: it never runs
+                    self._queue.remove(w)
+                raise
+            if w.lead:
+                await self._lead()
+        else:
+            self._leading = True
+            await self._lead()
+        if w.error is not None:
+            if isinstance(w.error, sqlite3.Error):
+                raise BackendError(f"sqlite: {w.error}") from w.error
+            raise w.error
+        return w.result  # type: ignore[no-any-return]
+
+    async def _lead(self) -> None:
+        """Commit one group, then hand the lead to the first write queued meanwhile."""
+        group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+        try:
+            with anyio.CancelScope(shield=True):  # a group, once started, is answered as a whole
+                if self.closed:
+                    raise BackendError("the sqlite backend is closed")
+                await anyio.to_thread.run_sync(_run_group, self.conn, group, limiter=self._limiter)
+            self.groups += 1
+            self.grouped_writes += len(group)
+        except BaseException as exc:
+            for w in group:
+                if w.error is None or w.error is not exc:
+                    w.result, w.error = None, exc
+        finally:
+            for w in group:
+                w.done.set()
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True
+                nxt.done.set()
+            else:
+                self._leading = False
 
     async def close(self) -> None:
         if self.closed:
@@ -386,15 +502,10 @@ class SqliteEventLog:
             return AppendResult(event)
 
         # Filled inside the transaction, published to the shared queue only
-        # once COMMIT returned (a rolled-back append must never reach a feed).
+        # once the group's COMMIT returned (a rolled-back append must never
+        # reach a feed); ``after`` runs on the worker in commit order.
         committed: list[tuple[int, Event]] = []
-
-        def run(conn: sqlite3.Connection) -> AppendResult | int:
-            result = _in_tx(conn, tx)
-            self._committed.extend(committed)
-            return result
-
-        result = await self._db.run(run)
+        result = await self._db.write(tx, after=lambda: self._committed.extend(committed))
         self._drain()
         if isinstance(result, int):
             raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
