@@ -218,12 +218,10 @@ def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
                 w.error = exc
             conn.execute("RELEASE w")
         _commit(conn)
-    except BaseException as exc:
+    except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        for w in group:
-            w.result, w.error = None, exc
-        raise
+        raise  # the caller fails every write of the group
     for w in group:
         if w.error is None and w.after is not None:
             w.after()
@@ -311,9 +309,10 @@ class _Db:
             self.groups += 1
             self.grouped_writes += len(group)
         except BaseException as exc:
+            # Nothing of the group was kept (or a failed COMMIT left it
+            # unknown): no write of it may be reported done.
             for w in group:
-                if w.error is None or w.error is not exc:
-                    w.result, w.error = None, exc
+                w.result, w.error = None, exc
         finally:
             for w in group:
                 w.done.set()
