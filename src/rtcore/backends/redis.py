@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import math
 import weakref
 from collections.abc import Callable, Mapping
@@ -116,6 +117,15 @@ _ROUND_TIMEOUT = 2.0 + BLOCK_MS / 1000
 
 #: Entries one ``XREAD`` returns per stream at most.
 _READ_COUNT = 500
+
+#: Longest wait for the replies of one pipelined batch of script calls.
+_CALL_TIMEOUT = 10.0
+
+#: Most script calls one pipeline carries (the rest go in the next one).
+_MAX_BATCH = 512
+
+#: How often a call is sent again after ``NOSCRIPT`` (loading the script in between).
+_NOSCRIPT_ATTEMPTS = 3
 
 #: Added to every garbage-collecting PEXPIRE so real time never undercuts the caller's clock by a little.
 _GRACE_MS = 1000
@@ -413,34 +423,148 @@ def _engine_errors() -> Any:
         raise BackendError(f"redis: {exc}") from exc
 
 
-class _Script:
-    """A Lua script run with ``EVALSHA``, loaded again whenever Redis lost it.
+class _Call:
+    """One queued script call and its outcome."""
 
-    Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``).
-    coredis retries ``NoScriptError`` once after a ``SCRIPT LOAD`` whose
-    failure it swallows, so right after a restart (a pooled connection that
-    died with the old server fails the load) the call could still end in
-    ``NoScriptError``. ``NoScriptError`` means the script did not run, so
-    loading it and calling again is always safe.
+    __slots__ = ("args", "done", "error", "keys", "lead", "result", "script")
+
+    def __init__(self, script: _Script, keys: list[str], args: list[Any]) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.done = anyio.Event()
+        self.lead = False  # handed the job of sending the next batch
+        self.result: Any = _UNSET
+        self.error: BaseException | None = None
+
+
+_UNSET: Any = object()
+
+#: One pipeliner per client, shared by every store on it.
+_PIPELINERS: weakref.WeakKeyDictionary[coredis.Redis[bytes], _Pipeliner] = weakref.WeakKeyDictionary()
+
+
+def _pipeliner_for(client: coredis.Redis[bytes]) -> _Pipeliner:
+    pipeliner = _PIPELINERS.get(client)
+    if pipeliner is None:
+        pipeliner = _PIPELINERS[client] = _Pipeliner(client)
+    return pipeliner
+
+
+class _Pipeliner:
+    """Sends the script calls of concurrent tasks as one pipeline: one round trip for many.
+
+    A call queues itself; whoever finds no batch in flight sends every queued
+    call as one non-transactional pipeline of ``EVALSHA`` and hands the next
+    batch to the first call queued meanwhile. Each script is still atomic on
+    its own (pipelining only saves round trips and client work, it does not
+    merge scripts). A batch is never split by cancellation: once sent, its
+    replies are awaited (bounded by :data:`_CALL_TIMEOUT`), so no reply is
+    read by the wrong caller.
+
+    ``NOSCRIPT`` (Redis restarted or ran ``SCRIPT FLUSH``) means the call did
+    not run, so the script is loaded again and the call resent, up to
+    :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of the batch (a lost
+    connection) fails each of its calls: an append whose reply was lost may
+    have happened, so nothing is replayed blindly.
     """
 
-    __slots__ = ("_client", "_script")
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+        self._queue: list[_Call] = []
+        self._sending = False
+        #: Batches sent and calls in them (for tests and metrics).
+        self.batches = 0
+        self.calls = 0
+
+    async def call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
+        c = _Call(script, keys, args)
+        self._queue.append(c)
+        if self._sending:
+            try:
+                await c.done.wait()
+            except BaseException:
+                if c.lead:  # cancelled right after being handed the next batch: send it anyway
+                    with anyio.CancelScope(shield=True):
+                        await self._lead()
+                elif c in self._queue:  # never sent: it never runs
+                    self._queue.remove(c)
+                raise
+            if c.lead:
+                await self._lead()
+        else:
+            self._sending = True
+            await self._lead()
+        if c.error is not None:
+            raise c.error
+        return c.result
+
+    async def _lead(self) -> None:
+        batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+        try:
+            with anyio.CancelScope(shield=True), anyio.fail_after(_CALL_TIMEOUT):
+                await self._send(batch)
+        except BaseException as exc:
+            # Calls that got their reply before the failure keep it (they ran);
+            # the others fail (a lost reply: they may or may not have run).
+            err = BackendError(f"redis: no reply within {_CALL_TIMEOUT} s") if isinstance(exc, TimeoutError) else exc
+            for c in batch:
+                if c.error is None and c.result is _UNSET:
+                    c.error = err
+        finally:
+            for c in batch:
+                c.done.set()
+            if self._queue:
+                nxt = self._queue[0]
+                nxt.lead = True
+                nxt.done.set()
+            else:
+                self._sending = False
+
+    async def _send(self, batch: list[_Call]) -> None:
+        todo = batch
+        for attempt in range(_NOSCRIPT_ATTEMPTS):
+            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                requests = [pipe.evalsha(c.script.sha, keys=c.keys, args=c.args) for c in todo]
+            self.batches += 1
+            self.calls += len(todo)
+            missing: list[_Call] = []
+            for c, request in zip(todo, requests, strict=True):
+                try:
+                    c.result = await request
+                except coredis.exceptions.NoScriptError as exc:
+                    if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                        c.error = exc
+                    else:
+                        missing.append(c)
+                except Exception as exc:
+                    c.error = exc
+            if not missing:
+                return
+            for source in {c.script.source for c in missing}:
+                # A load on a connection that died with the old server fails once; the next one is fresh.
+                with contextlib.suppress(coredis.exceptions.ConnectionError):
+                    await self._client.script_load(source)
+            todo = missing
+
+
+class _Script:
+    """A Lua script, run with ``EVALSHA`` through the client's :class:`_Pipeliner`.
+
+    Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``);
+    the pipeliner loads them again on ``NOSCRIPT`` (which means the call did
+    not run, so calling again is always safe).
+    """
+
+    __slots__ = ("_pipeliner", "sha", "source")
 
     def __init__(self, client: coredis.Redis[bytes], source: str) -> None:
-        self._client = client
-        self._script = client.register_script(source)
+        self._pipeliner = _pipeliner_for(client)
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        for attempt in range(3):
-            try:
-                return await self._script(keys=keys, args=args)
-            except coredis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-            # A load on a dead pooled connection fails once; the next one is fresh.
-            with contextlib.suppress(coredis.exceptions.ConnectionError):
-                await self._client.script_load(self._script.script)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._pipeliner.call(self, keys, args)
 
 
 class _RedisFeed:
