@@ -243,8 +243,7 @@ end
 # KEYS: meta log idx registry all
 # ARGV: name type data ts has_key key expect fresh_epoch maxlen cutoff all_maxlen
 _APPEND = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[8])
 local has_key = ARGV[5] == '1'
 if has_key then
@@ -275,8 +274,7 @@ return {'ok', tostring(head), epoch}
 
 # KEYS: meta log idx registry; ARGV: name fresh_epoch after limit
 _READ = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 local entries = {}
 local limit = tonumber(ARGV[4])
@@ -289,8 +287,7 @@ return {epoch, tostring(head), tostring(first_offset(KEYS[2], head)), entries}
 
 # KEYS: meta log idx registry; ARGV: name fresh_epoch maxlen cutoff
 _TRIM = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 return trim(KEYS[2], KEYS[3], head, ARGV[3], ARGV[4])
 """
@@ -383,6 +380,53 @@ return 0
 """
 
 
+#: Every script above, by the name :class:`_Script` calls it with.
+_BODIES: dict[str, str] = {
+    "append": _APPEND,
+    "read": _READ,
+    "trim": _TRIM,
+    "group_claim": _GROUP_CLAIM,
+    "idem_begin": _IDEM_BEGIN,
+    "idem_finish": _IDEM_FINISH,
+    "idem_release": _IDEM_RELEASE,
+    "cursor_advance": _CURSOR_ADVANCE,
+    "snapshot_put": _SNAPSHOT_PUT,
+    "lease_acquire": _LEASE_ACQUIRE,
+    "lease_release": _LEASE_RELEASE,
+}
+
+# One script runs a whole batch of calls: each body above becomes a function of
+# (KEYS, ARGV), and the batch's ARGV lists the calls:
+#   n, then per call: name, #keys, #args, args...   (KEYS: every call's keys in order)
+# Each call runs under pcall, so one call's error is its own reply and the
+# others go on; the reply is one {1, result} or {0, message} per call.
+_BATCH = (
+    _LUA_LIB
+    + "local F = {}\n"
+    + "".join(f"F[{name!r}] = function(KEYS, ARGV)\n{body}\nend\n" for name, body in _BODIES.items())
+    + """
+local out = {}
+local k, a = 0, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do args[j] = ARGV[a + j - 1] end
+  k, a = k + nk, a + na
+  local ok, res = pcall(F[name], keys, args)
+  if ok then
+    out[i] = {1, res}
+  else
+    if type(res) == 'table' then res = res.err or res.message end
+    out[i] = {0, tostring(res)}
+  end
+end
+return out
+"""
+)
+_BATCH_SHA = hashlib.sha1(_BATCH.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -426,10 +470,10 @@ def _engine_errors() -> Any:
 class _Call:
     """One queued script call and its outcome."""
 
-    __slots__ = ("args", "done", "error", "keys", "lead", "result", "script")
+    __slots__ = ("args", "done", "error", "keys", "lead", "name", "result")
 
-    def __init__(self, script: _Script, keys: list[str], args: list[Any]) -> None:
-        self.script = script
+    def __init__(self, name: str, keys: list[str], args: list[Any]) -> None:
+        self.name = name
         self.keys = keys
         self.args = args
         self.done = anyio.Event()
@@ -452,21 +496,23 @@ def _pipeliner_for(client: coredis.Redis[bytes]) -> _Pipeliner:
 
 
 class _Pipeliner:
-    """Sends the script calls of concurrent tasks as one pipeline: one round trip for many.
+    """Runs the script calls of concurrent tasks as one batch: one ``EVALSHA``, one round trip.
 
     A call queues itself; whoever finds no batch in flight sends every queued
-    call as one non-transactional pipeline of ``EVALSHA`` and hands the next
-    batch to the first call queued meanwhile. Each script is still atomic on
-    its own (pipelining only saves round trips and client work, it does not
-    merge scripts). A batch is never split by cancellation: once sent, its
-    replies are awaited (bounded by :data:`_CALL_TIMEOUT`), so no reply is
-    read by the wrong caller.
+    call (at most :data:`_MAX_BATCH`) as one call of :data:`_BATCH`, the
+    script that runs each queued script body in turn, and hands the next
+    batch to the first call queued meanwhile. Each call is still atomic (the
+    whole batch is: Redis runs a script without interleaving anything), and
+    each gets its own reply or error. One request per batch instead of one per
+    call is what makes this cheap: the client's per-request work (building,
+    sending, parsing, waking the caller) is paid once per batch.
 
-    ``NOSCRIPT`` (Redis restarted or ran ``SCRIPT FLUSH``) means the call did
-    not run, so the script is loaded again and the call resent, up to
-    :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of the batch (a lost
-    connection) fails each of its calls: an append whose reply was lost may
-    have happened, so nothing is replayed blindly.
+    A batch is never split by cancellation: once sent, its reply is awaited
+    (bounded by :data:`_CALL_TIMEOUT`). ``NOSCRIPT`` (Redis restarted or ran
+    ``SCRIPT FLUSH``) means nothing ran, so the script is loaded again and the
+    batch resent, up to :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of
+    the batch (a lost connection) fails each of its calls: an append whose
+    reply was lost may have happened, so nothing is replayed blindly.
     """
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
@@ -477,8 +523,9 @@ class _Pipeliner:
         self.batches = 0
         self.calls = 0
 
-    async def call(self, script: _Script, keys: list[str], args: list[Any]) -> Any:
-        c = _Call(script, keys, args)
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run script ``name`` in the next batch; return its reply (or raise its error)."""
+        c = _Call(name, keys, args)
         self._queue.append(c)
         if self._sending:
             try:
@@ -522,49 +569,50 @@ class _Pipeliner:
                 self._sending = False
 
     async def _send(self, batch: list[_Call]) -> None:
-        todo = batch
+        keys: list[str] = []
+        args: list[Any] = [len(batch)]
+        for c in batch:
+            keys += c.keys
+            args += (c.name, len(c.keys), len(c.args), *c.args)
         for attempt in range(_NOSCRIPT_ATTEMPTS):
-            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                requests = [pipe.evalsha(c.script.sha, keys=c.keys, args=c.args) for c in todo]
-            self.batches += 1
-            self.calls += len(todo)
-            missing: list[_Call] = []
-            for c, request in zip(todo, requests, strict=True):
-                try:
-                    c.result = await request
-                except coredis.exceptions.NoScriptError as exc:
-                    if attempt == _NOSCRIPT_ATTEMPTS - 1:
-                        c.error = exc
-                    else:
-                        missing.append(c)
-                except Exception as exc:
-                    c.error = exc
-            if not missing:
-                return
-            for source in {c.script.source for c in missing}:
-                # A load on a connection that died with the old server fails once; the next one is fresh.
-                with contextlib.suppress(coredis.exceptions.ConnectionError):
-                    await self._client.script_load(source)
-            todo = missing
+            try:
+                reply = cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=keys, args=args))
+                break
+            except coredis.exceptions.NoScriptError:
+                # Redis restarted or flushed its scripts; the batch did not run.
+                if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                    raise
+            # A load on a connection that died with the old server fails once; the next one is fresh.
+            with contextlib.suppress(coredis.exceptions.ConnectionError):
+                await self._client.script_load(_BATCH)
+        self.batches += 1
+        self.calls += len(batch)
+        for c, (status, *value) in zip(batch, reply, strict=True):
+            if status == 1:
+                c.result = value[0] if value else None
+            else:
+                message = _s(value[0]) if value else "script failed"
+                c.error = coredis.exceptions.ResponseError(f"{c.name}: {message}")
 
 
 class _Script:
-    """A Lua script, run with ``EVALSHA`` through the client's :class:`_Pipeliner`.
+    """One of the Lua scripts of :data:`_BODIES`, called through the client's :class:`_Pipeliner`.
 
     Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``);
-    the pipeliner loads them again on ``NOSCRIPT`` (which means the call did
-    not run, so calling again is always safe).
+    the pipeliner loads the batch script again on ``NOSCRIPT`` (which means
+    nothing ran, so sending again is always safe).
     """
 
-    __slots__ = ("_pipeliner", "sha", "source")
+    __slots__ = ("_pipeliner", "name")
 
-    def __init__(self, client: coredis.Redis[bytes], source: str) -> None:
+    def __init__(self, client: coredis.Redis[bytes], name: str) -> None:
+        if name not in _BODIES:
+            raise ValueError(f"no script named {name!r}")
         self._pipeliner = _pipeliner_for(client)
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        self.name = name
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        return await self._pipeliner.call(self, keys, args)
+        return await self._pipeliner.call(self.name, keys, args)
 
 
 class _RedisFeed:
@@ -722,9 +770,9 @@ class RedisEventLog:
     def __init__(self, client: coredis.Redis[bytes], *, all_maxlen: int = ALL_MAXLEN) -> None:
         self._client = client
         self._all_maxlen = all_maxlen
-        self._append = _Script(client, _APPEND)
-        self._read = _Script(client, _READ)
-        self._trim = _Script(client, _TRIM)
+        self._append = _Script(client, "append")
+        self._read = _Script(client, "read")
+        self._trim = _Script(client, "trim")
         self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
 
     def _observe(self, stream: str, head: int) -> None:
@@ -814,9 +862,9 @@ class RedisIdempotencyStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._begin = _Script(client, _IDEM_BEGIN)
-        self._finish = _Script(client, _IDEM_FINISH)
-        self._release = _Script(client, _IDEM_RELEASE)
+        self._begin = _Script(client, "idem_begin")
+        self._finish = _Script(client, "idem_finish")
+        self._release = _Script(client, "idem_release")
 
     async def begin(
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
@@ -855,7 +903,7 @@ class RedisCursorStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._advance = _Script(client, _CURSOR_ADVANCE)
+        self._advance = _Script(client, "cursor_advance")
 
     async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
         """Return ``(epoch, offset)`` or ``None``."""
@@ -874,7 +922,7 @@ class RedisSnapshotStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._put = _Script(client, _SNAPSHOT_PUT)
+        self._put = _Script(client, "snapshot_put")
 
     async def get(self, stream: str) -> Snapshot | None:
         """Return the newest snapshot of ``stream``."""
@@ -894,8 +942,8 @@ class RedisLeaseStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._acquire = _Script(client, _LEASE_ACQUIRE)
-        self._release = _Script(client, _LEASE_RELEASE)
+        self._acquire = _Script(client, "lease_acquire")
+        self._release = _Script(client, "lease_release")
 
     async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
         """Take or renew ``name`` for ``holder``; False if someone else holds it."""
@@ -919,7 +967,7 @@ class RedisGroupLog:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._claim = _Script(client, _GROUP_CLAIM)
+        self._claim = _Script(client, "group_claim")
 
     async def _create(self, group: str, start: str) -> None:
         with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):
