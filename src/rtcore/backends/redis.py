@@ -82,6 +82,7 @@ import msgspec
 from coredis.retry import NoRetryPolicy
 
 from ..errors import BackendError, ConflictError
+from ._batch import Batcher, Job
 from .base import (
     AppendResult,
     Backend,
@@ -467,22 +468,17 @@ def _engine_errors() -> Any:
         raise BackendError(f"redis: {exc}") from exc
 
 
-class _Call:
-    """One queued script call and its outcome."""
+class _Call(Job):
+    """One queued script call."""
 
-    __slots__ = ("args", "done", "error", "keys", "lead", "name", "result")
+    __slots__ = ("args", "keys", "name")
 
     def __init__(self, name: str, keys: list[str], args: list[Any]) -> None:
+        super().__init__()
         self.name = name
         self.keys = keys
         self.args = args
-        self.done = anyio.Event()
-        self.lead = False  # handed the job of sending the next batch
-        self.result: Any = _UNSET
-        self.error: BaseException | None = None
 
-
-_UNSET: Any = object()
 
 #: One pipeliner per client, shared by every store on it.
 _PIPELINERS: weakref.WeakKeyDictionary[coredis.Redis[bytes], _Pipeliner] = weakref.WeakKeyDictionary()
@@ -498,75 +494,41 @@ def _pipeliner_for(client: coredis.Redis[bytes]) -> _Pipeliner:
 class _Pipeliner:
     """Runs the script calls of concurrent tasks as one batch: one ``EVALSHA``, one round trip.
 
-    A call queues itself; whoever finds no batch in flight sends every queued
-    call (at most :data:`_MAX_BATCH`) as one call of :data:`_BATCH`, the
-    script that runs each queued script body in turn, and hands the next
-    batch to the first call queued meanwhile. Each call is still atomic (the
-    whole batch is: Redis runs a script without interleaving anything), and
-    each gets its own reply or error. One request per batch instead of one per
-    call is what makes this cheap: the client's per-request work (building,
-    sending, parsing, waking the caller) is paid once per batch.
+    Every call queued while a batch is in flight joins the next batch (see
+    :mod:`rtcore.backends._batch`; at most :data:`_MAX_BATCH` calls), sent
+    as one call of :data:`_BATCH`, the script that runs each queued script
+    body in turn. Each call is still atomic (the whole batch is: Redis runs a
+    script without interleaving anything), and each gets its own reply or
+    error. One request per batch instead of one per call is what makes this
+    cheap: the client's per-request work (building, sending, parsing, waking
+    the caller) is paid once per batch.
 
-    A batch is never split by cancellation: once sent, its reply is awaited
-    (bounded by :data:`_CALL_TIMEOUT`). ``NOSCRIPT`` (Redis restarted or ran
-    ``SCRIPT FLUSH``) means nothing ran, so the script is loaded again and the
-    batch resent, up to :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of
-    the batch (a lost connection) fails each of its calls: an append whose
-    reply was lost may have happened, so nothing is replayed blindly.
+    Once sent, a batch's reply is awaited (shielded, bounded by
+    :data:`_CALL_TIMEOUT`). ``NOSCRIPT`` (Redis restarted or ran ``SCRIPT
+    FLUSH``) means nothing ran, so the script is loaded again and the batch
+    resent, up to :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of the
+    batch (a lost connection) fails each of its calls: an append whose reply
+    was lost may have happened, so nothing is replayed blindly.
     """
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._queue: list[_Call] = []
-        self._sending = False
-        #: Batches sent and calls in them (for tests and metrics).
-        self.batches = 0
-        self.calls = 0
+        #: The batcher (``batches.batches`` batches held ``batches.jobs`` calls).
+        self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run script ``name`` in the next batch; return its reply (or raise its error)."""
-        c = _Call(name, keys, args)
-        self._queue.append(c)
-        if self._sending:
-            try:
-                await c.done.wait()
-            except BaseException:
-                if c.lead:  # cancelled right after being handed the next batch: send it anyway
-                    with anyio.CancelScope(shield=True):
-                        await self._lead()
-                elif c in self._queue:  # never sent: it never runs
-                    self._queue.remove(c)
-                raise
-            if c.lead:
-                await self._lead()
-        else:
-            self._sending = True
-            await self._lead()
+        c = await self.batches.submit(_Call(name, keys, args))
         if c.error is not None:
             raise c.error
         return c.result
 
-    async def _lead(self) -> None:
-        batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+    async def _run(self, batch: list[_Call]) -> None:
         try:
-            with anyio.CancelScope(shield=True), anyio.fail_after(_CALL_TIMEOUT):
+            with anyio.fail_after(_CALL_TIMEOUT):
                 await self._send(batch)
-        except BaseException as exc:
-            # Calls that got their reply before the failure keep it (they ran);
-            # the others fail (a lost reply: they may or may not have run).
-            err = BackendError(f"redis: no reply within {_CALL_TIMEOUT} s") if isinstance(exc, TimeoutError) else exc
-            for c in batch:
-                if c.error is None and c.result is _UNSET:
-                    c.error = err
-        finally:
-            for c in batch:
-                c.done.set()
-            if self._queue:
-                nxt = self._queue[0]
-                nxt.lead = True
-                nxt.done.set()
-            else:
-                self._sending = False
+        except TimeoutError as exc:
+            raise BackendError(f"redis: no reply within {_CALL_TIMEOUT} s") from exc
 
     async def _send(self, batch: list[_Call]) -> None:
         keys: list[str] = []
@@ -585,8 +547,6 @@ class _Pipeliner:
             # A load on a connection that died with the old server fails once; the next one is fresh.
             with contextlib.suppress(coredis.exceptions.ConnectionError):
                 await self._client.script_load(_BATCH)
-        self.batches += 1
-        self.calls += len(batch)
         for c, (status, *value) in zip(batch, reply, strict=True):
             if status == 1:
                 c.result = value[0] if value else None

@@ -56,6 +56,7 @@ import anyio
 import msgspec
 
 from ..errors import BackendError, ConflictError
+from ._batch import UNSET, Batcher, Job
 from .base import (
     AppendResult,
     Backend,
@@ -186,26 +187,23 @@ def _commit(conn: sqlite3.Connection) -> None:
     conn.execute("COMMIT")
 
 
-class _Write:
-    """One queued write: its function, what to run after the commit, and its outcome."""
+class _Write(Job):
+    """One queued write and what to run after the commit that covers it."""
 
-    __slots__ = ("after", "done", "error", "fn", "lead", "result")
+    __slots__ = ("after", "fn")
 
     def __init__(self, fn: Callable[[sqlite3.Connection], Any], after: Callable[[], None] | None) -> None:
+        super().__init__()
         self.fn = fn
         self.after = after
-        self.done = anyio.Event()
-        self.lead = False  # handed the job of committing the next group
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
     """Run ``group`` as one transaction (one fsync), each write in its own savepoint.
 
     A write that raises is rolled back alone (its savepoint) and gets its
-    error; the others go on. If the COMMIT itself fails, every write of the
-    group gets the error, so none of them is reported done.
+    error; the others go on. If the COMMIT itself fails this raises, and the
+    caller fails every write of the group.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -221,7 +219,7 @@ def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-        raise  # the caller fails every write of the group
+        raise
     for w in group:
         if w.error is None and w.after is not None:
             w.after()
@@ -230,26 +228,21 @@ def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
 class _Db:
     """The one connection plus the one-at-a-time worker that uses it.
 
-    Writes are **group-committed**: a write queues itself; whoever finds no
-    group in flight becomes the leader and runs every queued write in one
-    ``BEGIN IMMEDIATE ... COMMIT`` on the worker thread, so one fsync (and one
-    thread hop) covers them all. Each caller is answered only after the
+    Writes are **group-committed** (see :mod:`rtcore.backends._batch`): every
+    write queued while a group commits joins the next group, which runs as
+    one ``BEGIN IMMEDIATE ... COMMIT`` on the worker thread, so one fsync (and
+    one thread hop) covers them all. Each caller is answered only after the
     COMMIT that covers its write returned, so an acknowledged write is on
-    disk. Writes queued while a group commits form the next group, led by
-    the first of them. The window is therefore not a timer: a group is
-    whatever arrived while the previous one was committing (at most
-    :data:`MAX_GROUP` writes).
+    disk. The window is not a timer: a group is whatever arrived while the
+    previous one was committing (at most :data:`MAX_GROUP` writes).
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self._limiter = anyio.CapacityLimiter(1)
         self.closed = False
-        self._queue: list[_Write] = []
-        self._leading = False
-        #: Groups committed and writes in them (for tests and metrics).
-        self.groups = 0
-        self.grouped_writes = 0
+        #: The group committer (``groups.batches`` groups held ``groups.jobs`` writes).
+        self.groups: Batcher[_Write] = Batcher(self._commit_group, MAX_GROUP)
 
     async def run(self, fn: Callable[[sqlite3.Connection, Unpack[Ts]], T], *args: *Ts) -> T:
         """Run ``fn(conn, *args)`` on the worker, mapping engine failures to BackendError."""
@@ -275,53 +268,23 @@ class _Db:
         """
         if self.closed:
             raise BackendError("the sqlite backend is closed")
-        w = _Write(fn, after)
-        self._queue.append(w)
-        if self._leading:
-            try:
-                await w.done.wait()
-            except BaseException:
-                if w.lead:  # cancelled right after being handed the lead: lead anyway
-                    with anyio.CancelScope(shield=True):
-                        await self._lead()
-                elif w in self._queue:  # not taken into a group yet: it never runs
-                    self._queue.remove(w)
-                raise
-            if w.lead:
-                await self._lead()
-        else:
-            self._leading = True
-            await self._lead()
+        w = await self.groups.submit(_Write(fn, after))
         if w.error is not None:
             if isinstance(w.error, sqlite3.Error):
                 raise BackendError(f"sqlite: {w.error}") from w.error
             raise w.error
         return w.result  # type: ignore[no-any-return]
 
-    async def _lead(self) -> None:
-        """Commit one group, then hand the lead to the first write queued meanwhile."""
-        group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+    async def _commit_group(self, group: list[_Write]) -> None:
         try:
-            with anyio.CancelScope(shield=True):  # a group, once started, is answered as a whole
-                if self.closed:
-                    raise BackendError("the sqlite backend is closed")
-                await anyio.to_thread.run_sync(_run_group, self.conn, group, limiter=self._limiter)
-            self.groups += 1
-            self.grouped_writes += len(group)
+            if self.closed:
+                raise BackendError("the sqlite backend is closed")
+            await anyio.to_thread.run_sync(_run_group, self.conn, group, limiter=self._limiter)
         except BaseException as exc:
             # Nothing of the group was kept (or a failed COMMIT left it
             # unknown): no write of it may be reported done.
             for w in group:
-                w.result, w.error = None, exc
-        finally:
-            for w in group:
-                w.done.set()
-            if self._queue:
-                nxt = self._queue[0]
-                nxt.lead = True
-                nxt.done.set()
-            else:
-                self._leading = False
+                w.result, w.error = UNSET, exc
 
     async def close(self) -> None:
         if self.closed:
