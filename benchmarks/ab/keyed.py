@@ -94,6 +94,78 @@ def serve(url: str) -> None:
 
 
 # --------------------------------------------------------------------------------------
+# in-process mode (run as: keyed.py --inproc URL TASKS SECONDS WARMUP): the node alone
+# --------------------------------------------------------------------------------------
+
+
+def inproc(url: str, tasks: int, seconds: float, warmup: float) -> None:
+    """Drive ``Node.dispatch`` of keyed ``pub`` commands from ``tasks`` tasks, no transport.
+
+    Isolates what the backend adds to a keyed command (the idempotency claim,
+    the append, the stored outcome) from the WebSocket path. Prints one
+    ``RESULT`` JSON line with commands/s, p50/p99 and this process's CPU per
+    command (the parent adds redis-server's from /proc).
+    """
+    import anyio
+    import anyio.lowlevel
+    import msgspec
+
+    import rtcore
+
+    app = rtcore.App("keyed-inproc")
+
+    class Pub(msgspec.Struct):
+        stream: str
+        data: Any = None
+
+    @app.command("pub")
+    async def pub(ctx: rtcore.Context, args: Pub) -> int:
+        event = await ctx.publish(args.stream, "bench", args.data)
+        return event.offset
+
+    async def main() -> dict[str, Any]:
+        run = os.urandom(4).hex()
+        latencies: list[float] = []
+        state = {"recording": False, "stop": False, "done": 0, "errors": 0}
+        async with rtcore.Node(app, url) as node:
+            principal = rtcore.Principal("bench")
+
+            async def worker(i: int) -> None:
+                n = 0
+                while not state["stop"]:
+                    await anyio.lowlevel.checkpoint()  # the memory backend may never yield on its own
+                    n += 1
+                    t0 = time.perf_counter()
+                    reply = await node.dispatch(principal, "pub", {"stream": f"k:{i % 50}", "data": {"n": n}}, key=f"{run}-{i}-{n}")
+                    if not reply.ok:
+                        state["errors"] += 1
+                    elif state["recording"]:
+                        latencies.append(time.perf_counter() - t0)
+                        state["done"] += 1
+
+            async with anyio.create_task_group() as tg:
+                for i in range(tasks):
+                    tg.start_soon(worker, i)
+                await anyio.sleep(warmup)
+                print("MEASURE", flush=True)
+                t0, cpu0 = time.perf_counter(), time.process_time()
+                state["recording"] = True
+                await anyio.sleep(seconds)
+                state["recording"] = False
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+                print("STOP", flush=True)
+                state["stop"] = True
+        done = int(state["done"])
+        return {
+            "commands": done, "seconds": elapsed, "cmds_per_s": done / elapsed,
+            "p50_ms": _pct(latencies, 0.5) * 1e3, "p99_ms": _pct(latencies, 0.99) * 1e3,
+            "server_cpu_us": cpu / max(done, 1) * 1e6, "client_cpu_us": 0.0, "errors": state["errors"], "first_error": None,
+        }
+
+    print("RESULT", json.dumps(anyio.run(main)), flush=True)
+
+
+# --------------------------------------------------------------------------------------
 # client side (run as: keyed.py --client PORT K W SECONDS)
 # --------------------------------------------------------------------------------------
 
@@ -307,6 +379,8 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
     env = dict(os.environ)
     if tree is not None:
         env["PYTHONPATH"] = str(Path(tree).resolve())
+    if args.inproc:
+        return _inproc_run(url, env, redis, args, tmp)
     cmd = [sys.executable, str(HERE), "--serve", url]
     if args.profile:
         # py-spy samples the server (subprocesses included) into collapsed stacks; the
@@ -356,6 +430,31 @@ def one_run(tree: str | None, backend: str, args: argparse.Namespace) -> dict[st
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _inproc_run(url: str, env: dict[str, str], redis: _Redis | None, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE), "--inproc-child", url, str(args.connections * args.window), str(args.seconds), str(args.warmup)],
+            stdout=subprocess.PIPE, env=env, text=True,
+        )
+        assert proc.stdout is not None
+        marks: dict[str, float] = {}
+        result: dict[str, Any] = {}
+        for line in proc.stdout:
+            tag = line.split(" ", 1)[0].strip()
+            if tag in ("MEASURE", "STOP"):
+                marks[tag] = _cpu_seconds(redis.proc.pid) if redis else 0.0
+            elif tag == "RESULT":
+                result = json.loads(line.split(" ", 1)[1])
+        proc.wait(60)
+        done = max(result.get("commands", 0), 1)
+        result["redis_cpu_us"] = (marks["STOP"] - marks["MEASURE"]) / done * 1e6 if redis else None
+        return result
+    finally:
+        if redis is not None:
+            redis.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def print_top(path: Path, n: int = 25) -> None:
     """Print the ``n`` frames with the most self samples (and inclusive samples) in a py-spy raw file."""
     own: dict[str, int] = {}
@@ -381,9 +480,15 @@ def _summary(values: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--inproc-child"]:
+        url, tasks, seconds, warmup = sys.argv[2:6]
+        inproc(url, int(tasks), float(seconds), float(warmup))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--serve")
     p.add_argument("--client", nargs=5)
+    p.add_argument("--inproc", action="store_true",
+                   help="drive Node.dispatch in one process (no transport): connections*window tasks")
     p.add_argument("--backends", default="memory,sqlite,redis")
     p.add_argument("--tree", action="append", default=[], help="NAME=path/to/src (repeatable)")
     p.add_argument("--repeat", type=int, default=3)
@@ -439,7 +544,7 @@ def main() -> None:
                 f"| {s['p50_ms']['median']:.1f} | {s['p99_ms']['median']:.1f} | {s['server_cpu_us']['median']:.0f} "
                 f"| {'' if not red else format(statistics.median(red), '.0f')} | {s['client_cpu_us']['median']:.0f} |"
             )
-    note = (f"{args.connections} connections × {args.window} in flight, {args.seconds:g} s per run, {args.repeat} repetitions; "
+    note = (("in-process Node.dispatch, " if args.inproc else "WebSocket, ") + f"{args.connections} connections × {args.window} in flight, {args.seconds:g} s per run, {args.repeat} repetitions; "
             f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (shared machine)")
     print()
     print("\n".join(table))
@@ -448,7 +553,7 @@ def main() -> None:
     if args.out:
         out = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nproc": os.cpu_count(), "load_start": load0,
                "load_end": load1, "args": {k: v for k, v in vars(args).items() if k not in ("serve", "client")},
-               "runs": runs, "summary": summary, "table": table, "note": note}
+               "mode": "in-process Node.dispatch" if args.inproc else "WebSocket", "runs": runs, "summary": summary, "table": table, "note": note}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=1))
 
