@@ -10,11 +10,10 @@ forgot its scripts is reloaded transparently.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
-
-import uuid
 
 import anyio
 import coredis

@@ -529,7 +529,7 @@ def main() -> None:
                     flush=True,
                 )
     load1 = os.getloadavg()
-    table = ["| backend | tree | cmds/s median (min–max) | p50 ms | p99 ms | server CPU µs/cmd | redis CPU µs/cmd | client CPU µs/cmd |",
+    table = ["| backend | tree | cmds/s median (min-max) | p50 ms | p99 ms | server CPU µs/cmd | redis CPU µs/cmd | client CPU µs/cmd |",
              "|---|---|---|---|---|---|---|---|"]
     summary: list[dict[str, Any]] = []
     for backend in backends:
@@ -540,11 +540,11 @@ def main() -> None:
             s["redis_cpu_us"] = _summary(red) if red else None  # type: ignore[assignment]
             summary.append({"backend": backend, "tree": name, **s})
             table.append(
-                f"| {backend} | {name} | {s['cmds_per_s']['median']:,.0f} ({s['cmds_per_s']['min']:,.0f}–{s['cmds_per_s']['max']:,.0f}) "
+                f"| {backend} | {name} | {s['cmds_per_s']['median']:,.0f} ({s['cmds_per_s']['min']:,.0f}-{s['cmds_per_s']['max']:,.0f}) "
                 f"| {s['p50_ms']['median']:.1f} | {s['p99_ms']['median']:.1f} | {s['server_cpu_us']['median']:.0f} "
                 f"| {'' if not red else format(statistics.median(red), '.0f')} | {s['client_cpu_us']['median']:.0f} |"
             )
-    note = (("in-process Node.dispatch, " if args.inproc else "WebSocket, ") + f"{args.connections} connections × {args.window} in flight, {args.seconds:g} s per run, {args.repeat} repetitions; "
+    note = (("in-process Node.dispatch, " if args.inproc else "WebSocket, ") + f"{args.connections} connections x {args.window} in flight, {args.seconds:g} s per run, {args.repeat} repetitions; "
             f"load average {load0[0]:.2f} at start, {load1[0]:.2f} at end (shared machine)")
     print()
     print("\n".join(table))

@@ -426,7 +426,7 @@ end
 return out
 """
 )
-_BATCH_SHA = hashlib.sha1(_BATCH.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+_BATCH_SHA = hashlib.sha1(_BATCH.encode()).hexdigest()
 
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
