@@ -6,6 +6,12 @@ Why it is shaped this way:
   atomically, so reading the head, checking the idempotency key and
   ``expect``, bumping the head, ``XADD`` and trimming happen as one step even
   with many nodes appending to the same stream. No WATCH/MULTI retry loops.
+* **Concurrent script calls share one round trip.** The calls queued while
+  one batch is in flight go to Redis as the next batch: one ``EVALSHA`` of
+  :data:`_BATCH`, a script holding every script body as a function, which
+  runs the calls in order under ``pcall`` and returns one reply (or error)
+  per call (see :class:`_Pipeliner`). Each call stays atomic; a busy node
+  pays one request and one round trip per batch instead of per call.
 * **Keys of one stream** share a hash tag, so they would live in one cluster
   slot (a script may only touch keys of one slot)::
 

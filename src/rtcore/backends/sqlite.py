@@ -9,9 +9,14 @@ Why it is shaped this way:
   connection is never used concurrently: appends are serialized in this
   process, and ``BEGIN IMMEDIATE`` serializes them against other processes
   that open the same file.
-* **Durable on return.** The file is in WAL mode with ``synchronous=FULL``:
-  the WAL is fsynced at every commit, so an append that returned survives a
-  ``kill -9`` of the process or a power cut.
+* **Durable on return, one fsync per group.** The file is in WAL mode with
+  ``synchronous=FULL``: the WAL is fsynced at every commit. Writes are
+  group-committed (see :class:`_Db`): every write queued while one group
+  commits joins the next group, one transaction with a savepoint per write,
+  and each caller is answered only after the COMMIT covering its write
+  returned. So an append (or idempotency record) that returned survives a
+  ``kill -9`` of the process or a power cut, and a busy node pays one fsync
+  for many writes instead of one each.
 * **A global commit sequence.** Every event row has ``seq INTEGER PRIMARY KEY
   AUTOINCREMENT``. SQLite has one writer at a time, so ``seq`` grows in commit
   order across every process writing the file, and per stream it grows with
