@@ -363,9 +363,9 @@ async def test_scripts_run_on_the_first_try_after_a_redis_restart(volatile_serve
     fails with a connection error.
 
     Mutations:
-      * redis.py ``_Script.__call__`` calls the coredis script once with no reload
-        loop (the code before "redis scripts reload after a Redis restart
-        (NoScriptError)") → ``BackendError`` from ``NoScriptError``: fails.
+      * redis.py ``_Pipeliner._send`` re-raises ``NoScriptError`` at once
+        instead of loading the batch script and resending → ``BackendError``
+        from ``NoScriptError``: fails.
       * redis.py ``RedisGroupLog.claim`` without its ``StreamConsumerGroupError``
         branch (found by this test: coredis rewords NOGROUP, so a group Redis lost
         made every claim fail instead of returning ``[]``) → fails.

@@ -6,6 +6,12 @@ Why it is shaped this way:
   atomically, so reading the head, checking the idempotency key and
   ``expect``, bumping the head, ``XADD`` and trimming happen as one step even
   with many nodes appending to the same stream. No WATCH/MULTI retry loops.
+* **Concurrent script calls share one round trip.** The calls queued while
+  one batch is in flight go to Redis as the next batch: one ``EVALSHA`` of
+  :data:`_BATCH`, a script holding every script body as a function, which
+  runs the calls in order under ``pcall`` and returns one reply (or error)
+  per call (see :class:`_Pipeliner`). Each call stays atomic; a busy node
+  pays one request and one round trip per batch instead of per call.
 * **Keys of one stream** share a hash tag, so they would live in one cluster
   slot (a script may only touch keys of one slot)::
 
@@ -69,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import hashlib
 import math
 import weakref
 from collections.abc import Callable, Mapping
@@ -81,6 +88,7 @@ import msgspec
 from coredis.retry import NoRetryPolicy
 
 from ..errors import BackendError, ConflictError
+from ._batch import Batcher, Job
 from .base import (
     AppendResult,
     Backend,
@@ -116,6 +124,15 @@ _ROUND_TIMEOUT = 2.0 + BLOCK_MS / 1000
 
 #: Entries one ``XREAD`` returns per stream at most.
 _READ_COUNT = 500
+
+#: Longest wait for the replies of one pipelined batch of script calls.
+_CALL_TIMEOUT = 10.0
+
+#: Most script calls one pipeline carries (the rest go in the next one).
+_MAX_BATCH = 512
+
+#: How often a call is sent again after ``NOSCRIPT`` (loading the script in between).
+_NOSCRIPT_ATTEMPTS = 3
 
 #: Added to every garbage-collecting PEXPIRE so real time never undercuts the caller's clock by a little.
 _GRACE_MS = 1000
@@ -238,8 +255,7 @@ end
 # KEYS: meta log idx registry all
 # ARGV: name type data ts has_key key expect fresh_epoch maxlen cutoff all_maxlen
 _APPEND = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[8])
 local has_key = ARGV[5] == '1'
 if has_key then
@@ -270,8 +286,7 @@ return {'ok', tostring(head), epoch}
 
 # KEYS: meta log idx registry; ARGV: name fresh_epoch after limit
 _READ = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 local entries = {}
 local limit = tonumber(ARGV[4])
@@ -284,8 +299,7 @@ return {epoch, tostring(head), tostring(first_offset(KEYS[2], head)), entries}
 
 # KEYS: meta log idx registry; ARGV: name fresh_epoch maxlen cutoff
 _TRIM = (
-    _LUA_LIB
-    + """
+    """
 local epoch, head = ensure(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2])
 return trim(KEYS[2], KEYS[3], head, ARGV[3], ARGV[4])
 """
@@ -378,6 +392,53 @@ return 0
 """
 
 
+#: Every script above, by the name :class:`_Script` calls it with.
+_BODIES: dict[str, str] = {
+    "append": _APPEND,
+    "read": _READ,
+    "trim": _TRIM,
+    "group_claim": _GROUP_CLAIM,
+    "idem_begin": _IDEM_BEGIN,
+    "idem_finish": _IDEM_FINISH,
+    "idem_release": _IDEM_RELEASE,
+    "cursor_advance": _CURSOR_ADVANCE,
+    "snapshot_put": _SNAPSHOT_PUT,
+    "lease_acquire": _LEASE_ACQUIRE,
+    "lease_release": _LEASE_RELEASE,
+}
+
+# One script runs a whole batch of calls: each body above becomes a function of
+# (KEYS, ARGV), and the batch's ARGV lists the calls:
+#   n, then per call: name, #keys, #args, args...   (KEYS: every call's keys in order)
+# Each call runs under pcall, so one call's error is its own reply and the
+# others go on; the reply is one {1, result} or {0, message} per call.
+_BATCH = (
+    _LUA_LIB
+    + "local F = {}\n"
+    + "".join(f"F[{name!r}] = function(KEYS, ARGV)\n{body}\nend\n" for name, body in _BODIES.items())
+    + """
+local out = {}
+local k, a = 0, 2
+for i = 1, tonumber(ARGV[1]) do
+  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local keys, args = {}, {}
+  for j = 1, nk do keys[j] = KEYS[k + j] end
+  for j = 1, na do args[j] = ARGV[a + j - 1] end
+  k, a = k + nk, a + na
+  local ok, res = pcall(F[name], keys, args)
+  if ok then
+    out[i] = {1, res}
+  else
+    if type(res) == 'table' then res = res.err or res.message end
+    out[i] = {0, tostring(res)}
+  end
+end
+return out
+"""
+)
+_BATCH_SHA = hashlib.sha1(_BATCH.encode()).hexdigest()
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -418,34 +479,111 @@ def _engine_errors() -> Any:
         raise BackendError(f"redis: {exc}") from exc
 
 
-class _Script:
-    """A Lua script run with ``EVALSHA``, loaded again whenever Redis lost it.
+class _Call(Job):
+    """One queued script call."""
 
-    Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``).
-    coredis retries ``NoScriptError`` once after a ``SCRIPT LOAD`` whose
-    failure it swallows, so right after a restart (a pooled connection that
-    died with the old server fails the load) the call could still end in
-    ``NoScriptError``. ``NoScriptError`` means the script did not run, so
-    loading it and calling again is always safe.
+    __slots__ = ("args", "keys", "name")
+
+    def __init__(self, name: str, keys: list[str], args: list[Any]) -> None:
+        super().__init__()
+        self.name = name
+        self.keys = keys
+        self.args = args
+
+
+#: One pipeliner per client, shared by every store on it.
+_PIPELINERS: weakref.WeakKeyDictionary[coredis.Redis[bytes], _Pipeliner] = weakref.WeakKeyDictionary()
+
+
+def _pipeliner_for(client: coredis.Redis[bytes]) -> _Pipeliner:
+    pipeliner = _PIPELINERS.get(client)
+    if pipeliner is None:
+        pipeliner = _PIPELINERS[client] = _Pipeliner(client)
+    return pipeliner
+
+
+class _Pipeliner:
+    """Runs the script calls of concurrent tasks as one batch: one ``EVALSHA``, one round trip.
+
+    Every call queued while a batch is in flight joins the next batch (see
+    :mod:`rtcore.backends._batch`; at most :data:`_MAX_BATCH` calls), sent
+    as one call of :data:`_BATCH`, the script that runs each queued script
+    body in turn. Each call is still atomic (the whole batch is: Redis runs a
+    script without interleaving anything), and each gets its own reply or
+    error. One request per batch instead of one per call is what makes this
+    cheap: the client's per-request work (building, sending, parsing, waking
+    the caller) is paid once per batch.
+
+    Once sent, a batch's reply is awaited (shielded, bounded by
+    :data:`_CALL_TIMEOUT`). ``NOSCRIPT`` (Redis restarted or ran ``SCRIPT
+    FLUSH``) means nothing ran, so the script is loaded again and the batch
+    resent, up to :data:`_NOSCRIPT_ATTEMPTS` times. Any other failure of the
+    batch (a lost connection) fails each of its calls: an append whose reply
+    was lost may have happened, so nothing is replayed blindly.
     """
 
-    __slots__ = ("_client", "_script")
-
-    def __init__(self, client: coredis.Redis[bytes], source: str) -> None:
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._script = client.register_script(source)
+        #: The batcher (``batches.batches`` batches held ``batches.jobs`` calls).
+        self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH)
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run script ``name`` in the next batch; return its reply (or raise its error)."""
+        c = await self.batches.submit(_Call(name, keys, args))
+        if c.error is not None:
+            raise c.error
+        return c.result
+
+    async def _run(self, batch: list[_Call]) -> None:
+        try:
+            with anyio.fail_after(_CALL_TIMEOUT):
+                await self._send(batch)
+        except TimeoutError as exc:
+            raise BackendError(f"redis: no reply within {_CALL_TIMEOUT} s") from exc
+
+    async def _send(self, batch: list[_Call]) -> None:
+        keys: list[str] = []
+        args: list[Any] = [len(batch)]
+        for c in batch:
+            keys += c.keys
+            args += (c.name, len(c.keys), len(c.args), *c.args)
+        for attempt in range(_NOSCRIPT_ATTEMPTS):
+            try:
+                reply = cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=keys, args=args))
+                break
+            except coredis.exceptions.NoScriptError:
+                # Redis restarted or flushed its scripts; the batch did not run.
+                if attempt == _NOSCRIPT_ATTEMPTS - 1:
+                    raise
+            # A load on a connection that died with the old server fails once; the next one is fresh.
+            with contextlib.suppress(coredis.exceptions.ConnectionError):
+                await self._client.script_load(_BATCH)
+        for c, (status, *value) in zip(batch, reply, strict=True):
+            if status == 1:
+                c.result = value[0] if value else None
+            else:
+                message = _s(value[0]) if value else "script failed"
+                c.error = coredis.exceptions.ResponseError(f"{c.name}: {message}")
+
+
+class _Script:
+    """One of the Lua scripts of :data:`_BODIES`, called through the client's :class:`_Pipeliner`.
+
+    Redis forgets loaded scripts when it restarts (and on ``SCRIPT FLUSH``);
+    the pipeliner loads the batch script again on ``NOSCRIPT`` (which means
+    nothing ran, so sending again is always safe).
+    """
+
+    __slots__ = ("_pipeliner", "name")
+
+    def __init__(self, client: coredis.Redis[bytes], name: str) -> None:
+        if name not in _BODIES:
+            raise ValueError(f"no script named {name!r}")
+        self._pipeliner = _pipeliner_for(client)
+        self.name = name
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        for attempt in range(3):
-            try:
-                return await self._script(keys=keys, args=args)
-            except coredis.exceptions.NoScriptError:
-                if attempt == 2:
-                    raise
-            # A load on a dead pooled connection fails once; the next one is fresh.
-            with contextlib.suppress(coredis.exceptions.ConnectionError):
-                await self._client.script_load(self._script.script)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await self._pipeliner.call(self.name, keys, args)
 
 
 class _RedisFeed:
@@ -603,9 +741,9 @@ class RedisEventLog:
     def __init__(self, client: coredis.Redis[bytes], *, all_maxlen: int = ALL_MAXLEN) -> None:
         self._client = client
         self._all_maxlen = all_maxlen
-        self._append = _Script(client, _APPEND)
-        self._read = _Script(client, _READ)
-        self._trim = _Script(client, _TRIM)
+        self._append = _Script(client, "append")
+        self._read = _Script(client, "read")
+        self._trim = _Script(client, "trim")
         self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
 
     def _observe(self, stream: str, head: int) -> None:
@@ -695,9 +833,9 @@ class RedisIdempotencyStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._begin = _Script(client, _IDEM_BEGIN)
-        self._finish = _Script(client, _IDEM_FINISH)
-        self._release = _Script(client, _IDEM_RELEASE)
+        self._begin = _Script(client, "idem_begin")
+        self._finish = _Script(client, "idem_finish")
+        self._release = _Script(client, "idem_release")
 
     async def begin(
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
@@ -736,7 +874,7 @@ class RedisCursorStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._advance = _Script(client, _CURSOR_ADVANCE)
+        self._advance = _Script(client, "cursor_advance")
 
     async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
         """Return ``(epoch, offset)`` or ``None``."""
@@ -755,7 +893,7 @@ class RedisSnapshotStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._put = _Script(client, _SNAPSHOT_PUT)
+        self._put = _Script(client, "snapshot_put")
 
     async def get(self, stream: str) -> Snapshot | None:
         """Return the newest snapshot of ``stream``."""
@@ -775,8 +913,8 @@ class RedisLeaseStore:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._acquire = _Script(client, _LEASE_ACQUIRE)
-        self._release = _Script(client, _LEASE_RELEASE)
+        self._acquire = _Script(client, "lease_acquire")
+        self._release = _Script(client, "lease_release")
 
     async def acquire(self, name: str, holder: str, *, now: float, ttl: float) -> bool:
         """Take or renew ``name`` for ``holder``; False if someone else holds it."""
@@ -800,7 +938,7 @@ class RedisGroupLog:
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
-        self._claim = _Script(client, _GROUP_CLAIM)
+        self._claim = _Script(client, "group_claim")
 
     async def _create(self, group: str, start: str) -> None:
         with contextlib.suppress(coredis.exceptions.StreamDuplicateConsumerGroupError):

@@ -1,0 +1,108 @@
+"""Run work queued by concurrent tasks in batches, one batch at a time.
+
+Both durable engines pay a fixed price per round of work that dwarfs the
+work itself: SQLite an fsync (and a hop to the worker thread), Redis a round
+trip (and the client's per-request work). :class:`Batcher` lets every task
+that arrives while one batch is in flight join the next one, so the price is
+paid once per batch. There is no timer: a batch is whatever queued up while
+the previous one ran, so a lone caller is served at once and a busy server
+gets large batches.
+
+The first task of a batch (its head) runs it when the previous batch has
+finished; the others wait for the batch to be done. No background task is
+needed, so a backend keeps working whichever task group (or none) it was
+opened in. A head runs shielded from cancellation: once it owns a batch,
+the batch is answered as a whole and the next head is woken.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+__all__ = ["UNSET", "Batcher", "Job"]
+
+#: The result of a job that has not run (or did not finish).
+UNSET: Any = object()
+
+
+class Job:
+    """One queued piece of work; the batch runner fills ``result`` or ``error``."""
+
+    __slots__ = ("error", "result")
+
+    def __init__(self) -> None:
+        self.result: Any = UNSET
+        self.error: BaseException | None = None
+
+
+J = TypeVar("J", bound=Job)
+
+
+class _Batch(Generic[J]):
+    __slots__ = ("done", "jobs", "taken", "turn")
+
+    def __init__(self, job: J) -> None:
+        self.jobs = [job]
+        self.turn = anyio.Event()  # set for the head when the previous batch finished
+        self.done = anyio.Event()  # set when this batch finished
+        self.taken = False  # its head started running it
+
+
+class Batcher(Generic[J]):
+    """Runs :class:`Job` objects in batches of at most ``limit``, one batch at a time.
+
+    Args:
+        run: Runs one batch; sets each job's ``result`` or ``error``. If it
+            raises, every job it left unanswered gets that error.
+        limit: Most jobs in one batch.
+    """
+
+    def __init__(self, run: Callable[[list[J]], Awaitable[None]], limit: int) -> None:
+        self._run = run
+        self._limit = limit
+        self._waiting: deque[_Batch[J]] = deque()
+        self._busy = False
+        #: Batches run and jobs in them (for tests and metrics).
+        self.batches = 0
+        self.jobs = 0
+
+    async def submit(self, job: J) -> J:
+        """Queue ``job``, return it once the batch holding it has run."""
+        if self._waiting and len(self._waiting[-1].jobs) < self._limit:
+            batch = self._waiting[-1]
+            batch.jobs.append(job)
+            try:
+                await batch.done.wait()
+            except BaseException:
+                if not batch.taken:  # never ran: it never will
+                    batch.jobs.remove(job)
+                raise
+            return job
+        batch = _Batch(job)
+        self._waiting.append(batch)
+        with anyio.CancelScope(shield=True):
+            if self._busy:
+                await batch.turn.wait()
+            self._busy = True
+            assert self._waiting[0] is batch
+            self._waiting.popleft()
+            batch.taken = True
+            try:
+                self.batches += 1
+                self.jobs += len(batch.jobs)
+                await self._run(batch.jobs)
+            except BaseException as exc:
+                for j in batch.jobs:
+                    if j.error is None and j.result is UNSET:
+                        j.error = exc
+            finally:
+                batch.done.set()
+                if self._waiting:
+                    self._waiting[0].turn.set()
+                else:
+                    self._busy = False
+        return job

@@ -1,0 +1,266 @@
+"""Batched script calls on ``redis://``: one round trip for many, each call still atomic.
+
+Concurrent store calls of one node go to Redis as one ``EVALSHA`` of the batch
+script (see ``_Pipeliner`` in :mod:`rtcore.backends.redis`). These tests pin
+what must not change with that: the idempotency check and the append (and the
+claim of a command key) are one atomic step even across nodes, stored
+outcomes keep their TTL, one call's error stays its own, and a Redis that
+forgot its scripts is reloaded transparently.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import coredis
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rtcore
+from rtcore.backends import Backend, Outcome, open_backend
+from rtcore.backends import redis as redis_backend
+from rtcore.errors import BackendError
+from tests.redis_server import RedisServer, redis_server_binary, require_services
+
+pytestmark = [
+    pytest.mark.redis,
+    pytest.mark.filterwarnings(
+        "ignore:Exception ignored in. <function MemoryObject:pytest.PytestUnraisableExceptionWarning"
+    ),
+]
+
+T0 = 1_700_000_000.0
+
+
+def _fresh(prefix: str) -> str:
+    """A name no other test (or loop parametrisation) on the shared server uses."""
+    return f"{prefix}{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    if redis_server_binary() is None:
+        if require_services():
+            pytest.fail("redis-server is not installed and RTCORE_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    with RedisServer(persistent=False) as s:
+        yield s
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Backend]:
+    b = await open_backend(url)
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+def _client(b: Backend) -> Any:
+    return b.client  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "trio"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(plan=st.lists(st.tuples(st.sampled_from("abcde"), st.booleans()), min_size=2, max_size=40))
+def test_same_key_from_two_nodes_is_appended_once(server: RedisServer, loop: str, plan: list[tuple[str, bool]]) -> None:
+    """Proves: appends with repeated keys, sent concurrently from two nodes
+    (two clients, so two independent batch streams), append each key once:
+    the stream holds one event per distinct key and every append of a key
+    returned that event's offset.
+
+    Mutation: split the check and the append into two calls (``append`` asks
+    ``HGET`` of the key index first and the script no longer checks it) ->
+    Hypothesis finds a plan where both nodes append the same key.
+    """
+    stream = _fresh("dup:")
+
+    async def main() -> None:
+        async with opened(server.url) as one, opened(server.url) as two:
+            got: dict[str, set[int]] = {}
+
+            async def append(b: Backend, key: str) -> None:
+                res = await b.events.append(stream, "n", {"k": key}, now=T0, key=key)
+                got.setdefault(key, set()).add(res.event.offset)
+
+            async with anyio.create_task_group() as tg:
+                for key, on_two in plan:
+                    tg.start_soon(append, two if on_two else one, key)
+            page = await one.events.read(stream, after=0, limit=100)
+            assert sorted(e.key for e in page.events if e.key) == sorted(got)
+            assert all(len(offsets) == 1 for offsets in got.values())
+            assert {e.key: e.offset for e in page.events} == {k: next(iter(v)) for k, v in got.items()}
+
+    anyio.run(main, backend=loop)
+
+
+@pytest.mark.anyio
+async def test_same_command_key_is_claimed_once_across_two_nodes(server: RedisServer) -> None:
+    """Proves: 20 concurrent claims of one idempotency key from two nodes give
+    the key to exactly one of them; the others get the pending record.
+
+    Mutation: split ``begin`` into a read of the record (``HGET``) and the
+    claiming script without its own check -> several claims succeed.
+    """
+    key = _fresh("claim-")
+    async with opened(server.url) as one, opened(server.url) as two:
+        claims: list[Any] = []
+
+        async def begin(b: Backend) -> None:
+            claims.append(await b.idempotency.begin("p:x", key, b"fp", now=T0, lease=60))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(begin, one if i % 2 else two)
+        assert claims.count(None) == 1
+        assert all(c.state == "pending" for c in claims if c is not None)
+
+
+app = rtcore.App("redis-batching")
+runs: list[int] = []
+
+
+@app.command("pub")
+async def pub(ctx: rtcore.Context, args: dict[str, Any]) -> int:
+    runs.append(args["n"])
+    return (await ctx.publish("orders:7", "placed", args)).offset
+
+
+@pytest.mark.anyio
+async def test_keyed_command_sent_to_two_nodes_at_once_runs_once(server: RedisServer) -> None:
+    """Proves: one keyed command dispatched 10 times on each of two nodes
+    sharing Redis, all at once, runs its handler once and appends one event;
+    every other reply is ``idempotency_in_progress`` or the stored outcome.
+
+    Mutation: make ``_IDEM_BEGIN`` claim without looking at the existing
+    record -> the handler runs on both nodes and this test fails.
+    """
+    runs.clear()
+    url = server.url
+    key = _fresh("two-nodes-")
+    async with rtcore.Node(app, url) as a, rtcore.Node(app, url) as b:
+        await a.backend.client.delete(["rt:{orders:7}:m", "rt:{orders:7}:l", "rt:{orders:7}:k"])  # type: ignore[attr-defined]
+        replies: list[Any] = []
+
+        async def send(node: rtcore.Node) -> None:
+            replies.append(await node.dispatch(None, "pub", {"n": 1}, key=key))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(send, a if i % 2 else b)
+        assert runs == [1]
+        assert all(r.ok or r.code == "idempotency_in_progress" for r in replies)
+        assert (await a.backend.events.info("orders:7")).head == 1
+        again = await b.dispatch(None, "pub", {"n": 1}, key=key)
+        assert again.ok and again.replayed and again.result == 1
+
+
+@pytest.mark.anyio
+async def test_outcome_keeps_its_ttl_when_batched(server: RedisServer) -> None:
+    """Proves: outcomes stored by concurrent ``finish`` calls (one batch) keep
+    the TTL rules: the record expires at ``now + ttl`` on the caller's clock
+    (a claim after that succeeds, one before it gets the record) and Redis
+    collects it after ``ttl`` plus the grace period.
+
+    Mutation: drop the ``PEXPIRE`` from ``_IDEM_FINISH`` -> the key never
+    expires (PTTL -1) and this test fails.
+    """
+    async with opened(server.url) as b:
+        keys = [_fresh(f"ttl-{i}-") for i in range(20)]
+        async with anyio.create_task_group() as tg:
+            for k in keys:
+                tg.start_soon(lambda k=k: b.idempotency.finish("p:t", k, Outcome(True, k), now=T0, ttl=100, fingerprint=b"f"))
+        for k in keys:
+            pttl = await _client(b).pttl(redis_backend._pair_key("idem", "p:t", k))
+            assert 99_000 < pttl <= 100_000 + redis_backend._GRACE_MS
+        rec = await b.idempotency.begin("p:t", keys[0], b"f", now=T0 + 99.9, lease=5)
+        assert rec is not None and rec.state == "done" and rec.outcome == Outcome(True, keys[0])
+        assert await b.idempotency.begin("p:t", keys[1], b"f", now=T0 + 100.1, lease=5) is None
+
+
+@pytest.mark.anyio
+async def test_script_flush_under_load_reloads_transparently(server: RedisServer) -> None:
+    """Proves: ``SCRIPT FLUSH`` (what a Redis restart does to scripts) while
+    calls are queued makes no caller see ``NOSCRIPT``: the batch did not run,
+    so it is loaded again and resent, and every append lands once.
+
+    Mutation: in ``_Pipeliner._send`` re-raise ``NoScriptError`` at once
+    instead of loading the script -> the appends fail with BackendError.
+    """
+    stream = _fresh("flush:")
+    async with opened(server.url) as b, opened(server.url) as admin:
+        offsets: list[int] = []
+
+        async def append(i: int) -> None:
+            offsets.append((await b.events.append(stream, "n", {}, now=T0, key=f"f{i}")).event.offset)
+
+        for wave in range(3):
+            await _client(admin).script_flush()
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(append, wave * 50 + i)
+        assert sorted(offsets) == list(range(1, 151))
+        assert (await b.events.info(stream)).head == 150
+
+
+@pytest.mark.anyio
+async def test_one_failing_call_fails_alone_and_batches_share_round_trips(server: RedisServer) -> None:
+    """Proves: a call that errors inside a batch (its key holds the wrong
+    type) fails with ``BackendError`` while the 48 calls batched behind it
+    succeed, and 50 concurrent calls take far fewer than 50 round trips.
+
+    Mutation: in ``_Pipeliner._send`` raise the call's error (failing the
+    batch) instead of storing it on the call -> the 48 good calls fail too
+    and this test fails.
+    """
+    async with opened(server.url) as b:
+        run = _fresh("ok-")
+        bad = redis_backend._pair_key("idem", "p:w", "wrong")
+        await _client(b).set(bad, "a string, not a hash")
+        pipeliner = redis_backend._pipeliner_for(_client(b))
+        before = pipeliner.batches.batches
+        results: list[object] = []
+
+        # Queue in a fixed order: a lone first call goes out at once and is held
+        # in flight (its EVALSHA waits for ``gate``), so the bad call heads the
+        # next batch with 48 good ones behind it. Each task queues its call
+        # before its first checkpoint, then lets the next one start.
+        keys = [f"{run}-first", "wrong", *(f"{run}-{i}" for i in range(48))]
+        turns = [anyio.Event() for _ in keys]
+        turns[0].set()
+        gate = anyio.Event()
+        client = _client(b)
+        real_evalsha = client.evalsha
+
+        async def held_evalsha(*args: Any, **kwargs: Any) -> Any:
+            client.evalsha = real_evalsha
+            await gate.wait()
+            return await real_evalsha(*args, **kwargs)
+
+        client.evalsha = held_evalsha
+
+        async def begin(i: int) -> None:
+            await turns[i].wait()
+            if i + 1 < len(turns):
+                turns[i + 1].set()
+            try:
+                results.append(await b.idempotency.begin("p:w", keys[i], b"f", now=T0, lease=5))
+            except BackendError as exc:
+                results.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(keys)):
+                tg.start_soon(begin, i)
+            while sum(len(batch.jobs) for batch in pipeliner.batches._waiting) < len(keys) - 1:
+                await anyio.sleep(0.01)
+            gate.set()
+        errors = [r for r in results if isinstance(r, BackendError)]
+        assert len(errors) == 1 and "WRONGTYPE" in str(errors[0])
+        assert results.count(None) == 49
+        assert pipeliner.batches.batches - before == 2
+        assert isinstance(errors[0].__cause__, coredis.exceptions.ResponseError)
