@@ -202,7 +202,7 @@ class MemoryEventLog:
 class MemoryIdempotencyStore:
     """In-process :class:`~rtcore.backends.base.IdempotencyStore`.
 
-    Records are dropped when they expire: every write pops the expired ones
+    Records are dropped when they expire: every ``begin`` and ``finish`` pops the expired ones
     off a heap ordered by expiry (amortized O(log n) per write), so the store
     holds at most what was written within one TTL, whatever the number of
     distinct keys.
@@ -230,6 +230,7 @@ class MemoryIdempotencyStore:
     async def finish(
         self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
     ) -> None:
+        self._expire(now)
         rec = self._records.get((scope, key))
         fp = fingerprint if fingerprint is not None else (rec.fingerprint if rec is not None else b"")
         self._put(scope, key, IdempotencyRecord(fp, "done", now + ttl, outcome))
