@@ -45,8 +45,9 @@ export async function subscribeReceive(rt, { url, WebSocket }) {
     checkSame(items.map((i) => i.offset), [1, 2, 3, 4, 5], "offsets");
     checkSame(items.map((i) => i.data.n), [0, 1, 2, 3, 4], "data");
     checkSame(sub.position, { epoch: items[0].epoch, offset: 5 }, "consumed position");
-    const first = await writer.command("pub", { stream, n: 5 }, { key: "k-once" });
-    const again = await writer.command("pub", { stream, n: 5 }, { key: "k-once" });
+    const key = uniq("k");
+    const first = await writer.command("pub", { stream, n: 5 }, { key });
+    const again = await writer.command("pub", { stream, n: 5 }, { key });
     checkSame([first, again], [6, 6], "same key, same result");
     checkSame(await writer.command("pub", { stream, n: 6 }), 7, "the replay appended nothing");
     let error = null;
