@@ -151,3 +151,12 @@ test("parseJSON keeps integral floats and big ints apart", () => {
   assert.equal(v.s, "1.0");
   assert.notEqual(checksum(v.f), checksum(v.i));
 });
+
+test("a __proto__ key is data, as in JSON.parse (found by the Hypothesis checksum test)", () => {
+  // Mutation: obj[k] = v in parseJSON -> the key sets the prototype and vanishes from the checksum.
+  const v = parseJSON('{"__proto__":{"a":1},"f":1.5}');
+  assert.deepEqual(Object.keys(v), ["__proto__", "f"]);
+  assert.equal(checksum(v), checksum(JSON.parse('{"__proto__":{"a":1},"f":1.5}')));
+  const d = applyPatch({}, [["set", ["__proto__"], 1]]);
+  assert.deepEqual(Object.keys(d), ["__proto__"]);
+});

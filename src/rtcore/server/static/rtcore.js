@@ -98,6 +98,12 @@ export class Float {
   toJSON() { return this.value; }
 }
 
+/** obj[k] = v as an own data property, also for k === "__proto__" (as JSON.parse does). */
+function setKey(obj, k, v) {
+  if (k === "__proto__") Object.defineProperty(obj, k, { value: v, writable: true, enumerable: true, configurable: true });
+  else obj[k] = v;
+}
+
 // A message needs the slow parser only if it has a number with a fraction or an
 // exponent, or an integer of 16+ digits (maybe beyond 2^53). Strings may match too: harmless.
 const NEEDS_TYPED = /[0-9][.eE]|[0-9]{16}/;
@@ -116,7 +122,7 @@ export function parseJSON(text) {
       for (;;) {
         ws(); const k = str(); ws();
         if (text[i++] !== ":") throw new SyntaxError(`expected ':' at ${i - 1}`);
-        obj[k] = value(); ws();
+        setKey(obj, k, value()); ws();
         const d = text[i++];
         if (d === "}") return obj;
         if (d !== ",") throw new SyntaxError(`expected ',' or '}' at ${i - 1}`);
@@ -168,7 +174,7 @@ export function toPlain(v) {
   if (Array.isArray(v)) return v.map(toPlain);
   if (v !== null && typeof v === "object") {
     const out = {};
-    for (const k of Object.keys(v)) out[k] = toPlain(v[k]);
+    for (const k of Object.keys(v)) setKey(out, k, toPlain(v[k]));
     return out;
   }
   return v;
@@ -352,7 +358,7 @@ export function applyPatch(doc, ops) {
       if (!path.length) { doc = copy(op[2]); continue; }
       const parent = walk(doc, path.slice(0, -1), op);
       const last = path[path.length - 1];
-      if ((isMap(parent) && typeof last === "string") || (Array.isArray(parent) && Number.isInteger(last) && last >= 0 && last < parent.length)) parent[last] = copy(op[2]);
+      if ((isMap(parent) && typeof last === "string") || (Array.isArray(parent) && Number.isInteger(last) && last >= 0 && last < parent.length)) setKey(parent, last, copy(op[2]));
       else throw new PatchError(`op 'set': cannot set ${JSON.stringify(last)}`);
     } else if (name === "del") {
       const parent = path.length ? walk(doc, path.slice(0, -1), op) : null;
@@ -378,7 +384,7 @@ export function applyPatch(doc, ops) {
 function mergePrivate(pub, priv, user) {
   if (!isMap(priv) || !Object.keys(priv).length || !isMap(pub)) return pub;
   const merged = { ...pub };
-  for (const [k, v] of Object.entries(priv)) merged[k] = { [user]: v };
+  for (const [k, v] of Object.entries(priv)) setKey(merged, k, { [user]: v });
   return merged;
 }
 
