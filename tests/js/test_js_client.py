@@ -45,10 +45,17 @@ needs_node = pytest.mark.skipif(NODE is None and not REQUIRED, reason="no `node`
 
 
 def node_argv() -> list[str]:
-    """``node`` plus ``--experimental-websocket`` where the global WebSocket is still behind it (Node 20)."""
+    """``node``, plus ``--experimental-websocket`` where the global WebSocket is behind it (Node 20).
+
+    Node 18 has neither: the tests then use clients/js/test/miniws.mjs (helpers.mjs picks it).
+    """
     assert NODE is not None, "RTCORE_REQUIRE_SERVICES=1 but `node` is not installed"
-    probe = subprocess.run([NODE, "-e", "process.stdout.write(typeof WebSocket)"], capture_output=True, text=True, check=True)
-    return [NODE] if probe.stdout == "function" else [NODE, "--experimental-websocket"]
+    probe = "process.stdout.write(typeof WebSocket)"
+    for argv in ([NODE], [NODE, "--experimental-websocket"]):
+        out = subprocess.run([*argv, "-e", probe], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout == "function":
+            return argv
+    return [NODE]
 
 
 def serve_argv() -> list[str]:

@@ -2,10 +2,10 @@
 import { test } from "node:test";
 import * as rt from "../rtcore.js";
 import { CORE } from "./scenarios.mjs";
-import { serverUrl } from "./helpers.mjs";
+import { serverUrl, TestWebSocket } from "./helpers.mjs";
 
 for (const [name, scenario] of Object.entries(CORE)) {
   test(name, async () => {
-    await scenario(rt, { url: serverUrl(), WebSocket: globalThis.WebSocket });
+    await scenario(rt, { url: serverUrl(), WebSocket: TestWebSocket });
   });
 }

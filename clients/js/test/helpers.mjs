@@ -42,3 +42,10 @@ export class ServerProcess {
     return new Promise((resolve) => { proc.once("exit", resolve); proc.kill("SIGKILL"); });
   }
 }
+
+/**
+ * The WebSocket class for the tests: Node's global one (Node >= 22, or 20 with
+ * --experimental-websocket), else a minimal RFC 6455 client over node:net
+ * (Node 18), enough for rtcore.js: text messages, close, the four events.
+ */
+export const TestWebSocket = globalThis.WebSocket || (await import("./miniws.mjs")).MiniWebSocket;

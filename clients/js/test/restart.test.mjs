@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { createServer } from "node:net";
 import { join } from "node:path";
 import * as rt from "../rtcore.js";
-import { ServerProcess } from "./helpers.mjs";
+import { ServerProcess, TestWebSocket } from "./helpers.mjs";
 
 function freePort() {
   return new Promise((resolve) => {
@@ -20,7 +20,7 @@ async function killedAndRestarted(backend) {
   const url = backend === "sqlite" ? `sqlite:///${join(process.env.RTCORE_TMP, `rt-${port}.db`)}` : "memory://";
   const server = new ServerProcess(port, url);
   await server.start();
-  const opts = { backoffBase: 0.05, backoffMax: 0.5 };
+  const opts = { WebSocket: TestWebSocket, backoffBase: 0.05, backoffMax: 0.5 };
   const reader = await rt.Client.connect(server.url, { ...opts, token: "r" });
   const writer = await rt.Client.connect(server.url, { ...opts, token: "w" });
   try {
