@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,34 +63,45 @@ def serve_argv() -> list[str]:
     return [sys.executable, "-m", "rtcore.cli", "serve", APP, "--log-level", "info"]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Served:
+    """``rtcore serve`` in a child process; :meth:`kill` is SIGKILL."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        assert self.proc.stderr is not None
+        seen = b""
+        for line in self.proc.stderr:  # the CLI logs once it listens
+            seen += line
+            if b"rtcore: serving" in line:
+                break
+        else:
+            self.proc.wait()
+            pytest.fail(f"rtcore serve did not start:\n{seen.decode()}")
+        # Keep draining stderr so the server never blocks on a full pipe.
+        self.drain = subprocess.Popen(["cat"], stdin=self.proc.stderr, stdout=subprocess.DEVNULL)
+        self.proc.stderr.close()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.drain.wait()
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     """``rtcore serve`` on a free port for the module; yields its http:// base URL."""
-    proc = subprocess.Popen([*serve_argv(), "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert proc.stderr is not None
+    port = _free_port()
+    served = _Served([*serve_argv(), "--port", str(port)])
     try:
-        seen = ""
-        for line in proc.stderr:  # the CLI logs its bound port once it listens
-            seen += line
-            m = re.search(r"rtcore: serving .* on (http://127\.0\.0\.1:\d+)", line)
-            if m:
-                break
-        else:
-            pytest.fail(f"rtcore serve did not start:\n{seen}")
-        base = m.group(1)
-        # Keep draining stderr so the server never blocks on a full pipe.
-        drain = subprocess.Popen(["cat"], stdin=proc.stderr, stdout=subprocess.DEVNULL)
-        proc.stderr.close()  # cat holds its own copy of the pipe
-        try:
-            yield base
-        finally:
-            proc.kill()
-            proc.wait()
-            drain.wait()
+        yield f"http://127.0.0.1:{port}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        served.kill()
 
 
 def ws(base: str) -> str:
@@ -304,3 +316,53 @@ async def test_core_scenarios_in_headless_chromium(server: str, tmp_path: Path) 
     failed = {name: r for name, r in out.items() if name != "checksums" and not r.get("ok")}
     assert not failed, failed
     assert out["checksums"] == [True] * len(cases)
+
+
+@pytest.mark.slow
+@pytest.mark.anyio
+@pytest.mark.asyncio_only(reason="the DevTools driver is the websockets library's asyncio client")
+@pytest.mark.skipif(_chromium() is None and not REQUIRED, reason="no headless Chromium on this machine (.ci/run installs it)")
+async def test_killed_and_restarted_in_headless_chromium(tmp_path: Path) -> None:
+    """The kill -9 case in a browser: the page's reader sees every event once, in order,
+    and every command of its writer applied once, across a SIGKILL and restart on ``sqlite://``.
+
+    Mutation: resubscribe without ``since`` → the reader gets a snapshot-less fresh
+    start after the restart (a missed notice, numbers skipped) → the numbers differ.
+    """
+    chromium = _chromium()
+    assert chromium is not None
+    port = _free_port()
+    argv = [*serve_argv(), "--port", str(port), "--backend", f"sqlite:///{tmp_path / 'rt.db'}", "--grace", "0.5", "--idempotency-lease", "1"]
+    served = _Served(argv)
+    try:
+        async with headless_chromium(chromium, tmp_path / "profile") as devtools:
+            target = await devtools.call("Target.createTarget", url="about:blank")
+            attached = await devtools.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+            page = attached["sessionId"]
+            await devtools.call("Page.enable", page)
+            await devtools.call("Page.setLifecycleEventsEnabled", page, enabled=True)
+            nav = await devtools.call("Page.navigate", page, url=f"http://127.0.0.1:{port}/")
+            with anyio.fail_after(30):
+                await devtools.event("Page.lifecycleEvent", lambda p: p["name"] == "load" and p["loaderId"] == nav["loaderId"])
+            start = """(async () => {
+              const rt = await import("/v1/client.js");
+              const sc = await import("/scenarios.mjs");
+              window.run = sc.killedAndRestarted(rt, { url: `ws://${location.host}/v1/ws` });
+              window.run.done.catch(() => {});
+              return true;
+            })()"""
+            assert await devtools.evaluate(page, start) is True
+            with anyio.fail_after(60):
+                await devtools.evaluate(page, "window.run.killPoint.then(() => true)")
+            served.kill()  # SIGKILL: commands in flight are resent after the restart
+            served = _Served(argv)
+            with anyio.fail_after(120):
+                out = await devtools.evaluate(page, "window.run.done")
+    finally:
+        served.kill()
+    items = out["items"]
+    assert [i["t"] for i in items] == ["evt"] * 150, "no notice: the sqlite history survived"
+    assert [i["n"] for i in items] == list(range(150)), "every command applied once, every event once, in order"
+    assert [i["offset"] for i in items] == list(range(1, 151))
+    assert len({i["epoch"] for i in items}) == 1
+    assert out["reconnects"] >= 1

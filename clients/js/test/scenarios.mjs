@@ -171,3 +171,37 @@ export async function resync(rt, { url, WebSocket }) {
 }
 
 export const CORE = { subscribeReceive, dedup, snapshotNotice, rooms, resync };
+
+/**
+ * The kill -9 case, driven from outside (the browser test kills and restarts the server):
+ * a reader and a writer; `killPoint` resolves once `killAt` items arrived (kill the server
+ * then), `done` resolves with what the reader saw once it saw `n >= total - 1`.
+ */
+export function killedAndRestarted(rt, { url, WebSocket, total = 150, killAt = 60 }) {
+  let reachedKill;
+  const killPoint = new Promise((r) => { reachedKill = r; });
+  const done = (async () => {
+    const opts = { WebSocket, backoffBase: 0.05, backoffMax: 0.5 };
+    const reader = await rt.Client.connect(url, { ...opts, token: "r" });
+    const writer = await rt.Client.connect(url, { ...opts, token: "w" });
+    try {
+      const stream = uniq("feed");
+      const sub = await reader.subscribe(stream);
+      const publish = (async () => {
+        for (let n = 0; n < total; n++) await writer.command("pub", { stream, n }, { timeout: 60 });
+      })();
+      const items = [];
+      for await (const item of sub) {
+        items.push(item);
+        if (items.length === killAt) reachedKill();
+        if (item.t === "evt" && item.data.n >= total - 1) break;
+      }
+      await publish;
+      return { items: items.map((i) => ({ t: i.t, epoch: i.epoch, offset: i.offset, n: i.t === "evt" ? i.data.n : null })), reconnects: reader.reconnects };
+    } finally {
+      await reader.close();
+      await writer.close();
+    }
+  })();
+  return { killPoint, done };
+}
