@@ -112,7 +112,9 @@ const NEEDS_TYPED = /[0-9][.eE]|[0-9]{16}/;
 export function parseJSON(text) {
   if (!NEEDS_TYPED.test(text)) return JSON.parse(text);
   let i = 0;
-  const ws = () => { while (i < text.length && " \t\n\r".includes(text[i])) i++; };
+  const ws = () => {
+    for (let c = text.charCodeAt(i); c === 32 || c === 10 || c === 13 || c === 9; c = text.charCodeAt(++i));
+  };
   const value = () => {
     ws();
     const c = text[i];
@@ -142,15 +144,24 @@ export function parseJSON(text) {
     if (text.startsWith("true", i)) { i += 4; return true; }
     if (text.startsWith("false", i)) { i += 5; return false; }
     if (text.startsWith("null", i)) { i += 4; return null; }
-    const m = /^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/.exec(text.slice(i, i + 400));
-    if (!m || !m[0]) throw new SyntaxError(`unexpected ${JSON.stringify(c)} at ${i}`);
-    i += m[0].length;
-    if (m[2] || m[3]) {
-      const v = Number(m[0]);
-      return Number.isInteger(v) ? new Float(v) : v;
+    // A number: -?digits(.digits)?([eE][+-]?digits)?
+    const start = i;
+    let fraction = false;
+    if (text.charCodeAt(i) === 45) i++;
+    const digits = () => { const d0 = i; for (let d = text.charCodeAt(i); d >= 48 && d <= 57; d = text.charCodeAt(++i)); return i > d0; };
+    if (!digits()) throw new SyntaxError(`unexpected ${JSON.stringify(c)} at ${start}`);
+    if (text.charCodeAt(i) === 46) { i++; fraction = true; if (!digits()) throw new SyntaxError(`bad number at ${start}`); }
+    const e = text.charCodeAt(i);
+    if (e === 101 || e === 69) {
+      i++; fraction = true;
+      const sign = text.charCodeAt(i);
+      if (sign === 43 || sign === 45) i++;
+      if (!digits()) throw new SyntaxError(`bad number at ${start}`);
     }
-    const n = Number(m[0]);
-    return Number.isSafeInteger(n) ? n : BigInt(m[0]);
+    const lit = text.slice(start, i);
+    const v = Number(lit);
+    if (fraction) return Number.isInteger(v) ? new Float(v) : v;
+    return Number.isSafeInteger(v) ? v : BigInt(lit);
   };
   const str = () => {
     if (text[i] !== '"') throw new SyntaxError(`expected a string at ${i}`);
@@ -182,6 +193,8 @@ export function toPlain(v) {
 
 const utf8 = new TextEncoder();
 
+const HIGH_UNITS = /[\ud800-\uffff]/;
+
 function utf8Compare(a, b) {
   // Python sorts str by code point; UTF-16 order differs above U+FFFF. UTF-8 byte
   // order is code point order.
@@ -194,59 +207,75 @@ function utf8Compare(a, b) {
 
 /** Canonical MessagePack (sorted map keys, smallest int forms, floats as float64): as msgspec `order="sorted"`. */
 export function canonicalEncode(value) {
-  const out = [];
-  const f64 = new DataView(new ArrayBuffer(8));
-  const u = (n, bytes) => { for (let s = (bytes - 1) * 8; s >= 0; s -= 8) out.push(Number((BigInt(n) >> BigInt(s)) & 0xffn)); };
-  const u32 = (n, bytes) => { for (let s = (bytes - 1) * 8; s >= 0; s -= 8) out.push((n / 2 ** s) & 0xff); };
-  const int = (n) => {
-    // n: a safe integer Number or a BigInt
-    const big = typeof n === "bigint";
-    if (big ? n >= 0n : n >= 0) {
-      if (n < 128) out.push(Number(n));
-      else if (n < 256) { out.push(0xcc, Number(n)); }
-      else if (n < 65536) { out.push(0xcd); u32(Number(n), 2); }
-      else if (n < 4294967296) { out.push(0xce); u32(Number(n), 4); }
-      else { out.push(0xcf); u(n, 8); }
-    } else if (n >= -32) out.push(Number(n) & 0xff);
-    else if (n >= -128) out.push(0xd0, Number(n) & 0xff);
-    else if (n >= -32768) { out.push(0xd1); u32(Number(n) & 0xffff, 2); }
-    else if (n >= -2147483648) { out.push(0xd2); u32(Number(n) >>> 0, 4); }
-    else { out.push(0xd3); u(BigInt.asUintN(64, BigInt(n)), 8); }
+  let buf = new Uint8Array(256), view = new DataView(buf.buffer), n = 0;
+  const room = (k) => {
+    if (n + k <= buf.length) return;
+    const bigger = new Uint8Array(Math.max(buf.length * 2, n + k));
+    bigger.set(buf.subarray(0, n));
+    buf = bigger; view = new DataView(buf.buffer);
   };
-  const float = (x) => { f64.setFloat64(0, x); out.push(0xcb); for (let i = 0; i < 8; i++) out.push(f64.getUint8(i)); };
-  const str = (s) => {
-    const b = utf8.encode(s);
-    const n = b.length;
-    if (n < 32) out.push(0xa0 | n);
-    else if (n < 256) out.push(0xd9, n);
-    else if (n < 65536) { out.push(0xda); u32(n, 2); }
-    else { out.push(0xdb); u32(n, 4); }
-    for (const x of b) out.push(x);
+  const byte = (b) => { room(1); buf[n++] = b; };
+  const u16 = (tag, x) => { room(3); buf[n] = tag; view.setUint16(n + 1, x); n += 3; };
+  const u32 = (tag, x) => { room(5); buf[n] = tag; view.setUint32(n + 1, x); n += 5; };
+  const int = (x) => {
+    // x: a safe integer Number or a BigInt
+    if (typeof x === "number") {
+      if (x >= 0) {
+        if (x < 128) byte(x);
+        else if (x < 256) { room(2); buf[n] = 0xcc; buf[n + 1] = x; n += 2; }
+        else if (x < 65536) u16(0xcd, x);
+        else if (x < 4294967296) u32(0xce, x);
+        else { room(9); buf[n] = 0xcf; view.setBigUint64(n + 1, BigInt(x)); n += 9; }
+      } else if (x >= -32) byte(x & 0xff);
+      else if (x >= -128) { room(2); buf[n] = 0xd0; buf[n + 1] = x & 0xff; n += 2; }
+      else if (x >= -32768) u16(0xd1, x & 0xffff);
+      else if (x >= -2147483648) u32(0xd2, x >>> 0);
+      else { room(9); buf[n] = 0xd3; view.setBigInt64(n + 1, BigInt(x)); n += 9; }
+    } else if (x >= -2147483648n && x < 4294967296n) int(Number(x));
+    else if (x >= 0n) { room(9); buf[n] = 0xcf; view.setBigUint64(n + 1, x); n += 9; }
+    else { room(9); buf[n] = 0xd3; view.setBigInt64(n + 1, x); n += 9; }
   };
-  const header = (n, fix, c16, c32) => {
-    if (n < 16) out.push(fix | n);
-    else if (n < 65536) { out.push(c16); u32(n, 2); }
-    else { out.push(c32); u32(n, 4); }
+  const float = (x) => { room(9); buf[n] = 0xcb; view.setFloat64(n + 1, x); n += 9; };
+  const str = (x) => {
+    let ascii = true;
+    for (let i = 0; i < x.length; i++) if (x.charCodeAt(i) > 127) { ascii = false; break; }
+    const b = ascii ? null : utf8.encode(x);
+    const len = ascii ? x.length : b.length;
+    if (len < 32) byte(0xa0 | len);
+    else if (len < 256) { room(2); buf[n] = 0xd9; buf[n + 1] = len; n += 2; }
+    else if (len < 65536) u16(0xda, len);
+    else u32(0xdb, len);
+    room(len);
+    if (ascii) for (let i = 0; i < len; i++) buf[n + i] = x.charCodeAt(i);
+    else buf.set(b, n);
+    n += len;
+  };
+  const header = (len, fix, c16, c32) => {
+    if (len < 16) byte(fix | len);
+    else if (len < 65536) u16(c16, len);
+    else u32(c32, len);
   };
   const enc = (v) => {
-    if (v === null || v === undefined) out.push(0xc0);
-    else if (v === true) out.push(0xc3);
-    else if (v === false) out.push(0xc2);
+    if (v === null || v === undefined) byte(0xc0);
+    else if (v === true) byte(0xc3);
+    else if (v === false) byte(0xc2);
     else if (typeof v === "number") {
-      if (Number.isInteger(v) && !Object.is(v, -0) && Number.isSafeInteger(v)) int(v);
+      if (Number.isSafeInteger(v) && !Object.is(v, -0)) int(v);
       else float(v);
-    } else if (typeof v === "bigint") int(v);
+    } else if (typeof v === "string") str(v);
+    else if (typeof v === "bigint") int(v);
     else if (v instanceof Float) float(v.value);
-    else if (typeof v === "string") str(v);
     else if (Array.isArray(v)) { header(v.length, 0x90, 0xdc, 0xdd); for (const x of v) enc(x); }
     else if (typeof v === "object") {
-      const keys = Object.keys(v).sort(utf8Compare);
+      const keys = Object.keys(v);
+      // UTF-16 order is code point order unless a key has a unit in U+D800..U+FFFF.
+      keys.sort(keys.some((k) => HIGH_UNITS.test(k)) ? utf8Compare : undefined);
       header(keys.length, 0x80, 0xde, 0xdf);
       for (const k of keys) { str(k); enc(v[k]); }
     } else throw new TypeError(`cannot encode ${typeof v}`);
   };
   enc(value);
-  return Uint8Array.from(out);
+  return buf.slice(0, n);
 }
 
 // BLAKE2b (RFC 7693), 64-bit words as pairs of 32-bit halves [low, high] in a Uint32Array.
@@ -266,39 +295,49 @@ const B2B_SIGMA = [
   [6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5],
   [10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0],
 ];
+const B2B_SIGMA2 = B2B_SIGMA.map((row) => row.map((x) => 2 * x));
+
+
+// Work arrays and helpers at module level: no allocation per block (this is the hot loop).
+const B2B_V = new Uint32Array(32);
+const B2B_M = new Uint32Array(32);
+
+// v[a] += v[b] + (xl, xh)  (64-bit add on 32-bit halves)
+function b2bAdd(v, a, b, xl, xh) {
+  const lo = v[a] + v[b] + xl;
+  const carry = lo >= 8589934592 ? 2 : lo >= 4294967296 ? 1 : 0;
+  v[a] = lo; // Uint32Array stores mod 2^32
+  v[a + 1] = v[a + 1] + v[b + 1] + xh + carry;
+}
+
+function b2bG(v, m, a, b, c, d, x, y) {
+  b2bAdd(v, a, b, m[x], m[x + 1]);
+  let lo = v[d] ^ v[a], hi = v[d + 1] ^ v[a + 1];
+  v[d] = hi; v[d + 1] = lo; // rotr 32
+  b2bAdd(v, c, d, 0, 0);
+  lo = v[b] ^ v[c]; hi = v[b + 1] ^ v[c + 1];
+  v[b] = (lo >>> 24) | (hi << 8); v[b + 1] = (hi >>> 24) | (lo << 8); // rotr 24
+  b2bAdd(v, a, b, m[y], m[y + 1]);
+  lo = v[d] ^ v[a]; hi = v[d + 1] ^ v[a + 1];
+  v[d] = (lo >>> 16) | (hi << 16); v[d + 1] = (hi >>> 16) | (lo << 16); // rotr 16
+  b2bAdd(v, c, d, 0, 0);
+  lo = v[b] ^ v[c]; hi = v[b + 1] ^ v[c + 1];
+  v[b] = (lo << 1) | (hi >>> 31); v[b + 1] = (hi << 1) | (lo >>> 31); // rotr 63
+}
 
 function b2bCompress(h, block, t, last) {
-  const v = new Uint32Array(32), m = new Uint32Array(32);
+  const v = B2B_V, m = B2B_M;
   v.set(h); v.set(B2B_IV, 16);
   v[24] ^= t >>> 0; v[25] ^= Math.floor(t / 4294967296) >>> 0; // t < 2^53
   if (last) { v[28] = ~v[28]; v[29] = ~v[29]; }
   for (let i = 0; i < 32; i++) m[i] = block[4 * i] | (block[4 * i + 1] << 8) | (block[4 * i + 2] << 16) | (block[4 * i + 3] << 24);
-  // a += b + m[x] (64-bit, on halves)
-  const add = (a, b, xl, xh) => {
-    let lo = v[a] + v[b] + xl;
-    const carry = lo >= 8589934592 ? 2 : lo >= 4294967296 ? 1 : 0;
-    v[a] = lo; // Uint32Array stores mod 2^32
-    v[a + 1] = v[a + 1] + v[b + 1] + xh + carry;
-  };
-  const g = (a, b, c, d, x, y) => {
-    a *= 2; b *= 2; c *= 2; d *= 2;
-    add(a, b, m[2 * x], m[2 * x + 1]);
-    let lo = v[d] ^ v[a], hi = v[d + 1] ^ v[a + 1];
-    v[d] = hi; v[d + 1] = lo; // rotr 32
-    add(c, d, 0, 0);
-    lo = v[b] ^ v[c]; hi = v[b + 1] ^ v[c + 1];
-    v[b] = (lo >>> 24) | (hi << 8); v[b + 1] = (hi >>> 24) | (lo << 8); // rotr 24
-    add(a, b, m[2 * y], m[2 * y + 1]);
-    lo = v[d] ^ v[a]; hi = v[d + 1] ^ v[a + 1];
-    v[d] = (lo >>> 16) | (hi << 16); v[d + 1] = (hi >>> 16) | (lo << 16); // rotr 16
-    add(c, d, 0, 0);
-    lo = v[b] ^ v[c]; hi = v[b + 1] ^ v[c + 1];
-    v[b] = (lo << 1) | (hi >>> 31); v[b + 1] = (hi << 1) | (lo >>> 31); // rotr 63
-  };
   for (let r = 0; r < 12; r++) {
-    const s = B2B_SIGMA[r % 10];
-    g(0, 4, 8, 12, s[0], s[1]); g(1, 5, 9, 13, s[2], s[3]); g(2, 6, 10, 14, s[4], s[5]); g(3, 7, 11, 15, s[6], s[7]);
-    g(0, 5, 10, 15, s[8], s[9]); g(1, 6, 11, 12, s[10], s[11]); g(2, 7, 8, 13, s[12], s[13]); g(3, 4, 9, 14, s[14], s[15]);
+    const s = B2B_SIGMA2[r % 10];
+    // word indexes doubled: v[2i] is the low half of word i, m likewise
+    b2bG(v, m, 0, 8, 16, 24, s[0], s[1]); b2bG(v, m, 2, 10, 18, 26, s[2], s[3]);
+    b2bG(v, m, 4, 12, 20, 28, s[4], s[5]); b2bG(v, m, 6, 14, 22, 30, s[6], s[7]);
+    b2bG(v, m, 0, 10, 20, 30, s[8], s[9]); b2bG(v, m, 2, 12, 22, 24, s[10], s[11]);
+    b2bG(v, m, 4, 14, 16, 26, s[12], s[13]); b2bG(v, m, 6, 8, 18, 28, s[14], s[15]);
   }
   for (let i = 0; i < 16; i++) h[i] ^= v[i] ^ v[i + 16];
 }
