@@ -140,15 +140,17 @@ def test_node_session_rules() -> None:
 @needs_node
 def test_node_against_a_real_server(server: str) -> None:
     """Subscribe/receive, keyed commands once, dedup over a duplicating transport,
-    snapshots, rooms (fold == server state, syncs verified, broadcasts), resync.
+    snapshots, rooms (fold == server state, syncs verified, broadcasts), resync,
+    a stalled connection found by the heartbeat and replaced.
 
     Mutations: drop the offset check in ``_onEvt`` → ``dedup`` sees offset 1 twice;
     compare ``sync`` against nothing (skip ``checksum(doc.typed) !==``) → ``resync``
     times out waiting for the resync; fold ``room.state`` from JSON.parse values
-    (no Float) → ``rooms`` gets ``resyncs`` > 0 (``x`` is 1.0 after two sets).
+    (no Float) → ``rooms`` gets ``resyncs`` > 0 (``x`` is 1.0 after two sets); never
+    drop a connection whose ping went unanswered → ``heartbeat`` times out.
     """
     result = run_node(["--test", "clients/js/test/client.test.mjs"], env={"RTCORE_URL": ws(server)})
-    assert_node_tests_pass(result, at_least=5)
+    assert_node_tests_pass(result, at_least=6)
 
 
 @needs_node
@@ -299,7 +301,7 @@ async def test_core_scenarios_in_headless_chromium(server: str, tmp_path: Path) 
     """
     chromium = _chromium()
     assert chromium is not None
-    names = ["subscribeReceive", "dedup", "snapshotNotice", "rooms", "resync"]
+    names = ["subscribeReceive", "dedup", "snapshotNotice", "rooms", "resync", "heartbeat"]
     states: list[Any] = [1.0, 0.5, -0.0, 2**62 + 3, {"\U0001d11e": [1, 2.0, None], "a": {"b": "é"}}, list(range(40)), "x" * 300]
     cases = [[msgspec.json.encode(s).decode(), checksum(s)] for s in states]
     async with headless_chromium(chromium, tmp_path / "profile") as devtools:

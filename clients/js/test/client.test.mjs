@@ -5,7 +5,7 @@ import { CORE } from "./scenarios.mjs";
 import { serverUrl, TestWebSocket } from "./helpers.mjs";
 
 for (const [name, scenario] of Object.entries(CORE)) {
-  test(name, async () => {
+  test(name, { timeout: 60_000 }, async () => {
     await scenario(rt, { url: serverUrl(), WebSocket: TestWebSocket });
   });
 }

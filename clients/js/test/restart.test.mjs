@@ -78,5 +78,5 @@ async function killedAndRestarted(backend) {
   }
 }
 
-test("server killed and restarted (sqlite): every event once, in order, each command applied once", () => killedAndRestarted("sqlite"));
-test("server killed and restarted (memory): a missed notice with the new epoch, then in order", () => killedAndRestarted("memory"));
+test("server killed and restarted (sqlite): every event once, in order, each command applied once", { timeout: 120_000 }, () => killedAndRestarted("sqlite"));
+test("server killed and restarted (memory): a missed notice with the new epoch, then in order", { timeout: 120_000 }, () => killedAndRestarted("memory"));

@@ -170,7 +170,37 @@ export async function resync(rt, { url, WebSocket }) {
   }
 }
 
-export const CORE = { subscribeReceive, dedup, snapshotNotice, rooms, resync };
+/** A connection that stops delivering (half-open TCP shows no error) is found by the heartbeat and replaced. */
+export async function heartbeat(rt, { url, WebSocket }) {
+  const Base = WebSocket || globalThis.WebSocket;
+  const sockets = [];
+  class Stallable extends Base {
+    constructor(...args) { super(...args); this.stalled = false; sockets.push(this); }
+    addEventListener(type, fn, ...rest) {
+      if (type !== "message") return super.addEventListener(type, fn, ...rest);
+      return super.addEventListener("message", (e) => { if (!this.stalled) fn(e); }, ...rest);
+    }
+  }
+  const c = await rt.Client.connect(url, { WebSocket: Stallable, token: uniq("hb").replace(":", "-"), heartbeat: 0.2, backoffBase: 0.01, backoffMax: 0.05 });
+  const writer = await rt.Client.connect(url, { WebSocket, token: "writer" });
+  try {
+    const stream = uniq("hb");
+    const sub = await c.subscribe(stream);
+    const reconnected = new Promise((resolve) => c.on("connected", resolve));
+    sockets[0].stalled = true; // from now on the first connection delivers nothing
+    await writer.command("pub", { stream, n: 1 }); // published while stalled: replayed after the reconnect
+    await reconnected;
+    check(sockets.length >= 2 && c.reconnects >= 1, "a new connection replaced the stalled one");
+    const [item] = await take(sub, 1);
+    checkSame([item.t, item.offset, item.data.n], ["evt", 1, 1], "the event sent to the stalled connection arrives on the new one");
+    return { ok: true };
+  } finally {
+    await c.close();
+    await writer.close();
+  }
+}
+
+export const CORE = { subscribeReceive, dedup, snapshotNotice, rooms, resync, heartbeat };
 
 /**
  * The kill -9 case, driven from outside (the browser test kills and restarts the server):

@@ -1272,7 +1272,7 @@ export class Client {
     } catch (e) { this._emit("error", e); }
   }
 
-  _open() {
+  _open(reconnect = false) {
     // One connection attempt: WebSocket open, hello, welcome. Resolves at welcome.
     return new Promise((resolve, reject) => {
       let settled = false;
@@ -1306,6 +1306,7 @@ export class Client {
             settled = true;
             clearTimeout(timer);
             this.welcome = this.session.welcome;
+            if (reconnect) this.reconnects++; // before "connected" fires: its listeners see the count
             this._startHeartbeat();
             this._dispatch(events);
             this._flush();
@@ -1364,8 +1365,7 @@ export class Client {
       await new Promise((r) => setTimeout(r, delay * 1000));
       if (this._closing || this.closed) return;
       try {
-        await this._open();
-        this.reconnects++;
+        await this._open(true);
         return;
       } catch (e) {
         const retryAuth = (e.code === "unauthenticated" || e.code === "token_expired") && this.options.tokenProvider;
