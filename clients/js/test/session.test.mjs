@@ -160,3 +160,12 @@ test("a __proto__ key is data, as in JSON.parse (found by the Hypothesis checksu
   const d = applyPatch({}, [["set", ["__proto__"], 1]]);
   assert.deepEqual(Object.keys(d), ["__proto__"]);
 });
+
+test("a command with a lone surrogate is refused with bad_args, not sent", () => {
+  // Mutation: drop the check -> the frame is sent; the server cannot read its id and never answers it.
+  const s = open();
+  assert.throws(() => s.command("x", { a: ["ok", "\ud834"] }), (e) => e.code === "bad_args" && e.message.startsWith("args.a[1]"));
+  assert.deepEqual(s.framesToSend(), []);
+  s.command("x", { a: "𝄞" }); // a pair is fine
+  assert.equal(s.framesToSend().length, 1);
+});

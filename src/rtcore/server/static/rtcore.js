@@ -613,6 +613,9 @@ export class ClientSession {
 
   command(name, args = null, { key = null, retry = true } = {}) {
     this._checkOpen();
+    const where = loneSurrogate(args, "args");
+    // The server cannot decode such a frame, nor read its id to answer it: refuse it here.
+    if (where) throw new RtcoreError("bad_args", `${where}: a lone surrogate is not valid UTF-8`);
     key = key || randomKey();
     const a = args === undefined ? null : args;
     const req = newRequest("cmd", (id) => ({ t: "cmd", id, name, args: a, key }), { key, kept: true, retry });
@@ -910,6 +913,23 @@ export class ClientSession {
     this._kept.delete(req);
     this._resolve(req, f.t === "ok" ? f.result : f);
   }
+}
+
+const LONE = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+/** The path of the first string (or key) in `v` with a lone surrogate, else null. */
+function loneSurrogate(v, path) {
+  if (typeof v === "string") return LONE.test(v) ? path : null;
+  if (Array.isArray(v)) {
+    for (let i = 0; i < v.length; i++) { const w = loneSurrogate(v[i], `${path}[${i}]`); if (w) return w; }
+  } else if (isMap(v)) {
+    for (const [k, x] of Object.entries(v)) {
+      if (LONE.test(k)) return `${path} key ${JSON.stringify(k)}`;
+      const w = loneSurrogate(x, `${path}.${k}`);
+      if (w) return w;
+    }
+  }
+  return null;
 }
 
 function newRequest(kind, make, { stream = null, key = null, kept = false, retry = true } = {}) {
