@@ -1310,8 +1310,10 @@ export class Client {
       this._ws = ws;
       const timer = setTimeout(() => fail(new RtcoreError("timeout", `no welcome within ${this.options.connectTimeout} s`, { retryable: true })), this.options.connectTimeout * 1000);
       ws.addEventListener("open", async () => {
+        if (this.closed) { fail(this.closed); return; } // close() ran while this attempt was under way
         try { if (this._token == null && this.options.tokenProvider) await this._provideToken(); } catch (e) { fail(e); return; }
         if (settled) return;
+        if (this.closed) { fail(this.closed); return; }
         this.session.start(this._token);
         this._flush();
       });
