@@ -134,7 +134,7 @@ def test_node_session_rules() -> None:
     (rule 5), a fresh idempotency key on resend (rule 8), ack on receipt
     instead of consumption (rule 9), skip the room ``sync`` comparison (rule 11).
     """
-    assert_node_tests_pass(run_node(["--test", "clients/js/test/session.test.mjs"]), at_least=12)
+    assert_node_tests_pass(run_node(["--test", "clients/js/test/session.test.mjs"]), at_least=13)
 
 
 @needs_node

@@ -169,3 +169,12 @@ test("a command with a lone surrogate is refused with bad_args, not sent", () =>
   s.command("x", { a: "𝄞" }); // a pair is fine
   assert.equal(s.framesToSend().length, 1);
 });
+
+test("rtcore.d.ts declares exactly the module's exports", async () => {
+  // Mutation: export a new function without declaring it (or rename one) -> the sets differ.
+  const { readFileSync } = await import("node:fs");
+  const dts = readFileSync(new URL("../rtcore.d.ts", import.meta.url), "utf8");
+  const declared = [...dts.matchAll(/^export declare (?:class|function|const) (\w+)/gm)].map((m) => m[1]).sort();
+  const mod = await import("../rtcore.js");
+  assert.deepEqual(declared, Object.keys(mod).sort());
+});
