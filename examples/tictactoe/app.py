@@ -25,6 +25,7 @@ Client side (any language), see docs/rooms.md:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
@@ -155,3 +156,7 @@ class TicTacToe(rooms.Room[Board]):
         if self.turn_timer is not None:
             self.turn_timer.cancel()
             self.turn_timer = None
+
+
+# The browser page, served at /: it plays with rtcore.js (served at /v1/client.js).
+app.page("/", (Path(__file__).parent / "index.html").read_bytes())

@@ -12,6 +12,7 @@ requests here). Routes:
 ``GET /v1/health``                      liveness and a few counters
 ``GET /metrics``                        Prometheus text exposition
 ``GET /v1/schema``                      JSON Schema of the frames and of each command's args
+``GET /v1/client.js``, ``/v1/client.d.ts``  the JavaScript client (``clients/js`` in the repository)
 ``GET <app.route path>``                read-only routes registered with :meth:`App.route
                                         <rtcore.engine.app.App.route>` (e.g. ``GET /v1/rooms``)
 ``GET <app.page path>``                 static pages (:meth:`App.page <rtcore.engine.app.App.page>`)
@@ -24,6 +25,8 @@ Roles: commands, history, presence and app routes need ``api``; SSE needs
 from __future__ import annotations
 
 import logging
+import functools
+import importlib.resources
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -48,6 +51,22 @@ from .sse import SseStream
 __all__ = ["Routes", "schema"]
 
 _MAX_PAGE = 1000
+
+#: The JavaScript client, shipped as package data (``rtcore/server/static``; ``clients/js``
+#: in the repository links to it): path -> (file, content type).
+_CLIENT_ASSETS = {
+    "/v1/client.js": ("rtcore.js", "text/javascript; charset=utf-8"),
+    "/v1/client.d.ts": ("rtcore.d.ts", "application/typescript; charset=utf-8"),
+}
+
+
+@functools.cache
+def _client_asset(path: str) -> HttpResponse:
+    name, content_type = _CLIENT_ASSETS[path]
+    body = importlib.resources.files("rtcore.server").joinpath("static", name).read_bytes()
+    # Five minutes: a page load reuses it, a server upgrade reaches browsers soon after.
+    headers = [(b"content-type", content_type.encode()), (b"cache-control", b"public, max-age=300")]
+    return HttpResponse(200, headers, body)
 
 
 def _err(exc: RtcoreError) -> HttpResponse:
@@ -84,6 +103,8 @@ class Routes:
                 return self._metrics()
             if path == "/v1/schema":
                 return json_response(200, schema(self.app))
+            if path in _CLIENT_ASSETS and request.method in ("GET", "HEAD"):
+                return _client_asset(path)
             if path.startswith("/v1/cmd/"):
                 if "api" not in self.roles:
                     return error_response(404, "not_found", "this process does not serve the HTTP API (role)")

@@ -1,0 +1,1 @@
+../../src/rtcore/server/static/rtcore.d.ts
