@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-import sniffio
 
 import rtcore
 from rtcore.asgi import AsgiApp, asgi_app
@@ -43,6 +42,16 @@ class AsgiServing:
     @property
     def limits(self) -> ServerLimits:
         return self.asgi.limits
+
+
+def _on_trio() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _listening_socket() -> socket.socket:
@@ -94,7 +103,7 @@ async def run_asgi(kind: str, asgi: Any, *, started: AsgiApp | None = None, max_
             config_h.websocket_max_message_size = max_message
             config_h.graceful_timeout = 5.0
             config_h.loglevel = "WARNING"
-            if sniffio.current_async_library() == "trio":
+            if _on_trio():
                 import hypercorn.trio
 
                 tg.start_soon(lambda: hypercorn.trio.serve(asgi, config_h, shutdown_trigger=stop.wait, mode="asgi"))

@@ -30,8 +30,10 @@ from .test_limits import (  # noqa: F401
     test_no_hello_in_time_gets_bye_timeout_and_1008,
     test_origin_allowlist_refuses_with_403_before_upgrade,
     test_too_many_subscriptions,
+    test_websocket_reader_that_stops_reading_gets_bye_slow_consumer_and_4008,
 )
 from .test_sse import (  # noqa: F401
+    test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once,
     test_sse_bad_last_event_id_is_400,
     test_sse_live_then_resume_with_last_event_id,
 )

@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, Literal
 
 import anyio
 import msgspec
-import sniffio
 
 from ..backends import Backend
 from ..engine.app import App
@@ -217,6 +216,7 @@ class AsgiApp:
         self._ready: anyio.Event | None = None
         self._stop: anyio.Event | None = None
         self._failed: BaseException | None = None
+        self._lazy_done = anyio.Event()
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -290,6 +290,21 @@ class AsgiApp:
             await self._run_node(stop)
         except Exception:
             log.exception("the rtcore node (started on first request) failed")
+        finally:
+            self._lazy_done.set()
+
+    async def aclose(self) -> None:
+        """Stop a node that was started lazily (by a request, without lifespan).
+
+        Sessions get ``bye`` (``shutdown``) and close 1001 after in-flight
+        commands finished (``grace``), then the node stops. Does nothing when
+        the node runs under the ASGI lifespan (the host stops it) or never started.
+        """
+        if not self.started_lazily or self._stop is None or self._stop.is_set():
+            return
+        await self._drain()
+        self._stop.set()
+        await self._lazy_done.wait()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -488,18 +503,24 @@ async def _refuse(scope: Scope, send: Send, exc: RtcoreError) -> None:
         await send({"type": "websocket.close", "code": 1008, "reason": exc.code})
 
 
-def _spawn_detached(fn: Callable[[anyio.Event], Awaitable[None]], arg: anyio.Event) -> None:
-    """Run ``fn(arg)`` in a task that outlives the request that started it."""
-    if sniffio.current_async_library() == "trio":
+def _spawn_detached(fn: Callable[[anyio.Event], Coroutine[Any, Any, None]], arg: anyio.Event) -> None:
+    """Run ``fn(arg)`` in a task that outlives the request that started it.
+
+    anyio has no task group that outlives a request, so this uses the event
+    loop's own: an asyncio task, or a trio system task.
+    """
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio: the only other loop anyio runs on is trio
         import trio
 
         trio.lowlevel.spawn_system_task(fn, arg)
-    else:
-        import asyncio
-
-        task = asyncio.get_running_loop().create_task(fn(arg))  # type: ignore[arg-type]
-        _DETACHED.add(task)
-        task.add_done_callback(_DETACHED.discard)
+        return
+    task = loop.create_task(fn(arg))
+    _DETACHED.add(task)  # a task nobody references may be garbage-collected mid-run
+    task.add_done_callback(_DETACHED.discard)
 
 
 _DETACHED: set[Any] = set()
