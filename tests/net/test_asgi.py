@@ -33,8 +33,8 @@ from .test_limits import (  # noqa: F401
     test_websocket_reader_that_stops_reading_gets_bye_slow_consumer_and_4008,
 )
 from .test_sse import (  # noqa: F401
-    test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once,
     test_sse_bad_last_event_id_is_400,
+    test_sse_client_that_stops_reading_is_cut_then_resumes_exactly_once,
     test_sse_live_then_resume_with_last_event_id,
 )
 from .test_ws import (  # noqa: F401

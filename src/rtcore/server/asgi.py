@@ -89,7 +89,7 @@ class AsgiWebSocket:
     """
 
     def __init__(self, receive: Receive, send: Send, encoding: Literal["json", "msgpack"], limits: ServerLimits) -> None:
-        self.encoding = encoding
+        self.encoding: str = encoding
         self._receive = receive
         self._send = send
         self._limits = limits
@@ -357,7 +357,7 @@ class AsgiApp:
         await send({"type": "websocket.accept", "subprotocol": subprotocol})
         query = split_target(b"/?" + bytes(scope.get("query_string", b"")))[2]
         transport = AsgiWebSocket(receive, send, encoding, self.limits)
-        try:
+        with contextlib.suppress(ConnectionClosed):
             await serve_session(
                 node,
                 transport,
@@ -365,8 +365,6 @@ class AsgiApp:
                 hello_timeout=self.limits.handshake_timeout,
                 registry=self.sessions,
             )
-        except ConnectionClosed:
-            pass
 
     def _negotiate(self, scope: Scope, headers: list[tuple[bytes, bytes]]) -> tuple[Literal["json", "msgpack"], str | None]:
         # Same rules and errors as rtcore.transport.handshake.negotiate; the ASGI
