@@ -107,7 +107,7 @@ def serve(kind: str, port: int) -> None:
 
         async def main() -> None:
             task = asyncio.create_task(server.serve())
-            while not server.started:
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
                 await asyncio.sleep(0.01)
             print("READY", port, flush=True)
             await task
@@ -127,7 +127,7 @@ def serve(kind: str, port: int) -> None:
             stop = asyncio.Event()
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
             task = asyncio.create_task(hypercorn.asyncio.serve(rt, config_h, shutdown_trigger=stop.wait, mode="asgi"))
-            while rt.node is None:
+            while rt.node is None:  # noqa: ASYNC110 - the adapter offers no event for it
                 await asyncio.sleep(0.01)
             await asyncio.sleep(0.2)  # lifespan done; the listener is bound right after
             print("READY", port, flush=True)
@@ -178,7 +178,7 @@ async def _client(port: int, workload: str, conns: int, warmup: float, seconds: 
             i = 0
             while tick():
                 i += 1
-                await ws.send('{"t":"cmd","id":%d,"name":"echo","args":{"n":%d}}' % (i, i))
+                await ws.send(f'{{"t":"cmd","id":{i},"name":"echo","args":{{"n":{i}}}}}')
                 reply = await ws.recv()
                 assert '"t":"ok"' in reply, reply
                 if measuring:
@@ -209,7 +209,7 @@ async def _client(port: int, workload: str, conns: int, warmup: float, seconds: 
             i = 0
             while tick():
                 i += 1
-                await publisher.send('{"t":"cmd","id":%d,"name":"pub","args":{"n":%d}}' % (i, i))
+                await publisher.send(f'{{"t":"cmd","id":{i},"name":"pub","args":{{"n":{i}}}}}')
                 while '"t":"ok"' not in (reply := await publisher.recv()):
                     assert '"t":"err"' not in reply, reply
             done.set()
