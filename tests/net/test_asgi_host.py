@@ -240,3 +240,63 @@ def test_importing_the_adapter_needs_no_asgi_server() -> None:
     out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "AsgiApp"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize(
+    "cli",
+    [
+        ["-m", "uvicorn", "tests.net.netapp_asgi:asgi", "--ws", "wsproto", "--lifespan", "on", "--port"],
+        ["-m", "hypercorn", "tests.net.netapp_asgi:asgi", "--bind"],
+    ],
+    ids=["uvicorn", "hypercorn"],
+)
+async def test_runs_from_the_asgi_servers_command_line(cli: list[str]) -> None:
+    """``uvicorn module:asgi`` / ``hypercorn module:asgi`` in a real process: health,
+    a session with a command, and a clean exit on SIGTERM (no error logged).
+
+    Mutation: ``_lifespan`` raises instead of answering ``startup.complete`` → the
+    servers refuse to start → fails.
+    Mutation: ``_lifespan`` raises instead of answering ``shutdown.complete`` → an
+    error is logged on SIGTERM → fails.
+    """
+    import signal
+
+    port = _free_port()
+    address = str(port) if cli[1] == "uvicorn" else f"127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, *cli, address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            with anyio.fail_after(30):  # the process starting up, not the test retrying
+                while True:
+                    try:
+                        r = await http.get(f"http://127.0.0.1:{port}/v1/health")
+                        break
+                    except httpx.TransportError:
+                        assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
+                        await anyio.sleep(0.1)
+        assert r.status_code == 200
+        welcome, reply = await _hello(f"ws://127.0.0.1:{port}/v1/ws")
+        assert (welcome["t"], reply["result"]) == ("welcome", 5)
+        proc.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            code = await anyio.to_thread.run_sync(proc.wait)
+        assert proc.stdout is not None
+        output = proc.stdout.read().decode(errors="replace")
+        # uvicorn re-raises the signal after its graceful shutdown (exit -15); hypercorn exits 0.
+        assert code in (0, -signal.SIGTERM), output
+        assert "Traceback" not in output and "ERROR" not in output, output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
