@@ -272,31 +272,31 @@ async def test_runs_from_the_asgi_servers_command_line(cli: list[str]) -> None:
 
     port = _free_port()
     address = str(port) if cli[1] == "uvicorn" else f"127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, *cli, address], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
-            with anyio.fail_after(30):  # the process starting up, not the test retrying
-                while True:
-                    try:
-                        r = await http.get(f"http://127.0.0.1:{port}/v1/health")
-                        break
-                    except httpx.TransportError:
-                        assert proc.poll() is None, proc.stdout.read() if proc.stdout else b""
-                        await anyio.sleep(0.1)
-        assert r.status_code == 200
-        welcome, reply = await _hello(f"ws://127.0.0.1:{port}/v1/ws")
-        assert (welcome["t"], reply["result"]) == ("welcome", 5)
-        proc.send_signal(signal.SIGTERM)
-        with anyio.fail_after(30):
-            code = await anyio.to_thread.run_sync(proc.wait)
+    async with await anyio.open_process([sys.executable, *cli, address], stderr=subprocess.STDOUT) as proc:
         assert proc.stdout is not None
-        output = proc.stdout.read().decode(errors="replace")
-        # uvicorn re-raises the signal after its graceful shutdown (exit -15); hypercorn exits 0.
-        assert code in (0, -signal.SIGTERM), output
-        assert "Traceback" not in output and "ERROR" not in output, output
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        try:
+            async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+                with anyio.fail_after(30):  # the process starting up, not the test retrying
+                    while True:
+                        try:
+                            r = await http.get(f"http://127.0.0.1:{port}/v1/health")
+                            break
+                        except httpx.TransportError:
+                            assert proc.returncode is None, "the server exited"
+                            await anyio.sleep(0.1)
+            assert r.status_code == 200
+            welcome, reply = await _hello(f"ws://127.0.0.1:{port}/v1/ws")
+            assert (welcome["t"], reply["result"]) == ("welcome", 5)
+            proc.send_signal(signal.SIGTERM)
+            output = b""
+            with anyio.fail_after(30):
+                async for chunk in proc.stdout:
+                    output += chunk
+                code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+    text = output.decode(errors="replace")
+    # uvicorn re-raises the signal after its graceful shutdown (exit -15); hypercorn exits 0.
+    assert code in (0, -signal.SIGTERM), text
+    assert "Traceback" not in text and "ERROR" not in text, text
