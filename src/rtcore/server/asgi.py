@@ -112,7 +112,8 @@ class AsgiWebSocket:
             text = message.get("text")
             data: bytes | str = text if text is not None else (message.get("bytes") or b"")
             limit = self._limits.max_message_bytes
-            if limit is not None:
+            # A str of n characters is n to 4n UTF-8 bytes: encode only when that is not enough to decide.
+            if limit is not None and (isinstance(data, bytes) or 4 * len(data) > limit):
                 size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8"))
                 if size > limit:
                     reason = f"message of {size} bytes exceeds the limit of {limit}"
@@ -143,8 +144,11 @@ class AsgiWebSocket:
         except TimeoutError:
             await self.close(1011, "send timeout")
             raise self._gone(1006, "send timeout") from None
-        except OSError as exc:  # the ASGI server reports a connection that is gone
-            raise self._gone(1006, str(exc)) from None
+        except Exception as exc:
+            # A connection that is gone: uvicorn raises ClientDisconnected (an OSError),
+            # other servers their own errors (the ASGI spec leaves the type open).
+            log.debug("ASGI send failed: %r", exc)
+            raise self._gone(1006, str(exc) or type(exc).__name__) from None
 
     async def close(self, code: int, reason: str = "") -> None:
         """Send the close frame (once); the ASGI server finishes the handshake."""
