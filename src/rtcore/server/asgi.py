@@ -19,6 +19,10 @@ Lifecycle: the :class:`~rtcore.engine.node.Node` starts on ASGI
 sends lifespan events (a Starlette ``Mount`` does not forward them), the node
 starts on the first request in a background task and runs until the process
 ends; forward the lifespan with :meth:`AsgiApp.lifespan` to stop it cleanly.
+ASGI tells an app about shutdown only after the server is done with its
+connections (uvicorn closes WebSockets with 1012 at once, hypercorn cancels
+them after its ``graceful_timeout``), so sessions rarely get the ``bye``
+``shutdown`` that ``rtcore serve`` sends; clients reconnect and resume.
 
 Limits: the message-size limit (close 1009), the origin allowlist (403 before
 the upgrade, through the ``websocket.http.response`` extension when the server
