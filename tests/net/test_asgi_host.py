@@ -300,3 +300,34 @@ async def test_runs_from_the_asgi_servers_command_line(cli: list[str]) -> None:
     # uvicorn re-raises the signal after its graceful shutdown (exit -15); hypercorn exits 0.
     assert code in (0, -signal.SIGTERM), text
     assert "Traceback" not in text and "ERROR" not in text, text
+
+
+async def test_a_failing_startup_is_reported_as_lifespan_startup_failed() -> None:
+    """An app whose lifespan startup raises answers ``lifespan.startup.failed`` naming the
+    error (the ASGI server then refuses to start), not a hang or a crash of the lifespan task.
+
+    Mutation: ``_lifespan`` re-raises instead of sending ``startup.failed`` → the error
+    escapes the call → fails.
+    """
+    broken = rtcore.App("broken-startup")
+
+    @broken.lifespan
+    async def database(node: rtcore.Node) -> AsyncIterator[None]:
+        raise ConnectionRefusedError("database at 127.0.0.1:1 refused the connection")
+        yield  # pragma: no cover
+
+    rt = asgi_app(broken)
+    messages = iter([{"type": "lifespan.startup"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(messages)
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    with anyio.fail_after(TIMEOUT):
+        await rt({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "database at 127.0.0.1:1 refused" in sent[0]["message"]
+    assert rt.node is None

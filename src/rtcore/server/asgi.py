@@ -237,6 +237,8 @@ class AsgiApp:
             rt = rtcore.asgi.asgi_app(app)
             web = Starlette(routes=[Mount("/rt", rt)], lifespan=rt.lifespan)
         """
+        if self._ready is not None and self.node is not None:
+            raise RuntimeError("this AsgiApp's node is already running (lifespan entered twice?)")
         stop = anyio.Event()
         self._stop = stop
         self._ready = anyio.Event()
@@ -317,16 +319,19 @@ class AsgiApp:
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
+        started = False
         try:
             async with self.lifespan():
+                started = True
                 await send({"type": "lifespan.startup.complete"})
                 message = await receive()
                 assert message["type"] == "lifespan.shutdown"
-        except BaseException as exc:
-            if self.node is None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-                await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                return
-            raise
+        except Exception as exc:
+            # The host prints the message and exits; the traceback goes to our log.
+            log.exception("rtcore node %s failed", "shutdown" if started else "startup")
+            phase = "shutdown" if started else "startup"
+            await send({"type": f"lifespan.{phase}.failed", "message": f"rtcore: {_unwrap(exc)!r}"})
+            return
         await send({"type": "lifespan.shutdown.complete"})
 
     # --- ASGI --------------------------------------------------------------------
@@ -447,6 +452,13 @@ class AsgiApp:
                     raise too_big
                 if not message.get("more_body", False):
                     return bytes(body)
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The first leaf of (nested) exception groups: the error a person should read."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class _Disconnected(Exception):
