@@ -331,3 +331,25 @@ async def test_a_failing_startup_is_reported_as_lifespan_startup_failed() -> Non
     assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
     assert "database at 127.0.0.1:1 refused" in sent[0]["message"]
     assert rt.node is None
+
+
+async def test_websocket_path_rules(server_kind: str) -> None:
+    """As in ``rtcore serve``: plain HTTP on ``/v1/ws`` is 426 with ``Upgrade: websocket``;
+    a WebSocket on another path is refused before accept (404); an unknown subprotocol 400.
+
+    Mutation: ``_websocket`` accepts any path → the ``/v1/other`` upgrade succeeds → fails.
+    Mutation: ``_http`` drops the 426 branch → ``/v1/ws`` answers 404 → fails.
+    """
+    from websockets.exceptions import InvalidStatus
+
+    rt = asgi_app(app)
+    async with run_asgi(server_kind, rt, started=rt) as port:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+            r = await http.get(f"http://127.0.0.1:{port}/v1/ws")
+        assert (r.status_code, r.headers["upgrade"], r.json()["code"]) == (426, "websocket", "bad_request")
+        for path, status in (("/v1/other", 404), ("/v1/ws", 400)):
+            protocols = [Subprotocol("chat.v9")] if path == "/v1/ws" else None
+            with pytest.raises(InvalidStatus) as info:
+                async with connect(f"ws://127.0.0.1:{port}{path}", subprotocols=protocols, open_timeout=TIMEOUT):
+                    pass
+            assert info.value.response.status_code == status
