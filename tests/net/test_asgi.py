@@ -6,6 +6,16 @@ parametrised) makes their ``serving(...)`` run :func:`rtcore.asgi.asgi_app`
 under uvicorn and under hypercorn instead of :class:`rtcore.Server`, so the
 same clients (``websockets``, httpx) check the same wire behaviour.
 uvicorn runs on asyncio only: its trio runs are deselected (conftest).
+
+Mutations of the adapter these runs catch (each checked: break, watch fail, undo):
+
+* ``AsgiWebSocket.receive`` skips the ``max_message_bytes`` check → the
+  1009 test fails under both servers (their own caps are 16 MiB).
+* ``AsgiApp._read_body`` skips both body-limit checks → the 413 test fails.
+* ``AsgiWebSocket.close`` always sends 1000 → the slow-consumer test gets
+  1000, not 4008.
+* ``_negotiate`` skips the origin check → the origin test's refused
+  upgrades succeed.
 """
 
 from __future__ import annotations
