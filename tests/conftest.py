@@ -26,13 +26,17 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Drop the trio run of tests marked ``asyncio_only`` (listed as deselected).
+    """Drop the trio run of tests marked ``asyncio_only`` and of tests under uvicorn (listed as deselected).
 
     The marker must carry a ``reason`` so the asyncio-only list stays short and justified.
     """
     keep: list[pytest.Item] = []
     dropped: list[pytest.Item] = []
     for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("server_kind") == "uvicorn" and callspec.params.get("anyio_backend") == "trio":
+            dropped.append(item)  # uvicorn runs on asyncio only (tests/net/test_asgi.py)
+            continue
         marker = item.get_closest_marker("asyncio_only")
         if marker is None:
             keep.append(item)

@@ -11,7 +11,7 @@ layer, never a higher one or a peer on the same layer):
  4    ``rtcore.server``, ``rtcore.auth``   session driver, routes, SSE, runner; JWT hook
  5    ``rtcore.client``, ``wallet``        plugins and clients on the public layers
  6    ``rtcore.testing``                   in-process helpers
- 7    ``rtcore``                           the public API (lazy re-exports)
+ 7    ``rtcore``                           the public API (lazy re-exports, ``rtcore.asgi``)
  8    ``rtcore.cli``                       the command line
 ====  ==================================  =========================================
 

@@ -23,9 +23,26 @@ TIMEOUT = 10.0
 pytestmark = pytest.mark.anyio
 
 
+#: Which server ``serving`` runs: ``"rtcore"`` (``rtcore serve``'s :class:`rtcore.Server`),
+#: ``"uvicorn"`` or ``"hypercorn"`` (:func:`rtcore.asgi.asgi_app` under that ASGI server).
+#: Set by the ``server_kind`` fixture of tests/net/test_asgi.py.
+SERVER_KIND = "rtcore"
+
+
 @asynccontextmanager
 async def serving(app: rtcore.App, **options: Any) -> AsyncIterator[rtcore.Server]:
-    """Run a :class:`rtcore.Server` on a free port for the block; stop it after."""
+    """Run a :class:`rtcore.Server` on a free port for the block; stop it after.
+
+    Under ``SERVER_KIND`` ``"uvicorn"``/``"hypercorn"`` it runs the ASGI adapter
+    in that server instead and yields an object with the same ``port``,
+    ``node``, ``sessions`` and ``limits``.
+    """
+    if SERVER_KIND != "rtcore":
+        from tests.net.asgi_servers import asgi_serving
+
+        async with asgi_serving(SERVER_KIND, app, **options) as asgi_server:
+            yield asgi_server  # type: ignore[misc]
+        return
     server = rtcore.Server(app, port=0, **options)
     async with anyio.create_task_group() as tg:
         await tg.start(server.serve)

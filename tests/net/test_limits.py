@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+import uuid
 
 import anyio
 import httpx
@@ -12,6 +13,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from rtcore import Limits
+from rtcore.engine.hub import OutboxLimits
 from rtcore.transport import ServerLimits
 from tests.ws_client import connect
 
@@ -176,3 +178,42 @@ async def test_token_refresh_keeps_the_session() -> None:
         # Refreshing as someone else is refused.
         err = await p.request({"t": "auth", "token": "bob"})
         assert err["code"] == "unauthenticated"
+
+
+async def test_websocket_reader_that_stops_reading_gets_bye_slow_consumer_and_4008() -> None:
+    """A WebSocket subscriber that stops reading is cut at its outbox bound: ``bye`` ``slow_consumer``, close 4008.
+
+    The client (``max_queue=2``, no permessage-deflate: the ASGI servers would
+    otherwise compress the padding away) stops reading while ~4 KB events are published;
+    its socket buffers fill, the server's writer blocks, the outbox fills. The
+    cut happens at the bound (peak never above it), and once the client reads
+    again it gets events 1..k in order, then ``bye`` ``slow_consumer``
+    (``reconnect: true``), then close 4008. Also run under the ASGI servers
+    (tests/net/test_asgi.py), where the block comes from the ASGI ``send``.
+
+    Mutation: ``AsgiWebSocket.close`` sends code 1000 whatever it is asked → the
+    ASGI runs fail (1000 != 4008).
+    Mutation: ``_Connection._slow`` does not close the session → no 4008 → fails.
+    """
+    stream = f"room:{uuid.uuid4().hex[:8]}"
+    limits = OutboxLimits(max_bytes=64 * 1024, max_frames=1000)
+    pad = "x" * 4000
+    async with serving(app, outbox=limits) as server, peer(server, max_queue=2, compression=None) as p:
+        assert server.node is not None
+        assert (await p.sub(stream))["t"] == "subbed"
+        [session] = [s for s in server.sessions if s.info().kind == "websocket"]
+        outbox = session.outbox
+        published = 0
+        while not outbox.slow and published < 5_000:  # 20 MB: far beyond any socket buffer
+            await server.node.publish(stream, "blob", {"pad": pad})
+            published += 1
+            await anyio.lowlevel.checkpoint()
+        assert outbox.slow
+        assert outbox.peak_bytes <= limits.max_bytes
+        code, frames = await p.closed()
+    assert code == 4008
+    bye = frames[-1]
+    assert (bye["t"], bye["code"], bye["reconnect"]) == ("bye", "slow_consumer", True)
+    offsets = [f["offset"] for f in frames if f["t"] == "evt"]
+    assert offsets == list(range(1, len(offsets) + 1))
+    assert len(offsets) < published
