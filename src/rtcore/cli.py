@@ -216,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default: no Origin check). Others get 403 before the upgrade",
     )
     serve.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        default=os.environ.get("RTCORE_ADMIN_TOKEN"),
+        help="turn on the read-only admin page at /admin; its data needs this bearer token "
+        "(default: $RTCORE_ADMIN_TOKEN; no admin page without one). Open it as /admin#TOKEN",
+    )
+    serve.add_argument(
         "--role",
         action="append",
         metavar="ROLE",
@@ -311,6 +318,7 @@ def _serve(args: argparse.Namespace) -> int:
             backend=backend,
             ssl_context=context,
             allowed_origins=args.allowed_origin,
+            admin_token=args.admin_token,
             roles=roles,
             grace=args.grace,
             idempotency_ttl=args.idempotency_ttl,

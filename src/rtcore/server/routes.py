@@ -9,6 +9,7 @@ requests here). Routes:
 ``GET /v1/streams/{stream}``            history page (``after``, ``limit``); authorized as ``history``
 ``GET /v1/streams/{stream}/sse``        Server-Sent Events live tail (``Last-Event-ID: epoch:offset``)
 ``GET /v1/streams/{stream}/presence``   who is subscribed (by principal); authorized as ``presence``
+``GET /admin``, ``GET /admin/api``       read-only admin page and its data (only with an admin token)
 ``GET /v1/health``                      liveness and a few counters
 ``GET /metrics``                        Prometheus text exposition
 ``GET /v1/schema``                      JSON Schema of the frames and of each command's args
@@ -86,11 +87,12 @@ class Routes:
         sessions: The server's live sessions (health, metrics, SSE drain).
     """
 
-    def __init__(self, node: Node, roles: frozenset[str], sessions: SessionRegistry) -> None:
+    def __init__(self, node: Node, roles: frozenset[str], sessions: SessionRegistry, *, admin_token: str | None = None) -> None:
         self.node = node
         self.app: App = node.app
         self.roles = roles
         self.sessions = sessions
+        self.admin_token = admin_token
 
     async def handle(self, request: HttpRequest) -> HttpResponse | StreamingResponse:
         path = request.path
@@ -105,6 +107,11 @@ class Routes:
                 return json_response(200, schema(self.app))
             if path in _CLIENT_ASSETS and request.method in ("GET", "HEAD"):
                 return _client_asset(path)
+            if path == "/admin" or path.startswith("/admin/"):
+                from . import admin  # the page is a few kB: loaded on first use
+
+                metrics = self._metrics().body.decode() if self.admin_token and path == "/admin/api" else ""
+                return await admin.handle(request, self.admin_token, self.node, self.sessions, self.roles, metrics)
             if path.startswith("/v1/cmd/"):
                 if "api" not in self.roles:
                     return error_response(404, "not_found", "this process does not serve the HTTP API (role)")

@@ -88,6 +88,9 @@ class Server:
             (:class:`~rtcore.Limits`: subscriptions, command rate, idle
             timeout...). Its ``max_message_size`` is replaced by the
             transport's ``limits.max_message_bytes``, the limit really enforced.
+        admin_token: Turns on the read-only admin page at ``/admin``; its data
+            (``/admin/api``) needs this token as a bearer token. ``None``
+            (default): no admin page.
         node_options: Passed to :class:`~rtcore.engine.node.Node` (``heartbeat``,
             ``token_grace``, ``outbox``, ``clock``...).
     """
@@ -105,6 +108,7 @@ class Server:
         grace: float = 10.0,
         limits: ServerLimits | None = None,
         session_limits: Limits | None = None,
+        admin_token: str | None = None,
         **node_options: Any,
     ) -> None:
         unknown = set(roles) - ROLES
@@ -117,6 +121,7 @@ class Server:
         self.ssl_context = ssl_context
         self.roles = frozenset(roles)
         self.grace = grace
+        self.admin_token = admin_token or None
         self.limits = limits or ServerLimits()
         self.policy = WebSocketPolicy(
             paths=frozenset({"/v1/ws"}) if "gateway" in self.roles else frozenset(),
@@ -157,7 +162,7 @@ class Server:
     async def _serve(self, task_status: TaskStatus[int]) -> None:
         async with Node(self.app, self.backend, roles=self.roles, **self.node_options) as node:
             self.node = node
-            self.routes = Routes(node, self.roles, self.sessions)
+            self.routes = Routes(node, self.roles, self.sessions, admin_token=self.admin_token)
             self.presence = PresenceAnnouncer(node, self.sessions)
             async with anyio.create_task_group() as side:
                 # Presence events of app.presence(..., events=True) streams, until the listener ends.
