@@ -25,9 +25,9 @@ Roles: commands, history, presence and app routes need ``api``; SSE needs
 
 from __future__ import annotations
 
-import logging
 import functools
 import importlib.resources
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
