@@ -572,8 +572,8 @@ class _Actor:
             return _Entry(False, error=Rejected("room_not_found", f"room {self.id} is gone"))
         if offset > self.applied:
             return None
-        # Applied by an earlier owner (or long ago): the effect is in the state.
-        return _Entry(True, {"room_id": self.id, "inbox": offset, "recovered": True})
+        # Applied by an earlier owner (or long ago): its answer is on roomreply.
+        return await self.rt.settled(self.id, offset)
 
     async def run(self) -> None:
         try:
@@ -822,13 +822,47 @@ class _Runtime:
                     return got
                 st = await self.node.state_of(f"room:{room_id}")
                 if isinstance(st.state, RoomDoc) and st.state.inbox >= offset:
-                    # Applied by an owner that did not answer here (e.g. it died right after).
+                    # Applied, but its answer did not reach us live (a lagging
+                    # feed, or the owner died): read it back (see settled()).
                     self.reply_waiters.pop(key, None)
-                    return _Entry(True, {"room_id": room_id, "inbox": offset, "recovered": True})
+                    return await self.settled(room_id, offset)
             # No answer yet: if the owner is gone (its lease ran out), take the room over.
             actor = await self.local(room_id)
             if actor is not None:
                 self.reply_waiters.pop(key, None)
+
+    async def settled(self, room_id: str, offset: int) -> _Entry:
+        """The answer to this node's inbox entry ``offset``, which an owner already applied.
+
+        The owner publishes each forwarded entry's answer on ``roomreply:{id}``
+        right after the patch covering it, and before it applies the next
+        entry; so once a patch covers ``offset`` the answer is either in that
+        stream or was never written, and it is never written only when the
+        entry's own patch was the owner's last act (it died before
+        replying): then the entry succeeded. A refusal writes no patch, so
+        "a patch covers it" alone must never be read as success.
+        """
+        stream = f"roomreply:{room_id}"
+        head = (await self.node.backend.events.info(stream)).head
+        after = head
+        while after > 0:
+            start = max(0, after - BATCH)
+            page = await self.node.backend.events.read(stream, after=start, limit=after - start)
+            for ev in reversed(page.events):
+                data = ev.data if isinstance(ev.data, dict) else {}
+                inbox = int(data.get("inbox", 0))
+                if inbox == offset and data.get("node") == self.node.id:
+                    if data["ok"]:
+                        return _Entry(True, data.get("result"))
+                    return _Entry(False, error=error_from_wire(data["code"], data["message"], bool(data["retryable"])))
+                if 0 < inbox < offset:
+                    after = 0  # answers are written in inbox order: ours is not further back
+                    break
+            else:
+                after = start
+                continue
+            break
+        return _Entry(True, {"room_id": room_id, "inbox": offset, "recovered": True})
 
     async def local(self, room_id: str) -> _Actor | None:
         """The local owner of ``room_id``, adopting the room if nobody owns it; ``None``: another node does.
