@@ -23,6 +23,8 @@ def load_example(name: str, module: str = "app") -> ModuleType:
     mod_name = f"example_{name}_{module}"
     if mod_name in sys.modules:
         return sys.modules[mod_name]
+    if str(EXAMPLES / name) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES / name))  # its neighbours, as `rtcore serve` makes them importable
     spec = importlib.util.spec_from_file_location(mod_name, EXAMPLES / name / f"{module}.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
