@@ -102,12 +102,15 @@ async def test_arena_two_tabs_see_each_other_move(tmp_path: Path) -> None:
     chromium = _chromium()
     assert chromium is not None, "RTCORE_REQUIRE_SERVICES=1 but no Chromium is installed"
     arena = load_example("arena")
-    async with serving(arena.app) as server, headless_chromium(chromium, tmp_path / "profile") as devtools:
+    arena_bot = load_example("arena", "bot")
+    async with serving(arena.app) as server, headless_chromium(chromium, tmp_path / "profile") as devtools, anyio.create_task_group() as bots:
         base = f"http://127.0.0.1:{server.port}/"
         ada, _ = await open_tab(devtools, base + "?name=ada")
         bob, _ = await open_tab(devtools, base + "?name=bob")
         await ada.until(_li("bob"))
         await bob.until(_li("ada"))
+        # Company for the screenshot: a few bots in the same room (the page's "public" one).
+        bots.start_soon(lambda: arena_bot.run_bots(f"ws://127.0.0.1:{server.port}/v1/ws", 4, tag="public", seed=1))
         for mover, watcher, name in ((ada, bob, "ada"), (bob, ada, "bob")):
             x0 = int(await watcher.until(f"{_li(name)}.dataset.x"))
             key, sign = ("ArrowLeft", -1) if x0 > 500 else ("ArrowRight", 1)
@@ -119,7 +122,9 @@ async def test_arena_two_tabs_see_each_other_move(tmp_path: Path) -> None:
             # Once its steps are applied the two pages agree on where the mover stands.
             final = await mover.until(f"document.getElementById('net').textContent.includes(' 0 step(s)') && {_li(name)}.dataset.x")
             await watcher.until(f"{_li(name)}.dataset.x === {json.dumps(final)}")
+        await ada.until(" && ".join(_li(f"bot{i}-public") for i in range(4)))
         await ada.screenshot(IMG / "arena.png")
+        bots.cancel_scope.cancel()
 
 
 async def test_crash_bet_in_one_tab_moves_the_balance_in_another_within_a_second(tmp_path: Path) -> None:
@@ -131,16 +136,15 @@ async def test_crash_bet_in_one_tab_moves_the_balance_in_another_within_a_second
     and the page verifies its seed and crash point (SHA-256 chain + HMAC in
     the browser) and shows "✓ verified".
 
-    Mutation: drop the ``@app.on("room:*")`` flush (``publish_balances``
-    returns at once) → the balance moves only with the wallet sweep (1 s) →
-    the one-second wait fails (most runs).
+    Mutation: the page ignores ``balance_changed`` events (``wallet.on`` returns
+    at once) → the second tab keeps showing 1,000.00 → the one-second wait fails.
     """
     chromium = _chromium()
     assert chromium is not None, "RTCORE_REQUIRE_SERVICES=1 but no Chromium is installed"
     crash = load_example("crash")
     crash.wallet.url = f"sqlite:///{tmp_path / 'wallet.db'}"
     old = (crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed)
-    crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 4.0, 1.0, 0.8
+    crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 4.0, 3.0, 0.8
     try:
         async with serving(crash.app) as server, headless_chromium(chromium, tmp_path / "profile") as devtools:
             url = f"http://127.0.0.1:{server.port}/?name=alice"
@@ -157,10 +161,10 @@ async def test_crash_bet_in_one_tab_moves_the_balance_in_another_within_a_second
             await one.until("document.getElementById('balance').textContent === '987.50'")
             # The round ends; both tabs agree on the balance and the page verifies the round.
             r = await one.until("document.getElementById('status').textContent.match(/Round (\\d+) crashed/)?.[1]", timeout=60)
+            await one.screenshot(IMG / "crash.png")  # the bet's outcome is on the page until the next round
             await one.until(f"[...document.querySelectorAll('#history tr')].some((tr) => tr.textContent.startsWith('#{r}') && tr.textContent.includes('✓ verified'))")
             shown = await one.until("document.getElementById('balance').textContent")
             await two.until(f"document.getElementById('balance').textContent === {json.dumps(shown)}")
-            await one.screenshot(IMG / "crash.png")
             print(f"\n[crash page] balance in the second tab {elapsed * 1000:.0f} ms after the click")
     finally:
         crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = old
