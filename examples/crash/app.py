@@ -57,7 +57,7 @@ from rtcore import rooms
 from rtcore.wallet import Hold, HoldRequest, TransferRequest, WalletError
 
 sys.path.insert(0, str(Path(__file__).parent))  # provably_fair.py, when loaded from elsewhere
-from provably_fair import SALT, Chain, crash_point  # noqa: E402
+from provably_fair import SALT, Chain, crash_point
 
 CURRENCY = "CHIPS"
 HOUSE = f"house:{CURRENCY}"

@@ -33,7 +33,7 @@ import rtcore.client
 from rtcore.errors import RtcoreError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from provably_fair import sha256_hex, verify_round  # noqa: E402
+from provably_fair import sha256_hex, verify_round
 
 MIN_BET = 1_00
 
@@ -56,27 +56,31 @@ class Result:
     refused: dict[str, int] = field(default_factory=dict)
 
 
-async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_books: bool = True, timeout: float = 120.0) -> Result:
+async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_books: bool = True, patience: float = 120.0) -> Result:
     res = Result(name)
     acct = f"player:{name}"
     async with rtcore.client.connect(url, token=name) as client:
-        room = await client.join_or_create("crash", timeout=timeout)
+        room = await client.join_or_create("crash", timeout=patience)
         wallet = await client.subscribe(f"wallet:{acct}")
+
+        changed = [anyio.Event()]  # set (and replaced) whenever a live balance arrives
 
         async def follow_balance() -> None:
             async for item in wallet:
                 data = getattr(item, "data", None)
                 if isinstance(data, dict) and "available" in data:
                     res.live = data["available"] + data["held"]
+                    event, changed[0] = changed[0], anyio.Event()
+                    event.set()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(follow_balance)
             # The welcome transfer happened in our join's step: books start from it.
-            bal = await client.command("wallet.balance", {"account": acct}, timeout=timeout)
+            bal = await client.command("wallet.balance", {"account": acct}, timeout=patience)
             res.books = bal["available"] + bal["held"]
             last_round, prev_seed = 0, None
             while res.rounds < rounds:
-                s = await room.wait_for(lambda s: s["status"] == "betting" and s["round"] > last_round, timeout=timeout)
+                s = await room.wait_for(lambda s, last=last_round: s["status"] == "betting" and s["round"] > last, timeout=patience)
                 r = s["round"]
                 last_round = r
                 amount, auto = rng.randrange(MIN_BET, 20_00), 0
@@ -84,22 +88,22 @@ async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_boo
                 if rng.random() < 0.5:
                     auto, manual = rng.randrange(105, 400), 0
                 try:
-                    bal = await client.command("wallet.balance", {"account": acct}, timeout=timeout)
+                    bal = await client.command("wallet.balance", {"account": acct}, timeout=patience)
                     if bal["available"] < amount:
-                        added = await room.send("topup", timeout=timeout) - bal["available"]
+                        added = await room.send("topup", timeout=patience) - bal["available"]
                         res.books += added
-                    await room.send("bet", {"amount": amount, "auto": auto}, timeout=timeout)
+                    await room.send("bet", {"amount": amount, "auto": auto}, timeout=patience)
                     res.bets += 1
                 except RtcoreError as exc:  # betting_closed (slow, or a restart cancelled the round), ...
                     res.refused[exc.code] = res.refused.get(exc.code, 0) + 1
                 if manual:
-                    s = await room.wait_for(lambda s: s["round"] != r or s["status"] != "running" or s["multiplier"] >= manual, timeout=timeout)
+                    s = await room.wait_for(lambda s, r=r, manual=manual: s["round"] != r or s["status"] != "running" or s["multiplier"] >= manual, timeout=patience)
                     if s["round"] == r and s["status"] == "running":
                         try:
-                            await room.send("cashout", timeout=timeout)
+                            await room.send("cashout", timeout=patience)
                         except RtcoreError as exc:  # crashed meanwhile
                             res.refused[exc.code] = res.refused.get(exc.code, 0) + 1
-                s = await room.wait_for(lambda s: s["round"] > r or (s["round"] == r and s["settled"]), timeout=timeout)
+                s = await room.wait_for(lambda s, r=r: s["round"] > r or (s["round"] == r and s["settled"]), timeout=patience)
                 if s["round"] == r:
                     bet = s["bets"].get(name)
                     if bet is not None:
@@ -119,13 +123,13 @@ async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_boo
                 else:
                     check_books = False  # a round went by unseen (we were reconnecting): no books for it
                 res.rounds += 1
-            bal = await client.command("wallet.balance", {"account": acct}, timeout=timeout)
+            bal = await client.command("wallet.balance", {"account": acct}, timeout=patience)
             res.balance = bal["available"] + bal["held"]
             if check_books and res.balance != res.books:
                 res.problems.append(f"wallet says {res.balance}, my books say {res.books}")
             with anyio.fail_after(5):  # the live stream catches up with the ledger
                 while res.live != res.balance:
-                    await anyio.sleep(0.02)
+                    await changed[0].wait()
             tg.cancel_scope.cancel()
         await room.leave()
     return res

@@ -15,7 +15,7 @@ import pytest
 from rtcore.errors import RtcoreError
 from rtcore.rooms import Rooms
 from rtcore.testing import FakeClock, connect, serve
-from rtcore.wallet import Hold, HoldRequest, last_balance_event, open_wallet_store, reconcile
+from rtcore.wallet import Hold, HoldRequest, last_balance_event, reconcile
 
 from .helpers import load_example, serving, ws_url
 
@@ -255,7 +255,7 @@ async def test_bots_play_rounds_to_the_end_and_the_books_balance(tmp_path: Path)
     crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 1.0, 0.3, 1.5
     try:
         async with serving(crash.app) as server:
-            results = await crash_bot.run_bots(ws_url(server), 3, 3, seed=3, timeout=30.0)
+            results = await crash_bot.run_bots(ws_url(server), 3, 3, seed=3, patience=30.0)
             store = crash.wallet.store
             node = server.node
             assert all(h.status != "pending" for h in await _holds_of(store))

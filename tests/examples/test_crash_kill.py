@@ -103,7 +103,7 @@ async def test_kill_9_mid_round_then_every_hold_resolved_and_reconcile_clean(tmp
             bots_done = anyio.Event()
 
             async def bots() -> None:
-                results.extend(await crash_bot.run_bots(url, 4, 6, seed=11, timeout=90.0))
+                results.extend(await crash_bot.run_bots(url, 4, 6, seed=11, patience=90.0))
                 bots_done.set()
 
             tg.start_soon(bots)

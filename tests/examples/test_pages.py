@@ -59,8 +59,8 @@ class Tab:
 
     async def screenshot(self, path: Path) -> None:
         shot = await self.devtools.call("Page.captureScreenshot", self.session, format="png")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(shot["data"]))
+        await anyio.Path(path.parent).mkdir(parents=True, exist_ok=True)
+        await anyio.Path(path).write_bytes(base64.b64decode(shot["data"]))
 
 
 async def open_tab(devtools: DevTools, url: str, context: str | None = None, *, width: int = 1100, height: int = 760) -> tuple[Tab, str]:
