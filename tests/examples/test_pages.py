@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 
 from ..net.test_example import DevTools, _chromium, headless_chromium
@@ -80,6 +81,13 @@ async def open_tab(devtools: DevTools, url: str, context: str | None = None, *, 
     return Tab(devtools, session, url), context
 
 
+async def needs_client_js(port: int) -> None:
+    """The pages import rtcore.js from ``/v1/client.js``: say so plainly if this server lacks it."""
+    async with httpx.AsyncClient() as http:
+        r = await http.get(f"http://127.0.0.1:{port}/v1/client.js")
+    assert r.status_code == 200, f"GET /v1/client.js -> {r.status_code}: the pages need rtcore.js served by the server"
+
+
 def _li(player: str) -> str:
     return f"document.querySelector('#players li[data-id=\"{player}\"]')"
 
@@ -104,6 +112,7 @@ async def test_arena_two_tabs_see_each_other_move(tmp_path: Path) -> None:
     arena = load_example("arena")
     arena_bot = load_example("arena", "bot")
     async with serving(arena.app) as server, headless_chromium(chromium, tmp_path / "profile") as devtools, anyio.create_task_group() as bots:
+        await needs_client_js(server.port)
         base = f"http://127.0.0.1:{server.port}/"
         ada, _ = await open_tab(devtools, base + "?name=ada")
         bob, _ = await open_tab(devtools, base + "?name=bob")
@@ -147,6 +156,7 @@ async def test_crash_bet_in_one_tab_moves_the_balance_in_another_within_a_second
     crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 4.0, 3.0, 0.8
     try:
         async with serving(crash.app) as server, headless_chromium(chromium, tmp_path / "profile") as devtools:
+            await needs_client_js(server.port)
             url = f"http://127.0.0.1:{server.port}/?name=alice"
             one, context = await open_tab(devtools, url, width=900, height=720)
             two, _ = await open_tab(devtools, url, context, width=900, height=720)
