@@ -252,7 +252,7 @@ async def test_bots_play_rounds_to_the_end_and_the_books_balance(tmp_path: Path)
     """
     crash.wallet.url = f"sqlite:///{tmp_path / 'wallet.db'}"
     old = (crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed)
-    crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 1.0, 0.3, 1.5
+    crash.settings.bet_seconds, crash.settings.pause_seconds, crash.settings.speed = 2.0, 0.3, 1.5
     try:
         async with serving(crash.app) as server:
             results = await crash_bot.run_bots(ws_url(server), 3, 3, seed=3, patience=30.0)
