@@ -268,3 +268,39 @@ async def test_bots_play_rounds_to_the_end_and_the_books_balance(tmp_path: Path)
         assert r.problems == [], r
         assert r.rounds == 3 and r.verified == 3 and r.bets >= 2, r
         assert r.balance == r.books == r.live, r
+
+
+async def test_restart_after_the_crash_before_settling_captures_the_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node stops after a round crashed (status written) but before it settled;
+    the next owner settles it: the lost bet is captured, nothing is refunded.
+
+    (The first node's ``_settle`` is replaced by a no-op, so its durable timer
+    is not re-armed by name either: only the new owner's recovery settles.)
+
+    Mutation: drop the ``crashed and not settled`` branch of ``_ensure`` → the
+    round never settles → fails; make ``_settle`` void instead of capture →
+    alice's 7.00 comes back → fails.
+    """
+    reg: Rooms = crash.registry
+    backend = f"sqlite:///{tmp_path / 'events.db'}"
+    settle = crash.CrashRoom._settle
+
+    async def not_yet(self: Any, round_no: int) -> None:
+        return None
+
+    monkeypatch.setattr(crash.CrashRoom, "_settle", not_yet)  # the first node dies before settling
+    async with game(tmp_path, backend) as (node, clock), connect(node, "alice") as a:
+        rid = (await a.command("room.join_or_create", {"type": "crash"}))["room_id"]
+        await a.command("room.send", {"room_id": rid, "type": "bet", "data": {"amount": 7_00}})
+        point = fair.crash_point(crash.settings.chain(rid).seed(1))
+        await _step(reg, node, rid, clock, crash.settings.bet_seconds)
+        s = await _step(reg, node, rid, clock, math.log(point / 100) + 0.2)
+        assert (s["status"], s["settled"]) == ("crashed", False)
+    monkeypatch.setattr(crash.CrashRoom, "_settle", settle)
+    async with game(tmp_path, backend) as (node, clock):
+        await reg.runtime(node).supervise()
+        s = await _step(reg, node, rid, clock, 0.2)
+        assert (s["round"], s["status"], s["settled"], s["bets"]["alice"]["result"]) == (1, "crashed", True, "lost")
+        hold = await crash.wallet.store.get_transfer(f"crash:{rid}:1:alice")
+        assert isinstance(hold, Hold) and hold.status == "captured"
+        assert await _balance("alice") == crash.WELCOME - 7_00
