@@ -304,3 +304,26 @@ async def test_restart_after_the_crash_before_settling_captures_the_losses(tmp_p
         hold = await crash.wallet.store.get_transfer(f"crash:{rid}:1:alice")
         assert isinstance(hold, Hold) and hold.status == "captured"
         assert await _balance("alice") == crash.WELCOME - 7_00
+
+
+async def test_a_player_reads_only_their_own_wallet_and_moves_money_only_by_playing(tmp_path: Path) -> None:
+    """``wallet:player:alice`` is alice's alone; players cannot call the money-moving ``wallet.*`` commands.
+
+    Mutation: make ``authorize`` return ``rooms.allowed(...)`` only → bob
+    subscribes to alice's balance stream and transfers chips to himself → fails.
+    """
+    async with game(tmp_path) as (node, _clock), connect(node, "alice") as a, connect(node, "bob") as b:
+        await a.command("room.join_or_create", {"type": "crash"})
+        await b.command("room.join_or_create", {"type": "crash"})
+        await a.subscribe("wallet:player:alice")
+        assert (await a.command("wallet.balance", {"account": "player:alice"}))["available"] == crash.WELCOME
+        with pytest.raises(RtcoreError) as peek:
+            await b.subscribe("wallet:player:alice")
+        assert peek.value.code == "forbidden"
+        with pytest.raises(RtcoreError) as steal:
+            await b.command("wallet.balance", {"account": "player:alice"})
+        assert steal.value.code == "forbidden"
+        with pytest.raises(RtcoreError) as move:
+            await b.command("wallet.transfer", {"id": "t1", "debit": "player:bob", "credit": "player:alice", "amount": 1_00, "currency": "CHIPS"})
+        assert move.value.code == "forbidden"
+        assert await _balance("bob") == crash.WELCOME
