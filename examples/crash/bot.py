@@ -23,6 +23,7 @@ import random
 import secrets
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,24 @@ sys.path.insert(0, str(Path(__file__).parent))
 from provably_fair import sha256_hex, verify_round
 
 MIN_BET = 1_00
+
+
+Predicate = Callable[[dict[str, Any]], bool]
+
+
+def betting_after(last: int) -> Predicate:
+    """The room state shows a betting phase of a round after ``last``."""
+    return lambda s: s["status"] == "betting" and s["round"] > last
+
+
+def cash_out_moment(r: int, target: int) -> Predicate:
+    """Round ``r`` reached ``target`` (hundredths), or is no longer running."""
+    return lambda s: s["round"] != r or s["status"] != "running" or s["multiplier"] >= target
+
+
+def settled(r: int) -> Predicate:
+    """Round ``r`` is settled (or a later one began)."""
+    return lambda s: s["round"] > r or (s["round"] == r and s["settled"])
 
 
 @dataclass
@@ -80,7 +99,7 @@ async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_boo
             res.books = bal["available"] + bal["held"]
             last_round, prev_seed = 0, None
             while res.rounds < rounds:
-                s = await room.wait_for(lambda s, last=last_round: s["status"] == "betting" and s["round"] > last, timeout=patience)
+                s = await room.wait_for(betting_after(last_round), timeout=patience)
                 r = s["round"]
                 last_round = r
                 amount, auto = rng.randrange(MIN_BET, 20_00), 0
@@ -97,13 +116,13 @@ async def bot(url: str, name: str, rounds: int, rng: random.Random, *, check_boo
                 except RtcoreError as exc:  # betting_closed (slow, or a restart cancelled the round), ...
                     res.refused[exc.code] = res.refused.get(exc.code, 0) + 1
                 if manual:
-                    s = await room.wait_for(lambda s, r=r, manual=manual: s["round"] != r or s["status"] != "running" or s["multiplier"] >= manual, timeout=patience)
+                    s = await room.wait_for(cash_out_moment(r, manual), timeout=patience)
                     if s["round"] == r and s["status"] == "running":
                         try:
                             await room.send("cashout", timeout=patience)
                         except RtcoreError as exc:  # crashed meanwhile
                             res.refused[exc.code] = res.refused.get(exc.code, 0) + 1
-                s = await room.wait_for(lambda s, r=r: s["round"] > r or (s["round"] == r and s["settled"]), timeout=patience)
+                s = await room.wait_for(settled(r), timeout=patience)
                 if s["round"] == r:
                     bet = s["bets"].get(name)
                     if bet is not None:
