@@ -249,9 +249,7 @@ class CrashRoom(rooms.Room[Crash]):
         m = min(multiplier(s.speed, self.clock.now - s.started_at), crash - 1)
         if m > s.multiplier:
             s.multiplier = m
-        for uid, bet in s.bets.items():
-            if bet.auto and not bet.cashout and bet.auto <= s.multiplier:
-                await self._cash_out(uid, bet, bet.auto)
+        await self._autos(s.multiplier)
 
     @rooms.message("bet")
     async def bet(self, player: rooms.Player, data: BetArgs) -> dict[str, Any]:
@@ -283,8 +281,12 @@ class CrashRoom(rooms.Room[Crash]):
         m = multiplier(s.speed, self.clock.now - s.started_at)
         if m >= self._crash_point():
             raise rtcore.Rejected("crashed", "too late: the round crashed")
-        await self._cash_out(player.id, bet, m)
-        return {"multiplier": m, "payout": bet.payout}
+        # Automatic targets passed since the last tick go first, at their target:
+        # a bet whose own target was passed is paid there, not at m.
+        await self._autos(m)
+        if not bet.cashout:
+            await self._cash_out(player.id, bet, m)
+        return {"multiplier": bet.cashout, "payout": bet.payout}
 
     @rooms.message("topup")
     async def topup(self, player: rooms.Player, data: Any) -> int:
@@ -328,9 +330,7 @@ class CrashRoom(rooms.Room[Crash]):
         crash = self._crash_point()
         # Automatic cash-outs below the crash point are paid at their target,
         # whether or not a tick saw the multiplier pass it.
-        for uid, bet in s.bets.items():
-            if bet.auto and not bet.cashout and bet.auto < crash:
-                await self._cash_out(uid, bet, bet.auto)
+        await self._autos(crash - 1)
         s.status, s.multiplier = "crashed", crash
         self._reveal("crashed")
         # Settle in the next step: this one's patch (status "crashed") is
@@ -398,6 +398,12 @@ class CrashRoom(rooms.Room[Crash]):
             self._open(round_no)
 
     # --- money ---------------------------------------------------------------------
+
+    async def _autos(self, m: int) -> None:
+        """Cash out every bet whose automatic target is at or below ``m``, at its target."""
+        for uid, bet in sorted(self.state.bets.items(), key=lambda kv: kv[1].auto):
+            if bet.auto and not bet.cashout and bet.auto <= m:
+                await self._cash_out(uid, bet, bet.auto)
 
     async def _cash_out(self, uid: str, bet: Bet, m: int) -> None:
         s = self.state

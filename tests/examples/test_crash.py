@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rtcore.errors import RtcoreError
 from rtcore.rooms import Rooms
@@ -327,3 +329,83 @@ async def test_a_player_reads_only_their_own_wallet_and_moves_money_only_by_play
             await b.command("wallet.transfer", {"id": "t1", "debit": "player:bob", "credit": "player:alice", "amount": 1_00, "currency": "CHIPS"})
         assert move.value.code == "forbidden"
         assert await _balance("bob") == crash.WELCOME
+
+
+# --- property: any bets, any cash-outs, the money follows the rules -------------------
+
+_bet = st.tuples(
+    st.integers(1_00, 50_00),  # amount
+    st.sampled_from([0, 0, 105, 150, 300]),  # auto cash-out (hundredths), 0: none
+    st.sampled_from([0, 0, 110, 200]),  # manual cash-out target, 0: none
+)
+_round = st.dictionaries(st.sampled_from(["p1", "p2", "p3"]), _bet, max_size=3)
+
+
+@settings(max_examples=8, deadline=None)
+@given(rounds=st.lists(_round, min_size=1, max_size=3))
+async def test_any_bets_settle_by_the_rules_and_no_hold_stays_pending(tmp_path_factory: pytest.TempPathFactory, rounds: list[dict[str, tuple[int, int, int]]]) -> None:
+    """Hypothesis: random bets (amounts, automatic and manual cash-outs) over several rounds.
+
+    A model computed from the crash points alone (not from the room) says
+    what each player should have: a win pays ``stake x multiplier`` (an
+    automatic cash-out below the crash point at its target, a manual one at
+    the multiplier it got), anything else loses the stake. After each round
+    every balance equals the model, no hold is pending; at the end
+    reconciliation is clean.
+
+    Mutation: pay automatic cash-outs at the tick's multiplier instead of
+    their target (``_cash_out(uid, bet, s.multiplier)`` in ``on_tick``) →
+    balances differ from the model → fails.
+    """
+    tmp = tmp_path_factory.mktemp("prop")
+    reg: Rooms = crash.registry
+    async with game(tmp) as (node, clock), connect(node, "p1") as c1, connect(node, "p2") as c2, connect(node, "p3") as c3:
+        players = {"p1": (None, c1), "p2": (None, c2), "p3": (None, c3)}
+        if True:
+            rid = (await players["p1"][1].command("room.join_or_create", {"type": "crash"}))["room_id"]
+            for p in ("p2", "p3"):
+                await players[p][1].command("room.join_or_create", {"type": "crash"})
+            chain = crash.settings.chain(rid)
+            model = {p: crash.WELCOME for p in players}
+            for bets in rounds:
+                s = await _step(reg, node, rid, clock, 0)
+                r = s["round"]
+                point = fair.crash_point(chain.seed(r))
+                for p, (amount, auto, _manual) in bets.items():
+                    await players[p][1].command("room.send", {"room_id": rid, "type": "bet", "data": {"amount": amount, "auto": auto}})
+                await _step(reg, node, rid, clock, crash.settings.bet_seconds)
+                # Manual cash-outs, in the order their targets come.
+                elapsed = 0.0
+                manual = {}
+                for p, (_a, _auto, target) in sorted(bets.items(), key=lambda kv: kv[1][2]):
+                    if not target:
+                        continue
+                    at = math.log(target / 100) / crash.settings.speed + 0.001
+                    s = await _step(reg, node, rid, clock, max(0.0, at - elapsed))
+                    elapsed = max(elapsed, at)
+                    manual[p] = crash.multiplier(crash.settings.speed, elapsed)  # what the model expects
+                    try:
+                        got = await players[p][1].command("room.send", {"room_id": rid, "type": "cashout"})
+                    except RtcoreError as exc:
+                        assert exc.code in ("no_open_bet", "crashed"), exc
+                    else:
+                        auto = bets[p][1]
+                        assert got["multiplier"] == (auto if auto and auto <= manual[p] else manual[p])
+                s = await _step(reg, node, rid, clock, math.log(max(point, 101) / 100) / crash.settings.speed + 0.3)
+                s = await _step(reg, node, rid, clock, 0)
+                assert (s["round"], s["status"], s["settled"]) == (r, "crashed", True)
+                for p, (amount, auto, _target) in bets.items():
+                    # The first target reached below the crash point pays: the automatic
+                    # one at its value, the manual one at the multiplier of its moment.
+                    reached = [m for m in (auto, manual.get(p, 0)) if m and m < point]
+                    if auto and auto < point and (p not in manual or auto <= manual[p]):
+                        model[p] += amount * auto // 100 - amount
+                    elif reached:
+                        model[p] += amount * min(reached) // 100 - amount
+                    else:
+                        model[p] -= amount
+                assert {p: await _balance(p) for p in players} == model
+                assert [h.id for h in await _holds_of(crash.wallet.store) if h.status == "pending"] == []
+                await _step(reg, node, rid, clock, crash.settings.pause_seconds)
+            report = await reconcile(crash.wallet.store, last_balance_event(node.backend.events))
+            assert report.ok, report.mismatches
