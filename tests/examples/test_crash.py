@@ -353,9 +353,11 @@ async def test_any_bets_settle_by_the_rules_and_no_hold_stays_pending(tmp_path_f
     every balance equals the model, no hold is pending; at the end
     reconciliation is clean.
 
-    Mutation: pay automatic cash-outs at the tick's multiplier instead of
-    their target (``_cash_out(uid, bet, s.multiplier)`` in ``on_tick``) →
-    balances differ from the model → fails.
+    Mutation: pay automatic cash-outs at the multiplier seen instead of
+    their target (``_cash_out(uid, bet, m)`` in ``_autos``) → balances differ
+    from the model → fails. Mutation: drop ``_autos(m)`` from the ``cashout``
+    handler → a manual cash-out overtakes an automatic target passed since the
+    last tick (the bug this test found) → fails.
     """
     tmp = tmp_path_factory.mktemp("prop")
     reg: Rooms = crash.registry
