@@ -160,6 +160,17 @@ class ServerProcess:
 # --- the load (worker processes) ------------------------------------------------------------
 
 
+async def open_conn(url: str, name: str) -> Conn:
+    """``rooms.Conn.open`` with a patient handshake (the shared machine can be very busy)."""
+    from websockets.asyncio.client import connect
+
+    ws = await connect(url, subprotocols=["rtcore.v1.json"], compression=None, ping_interval=None, max_queue=None, open_timeout=60)  # type: ignore[list-item]
+    await ws.send(json.dumps({"t": "hello", "v": 1, "token": name}))
+    welcome = _decode(await ws.recv())
+    assert welcome["t"] == "welcome", welcome
+    return Conn(ws, name)
+
+
 def seq_of(ops: list[Any], me: str) -> int | None:
     """The ``players[me].seq`` a patch sets, if any (all a player reads)."""
     seq = None
@@ -177,7 +188,7 @@ def seq_of(ops: list[Any], me: str) -> int | None:
 
 
 async def _worker(url: str, room_id: str, names: list[str], input_hz: float, seconds: float, reps: int, barrier: Any, out: Any) -> None:
-    conns = [await Conn.open(url, n) for n in names]
+    conns = [await open_conn(url, n) for n in names]
     for c in conns:
         joined = await c.cmd("room.join", {"room_id": room_id})
         await c.request({"t": "sub", "stream": joined["stream"], "since": {"epoch": "", "offset": 0}})
@@ -258,14 +269,14 @@ def run(players: int, input_hz: float, reps: int, seconds: float, workers: int) 
     try:
 
         async def create() -> str:
-            host = await Conn.open(server.url, "host")
+            host = await open_conn(server.url, "host")
             joined = await host.cmd("room.create", {"type": "arena", "options": {"target": 1000, "round_seconds": 3600}})
             await host.cmd("room.leave", {"room_id": joined["room_id"]})
             await host.ws.close()
             return str(joined["room_id"])
 
         async def take() -> dict[str, list[float]]:
-            c = await Conn.open(server.url, f"probe{time.monotonic_ns()}")
+            c = await open_conn(server.url, f"probe{time.monotonic_ns()}")
             got = await c.cmd("bench.take", {})
             await c.ws.close()
             return dict(got)
