@@ -199,10 +199,15 @@ def serve(backend: str) -> None:
     anyio.run(main)
 
 
-class ServerProcess:
-    """The benchmark server in a child process."""
+#: ``--profile``: workload label -> top py-spy entries of its server (filled by ServerProcess.stop).
+PROFILES: dict[str, dict[str, Any]] = {}
+PROFILE = {"on": False}
 
-    def __init__(self, backend: str) -> None:
+
+class ServerProcess:
+    """The benchmark server in a child process (sampled by ``py-spy record`` under ``--profile``)."""
+
+    def __init__(self, backend: str, label: str = "") -> None:
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", backend],
             stdout=subprocess.PIPE,
@@ -214,6 +219,15 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r}")
         self.url = f"ws://127.0.0.1:{int(line.split()[1])}/v1/ws"
         self.pid = self.proc.pid
+        self.label = label
+        self.spy: subprocess.Popen[bytes] | None = None
+        if PROFILE["on"] and label:
+            self.spy_out = Path(tempfile.mkdtemp()) / "stacks.txt"
+            self.spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200", "-o", str(self.spy_out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -222,6 +236,45 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.spy is not None:
+            self.spy.wait(30)  # py-spy writes its file when the server exits
+            PROFILES.setdefault(self.label, profile_top(self.spy_out.read_text()))
+
+
+def profile_top(stacks: str, n: int = 8) -> dict[str, Any]:
+    """Top ``n`` functions by own samples and by inclusive samples from py-spy's raw (collapsed) output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in stacks.splitlines():
+        frames, _, count = line.rpartition(" ")
+        if not frames or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        names = [_short(f) for f in frames.split(";")]
+        own[names[-1]] = own.get(names[-1], 0) + k
+        for name in set(names):
+            incl[name] = incl.get(name, 0) + k
+    # Inclusive entries worth reading: rtcore's own functions below the event loop.
+    skip = ("run", "_run", "run_forever", "_run_once", "<module>", "main", "serve", "select", "run_until_complete")
+    inclusive = [(k, v) for k, v in incl.items() if "rtcore/" in k and k.split(" ")[0] not in skip]
+
+    def top(items: Any) -> list[list[Any]]:
+        return [[name, round(v / max(total, 1) * 100, 1)] for name, v in sorted(items, key=lambda kv: -kv[1])[:n]]
+
+    return {"samples": total, "own": top(own.items()), "inclusive": top(inclusive)}
+
+
+def _short(frame: str) -> str:
+    """``fn (path/to/rtcore/x/y.py:12)`` -> ``fn (rtcore/x/y.py)``."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0]
+    for marker in ("rtcore/", "site-packages/", "python3.11/"):
+        if marker in path:
+            path = marker + path.partition(marker)[2] if marker == "rtcore/" else path.partition(marker)[2]
+            break
+    return f"{name} ({path})"
 
 
 # --- the load client (worker processes) ---------------------------------------------------
@@ -476,7 +529,7 @@ def _cpu(pids: list[int]) -> list[float]:
 
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    server = ServerProcess(backend)
+    server = ServerProcess(backend, f"moves {rooms} rooms {backend.split(':')[0]}")
     try:
         barrier = ctx.Barrier(workers + 1)
         out = ctx.Queue()
@@ -542,7 +595,7 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
     ctx = mp.get_context("spawn")
     runs = []
     for rep in range(reps):
-        server = ServerProcess("memory://")
+        server = ServerProcess("memory://", "joins")
         try:
             # Warm up imports and code paths (one room, then the listing is empty again).
             warm_go, warm_ready, warm_out = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -611,7 +664,7 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
 
 def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    server = ServerProcess("memory://")
+    server = ServerProcess("memory://", "arena")
     try:
 
         async def create() -> tuple[str, Conn]:
@@ -772,6 +825,48 @@ def write_table(path: Path) -> None:
     README.write_text(text)
 
 
+PBEGIN, PEND = "<!-- rooms-profile:begin -->", "<!-- rooms-profile:end -->"
+
+
+def write_profile_table(before: Path, after: Path) -> None:
+    """The README's py-spy section: top entries of each workload's server, before and after."""
+    reports = [(p, json.loads(p.read_text())) for p in (before, after)]
+    lines = [
+        PBEGIN,
+        f"<!-- generated by `python benchmarks/rooms.py --profile-table {before.as_posix()} {after.as_posix()}`; do not edit by hand -->",
+        "",
+    ]
+    for label in reports[0][1]["profiles"]:
+        lines += [f"**{label}** (% of the server's py-spy samples)", ""]
+        lines += ["| | before: own time | after: own time | before: inclusive (rtcore) | after: inclusive (rtcore) |"]
+        lines += ["|---|---|---|---|---|"]
+        cols = []
+        for _, rep in reports:
+            prof = rep.get("profiles", {}).get(label, {"own": [], "inclusive": []})
+            cols.append(prof["own"])
+            cols.append(prof["inclusive"])
+        order = [cols[0], cols[2], cols[1], cols[3]]
+        for i in range(max(len(c) for c in order)):
+            cells = [f"{c[i][1]:.1f} `{c[i][0]}`" if i < len(c) else "" for c in order]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for p, rep in reports:
+        lines.append(
+            f"`{p.name}`: {rep['date']}, `python benchmarks/rooms.py{' --quick' if rep['quick'] else ''} --profile ...`, "
+            f"load average at start {', '.join(f'{x:.2f}' for x in rep['load_start'])}."
+        )
+    lines.append(PEND)
+    block = "\n".join(lines)
+    text = README.read_text()
+    if PBEGIN in text:
+        head, _, rest = text.partition(PBEGIN)
+        _, _, tail = rest.partition(PEND)
+        text = head + block + tail
+    else:
+        text = text.replace(END, END + "\n\n" + block, 1)
+    README.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -782,6 +877,19 @@ def main() -> None:
     parser.add_argument("--input-hz", type=float, default=2.0, help="inputs per second per arena player")
     parser.add_argument("--serve", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--table", type=Path, help="only regenerate the README table from this results file")
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="sample each workload's server with py-spy (figures distorted by the sampling); "
+        "writes results/rooms-profile-NAME.json instead of the README figures",
+    )
+    parser.add_argument(
+        "--profile-table",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="regenerate the README's py-spy section from two --profile results files",
+    )
     parser.add_argument(
         "--only",
         choices=["moves", "joins", "arena"],
@@ -795,6 +903,10 @@ def main() -> None:
     if opts.table:
         write_table(opts.table)
         return
+    if opts.profile_table:
+        write_profile_table(*opts.profile_table)
+        return
+    PROFILE["on"] = bool(opts.profile)
     reps = max(3, opts.reps)
     players = 1000 if opts.quick else 2000
     window = 3.0 if opts.quick else 6.0
@@ -831,6 +943,12 @@ def main() -> None:
     report["load_end"] = loadavg()
     report["elapsed_s"] = time.perf_counter() - started
     print(f"done in {report['elapsed_s']:.0f} s")
+    if opts.profile:
+        report["profiles"] = PROFILES
+        out = HERE / "results" / f"rooms-profile-{opts.profile}.json"
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"written to {out}")
+        return
     if opts.only:
         print(json.dumps(report, indent=1)[:4000])
         return
