@@ -118,6 +118,8 @@ class Room(Generic[S]):
     Class attributes (override them):
         max_clients: Seats (players, counted by user); 0 means unlimited.
         tick_rate: ``on_tick`` calls per second (1-60), or ``None`` for no ticks.
+        patch_rate: Patches per second for messages, or ``None`` for one
+            patch per message (see the attribute).
         auto_dispose: Seconds the room may stay empty before it is disposed.
 
     Instance attributes (set by rtcore before ``on_create``):
@@ -141,6 +143,14 @@ class Room(Generic[S]):
     private_fields: ClassVar[tuple[str, ...]] = ()
     tick_rate: ClassVar[float | None] = None
     auto_dispose: ClassVar[float] = 0.0
+    #: Patches per second for messages (``room.send``): ``None`` writes one
+    #: patch after every message (turn-based rooms: the mover sees the turn
+    #: pass at once); a rate (e.g. the ``tick_rate``, or 20 like Colyseus's
+    #: 50 ms default) coalesces the changes of the messages in between into
+    #: one patch, written at the next tick or timer or after ``1 / patch_rate``
+    #: s, whichever comes first; each sender's ``room.send`` returns once that
+    #: patch is written.
+    patch_rate: ClassVar[float | None] = None
     #: Resolved from ``Room[MyState]`` when the subclass is defined.
     state_type: ClassVar[Any] = None
     _handlers: ClassVar[dict[str, str]] = {}
@@ -167,6 +177,8 @@ class Room(Generic[S]):
         cls._handlers = handlers
         if cls.tick_rate is not None and not 1 <= cls.tick_rate <= 60:
             raise ValueError(f"{cls.__name__}.tick_rate must be 1..60 Hz or None, got {cls.tick_rate}")
+        if cls.patch_rate is not None and not 1 <= cls.patch_rate <= 60:
+            raise ValueError(f"{cls.__name__}.patch_rate must be 1..60 per second or None, got {cls.patch_rate}")
         if cls.max_clients < 0 or cls.auto_dispose < 0:
             raise ValueError(f"{cls.__name__}: max_clients and auto_dispose must be >= 0")
 
