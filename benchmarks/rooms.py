@@ -149,6 +149,7 @@ def serve(backend: str) -> None:
     class ArenaRoom(rooms.Room[Arena]):
         max_clients = 0
         tick_rate = 20
+        patch_rate = 20  # one patch per tick for the inputs in between, as Colyseus's 50 ms default
         auto_dispose = 3600.0  # the creator leaves before the players come
 
         async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
@@ -178,6 +179,30 @@ def serve(backend: str) -> None:
         out = list(tick_durations)
         tick_durations.clear()
         return out
+
+    if os.environ.get("ROOMS_BENCH_TRACEMALLOC"):
+        # Where the memory of seated players goes (a by-hand investigation aid):
+        # the first call takes a baseline, later ones the top growth by line.
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ["ROOMS_BENCH_TRACEMALLOC"]))
+        marks: list[Any] = []
+
+        @app.command("bench.tracemalloc")
+        async def trace(ctx: rtcore.Context, args: Any) -> list[str]:
+            snap = tracemalloc.take_snapshot()
+            if not marks:
+                marks.append(snap)
+                return []
+            by: dict[str, int] = {}
+            for st in snap.compare_to(marks[0], "traceback"):
+                # Charge each allocation to the innermost rtcore frame (module:line).
+                where = next(
+                    (f"{f.filename.partition('/rtcore/')[2]}:{f.lineno}" for f in st.traceback if "/rtcore/" in f.filename),
+                    st.traceback[0].filename.rpartition("/")[2],
+                )
+                by[where] = by.get(where, 0) + st.size_diff
+            return [f"{v / 1024:10.1f} kB {k}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:40]]
 
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
