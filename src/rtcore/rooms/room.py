@@ -133,8 +133,10 @@ class Room(Generic[S]):
             ``room.list``); assign or update it in a hook.
 
     Everything that must survive a change of owner lives in ``state``; timers
-    survive it when their callback is a method of the room with builtin
-    arguments (see docs/rooms.md).
+    survive it when their arguments are builtins and their callback is a
+    method of the room, or a closure or lambda defined in a method of the
+    room type that captures only the room, players and builtins (see
+    docs/rooms.md).
     """
 
     max_clients: ClassVar[int] = 0

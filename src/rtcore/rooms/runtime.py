@@ -27,6 +27,7 @@ import inspect
 import itertools
 import logging
 import secrets
+import types
 import typing
 import weakref
 from collections import OrderedDict
@@ -244,24 +245,31 @@ class _Actor:
         }
 
     def _durable_timers(self) -> list[list[Any]]:
-        """Pending timers that a new owner can re-arm: ``[due, every, method, args]``.
+        """Pending timers that a new owner can re-arm: ``[due, every, callback, args]``.
 
-        A timer is durable when its callback is a method of the room and its
-        arguments are plain builtins (what the tic-tac-toe turn clock uses);
-        a closure cannot be rebuilt on another node and is left out.
+        A timer is durable when its arguments are plain builtins and its
+        callback is a method of the room (``callback`` is its name) or a
+        function defined inside a method of the room type — a closure or
+        lambda — whose captured variables are the room, a :class:`Player` or
+        plain builtins (``callback`` is :func:`_closure_spec`'s description).
+        Anything else cannot be rebuilt on another node and is left out.
         """
         out: list[list[Any]] = []
         for due, _, t in sorted(self.timers, key=lambda item: (item[0], item[1])):
-            name = getattr(t.fn, "__name__", None)
-            if t.cancelled or getattr(t.fn, "__self__", None) is not self.room or name is None:
+            if t.cancelled:
                 continue
-            try:
-                args = msgspec.to_builtins(list(t.args))
-            except TypeError:
+            args = _plain(list(t.args))
+            if args is None:
                 continue
-            if args != list(t.args):
-                continue
-            out.append([due, t.every, name, args])
+            fn = t.fn
+            callback: Any
+            if getattr(fn, "__self__", None) is self.room and isinstance(getattr(fn, "__name__", None), str):
+                callback = fn.__name__
+            else:
+                callback = _closure_spec(self.cls, self.room, fn)
+                if callback is None:
+                    continue
+            out.append([due, t.every, callback, args])
         return out
 
     def view(self, uid: str, full: dict[str, Any]) -> dict[str, Any]:
@@ -316,10 +324,12 @@ class _Actor:
         for uid, m in self.members.items():
             if not m.connected and m.grace_until is not None:
                 self.graces[uid] = self._at(max(0.0, m.grace_until - now), self._grace_over, uid)
-        for due, every, name, args in doc.room.get("timers", []):
-            fn = getattr(self.room, str(name), None)
+        for due, every, callback, args in doc.room.get("timers", []):
+            fn = getattr(self.room, callback, None) if isinstance(callback, str) else _closure_from(self.cls, self.room, callback)
             if callable(fn):
                 self._schedule(Timer(float(due), every, fn, tuple(args)))
+            else:
+                log.warning("room %s: cannot re-arm timer %r (the code changed?)", self.id, callback)
         if not self.members:
             self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
         self._start_ticks()
@@ -742,6 +752,92 @@ class _Actor:
             with anyio.move_on_after(max(0.0, due - self.node.clock())):
                 await self.wake.wait()
         self.wake = anyio.Event()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is plain builtins that survive a round trip unchanged, else ``None``."""
+    try:
+        out = msgspec.to_builtins(value)
+    except TypeError:
+        return None
+    return out if out == value and type(out) is type(value) else None
+
+
+def _nested_code(code: types.CodeType, qualname: str, line: int) -> types.CodeType | None:
+    """The code object defined (at any depth) inside ``code`` with this qualname and first line."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_qualname == qualname and const.co_firstlineno == line:
+                return const
+            found = _nested_code(const, qualname, line)
+            if found is not None:
+                return found
+    return None
+
+
+def _method_code(cls: type, qualname: str) -> tuple[types.FunctionType, str] | None:
+    """The method of ``cls`` (or a base) in which the function ``qualname`` was defined."""
+    for base in cls.__mro__:
+        prefix = base.__qualname__ + "."
+        if qualname.startswith(prefix) and ".<locals>." in qualname[len(prefix) :]:
+            method = vars(base).get(qualname[len(prefix) :].partition(".<locals>.")[0])
+            if isinstance(method, types.FunctionType):
+                return method, qualname
+    return None
+
+
+def _closure_spec(cls: type, room: Any, fn: Any) -> dict[str, Any] | None:
+    """Describe a closure or lambda defined in a method of ``cls`` so another node can rebuild it.
+
+    ``{"closure": qualname, "line": first line, "cells": [...], "defaults": [...]}``;
+    each cell is ``{"room": true}`` (the room itself), ``{"player": id}`` or
+    ``{"value": builtins}``. ``None``: not rebuildable (captures something
+    else, or is not defined in the room type).
+    """
+    if not isinstance(fn, types.FunctionType) or fn.__kwdefaults__:
+        return None
+    code = fn.__code__
+    found = _method_code(cls, code.co_qualname)
+    if found is None or _nested_code(found[0].__code__, code.co_qualname, code.co_firstlineno) is not code:
+        return None
+    cells: list[dict[str, Any]] = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            return None  # not assigned yet
+        if value is room:
+            cells.append({"room": True})
+        elif isinstance(value, Player):
+            cells.append({"player": value.id})
+        else:
+            plain = _plain(value)
+            if plain is None and value is not None:
+                return None
+            cells.append({"value": plain})
+    defaults = _plain(list(fn.__defaults__ or ()))
+    if defaults is None:
+        return None
+    return {"closure": code.co_qualname, "line": code.co_firstlineno, "cells": cells, "defaults": defaults}
+
+
+def _closure_from(cls: type, room: Any, spec: Any) -> Callable[..., Any] | None:
+    """Rebuild a closure described by :func:`_closure_spec` around ``room`` (``None``: not found)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("closure"), str):
+        return None
+    found = _method_code(cls, spec["closure"])
+    code = _nested_code(found[0].__code__, spec["closure"], int(spec.get("line", 0))) if found else None
+    if found is None or code is None or len(code.co_freevars) != len(spec.get("cells", [])):
+        return None
+    cells = []
+    for cell in spec["cells"]:
+        if cell.get("room"):
+            cells.append(types.CellType(room))
+        elif "player" in cell:
+            cells.append(types.CellType(Player(str(cell["player"]))))
+        else:
+            cells.append(types.CellType(cell.get("value")))
+    return types.FunctionType(code, found[0].__globals__, code.co_name, tuple(spec.get("defaults") or ()), tuple(cells))
 
 
 def _data_type(fn: Callable[..., Any]) -> Any:
