@@ -177,6 +177,8 @@ class _Actor:
         self.code = code
         self.private = private
         self.members: dict[str, _Member] = {}
+        self._members_sig: list[tuple[str, bool, float | None]] | None = None
+        self._members_cache: dict[str, Any] = {}
         self.locked = False
         self.disposed = False
         self.dispose_requested = False
@@ -229,7 +231,7 @@ class _Actor:
         private = self.cls.private_fields
         return {
             "state": {k: v for k, v in full.items() if k not in private} if private else full,
-            "members": {uid: state_builtins(m) for uid, m in self.members.items()},
+            "members": self._members_doc(),
             "room": {
                 "id": self.id,
                 "type": self.rt.types_by_cls[self.cls],
@@ -243,6 +245,24 @@ class _Actor:
             },
             "inbox": self.applied,
         }
+
+    def _members_doc(self) -> dict[str, Any]:
+        """``members`` as builtins; the same object as last time when no seat changed (so it is not diffed)."""
+        sig = [(uid, m.connected, m.grace_until) for uid, m in self.members.items()]
+        if sig != self._members_sig:
+            self._members_sig = sig
+            self._members_cache = {uid: {"connected": c, "grace_until": g} for uid, c, g in sig}
+        return self._members_cache
+
+    def _diff(self, new: dict[str, Any]) -> list[patch.Op]:
+        """``patch.diff(self.prev, new)``, skipping ``members`` when it is the object published last time."""
+        ops: list[patch.Op] = []
+        for key, value in new.items():
+            old = self.prev.get(key)
+            if value is old and key == "members":
+                continue
+            ops += ([op[0], [key, *op[1]], *op[2:]] for op in patch.diff(old, value))
+        return ops
 
     def _durable_timers(self) -> list[list[Any]]:
         """Pending timers that a new owner can re-arm: ``[due, every, callback, args]``.
@@ -337,7 +357,7 @@ class _Actor:
     async def commit(self) -> None:
         """Append one patch with what changed (if anything), then the queued messages."""
         new = self.doc()
-        ops = [["set", [], new]] if self.head == 0 else patch.diff(self.prev, new)
+        ops = [["set", [], new]] if self.head == 0 else self._diff(new)
         if ops:
             ev = await self.rt.write(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
             self.head = ev.offset
@@ -384,7 +404,7 @@ class _Actor:
             raise ValueError(f"allow_reconnection: {uid!r} is not a dropped member of room {self.id}")
         if seconds <= 0:
             raise ValueError(f"allow_reconnection: seconds must be > 0, got {seconds}")
-        m.grace_until = self.node.clock() + seconds
+        m.grace_until = float(self.node.clock() + seconds)  # a float always: the members cache compares values
         old = self.graces.pop(uid, None)
         if old is not None:
             old.cancel()
@@ -692,7 +712,7 @@ class _Actor:
             now = self.node.clock()
             if self.pending and min(self.pending) <= self.applied:
                 self.pending = {k: v for k, v in self.pending.items() if k > self.applied}
-            if not (self.need_read or self.pending or now - self.last_read >= self.rt.fallback_read):
+            if not (self.need_read or self.pending):
                 return
             # A gap (an entry appended elsewhere, not seen on the feed yet) or a periodic check.
             self.need_read = False
@@ -742,15 +762,17 @@ class _Actor:
     async def _wait(self) -> None:
         """Sleep until an input, a timer or tick, a moved fake clock, or the periodic inbox check."""
         due = self._next_due()
-        poll = self.last_read + self.rt.fallback_read
-        due = poll if due is None else min(due, poll)
         if self.idle is not None:
             self.idle.set()
             self.idle = None
         if not self.wake.is_set():
-            # The node's keeper sets ``wake`` when a fake clock moves; real time is the timeout.
-            with anyio.move_on_after(max(0.0, due - self.node.clock())):
+            # The node's keeper sets ``wake`` when a fake clock moves and for the
+            # fallback read; real time is the timeout of timers, ticks and patches.
+            if due is None:
                 await self.wake.wait()
+            else:
+                with anyio.move_on_after(max(0.0, due - self.node.clock())):
+                    await self.wake.wait()
         self.wake = anyio.Event()
 
 
@@ -926,6 +948,9 @@ class _Runtime:
                         actor.wake.set()
                 for actor in list(self.actors.values()):
                     now = self.node.clock()
+                    if not actor.closed and now - actor.last_read >= self.fallback_read:
+                        actor.need_read = True  # the safety-net read (see FALLBACK_READ)
+                        actor.wake.set()
                     if actor.closed or now - actor.renewed < LEASE / 3:
                         continue
                     try:
