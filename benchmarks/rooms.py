@@ -324,7 +324,14 @@ class Conn:
     async def open(cls, url: str, name: str) -> "Conn":
         from websockets.asyncio.client import connect
 
-        ws = await connect(url, subprotocols=["rtcore.v1.json"], compression=None, ping_interval=None, max_queue=None)  # type: ignore[list-item]
+        ws = await connect(
+            url,
+            subprotocols=["rtcore.v1.json"],  # type: ignore[list-item]
+            compression=None,
+            ping_interval=None,
+            max_queue=None,
+            open_timeout=120,  # a saturated server (1,000 rooms of old code on a busy machine) is slow to accept
+        )
         await ws.send(_encode({"t": "hello", "v": 1, "token": name}).decode())
         welcome = _decode(await ws.recv())
         assert welcome["t"] == "welcome", welcome
@@ -1005,6 +1012,12 @@ def main() -> None:
     }
     started = time.perf_counter()
     peer: dict[str, Any] = {"moves": []}
+    partial = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+
+    def save() -> None:
+        """Keep what was measured so far (a long run that dies still leaves its figures)."""
+        if not opts.profile and not opts.only:
+            partial.write_text(json.dumps(report, indent=1) + "\n")
     if opts.peer:
         PEER["src"] = str(opts.peer.resolve())
         report["peer"] = {"src": PEER["src"], "results": peer}
@@ -1036,8 +1049,10 @@ def main() -> None:
                     report["moves"].append(mine)
                     if theirs:
                         peer["moves"].append(theirs)
+                    save()
     if "joins" in only:
         report["joins"], peer["joins"] = both(run_joins, players, reps, opts.workers, 64)
+        save()
     if "arena" in only:
         report["arena"], peer["arena"] = both(run_arena, 100, opts.input_hz, reps, window, opts.workers)
     report["load_end"] = loadavg()
@@ -1052,7 +1067,7 @@ def main() -> None:
     if opts.only:
         print(json.dumps(report, indent=1)[:4000])
         return
-    out = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+    out = partial
     out.write_text(json.dumps(report, indent=1) + "\n")
     if opts.quick:  # a smoke run does not replace the README's figures
         print(table(report, f"benchmarks/results/{out.name}"))
