@@ -1026,7 +1026,7 @@ def main() -> None:
     def both(run: Any, *args: Any) -> tuple[Any, Any]:
         """Run a workload for this tree and (with --peer) the peer, alternating which goes first."""
         if not PEER["src"]:
-            return run(*args), None
+            return run(*[a("this") if callable(a) else a for a in args]), None
         order = ["this", "peer"] if turn[0] % 2 == 0 else ["peer", "this"]
         turn[0] += 1
         got: dict[str, Any] = {}
