@@ -149,6 +149,7 @@ def serve(backend: str) -> None:
     class ArenaRoom(rooms.Room[Arena]):
         max_clients = 0
         tick_rate = 20
+        patch_rate = 20  # one patch per tick for the inputs in between, as Colyseus's 50 ms default
         auto_dispose = 3600.0  # the creator leaves before the players come
 
         async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
@@ -179,6 +180,31 @@ def serve(backend: str) -> None:
         tick_durations.clear()
         return out
 
+    print("rtcore from", rtcore.__file__, file=sys.stderr)
+    if os.environ.get("ROOMS_BENCH_TRACEMALLOC"):
+        # Where the memory of seated players goes (a by-hand investigation aid):
+        # the first call takes a baseline, later ones the top growth by line.
+        import tracemalloc
+
+        tracemalloc.start(int(os.environ["ROOMS_BENCH_TRACEMALLOC"]))
+        marks: list[Any] = []
+
+        @app.command("bench.tracemalloc")
+        async def trace(ctx: rtcore.Context, args: Any) -> list[str]:
+            snap = tracemalloc.take_snapshot()
+            if not marks:
+                marks.append(snap)
+                return []
+            by: dict[str, int] = {}
+            for st in snap.compare_to(marks[0], "traceback"):
+                # Charge each allocation to the innermost rtcore frame (module:line).
+                where = next(
+                    (f"{f.filename.partition('/rtcore/')[2]}:{f.lineno}" for f in st.traceback if "/rtcore/" in f.filename),
+                    st.traceback[0].filename.rpartition("/")[2],
+                )
+                by[where] = by.get(where, 0) + st.size_diff
+            return [f"{v / 1024:10.1f} kB {k}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:40]]
+
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
         server.node_options["limits"] = rtcore.Limits(
@@ -199,14 +225,25 @@ def serve(backend: str) -> None:
     anyio.run(main)
 
 
-class ServerProcess:
-    """The benchmark server in a child process."""
+#: ``--profile``: workload label -> top py-spy entries of its server (filled by ServerProcess.stop).
+PROFILES: dict[str, dict[str, Any]] = {}
+PROFILE = {"on": False}
+#: ``--peer SRC``: the server of the peer's runs imports rtcore from SRC (PYTHONPATH).
+PEER: dict[str, str | None] = {"src": None, "running": None}
 
-    def __init__(self, backend: str) -> None:
+
+class ServerProcess:
+    """The benchmark server in a child process (sampled by ``py-spy record`` under ``--profile``)."""
+
+    def __init__(self, backend: str, label: str = "") -> None:
+        env = dict(os.environ)
+        if PEER["running"]:
+            env["PYTHONPATH"] = str(PEER["running"])  # before the editable install: the peer's rtcore
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", backend],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=env,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline().decode()
@@ -214,6 +251,15 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r}")
         self.url = f"ws://127.0.0.1:{int(line.split()[1])}/v1/ws"
         self.pid = self.proc.pid
+        self.label = label
+        self.spy: subprocess.Popen[bytes] | None = None
+        if PROFILE["on"] and label:
+            self.spy_out = Path(tempfile.mkdtemp()) / "stacks.txt"
+            self.spy = subprocess.Popen(
+                ["py-spy", "record", "--pid", str(self.pid), "--format", "raw", "--rate", "200", "-o", str(self.spy_out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -222,6 +268,45 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if self.spy is not None:
+            self.spy.wait(30)  # py-spy writes its file when the server exits
+            PROFILES.setdefault(self.label, profile_top(self.spy_out.read_text()))
+
+
+def profile_top(stacks: str, n: int = 8) -> dict[str, Any]:
+    """Top ``n`` functions by own samples and by inclusive samples from py-spy's raw (collapsed) output."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in stacks.splitlines():
+        frames, _, count = line.rpartition(" ")
+        if not frames or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        names = [_short(f) for f in frames.split(";")]
+        own[names[-1]] = own.get(names[-1], 0) + k
+        for name in set(names):
+            incl[name] = incl.get(name, 0) + k
+    # Inclusive entries worth reading: rtcore's own functions below the event loop.
+    skip = ("run", "_run", "run_forever", "_run_once", "<module>", "main", "serve", "select", "run_until_complete")
+    inclusive = [(k, v) for k, v in incl.items() if "rtcore/" in k and k.split(" ")[0] not in skip]
+
+    def top(items: Any) -> list[list[Any]]:
+        return [[name, round(v / max(total, 1) * 100, 1)] for name, v in sorted(items, key=lambda kv: -kv[1])[:n]]
+
+    return {"samples": total, "own": top(own.items()), "inclusive": top(inclusive)}
+
+
+def _short(frame: str) -> str:
+    """``fn (path/to/rtcore/x/y.py:12)`` -> ``fn (rtcore/x/y.py)``."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0]
+    for marker in ("rtcore/", "site-packages/", "python3.11/"):
+        if marker in path:
+            path = marker + path.partition(marker)[2] if marker == "rtcore/" else path.partition(marker)[2]
+            break
+    return f"{name} ({path})"
 
 
 # --- the load client (worker processes) ---------------------------------------------------
@@ -239,7 +324,14 @@ class Conn:
     async def open(cls, url: str, name: str) -> "Conn":
         from websockets.asyncio.client import connect
 
-        ws = await connect(url, subprotocols=["rtcore.v1.json"], compression=None, ping_interval=None, max_queue=None)  # type: ignore[list-item]
+        ws = await connect(
+            url,
+            subprotocols=["rtcore.v1.json"],  # type: ignore[list-item]
+            compression=None,
+            ping_interval=None,
+            max_queue=None,
+            open_timeout=120,  # a saturated server (1,000 rooms of old code on a busy machine) is slow to accept
+        )
         await ws.send(_encode({"t": "hello", "v": 1, "token": name}).decode())
         welcome = _decode(await ws.recv())
         assert welcome["t"] == "welcome", welcome
@@ -476,7 +568,7 @@ def _cpu(pids: list[int]) -> list[float]:
 
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    server = ServerProcess(backend)
+    server = ServerProcess(backend, f"moves {rooms} rooms {backend.split(':')[0]}")
     try:
         barrier = ctx.Barrier(workers + 1)
         out = ctx.Queue()
@@ -542,7 +634,7 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
     ctx = mp.get_context("spawn")
     runs = []
     for rep in range(reps):
-        server = ServerProcess("memory://")
+        server = ServerProcess("memory://", "joins")
         try:
             # Warm up imports and code paths (one room, then the listing is empty again).
             warm_go, warm_ready, warm_out = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -611,7 +703,7 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
 
 def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
-    server = ServerProcess("memory://")
+    server = ServerProcess("memory://", "arena")
     try:
 
         async def create() -> tuple[str, Conn]:
@@ -704,55 +796,91 @@ def _fmt(s: dict[str, Any], digits: int = 0, scale: float = 1.0) -> str:
 def table(report: dict[str, Any], source: str) -> str:
     """The rooms section of the README, generated from one results file."""
     m = report["machine"]
+    peer = report.get("peer", {}).get("results")
     lines = [
         BEGIN,
         f"<!-- generated by `python benchmarks/rooms.py` from {source}; do not edit by hand -->",
         "",
         f"{report['date']}, {m['cpus']} vCPU, {m['platform']}, Python {m['python']}, "
-        f"`python benchmarks/rooms.py{' --quick' if report['quick'] else ''}`, "
+        f"`python benchmarks/rooms.py{' --quick' if report['quick'] else ''}{' --peer SRC' if peer else ''}`, "
         f"{report['settings']['workers']} load-client processes; load average at start "
         f"{', '.join(f'{x:.2f}' for x in report['load_start'])}, at end {', '.join(f'{x:.2f}' for x in report['load_end'])} "
         "(the machine is shared with other jobs). Median (min-max) of "
-        f"{report['settings']['reps']} repetitions; every repetition is in `{source}`.",
+        f"{report['settings']['reps']} repetitions; every repetition is in `{source}`."
+        + (
+            " **before** = the same workloads in the same run with rtcore imported from the peer tree "
+            f"(`{Path(report['peer']['src']).parent.name}`, the code before this work), each workload run "
+            "for both, alternating which goes first."
+            if peer
+            else ""
+        ),
         "",
-        "| workload | figure | rtcore | goal | Colyseus 0.18.8 |",
-        "|---|---|---:|---:|---:|",
+        "| workload | figure | rtcore | " + ("before | " if peer else "") + "goal | Colyseus 0.18.8 |",
+        "|---|---|---:|" + ("---:|" if peer else "") + "---:|---:|",
     ]
-    for r in report["moves"]:
+
+    def row(w: str, figure: str, this: str, before: str, goal: str, colyseus: str) -> None:
+        lines.append(f"| {w} | {figure} | {this} | " + (f"{before} | " if peer else "") + f"{goal} | {colyseus} |")
+
+    def pget(kind: str, i: int | None = None) -> Any:
+        if not peer:
+            return None
+        got = peer.get(kind)
+        return got[i] if i is not None and got else got
+
+    for i, r in enumerate(report["moves"]):
+        p = pget("moves", i)
         w = f"moves, {r['rooms']:,} rooms, `{r['backend']}://`"
-        lines.append(f"| {w} | moves/s | {_fmt(r['moves_per_s'])} | reported | 7,400-7,750 |")
-        lines.append(
-            f"| {w} | move → patch p50 / p99 ms | {_fmt(r['p50_ms'], 1)} / {_fmt(r['p99_ms'], 1)} | reported | — |"
+        row(w, "moves/s", _fmt(r["moves_per_s"]), p and _fmt(p["moves_per_s"]), "reported", "7,400-7,750")
+        row(
+            w,
+            "move → patch p50 / p99 ms",
+            f"{_fmt(r['p50_ms'], 1)} / {_fmt(r['p99_ms'], 1)}",
+            p and f"{_fmt(p['p50_ms'], 1)} / {_fmt(p['p99_ms'], 1)}",
+            "reported",
+            "—",
         )
-        lines.append(f"| {w} | server CPU µs per move | {_fmt(r['server_cpu_us_per_move'])} | ≤ 130 | 125-140 |")
-        lines.append(f"| {w} | server CPU % of a core | {_fmt(r['server_cpu_pct'])} | — | ~100 |")
+        row(w, "server CPU µs per move", _fmt(r["server_cpu_us_per_move"]), p and _fmt(p["server_cpu_us_per_move"]), "≤ 130", "125-140")
+        row(w, "server CPU % of a core", _fmt(r["server_cpu_pct"]), p and _fmt(p["server_cpu_pct"]), "—", "~100")
         if "idle_server_cpu_pct" in r:
-            lines.append(
-                f"| {w} | server CPU % of a core, idle (nobody moving) | {r['idle_server_cpu_pct']:.0f} | — | — |"
+            row(
+                w,
+                "server CPU % of a core, idle (nobody moving)",
+                f"{r['idle_server_cpu_pct']:.0f}",
+                p and f"{p['idle_server_cpu_pct']:.0f}",
+                "—",
+                "—",
             )
-    j = report["joins"]
-    lines.append(
-        f"| {j['players']:,} players in {j['rooms']:,} rooms | server RSS kB per seated player | {_fmt(j['rss_kb_per_player'], 1)} | ≤ 20 | 41-44 |"
-    )
-    lines.append(
-        f"| {j['players']:,} players in {j['rooms']:,} rooms | joins/s (matchmaking + seat + first patch) | {_fmt(j['joins_per_s'])} | ≥ 230 | ~230 |"
-    )
-    lines.append(
-        f"| {j['players']:,} players in {j['rooms']:,} rooms | server CPU µs per join | {_fmt(j['server_cpu_us_per_join'])} | — | — |"
-    )
-    a = report["arena"]
+    j, pj = report["joins"], pget("joins")
+    w = f"{j['players']:,} players in {j['rooms']:,} rooms"
+    row(w, "server RSS kB per seated player", _fmt(j["rss_kb_per_player"], 1), pj and _fmt(pj["rss_kb_per_player"], 1), "≤ 20", "41-44")
+    row(w, "joins/s (matchmaking + seat + first patch)", _fmt(j["joins_per_s"]), pj and _fmt(pj["joins_per_s"]), "≥ 230", "~230")
+    row(w, "server CPU µs per join", _fmt(j["server_cpu_us_per_join"]), pj and _fmt(pj["server_cpu_us_per_join"]), "—", "—")
+    a, pa = report["arena"], pget("arena")
     w = f"1 room, 20 Hz, {a['players']} players x {a['input_hz']:g} inputs/s"
-    lines.append(f"| {w} | tick p99 ms (server-side) | {_fmt(a['tick_p99_ms'], 2)} | ≤ 1 | 0.6-0.9 |")
-    lines.append(f"| {w} | server CPU % of a core | {_fmt(a['server_cpu_pct'], 1)} | ≤ 20 | 18.5 |")
-    lines.append(f"| {w} | state kB per client per second | {_fmt(a['bytes_per_client_s'], 1, 1e-3)} | ≤ 33 | 33 |")
-    lines.append(f"| {w} | ticks/s observed | {_fmt(a['ticks_per_s'], 1)} | 20 | 20 |")
+    row(w, "tick p99 ms (server-side)", _fmt(a["tick_p99_ms"], 2), pa and _fmt(pa["tick_p99_ms"], 2), "≤ 1", "0.6-0.9")
+    row(w, "server CPU % of a core", _fmt(a["server_cpu_pct"], 1), pa and _fmt(pa["server_cpu_pct"], 1), "≤ 20", "18.5")
+    row(
+        w,
+        "state kB per client per second",
+        _fmt(a["bytes_per_client_s"], 1, 1e-3),
+        pa and _fmt(pa["bytes_per_client_s"], 1, 1e-3),
+        "≤ 33",
+        "33",
+    )
+    row(w, "ticks/s observed", _fmt(a["ticks_per_s"], 1), pa and _fmt(pa["ticks_per_s"], 1), "20", "20")
+
+    def clients(rep: dict[str, Any]) -> str:
+        return ", ".join(
+            [f"moves {r['rooms']:,} rooms `{r['backend']}://` {r['client_cpu_pct_max']:.0f} %" for r in rep["moves"]]
+            + [f"joins {rep['joins']['client_cpu_pct_max']:.0f} %", f"arena {rep['arena']['client_cpu_pct_max']:.0f} %"]
+        )
+
     lines += [
         "",
         "Load client CPU (highest of any client process in any repetition, % of a core): "
-        + ", ".join(
-            [f"moves {r['rooms']:,} rooms `{r['backend']}://` {r['client_cpu_pct_max']:.0f} %" for r in report["moves"]]
-            + [f"joins {j['client_cpu_pct_max']:.0f} %", f"arena {a['client_cpu_pct_max']:.0f} %"]
-        )
+        + clients(report)
+        + (f"; before: {clients(peer)}" if peer else "")
         + ".",
         END,
     ]
@@ -772,6 +900,48 @@ def write_table(path: Path) -> None:
     README.write_text(text)
 
 
+PBEGIN, PEND = "<!-- rooms-profile:begin -->", "<!-- rooms-profile:end -->"
+
+
+def write_profile_table(before: Path, after: Path) -> None:
+    """The README's py-spy section: top entries of each workload's server, before and after."""
+    reports = [(p, json.loads(p.read_text())) for p in (before, after)]
+    lines = [
+        PBEGIN,
+        f"<!-- generated by `python benchmarks/rooms.py --profile-table {before.as_posix()} {after.as_posix()}`; do not edit by hand -->",
+        "",
+    ]
+    for label in reports[0][1]["profiles"]:
+        lines += [f"**{label}** (% of the server's py-spy samples)", ""]
+        lines += ["| | before: own time | after: own time | before: inclusive (rtcore) | after: inclusive (rtcore) |"]
+        lines += ["|---|---|---|---|---|"]
+        cols = []
+        for _, rep in reports:
+            prof = rep.get("profiles", {}).get(label, {"own": [], "inclusive": []})
+            cols.append(prof["own"])
+            cols.append(prof["inclusive"])
+        order = [cols[0], cols[2], cols[1], cols[3]]
+        for i in range(max(len(c) for c in order)):
+            cells = [f"{c[i][1]:.1f} `{c[i][0]}`" if i < len(c) else "" for c in order]
+            lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+        lines.append("")
+    for p, rep in reports:
+        lines.append(
+            f"`{p.name}`: {rep['date']}, `python benchmarks/rooms.py{' --quick' if rep['quick'] else ''} --profile ...`, "
+            f"load average at start {', '.join(f'{x:.2f}' for x in rep['load_start'])}."
+        )
+    lines.append(PEND)
+    block = "\n".join(lines)
+    text = README.read_text()
+    if PBEGIN in text:
+        head, _, rest = text.partition(PBEGIN)
+        _, _, tail = rest.partition(PEND)
+        text = head + block + tail
+    else:
+        text = text.replace(END, END + "\n\n" + block, 1)
+    README.write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -782,6 +952,25 @@ def main() -> None:
     parser.add_argument("--input-hz", type=float, default=2.0, help="inputs per second per arena player")
     parser.add_argument("--serve", metavar="BACKEND", help=argparse.SUPPRESS)
     parser.add_argument("--table", type=Path, help="only regenerate the README table from this results file")
+    parser.add_argument(
+        "--peer",
+        type=Path,
+        metavar="SRC",
+        help="also run every workload with rtcore imported from SRC (e.g. a checkout's src/), alternating which goes first",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="sample each workload's server with py-spy (figures distorted by the sampling); "
+        "writes results/rooms-profile-NAME.json instead of the README figures",
+    )
+    parser.add_argument(
+        "--profile-table",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="regenerate the README's py-spy section from two --profile results files",
+    )
     parser.add_argument(
         "--only",
         choices=["moves", "joins", "arena"],
@@ -795,6 +984,10 @@ def main() -> None:
     if opts.table:
         write_table(opts.table)
         return
+    if opts.profile_table:
+        write_profile_table(*opts.profile_table)
+        return
+    PROFILE["on"] = bool(opts.profile)
     reps = max(3, opts.reps)
     players = 1000 if opts.quick else 2000
     window = 3.0 if opts.quick else 6.0
@@ -818,23 +1011,63 @@ def main() -> None:
         "moves": [],
     }
     started = time.perf_counter()
+    peer: dict[str, Any] = {"moves": []}
+    partial = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+
+    def save() -> None:
+        """Keep what was measured so far (a long run that dies still leaves its figures)."""
+        if not opts.profile and not opts.only:
+            partial.write_text(json.dumps(report, indent=1) + "\n")
+    if opts.peer:
+        PEER["src"] = str(opts.peer.resolve())
+        report["peer"] = {"src": PEER["src"], "results": peer}
+    turn = [0]
+
+    def both(run: Any, *args: Any) -> tuple[Any, Any]:
+        """Run a workload for this tree and (with --peer) the peer, alternating which goes first."""
+        if not PEER["src"]:
+            return run(*[a("this") if callable(a) else a for a in args]), None
+        order = ["this", "peer"] if turn[0] % 2 == 0 else ["peer", "this"]
+        turn[0] += 1
+        got: dict[str, Any] = {}
+        for who in order:
+            PEER["running"] = PEER["src"] if who == "peer" else None
+            print(f" [{who}]", flush=True)
+            got[who] = run(*[a(who) if callable(a) else a for a in args])
+        PEER["running"] = None
+        return got["this"], got["peer"]
+
     with tempfile.TemporaryDirectory() as tmp:
         if "moves" in only:
             for backend in ("memory://", "sqlite"):
                 for rooms in (200,) if opts.quick else (200, 1000):
-                    url = backend if backend != "sqlite" else f"sqlite:///{tmp}/rooms-{rooms}.db"
-                    report["moves"].append(run_moves(url, rooms, reps, window, opts.workers))
+
+                    def url(who: str, backend: str = backend, rooms: int = rooms) -> str:
+                        return backend if backend != "sqlite" else f"sqlite:///{tmp}/rooms-{rooms}-{who}.db"
+
+                    mine, theirs = both(run_moves, url, rooms, reps, window, opts.workers)
+                    report["moves"].append(mine)
+                    if theirs:
+                        peer["moves"].append(theirs)
+                    save()
     if "joins" in only:
-        report["joins"] = run_joins(players, reps, opts.workers, 64)
+        report["joins"], peer["joins"] = both(run_joins, players, reps, opts.workers, 64)
+        save()
     if "arena" in only:
-        report["arena"] = run_arena(100, opts.input_hz, reps, window, opts.workers)
+        report["arena"], peer["arena"] = both(run_arena, 100, opts.input_hz, reps, window, opts.workers)
     report["load_end"] = loadavg()
     report["elapsed_s"] = time.perf_counter() - started
     print(f"done in {report['elapsed_s']:.0f} s")
+    if opts.profile:
+        report["profiles"] = PROFILES
+        out = HERE / "results" / f"rooms-profile-{opts.profile}.json"
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"written to {out}")
+        return
     if opts.only:
         print(json.dumps(report, indent=1)[:4000])
         return
-    out = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+    out = partial
     out.write_text(json.dumps(report, indent=1) + "\n")
     if opts.quick:  # a smoke run does not replace the README's figures
         print(table(report, f"benchmarks/results/{out.name}"))

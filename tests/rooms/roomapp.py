@@ -29,7 +29,9 @@ class Add(msgspec.Struct):
     by: int
 
 
-def make_app(*, tick_rate: float | None = 1.0, max_clients: int = 3) -> tuple[rtcore.App, rooms.Rooms]:
+def make_app(
+    *, tick_rate: float | None = 1.0, max_clients: int = 3, patch_rate: float | None = None
+) -> tuple[rtcore.App, rooms.Rooms]:
     app = rtcore.App("rooms-test")
     registry = rooms.install(app)
 
@@ -85,6 +87,7 @@ def make_app(*, tick_rate: float | None = 1.0, max_clients: int = 3) -> tuple[rt
             self.lock() if data else self.unlock()
 
     GameRoom.tick_rate = tick_rate
+    GameRoom.patch_rate = patch_rate
     GameRoom.max_clients = max_clients
     registry.define("game")(GameRoom)
     return app, registry

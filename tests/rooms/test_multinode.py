@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
+import rtcore
+from rtcore import rooms
 from rtcore.backends import open_backend
 from rtcore.engine.node import Node
 from rtcore.protocol.frames import Ok, Position
@@ -141,8 +145,8 @@ async def test_matchmaking_listing_and_codes_across_nodes() -> None:
     """A player on node B is matched into a room owned by node A, sees it in
     ``room.list``, and joins A's private room by its code.
 
-    Mutation: list only this node's rooms (skip the ``roomindex:{type}`` fold in
-    ``_Runtime.listing``) → bob gets a new room on B → fails; look codes up only
+    Mutation: match only this node's rooms (skip the ``roomindex:{type}`` fold in
+    ``_Runtime.pick``) → bob gets a new room on B → fails; look codes up only
     locally → ``room_not_found`` → fails.
     """
     clock = FakeClock()
@@ -162,3 +166,61 @@ async def test_matchmaking_listing_and_codes_across_nodes() -> None:
         clock.advance(6)  # empty for longer than auto_dispose: disposed, and unlisted everywhere
         await reg.settle(na, public["room_id"])
         assert await bob.command("room.list", {"type": "game"}) == []
+
+
+class Clocked(msgspec.Struct):
+    log: list[str] = []
+    fired: int = 0
+
+
+async def test_closure_and_lambda_timers_survive_takeover() -> None:
+    """Timers whose callback is a closure or lambda defined in a room method (capturing
+    the room, a player and builtins) are re-armed by the node that adopts the room.
+
+    Mutation: leave closures out of ``_Actor._durable_timers`` (methods only, as
+    before) → nothing fires on B → fails; rebuild the captured player as the raw
+    id → ``late:`` names a str's ``.id`` → the callback raises and is reverted → fails.
+    """
+    clock = FakeClock()
+    app = rtcore.App("closure-timers")
+    reg = rooms.install(app)
+    app.authenticate(_token)
+
+    @reg.define("clocked")
+    class ClockedRoom(rooms.Room[Clocked]):
+        auto_dispose = 60.0
+
+        async def on_drop(self, player: rooms.Player) -> None:
+            self.allow_reconnection(player, 60)
+
+        async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            step = int(options.get("step", 1))
+            self.clock.set_timeout(5, lambda: self.state.log.append(f"late:{player.id}"))
+
+            def bump(extra: int = 10) -> None:
+                self.state.fired += step + extra
+
+            self.clock.set_interval(4, bump)
+
+    backend = await open_backend("memory://")
+    async with serve(app, backend, node_id="B", clock=clock) as nb:
+        async with serve(app, backend, node_id="A", clock=clock) as na, connect(na, "alice") as alice:
+            room = await alice.command("room.create", {"type": "clocked", "options": {"step": 3}})
+            rid = room["room_id"]
+            timers = reg.runtime(na).actors[rid].prev["room"]["timers"]
+            assert [t[2]["closure"].rpartition(".")[2] for t in timers] == ["bump", "<lambda>"]
+        with anyio.fail_after(10):
+            while rid not in reg.runtime(nb).actors:
+                await anyio.sleep(0.05)
+        actor = reg.runtime(nb).actors[rid]
+        clock.advance(4.5)  # the interval set on A fires on B
+        await reg.settle(nb, rid)
+        assert actor.prev["state"] == {"log": [], "fired": 13}
+        clock.advance(1)  # and the one-shot lambda
+        await reg.settle(nb, rid)
+        assert actor.prev["state"] == {"log": ["late:alice"], "fired": 13}
+        assert [t[2]["closure"].rpartition(".")[2] for t in actor.prev["room"]["timers"]] == ["bump"]
+
+
+async def _token(token: str | None) -> str | None:
+    return token

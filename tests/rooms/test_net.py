@@ -1,6 +1,7 @@
-"""Tic-tac-toe through a real :class:`rtcore.Server` on a free port, with the
-``websockets`` library and the wire protocol written by hand (the only rtcore
-code on the client side is the generic, sans-IO patch fold)."""
+"""Tic-tac-toe through a real ``rtcore serve`` process (and a :class:`rtcore.Server`
+for the newcomer case) on a free port, with the ``websockets`` library, ``httpx``
+and the wire protocol written by hand (the only rtcore code on the client side
+is the generic, sans-IO patch fold)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,26 @@ import copy
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from rtcore.cli import load_app
 from rtcore.protocol.patch import apply
 from rtcore.protocol.state import checksum
+from tests.multinode.procs import APP, ServerProcess, processes
 from tests.net.conftest import Peer, peer, serving
 
 pytestmark = pytest.mark.anyio
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "tictactoe" / "app.py"
+
+
+class ExampleProcess(ServerProcess):
+    """``python -m rtcore.cli serve examples/tictactoe/app.py:app`` on ``memory://``."""
+
+    def _argv(self) -> list[str]:
+        argv = super()._argv()
+        argv[argv.index(APP)] = f"{EXAMPLE}:app"
+        return argv
 
 
 class Folded:
@@ -46,20 +58,25 @@ class Folded:
         return state
 
 
-async def test_tictactoe_over_real_sockets() -> None:
-    """Two hand-written clients meet by matchmaking, play to a win, are refused an
-    illegal move, rematch, and one leaves (forfeit); both hold the same board.
+async def test_tictactoe_over_real_sockets(tmp_path: Path) -> None:
+    """Two hand-written clients meet by matchmaking on a real ``rtcore serve`` process,
+    see the room listed over HTTP, play to a win, are refused an illegal move,
+    rematch, and one leaves (forfeit); both hold the same board.
 
     Mutation: send patches computed against a stale document (skip ``prev = new``
     in ``_Actor.commit``) → the ``sync`` checksum differs → fails.
     """
-    app = load_app(f"{EXAMPLE}:app")
-    async with serving(app) as server, peer(server, token="alice") as a, peer(server, token="bob") as b:
+    async with processes(ExampleProcess("memory://", tmp_path, "tictactoe")) as (server,), peer(
+        server, token="alice"  # type: ignore[arg-type]  # peer needs only .port
+    ) as a, peer(server, token="bob") as b:  # type: ignore[arg-type]
         ra = await a.cmd("room.join_or_create", {"type": "tictactoe"}, key="m1")
         rb = await b.cmd("room.join_or_create", {"type": "tictactoe"}, key="m1")
         assert ra["t"] == rb["t"] == "ok", (ra, rb)
         room = ra["result"]
         assert rb["result"]["room_id"] == room["room_id"]
+        async with httpx.AsyncClient(base_url=server.http, headers={"Authorization": "Bearer alice"}) as http:
+            listed = (await http.get("/v1/rooms", params={"type": "tictactoe"})).json()
+        assert [(r["room_id"], r["clients"]) for r in listed["rooms"]] == [(room["room_id"], 2)]
         stream = room["stream"]
         for p in (a, b):
             subbed = await p.sub(stream, {"epoch": "", "offset": 0})

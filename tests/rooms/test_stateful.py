@@ -34,7 +34,9 @@ class RoomMachine(RuleBasedStateMachine):
     """Mutations this catches (each tried by hand): never record drops (presence
     wrong → fails); let the grace keep a seat forever (members wrong after
     ``advance`` → fails); diff every patch against the first document instead of
-    the last published one (the folded checksum differs → fails)."""
+    the last published one (the folded checksum differs → fails); let
+    ``_Actor._members_doc`` keep the first members map it built (seats change,
+    the patch does not say so → fails)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -115,8 +115,8 @@ class RoomClock:
 class Room(Generic[S]):
     """Base class of a room type; subclass it as ``Room[MyState]``.
 
-    A subclass overrides the class attributes ``max_clients``, ``tick_rate``
-    and ``auto_dispose``; rtcore sets the instance attributes ``id``,
+    A subclass overrides the class attributes ``max_clients``, ``tick_rate``,
+    ``patch_rate`` and ``auto_dispose``; rtcore sets the instance attributes ``id``,
     ``code``, ``state``, ``clock`` and ``metadata`` before ``on_create``.
 
     Attributes:
@@ -124,6 +124,8 @@ class Room(Generic[S]):
             means unlimited.
         tick_rate: Class attribute: ``on_tick`` calls per second (1-60), or
             ``None`` for no ticks.
+        patch_rate: Class attribute: patches per second for messages, or
+            ``None`` for one patch per message (see the attribute).
         auto_dispose: Class attribute: seconds the room may stay empty before
             it is disposed.
         id: The room id (its stream is ``room:{id}``).
@@ -136,8 +138,10 @@ class Room(Generic[S]):
             ``room.list``); assign or update it in a hook.
 
     Everything that must survive a change of owner lives in ``state``; timers
-    survive it when their callback is a method of the room with builtin
-    arguments (see docs/rooms.md).
+    survive it when their arguments are builtins and their callback is a
+    method of the room, or a closure or lambda defined in a method of the
+    room type that captures only the room, players and builtins (see
+    docs/rooms.md).
     """
 
     max_clients: ClassVar[int] = 0
@@ -146,6 +150,14 @@ class Room(Generic[S]):
     private_fields: ClassVar[tuple[str, ...]] = ()
     tick_rate: ClassVar[float | None] = None
     auto_dispose: ClassVar[float] = 0.0
+    #: Patches per second for messages (``room.send``): ``None`` writes one
+    #: patch after every message (turn-based rooms: the mover sees the turn
+    #: pass at once); a rate (e.g. the ``tick_rate``, or 20 like Colyseus's
+    #: 50 ms default) coalesces the changes of the messages in between into
+    #: one patch, written at the next tick or timer or after ``1 / patch_rate``
+    #: s, whichever comes first; each sender's ``room.send`` returns once that
+    #: patch is written.
+    patch_rate: ClassVar[float | None] = None
     #: Resolved from ``Room[MyState]`` when the subclass is defined.
     state_type: ClassVar[Any] = None
     _handlers: ClassVar[dict[str, str]] = {}
@@ -172,6 +184,8 @@ class Room(Generic[S]):
         cls._handlers = handlers
         if cls.tick_rate is not None and not 1 <= cls.tick_rate <= 60:
             raise ValueError(f"{cls.__name__}.tick_rate must be 1..60 Hz or None, got {cls.tick_rate}")
+        if cls.patch_rate is not None and not 1 <= cls.patch_rate <= 60:
+            raise ValueError(f"{cls.__name__}.patch_rate must be 1..60 per second or None, got {cls.patch_rate}")
         if cls.max_clients < 0 or cls.auto_dispose < 0:
             raise ValueError(f"{cls.__name__}: max_clients and auto_dispose must be >= 0")
 

@@ -27,6 +27,7 @@ import inspect
 import itertools
 import logging
 import secrets
+import types
 import typing
 import weakref
 from collections import OrderedDict
@@ -56,8 +57,16 @@ LEASE = 10.0
 BATCH = 64
 #: Results kept for callers that ask after the entry was applied.
 RESULTS_KEPT = 1024
-#: Longest real-time wait of an idle room before it re-checks its lease and clock.
+#: How long a caller waits for a remote owner's reply before it looks at the room again.
 IDLE_WAIT = 1.0
+#: How often each node's keeper looks at its rooms' leases (seconds, real time).
+KEEP_EVERY = 1.0
+#: Longest an owner goes without reading its inbox from the backend. Inputs
+#: appended on this node are handed to the owner in-process and inputs appended
+#: on other nodes arrive through the node's live feed (the ``roominbox:*``
+#: processor), so this read only catches what a feed dropped. A node without
+#: the ``processor`` role has no such feed and reads every :data:`IDLE_WAIT`.
+FALLBACK_READ = 30.0
 #: How often one node looks for rooms whose owner died (seconds).
 SUPERVISE_EVERY = 2.0
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
@@ -168,12 +177,17 @@ class _Actor:
         self.code = code
         self.private = private
         self.members: dict[str, _Member] = {}
+        self._members_sig: list[tuple[str, bool, float | None]] | None = None
+        self._members_cache: dict[str, Any] = {}
         self.locked = False
         self.disposed = False
         self.dispose_requested = False
         self.outgoing: list[tuple[str, str | None, str, Any]] = []
-        self.applied = 0  # last inbox offset applied
-        self.applying = 0  # the inbox offset being applied (its patch may not be written yet)
+        self.applied = 0  # last inbox offset applied (its patch may not be written yet: in_flight)
+        self.in_flight: set[int] = set()  # applied inbox offsets whose patch is not written yet
+        # Seconds inputs may wait to be coalesced into one patch (Room.patch_rate); 0: a patch per input.
+        self.patch_every = 1 / cls.patch_rate if cls.patch_rate else 0.0
+        self.flush_at: float | None = None  # when the coalesced inputs' patch is due
         self.head = 0  # last offset of room:{id} written (the fence)
         self.prev: Any = None  # the public document as last published
         self.full_prev: Any = None  # the whole state (private fields too) as last published
@@ -188,12 +202,19 @@ class _Actor:
         self.listed: dict[str, Any] | None = None  # last entry appended to roomindex:{type}
         self.last_tick = 0.0
         self.renewed = -1e18
+        self.lost = False  # the keeper could not renew the lease
         self.wake = anyio.Event()
+        # Inbox entries handed over in-process (appended here, or seen on the
+        # node's live feed), by offset; the backend is read only for gaps.
+        self.pending: dict[int, Event] = {}
+        self.need_read = True
+        self.last_read = -1e18
+        self.uncommitted: list[tuple[int, _Entry, Any]] = []  # applied inputs whose patch is not written yet
         self.waiters: dict[int, anyio.Event] = {}
         self.results: OrderedDict[int, _Entry] = OrderedDict()
         self.closed = False
         self.stopped = anyio.Event()
-        self.idle = anyio.Event()
+        self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
         room = cls()
         room.id = room_id
         room.code = code
@@ -210,7 +231,7 @@ class _Actor:
         private = self.cls.private_fields
         return {
             "state": {k: v for k, v in full.items() if k not in private} if private else full,
-            "members": {uid: state_builtins(m) for uid, m in self.members.items()},
+            "members": self._members_doc(),
             "room": {
                 "id": self.id,
                 "type": self.rt.types_by_cls[self.cls],
@@ -225,25 +246,50 @@ class _Actor:
             "inbox": self.applied,
         }
 
-    def _durable_timers(self) -> list[list[Any]]:
-        """Pending timers that a new owner can re-arm: ``[due, every, method, args]``.
+    def _members_doc(self) -> dict[str, Any]:
+        """``members`` as builtins; the same object as last time when no seat changed (so it is not diffed)."""
+        sig = [(uid, m.connected, m.grace_until) for uid, m in self.members.items()]
+        if sig != self._members_sig:
+            self._members_sig = sig
+            self._members_cache = {uid: {"connected": c, "grace_until": g} for uid, c, g in sig}
+        return self._members_cache
 
-        A timer is durable when its callback is a method of the room and its
-        arguments are plain builtins (what the tic-tac-toe turn clock uses);
-        a closure cannot be rebuilt on another node and is left out.
+    def _diff(self, new: dict[str, Any]) -> list[patch.Op]:
+        """``patch.diff(self.prev, new)``, skipping ``members`` when it is the object published last time."""
+        ops: list[patch.Op] = []
+        for key, value in new.items():
+            old = self.prev.get(key)
+            if value is old and key == "members":
+                continue
+            ops += ([op[0], [key, *op[1]], *op[2:]] for op in patch.diff(old, value))
+        return ops
+
+    def _durable_timers(self) -> list[list[Any]]:
+        """Pending timers that a new owner can re-arm: ``[due, every, callback, args]``.
+
+        A timer is durable when its arguments are plain builtins and its
+        callback is a method of the room (``callback`` is its name) or a
+        function defined inside a method of the room type — a closure or
+        lambda — whose captured variables are the room, a :class:`Player` or
+        plain builtins (``callback`` is :func:`_closure_spec`'s description).
+        Anything else cannot be rebuilt on another node and is left out.
         """
         out: list[list[Any]] = []
         for due, _, t in sorted(self.timers, key=lambda item: (item[0], item[1])):
-            name = getattr(t.fn, "__name__", None)
-            if t.cancelled or getattr(t.fn, "__self__", None) is not self.room or name is None:
+            if t.cancelled:
                 continue
-            try:
-                args = msgspec.to_builtins(list(t.args))
-            except TypeError:
+            args = _plain(list(t.args))
+            if args is None:
                 continue
-            if args != list(t.args):
-                continue
-            out.append([due, t.every, name, args])
+            fn = t.fn
+            callback: Any
+            if getattr(fn, "__self__", None) is self.room and isinstance(getattr(fn, "__name__", None), str):
+                callback = fn.__name__
+            else:
+                callback = _closure_spec(self.cls, self.room, fn)
+                if callback is None:
+                    continue
+            out.append([due, t.every, callback, args])
         return out
 
     def view(self, uid: str, full: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +309,7 @@ class _Actor:
             ops = [["set", [], new]] if prev is None else patch.diff(prev, new)
             if ops:
                 stream = f"roomview:{self.id}:{uid}"
-                ev = await self.node.publish(stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.view_heads.get(uid, 0))
+                ev = await self.rt.write(stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.view_heads.get(uid, 0))
                 self.view_heads[uid] = ev.offset
                 self.view_prev[uid] = new
 
@@ -298,10 +344,12 @@ class _Actor:
         for uid, m in self.members.items():
             if not m.connected and m.grace_until is not None:
                 self.graces[uid] = self._at(max(0.0, m.grace_until - now), self._grace_over, uid)
-        for due, every, name, args in doc.room.get("timers", []):
-            fn = getattr(self.room, str(name), None)
+        for due, every, callback, args in doc.room.get("timers", []):
+            fn = getattr(self.room, callback, None) if isinstance(callback, str) else _closure_from(self.cls, self.room, callback)
             if callable(fn):
                 self._schedule(Timer(float(due), every, fn, tuple(args)))
+            else:
+                log.warning("room %s: cannot re-arm timer %r (the code changed?)", self.id, callback)
         if not self.members:
             self.dispose_timer = self._at(self.cls.auto_dispose, self._auto_dispose)
         self._start_ticks()
@@ -309,9 +357,9 @@ class _Actor:
     async def commit(self) -> None:
         """Append one patch with what changed (if anything), then the queued messages."""
         new = self.doc()
-        ops = [["set", [], new]] if self.head == 0 else patch.diff(self.prev, new)
+        ops = [["set", [], new]] if self.head == 0 else self._diff(new)
         if ops:
-            ev = await self.node.publish(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
+            ev = await self.rt.write(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
             self.head = ev.offset
             self.prev = new
         if self.cls.private_fields:
@@ -345,7 +393,7 @@ class _Actor:
     def _next_due(self) -> float | None:
         while self.timers and self.timers[0][2].cancelled:
             heapq.heappop(self.timers)
-        due = [t for t in (self.timers[0][0] if self.timers else None, self.next_tick) if t is not None]
+        due = [t for t in (self.timers[0][0] if self.timers else None, self.next_tick, self.flush_at) if t is not None]
         return min(due) if due else None
 
     # --- membership ---------------------------------------------------------------
@@ -356,7 +404,7 @@ class _Actor:
             raise ValueError(f"allow_reconnection: {uid!r} is not a dropped member of room {self.id}")
         if seconds <= 0:
             raise ValueError(f"allow_reconnection: seconds must be > 0, got {seconds}")
-        m.grace_until = self.node.clock() + seconds
+        m.grace_until = float(self.node.clock() + seconds)  # a float always: the members cache compares values
         old = self.graces.pop(uid, None)
         if old is not None:
             old.cancel()
@@ -473,11 +521,24 @@ class _Actor:
                 raise BadRequest(f"message {type_!r}: invalid data: {exc}", code="bad_args") from None
         return await call(fn, player, value)
 
+    def _checkpoint(self) -> tuple[Any, bool, int]:
+        """What a refusing handler is reverted to: the state, the lock, the queued messages."""
+        # full_prev is the state as last published; with inputs applied but not
+        # yet published (patch_rate), the state has moved on since: copy it.
+        state = state_builtins(self.room.state) if self.uncommitted else self.full_prev
+        return state, self.locked, len(self.outgoing)
+
+    def _revert(self, cp: tuple[Any, bool, int]) -> None:
+        if cp[0] is not None:
+            self.room.state = msgspec.convert(cp[0], self.cls.state_type, strict=False)
+            self.locked = cp[1]
+            del self.outgoing[cp[2] :]
+
     async def apply_entry(self, ev: Event) -> None:
         data = ev.data if isinstance(ev.data, dict) else {}
         uid = str(data.get("user", ""))
         op = getattr(self, f"_op_{ev.type}", None)
-        snapshot = (self.full_prev, self.locked) if self.head else None
+        cp = self._checkpoint() if self.head else None
         entry: _Entry
         if self.disposed:
             entry = _Entry(False, error=Rejected("room_not_found", f"room {self.id} was disposed"))
@@ -491,29 +552,40 @@ class _Actor:
             except Exception:
                 log.exception("room %s: %s by %r raised", self.id, ev.type, uid)
                 entry = _Entry(False, error=RtcoreError(f"room {ev.type} failed unexpectedly", code="internal", retryable=False))
-            if not entry.ok and snapshot is not None and snapshot[0] is not None:
-                # A handler that refuses changes nothing: back to the last published document.
-                self.room.state = msgspec.convert(snapshot[0], self.cls.state_type, strict=False)
-                self.locked = snapshot[1]
-                self.outgoing.clear()
-        before, self.applied, self.applying = self.applied, ev.offset, ev.offset
-        try:
-            await self.after_step()
-        except BaseException:
-            # The patch covering this entry was not written: it is not applied
-            # (the next owner applies it), and result() must not say it was.
-            self.applied, self.applying = before, 0
-            raise
-        origin = data.get("node")
-        if isinstance(origin, str) and origin != self.node.id:
-            await self._reply(origin, ev.offset, entry)
-        self.results[ev.offset] = entry
-        self.applying = 0
+            if not entry.ok and cp is not None:
+                # A handler that refuses changes nothing: back to where it started.
+                self._revert(cp)
+        self.applied = ev.offset
+        self.uncommitted.append((ev.offset, entry, data.get("node")))
+        self.in_flight.add(ev.offset)
+        if self.patch_every and ev.type == "send" and not self.dispose_requested:
+            # Coalesced: this input's change goes out with the next patch (at
+            # most patch_rate a second); its sender waits for that patch.
+            if self.flush_at is None:
+                self.flush_at = self.node.clock() + self.patch_every
+            return
+        await self.after_step()
+
+    async def _settle_uncommitted(self) -> None:
+        """The patch covering the applied inputs is written: hand out their results."""
+        done, self.uncommitted = self.uncommitted, []
+        for offset, entry, origin in done:
+            if isinstance(origin, str) and origin != self.node.id:
+                await self._reply(origin, offset, entry)
+            self.results[offset] = entry
+            self.in_flight.discard(offset)
+            waiter = self.waiters.pop(offset, None)
+            if waiter is not None:
+                waiter.set()
         while len(self.results) > RESULTS_KEPT:
             self.results.popitem(last=False)
-        waiter = self.waiters.pop(ev.offset, None)
-        if waiter is not None:
-            waiter.set()
+
+    def _unapply(self) -> None:
+        """Inputs whose patch was not written are not applied (the next owner applies them)."""
+        if self.uncommitted:
+            self.applied = self.uncommitted[0][0] - 1
+            self.uncommitted.clear()
+            self.in_flight.clear()
 
     async def _reply(self, origin: str, offset: int, entry: _Entry) -> None:
         """Answer an entry appended on another node through ``roomreply:{id}``."""
@@ -530,6 +602,7 @@ class _Actor:
         await self.node.publish(f"roomreply:{self.id}", "reply", body, key=f"reply:{offset}")
 
     async def after_step(self) -> None:
+        self.flush_at = None
         if self.dispose_requested and not self.disposed:
             await call(self.room.on_dispose)
             self.disposed = True
@@ -537,7 +610,14 @@ class _Actor:
             for t in self.graces.values():
                 t.cancel()
             self.graces.clear()
-        await self.commit()
+        try:
+            await self.commit()
+        except BaseException:
+            # The patch covering these entries was not written: they are not
+            # applied (the next owner applies them), and result() must not say they were.
+            self._unapply()
+            raise
+        await self._settle_uncommitted()
         await self._list()
         if self.disposed:
             self.closed = True
@@ -548,10 +628,17 @@ class _Actor:
             return
         entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
         if entry != self.listed:
+            self.rt.relist(self, entry)
             await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
             self.listed = entry
 
     # --- the loop -------------------------------------------------------------------
+
+    def push(self, ev: Event) -> None:
+        """Hand over an inbox entry in-process (appended here, or seen on the live feed)."""
+        if ev.offset > self.applied:
+            self.pending[ev.offset] = ev
+        self.wake.set()
 
     async def result(self, offset: int) -> _Entry | None:
         """Wait until inbox entry ``offset`` was applied; return what it gave.
@@ -559,10 +646,12 @@ class _Actor:
         ``None``: this owner stopped (lost its lease) before applying it; the
         caller waits for the next owner.
         """
-        # While its patch is being written, an entry counts as applied but its
-        # result is not stored yet: wait for it too (else "recovered" is answered).
-        if (offset > self.applied or offset == self.applying) and not self.closed:
+        # Until its patch is written, an applied entry's result is not stored
+        # yet: wait for it too (else "recovered" is answered).
+        if (offset > self.applied or offset in self.in_flight) and not self.closed:
             ev = self.waiters.setdefault(offset, anyio.Event())
+            if offset not in self.pending:
+                self.need_read = True
             self.wake.set()
             await ev.wait()
         entry = self.results.get(offset)
@@ -578,7 +667,7 @@ class _Actor:
     async def run(self) -> None:
         try:
             while not self.closed:
-                if not await self._renew():
+                if self.lost or not await self._renew():
                     log.warning("room %s: lost its lease; stopping here", self.id)
                     break
                 await self._drain()
@@ -590,6 +679,7 @@ class _Actor:
             log.warning("room %s: another node wrote its stream; stopping here", self.id)
         finally:
             self.closed = True
+            self._unapply()
             self.rt.forget(self)
             for waiter in self.waiters.values():
                 waiter.set()
@@ -600,11 +690,13 @@ class _Actor:
                 except RtcoreError:
                     log.warning("room %s: could not release its lease", self.id, exc_info=True)
             self.stopped.set()
-            self.idle.set()
+            if self.idle is not None:
+                self.idle.set()
 
     async def _renew(self) -> bool:
+        """Renew the lease here only when the node's keeper fell behind (it renews every LEASE / 3)."""
         now = self.node.clock()
-        if now - self.renewed < LEASE / 3:
+        if now - self.renewed < LEASE * 2 / 3:
             return True
         ok = await self.node.backend.leases.acquire(self.stream, self.node.id, now=now, ttl=LEASE)
         if ok:
@@ -613,13 +705,28 @@ class _Actor:
 
     async def _drain(self) -> None:
         while not self.closed:
+            ev = self.pending.pop(self.applied + 1, None)
+            if ev is not None:
+                await self.apply_entry(ev)
+                continue
+            now = self.node.clock()
+            if self.pending and min(self.pending) <= self.applied:
+                self.pending = {k: v for k, v in self.pending.items() if k > self.applied}
+            if not (self.need_read or self.pending):
+                return
+            # A gap (an entry appended elsewhere, not seen on the feed yet) or a periodic check.
+            self.need_read = False
+            self.last_read = now
             page = await self.node.backend.events.read(self.inbox, after=self.applied, limit=BATCH)
             if not page.events:
+                self.pending.clear()  # not in the log (yet): the feed or the next read brings them
                 return
             for ev in page.events:
+                self.pending.pop(ev.offset, None)
                 await self.apply_entry(ev)
                 if self.closed:
                     return
+            self.need_read = len(page.events) == BATCH
 
     async def _fire_due(self) -> None:
         while not self.closed:
@@ -627,6 +734,9 @@ class _Actor:
             due = self._next_due()
             if due is None or due > now:
                 return
+            if self.flush_at is not None and self.flush_at <= now and self.flush_at <= due:
+                await self.after_step()  # the coalesced inputs' patch
+                continue
             if self.next_tick is not None and self.next_tick <= now and (not self.timers or self.next_tick <= self.timers[0][0]):
                 dt = now - self.last_tick
                 self.last_tick = now
@@ -641,35 +751,115 @@ class _Actor:
 
     async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         """Run a timer or tick callback on the executor; a raise is logged and reverted."""
-        before = (self.full_prev, self.locked)
+        cp = self._checkpoint()
         try:
             await call(fn, *args)
         except Exception:
             log.exception("room %s: timer or tick raised", self.id)
-            if before[0] is not None:
-                self.room.state = msgspec.convert(before[0], self.cls.state_type, strict=False)
-                self.locked = before[1]
-                self.outgoing.clear()
+            self._revert(cp)
         await self.after_step()
 
     async def _wait(self) -> None:
-        now = self.node.clock()
+        """Sleep until an input, a timer or tick, a moved fake clock, or the periodic inbox check."""
         due = self._next_due()
-        wait = IDLE_WAIT if due is None else max(0.0, min(due - now, IDLE_WAIT))
-        clock_moved = self.node.timer_wakeup
-        self.idle.set()
-        self.idle = anyio.Event()
-        with anyio.move_on_after(wait):
-            async with anyio.create_task_group() as tg:
-
-                async def on_clock() -> None:
-                    await clock_moved.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(on_clock)
+        if self.idle is not None:
+            self.idle.set()
+            self.idle = None
+        if not self.wake.is_set():
+            # The node's keeper sets ``wake`` when a fake clock moves and for the
+            # fallback read; real time is the timeout of timers, ticks and patches.
+            if due is None:
                 await self.wake.wait()
-                tg.cancel_scope.cancel()
+            else:
+                with anyio.move_on_after(max(0.0, due - self.node.clock())):
+                    await self.wake.wait()
         self.wake = anyio.Event()
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is plain builtins that survive a round trip unchanged, else ``None``."""
+    try:
+        out = msgspec.to_builtins(value)
+    except TypeError:
+        return None
+    return out if out == value and type(out) is type(value) else None
+
+
+def _nested_code(code: types.CodeType, qualname: str, line: int) -> types.CodeType | None:
+    """The code object defined (at any depth) inside ``code`` with this qualname and first line."""
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            if const.co_qualname == qualname and const.co_firstlineno == line:
+                return const
+            found = _nested_code(const, qualname, line)
+            if found is not None:
+                return found
+    return None
+
+
+def _method_code(cls: type, qualname: str) -> tuple[types.FunctionType, str] | None:
+    """The method of ``cls`` (or a base) in which the function ``qualname`` was defined."""
+    for base in cls.__mro__:
+        prefix = base.__qualname__ + "."
+        if qualname.startswith(prefix) and ".<locals>." in qualname[len(prefix) :]:
+            method = vars(base).get(qualname[len(prefix) :].partition(".<locals>.")[0])
+            if isinstance(method, types.FunctionType):
+                return method, qualname
+    return None
+
+
+def _closure_spec(cls: type, room: Any, fn: Any) -> dict[str, Any] | None:
+    """Describe a closure or lambda defined in a method of ``cls`` so another node can rebuild it.
+
+    ``{"closure": qualname, "line": first line, "cells": [...], "defaults": [...]}``;
+    each cell is ``{"room": true}`` (the room itself), ``{"player": id}`` or
+    ``{"value": builtins}``. ``None``: not rebuildable (captures something
+    else, or is not defined in the room type).
+    """
+    if not isinstance(fn, types.FunctionType) or fn.__kwdefaults__:
+        return None
+    code = fn.__code__
+    found = _method_code(cls, code.co_qualname)
+    if found is None or _nested_code(found[0].__code__, code.co_qualname, code.co_firstlineno) is not code:
+        return None
+    cells: list[dict[str, Any]] = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:
+            return None  # not assigned yet
+        if value is room:
+            cells.append({"room": True})
+        elif isinstance(value, Player):
+            cells.append({"player": value.id})
+        else:
+            plain = _plain(value)
+            if plain is None and value is not None:
+                return None
+            cells.append({"value": plain})
+    defaults = _plain(list(fn.__defaults__ or ()))
+    if defaults is None:
+        return None
+    return {"closure": code.co_qualname, "line": code.co_firstlineno, "cells": cells, "defaults": defaults}
+
+
+def _closure_from(cls: type, room: Any, spec: Any) -> Callable[..., Any] | None:
+    """Rebuild a closure described by :func:`_closure_spec` around ``room`` (``None``: not found)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("closure"), str):
+        return None
+    found = _method_code(cls, spec["closure"])
+    code = _nested_code(found[0].__code__, spec["closure"], int(spec.get("line", 0))) if found else None
+    if found is None or code is None or len(code.co_freevars) != len(spec.get("cells", [])):
+        return None
+    cells = []
+    for cell in spec["cells"]:
+        if cell.get("room"):
+            cells.append(types.CellType(room))
+        elif "player" in cell:
+            cells.append(types.CellType(Player(str(cell["player"]))))
+        else:
+            cells.append(types.CellType(cell.get("value")))
+    return types.FunctionType(code, found[0].__globals__, code.co_name, tuple(spec.get("defaults") or ()), tuple(cells))
 
 
 def _data_type(fn: Callable[..., Any]) -> Any:
@@ -706,12 +896,93 @@ class _Runtime:
         # Rooms each user joined through this node (to record their drops).
         self.via_here: dict[str, set[str]] = {}
         self.gone: set[str] = set()  # rooms known to be disposed (the supervisor skips them)
+        # Listed rooms of this node with a free seat, by type (join_or_create looks here first).
+        self.open: dict[str, dict[str, _Actor]] = {}
+        # Seats promised to joins of this node that are not applied yet, by room.
+        self.reserved: dict[str, int] = {}
+        self.fallback_read = FALLBACK_READ if "processor" in node.roles else IDLE_WAIT
+        self.keeping = False
+        self._retention: dict[str, Any] = {}  # the app's rule for each room:{id} owned here
         node.presence.watch(self._presence_changed)
 
+    async def write(self, stream: str, type_: str, data: dict[str, Any], *, expect: int) -> Event:
+        """Append a patch the owner made (builtins already, to a stream name it built).
+
+        ``node.publish`` without its per-call name check and ``to_builtins``
+        copy, which cost a measurable share of each move (py-spy).
+        """
+        rule = self._retention.get(stream)
+        if rule is None:
+            rule = self.node.app.retention_for(stream)
+            if stream.startswith("room:"):
+                self._retention[stream] = rule
+        res = await self.node.backend.events.append(
+            stream, type_, data, now=self.node.clock(), key=None, expect=expect, retention=rule
+        )
+        return res.event
+
+    def start(self, actor: _Actor) -> None:
+        """Run a new owner on the node (and the node's keeper, once)."""
+        self.actors[actor.id] = actor
+        self.codes[actor.code] = actor.id
+        self.node.spawn(actor.run)
+        if not self.keeping:
+            self.keeping = True
+            self.node.spawn(self._keep)
+
+    async def _keep(self) -> None:
+        """One task per node: renew the leases of its rooms, wake them when a fake clock moves.
+
+        Renewing here (every ``LEASE / 3``) instead of in each room's loop
+        lets an idle room sleep until something happens. The lease store has
+        no batch call, so the renewals are one call per room, once per round.
+        """
+        try:
+            clock_moved = self.node.timer_wakeup
+            while True:
+                with anyio.move_on_after(KEEP_EVERY):
+                    await clock_moved.wait()
+                if clock_moved.is_set():
+                    clock_moved = self.node.timer_wakeup
+                    for actor in list(self.actors.values()):
+                        actor.wake.set()
+                for actor in list(self.actors.values()):
+                    now = self.node.clock()
+                    if not actor.closed and now - actor.last_read >= self.fallback_read:
+                        actor.need_read = True  # the safety-net read (see FALLBACK_READ)
+                        actor.wake.set()
+                    if actor.closed or now - actor.renewed < LEASE / 3:
+                        continue
+                    try:
+                        ok = await self.node.backend.leases.acquire(actor.stream, self.node.id, now=now, ttl=LEASE)
+                    except RtcoreError:
+                        log.warning("room %s: could not renew its lease (trying again)", actor.id, exc_info=True)
+                        continue
+                    if ok:
+                        actor.renewed = max(actor.renewed, now)
+                    else:
+                        actor.lost = True
+                        actor.wake.set()
+        finally:
+            self.keeping = False
+
+    def relist(self, actor: _Actor, entry: dict[str, Any]) -> None:
+        """Keep :attr:`open` current with the listing entry the owner just computed."""
+        type_ = self.types_by_cls[actor.cls]
+        seats = entry.get("max_clients") or 0
+        if entry.get("gone") or entry.get("locked") or actor.closed or (seats and entry["clients"] >= seats):
+            self.open.get(type_, {}).pop(actor.id, None)
+        else:
+            self.open.setdefault(type_, {})[actor.id] = actor
+
     def forget(self, actor: _Actor) -> None:
+        self._retention.pop(actor.stream, None)
         if self.actors.get(actor.id) is actor:
             del self.actors[actor.id]
             self.codes.pop(actor.code, None)
+        opened = self.open.get(self.types_by_cls.get(actor.cls, ""), {})
+        if opened.get(actor.id) is actor:
+            del opened[actor.id]
 
     def _presence_changed(self, uid: str, online: bool) -> None:
         if online:
@@ -734,16 +1005,21 @@ class _Runtime:
         # after the node's task group was cancelled).
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
             try:
-                await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
+                ev = await self.node.publish(f"roominbox:{room_id}", "drop", {"user": uid})
             except RtcoreError:
                 log.warning("room %s: could not record the drop of %r", room_id, uid, exc_info=True)
-        self.wake(room_id)
+                return
+        self.wake(room_id, ev)
 
-    def wake(self, room_id: str) -> None:
-        """Tell the local owner of ``room_id`` (if any) that its inbox grew."""
+    def wake(self, room_id: str, event: Event | None = None) -> None:
+        """Tell the local owner of ``room_id`` (if any) that its inbox grew (by ``event``, if known)."""
         actor = self.actors.get(room_id)
         if actor is not None:
-            actor.wake.set()
+            if event is not None:
+                actor.push(event)
+            else:
+                actor.need_read = True
+                actor.wake.set()
 
     def on_reply(self, event: Event) -> None:
         """A ``roomreply:{id}`` event: wake the command here that waits for it."""
@@ -770,6 +1046,13 @@ class _Runtime:
                 return code
 
     async def create(self, ctx: Context, uid: str, type_: str, options: dict[str, Any], private: bool, metadata: dict[str, Any]) -> Any:
+        actor, offset = await self.start_create(ctx, uid, type_, options, private, metadata)
+        return await self.finish(actor.id, "create", uid, offset, actor)
+
+    async def start_create(
+        self, ctx: Context, uid: str, type_: str, options: dict[str, Any], private: bool, metadata: dict[str, Any]
+    ) -> tuple[_Actor, int]:
+        """Make a room owned here and append its ``create`` entry; return the owner and the entry's offset."""
         cls = self.rooms.types.get(type_)
         if cls is None:
             raise Rejected("unknown_room_type", f"no room type named {type_!r}")
@@ -777,13 +1060,60 @@ class _Runtime:
         if not await self.node.backend.leases.acquire(f"room:{room_id}", self.node.id, now=self.node.clock(), ttl=LEASE):
             raise BackendError("could not take the new room's lease", code="backend_unavailable", retryable=True)
         actor = _Actor(self, cls, room_id, self._new_code(), private)
+        actor.room.metadata = dict(metadata)  # for matchmaking until on_create ran (it is set again there)
         # So any node can find the room by its code (the code is the secret of a private room).
         await self.node.publish(f"roomcode:{actor.code}", "room", {"room_id": room_id}, key=room_id)
         actor.renewed = self.node.clock()
-        self.actors[room_id] = actor
-        self.codes[actor.code] = room_id
-        self.node.spawn(actor.run)
-        return await self.submit(ctx, room_id, "create", uid, {"options": options, "metadata": metadata}, actor=actor)
+        self.start(actor)
+        if not private:
+            self.open.setdefault(type_, {})[room_id] = actor
+        ev = await self.append(ctx, room_id, "create", uid, {"options": options, "metadata": metadata}, actor)
+        return actor, ev.offset
+
+    def pick(
+        self, type_: str, metadata: dict[str, Any], tried: set[str], index: Mapping[str, Any]
+    ) -> tuple[str, _Actor | None] | None:
+        """A listed room of ``type_`` with ``metadata`` and a seat not promised to a join in flight.
+
+        This node's open rooms first (current, and no forwarding), then the
+        other nodes' from ``roomindex:{type}``; ``None``: create one.
+        """
+        meta = msgspec.to_builtins(metadata)
+
+        def free(room_id: str, clients: int, seats: int, locked: bool, room_meta: Any) -> bool:
+            if room_id in tried or locked or (seats and clients + self.reserved.get(room_id, 0) >= seats):
+                return False
+            return not meta or all(isinstance(room_meta, dict) and room_meta.get(k) == v for k, v in meta.items())
+
+        for a in self.open.get(type_, {}).values():
+            if not (a.closed or a.disposed or a.dispose_requested) and free(
+                a.id, len(a.members), a.cls.max_clients, a.locked, a.room.metadata
+            ):
+                return a.id, a
+        for rid, e in index.items():
+            if rid in self.actors:
+                continue
+            if free(rid, int(e.get("clients", 0)), int(e.get("max_clients") or 0), bool(e.get("locked")), e.get("metadata")):
+                return rid, None
+        return None
+
+    async def append(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], actor: _Actor | None) -> Event:
+        """Append an input to the room's inbox (idempotent per command key); hand it to a local owner."""
+        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+        if actor is not None and not actor.closed:
+            actor.push(ev)
+        return ev
+
+    async def finish(self, room_id: str, kind: str, uid: str, offset: int, actor: _Actor | None) -> Any:
+        """Await an appended input's result (raise its error)."""
+        entry = await self._await(room_id, offset, actor)
+        if entry.error is not None:
+            raise entry.error
+        if kind in ("join", "create"):
+            self.via_here.setdefault(uid, set()).add(room_id)
+        elif kind == "leave":
+            self.via_here.get(uid, set()).discard(room_id)
+        return entry.result
 
     async def submit(
         self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], *, actor: _Actor | None = None
@@ -796,15 +1126,8 @@ class _Runtime:
         """
         if actor is None:
             actor = await self.local(room_id)
-        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
-        entry = await self._await(room_id, ev.offset, actor)
-        if entry.error is not None:
-            raise entry.error
-        if kind in ("join", "create"):
-            self.via_here.setdefault(uid, set()).add(room_id)
-        elif kind == "leave":
-            self.via_here.get(uid, set()).discard(room_id)
-        return entry.result
+        ev = await self.append(ctx, room_id, kind, uid, data, actor)
+        return await self.finish(room_id, kind, uid, ev.offset, actor)
 
     async def _await(self, room_id: str, offset: int, actor: _Actor | None) -> _Entry:
         key = (room_id, offset)
@@ -920,9 +1243,7 @@ class _Runtime:
                 await self.node.backend.leases.release(stream, self.node.id)
             raise
         actor.renewed = self.node.clock()
-        self.actors[room_id] = actor
-        self.codes[actor.code] = room_id
-        self.node.spawn(actor.run)
+        self.start(actor)
         return actor
 
     async def listing(self, type_: str, metadata: dict[str, Any]) -> list[dict[str, Any]]:
@@ -1035,15 +1356,14 @@ class Rooms:
         actor = self.runtime(node).actors.get(room_id)
         if actor is None or actor.closed:
             return
-        idle = actor.idle
-        actor.wake.set()
         with anyio.fail_after(10):
-            await idle.wait()
-            if actor.closed:
-                return
-            idle = actor.idle  # one more full pass after the wake-up
-            actor.wake.set()
-            await idle.wait()
+            for _ in range(2):  # one more full pass after the wake-up
+                if actor.closed:
+                    return
+                idle = actor.idle = actor.idle or anyio.Event()
+                actor.need_read = True
+                actor.wake.set()
+                await idle.wait()
 
 
 def allowed(principal: Any, action: str, resource: str) -> bool:
@@ -1137,7 +1457,7 @@ def install(app: App) -> Rooms:
 
     @app.on("roominbox:*")
     async def room_input(ctx: Context, event: Event) -> None:
-        rooms.runtime(ctx.node).wake(event.stream.partition(":")[2])
+        rooms.runtime(ctx.node).wake(event.stream.partition(":")[2], event)
 
     @app.loop("rooms.supervisor", every=SUPERVISE_EVERY, lease=LEASE)
     async def supervise(ctx: Context) -> None:
@@ -1153,19 +1473,37 @@ def install(app: App) -> Rooms:
         rt = rooms.runtime(ctx.node)
         if args.type not in rooms.types:
             raise Rejected("unknown_room_type", f"no room type named {args.type!r}")
-        # One matchmaker per type and node, so two players looking at once
-        # land in the same room instead of creating one each.
-        async with rt.matchmaking.setdefault(args.type, anyio.Lock()):
-            for entry in await rt.listing(args.type, args.metadata):
-                if entry["locked"] or (entry["max_clients"] and entry["clients"] >= entry["max_clients"]):
-                    continue
-                rid = entry["room_id"]
-                try:
-                    return await rt.submit(ctx, rid, "join", uid, {"options": args.options}, actor=rt.actors.get(rid))
-                except Rejected as exc:
-                    if exc.code not in ("room_full", "room_locked", "room_not_found"):
-                        raise
-            return await rt.create(ctx, uid, args.type, args.options, args.private, args.metadata)
+        # One matchmaker per type and node picks a room and promises one of
+        # its seats (or appends a new room's create) under a lock, so two
+        # players looking at once land in the same room instead of creating
+        # one each; the joins themselves then run concurrently. The room's
+        # executor still decides: a refused join tries the next room.
+        lock = rt.matchmaking.setdefault(args.type, anyio.Lock())
+        tried: set[str] = set()
+        while True:
+            offset = 0
+            async with lock:
+                st = (await ctx.node.state_of(f"roomindex:{args.type}")).state
+                found = rt.pick(args.type, args.metadata, tried, st.rooms if isinstance(st, RoomIndex) else {})
+                actor: _Actor | None
+                if found is None:
+                    actor, offset = await rt.start_create(ctx, uid, args.type, args.options, args.private, args.metadata)
+                    rid = actor.id
+                else:
+                    rid, actor = found
+                rt.reserved[rid] = rt.reserved.get(rid, 0) + 1
+            try:
+                if offset:
+                    return await rt.finish(rid, "create", uid, offset, actor)
+                return await rt.submit(ctx, rid, "join", uid, {"options": args.options}, actor=actor)
+            except Rejected as exc:
+                if offset or exc.code not in ("room_full", "room_locked", "room_not_found"):
+                    raise
+                tried.add(rid)
+            finally:
+                left = rt.reserved.pop(rid, 1) - 1
+                if left:
+                    rt.reserved[rid] = left
 
     @app.command("room.join")
     async def join(ctx: Context, args: _Args) -> Any:
