@@ -1146,28 +1146,22 @@ class _Runtime:
                 st = await self.node.state_of(f"room:{room_id}")
                 if isinstance(st.state, RoomDoc) and st.state.inbox >= offset:
                     # Applied, but its answer did not reach us live (a lagging
-                    # feed, or the owner died): read it back (see settled()).
-                    self.reply_waiters.pop(key, None)
-                    return await self.settled(room_id, offset)
+                    # feed): read it back. Not there yet: the owner may still
+                    # be writing it (answers follow the patch), so wait on, or
+                    # adopt the room below if the owner is gone (settled()).
+                    got = await self.reply_in_history(room_id, offset)
+                    if got is not None:
+                        self.reply_waiters.pop(key, None)
+                        return got
             # No answer yet: if the owner is gone (its lease ran out), take the room over.
             actor = await self.local(room_id)
             if actor is not None:
                 self.reply_waiters.pop(key, None)
 
-    async def settled(self, room_id: str, offset: int) -> _Entry:
-        """The answer to this node's inbox entry ``offset``, which an owner already applied.
-
-        The owner publishes each forwarded entry's answer on ``roomreply:{id}``
-        right after the patch covering it, and before it applies the next
-        entry; so once a patch covers ``offset`` the answer is either in that
-        stream or was never written, and it is never written only when the
-        entry's own patch was the owner's last act (it died before
-        replying): then the entry succeeded. A refusal writes no patch, so
-        "a patch covers it" alone must never be read as success.
-        """
+    async def reply_in_history(self, room_id: str, offset: int) -> _Entry | None:
+        """The owner's answer to this node's inbox entry ``offset`` on ``roomreply:{id}``, if written."""
         stream = f"roomreply:{room_id}"
-        head = (await self.node.backend.events.info(stream)).head
-        after = head
+        after = (await self.node.backend.events.info(stream)).head
         while after > 0:
             start = max(0, after - BATCH)
             page = await self.node.backend.events.read(stream, after=start, limit=after - start)
@@ -1179,12 +1173,24 @@ class _Runtime:
                         return _Entry(True, data.get("result"))
                     return _Entry(False, error=error_from_wire(data["code"], data["message"], bool(data["retryable"])))
                 if 0 < inbox < offset:
-                    after = 0  # answers are written in inbox order: ours is not further back
-                    break
-            else:
-                after = start
-                continue
-            break
+                    return None  # answers are written in inbox order: ours is not further back
+            after = start
+        return None
+
+    async def settled(self, room_id: str, offset: int) -> _Entry:
+        """The answer to this node's entry ``offset``, applied by an owner that is gone.
+
+        Called by the room's new owner. The old owner wrote every forwarded
+        entry's answer on ``roomreply:{id}`` after the patch covering it; an
+        answer that is not there was lost with the old owner between the
+        patch and the answer, and a patch is only written for an entry that
+        changed the room: that entry succeeded. A refusal writes no patch, so
+        a covering patch alone is never read as success while the owner lives
+        (``_await`` keeps waiting for the answer instead).
+        """
+        got = await self.reply_in_history(room_id, offset)
+        if got is not None:
+            return got
         return _Entry(True, {"room_id": room_id, "inbox": offset, "recovered": True})
 
     async def local(self, room_id: str) -> _Actor | None:
