@@ -127,6 +127,7 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(ROOT)
     argv = ["serve", "tests/net/netapp.py:app", "--host", "0.0.0.0", "--port", "8123", "--backend", "events.db"]
     argv += ["--allowed-origin", "https://a.example", "--role", "gateway,api", "--grace", "2.5", "--loop", "trio"]
+    argv += ["--admin-token", "t0k"]
     assert rtcore.cli.main(argv) == 0
     [(served, kw)] = calls
     assert served.name == "nettest"
@@ -136,6 +137,7 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
         "backend": "sqlite:///" + str(ROOT / "events.db"),
         "ssl_context": None,
         "allowed_origins": ["https://a.example"],
+        "admin_token": "t0k",
         "roles": frozenset({"gateway", "api"}),
         "grace": 2.5,
         "anyio_backend": "trio",
