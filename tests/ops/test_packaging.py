@@ -33,9 +33,11 @@ OPTIONAL = {
     "psycopg": ({"rtcore/wallet/postgres_store.py"}, "postgres"),
     "jwt": ({"rtcore/auth/jwt_auth.py"}, "jwt"),
     "hypothesis": ({"rtcore/testing/strategies.py"}, "test"),
+    # Imported only when the ASGI host already runs on trio (so it is installed).
+    "trio": ({"rtcore/server/asgi.py"}, "test"),
 }
 #: Distribution names of the optional modules (as written in pyproject).
-DIST = {"coredis": "coredis", "psycopg": "psycopg", "jwt": "pyjwt", "hypothesis": "hypothesis"}
+DIST = {"coredis": "coredis", "psycopg": "psycopg", "jwt": "pyjwt", "hypothesis": "hypothesis", "trio": "trio"}
 
 
 def third_party_imports() -> list[tuple[str, str]]:
