@@ -87,7 +87,7 @@ class Server:
         if prof_dir:
             out = Path(prof_dir) / f"{self.label.replace('/', '-')}-{self.pid}.txt"
             self.profiler = subprocess.Popen(
-                ["py-spy", "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(out), "--pid", str(self.pid)],
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250", "--nonblocking", "-o", str(out), "--pid", str(self.pid)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )

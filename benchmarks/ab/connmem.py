@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import statistics
 from typing import Any
 
@@ -24,6 +26,10 @@ from _harness import Conn, Server, cpu_seconds, load_average, now, raise_nofile,
 async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list[dict[str, float]]:
     await asyncio.sleep(0.5)
     rss0 = rss_bytes(pid)
+    snap = os.environ.get("AB_TRACEMALLOC")
+    if snap:
+        os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(2)
     conns: list[Conn] = []
     steps = []
     while len(conns) < total:
@@ -49,6 +55,9 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
             }
         )
         print({k: round(v, 1) for k, v in steps[-1].items()}, flush=True)
+    if snap:
+        os.kill(pid, signal.SIGUSR1)
+        await asyncio.sleep(5)
     for c in conns:
         c.close()
     return steps

@@ -20,6 +20,22 @@ from rtcore_server import app  # noqa: E402
 
 
 def main() -> None:
+    if os.environ.get("AB_GC") == "off":  # experiment: is the garbage collector the per-connect growth?
+        import gc
+
+        gc.disable()
+    if os.environ.get("AB_TRACEMALLOC"):  # SIGUSR1 dumps a tracemalloc snapshot to $AB_TRACEMALLOC-<n>
+        import signal
+        import tracemalloc
+
+        tracemalloc.start(12)
+        dumps = [0]
+
+        def dump(*_: object) -> None:
+            dumps[0] += 1
+            tracemalloc.take_snapshot().dump(f"{os.environ['AB_TRACEMALLOC']}-{dumps[0]}")
+
+        signal.signal(signal.SIGUSR1, dump)
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     loop = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
     if loop == "asyncio":

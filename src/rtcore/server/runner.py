@@ -32,7 +32,9 @@ close 1008).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -63,7 +65,7 @@ from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes, schema
 
-__all__ = ["ROLES", "Server", "run", "schema"]
+__all__ = ["ROLES", "UVLOOP_ENV", "Server", "run", "schema", "uvloop_wanted"]
 
 log = logging.getLogger("rtcore.server.runner")
 
@@ -233,13 +235,15 @@ def run(
     grace: float = 10.0,
     on_ready: Callable[[int], None] | None = None,
     anyio_backend: str = "asyncio",
+    use_uvloop: bool | None = None,
     **node_options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (exit 0).
 
     Blocks; this is what ``rtcore serve`` calls. Arguments as for :class:`Server`,
-    and ``anyio_backend``: the event loop, ``"asyncio"`` (default; it has the
-    WebSocket write fast path) or ``"trio"``.
+    and ``anyio_backend``: the event loop, ``"asyncio"`` (default) or ``"trio"``;
+    ``use_uvloop``: on asyncio, run on uvloop (see :func:`uvloop_wanted`; the
+    default ``None`` means "when installed, unless ``RTCORE_UVLOOP=0``").
 
     Raises:
         ValueError: ``anyio_backend`` is neither ``"asyncio"`` nor ``"trio"``.
@@ -281,4 +285,26 @@ def run(
                     await server.wait_stopped()
                     watcher.cancel_scope.cancel()
 
-    anyio.run(main, backend=anyio_backend)
+    options = {"use_uvloop": True} if anyio_backend == "asyncio" and uvloop_wanted(use_uvloop) else {}
+    anyio.run(main, backend=anyio_backend, backend_options=options)
+
+
+#: Environment variable that turns uvloop off (``0``/``false``/``no``/``off``) or on.
+UVLOOP_ENV = "RTCORE_UVLOOP"
+
+
+def uvloop_wanted(use_uvloop: bool | None = None) -> bool:
+    """Whether :func:`run` on asyncio uses uvloop (the ``rtcore[fast]`` extra).
+
+    Args:
+        use_uvloop: ``True``/``False`` decide; ``None`` (default) reads
+            ``RTCORE_UVLOOP`` (``0``, ``false``, ``no`` or ``off`` turn it off)
+            and otherwise uses uvloop when it is installed.
+
+    Returns:
+        True when uvloop should run the asyncio event loop. An explicit
+        ``True`` without uvloop installed is False (asyncio's own loop runs).
+    """
+    if use_uvloop is None:
+        use_uvloop = os.environ.get(UVLOOP_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return use_uvloop and importlib.util.find_spec("uvloop") is not None
