@@ -20,7 +20,18 @@ import signal
 import statistics
 from typing import Any
 
-from _harness import Conn, Server, cpu_seconds, load_average, now, raise_nofile, rss_bytes, run_client, self_cpu, write_results
+from _harness import (
+    Conn,
+    Server,
+    cpu_seconds,
+    load_average,
+    now,
+    raise_nofile,
+    rss_bytes,
+    run_client,
+    self_cpu,
+    write_results,
+)
 
 
 async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list[dict[str, float]]:

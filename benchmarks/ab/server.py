@@ -14,9 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import rtcore  # noqa: E402
-from rtcore.server.runner import run  # noqa: E402
-from rtcore_server import app  # noqa: E402
+from rtcore_server import app
+
+import rtcore
+from rtcore.server.runner import run
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ from ..transport import (
     WebSocketPolicy,
     serve,
 )
-from .gateway import ConnectionClosed, serve_session
+from .gateway import ConnectionClosed, SessionTimers, serve_session
 from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes, schema
@@ -136,6 +136,7 @@ class Server:
         self.routes: Routes | None = None
         #: Appends the presence events of this server's sessions (after startup).
         self.presence: PresenceAnnouncer | None = None
+        self._timers: SessionTimers | None = None
         self._stopping = False
         self._done = anyio.Event()
 
@@ -160,9 +161,12 @@ class Server:
             self.node = node
             self.routes = Routes(node, self.roles, self.sessions)
             self.presence = PresenceAnnouncer(node, self.sessions)
+            self._timers = SessionTimers(node)
             async with anyio.create_task_group() as side:
                 # Presence events of app.presence(..., events=True) streams, until the listener ends.
                 side.start_soon(self.presence.run)
+                # Every session's deadlines in one task (see SessionTimers).
+                side.start_soon(self._timers.run)
                 async with anyio.create_task_group() as tg:
                     port = await tg.start(
                         partial(
@@ -213,7 +217,12 @@ class Server:
         assert self.node is not None
         with contextlib.suppress(ConnectionClosed):
             await serve_session(
-                self.node, transport, token=request.token, hello_timeout=self.limits.handshake_timeout, registry=self.sessions
+                self.node,
+                transport,
+                token=request.token,
+                hello_timeout=self.limits.handshake_timeout,
+                registry=self.sessions,
+                timers=self._timers,
             )
 
     # --- HTTP ------------------------------------------------------------------
