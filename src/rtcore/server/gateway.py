@@ -173,7 +173,7 @@ class _Connection:
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
-        self._idle = anyio.Event()
+        self._idle: anyio.Event | None = None  # created by drain() (saves an event per connection)
         # Commands run on a small pool of per-connection worker tasks: a command is
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
@@ -181,7 +181,7 @@ class _Connection:
         self._idle_workers: list[anyio.Event] = []
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
-        self._timer_scope = anyio.CancelScope()
+        self._timer_scope: anyio.CancelScope | None = None  # own timer task only (no SessionTimers)
         self._timers = timers
         self._deadline: float | None = None  # scheduled in _timers (None: not scheduled)
         self._ended = False
@@ -307,7 +307,8 @@ class _Connection:
 
     def _deadlines_changed(self) -> None:
         if self._timers is None:
-            self._timer_scope.cancel()
+            if self._timer_scope is not None:
+                self._timer_scope.cancel()
             return
         deadline = self.session.next_deadline()
         if not self._ended and (self._deadline is None or deadline < self._deadline):
@@ -361,7 +362,7 @@ class _Connection:
             self._run(self.session.reply(action.id, reply_frame))
         finally:
             self._inflight -= 1
-            if self._inflight == 0:
+            if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
 
     async def _subscribe(self, action: DoSubscribe, use_cursor: bool = True, resubscribe: bool = False) -> None:
