@@ -309,10 +309,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _event_loop() -> str:
     """The event loop running now (asyncio or trio, the two anyio backends), for the log."""
     try:
-        loop = asyncio.get_running_loop()
+        asyncio.get_running_loop()
     except RuntimeError:
         return "trio"
-    return "asyncio (uvloop)" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    return "asyncio"
 
 
 def backend_url(value: str) -> str:

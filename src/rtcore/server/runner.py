@@ -272,6 +272,8 @@ def run(
     )
 
     async def main() -> None:
+        if options:
+            log.info("asyncio runs on uvloop (%s=0 or use_uvloop=False turns it off)", UVLOOP_ENV)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
                 bound = await tg.start(server.serve)
