@@ -62,16 +62,22 @@ def load_average() -> list[float]:
 
 
 class Server:
-    """A server subprocess: ``rtcore`` (benchmarks/ab/server.py on a loop) or ``peer``."""
+    """A server subprocess: ``rtcore`` (benchmarks/ab/server.py on a loop), ``peer``, or
+    ``base``: benchmarks/ab/server.py on another rtcore source tree (``$AB_BASE_SRC``, a
+    ``src`` directory put first on PYTHONPATH, e.g. ``git archive <commit> src`` unpacked),
+    for before/after runs side by side."""
 
     def __init__(self, kind: str, loop: str = "asyncio") -> None:
         self.kind = kind
         self.loop = loop
+        env = dict(os.environ)
         if kind == "peer":
             cmd = [sys.executable, str(HERE.parent / "peer_websockets.py"), "0"]
         else:
             cmd = [sys.executable, str(HERE / "server.py"), "0", loop]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        if kind == "base":
+            env["PYTHONPATH"] = os.environ["AB_BASE_SRC"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         while True:
             line = self.proc.stdout.readline()
@@ -95,7 +101,7 @@ class Server:
 
     @property
     def label(self) -> str:
-        return "peer" if self.kind == "peer" else f"rtcore/{self.loop}"
+        return "peer" if self.kind == "peer" else f"{self.kind}/{self.loop}"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -165,9 +171,6 @@ class Conn:
             if op == 0x8:
                 raise ConnectionError(f"closed: {payload[:2]!r}")
             msg: dict[str, Any] = decode(payload)
-            if msg.get("t") == "ping":
-                self.send({"t": "pong"})
-                continue
             return msg
 
     async def expect(self, t: str, rid: Any = None) -> dict[str, Any]:
@@ -186,8 +189,27 @@ class Conn:
         self.send({"t": "sub", "id": rid, "stream": stream})
         await self.expect("subbed", rid)
 
+    async def keepalive(self, every: float = 10.0) -> None:
+        """Stay an idle but live client: answer pings, send a protocol ``ping`` every ``every`` s
+        (rtcore closes a session that sends nothing for ``idle_timeout``, 45 s by default)."""
+        while True:
+            try:
+                await asyncio.wait_for(self.recv(), every)
+            except TimeoutError:
+                self.send({"t": "ping", "id": 0})
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return
+
     def close(self) -> None:
         self.writer.close()
+
+
+def start(label: str) -> Server:
+    """Start the server a command line names: ``peer``, ``rtcore/<loop>`` or ``base/<loop>``."""
+    if label == "peer":
+        return Server("peer")
+    kind, _, loop = label.partition("/")
+    return Server(kind, loop or "asyncio")
 
 
 def now() -> float:

@@ -17,7 +17,7 @@ import asyncio
 import statistics
 from typing import Any
 
-from _harness import Conn, Server, cpu_seconds, load_average, now, run_client, self_cpu, write_results
+from _harness import Conn, cpu_seconds, load_average, now, run_client, self_cpu, start, write_results
 
 PAYLOAD = {"p": "x" * 64}
 
@@ -70,7 +70,7 @@ def main() -> None:
     for rep in range(args.reps):
         order = kinds if rep % 2 == 0 else kinds[::-1]
         for kind in order:
-            server = Server("peer", "asyncio") if kind == "peer" else Server("rtcore", kind.split("/")[1])
+            server = start(kind)
             try:
                 r = run_client(drive(server.port, server.pid, args.connections, args.commands))
             finally:

@@ -7,8 +7,9 @@ Connections are opened one after another (connect, upgrade, ``hello`` →
 step of ``--step`` connections it records the wall-clock rate, the server's
 CPU per connection (utime+stime from /proc, the number to compare on a
 shared machine) and its RSS; ``kb_per_conn`` is (RSS now - RSS before the
-first connection) / connections open. RLIMIT_NOFILE is raised for client and
-server.
+first connection) / connections open. Every open connection stays live (it
+answers pings and sends a protocol ``ping`` every 10 s, so no idle timeout
+closes it). RLIMIT_NOFILE is raised for client and server.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 
 from _harness import (
     Conn,
-    Server,
     cpu_seconds,
     load_average,
     now,
@@ -30,6 +30,7 @@ from _harness import (
     rss_bytes,
     run_client,
     self_cpu,
+    start,
     write_results,
 )
 
@@ -42,6 +43,7 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
         os.kill(pid, signal.SIGUSR1)
         await asyncio.sleep(2)
     conns: list[Conn] = []
+    keepalives: list[asyncio.Task[None]] = []  # idle but alive: pings answered and sent
     steps = []
     while len(conns) < total:
         s0, c0, t0 = cpu_seconds(pid), self_cpu(), now()
@@ -51,6 +53,7 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
             await c.hello(f"u{i}")
             await c.subscribe(stream if stream != "own" else f"room:s{i}")
             conns.append(c)
+            keepalives.append(asyncio.create_task(c.keepalive()))
         elapsed = now() - t0
         s1, c1 = cpu_seconds(pid), self_cpu()
         await asyncio.sleep(0.2)
@@ -69,6 +72,8 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
     if snap:
         os.kill(pid, signal.SIGUSR1)
         await asyncio.sleep(5)
+    for t in keepalives:
+        t.cancel()
     for c in conns:
         c.close()
     return steps
@@ -91,7 +96,7 @@ def main() -> None:
         order = kinds if rep % 2 == 0 else kinds[::-1]
         for kind in order:
             print("==", kind, "rep", rep, flush=True)
-            server = Server("peer", "asyncio") if kind == "peer" else Server("rtcore", kind.split("/")[1])
+            server = start(kind)
             try:
                 runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream)))
             finally:
