@@ -177,7 +177,7 @@ class _Connection:
         # Commands run on a small pool of per-connection worker tasks: a command is
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
-        self._commands: deque[DoCommand] = deque()
+        self._commands: deque[DoCommand] | None = None  # created by the first command
         self._idle_workers: list[anyio.Event] = []
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
@@ -330,6 +330,8 @@ class _Connection:
             self._run(self.session.reply(action.id, Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)))
             return
         self._inflight += 1
+        if self._commands is None:
+            self._commands = deque()
         self._commands.append(action)
         if self._idle_workers:
             self._idle_workers.pop().set()
@@ -338,6 +340,7 @@ class _Connection:
 
     async def _command_worker(self) -> None:
         commands = self._commands
+        assert commands is not None  # _enqueue_command created it before spawning us
         while True:
             while commands:
                 await self._command(commands.popleft())
