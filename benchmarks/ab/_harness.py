@@ -189,7 +189,7 @@ class Conn:
         self.send({"t": "sub", "id": rid, "stream": stream})
         await self.expect("subbed", rid)
 
-    async def keepalive(self, every: float = 10.0) -> None:
+    async def keepalive(self, every: float = 30.0) -> None:
         """Stay an idle but live client: answer pings, send a protocol ``ping`` every ``every`` s
         (rtcore closes a session that sends nothing for ``idle_timeout``, 45 s by default)."""
         while True:

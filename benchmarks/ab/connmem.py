@@ -6,9 +6,10 @@ Connections are opened one after another (connect, upgrade, ``hello`` →
 ``welcome``, ``sub`` → ``subbed`` on one shared stream) and kept open. Per
 step of ``--step`` connections it records the wall-clock rate, the server's
 CPU per connection (utime+stime from /proc, the number to compare on a
-shared machine) and its RSS; ``kb_per_conn`` is (RSS now - RSS before the
+shared machine), the server's idle CPU with that many open (3 s with no
+connects) and the per-connection CPU net of it, and its RSS; ``kb_per_conn`` is (RSS now - RSS before the
 first connection) / connections open. Every open connection stays live (it
-answers pings and sends a protocol ``ping`` every 10 s, so no idle timeout
+answers pings and sends a protocol ``ping`` every 30 s, so no idle timeout
 closes it). RLIMIT_NOFILE is raised for client and server.
 """
 
@@ -56,13 +57,19 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
             keepalives.append(asyncio.create_task(c.keepalive()))
         elapsed = now() - t0
         s1, c1 = cpu_seconds(pid), self_cpu()
-        await asyncio.sleep(0.2)
+        # What the open connections cost while nothing connects (pings, timers),
+        # subtracted from the step's CPU: the per-connect cost alone.
+        i0, ti = cpu_seconds(pid), now()
+        await asyncio.sleep(3.0)
+        idle_per_s = (cpu_seconds(pid) - i0) / (now() - ti)
         rss = rss_bytes(pid)
         steps.append(
             {
                 "open": len(conns),
                 "rate_per_s": step / elapsed,
                 "server_cpu_us_per_conn": (s1 - s0) / step * 1e6,
+                "server_idle_cpu_ms_per_s": idle_per_s * 1e3,
+                "server_cpu_us_per_conn_net": max(0.0, (s1 - s0) - idle_per_s * elapsed) / step * 1e6,
                 "client_cpu_us_per_conn": (c1 - c0) / step * 1e6,
                 "rss_mb": rss / 1e6,
                 "kb_per_conn": (rss - rss0) / len(conns) / 1e3,
