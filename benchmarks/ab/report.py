@@ -25,7 +25,7 @@ def newest(prefix: str) -> tuple[Path, dict[str, Any]] | None:
 
 
 def fmt(m: dict[str, float], digits: int = 0) -> str:
-    return f"{m['median']:.{digits}f} (({m['min']:.{digits}f} to {m['max']:.{digits}f}))"
+    return f"{m['median']:.{digits}f} ({m['min']:.{digits}f} to {m['max']:.{digits}f})"
 
 
 def cmd_section(path: Path, data: dict[str, Any]) -> list[str]:
