@@ -86,7 +86,7 @@ def main() -> None:
     readme = HERE / "README.md"
     head = readme.read_text().split(MARK)[0].rstrip() + "\n\n" if readme.exists() else ""
     body: list[str] = []
-    sections = (("cmdcpu", cmd_section), ("connmem", conn_section), ("prof-connmem", conn_section), ("prof-cmdcpu", cmd_section))
+    sections = (("cmdcpu", cmd_section), ("connmem", conn_section), ("connmem10k", conn_section), ("prof-connmem", conn_section), ("prof-cmdcpu", cmd_section))
     for prefix, fn in sections:
         got = newest(prefix)
         if got is not None:
