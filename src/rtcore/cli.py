@@ -274,6 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["asyncio", "trio"],
         help="event loop (anyio backend) to run on; asyncio has the WebSocket write fast path (default: %(default)s)",
     )
+    serve.add_argument(
+        "--no-uvloop",
+        dest="uvloop",
+        action="store_false",
+        help="on asyncio, do not use uvloop even when it is installed (rtcore[fast]); also RTCORE_UVLOOP=0",
+    )
     serve.set_defaults(handler=_serve)
 
     _add_plugin_commands(sub)
@@ -325,6 +331,7 @@ def _serve(args: argparse.Namespace) -> int:
             idempotency_lease=args.idempotency_lease,
             on_ready=ready,
             anyio_backend=args.loop,
+            use_uvloop=None if args.uvloop else False,
         )
     except Exception as exc:
         if started:

@@ -117,7 +117,8 @@ def test_bad_invocations_exit_2() -> None:
 def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """``rtcore serve`` is :func:`rtcore.run` with the command line's options.
 
-    Mutation: drop ``grace=args.grace`` (or any option) from ``_serve``'s call → fails.
+    Mutation: drop ``grace=args.grace`` (or any option, ``--no-uvloop`` → ``use_uvloop=False``
+    included) from ``_serve``'s call → fails.
     """
     import rtcore.cli
 
@@ -128,6 +129,7 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
     argv = ["serve", "tests/net/netapp.py:app", "--host", "0.0.0.0", "--port", "8123", "--backend", "events.db"]
     argv += ["--allowed-origin", "https://a.example", "--role", "gateway,api", "--grace", "2.5", "--loop", "trio"]
     argv += ["--admin-token", "t0k"]
+    argv += ["--no-uvloop"]
     assert rtcore.cli.main(argv) == 0
     [(served, kw)] = calls
     assert served.name == "nettest"
@@ -141,5 +143,6 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
         "roles": frozenset({"gateway", "api"}),
         "grace": 2.5,
         "anyio_backend": "trio",
+        "use_uvloop": False,
     }
     assert callable(kw["on_ready"])

@@ -61,8 +61,8 @@ async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
 async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
     """Nothing else is written after a partial ``send_nowait``: the flusher task completes it.
 
-    Mutation: ``send_nowait`` does not kick the flusher (or run_websocket does not
-    start ``_flush_unsent``) → the client never gets the whole message → times out.
+    Mutation: ``send_nowait`` does not start ``_flush_unsent`` in run_websocket's
+    task group after a partial write → the client never gets the whole message → times out.
     """
     big = os.urandom(BIG)
 

@@ -18,7 +18,10 @@ asked for:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -49,13 +52,82 @@ from ..transport.websocket import FrameTransport
 from .outbox import FastWriter, Outbox
 from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
-__all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "serve_session"]
+__all__ = ["ConnectionClosed", "FrameTransport", "OutboxLimits", "SessionTimers", "serve_session"]
 
 log = logging.getLogger("rtcore.server.gateway")
 
 
 #: Idle command workers a connection keeps (more exit once idle).
 _IDLE_WORKERS = 4
+
+
+#: How late a session deadline may run: deadlines this close together share one
+#: wake-up of SessionTimers (connections arriving at 1,000/s would otherwise wake
+#: it 1,000 times a second). Hello and idle timeouts are seconds long.
+_TIMER_SLACK = 0.05
+
+
+class SessionTimers:
+    """One task that runs the deadlines (hello, idle, token expiry) of many sessions.
+
+    Without it each session runs a timer task of its own that wakes at least
+    every 5 s and waits on the node's shared ``timer_wakeup`` event; with
+    thousands of sessions that is thousands of tasks and cancel scopes, and
+    every wake-up removes a waiter from that one event's queue (a linear scan
+    of all the others), so idle CPU and the cost of each new connection grew
+    with the number open. Here the sessions' next deadlines sit in one heap:
+    a session is woken only when its deadline comes, and one task waits.
+
+    Entries are never removed: a session's heap entry counts only while it
+    equals the session's current deadline (a later frame moves the idle
+    deadline later; the old entry then just finds nothing to do and
+    reschedules).
+
+    Args:
+        node: The node whose clock (and ``timer_wakeup``, for fake clocks) to follow.
+    """
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._heap: list[tuple[float, int, _Connection]] = []
+        self._seq = itertools.count()
+        self._next = math.inf
+        self._kick = anyio.Event()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, conn: _Connection, deadline: float) -> None:
+        """(Re)schedule ``conn``'s next wake-up at ``deadline`` (node clock)."""
+        conn._deadline = deadline
+        heapq.heappush(self._heap, (deadline, next(self._seq), conn))
+        if deadline < self._next:
+            self._kick.set()
+
+    async def run(self) -> None:
+        """Run deadlines until cancelled (the server runs this for its lifetime)."""
+        node = self._node
+        heap = self._heap
+        while True:
+            now = node.clock()
+            while heap and heap[0][0] <= now:
+                deadline, _, conn = heapq.heappop(heap)
+                if conn._deadline == deadline:
+                    conn._deadline = None
+                    conn._on_deadline(now)
+            self._next = heap[0][0] if heap else math.inf
+            kick = self._kick = anyio.Event()
+            wake = node.timer_wakeup  # a fake clock moved (rtcore.testing)
+            with anyio.move_on_after(min(self._next - now, 5.0) + _TIMER_SLACK):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_set_when, kick, tg.cancel_scope)
+                    await wake.wait()
+                    tg.cancel_scope.cancel()
+
+
+async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 class _Connection:
@@ -69,6 +141,7 @@ class _Connection:
         hello_timeout: float | None = None,
         registry: SessionRegistry | None = None,
         peer: str | None = None,
+        timers: SessionTimers | None = None,
     ) -> None:
         self.node = node
         self.peer = peer
@@ -109,15 +182,18 @@ class _Connection:
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
         self._inflight = 0
-        self._idle = anyio.Event()
+        self._idle: anyio.Event | None = None  # created by drain() (saves an event per connection)
         # Commands run on a small pool of per-connection worker tasks: a command is
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
-        self._commands: deque[DoCommand] = deque()
+        self._commands: deque[DoCommand] | None = None  # created by the first command
         self._idle_workers: list[anyio.Event] = []
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
-        self._timer_scope = anyio.CancelScope()
+        self._timer_scope: anyio.CancelScope | None = None  # own timer task only (no SessionTimers)
+        self._timers = timers
+        self._deadline: float | None = None  # scheduled in _timers (None: not scheduled)
+        self._ended = False
         # The sub action of each subscribed stream (a stale epoch resubscribes with it).
         self._sub_actions: dict[str, DoSubscribe] = {}
         # For metrics (read at scrape time): the last offset each stream was acknowledged at.
@@ -241,7 +317,24 @@ class _Connection:
             self.node.presence.connected(pid)
         # Only this session's deadlines changed: wake its own timer, not every
         # session's (node.wake_timers() per login made connecting O(sessions)).
-        self._timer_scope.cancel()
+        self._deadlines_changed()
+
+    def _deadlines_changed(self) -> None:
+        if self._timers is None:
+            if self._timer_scope is not None:
+                self._timer_scope.cancel()
+            return
+        deadline = self.session.next_deadline()
+        if not self._ended and (self._deadline is None or deadline < self._deadline):
+            self._timers.schedule(self, deadline)
+
+    def _on_deadline(self, now: float) -> None:
+        """Called by :class:`SessionTimers` when this session's deadline came."""
+        if self._ended:
+            return
+        self._run(self.session.tick(now))
+        if self._timers is not None and self._closing is None:
+            self._timers.schedule(self, self.session.next_deadline())
 
     def _enqueue_command(self, action: DoCommand) -> None:
         if self.node.draining:
@@ -251,6 +344,8 @@ class _Connection:
             self._run(self.session.reply(action.id, Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)))
             return
         self._inflight += 1
+        if self._commands is None:
+            self._commands = deque()
         self._commands.append(action)
         if self._idle_workers:
             self._idle_workers.pop().set()
@@ -259,6 +354,7 @@ class _Connection:
 
     async def _command_worker(self) -> None:
         commands = self._commands
+        assert commands is not None  # _enqueue_command created it before spawning us
         while True:
             while commands:
                 await self._command(commands.popleft())
@@ -287,7 +383,7 @@ class _Connection:
             self._run(self.session.reply(action.id, reply_frame))
         finally:
             self._inflight -= 1
-            if self._inflight == 0:
+            if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
 
     async def _subscribe(self, action: DoSubscribe, use_cursor: bool = True, resubscribe: bool = False) -> None:
@@ -367,7 +463,10 @@ class _Connection:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(self._timer)
+                if self._timers is None:
+                    tg.start_soon(self._timer)
+                else:
+                    self._timers.schedule(self, self.session.next_deadline())
                 tg.start_soon(self._reader_guard)
                 try:
                     await self._writer()
@@ -381,6 +480,8 @@ class _Connection:
             if self._on_close is not None:
                 self._on_close(exc.close_code, exc.reason)
         finally:
+            self._ended = True
+            self._deadline = None
             self.metrics.closed(code)
             if CONNECTION.isEnabledFor(logging.INFO):
                 emit(
@@ -416,6 +517,7 @@ async def serve_session(
     hello_timeout: float | None = None,
     registry: SessionRegistry | None = None,
     peer: str | None = None,
+    timers: SessionTimers | None = None,
 ) -> None:
     """Run one client session over ``transport`` until it closes.
 
@@ -431,6 +533,10 @@ async def serve_session(
         registry: Where the session is listed while it runs (the server's
             :class:`~rtcore.server.registry.SessionRegistry`; None: nowhere).
         peer: The client's address (``host:port``) for the connection log.
+        timers: A running :class:`SessionTimers` that takes this session's
+            deadlines (None: the session runs a timer task of its own).
     """
-    conn = _Connection(node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry, peer)
+    conn = _Connection(
+        node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry, peer, timers
+    )
     await conn.run()

@@ -107,7 +107,8 @@ class Outbox:
         self._queue: deque[bytes] = deque()
         self._queued_bytes = 0
         self._wake = anyio.Event()
-        self._drained = anyio.Event()
+        # Created by a paced replay that waits for room (most connections never do).
+        self._drained: anyio.Event | None = None
         self._closed = False
         self.slow = False
         self.bytes_out = 0
@@ -198,7 +199,8 @@ class Outbox:
         """Take no more frames; the writer sends what is queued, then :meth:`take` returns None."""
         self._closed = True
         self._wake.set()
-        self._drained.set()  # a paced replay waiting for room returns now
+        if self._drained is not None:
+            self._drained.set()  # a paced replay waiting for room returns now
 
     def abort(self) -> None:
         """The peer is gone: drop what is queued and close."""
@@ -243,7 +245,8 @@ class Outbox:
         batch = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
         size = sum(map(len, batch))
         self.bytes_out += size
         self.frames_out += len(batch)

@@ -32,7 +32,9 @@ close 1008).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
+import os
 import signal
 import ssl
 from collections.abc import Callable
@@ -59,12 +61,12 @@ from ..transport import (
     serve,
 )
 from ..transport.http import format_peer
-from .gateway import ConnectionClosed, serve_session
+from .gateway import ConnectionClosed, SessionTimers, serve_session
 from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes, schema
 
-__all__ = ["ROLES", "Server", "run", "schema"]
+__all__ = ["ROLES", "UVLOOP_ENV", "Server", "run", "schema", "uvloop_wanted"]
 
 log = logging.getLogger("rtcore.server")
 
@@ -140,6 +142,7 @@ class Server:
         self.routes: Routes | None = None
         #: Appends the presence events of this server's sessions (after startup).
         self.presence: PresenceAnnouncer | None = None
+        self._timers: SessionTimers | None = None
         self._stopping = False
         self._done = anyio.Event()
 
@@ -164,9 +167,12 @@ class Server:
             self.node = node
             self.routes = Routes(node, self.roles, self.sessions, admin_token=self.admin_token)
             self.presence = PresenceAnnouncer(node, self.sessions)
+            self._timers = SessionTimers(node)
             async with anyio.create_task_group() as side:
                 # Presence events of app.presence(..., events=True) streams, until the listener ends.
                 side.start_soon(self.presence.run)
+                # Every session's deadlines in one task (see SessionTimers).
+                side.start_soon(self._timers.run)
                 async with anyio.create_task_group() as tg:
                     port = await tg.start(
                         partial(
@@ -224,6 +230,7 @@ class Server:
                 hello_timeout=self.limits.handshake_timeout,
                 registry=self.sessions,
                 peer=format_peer(request.peer),
+                timers=self._timers,
             )
 
     # --- HTTP ------------------------------------------------------------------
@@ -245,13 +252,15 @@ def run(
     grace: float = 10.0,
     on_ready: Callable[[int], None] | None = None,
     anyio_backend: str = "asyncio",
+    use_uvloop: bool | None = None,
     **node_options: Any,
 ) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut down gracefully (exit 0).
 
     Blocks; this is what ``rtcore serve`` calls. Arguments as for :class:`Server`,
-    and ``anyio_backend``: the event loop, ``"asyncio"`` (default; it has the
-    WebSocket write fast path) or ``"trio"``.
+    and ``anyio_backend``: the event loop, ``"asyncio"`` (default) or ``"trio"``;
+    ``use_uvloop``: on asyncio, run on uvloop (see :func:`uvloop_wanted`; the
+    default ``None`` means "when installed, unless ``RTCORE_UVLOOP=0``").
 
     Raises:
         ValueError: ``anyio_backend`` is neither ``"asyncio"`` nor ``"trio"``.
@@ -271,6 +280,8 @@ def run(
     )
 
     async def main() -> None:
+        if options:
+            log.info("asyncio runs on uvloop (%s=0 or use_uvloop=False turns it off)", UVLOOP_ENV)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
                 bound = await tg.start(server.serve)
@@ -294,7 +305,8 @@ def run(
                     await server.wait_stopped()
                     watcher.cancel_scope.cancel()
 
-    anyio.run(main, backend=anyio_backend)
+    options = {"use_uvloop": True} if anyio_backend == "asyncio" and uvloop_wanted(use_uvloop) else {}
+    anyio.run(main, backend=anyio_backend, backend_options=options)
     log.info("rtcore: stopped")
 
 
@@ -306,3 +318,24 @@ def _log_started(server: Server, port: int, loop: str) -> None:
         "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; roles: %s; event loop: %s)",
         server.app.name, scheme, host, port, ws, host, port, ",".join(sorted(server.roles)), loop,
     )
+
+
+#: Environment variable that turns uvloop off (``0``/``false``/``no``/``off``) or on.
+UVLOOP_ENV = "RTCORE_UVLOOP"
+
+
+def uvloop_wanted(use_uvloop: bool | None = None) -> bool:
+    """Whether :func:`run` on asyncio uses uvloop (the ``rtcore[fast]`` extra).
+
+    Args:
+        use_uvloop: ``True``/``False`` decide; ``None`` (default) reads
+            ``RTCORE_UVLOOP`` (``0``, ``false``, ``no`` or ``off`` turn it off)
+            and otherwise uses uvloop when it is installed.
+
+    Returns:
+        True when uvloop should run the asyncio event loop. An explicit
+        ``True`` without uvloop installed is False (asyncio's own loop runs).
+    """
+    if use_uvloop is None:
+        use_uvloop = os.environ.get(UVLOOP_ENV, "").strip().lower() not in ("0", "false", "no", "off")
+    return use_uvloop and importlib.util.find_spec("uvloop") is not None

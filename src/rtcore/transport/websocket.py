@@ -49,6 +49,7 @@ Design, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -56,7 +57,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Literal, Protocol
 
 import anyio
-from anyio.abc import ByteStream, SocketAttribute, SocketStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import Extension
@@ -177,7 +178,9 @@ class WebSocketTransport:
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
         # before anything else (the flusher task, or the next write under the lock).
         self._unsent = b""
-        self._unsent_kick = anyio.Event()
+        # The task group of run_websocket: a flusher task is started in it only when
+        # a send_nowait left bytes over (rare), not kept waiting per connection.
+        self._tg: TaskGroup | None = None
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -279,6 +282,8 @@ class WebSocketTransport:
         sock = self._sock
         if sock is None or not self._fast or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
             return False
+        if self._tg is None:
+            return False  # not running under run_websocket: nobody could flush a partial write
         if self._ws.state is not ConnectionState.OPEN:
             return False
         if not frames:
@@ -292,7 +297,7 @@ class WebSocketTransport:
             return False
         if sent < len(data):
             self._unsent = data[sent:]
-            self._unsent_kick.set()
+            self._tg.start_soon(self._flush_unsent)
         return True
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
@@ -371,19 +376,14 @@ class WebSocketTransport:
             raise
 
     async def _flush_unsent(self) -> None:
-        """Fast path: write what :meth:`send_nowait` left over; owned by :func:`run_websocket`."""
-        if self._sock is None:
-            return
-        while True:
-            await self._unsent_kick.wait()
-            self._unsent_kick = anyio.Event()
-            async with self._lock:
-                if not self._unsent or self._aborted:
-                    continue
-                try:
-                    await self._write(b"")
-                except ConnectionClosed:
-                    return
+        """Fast path: write what :meth:`send_nowait` left over (started by it in
+        :func:`run_websocket`'s task group). ``send_nowait`` refuses while bytes
+        are left over, so at most one of these runs at a time."""
+        async with self._lock:
+            if not self._unsent or self._aborted:
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await self._write(b"")
 
     async def _abort(self) -> None:
         """Drop the TCP connection without a close handshake."""
@@ -610,7 +610,7 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
         async with anyio.create_task_group() as tg:
             tg.start_soon(transport._read_loop)
             tg.start_soon(transport._heartbeat)
-            tg.start_soon(transport._flush_unsent)
+            transport._tg = tg
             code, reason = 1000, ""
             try:
                 await handler(transport, request)

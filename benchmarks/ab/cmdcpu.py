@@ -1,0 +1,91 @@
+"""Server CPU per ``echo`` command: rtcore (on each loop asked for) against the peer.
+
+``python benchmarks/ab/cmdcpu.py [--commands 20000] [--connections 50] [--reps 3] [--servers rtcore/asyncio,peer]``
+
+For each repetition every server is started fresh, in alternating order.
+50 connections each run echo commands one in flight; the server's
+utime+stime is read from /proc before and after → µs of server CPU per
+command (what the A/B compares; wall-clock rates are reported too, but the
+machine is shared). The client's own CPU per command is printed so you can
+see it is not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+from typing import Any
+
+from _harness import Conn, cpu_seconds, load_average, now, run_client, self_cpu, start, write_results
+
+PAYLOAD = {"p": "x" * 64}
+
+
+async def drive(port: int, pid: int, connections: int, commands: int) -> dict[str, float]:
+    conns = [await Conn.open(port) for _ in range(connections)]
+    for i, c in enumerate(conns):
+        await c.hello(f"c{i}")
+
+    async def worker(c: Conn, count: int, lat: list[float] | None) -> None:
+        for rid in range(1, count + 1):
+            t0 = now()
+            c.send({"t": "cmd", "id": rid, "name": "echo", "args": PAYLOAD})
+            await c.expect("ok", rid)
+            if lat is not None:
+                lat.append(now() - t0)
+
+    await asyncio.gather(*(worker(c, 20, None) for c in conns))  # warm-up
+    per = commands // connections
+    lat: list[float] = []
+    s0, c0, t0 = cpu_seconds(pid), self_cpu(), now()
+    await asyncio.gather(*(worker(c, per, lat) for c in conns))
+    elapsed = now() - t0
+    s1, c1 = cpu_seconds(pid), self_cpu()
+    for c in conns:
+        c.close()
+    n = per * connections
+    lat.sort()
+    return {
+        "commands": n,
+        "server_cpu_us_per_cmd": (s1 - s0) / n * 1e6,
+        "client_cpu_us_per_cmd": (c1 - c0) / n * 1e6,
+        "rate_per_s": n / elapsed,
+        "p50_ms": lat[len(lat) // 2] * 1e3,
+        "p99_ms": lat[int(len(lat) * 0.99)] * 1e3,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--commands", type=int, default=20000)
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--servers", default="rtcore/asyncio,peer")
+    ap.add_argument("--name", default="cmdcpu")
+    args = ap.parse_args()
+    kinds = args.servers.split(",")
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
+    load_before = load_average()
+    for rep in range(args.reps):
+        order = kinds if rep % 2 == 0 else kinds[::-1]
+        for kind in order:
+            server = start(kind)
+            try:
+                r = run_client(drive(server.port, server.pid, args.connections, args.commands))
+            finally:
+                server.stop()
+            r["rep"] = rep
+            runs[kind].append(r)
+            print(kind, {k: round(v, 2) for k, v in r.items()}, flush=True)
+    summary: dict[str, Any] = {}
+    for kind, rs in runs.items():
+        summary[kind] = {
+            key: {"median": statistics.median(r[key] for r in rs), "min": min(r[key] for r in rs), "max": max(r[key] for r in rs)}
+            for key in ("server_cpu_us_per_cmd", "client_cpu_us_per_cmd", "rate_per_s", "p50_ms", "p99_ms")
+        }
+    write_results(args.name, {"args": vars(args), "load_before": load_before, "load_after": load_average(), "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()
