@@ -280,12 +280,11 @@ def run(
     )
 
     async def main() -> None:
-        if options:
-            log.info("asyncio runs on uvloop (%s=0 or use_uvloop=False turns it off)", UVLOOP_ENV)
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with anyio.create_task_group() as tg:
                 bound = await tg.start(server.serve)
-                _log_started(server, bound, anyio_backend)
+                # One start line; it names uvloop when it runs (RTCORE_UVLOOP=0 turns it off).
+                _log_started(server, bound, "asyncio (uvloop)" if options else anyio_backend)
                 if on_ready is not None:
                     on_ready(bound)
 
