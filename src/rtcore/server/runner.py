@@ -284,7 +284,7 @@ def run(
             async with anyio.create_task_group() as tg:
                 bound = await tg.start(server.serve)
                 # One start line; it names uvloop when it runs (RTCORE_UVLOOP=0 turns it off).
-                _log_started(server, bound, "asyncio (uvloop)" if options else anyio_backend)
+                _log_started(server, bound, anyio_backend, uvloop=bool(options))
                 if on_ready is not None:
                     on_ready(bound)
 
@@ -309,13 +309,14 @@ def run(
     log.info("rtcore: stopped")
 
 
-def _log_started(server: Server, port: int, loop: str) -> None:
+def _log_started(server: Server, port: int, loop: str, *, uvloop: bool = False) -> None:
     # The one "serving" line of a start (the CLI adds none of its own).
     host = server.host if ":" not in server.host else f"[{server.host}]"
     scheme, ws = ("https", "wss") if server.ssl_context is not None else ("http", "ws")
     log.info(
-        "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; roles: %s; event loop: %s)",
+        "rtcore: serving %r on %s://%s:%d (WebSocket %s://%s:%d/v1/ws; roles: %s; event loop: %s)%s",
         server.app.name, scheme, host, port, ws, host, port, ",".join(sorted(server.roles)), loop,
+        " on uvloop" if uvloop else "",
     )
 
 
