@@ -379,10 +379,13 @@ async def test_any_bets_settle_by_the_rules_and_no_hold_stays_pending(tmp_path_f
                 # Manual cash-outs, in the order their targets come.
                 elapsed = 0.0
                 manual = {}
+                crash_at = math.log(max(point, 101) / 100) / crash.settings.speed
                 for p, (_a, _auto, target) in sorted(bets.items(), key=lambda kv: kv[1][2]):
                     if not target:
                         continue
-                    at = math.log(target / 100) / crash.settings.speed + 0.001
+                    # A target beyond the crash is tried just after it (refused), never
+                    # so late that the next round (pause_seconds later) has begun.
+                    at = min(math.log(target / 100) / crash.settings.speed + 0.001, crash_at + 0.3)
                     s = await _step(reg, node, rid, clock, max(0.0, at - elapsed))
                     elapsed = max(elapsed, at)
                     manual[p] = crash.multiplier(crash.settings.speed, elapsed)  # what the model expects
@@ -393,7 +396,10 @@ async def test_any_bets_settle_by_the_rules_and_no_hold_stays_pending(tmp_path_f
                     else:
                         auto = bets[p][1]
                         assert got["multiplier"] == (auto if auto and auto <= manual[p] else manual[p])
-                s = await _step(reg, node, rid, clock, math.log(max(point, 101) / 100) / crash.settings.speed + 0.3)
+                # To just past the crash: the manual cash-outs above already moved the
+                # clock ``elapsed`` seconds into the flight (going further would run
+                # into the next round's start, ``pause_seconds`` after the crash).
+                s = await _step(reg, node, rid, clock, max(0.0, crash_at + 0.3 - elapsed))
                 s = await _step(reg, node, rid, clock, 0)
                 assert (s["round"], s["status"], s["settled"]) == (r, "crashed", True)
                 for p, (amount, auto, _target) in bets.items():
