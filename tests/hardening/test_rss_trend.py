@@ -9,8 +9,10 @@ is sampled every 2 s; the mean of the last quarter must be within 10 % of
 the mean of the second quarter (a leak grows linearly; a bounded server
 levels off). The samples are printed.
 
-Mutation seen caught: ``app.retention`` removed from ``rssapp.py`` (history
-kept forever) → RSS keeps growing with the events and the trend check fails.
+Mutation seen caught (it is how the defect was found): ``memory://`` keeping
+its global log with no consumer group (``keep_global = True`` from the start
+in ``MemoryEventLog``) → RSS grew +30 % between the quarters of a 60 s run
+and the check failed.
 """
 
 from __future__ import annotations
