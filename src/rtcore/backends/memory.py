@@ -108,6 +108,10 @@ class MemoryEventLog:
         # one has global sequence number ``_seq``.
         self._all: deque[Event] = deque(maxlen=GLOBAL_LOG_MAX)
         self._seq = 0
+        # Only kept once a consumer group exists: groups start after the newest
+        # event, so before the first one nobody can ever read the global log
+        # (an app without processors would otherwise hold GLOBAL_LOG_MAX events).
+        self.keep_global = False
         # Set (and replaced) on every append; group readers that found nothing wait on it.
         self._appended: anyio.Event | None = None
 
@@ -142,7 +146,8 @@ class MemoryEventLog:
             self._trim(s, retention, now)
         for feed in tuple(self._feeds):
             feed.push(event)
-        self._all.append(event)
+        if self.keep_global:
+            self._all.append(event)
         self._seq += 1
         if self._appended is not None:
             self._appended.set()
@@ -322,6 +327,7 @@ class MemoryGroupLog:
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(self._log._seq)
+            self._log.keep_global = True
         return g
 
     async def create(self, group: str) -> None:
