@@ -45,6 +45,14 @@ class Team(msgspec.Struct):
     scores: dict[str, float] = {}
 
 
+class Circle(msgspec.Struct, tag="circle"):
+    r: float
+
+
+class Square(msgspec.Struct, tag="square"):
+    side: float
+
+
 @app.authenticate
 async def authenticate(token: str | None) -> rtcore.Principal | None:
     return rtcore.Principal(token) if token else None
@@ -70,6 +78,11 @@ async def pair(ctx: rtcore.Context, args: tuple[int, str]) -> tuple[str, int]:
 @app.command("forget")
 async def forget(ctx: rtcore.Context, args: dict[str, int]) -> None:
     return None
+
+
+@app.command("shape")
+async def shape(ctx: rtcore.Context, args: int) -> Circle | Square:
+    return Circle(float(args)) if args % 2 else Square(float(args))
 
 
 @app.command("anything")

@@ -27,6 +27,7 @@ import httpx
 import jsonschema
 import pytest
 
+import rtcore
 from rtcore.cli import load_app, main
 from rtcore.server import asyncapi as gen
 from tests.net.conftest import http_url, serving, ws_url
@@ -149,6 +150,8 @@ def test_results_follow_the_handlers_annotations() -> None:
     teams = doc["channels"]["ws"]["messages"]["ok.teams"]["payload"]["properties"]["result"]
     assert teams["type"] == "array" and set(_resolve(doc, teams["items"]["$ref"])["properties"]) == {"name", "colour", "scores"}
     assert comps["Colour"]["enum"] == ["blue", "red"]
+    shape = doc["channels"]["ws"]["messages"]["ok.shape"]["payload"]["properties"]["result"]
+    assert shape["discriminator"] == "type" and len(shape["anyOf"]) == 2
 
     bundle = gen.schema(APP)
     assert bundle["results"]["forget"] == {"type": "null"}
@@ -257,10 +260,12 @@ export async function play(client: Client): Promise<string> {
   const colour: "red" | "blue" = teams[0].colour;
   const pair: CommandResult<"pair"> = await typed.command("pair", [1, "one"]);
   const nothing: null = await typed.command("forget", { a: 1 });
+  const shape = await typed.command("shape", 3);
+  const area: number = shape.type === "circle" ? 3.14 * shape.r ** 2 : shape.side ** 2;
   const loose: Commands["anything"]["result"] = 42;
   const frame = JSON.parse("{}") as ServerFrame;
   if (frame.t === "subbed") { const r: boolean = frame.recovered; void r; }
-  void nothing; void loose;
+  void nothing; void loose; void area;
   return `${board.turn}${cell}${colour}${pair[0].toUpperCase()}${pair[1].toFixed()}`;
 }
 """
@@ -273,6 +278,7 @@ _BAD = [
     'const b: string = (await typed.command("game:move", { game: "g", x: 1, y: 1 })).turn;',  # turn is a number
     'const c: "x" = (await typed.command("teams", null))[0].colour;',  # colour is red|blue
     'const p: [number, string] = await typed.command("pair", [1, "one"]);',  # result is [string, number]
+    'const r: number = (await typed.command("shape", 1)).r;',  # a square has no r
 ]
 
 
@@ -289,8 +295,8 @@ def test_typescript_declarations_type_check(tmp_path: Path) -> None:
     """The generated declarations and a file using them correctly (through the JavaScript
     client's own ``Client`` type) pass ``tsc --strict``.
 
-    Mutation: make the converter emit ``{ [key: string]: T }`` with properties of
-    another type (no ``| undefined`` union) or drop ``export`` → tsc fails.
+    Mutation: mark every property required in ``_ts_object`` (drop the ``?``) → the
+    ``game:move`` args without ``note`` no longer type-check → tsc fails.
     """
     cmd = _write_project(tmp_path, _GOOD)
     p = subprocess.run([*cmd, "commands.ts", "use.ts"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -302,9 +308,10 @@ def test_typescript_declarations_reject_wrong_use(tmp_path: Path) -> None:
     """Each wrong use of a command's args or result is a type error (the types are not
     ``any`` or ``unknown``).
 
-    Mutation: emit ``unknown`` for every result (results dropped) → the result lines
-    compile... no: they still fail against ``unknown``; emit ``any`` instead, or drop
-    the ``Commands`` entries' real types → tsc accepts lines and this test fails.
+    Mutation: emit ``any`` for a ``$ref`` (or ``string`` for an ``enum``) in ``_ts`` →
+    tsc accepts some wrong lines → the set of error lines differs → fails. Dropping
+    the results (all ``{}`` → ``unknown``) fails here too: the result lines then
+    error for the wrong reason and the good-use test fails.
     """
     lines = "\n".join(f"  {line}" for line in _BAD)
     body = (
@@ -316,3 +323,38 @@ def test_typescript_declarations_reject_wrong_use(tmp_path: Path) -> None:
     assert p.returncode != 0
     bad_lines = {int(m) for m in re.findall(r"use\.ts\((\d+),\d+\): error TS", p.stdout)}
     assert bad_lines == set(range(3, 3 + len(_BAD))), p.stdout
+
+
+class _Opaque:
+    """A type msgspec has no schema for."""
+
+
+def _opaque_app() -> rtcore.App:
+    app = rtcore.App("opaque")
+
+    @app.command("odd")
+    async def odd(ctx: rtcore.Context) -> _Opaque:
+        return _Opaque()
+
+    @app.command("even")
+    async def even(ctx: rtcore.Context, args: int) -> list[int]:
+        return [args]
+
+    return app
+
+
+def test_a_result_type_msgspec_cannot_describe_is_any() -> None:
+    """A handler annotated with a type msgspec has no schema for documents ``{}`` for
+    that result; the other commands keep theirs, and nothing raises.
+
+    Mutation: drop the one-at-a-time fallback in ``_components`` (or the ``except
+    TypeError`` in ``_type_schema``) → ``TypeError`` escapes and this fails.
+    """
+    app = _opaque_app()
+    assert gen.command_types(app.commands["odd"])[1] is _Opaque
+    assert gen.schema(app)["results"] == {"even": {"type": "array", "items": {"type": "integer"}}, "odd": {}}
+    doc = gen.asyncapi(app)
+    messages = doc["channels"]["ws"]["messages"]
+    assert messages["ok.odd"]["payload"]["properties"]["result"] == {}
+    assert messages["ok.even"]["payload"]["properties"]["result"] == {"type": "array", "items": {"type": "integer"}}
+    assert '"odd": { args: null; result: unknown };' in gen.typescript(app)

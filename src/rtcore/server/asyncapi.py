@@ -118,28 +118,33 @@ def schema(app: App) -> dict[str, Any]:
     }
 
 
-def _components(app: App) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+_Components = tuple[dict[type[msgspec.Struct], Any], dict[str, Any], dict[str, Any], dict[str, Any]]
+
+
+def _components(app: App) -> _Components:
     """(frame refs by class, args schemas, result schemas, component schemas)."""
     specs = sorted(app.commands.items())
     types: list[Any] = [*_CLIENT, *_SERVER]
     for _, spec in specs:
         args_type, result_type = command_types(spec)
         types += [args_type if args_type is not None else None, result_type]
+    out: list[Any] = []
+    components: dict[str, Any] = {}
     try:
-        out, components = msgspec.json.schema_components(types, ref_template=_REF)
+        found, components = msgspec.json.schema_components(types, ref_template=_REF)
+        out = list(found)
     except TypeError:
         # One command's result type is not describable: fall back to one at a time.
-        out, components = [], {}
         for tp in types:
             try:
                 one, comps = msgspec.json.schema_components([tp], ref_template=_REF)
             except TypeError:
-                one, comps = [{}], {}
+                one, comps = ({},), {}
             out += one
             components.update(comps)
     out = [_asyncapi_schema(s) for s in out]
     n = len(_CLIENT) + len(_SERVER)
-    frame_refs = dict(zip([*_CLIENT, *_SERVER], out[:n], strict=True))
+    frame_refs: dict[type[msgspec.Struct], Any] = dict(zip([*_CLIENT, *_SERVER], out[:n], strict=True))
     args = {name: out[n + 2 * i] for i, (name, _) in enumerate(specs)}
     results = {name: out[n + 2 * i + 1] for i, (name, _) in enumerate(specs)}
     return frame_refs, args, results, {k: _asyncapi_schema(v) for k, v in components.items()}
