@@ -358,3 +358,26 @@ def test_a_result_type_msgspec_cannot_describe_is_any() -> None:
     assert messages["ok.odd"]["payload"]["properties"]["result"] == {}
     assert messages["ok.even"]["payload"]["properties"]["result"] == {"type": "array", "items": {"type": "integer"}}
     assert '"odd": { args: null; result: unknown };' in gen.typescript(app)
+
+
+_SAME = """\
+import type { ServerFrame, ClientFrame } from "./commands";
+import type { ServerFrame as HandServer, ClientFrame as HandClient } from "./rtcore";
+export function a(x: ServerFrame): HandServer { return x; }
+export function b(x: HandServer): ServerFrame { return x; }
+export function c(x: ClientFrame): HandClient { return x; }
+export function d(x: HandClient): ClientFrame { return x; }
+"""
+
+
+@needs_tsc
+def test_generated_frames_and_the_js_clients_frames_are_the_same_types(tmp_path: Path) -> None:
+    """The frames the JavaScript client declares by hand (``rtcore.d.ts``) and the
+    generated ones are assignable both ways, so code typed with either fits the other.
+
+    Mutation: mark ``recovered`` optional in rtcore.d.ts's ``SubbedFrame`` (or drop a
+    frame from its ``ServerFrame`` union) → ``b`` (or ``d``) fails in tsc.
+    """
+    cmd = _write_project(tmp_path, _SAME)
+    p = subprocess.run([*cmd, "commands.ts", "use.ts"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
