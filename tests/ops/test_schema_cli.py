@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ import pytest
 import rtcore
 from rtcore.cli import load_app, main
 from rtcore.server import asyncapi as gen
+from tests.net import conftest
 from tests.net.conftest import http_url, serving, ws_url
 from tests.ws_client import connect
 
@@ -162,10 +164,21 @@ def test_results_follow_the_handlers_annotations() -> None:
     assert set(bundle["results"]["game:move"]["$defs"]["Board"]["properties"]) == {"game", "cells", "turn", "winner"}
 
 
+@pytest.fixture(params=["rtcore", "uvicorn"])
+def server_kind(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``rtcore.Server`` and the ASGI adapter under uvicorn serve the same document."""
+    conftest.SERVER_KIND = request.param
+    try:
+        yield request.param
+    finally:
+        conftest.SERVER_KIND = "rtcore"
+
+
 @pytest.mark.anyio
-async def test_real_frames_validate_against_the_served_document() -> None:
+async def test_real_frames_validate_against_the_served_document(server_kind: str) -> None:
     """Frames a real session sends and receives validate against the payloads of
     ``GET /v1/asyncapi.json`` (its ``host`` is the request's Host); POST is 405.
+    Served by ``rtcore.Server`` and by the ASGI adapter.
 
     Mutation: document ``ok``'s result with the args schema (``results[name] =
     args[name]``) → the real ``ok`` of ``game:move`` fails validation; drop the route →
