@@ -244,13 +244,19 @@ def test_cli_writes_each_format(fmt: str, tmp_path: Path, capsys: pytest.Capture
 
 
 @pytest.mark.parametrize(
-    ("spec", "needle"),
-    [("tests/ops/no_such_app.py:app", "no such file"), ("tests.ops.schema_app:missing", "has no attribute")],
+    ("spec", "fmt", "needle"),
+    [
+        ("tests/ops/no_such_app.py:app", "typescript", "no such file"),
+        ("tests.ops.schema_app:missing", "typescript", "has no attribute"),
+        ("tests.ops.schema_app:Move", "asyncapi", "not an rtcore.App"),
+        ("tests.ops.schema_app:app", "yaml", "invalid choice: 'yaml'"),
+    ],
 )
-def test_cli_bad_app_is_one_line_and_exit_2(spec: str, needle: str) -> None:
-    """Mutation: let ``_schema`` raise ``CliError`` past ``main`` → a traceback, not one line."""
+def test_cli_bad_invocation_is_one_line_and_exit_2(spec: str, fmt: str, needle: str) -> None:
+    """Mutation: call ``load_app`` outside ``main``'s ``except CliError`` (e.g. catch nothing in
+    ``main``) → a traceback on stderr, not one line → fails."""
     p = subprocess.run(
-        [sys.executable, "-m", "rtcore.cli", "schema", spec, "--format", "typescript"],
+        [sys.executable, "-m", "rtcore.cli", "schema", spec, "--format", fmt],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert p.returncode == 2, p.stderr
