@@ -70,6 +70,11 @@ async def teams(ctx: rtcore.Context) -> list[Team]:
     return [Team("reds", Colour.RED, {"ada": 1.5})]
 
 
+@app.command("boards")
+async def boards(ctx: rtcore.Context) -> list[Board | None]:
+    return [None]
+
+
 @app.command("pair")
 async def pair(ctx: rtcore.Context, args: tuple[int, str]) -> tuple[str, int]:
     return args[1], args[0]

@@ -284,7 +284,9 @@ export async function play(client: Client): Promise<string> {
   const loose: Commands["anything"]["result"] = 42;
   const frame = JSON.parse("{}") as ServerFrame;
   if (frame.t === "subbed") { const r: boolean = frame.recovered; void r; }
-  void nothing; void loose; void area;
+  const boards = await typed.command("boards", null);
+  const turn: number | undefined = boards[0]?.turn;
+  void nothing; void loose; void area; void turn;
   return `${board.turn}${cell}${colour}${pair[0].toUpperCase()}${pair[1].toFixed()}`;
 }
 """
@@ -298,6 +300,7 @@ _BAD = [
     'const c: "x" = (await typed.command("teams", null))[0].colour;',  # colour is red|blue
     'const p: [number, string] = await typed.command("pair", [1, "one"]);',  # result is [string, number]
     'const r: number = (await typed.command("shape", 1)).r;',  # a square has no r
+    'const t: number = (await typed.command("boards", null))[0].turn;',  # a board may be null
 ]
 
 

@@ -97,6 +97,9 @@ def _type_schema(tp: Any) -> dict[str, Any]:
 def schema(app: App) -> dict[str, Any]:
     """JSON Schema of the wire frames and of every command's arguments and result.
 
+    Args:
+        app: The app whose commands to describe.
+
     Returns:
         ``{"protocol", "client_frames", "server_frames", "commands", "results"}``;
         ``commands[name]`` is the schema of ``args`` (``{"type": "null"}`` when
@@ -204,6 +207,9 @@ def asyncapi(app: App, *, host: str = "localhost:8000") -> dict[str, Any]:
     Args:
         app: The app.
         host: ``host:port`` for the server entry's default.
+
+    Returns:
+        The document, JSON-ready.
     """
     frame_refs, args, results, schemas = _components(app)
     messages: dict[str, Any] = {}
@@ -371,8 +377,8 @@ def _ts(node: Any, indent: str = "") -> str:
 
 
 def _wrap(ts: str) -> str:
-    # ``A | B`` inside ``[]`` or ``&`` needs parentheses.
-    return f"({ts})" if (" | " in ts or " & " in ts) and not ts.startswith("{") else ts
+    # ``A | B`` inside ``[]`` or ``&`` needs parentheses (harmless around ``{ a: A | B }``).
+    return f"({ts})" if " | " in ts or " & " in ts else ts
 
 
 def _ts_object(node: dict[str, Any], indent: str) -> str:
@@ -398,6 +404,12 @@ def typescript(app: App) -> str:
     ``ServerFrame`` unions, and ``interface Commands { "name": { args; result } }``
     with helpers ``CommandName``, ``CommandArgs<N>``, ``CommandResult<N>`` and
     ``TypedCommands`` (a typed ``command()`` to cast a client to).
+
+    Args:
+        app: The app whose commands to describe.
+
+    Returns:
+        The text of a ``.ts`` file (types only; it type-checks with ``tsc --strict``).
     """
     frame_refs, args, results, schemas = _components(app)
     out = [
@@ -410,7 +422,7 @@ def typescript(app: App) -> str:
         if desc:
             out.append(f"/** {desc.replace('*/', '* /')} */")
         body = _ts({k: v for k, v in spec.items() if k not in ("title", "description")})
-        if body.startswith("{"):
+        if spec.get("type") == "object" and body.startswith("{"):
             out.append(f"export interface {_ts_name(name)} {body}")
         else:
             out.append(f"export type {_ts_name(name)} = {body};")
