@@ -282,8 +282,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=_serve)
 
+    _add_schema_command(sub)
     _add_plugin_commands(sub)
     return parser
+
+
+def _add_schema_command(sub: Any) -> None:
+    schema = sub.add_parser(
+        "schema",
+        help="write the app's AsyncAPI document, JSON Schema or TypeScript declarations",
+        description="Describe an app's protocol for client authors: the AsyncAPI 3.0 document "
+        "(as served at /v1/asyncapi.json), the JSON Schema bundle (/v1/schema) or TypeScript "
+        "declarations of the frames and of each command's args and result.",
+    )
+    schema.add_argument("app", metavar="MODULE:APP", help="the App: package.module:app or path/to/file.py:app")
+    schema.add_argument("--format", default="asyncapi", choices=["asyncapi", "jsonschema", "typescript"])
+    schema.add_argument("-o", "--output", metavar="FILE", help="write here instead of to stdout")
+    schema.set_defaults(handler=_schema)
+
+
+def _schema(args: argparse.Namespace) -> int:
+    import json
+
+    from .server import asyncapi
+
+    app = load_app(args.app)
+    if args.format == "typescript":
+        text = asyncapi.typescript(app)
+    else:
+        doc = asyncapi.asyncapi(app) if args.format == "asyncapi" else asyncapi.schema(app)
+        text = json.dumps(doc, indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _add_plugin_commands(sub: Any) -> None:

@@ -12,7 +12,8 @@ requests here). Routes:
 ``GET /admin``, ``GET /admin/api``       read-only admin page and its data (only with an admin token)
 ``GET /v1/health``                      liveness and a few counters
 ``GET /metrics``                        Prometheus text exposition
-``GET /v1/schema``                      JSON Schema of the frames and of each command's args
+``GET /v1/schema``                      JSON Schema of the frames and of each command's args and result
+``GET /v1/asyncapi.json``               AsyncAPI 3.0 document of the WebSocket protocol and the commands
 ``GET /v1/client.js``, ``/v1/client.d.ts``  the JavaScript client (``clients/js`` in the repository)
 ``GET <app.route path>``                read-only routes registered with :meth:`App.route
                                         <rtcore.engine.app.App.route>` (e.g. ``GET /v1/rooms``)
@@ -30,7 +31,6 @@ import importlib.resources
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
 from urllib.parse import unquote
 
 import msgspec
@@ -41,10 +41,10 @@ from ..engine.metrics import NodeMetrics, SessionStats
 from ..engine.node import Node
 from ..errors import AuthError, BadRequest, RtcoreError
 from ..logs import COMMAND, emit
-from ..protocol import frames
 from ..protocol.frames import Position
 from ..protocol.streams import check_stream
 from ..transport import HttpRequest, HttpResponse, StreamingResponse, error_response, json_response
+from .asyncapi import asyncapi, schema
 from .presence import stream_presence
 from .registry import SessionRegistry
 from .sse import SseStream
@@ -97,7 +97,7 @@ class Routes:
     async def handle(self, request: HttpRequest) -> HttpResponse | StreamingResponse:
         path = request.path
         try:
-            if path in ("/v1/health", "/metrics", "/v1/schema") and request.method not in ("GET", "HEAD"):
+            if path in ("/v1/health", "/metrics", "/v1/schema", "/v1/asyncapi.json") and request.method not in ("GET", "HEAD"):
                 return error_response(405, "method_not_allowed", f"use GET for {path}", [(b"allow", b"GET, HEAD")])
             if path == "/v1/health":
                 return self._health()
@@ -105,6 +105,8 @@ class Routes:
                 return self._metrics()
             if path == "/v1/schema":
                 return json_response(200, schema(self.app))
+            if path == "/v1/asyncapi.json":
+                return json_response(200, asyncapi(self.app, host=request.header("host") or "localhost:8000"))
             if path in _CLIENT_ASSETS and request.method in ("GET", "HEAD"):
                 return _client_asset(path)
             if path == "/admin" or path.startswith("/admin/"):
@@ -309,27 +311,3 @@ class _MetricsView:
 
     def processor_depths(self) -> Iterable[tuple[str, int]]:
         return self._node.processor_depths()
-
-
-class _CmdDoc(msgspec.Struct, frozen=True, tag_field="t", tag="cmd"):
-    """Schema twin of :class:`~rtcore.protocol.frames.Cmd` (whose ``args`` stay raw bytes)."""
-
-    id: frames.RequestId
-    name: str
-    args: Any = None
-    key: str | None = None
-
-
-_CLIENT_DOC = frames.Hello | frames.Auth | frames.Sub | frames.Unsub | _CmdDoc | frames.Ack | frames.Ping
-
-
-def schema(app: App) -> dict[str, Any]:
-    """JSON Schema of the wire frames and of every command's arguments."""
-    client_frames = msgspec.json.schema(_CLIENT_DOC)
-    server_frames = msgspec.json.schema(frames.ServerFrame)
-    commands: dict[str, Any] = {}
-    for name, spec in sorted(app.commands.items()):
-        commands[name] = msgspec.json.schema(spec.args_type) if spec.args_type is not None else {"type": "null"}
-    return {"protocol": frames.PROTOCOL_VERSION, "client_frames": client_frames, "server_frames": server_frames, "commands": commands}
-
-
