@@ -42,7 +42,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mutab
 from typing import Any, Literal
 
 import anyio
-import msgspec
 
 from ..backends import Backend
 from ..engine.app import App
@@ -63,6 +62,7 @@ from .gateway import serve_session
 from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes
+from .runner import announced_limits, checked_roles
 
 __all__ = ["AsgiApp", "AsgiWebSocket", "asgi_app"]
 
@@ -199,19 +199,13 @@ class AsgiApp:
         session_limits: Limits | None = None,
         **node_options: Any,
     ) -> None:
-        unknown = set(roles) - ROLES
-        if unknown or not roles:
-            raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
         self.app = app
         self.backend = backend
         self.allowed_origins = frozenset(allowed_origins) if allowed_origins else None
-        self.roles = frozenset(roles)
+        self.roles = checked_roles(roles)
         self.grace = grace
         self.limits = limits or ServerLimits()
-        announced = session_limits or Limits()
-        if self.limits.max_message_bytes is not None:
-            announced = msgspec.structs.replace(announced, max_message_size=self.limits.max_message_bytes)
-        node_options["limits"] = announced
+        node_options["limits"] = announced_limits(self.limits, session_limits)
         self.node_options = node_options
         #: The running node (None before startup and after shutdown).
         self.node: Node | None = None

@@ -71,6 +71,23 @@ __all__ = ["ROLES", "UVLOOP_ENV", "Server", "run", "schema", "uvloop_wanted"]
 log = logging.getLogger("rtcore.server")
 
 
+def checked_roles(roles: frozenset[str]) -> frozenset[str]:
+    """``roles`` as a frozenset, or ValueError unless it is a non-empty subset of :data:`ROLES`."""
+    unknown = set(roles) - ROLES
+    if unknown or not roles:
+        raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
+    return frozenset(roles)
+
+
+def announced_limits(limits: ServerLimits, session_limits: Limits | None) -> Limits:
+    """The session limits to announce in ``welcome``: ``session_limits`` with the
+    message size the transport really enforces (close 1009), not a promise of its own."""
+    announced = session_limits or Limits()
+    if limits.max_message_bytes is not None:
+        announced = msgspec.structs.replace(announced, max_message_size=limits.max_message_bytes)
+    return announced
+
+
 class Server:
     """One rtcore server process: a node plus the HTTP/WebSocket listener.
 
@@ -113,15 +130,12 @@ class Server:
         admin_token: str | None = None,
         **node_options: Any,
     ) -> None:
-        unknown = set(roles) - ROLES
-        if unknown or not roles:
-            raise ValueError(f"roles must be a non-empty subset of {sorted(ROLES)}, got {sorted(roles)}")
         self.app = app
         self.backend = backend
         self.host = host
         self._port = port
         self.ssl_context = ssl_context
-        self.roles = frozenset(roles)
+        self.roles = checked_roles(roles)
         self.grace = grace
         self.admin_token = admin_token or None
         self.limits = limits or ServerLimits()
@@ -129,11 +143,7 @@ class Server:
             paths=frozenset({"/v1/ws"}) if "gateway" in self.roles else frozenset(),
             allowed_origins=frozenset(allowed_origins) if allowed_origins else None,
         )
-        limits_announced = session_limits or Limits()
-        if self.limits.max_message_bytes is not None:
-            # Clients are told the limit the transport really enforces (close 1009).
-            limits_announced = msgspec.structs.replace(limits_announced, max_message_size=self.limits.max_message_bytes)
-        node_options["limits"] = limits_announced
+        node_options["limits"] = announced_limits(self.limits, session_limits)
         self.node_options = node_options
         self.control = ServerControl()
         self.node: Node | None = None
