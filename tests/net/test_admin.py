@@ -21,6 +21,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import rtcore
+
 from .conftest import TIMEOUT, http_url, peer, serving
 from .netapp import app
 from .test_example import _chromium, headless_chromium, shows
@@ -134,3 +136,39 @@ async def test_admin_page_in_headless_chromium(tmp_path: Path) -> None:
     out = ROOT / "docs" / "img" / "admin.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(base64.b64decode(shot["data"]))
+
+
+async def test_admin_shows_rooms_and_processor_failures() -> None:
+    """The rooms this node runs (``rtcore.rooms``' admin section) and processor
+    retries / dead letters (``node.stats``).
+
+    Mutation: drop the ``admin_section("rooms")`` registration in
+    ``rooms.install`` → no ``rooms`` section → fails; stop counting in
+    ``_dead_letter`` → ``dead_letters`` stays 0 → fails.
+    """
+    from rtcore.testing import connect as in_process
+    from tests.rooms.roomapp import make_app
+
+    rooms_app, _reg = make_app(tick_rate=None)
+
+    @rooms_app.on("boom:*")
+    async def boom(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        raise RuntimeError("always fails")
+
+    @rooms_app.command("boom")
+    async def fire(ctx: rtcore.Context, args: object) -> int:
+        return (await ctx.publish("boom:1", "x", {})).offset
+
+    async with serving(rooms_app, admin_token=TOKEN) as server, httpx.AsyncClient(timeout=TIMEOUT) as http:
+        assert server.node is not None
+        async with in_process(server.node, "ada") as ada:
+            room = await ada.command("room.create", {"type": "game"})
+            await ada.command("boom", None)
+            with anyio.fail_after(20):
+                while server.node.stats["dead_letters"] < 1:
+                    await anyio.sleep(0.05)
+            r = await http.get(http_url(server, "/admin/api"), headers={"Authorization": f"Bearer {TOKEN}"})
+        data = r.json()
+        [listed] = data["sections"]["rooms"]
+        assert listed["id"] == room["room_id"] and listed["members"] == 1
+        assert data["stats"]["dead_letters"] == 1 and data["stats"]["processor_retries"] >= 1

@@ -266,6 +266,22 @@ class App(Router):
         self.pages: dict[str, tuple[str, bytes]] = {}
         self.routes: dict[str, RouteSpec] = {}
         self.presences: list[PresenceSpec] = []
+        #: Extra sections of the admin page's data: ``name -> async fn(node)``.
+        self.admin_sections: dict[str, Callable[[Any], Awaitable[Any]]] = {}
+
+    def admin_section(self, name: str) -> Callable[[Callable[[Any], Awaitable[Any]]], Callable[[Any], Awaitable[Any]]]:
+        """Register ``async def section(node) -> JSON-able`` as section ``name`` of ``/admin/api``.
+
+        Plugins use it to show their state on the read-only admin page
+        (``rtcore.rooms`` adds ``rooms``: the rooms this node runs). A section
+        that raises is shown as ``{"error": ...}``; the rest of the page still works.
+        """
+
+        def register(fn: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+            self.admin_sections[name] = fn
+            return fn
+
+        return register
 
     def presence(self, pattern: str, *, events: bool = False, interval: float = 1.0) -> None:
         """Track who is subscribed to streams matching ``pattern`` (like Centrifugo's presence).

@@ -132,7 +132,7 @@ class Node:
         self._processors = Processors(self)
         self.timer_wakeup = anyio.Event()
         self.draining = False
-        self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0}
+        self.stats: dict[str, int] = {"replays": 0, "recovered": 0, "not_recovered": 0, "idempotent_replays": 0, "slow_consumers": 0, "processor_retries": 0, "dead_letters": 0}
         self._owns_backend = not isinstance(backend, Backend)
         #: Recorders read by ``GET /metrics`` (plain numbers; see :mod:`rtcore.engine.metrics`).
         self.metrics = NodeMetrics()

@@ -77,7 +77,8 @@ async def _call(node: Node, spec: ProcessorSpec, event: Event) -> Exception | No
     return None
 
 
-def _log_retry(spec: ProcessorSpec, event: Event, attempt: int, exc: Exception) -> None:
+def _log_retry(node: Node, spec: ProcessorSpec, event: Event, attempt: int, exc: Exception) -> None:
+    node.stats["processor_retries"] = node.stats.get("processor_retries", 0) + 1
     if PROCESSOR.isEnabledFor(logging.WARNING):
         emit(
             PROCESSOR, logging.WARNING, "processor retry", processor=_dlq_name(spec), group=spec.group,
@@ -96,6 +97,7 @@ async def _dead_letter(node: Node, spec: ProcessorSpec, event: Event, error: str
     between dead-lettering and acknowledging and is then replaced does not
     park the same event twice.
     """
+    node.stats["dead_letters"] = node.stats.get("dead_letters", 0) + 1
     if PROCESSOR.isEnabledFor(logging.ERROR):
         emit(
             PROCESSOR, logging.ERROR, "processor dead letter", processor=_dlq_name(spec), group=spec.group,
@@ -189,7 +191,7 @@ class Processors:
                     if exc is None:
                         break
                     if attempt < spec.max_attempts:
-                        _log_retry(spec, event, attempt, exc)
+                        _log_retry(self._node, spec, event, attempt, exc)
                         await anyio.sleep(backoff(attempt))
                         continue
                     try:
@@ -260,7 +262,7 @@ class _GroupMember:
             return
         exc = await _call(self._node, spec, ev)
         if exc is not None and attempt < spec.max_attempts:
-            _log_retry(spec, ev, attempt, exc)
+            _log_retry(self._node, spec, ev, attempt, exc)
             self._ticket += 1
             self._waiting[m.id] = m
             heapq.heappush(self._retries, (anyio.current_time() + backoff(attempt), self._ticket, m.id, attempt + 1))

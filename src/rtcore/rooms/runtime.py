@@ -1455,6 +1455,15 @@ def install(app: App) -> Rooms:
     app.retention("roomdm:*", max_events=100, max_age=60.0)
     app.retention("roomreply:*", max_events=1000, max_age=300.0)
 
+    @app.admin_section("rooms")
+    async def rooms_on_this_node(node: Node) -> list[dict[str, Any]]:
+        # The rooms this node runs, for the read-only admin page.
+        return [
+            {"id": a.id, "type": a.cls.__name__, "members": len(a.members), "head": a.head, "locked": a.locked}
+            for a in list(rooms.runtime(node).actors.values())
+            if not a.closed
+        ]
+
     # Every node with the processor role: answers from owners on other nodes,
     # inputs appended elsewhere for rooms owned here, and orphaned rooms.
     @app.on("roomreply:*")

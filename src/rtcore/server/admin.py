@@ -92,6 +92,12 @@ async def admin_data(node: Node, sessions: SessionRegistry, roles: frozenset[str
                 "retention": None if rule is None else {"max_events": rule.max_events, "max_age": rule.max_age},
             }
         )
+    sections: dict[str, Any] = {}
+    for name, section in node.app.admin_sections.items():
+        try:
+            sections[name] = await section(node)
+        except Exception as exc:  # a plugin's bug must not take the page down
+            sections[name] = {"error": f"{type(exc).__name__}: {exc}"}
     return {
         "node": {"id": node.id, "roles": sorted(roles), "backend": node.backend.url.split("@")[-1], "draining": node.draining},
         "connections": connections[:500],
@@ -100,6 +106,8 @@ async def admin_data(node: Node, sessions: SessionRegistry, roles: frozenset[str
         "processors": [
             {"pattern": p.pattern, "group": p.group, "handler": getattr(p.handler, "__name__", "?")} for p in node.app.processors
         ],
+        "stats": dict(node.stats),
+        "sections": sections,
         "metrics": _metrics(metrics_text),
     }
 
@@ -149,6 +157,8 @@ td,th{border-bottom:1px solid #eee;padding:2px 6px;text-align:left;font-variant-
 <h2>Totals</h2><table id="totals"></table>
 <h2>Streams</h2><table id="streams"><tr><th>stream</th><th class="num">head</th><th class="num">subscribers</th></tr></table>
 <h2>Processors</h2><div id="processors"></div>
+<div>retries <span id="s-retries">0</span> &middot; dead letters <span id="s-dead">0</span></div>
+<h2>Rooms on this node (<span id="rooms-count">0</span>)</h2><table id="rooms"></table>
 <h2>Connections (<span id="conn-count">0</span>)</h2><table id="connections"></table>
 <script>
 "use strict";
@@ -215,6 +225,12 @@ async function tick() {
     ? data.processors.map((p) => `${p.handler} on ${p.pattern}` + (p.group ? ` (group ${p.group})` : "") +
         `: queue ${(depths.find((d) => d.labels.processor === p.handler) || {value: 0}).value}`).join(" \u00b7 ")
     : "none";
+  document.getElementById("s-retries").textContent = data.stats.processor_retries || 0;
+  document.getElementById("s-dead").textContent = data.stats.dead_letters || 0;
+  const rooms = Array.isArray(data.sections.rooms) ? data.sections.rooms : [];
+  document.getElementById("rooms-count").textContent = rooms.length;
+  rows("rooms", "<tr><th>room</th><th>type</th><th class=num>members</th><th class=num>patches</th><th>locked</th></tr>",
+    rooms.map((r) => `<tr><td>${esc(r.id)}</td><td>${esc(r.type)}</td><td class=num>${r.members}</td><td class=num>${r.head}</td><td>${r.locked}</td></tr>`));
   document.getElementById("conn-count").textContent = data.connection_count;
   rows("connections", "<tr><th>principal</th><th>kind</th><th class=num>subscriptions</th><th class=num>queued bytes</th></tr>",
     data.connections.map((c) => `<tr><td>${esc(c.principal)}</td><td>${c.kind}</td><td class=num>${c.subscriptions}</td><td class=num>${c.queued_bytes}</td></tr>`));
