@@ -29,7 +29,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
-
 from wsclient import WSProtocol, open_ws
 
 _enc = msgspec.json.Encoder().encode
@@ -217,13 +216,13 @@ class Worker:
 
     # --- connecting -----------------------------------------------------------------
 
-    async def _request(self, c: Client, frame: dict[str, Any], timeout: float = 60.0) -> Frame:
+    async def _request(self, c: Client, frame: dict[str, Any], limit_s: float = 60.0) -> Frame:
         assert c.ws is not None
         c.waiter = asyncio.get_running_loop().create_future()
         c.ws.send(_enc(frame))
         c.last_sent = time.perf_counter()
         try:
-            return await asyncio.wait_for(c.waiter, timeout)
+            return await asyncio.wait_for(c.waiter, limit_s)
         finally:
             c.waiter = None
 
@@ -263,7 +262,7 @@ class Worker:
                 await self._connect(c, since=True)
                 self.reconnects += 1
                 return
-            except (OSError, ConnectionError, asyncio.TimeoutError):
+            except (TimeoutError, OSError, ConnectionError):
                 if c.ws is not None:
                     c.ws.abort()
                     c.ws = None
@@ -289,7 +288,9 @@ class Worker:
 
     # --- commands from run.py ----------------------------------------------------------
 
-    async def op_open(self, url: str, n: int, prefix: str, stream: str | None, streams: int, concurrency: int) -> dict[str, Any]:
+    async def op_open(
+        self, url: str, n: int, prefix: str, stream: str | None, streams: int, concurrency: int
+    ) -> dict[str, Any]:
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         sem = asyncio.Semaphore(concurrency)
@@ -306,7 +307,7 @@ class Worker:
             async with sem:
                 try:
                     await self._connect(c, since=False)
-                except (OSError, ConnectionError, asyncio.TimeoutError):
+                except (TimeoutError, OSError, ConnectionError):
                     errors += 1
 
         t0, cpu0 = time.time(), cpu_seconds()
@@ -314,7 +315,9 @@ class Worker:
         self.clients.extend(new)
         return {"elapsed": time.time() - t0, "cpu": cpu_seconds() - cpu0, "errors": errors, "t_end": time.time()}
 
-    async def op_commands(self, name: str, keyed: bool, start_at: float, warmup: float, duration: float) -> dict[str, Any]:
+    async def op_commands(
+        self, name: str, keyed: bool, start_at: float, warmup: float, duration: float
+    ) -> dict[str, Any]:
         self.cmd_name, self.cmd_keyed = name, keyed
         self.cmd_lat = array.array("d")
         self.cmd_errors = 0
@@ -348,12 +351,12 @@ class Worker:
             self.fan_done.set_result(None)
         return {"cpu": cpu_seconds()}
 
-    async def op_wait_fanout(self, timeout: float) -> dict[str, Any]:
+    async def op_wait_fanout(self, limit_s: float) -> dict[str, Any]:
         assert self.fan_done is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self.fan_done), timeout)
+            await asyncio.wait_for(asyncio.shield(self.fan_done), limit_s)
             complete = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             complete = False
         self.fan_target = 0
         return {
@@ -417,12 +420,12 @@ class Worker:
             self.storm_done.set_result(None)
         return {"cpu": cpu_seconds()}
 
-    async def op_storm_wait(self, timeout: float) -> dict[str, Any]:
+    async def op_storm_wait(self, limit_s: float) -> dict[str, Any]:
         assert self.storm_done is not None
         try:
-            await asyncio.wait_for(asyncio.shield(self.storm_done), timeout)
+            await asyncio.wait_for(asyncio.shield(self.storm_done), limit_s)
             complete = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             complete = False
         self.storm = False
         return {
@@ -437,8 +440,8 @@ class Worker:
             "cpu": cpu_seconds(),
         }
 
-    async def op_wait_offset(self, offset: int, timeout: float) -> dict[str, Any]:
-        deadline = time.time() + timeout
+    async def op_wait_offset(self, offset: int, limit_s: float) -> dict[str, Any]:
+        deadline = time.time() + limit_s
         while time.time() < deadline:
             if all(c.last >= offset for c in self.clients):
                 return {"ok": True}

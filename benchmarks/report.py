@@ -34,9 +34,9 @@ _SUFFIX = {
 
 #: issue 10's goals, next to the metric they are about
 GOALS = {
-    "echo_rps": "≥ 1.0× peer",
+    "echo_rps": "≥ 1.0x peer",
     "echo_p99_ms": "≤ peer",
-    "keyed_memory_rps": "≥ 0.8× peer echo",
+    "keyed_memory_rps": "≥ 0.8x peer echo",
     "keyed_sqlite_rps": "≥ 3,000/s",
     "keyed_redis_rps": "≥ 5,000/s",
     "idle_kb_per_conn": "≤ 8 kB",
@@ -60,8 +60,26 @@ def metric_keys(result: dict[str, Any]) -> list[str]:
         order += [f"keyed_{b}_{s}" for s in ("rps", "p50_ms", "p99_ms", "cpu_us", "redis_cpu_us")]
     for n in sizes:
         order += [f"fanout_{n}_{s}" for s in ("dps", "p50_ms", "p99_ms", "cpu_us", "missing", "lost_dup")]
-    order += ["idle_kb_per_conn", "rss_mb_at_n", "conn_rate_first", "conn_rate_last", "conn_rate_flat", "conn_cpu_us", "conn_errors"]
-    order += ["storm_resume_s", "storm_from_stop_s", "storm_restart_s", "storm_not_resumed", "storm_lost", "storm_dup", "storm_not_recovered", "storm_reconnects", "storm_cpu_us"]
+    order += [
+        "idle_kb_per_conn",
+        "rss_mb_at_n",
+        "conn_rate_first",
+        "conn_rate_last",
+        "conn_rate_flat",
+        "conn_cpu_us",
+        "conn_errors",
+    ]
+    order += [
+        "storm_resume_s",
+        "storm_from_stop_s",
+        "storm_restart_s",
+        "storm_not_resumed",
+        "storm_lost",
+        "storm_dup",
+        "storm_not_recovered",
+        "storm_reconnects",
+        "storm_cpu_us",
+    ]
     return [k for k in order if k in present]
 
 
@@ -79,7 +97,10 @@ def label(key: str, cfg: dict[str, Any]) -> tuple[str, bool | None]:
         "conn_rate_flat": ("connect rate last step / first step", True),
         "conn_cpu_us": ("server CPU µs per connect+hello+sub", False),
         "conn_errors": ("connections that failed to open", None),
-        "storm_resume_s": (f"{cfg['storm_total']:,} clients resume after sqlite restart: s from READY until all hold the last event", False),
+        "storm_resume_s": (
+            f"{cfg['storm_total']:,} clients resume after sqlite restart: s from READY until all hold the last event",
+            False,
+        ),
         "storm_from_stop_s": ("restart storm: s from SIGTERM until all resumed", False),
         "storm_restart_s": ("restart storm: s for the server process to restart", False),
         "storm_not_resumed": ("restart storm: clients not resumed in time", None),
@@ -96,12 +117,12 @@ def label(key: str, cfg: dict[str, Any]) -> tuple[str, bool | None]:
         return key, None
     suffix = m.group(4)
     if m.group(1) == "echo":
-        head = f"echo, {conns} conns × 1 in flight"
+        head = f"echo, {conns} conns x 1 in flight"
     elif m.group(2):
         head = f"keyed append, `{m.group(2)}://`, {conns} conns"
     else:
         subs = int(m.group(3))
-        head = f"fan-out {subs:,} subs × {events.get(subs, '?')} events"
+        head = f"fan-out {subs:,} subs x {events.get(subs, '?')} events"
     if suffix == "missing":
         return f"{head}: deliveries missing", None
     if suffix == "lost_dup":
@@ -142,7 +163,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             for s, reps in servers.items():
                 if s == PEER:
                     continue
-                rs = [reps[r] / peer[r] for r in reps if r in peer and peer[r]]
+                rs = [reps[r] / peer[r] for r in reps if peer.get(r)]
                 ratios[s] = _spread(rs)
         entry["ratio"] = ratios
         entry["ratio_against"] = "peer echo_rps" if ref_key != key else "peer"
@@ -172,7 +193,7 @@ def _cell(s: dict[str, Any] | None) -> str:
         return "—"
     if s["n"] == 1 or s["min"] == s["max"]:
         return _fmt(s["median"])
-    return f"{_fmt(s['median'])} ({_fmt(s['min'])}–{_fmt(s['max'])})"
+    return f"{_fmt(s['median'])} ({_fmt(s['min'])}-{_fmt(s['max'])})"
 
 
 def table(result: dict[str, Any]) -> str:
@@ -191,10 +212,14 @@ def table(result: dict[str, Any]) -> str:
         f"{cfg['workers']} load-client processes on {result.get('client_loop', '?')}. "
         f"Load average at start {', '.join(f'{x:.2f}' for x in ls)}, at end {', '.join(f'{x:.2f}' for x in le)} "
         f"(2 vCPU shared with other jobs: compare ratios and CPU per op within this run, not absolute numbers across runs). "
-        f"Cells: median (min–max) over the repetitions; ratio = rtcore/peer per repetition (for keyed `memory://` "
+        f"Cells: median (min-max) over the repetitions; ratio = rtcore/peer per repetition (for keyed `memory://` "
         f"commands/s: against the peer's echo). Every repetition is in the JSON.",
         "",
-        "| metric | " + " | ".join(f"{s}" for s in servers) + " | " + " | ".join(f"{s.split('-', 1)[1]}/peer" for s in rt) + " | goal |",
+        "| metric | "
+        + " | ".join(f"{s}" for s in servers)
+        + " | "
+        + " | ".join(f"{s.split('-', 1)[1]}/peer" for s in rt)
+        + " | goal |",
         "|---|" + "---:|" * (len(servers) + len(rt)) + "---|",
     ]
     for key, entry in summary["metrics"].items():
@@ -266,7 +291,7 @@ def plots(result: dict[str, Any], outdir: Path, stem: str) -> list[Path]:
     for ax in (ax1, ax2):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{result['date']} (median, min–max bars; load avg {result['load_start'][0]:.1f})", fontsize=9)
+    fig.suptitle(f"{result['date']} (median, min-max bars; load avg {result['load_start'][0]:.1f})", fontsize=9)
     fig.tight_layout()
     path = outdir / f"{stem}-fanout.png"
     fig.savefig(path, dpi=100)
@@ -285,7 +310,11 @@ def plots(result: dict[str, Any], outdir: Path, stem: str) -> list[Path]:
             rss = [statistics.median(r["rss_mb"][i] - r["rss0_mb"] for r in runs) for i in range(len(xs))]
             ax1.plot(xs, rate, marker="o", label=s)
             ax2.plot(xs, rss, marker="o", label=s)
-        ax1.set(xlabel="open connections", ylabel="connect+hello+sub per s (step)", title="connect rate against open connections")
+        ax1.set(
+            xlabel="open connections",
+            ylabel="connect+hello+sub per s (step)",
+            title="connect rate against open connections",
+        )
         ax2.set(xlabel="open connections", ylabel="server RSS growth (MB)", title="memory against open connections")
         for ax in (ax1, ax2):
             ax.grid(True, alpha=0.3)
@@ -300,7 +329,9 @@ def plots(result: dict[str, Any], outdir: Path, stem: str) -> list[Path]:
     return written
 
 
-def render(result: dict[str, Any], json_path: Path, readme: Path | None, plots_too: bool = True, *, plots: bool | None = None) -> None:
+def render(
+    result: dict[str, Any], json_path: Path, readme: Path | None, plots_too: bool = True, *, plots: bool | None = None
+) -> None:
     """Plots next to the JSON and the README table (when ``readme`` is given)."""
     make_plots = plots_too if plots is None else plots
     stem = json_path.stem

@@ -90,7 +90,9 @@ def main() -> None:
         grace=0.5,
         on_ready=ready,
         anyio_backend=anyio_backend,
-        session_limits=rtcore.Limits(command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000),
+        session_limits=rtcore.Limits(
+            command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000
+        ),
     )
 
 

@@ -35,7 +35,6 @@ import select
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -239,7 +238,15 @@ def run_commands(
 ) -> dict[str, Any]:
     """``cfg['connections']`` connections, one command in flight each, for a time window."""
     nw = len(pool.conns)
-    pool.all("open", [{"n": k} for k in split(cfg["connections"], nw)], url=server.url, prefix=prefix, stream=None, streams=1, concurrency=16)
+    pool.all(
+        "open",
+        [{"n": k} for k in split(cfg["connections"], nw)],
+        url=server.url,
+        prefix=prefix,
+        stream=None,
+        streams=1,
+        concurrency=16,
+    )
     warmup, window = cfg["warmup"], cfg["window"]
     start_at = time.time() + 0.3
     for i in range(nw):
@@ -287,7 +294,7 @@ def fanout_on(server: Server, pool: Pool, stream: str, subscribers: int, events:
     pool.send(pub, "publish", url=server.url, streams=[stream], per_stream=events, window=32)
     published = pool.recv(pub)
     for i in subs_workers:
-        pool.send(i, "wait_fanout", timeout=max(60.0, events * subscribers / 2000))
+        pool.send(i, "wait_fanout", limit_s=max(60.0, events * subscribers / 2000))
     res = [pool.recv(i) for i in subs_workers]
     s1, c1 = server.cpu(), pool.cpu()
     latencies = lat(res)
@@ -310,8 +317,16 @@ def wl_fanout(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]
     nw = len(pool.conns)
     for subs, events in cfg["fanout"]:
         stream = f"bench:fan-{subs}-{time.monotonic_ns()}"
-        per = split(subs, nw - 1) + [0]
-        pool.all("open", [{"n": k} for k in per], url=server.url, prefix=f"f{subs}-", stream=stream, streams=1, concurrency=16)
+        per = [*split(subs, nw - 1), 0]
+        pool.all(
+            "open",
+            [{"n": k} for k in per],
+            url=server.url,
+            prefix=f"f{subs}-",
+            stream=stream,
+            streams=1,
+            concurrency=16,
+        )
         m = fanout_on(server, pool, stream, subs, events)
         pool.all("close")
         metrics.update({f"fanout_{subs}_{k}": v for k, v in m.items()})
@@ -334,9 +349,17 @@ def wl_conns(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     c_start = pool.cpu()
     ramp_t0 = time.time()
     for k in range(step, total + 1, step):
-        per = split(step, nw - 1) + [0]
+        per = [*split(step, nw - 1), 0]
         t0 = time.time()
-        res = pool.all("open", [{"n": n} for n in per], url=server.url, prefix=f"i{k}-", stream=stream, streams=1, concurrency=per_worker_conc)
+        res = pool.all(
+            "open",
+            [{"n": n} for n in per],
+            url=server.url,
+            prefix=f"i{k}-",
+            stream=stream,
+            streams=1,
+            concurrency=per_worker_conc,
+        )
         dt = time.time() - t0
         errors = sum(r["errors"] for r in res)
         rates.append(step / dt)
@@ -383,16 +406,24 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     total, nstreams, before, after = cfg["storm_total"], cfg["storm_streams"], 2, 2
     prefix = "storm"
     streams = [f"{prefix}:{j}" for j in range(nstreams)]
-    per = split(total, nw - 1) + [0]
+    per = [*split(total, nw - 1), 0]
     t0 = time.time()
     # Worker i's client j subscribes to stream (j % nstreams); the same names for all workers.
-    pool.all("open", [{"n": n} for n in per], url=server.url, prefix="s-", stream=prefix, streams=nstreams, concurrency=max(1, cfg["conns_concurrency"] // (nw - 1)))
+    pool.all(
+        "open",
+        [{"n": n} for n in per],
+        url=server.url,
+        prefix="s-",
+        stream=prefix,
+        streams=nstreams,
+        concurrency=max(1, cfg["conns_concurrency"] // (nw - 1)),
+    )
     setup = time.time() - t0
     pub = nw - 1
     pool.send(pub, "publish", url=server.url, streams=streams, per_stream=before, window=32)
     pool.recv(pub)
     for i in range(nw - 1):
-        pool.send(i, "wait_offset", offset=before, timeout=120)
+        pool.send(i, "wait_offset", offset=before, limit_s=120)
     waited = [pool.recv(i) for i in range(nw - 1)]
     if not all(w["ok"] for w in waited):
         raise RuntimeError(f"storm: clients did not receive the events before the restart: {waited}")
@@ -407,7 +438,7 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     pool.send(pub, "publish", url=server.url, streams=streams, per_stream=after, window=32)
     pool.recv(pub)
     for i in range(nw - 1):
-        pool.send(i, "storm_wait", timeout=cfg["storm_timeout"])
+        pool.send(i, "storm_wait", limit_s=cfg["storm_timeout"])
     res = [pool.recv(i) for i in range(nw - 1)]
     s1, c1 = server.cpu(), pool.cpu()
     last = max(r["last_done"] for r in res)
@@ -457,17 +488,32 @@ def settings(quick: bool, tiny: bool) -> dict[str, Any]:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for dist in ("rtcore", "anyio", "wsproto", "h11", "msgspec", "trio", "uvloop", "websockets", "coredis", "matplotlib"):
+    for dist in (
+        "rtcore",
+        "anyio",
+        "wsproto",
+        "h11",
+        "msgspec",
+        "trio",
+        "uvloop",
+        "websockets",
+        "coredis",
+        "matplotlib",
+    ):
         try:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = "not installed"
     try:
-        out["redis-server"] = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, timeout=10).stdout.split()[2]
+        out["redis-server"] = subprocess.run(
+            ["redis-server", "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.split()[2]
     except (OSError, IndexError, subprocess.SubprocessError):
         out["redis-server"] = "not found"
     try:
-        out["git"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
+        out["git"] = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         out["git"] = "?"
     return out
@@ -540,10 +586,27 @@ def main(argv: list[str] | None = None) -> int:
                                     out = wl_storm(server, cfg, pool)
                             finally:
                                 server.stop()
-                        run = {"workload": wl, "backend": be, "rep": rep, "position": pos, "server": name, "server_loop": server.loop, "load": load, "seconds": time.time() - t0, **out}
+                        run = {
+                            "workload": wl,
+                            "backend": be,
+                            "rep": rep,
+                            "position": pos,
+                            "server": name,
+                            "server_loop": server.loop,
+                            "load": load,
+                            "seconds": time.time() - t0,
+                            **out,
+                        }
                         result["runs"].append(run)
-                        brief = ", ".join(f"{k}={v:.4g}" for k, v in out["metrics"].items() if isinstance(v, float | int) and not k.endswith("_pct"))
-                        print(f"[{time.time() - t_run:6.0f}s] {wl} rep {rep + 1} #{pos + 1} {name} {be}: {brief}", flush=True)
+                        brief = ", ".join(
+                            f"{k}={v:.4g}"
+                            for k, v in out["metrics"].items()
+                            if isinstance(v, float | int) and not k.endswith("_pct")
+                        )
+                        print(
+                            f"[{time.time() - t_run:6.0f}s] {wl} rep {rep + 1} #{pos + 1} {name} {be}: {brief}",
+                            flush=True,
+                        )
     finally:
         pool.close()
     result["load_end"] = list(os.getloadavg())

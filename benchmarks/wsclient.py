@@ -54,7 +54,9 @@ def encode_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     key = _urandom(4)
     if n:
         # XOR the whole payload with the repeated key in one integer operation.
-        masked = (_from_bytes(payload, "little") ^ _from_bytes((key * ((n >> 2) + 1))[:n], "little")).to_bytes(n, "little")
+        masked = (_from_bytes(payload, "little") ^ _from_bytes((key * ((n >> 2) + 1))[:n], "little")).to_bytes(
+            n, "little"
+        )
     else:
         masked = b""
     return head + key + masked
@@ -165,7 +167,7 @@ class WSProtocol(asyncio.Protocol):
         if used:
             del buf[:used]
         for fin, opcode, payload in frames:
-            if opcode == OP_TEXT or opcode == OP_BINARY:
+            if opcode in (OP_TEXT, OP_BINARY):
                 if fin:
                     if self.on_message is not None:
                         self.on_message(self, payload)
