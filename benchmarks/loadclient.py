@@ -478,11 +478,12 @@ def worker_main(conn: Any, index: int, use_uvloop: bool) -> None:
         worker = Worker(index)
         loop = asyncio.get_running_loop()
         hb = loop.create_task(worker.heartbeats())
-        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
+        # The pipe is read and written from a thread: it stays a blocking file
+        # descriptor (the loop's add_reader would make it non-blocking, and a
+        # large answer, such as 200,000 latencies, would then fail to write).
         conn.send({"ready": True, "loop": loop_name, "pid": os.getpid()})
         while True:
-            cmd = await inbox.get()
+            cmd = await loop.run_in_executor(None, conn.recv)
             op = cmd.pop("op")
             if op == "exit":
                 break
@@ -490,8 +491,7 @@ def worker_main(conn: Any, index: int, use_uvloop: bool) -> None:
                 result = await getattr(worker, f"op_{op}")(**cmd)
             except Exception as exc:  # report to run.py instead of dying silently
                 result = {"error": f"{type(exc).__name__}: {exc}"}
-            conn.send(result)
+            await loop.run_in_executor(None, conn.send, result)
         hb.cancel()
-        loop.remove_reader(conn.fileno())
 
     asyncio.run(serve())

@@ -463,6 +463,27 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
 # --- the run ------------------------------------------------------------------------------------
 
 
+def measure(wl: str, name: str, be: str, cfg: dict[str, Any], pool: Pool) -> tuple[dict[str, Any], str]:
+    """One workload on one fresh server (and fresh backend); returns its results and the server's loop."""
+    with backend_for(be) as (url, redis):
+        port = free_port() if wl == "storm" else 0
+        server = Server(name, url, port)
+        try:
+            if wl == "echo":
+                out = wl_echo(server, cfg, pool)
+            elif wl == "keyed":
+                out = wl_keyed(server, cfg, pool, be, redis)
+            elif wl == "fanout":
+                out = wl_fanout(server, cfg, pool)
+            elif wl == "conns":
+                out = wl_conns(server, cfg, pool)
+            else:
+                out = wl_storm(server, cfg, pool)
+        finally:
+            server.stop()
+    return out, server.loop
+
+
 def settings(quick: bool, tiny: bool) -> dict[str, Any]:
     if tiny:  # the pytest smoke test: a few connections, seconds per workload
         return {
@@ -556,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         "workloads": workloads,
         "client_microbench": __import__("client_cost").measure(5000 if opts.tiny else 20_000),
         "runs": [],
+        "failures": [],
     }
     pool = Pool(cfg["workers"])
     result["client_loop"] = pool.loop
@@ -570,29 +592,23 @@ def main(argv: list[str] | None = None) -> int:
                     for be in backends:
                         load = os.getloadavg()[0]
                         t0 = time.time()
-                        with backend_for(be) as (url, redis):
-                            port = free_port() if wl == "storm" else 0
-                            server = Server(name, url, port)
-                            try:
-                                if wl == "echo":
-                                    out = wl_echo(server, cfg, pool)
-                                elif wl == "keyed":
-                                    out = wl_keyed(server, cfg, pool, be, redis)
-                                elif wl == "fanout":
-                                    out = wl_fanout(server, cfg, pool)
-                                elif wl == "conns":
-                                    out = wl_conns(server, cfg, pool)
-                                else:
-                                    out = wl_storm(server, cfg, pool)
-                            finally:
-                                server.stop()
+                        try:
+                            out, loop_used = measure(wl, name, be, cfg, pool)
+                        except Exception as exc:  # recorded, not hidden; the run goes on
+                            failure = {"workload": wl, "backend": be, "rep": rep, "server": name}
+                            failure["error"] = f"{type(exc).__name__}: {exc}"
+                            result["failures"].append(failure)
+                            print(f"FAILED: {failure}", flush=True)
+                            pool.close()
+                            pool = Pool(cfg["workers"])
+                            continue
                         run = {
                             "workload": wl,
                             "backend": be,
                             "rep": rep,
                             "position": pos,
                             "server": name,
-                            "server_loop": server.loop,
+                            "server_loop": loop_used,
                             "load": load,
                             "seconds": time.time() - t0,
                             **out,
