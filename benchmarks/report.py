@@ -228,6 +228,14 @@ def table(result: dict[str, Any]) -> str:
         ratios = [_cell(entry["ratio"].get(s)) if entry["ratio"] else "—" for s in rt]
         lines.append(f"| {text} | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {GOALS.get(key, '')} |")
     lines.append("")
+    for f in result.get("failures", []):
+        lines.append(
+            f"**Failed measurement** (left out of the medians): {f['workload']} rep {f['rep'] + 1} {f['server']} {f['backend']}: {f['error']}"
+        )
+        lines.append("")
+    if not result.get("complete", True):
+        lines.append("**This run was interrupted**: only the measurements above were made.")
+        lines.append("")
     mb = result["client_microbench"]
     lines.append(
         f"**Load client check.** Per ~100-byte message, the hand-written client costs {mb['hand_encode_us']:.2f} µs to build "

@@ -365,6 +365,7 @@ def wl_conns(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
         rates.append(step / dt)
         rss_steps.append(server.rss())
         opened.append(k - errors)
+        print(f"    {server.name}: {k:,} open, {rates[-1]:.0f}/s, RSS {rss_steps[-1] / 2**20:.0f} MB", flush=True)
     ramp = time.time() - ramp_t0
     s_ramp, c_ramp = server.cpu(), pool.cpu()
     time.sleep(cfg["settle"])
@@ -550,10 +551,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/<date>.json)")
     parser.add_argument("--readme", type=Path, help="README to regenerate (default benchmarks/README.md on full runs)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    parser.add_argument(
+        "--conns", type=int, help="open connections of the conns workload (default 10,000; steps of 1/10)"
+    )
+    parser.add_argument("--storm", type=int, help="clients of the storm workload (default 10,000; 100 per stream)")
     opts = parser.parse_args(argv)
     cfg = settings(opts.quick, opts.tiny)
     if opts.reps:
         cfg["reps"] = opts.reps
+    if opts.conns:
+        cfg["conns_total"], cfg["conns_step"] = opts.conns, max(1, opts.conns // 10)
+    if opts.storm:
+        cfg["storm_total"], cfg["storm_streams"] = opts.storm, max(1, opts.storm // 100)
     loadclient.raise_nofile()  # inherited by the servers
     workloads = opts.only or WORKLOADS
     servers = opts.servers.split(",") if opts.servers else [f"rtcore-{loop}" for loop in RTCORE_LOOPS] + [PEER]
@@ -614,6 +623,9 @@ def main(argv: list[str] | None = None) -> int:
                             **out,
                         }
                         result["runs"].append(run)
+                        # Saved after every measurement: an interrupted run keeps what it measured.
+                        out_path.parent.mkdir(parents=True, exist_ok=True)
+                        out_path.write_text(json.dumps({**result, "complete": False}, indent=1) + "\n")
                         brief = ", ".join(
                             f"{k}={v:.4g}"
                             for k, v in out["metrics"].items()
@@ -626,6 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         pool.close()
     result["load_end"] = list(os.getloadavg())
+    result["complete"] = True
     result["seconds"] = time.time() - t_run
     result["summary"] = report.summarise(result)
     out_path.parent.mkdir(parents=True, exist_ok=True)
