@@ -263,10 +263,7 @@ def update_readme(readme: Path, text: str, source: str) -> None:
     old = readme.read_text() if readme.exists() else ""
     # Markers count only on a line of their own, so prose that names them is left alone.
     found = re.search(rf"^{re.escape(BEGIN)}$.*?^{re.escape(END)}$", old, flags=re.M | re.S)
-    if found:
-        new = old[: found.start()] + body + old[found.end() :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body + "\n"
+    new = old[: found.start()] + body + old[found.end() :] if found else old.rstrip("\n") + "\n\n" + body + "\n"
     readme.write_text(new)
 
 

@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp / "tiny.json"
     readme = tmp / "README.md"
     readme.write_text(
-        "# title\n\n<!-- rooms:begin -->\nrooms table\n<!-- rooms:end -->\n\n<!-- bench:begin -->\nSTALE-TABLE\n<!-- bench:end -->\n\ntail\n"
+        "# title\n\nprose naming `<!-- bench:begin -->` and `<!-- bench:end -->` inline\n\n<!-- rooms:begin -->\nrooms table\n<!-- rooms:end -->\n\n<!-- bench:begin -->\nSTALE-TABLE\n<!-- bench:end -->\n\ntail\n"
     )
     proc = subprocess.run(
         [sys.executable, str(BENCH / "run.py"), "--tiny", "--no-plots", "--out", str(out), "--readme", str(readme)],
@@ -99,13 +99,15 @@ def test_every_metric_for_every_server(tiny_run: tuple[dict, Path]) -> None:
 def test_readme_section_regenerated(tiny_run: tuple[dict, Path], tmp_path: Path) -> None:
     """run.py and report.py rewrite only the bench section and keep the rooms section.
 
-    Mutation: make ``update_readme`` replace the whole file -> the rooms
-    markers and the tail disappear and this fails.
+    Mutations: make ``update_readme`` replace the whole file -> the rooms
+    markers and the tail disappear; split on the first marker text instead of
+    a marker line -> the prose naming the markers is eaten. Either fails here.
     """
     result, readme = tiny_run
     text = readme.read_text()
     assert "<!-- rooms:begin -->\nrooms table\n<!-- rooms:end -->" in text and text.endswith("tail\n")
-    assert "STALE-TABLE" not in text.split("<!-- bench:begin -->")[1]
+    assert "prose naming `<!-- bench:begin -->` and `<!-- bench:end -->` inline\n" in text
+    assert "STALE-TABLE" not in text
     assert "| echo, 4 conns x 1 in flight: commands/s |" in text
     # report.py regenerates the same table from the JSON alone.
     copy = tmp_path / "r.json"
@@ -114,6 +116,6 @@ def test_readme_section_regenerated(tiny_run: tuple[dict, Path], tmp_path: Path)
     second.write_text(text)
     assert report.main([str(copy), "--readme", str(second), "--no-plots"]) == 0
     assert (
-        second.read_text().split("<!-- bench:begin -->")[1].split("generated")[1].split("-->", 1)[1]
-        == text.split("<!-- bench:begin -->")[1].split("generated")[1].split("-->", 1)[1]
+        second.read_text().split("\n<!-- bench:begin -->\n")[1].split("generated")[1].split("-->", 1)[1]
+        == text.split("\n<!-- bench:begin -->\n")[1].split("generated")[1].split("-->", 1)[1]
     )
