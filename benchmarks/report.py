@@ -203,7 +203,7 @@ def table(result: dict[str, Any]) -> str:
     rt = [s for s in servers if s != PEER]
     cfg = result["settings"]
     v = result["versions"]
-    ls, le = result["load_start"], result["load_end"]
+    ls, le = result["load_start"], result.get("load_end") or [float("nan")] * 3
     lines = [
         f"{result['date']}, {result['machine']['cpus']} vCPU, {result['machine']['platform']}, Python {v['python']}, "
         f"rtcore {v['rtcore']} (git {v.get('git', '?')}), anyio {v['anyio']}, wsproto {v['wsproto']}, msgspec {v['msgspec']}, "
@@ -342,6 +342,9 @@ def render(
     result: dict[str, Any], json_path: Path, readme: Path | None, *, plots: bool = True, section: str = ""
 ) -> None:
     """Plots next to the JSON and the README table (when ``readme`` is given)."""
+    json_path = json_path.resolve()
+    if readme is not None:
+        readme = readme.resolve()
     stem = json_path.stem
     images: list[Path] = []
     if plots:

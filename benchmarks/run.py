@@ -608,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
                             failure["error"] = f"{type(exc).__name__}: {exc}"
                             result["failures"].append(failure)
                             print(f"FAILED: {failure}", flush=True)
+                            out_path.parent.mkdir(parents=True, exist_ok=True)
+                            out_path.write_text(json.dumps({**result, "complete": False}, indent=1) + "\n")
                             pool.close()
                             pool = Pool(cfg["workers"])
                             continue
