@@ -16,7 +16,9 @@ keys, epochs that survive restarts, retention, limits, slow-consumer cuts,
 per-connection send queues, msgpack. That is the point of the comparison:
 how much those cost.
 
-Run as ``python benchmarks/peer_websockets.py PORT``; prints ``READY <port>``.
+Run as ``python benchmarks/peer_websockets.py PORT [--uvloop]``; prints
+``READY <port> <loop>``. The benchmark runs it on the default asyncio loop
+(``--uvloop`` exists for a manual comparison).
 """
 
 from __future__ import annotations
@@ -116,11 +118,19 @@ async def main(port: int) -> None:
     stop = asyncio.get_running_loop().create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set_result, None)
-    async with serve(handler, "127.0.0.1", port, subprotocols=["rtcore.v1.json"], compression=None) as server:
+    async with serve(
+        handler, "127.0.0.1", port, subprotocols=["rtcore.v1.json"], compression=None, backlog=65535
+    ) as server:
         bound = next(iter(server.sockets)).getsockname()[1]
-        print("READY", bound, flush=True)
+        loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+        print("READY", bound, loop, flush=True)
         await stop
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+    if "--uvloop" in sys.argv[1:]:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    asyncio.run(main(int(args[0]) if args else 0))

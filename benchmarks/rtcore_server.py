@@ -1,32 +1,41 @@
-"""The rtcore side of the benchmark: a tiny app served by :class:`rtcore.server.runner.Server`.
+"""The rtcore side of the benchmark: a tiny app served with :func:`rtcore.run` (public API).
 
-Run as ``python benchmarks/rtcore_server.py PORT``; prints ``READY <port>``
-once listening. Commands: ``echo`` (returns its args) and ``pub`` (appends
-``args.data`` to ``args.stream`` and returns the offset), the same two the
-peer server in ``peer_websockets.py`` answers.
+Run as ``python benchmarks/rtcore_server.py [--port P] [--backend URL] [--loop asyncio|uvloop|trio]``;
+prints ``READY <port> <loop>`` once listening and serves until SIGTERM/SIGINT
+(graceful: ``bye`` + close 1001, exit 0). Commands, the same the peer server in
+``peer_websockets.py`` answers (``append`` only here):
 
-The per-connection command rate limit (100/s by default, a production
-safety net) is raised: the benchmark measures the transport and the
-fan-out, not the limiter.
+* ``echo``: returns its args;
+* ``pub``: appends ``args.data`` to ``args.stream`` and returns the offset;
+* ``append``: the same as ``pub``; the load client sends it with an
+  idempotency key (``cmd.key``), so it measures the idempotency record plus
+  the append (the publish of a keyed command is itself idempotent).
+
+``--loop uvloop`` installs uvloop's event-loop policy before starting
+rtcore on anyio's asyncio backend: rtcore has no uvloop switch of its own
+yet (an ``rtcore[fast]`` extra that selects it is being added separately);
+``--loop trio`` runs rtcore on trio (``rtcore.run(anyio_backend="trio")``).
+
+The per-connection command rate limit (100/s by default, a production safety
+net) is raised: the benchmark measures the server, not the limiter. The idle
+timeout is left at its default; the load client sends heartbeats.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
+import argparse
+import asyncio
 from typing import Any
 
-import anyio
 import msgspec
 
 import rtcore
-from rtcore.server.runner import Server
 
 app = rtcore.App("bench")
 
 
 class Pub(msgspec.Struct):
-    """Arguments of ``pub``."""
+    """Arguments of ``pub`` and ``append``."""
 
     stream: str
     data: Any = None
@@ -48,19 +57,44 @@ async def pub(ctx: rtcore.Context, args: Pub) -> int:
     return event.offset
 
 
-async def main(port: int) -> None:
-    server = Server(app, port=port, backend="memory://", grace=0.5)
-    server.node_options["limits"] = rtcore.Limits(
-        command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000
+@app.command("append")
+async def append(ctx: rtcore.Context, args: Pub) -> int:
+    event = await ctx.publish(args.stream, "bench", args.data)
+    return event.offset
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", nargs="?", type=int, default=0)
+    parser.add_argument("--port", dest="port_opt", type=int, default=None)
+    parser.add_argument("--backend", default="memory://")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop", "trio"], default="asyncio")
+    opts = parser.parse_args()
+    port = opts.port_opt if opts.port_opt is not None else opts.port
+    anyio_backend = "trio" if opts.loop == "trio" else "asyncio"
+    if opts.loop == "uvloop":
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    def ready(bound: int) -> None:
+        loop = opts.loop
+        if anyio_backend == "asyncio":
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # proves uvloop is in use
+        print("READY", bound, loop, flush=True)
+
+    rtcore.run(
+        app,
+        port=port,
+        backend=opts.backend,
+        grace=0.5,
+        on_ready=ready,
+        anyio_backend=anyio_backend,
+        session_limits=rtcore.Limits(
+            command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000
+        ),
     )
-    async with anyio.create_task_group() as tg:
-        bound = await tg.start(server.serve)
-        print("READY", bound, flush=True)
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                await server.stop(grace=0.2)
-                break
 
 
 if __name__ == "__main__":
-    anyio.run(main, int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    main()
