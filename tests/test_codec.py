@@ -436,3 +436,22 @@ def test_decode_value_of_text_in_msgpack_is_a_decode_error() -> None:
     # Regression: a str payload raised TypeError, which no caller catches.
     with pytest.raises(msgspec.DecodeError, match="binary"):
         codec_for("msgpack").decode_value('{"x":1}')
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\udfff", "\\uDBFFx"])
+def test_lone_surrogate_escape_is_answered_to_its_request_id(escape: str) -> None:
+    """A JSON frame whose only fault is a lone surrogate escape in a string is
+    a ``BadFrame`` that names the fault and still carries the frame's ``id``,
+    so the session answers that request instead of leaving it open.
+
+    Mutation: drop the surrogate-cleaning probe in ``Codec._decode`` → the
+    BadFrame has no request id (the session answers ``err`` with ``id: null``)
+    → fails.
+    """
+    frame = '{"t":"cmd","id":3,"name":"echo","args":"a' + escape + '"}'
+    with pytest.raises(BadFrame) as info:
+        codec_for("json").decode_client(frame)
+    assert info.value.request_id == 3
+    assert "surrogate" in info.value.message
+    # A valid pair is fine.
+    assert codec_for("json").decode_client('{"t":"cmd","id":4,"name":"echo","args":"\\ud83d\\ude00"}').id == 4

@@ -10,6 +10,7 @@ the right request.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any, Final, Literal
 
@@ -28,6 +29,9 @@ _JSON_NULL: Final = b"null"
 _MSGPACK_NIL: Final = msgspec.Raw(b"\xc0")
 
 _AT_PATH = re.compile(r" - at `(\$[^`]*)`$")
+#: A JSON ``\uD800``-``\uDFFF`` escape: a lone one makes the whole frame
+#: undecodable, id included; the id probe reads the frame with them replaced.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF][0-9a-fA-F]{2}")
 _MISSING = re.compile(r"missing required field `([^`]+)`(?: - at `(\$[^`]*)`)?")
 
 
@@ -124,7 +128,18 @@ class Codec:
         except msgspec.ValidationError as exc:
             raise BadFrame(str(exc), field=_field_of(str(exc)), request_id=self._request_id(data)) from None
         except msgspec.DecodeError as exc:
-            raise BadFrame(f"undecodable {self.encoding} frame: {exc}") from None
+            rid, why = None, str(exc)
+            if self.encoding == "json":
+                # Still answer the request by its id when only a string in it is bad
+                # (a lone surrogate escape), so the client's request is not left open.
+                raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+                cleaned = _SURROGATE_ESCAPE.sub(rb"\\ufffd", raw)
+                if cleaned != raw:
+                    rid = self._request_id(cleaned)
+                    with contextlib.suppress(msgspec.DecodeError):
+                        msgspec.json.decode(cleaned)  # was that escape the only fault?
+                        why = "a string holds a \\uD800-\\uDFFF escape that is not a valid surrogate pair"
+            raise BadFrame(f"undecodable {self.encoding} frame: {why}", request_id=rid) from None
         except Exception as exc:  # pragma: no cover - msgspec documents only the two above
             # Belt and braces: the session promises BadFrame and nothing else.
             raise BadFrame(f"undecodable {self.encoding} frame: {type(exc).__name__}") from None
