@@ -81,6 +81,8 @@ Conn = psycopg.AsyncConnection[Any]
 #: or duplicate-key race before the error reaches the caller.
 MAX_ATTEMPTS: Final = 8
 
+#: Default seconds one wallet operation may take (see ``PostgresWalletStore.open``).
+TIMEOUT: Final = 10.0
 _RETRY: Final = (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected, psycopg.errors.UniqueViolation)
 
 _SCHEMA: Final = """
@@ -218,9 +220,10 @@ class PostgresWalletStore:
         clock: Returns the current Unix time when a call gives no ``now``.
     """
 
-    def __init__(self, pool: _Pool, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, pool: _Pool, *, clock: Callable[[], float] = time.time, timeout: float = TIMEOUT) -> None:
         self._pool = pool
         self._clock = clock
+        self._timeout = timeout
 
     @classmethod
     async def open(
@@ -231,6 +234,7 @@ class PostgresWalletStore:
         pool_size: int = 8,
         settings: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        operation_timeout: float = TIMEOUT,
     ) -> PostgresWalletStore:
         """Connect and create the schema and tables if needed.
 
@@ -243,6 +247,10 @@ class PostgresWalletStore:
                 ``{"lock_timeout": "5s"}`` (names and values of
                 ``[A-Za-z0-9_.]`` only).
             clock: Time source for calls without ``now``.
+            operation_timeout: Seconds one operation (connection, transaction and its
+                retries included) may take before it fails with a retryable
+                :class:`~rtcore.errors.BackendError`: a paused or unreachable
+                server answers nothing and would otherwise hang every request.
 
         Raises:
             BackendError: PostgreSQL is unreachable or refused the schema, or
@@ -266,12 +274,25 @@ class PostgresWalletStore:
                     await conn.execute(statement)
         except psycopg.Error as exc:
             raise BackendError(f"cannot open the PostgreSQL wallet store: {exc}") from exc
-        return cls(pool, clock=clock)
+        return cls(pool, clock=clock, timeout=operation_timeout)
 
     # -- plumbing ---------------------------------------------------------------
 
     async def _tx(self, work: Callable[[Conn], Awaitable[T]], *, read_only: bool = False) -> T:
-        """Run ``work`` in a transaction, re-running it after a transient conflict."""
+        """Run ``work`` in a transaction, re-running it after a transient conflict.
+
+        Bounded by the store's timeout: a connection cut by it is closed, not
+        reused (the pool judges it mid-query). If the COMMIT itself was cut
+        the outcome is unknown to us; the caller retries with the same
+        transfer id and the ledger's dedup by id answers it.
+        """
+        try:
+            with anyio.fail_after(self._timeout):
+                return await self._tx_attempts(work, read_only)
+        except TimeoutError:
+            raise BackendError(f"the wallet database did not answer within {self._timeout:g} s") from None
+
+    async def _tx_attempts(self, work: Callable[[Conn], Awaitable[T]], read_only: bool) -> T:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self._pool.connection() as conn, conn.transaction():
