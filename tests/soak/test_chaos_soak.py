@@ -59,14 +59,17 @@ from tests.multinode.procs import (
 
 from .chaos import ChaosProxy
 
+SECONDS = float(os.environ.get("RTCORE_SOAK_SECONDS", "120"))
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.redis,
     pytest.mark.slow,
+    # The suite's 300 s per-test limit would cut the long form short.
+    pytest.mark.timeout(SECONDS + 600),
     pytest.mark.asyncio_only(reason="the nodes are subprocesses running asyncio; a trio run would repeat the same servers"),
 ]
 
-SECONDS = float(os.environ.get("RTCORE_SOAK_SECONDS", "120"))
 STREAMS = [f"soak:{k}" for k in range(10)]
 COMMANDERS, RAW_SUBS, CLIENT_SUBS = 50, 100, 50
 KILL_EVERY = (15.0, 25.0)
