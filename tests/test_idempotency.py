@@ -11,6 +11,7 @@ reused key ``idempotency_key_reused``.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import anyio
 import anyio.lowlevel
@@ -148,6 +149,66 @@ async def test_retryable_errors_are_not_stored_and_final_ones_are() -> None:
         c2 = await c.command_reply("flaky", {"mode": "crash"}, key="c")
         assert isinstance(c2, Ok)
         assert attempts == ["retry", "retry", "final", "crash", "crash"]
+
+
+async def test_a_released_key_stays_bound_to_its_arguments() -> None:
+    """A retryable failure releases the key for a retry, never for other arguments.
+
+    The handler's effect lands (a ledger row) and only then fails retryably:
+    the shape of a database commit whose answer was lost. The same key with
+    another transfer id must be refused (``idempotency_key_reused``), or one key
+    would have two effects; the same arguments run again (and the handler's own
+    dedup by transfer id makes that safe). Found by the PostgreSQL pause test
+    (``tests/hardening/test_postgres_faults.py``): two transfers under one key.
+
+    Mutation seen caught: ``release`` deleting the record again (memory store)
+    → the reuse runs, the ledger has two rows → fails.
+    """
+    app = rtcore.App()
+    ledger: dict[str, int] = {}
+    attempts: list[str] = []
+
+    @app.command("transfer")
+    async def transfer(ctx: rtcore.Context, args: dict[str, int | str]) -> str:
+        tid = str(args["id"])
+        attempts.append(tid)
+        ledger.setdefault(tid, int(args["amount"]))  # the store's dedup by transfer id
+        if attempts.count(tid) == 1:
+            raise rtcore.Rejected("backend_unavailable", "the answer was lost", retryable=True)
+        return tid
+
+    async with serve(app) as node, connect(node, token="alice") as c:
+        first = await c.command_reply("transfer", {"id": "t1", "amount": 5}, key="k")
+        assert isinstance(first, Err) and first.retryable
+        reuse = await c.command_reply("transfer", {"id": "t1-reuse", "amount": 5}, key="k")
+        assert isinstance(reuse, Err) and reuse.code == "idempotency_key_reused"
+        retry = await c.command_reply("transfer", {"id": "t1", "amount": 5}, key="k")
+        assert isinstance(retry, Ok) and retry.result == "t1"
+        assert ledger == {"t1": 5} and attempts == ["t1", "t1"]
+
+
+async def test_a_lapsed_claim_stays_bound_to_its_arguments() -> None:
+    """A claim whose lease ran out (its node died, or the command outlived the
+    lease) may be taken over by the same command only.
+
+    Mutation seen caught: ``claimable`` returning True for any lapsed claim
+    → the request with other arguments runs while the first is still in
+    flight → two executions under one key → fails.
+    """
+    clock = FakeClock()
+    gate = anyio.Event()
+    calls: list[int] = []
+    async with serve(make_app(gate, calls), clock=clock, idempotency_lease=5.0, limits=rtcore.Limits(idle_timeout=1e9)) as node:
+        async with connect(node, token="alice") as a, connect(node, token="alice") as b, anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(a.command_reply, "bet.place", {"amount": 1}, key="k"))
+            with anyio.fail_after(5):
+                while not calls:
+                    await anyio.sleep(0.01)
+            clock.advance(6)  # the first claim's lease lapses while it still runs
+            other = await b.command_reply("bet.place", {"amount": 2}, key="k")
+            assert isinstance(other, Err) and other.code == "idempotency_key_reused"
+            gate.set()
+        assert calls == [1]
 
 
 async def test_results_expire_after_ttl() -> None:

@@ -219,6 +219,27 @@ async def test_idempotency_lease_expiry_and_release(backend_factory) -> None:
         assert rec is not None and rec.outcome == Outcome(False, None, "nope", "no")
 
 
+async def test_idempotency_key_stays_bound_to_its_fingerprint(backend_factory) -> None:
+    """Released keys and lapsed claims can be claimed again by the same fingerprint only, until the TTL.
+
+    Mutations seen caught: the stores' ``release`` deleting the record (as it
+    did before), or ``begin`` claiming any expired lease (the old rule) → the
+    other fingerprint claims the key → fails.
+    """
+    async with backend_factory() as b:
+        st = b.idempotency
+        assert await st.begin("s", "k", b"fp", now=T0, lease=5, ttl=100) is None
+        await st.release("s", "k")
+        bound = await st.begin("s", "k", b"other", now=T0 + 1, lease=5, ttl=100)
+        assert bound is not None and bound.fingerprint == b"fp"
+        assert await st.begin("s", "k", b"fp", now=T0 + 2, lease=5, ttl=100) is None  # the retry
+        lapsed = await st.begin("s", "k", b"other", now=T0 + 8, lease=5, ttl=100)  # lease ran out at T0 + 7
+        assert lapsed is not None and lapsed.fingerprint == b"fp"
+        assert await st.begin("s", "k", b"fp", now=T0 + 9, lease=5, ttl=100) is None  # same command takes over
+        # after the TTL the binding is gone
+        assert await st.begin("s", "k", b"other", now=T0 + 200, lease=5, ttl=100) is None
+
+
 async def test_cursors_only_move_forward_within_an_epoch(backend_factory) -> None:
     async with backend_factory() as b:
         c = b.cursors
@@ -294,8 +315,8 @@ async def _collect_garbage(b: Backend, scope: str, key: str, *, now: float) -> N
 
 
 async def test_idempotency_finish_keeps_the_fingerprint_after_the_lease_ran_out(backend_factory) -> None:
-    """A command that outlives its lease, whose pending record the engine then
-    garbage-collects, still stores its own fingerprint: a retry with the same
+    """A command that outlives its pending record (lease and TTL both ran out,
+    and the engine garbage-collected it) still stores its own fingerprint: a retry with the same
     command replays the outcome instead of getting ``key_reused``.
 
     The pending record is really collected by each engine (memory and SQLite:
@@ -307,8 +328,8 @@ async def test_idempotency_finish_keeps_the_fingerprint_after_the_lease_ran_out(
     """
     async with backend_factory() as b:
         st = b.idempotency
-        # lease=0.001: Redis's garbage-collecting PEXPIRE fires after about a second.
-        assert await st.begin("s", "k", b"fp", now=T0, lease=0.001) is None
+        # lease=ttl=0.001: Redis's garbage-collecting PEXPIRE fires after about a second.
+        assert await st.begin("s", "k", b"fp", now=T0, lease=0.001, ttl=0.001) is None
         await _collect_garbage(b, "s", "k", now=T0 + 5)
         assert not await _pending_record_exists(b, "s", "k")
         await st.finish("s", "k", Outcome(True, 1), now=T0 + 5, ttl=100, fingerprint=b"fp")

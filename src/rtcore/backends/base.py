@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from ..protocol.idempotency import DEFAULT_TTL
 from ..protocol.types import (
     AppendResult,
     Event,
@@ -142,14 +143,15 @@ class IdempotencyStore(Protocol):
     """Command outcomes by (scope, key); ``begin`` is atomic across nodes."""
 
     async def begin(
-        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` for a new execution, or return the existing record.
 
-        Returns ``None`` when the caller now owns the key (a pending record with
-        ``expires = now + lease`` was written, or an expired one replaced).
-        Otherwise returns the live record untouched, whatever its fingerprint:
-        the caller decides (see :mod:`rtcore.protocol.idempotency`).
+        Atomically: when :func:`~rtcore.protocol.idempotency.claimable` says
+        the stored record (if any) may be claimed with ``fingerprint``, write a
+        pending record (``lease = now + lease``, ``expires = now + ttl``) and
+        return ``None``: the caller owns the key. Otherwise return the record
+        untouched: the caller decides (see :mod:`rtcore.protocol.idempotency`).
         """
         ...
 
@@ -165,7 +167,12 @@ class IdempotencyStore(Protocol):
         ...
 
     async def release(self, scope: str, key: str) -> None:
-        """Forget a pending key (the command failed in a retryable way)."""
+        """Mark a pending key ``released`` (the command failed in a retryable way).
+
+        The record keeps its fingerprint and expiry, so only the same command
+        with the same arguments may claim the key again; a finished outcome is
+        never touched.
+        """
         ...
 
 

@@ -22,8 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
+import msgspec
 
 from ..errors import ConflictError
+from ..protocol.idempotency import DEFAULT_TTL, claimable
 from .base import (
     AppendResult,
     Backend,
@@ -223,13 +225,13 @@ class MemoryIdempotencyStore:
         return len(self._records)
 
     async def begin(
-        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         self._expire(now)
         rec = self._records.get((scope, key))
-        if rec is not None and rec.expires > now:
+        if rec is not None and not claimable(rec, fingerprint, now):
             return rec
-        self._put(scope, key, IdempotencyRecord(fingerprint, "pending", now + lease))
+        self._put(scope, key, IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease))
         return None
 
     async def finish(
@@ -243,7 +245,8 @@ class MemoryIdempotencyStore:
     async def release(self, scope: str, key: str) -> None:
         rec = self._records.get((scope, key))
         if rec is not None and rec.state == "pending":
-            del self._records[(scope, key)]
+            # Same expiry: the heap entry pushed by begin still matches it.
+            self._records[(scope, key)] = msgspec.structs.replace(rec, state="released")
 
     def _put(self, scope: str, key: str, rec: IdempotencyRecord) -> None:
         self._records[(scope, key)] = rec

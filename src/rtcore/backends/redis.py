@@ -88,6 +88,7 @@ import msgspec
 from coredis.retry import NoRetryPolicy
 
 from ..errors import BackendError, ConflictError
+from ..protocol.idempotency import DEFAULT_TTL
 from ._batch import Batcher, Job
 from .base import (
     AppendResult,
@@ -326,14 +327,25 @@ end
 return {out, counts}
 """
 
-# KEYS: record; ARGV: now pending_blob expires px
+# KEYS: record; ARGV: now pending_blob expires px lease fingerprint
+# The claim rule of rtcore.protocol.idempotency.claimable, atomically: a live
+# record is returned unless it is released or its claim lapsed (field 'lease';
+# records written without it use 'exp') and the fingerprint (field 'fp') matches.
 _IDEM_BEGIN = """
-local exp = redis.call('HGET', KEYS[1], 'exp')
-if exp and tonumber(exp) > tonumber(ARGV[1]) then
-  return redis.call('HGET', KEYS[1], 'rec')
+local h = redis.call('HMGET', KEYS[1], 'exp', 'state', 'lease', 'fp')
+if h[1] and tonumber(h[1]) > tonumber(ARGV[1]) then
+  if h[2] == 'done' then
+    return redis.call('HGET', KEYS[1], 'rec')
+  end
+  if h[2] == 'pending' and tonumber(h[3] or h[1]) > tonumber(ARGV[1]) then
+    return redis.call('HGET', KEYS[1], 'rec')
+  end
+  if h[4] and h[4] ~= ARGV[6] then
+    return redis.call('HGET', KEYS[1], 'rec')
+  end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'exp', ARGV[3], 'state', 'pending')
+redis.call('HSET', KEYS[1], 'rec', ARGV[2], 'exp', ARGV[3], 'state', 'pending', 'lease', ARGV[5], 'fp', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return false
 """
@@ -346,9 +358,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
+# KEYS: record
+# The key keeps its fingerprint and expiry: only the same command may claim it.
 _IDEM_RELEASE = """
 if redis.call('HGET', KEYS[1], 'state') == 'pending' then
-  return redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'state', 'released')
+  return 1
 end
 return 0
 """
@@ -838,11 +853,14 @@ class RedisIdempotencyStore:
         self._release = _Script(client, "idem_release")
 
     async def begin(
-        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` or return the live record (see the Protocol)."""
-        rec = IdempotencyRecord(fingerprint, "pending", now + lease)
-        args: list[str | bytes] = [repr(float(now)), _encode(rec), repr(rec.expires), str(_px(lease))]
+        keep = max(ttl, lease)
+        rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
+        args: list[str | bytes] = [
+            repr(float(now)), _encode(rec), repr(rec.expires), str(_px(keep)), repr(rec.lease), fingerprint,
+        ]
         with _engine_errors():
             raw: Any = await self._begin(keys=[_pair_key("idem", scope, key)], args=args)
         return None if raw is None else _decode_record(cast(bytes, raw))
@@ -864,7 +882,7 @@ class RedisIdempotencyStore:
             await self._finish(keys=[rkey], args=[_encode(rec), repr(rec.expires), str(_px(ttl))])
 
     async def release(self, scope: str, key: str) -> None:
-        """Forget a pending key; a finished outcome is kept."""
+        """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""
         with _engine_errors():
             await self._release(keys=[_pair_key("idem", scope, key)], args=[])
 

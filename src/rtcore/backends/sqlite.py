@@ -61,6 +61,7 @@ import anyio
 import msgspec
 
 from ..errors import BackendError, ConflictError
+from ..protocol.idempotency import DEFAULT_TTL, claimable
 from ._batch import UNSET, Batcher, Job
 from .base import (
     AppendResult,
@@ -532,17 +533,19 @@ class SqliteIdempotencyStore:
         self._finishes = 0
 
     async def begin(
-        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float
+        self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` or return the live record (see the Protocol)."""
-        pending = IdempotencyRecord(fingerprint, "pending", now + lease)
+        pending = IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease)
 
         def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
             row = conn.execute(
                 "SELECT record, expires FROM idempotency WHERE scope = ? AND key = ?", (scope, key)
             ).fetchone()
             if row is not None and row[1] > now:
-                return _decode_record(row[0])
+                rec = _decode_record(row[0])
+                if not claimable(rec, fingerprint, now):
+                    return rec
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
                 (scope, key, "pending", pending.expires, _encode(pending)),
@@ -575,12 +578,20 @@ class SqliteIdempotencyStore:
         await self._db.write(tx)
 
     async def release(self, scope: str, key: str) -> None:
-        """Forget a pending key; a finished outcome is kept."""
-        await self._db.write(
-            lambda conn: conn.execute(
-                "DELETE FROM idempotency WHERE scope = ? AND key = ? AND state = 'pending'", (scope, key)
-            )
-        )
+        """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT record FROM idempotency WHERE scope = ? AND key = ? AND state = 'pending'", (scope, key)
+            ).fetchone()
+            if row is not None:
+                rec = msgspec.structs.replace(_decode_record(row[0]), state="released")
+                conn.execute(
+                    "UPDATE idempotency SET state = 'released', record = ? WHERE scope = ? AND key = ?",
+                    (_encode(rec), scope, key),
+                )
+
+        await self._db.write(tx)
 
 
 class SqliteCursorStore:

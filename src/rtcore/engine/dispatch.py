@@ -120,7 +120,9 @@ async def dispatch(
     fp = fingerprint(name, value)
     now = node.clock()
     try:
-        existing = await node.backend.idempotency.begin(scope, key, fp, now=now, lease=node.idempotency_lease)
+        existing = await node.backend.idempotency.begin(
+            scope, key, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl
+        )
         decision = decide(existing, fp)
     except RtcoreError as exc:
         return Reply.error(exc)

@@ -9,7 +9,13 @@ Modeled on Stripe and the IETF Idempotency-Key draft:
 * same key, other fingerprint: ``idempotency_key_reused`` (HTTP 422);
 * same key, still executing: ``idempotency_in_progress`` (HTTP 409, retryable);
 * results and non-retryable errors are kept for a TTL (24 h by default);
-  retryable errors release the key so the retry runs again.
+  retryable errors release the key so the retry runs again;
+* a key stays bound to the fingerprint of its first request for the TTL,
+  whatever happened to that request: a released key (retryable failure) or a
+  lapsed claim (the node died, or the command outlived its lease) can be taken
+  again only by the same command with the same arguments. Otherwise a retryable
+  failure whose effect did land (a database commit whose answer was lost) would
+  let another request under the same key run as well: two effects, one key.
 
 Stores only do the atomic claim (:meth:`IdempotencyStore.begin`); the decision
 below is the same for every engine.
@@ -32,6 +38,7 @@ __all__ = [
     "MAX_KEY_LENGTH",
     "Execute",
     "Replay",
+    "claimable",
     "decide",
     "fingerprint",
     "scope_of",
@@ -69,6 +76,30 @@ class Replay(msgspec.Struct, frozen=True):
     """Decision: return the stored outcome without running anything."""
 
     outcome: Outcome
+
+
+def claimable(record: IdempotencyRecord, fp: bytes, now: float) -> bool:
+    """Whether a request with fingerprint ``fp`` may claim a key that has ``record``.
+
+    Every store's ``begin`` applies this rule, atomically with its write.
+
+    Args:
+        record: The key's stored record (expired or not).
+        fp: Fingerprint of the incoming command.
+        now: Current time (same clock as the record's times).
+
+    Returns:
+        ``True`` when the record is forgotten (past ``expires``), or when it is
+        released or its claim lapsed *and* ``fp`` is the fingerprint the key is
+        bound to. A finished or a live pending record is never claimable.
+    """
+    if record.expires <= now:
+        return True
+    if record.state == "done":
+        return False
+    if record.state == "pending" and (record.lease or record.expires) > now:
+        return False
+    return record.fingerprint == fp
 
 
 def decide(existing: IdempotencyRecord | None, fp: bytes) -> Execute | Replay:

@@ -98,15 +98,22 @@ class Outcome(msgspec.Struct, frozen=True):
 class IdempotencyRecord(msgspec.Struct, frozen=True):
     """One idempotency entry.
 
-    ``state`` is ``"pending"`` while the command runs (with a short lease in
-    ``expires`` so a crashed node does not block the key forever) and
-    ``"done"`` once ``outcome`` is stored (``expires`` = now + TTL).
+    ``state`` is ``"pending"`` while the command runs (its claim lapses at
+    ``lease``, so a crashed node does not block the key forever),
+    ``"released"`` after a retryable failure, and ``"done"`` once ``outcome``
+    is stored. ``expires`` is when the record is forgotten (claim, release or
+    finish time plus the TTL): until then the key stays bound to
+    ``fingerprint``, whatever its state (see
+    :func:`rtcore.protocol.idempotency.claimable`).
     """
 
     fingerprint: bytes
-    state: Literal["pending", "done"]
+    state: Literal["pending", "released", "done"]
     expires: float
     outcome: Outcome | None = None
+    #: When a pending claim lapses (0: a record written before claims had their
+    #: own lease, whose ``expires`` was the lease).
+    lease: float = 0.0
 
 
 class Snapshot(msgspec.Struct, frozen=True):
