@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 import rtcore
+from rtcore.engine.node import Node
 from rtcore.protocol.frames import Bye, Err, Evt, Ok, Snap, Subbed, Sync
 from rtcore.protocol.state import checksum
 from rtcore.server.gateway import OutboxLimits
@@ -181,6 +182,38 @@ async def test_server_cursor_resumes_a_new_device() -> None:
         async with connect(node, token="bob") as other:  # bob has no cursor
             sub = await other.subscribe("chat:1", cursor=True)
             assert not sub.recovered and sub.offset == 7
+
+
+async def test_server_cursor_is_forgotten_after_cursor_ttl() -> None:
+    """A cursor not advanced for ``cursor_ttl`` seconds of the node's clock is
+    gone: a ``sub`` with ``cursor: true`` then gets what a newcomer gets.
+
+    Mutations seen caught: ``Node.store_ack`` stores with the default TTL
+    instead of ``self.cursor_ttl`` → fails (still recovered after 61 s);
+    ``Node.subscribe`` reads the cursor at ``now=0`` instead of the clock →
+    fails the same way.
+    """
+    clock = FakeClock()
+    async with serve(make_app(), clock=clock, cursor_ttl=60.0) as node:
+        async with connect(node, token="alice", ack_interval=None) as c:
+            await c.subscribe("chat:1", rtcore.Position("", 0))
+            for i in range(5):
+                await node.publish("chat:1", "msg", {"i": i})
+            for _ in range(5):
+                await c.next_event("chat:1")
+            await c.ack("chat:1", 3)
+            await c.ping()
+        clock.advance(59)
+        async with connect(node, token="alice", ack_interval=None) as phone:
+            sub = await phone.subscribe("chat:1", cursor=True)
+            assert sub.recovered and sub.offset == 5
+        clock.advance(2)
+        async with connect(node, token="alice", ack_interval=None) as phone:
+            sub = await phone.subscribe("chat:1", cursor=True)
+            assert not sub.recovered and sub.offset == 5  # a newcomer's start: the head
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="cursor_ttl"):
+            Node(make_app(), cursor_ttl=bad)
 
 
 async def test_processors_run_and_dead_letter() -> None:

@@ -258,6 +258,40 @@ async def test_trimmed_keys_are_forgotten(volatile_server: RedisServer) -> None:
         assert sorted(idx) == [b"k0", b"k4"]
 
 
+async def test_cursor_keys_are_deleted_by_redis_after_their_ttl(volatile_server: RedisServer) -> None:
+    """Every cursor advance sets the key's ``PEXPIRE`` (TTL plus the 1 s grace)
+    and pushes it back, so Redis itself deletes cursors nobody advances; a
+    cursor written before cursors expired (no ``exp`` field, no TTL) reads as
+    live and gets both at its next advance.
+
+    Mutations seen caught: drop the ``PEXPIRE`` from ``_CURSOR_ADVANCE`` →
+    fails (PTTL -1); ``get`` reads a hash without ``exp`` as expired → fails
+    (bob's cursor from before the upgrade is lost).
+    """
+    from rtcore.backends.redis import _pair_key
+
+    async with opened(volatile_server.url) as b:
+        client: Any = b.client  # type: ignore[attr-defined]
+        c = b.cursors
+        key = _pair_key("cur", "alice", "s:1")
+        await c.advance("alice", "s:1", "e1", 5, now=T0, ttl=30)
+        assert 0 < await client.pttl(key) <= 31_000
+        await c.advance("alice", "s:1", "e1", 3, now=T0 + 1, ttl=3600)  # position kept, TTL refreshed
+        assert 31_000 < await client.pttl(key) <= 3_601_000
+        assert await c.get("alice", "s:1", now=T0 + 3000) == ("e1", 5)
+
+        legacy = _pair_key("cur", "bob", "s:1")
+        await client.hset(legacy, {"epoch": "e1", "off": "7"})
+        assert await client.pttl(legacy) == -1
+        assert await c.get("bob", "s:1", now=T0) == ("e1", 7)
+        await c.advance("bob", "s:1", "e1", 8, now=T0, ttl=0.001)
+        assert await c.get("bob", "s:1", now=T0 + 1) is None
+        # ttl=0.001: the garbage-collecting PEXPIRE fires after about a second of real time.
+        with anyio.fail_after(10):
+            while await client.exists([legacy]):
+                await anyio.sleep(0.05)
+
+
 async def test_watch_then_read_history_leaves_no_gap(volatile_server: RedisServer) -> None:
     """The Hub's catch-up: watch, read history, then live must continue right after it."""
     async with opened(volatile_server.url) as node_a, opened(volatile_server.url) as node_b:
@@ -402,7 +436,7 @@ def _script_calls(b: Backend, r: int) -> list[Callable[[], Awaitable[object]]]:
         lambda: b.idempotency.begin("p", f"k{r}", b"fp", now=T0, lease=60),
         lambda: b.idempotency.finish("p", f"k{r}", Outcome(True, 1), now=T0, ttl=60),
         lambda: b.idempotency.release("p", "gone"),
-        lambda: b.cursors.advance("alice", "s:1", "e1", r + 1),
+        lambda: b.cursors.advance("alice", "s:1", "e1", r + 1, now=T0, ttl=60),
         lambda: b.snapshots.put(Snapshot("s:1", "e1", r + 2, b"\x80", "c")),
         lambda: b.leases.acquire("l", "n1", now=T0, ttl=10),
         lambda: b.leases.release("l", "n1"),

@@ -6,17 +6,20 @@ appends made by another process on the same file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from rtcore.backends import Event, Outcome, Snapshot, open_backend
-from rtcore.backends.sqlite import open_sqlite
+from rtcore.backends import Backend, Event, Outcome, Snapshot, open_backend
+from rtcore.backends.sqlite import CURSOR_SWEEP_EVERY, open_sqlite
 
 pytestmark = pytest.mark.anyio
 
@@ -75,7 +78,7 @@ async def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         assert await b.idempotency.begin("p", "cmd1", b"fp", now=T0, lease=60) is None
         await b.idempotency.finish("p", "cmd1", Outcome(True, {"n": 1}), now=T0, ttl=3600)
         assert await b.idempotency.begin("p", "cmd2", b"fp2", now=T0, lease=60) is None
-        await b.cursors.advance("alice", "room:1", epoch, 4)
+        await b.cursors.advance("alice", "room:1", epoch, 4, now=T0, ttl=3600)
         await b.snapshots.put(Snapshot("room:1", epoch, 5, b"\x80", "c5"))
         assert await b.leases.acquire("tick", "n1", now=T0, ttl=30)
     finally:
@@ -96,12 +99,64 @@ async def test_everything_survives_close_and_reopen(tmp_path: Path) -> None:
         assert done is not None and done.state == "done" and done.outcome == Outcome(True, {"n": 1})
         pending = await b.idempotency.begin("p", "cmd2", b"fp2", now=T0 + 1, lease=60)
         assert pending is not None and pending.state == "pending" and pending.fingerprint == b"fp2"
-        assert await b.cursors.get("alice", "room:1") == (epoch, 4)
+        assert await b.cursors.get("alice", "room:1", now=T0 + 1) == (epoch, 4)
         snap = await b.snapshots.get("room:1")
         assert snap == Snapshot("room:1", epoch, 5, b"\x80", "c5")
         assert not await b.leases.acquire("tick", "n2", now=T0 + 1, ttl=30)
         nxt = await b.events.append("room:1", "moved", {"i": 5}, now=T0 + 10)
         assert (nxt.event.offset, nxt.event.epoch) == (6, epoch)
+    finally:
+        await b.aclose()
+
+
+#: The ``cursors`` table as files made before cursors expired have it.
+_OLD_CURSORS = """
+CREATE TABLE cursors (
+    principal TEXT NOT NULL,
+    stream    TEXT NOT NULL,
+    epoch     TEXT NOT NULL,
+    off       INTEGER NOT NULL,
+    PRIMARY KEY (principal, stream)
+) WITHOUT ROWID;
+INSERT INTO cursors VALUES ('alice', 'room:1', 'e1', 4);
+"""
+
+
+async def _sweep(b: Backend, *, now: float, ttl: float, tag: str) -> None:
+    """Advance other cursors until the store's own sweep has run once (at ``now``)."""
+    async with anyio.create_task_group() as tg:
+        for i in range(CURSOR_SWEEP_EVERY):
+            tg.start_soon(lambda i=i: b.cursors.advance(f"{tag}{i}", "room:2", "e1", 1, now=now, ttl=ttl))
+
+
+async def test_cursors_of_an_older_file_are_kept_then_expire(tmp_path: Path) -> None:
+    """Opening a file made before cursors expired adds ``cursors.expires``; its
+    cursors stay readable, and the first sweep gives them one TTL.
+
+    Mutations seen caught: drop the ``ALTER TABLE`` from ``_migrate`` → fails
+    (no such column); ``get`` reads ``expires IS NULL`` as expired → fails
+    (alice's cursor is lost at the upgrade); drop the sweep's ``UPDATE ...
+    WHERE expires IS NULL`` → fails (alice is never forgotten).
+    """
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(_OLD_CURSORS)
+    for _ in range(2):  # the second open finds the file migrated already
+        b = await open_sqlite(_url(path))
+        try:
+            assert await b.cursors.get("alice", "room:1", now=T0) == ("e1", 4)
+        finally:
+            await b.aclose()
+
+    b = await open_sqlite(_url(path))
+    try:
+        await _sweep(b, now=T0, ttl=10, tag="a")
+        assert await b.cursors.get("alice", "room:1", now=T0 + 9) == ("e1", 4)
+        assert await b.cursors.get("alice", "room:1", now=T0 + 10) is None
+        await _sweep(b, now=T0 + 20, ttl=10, tag="b")
+        db: Any = b
+        rows = await db._db.run(lambda conn: conn.execute("SELECT principal FROM cursors").fetchall())
+        assert {principal[0] for (principal,) in rows} == {"b"}  # alice and the "a" cursors are gone
     finally:
         await b.aclose()
 

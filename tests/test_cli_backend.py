@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from rtcore.cli import backend_url
+from rtcore.protocol.streams import DEFAULT_CURSOR_TTL
 
 
 def test_urls_pass_through() -> None:
@@ -30,3 +33,22 @@ def test_idempotency_options_reach_the_node(monkeypatch) -> None:  # type: ignor
     monkeypatch.setattr(cli, "run", fake_run)
     assert cli.main(["serve", "examples/counter/app.py:app", "--idempotency-ttl", "60", "--idempotency-lease", "2"]) == 0
     assert seen["idempotency_ttl"] == 60.0 and seen["idempotency_lease"] == 2.0
+    assert seen["cursor_ttl"] == DEFAULT_CURSOR_TTL == 7 * 24 * 3600.0
+
+
+def test_cursor_ttl_reaches_the_node(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """``--cursor-ttl`` is passed on; a value that is not a positive number of seconds is refused.
+
+    Mutation: drop ``cursor_ttl=args.cursor_ttl`` from ``_serve``'s call → fails.
+    """
+    import rtcore.cli as cli
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(cli, "run", lambda app, **kwargs: seen.update(kwargs))
+    assert cli.main(["serve", "examples/counter/app.py:app", "--cursor-ttl", "3600"]) == 0
+    assert seen["cursor_ttl"] == 3600.0
+    for bad in ("0", "-5", "inf"):
+        seen.clear()
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["serve", "examples/counter/app.py:app", "--cursor-ttl", bad])
+        assert exit_.value.code == 2 and seen == {} and "--cursor-ttl" in capsys.readouterr().err

@@ -19,6 +19,7 @@ import errno
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import socket
 import ssl
@@ -31,6 +32,7 @@ from typing import Any
 from .engine.app import App
 from .logs import LOG_FORMATS
 from .logs import configure as configure_logging
+from .protocol.streams import DEFAULT_CURSOR_TTL
 from .server.runner import ROLES, run
 
 __all__ = ["build_parser", "load_app", "main", "parse_roles"]
@@ -269,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(a crashed node's commands become retryable after this; default: %(default)s)",
     )
     serve.add_argument(
+        "--cursor-ttl",
+        type=float,
+        default=DEFAULT_CURSOR_TTL,
+        metavar="SECONDS",
+        help="how long a principal's server cursor on a stream (its last ack) is kept after its last "
+        "advance; then sub with cursor:true gets the current state (default: %(default)s, 7 days)",
+    )
+    serve.add_argument(
         "--loop",
         default="asyncio",
         choices=["asyncio", "trio"],
@@ -337,6 +347,7 @@ def _version() -> str:
 
 def _serve(args: argparse.Namespace) -> int:
     _check_port(args.port)
+    _check_cursor_ttl(args.cursor_ttl)
     roles = parse_roles(args.role)
     context = _ssl_context(args.tls_cert, args.tls_key)
     backend = _check_backend(backend_url(args.backend))
@@ -362,6 +373,7 @@ def _serve(args: argparse.Namespace) -> int:
             grace=args.grace,
             idempotency_ttl=args.idempotency_ttl,
             idempotency_lease=args.idempotency_lease,
+            cursor_ttl=args.cursor_ttl,
             on_ready=ready,
             anyio_backend=args.loop,
             use_uvloop=None if args.uvloop else False,
@@ -379,6 +391,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _check_port(port: int) -> None:
     if not 0 <= port <= 65535:
         raise CliError(f"invalid port {port}: must be 0..65535 (0 picks a free one)")
+
+
+def _check_cursor_ttl(seconds: float) -> None:
+    if not 0 < seconds < math.inf:
+        raise CliError(f"invalid --cursor-ttl {seconds}: must be a positive, finite number of seconds")
 
 
 def _check_backend(url: str) -> str:

@@ -243,13 +243,49 @@ async def test_idempotency_key_stays_bound_to_its_fingerprint(backend_factory) -
 async def test_cursors_only_move_forward_within_an_epoch(backend_factory) -> None:
     async with backend_factory() as b:
         c = b.cursors
-        assert await c.get("alice", "s:1") is None
-        await c.advance("alice", "s:1", "e1", 5)
-        await c.advance("alice", "s:1", "e1", 3)
-        assert await c.get("alice", "s:1") == ("e1", 5)
-        await c.advance("alice", "s:1", "e2", 1)
-        assert await c.get("alice", "s:1") == ("e2", 1)
-        assert await c.get("bob", "s:1") is None
+        assert await c.get("alice", "s:1", now=T0) is None
+        await c.advance("alice", "s:1", "e1", 5, now=T0, ttl=60)
+        await c.advance("alice", "s:1", "e1", 3, now=T0, ttl=60)
+        assert await c.get("alice", "s:1", now=T0) == ("e1", 5)
+        await c.advance("alice", "s:1", "e2", 1, now=T0, ttl=60)
+        assert await c.get("alice", "s:1", now=T0) == ("e2", 1)
+        assert await c.get("bob", "s:1", now=T0) is None
+
+
+async def test_cursors_expire_unless_advanced(backend_factory) -> None:
+    """A cursor not advanced for its TTL is gone; every advance refreshes the TTL.
+
+    Mutations seen caught (each on memory, sqlite and redis alike):
+
+    * drop the expiry check from ``get`` → fails (the cursor is still there at ``T0 + 10``);
+    * ``advance`` keeps the old expiry when the offset does not move → fails
+      (the cursor refreshed at ``T0 + 18`` is gone at ``T0 + 25``);
+    * ``advance`` treats an expired cursor as live → fails (the lower
+      offset 2 is ignored at ``T0 + 11``, the stale 5 comes back; on memory:
+      drop ``self._expire(now)`` and the expiry check from ``advance``);
+    * memory: ``_expire`` drops a cursor whose heap entry came up although it
+      was advanced since, instead of requeueing it → fails (alice is gone at
+      ``T0 + 25``).
+    """
+    async with backend_factory() as b:
+        c = b.cursors
+        await c.advance("alice", "s:1", "e1", 5, now=T0, ttl=10)
+        await c.advance("bob", "s:1", "e1", 7, now=T0 + 5, ttl=10)
+        assert await c.get("alice", "s:1", now=T0 + 9.5) == ("e1", 5)
+        assert await c.get("alice", "s:1", now=T0 + 10) is None  # expired at now + ttl exactly
+        assert await c.get("bob", "s:1", now=T0 + 10) == ("e1", 7)  # each cursor has its own expiry
+        # Expired means absent: the next advance is a newcomer's, even with a lower offset.
+        await c.advance("alice", "s:1", "e1", 2, now=T0 + 11, ttl=10)
+        assert await c.get("alice", "s:1", now=T0 + 11) == ("e1", 2)
+        # An ack that does not move the position still refreshes the expiry,
+        # and the store's own expiry work (another cursor's advance) keeps it.
+        await c.advance("alice", "s:1", "e1", 1, now=T0 + 18, ttl=10)
+        await c.advance("carol", "s:1", "e1", 1, now=T0 + 25, ttl=10)
+        assert await c.get("alice", "s:1", now=T0 + 25) == ("e1", 2)
+        await c.advance("alice", "s:1", "e1", 3, now=T0 + 26, ttl=10)
+        assert await c.get("alice", "s:1", now=T0 + 35.5) == ("e1", 3)
+        assert await c.get("alice", "s:1", now=T0 + 36) is None
+        assert await c.get("bob", "s:1", now=T0 + 15) is None
 
 
 async def test_snapshots_keep_the_newest(backend_factory) -> None:

@@ -133,7 +133,7 @@ def test_serve_hands_every_option_to_rtcore_run(monkeypatch: pytest.MonkeyPatch)
     assert rtcore.cli.main(argv) == 0
     [(served, kw)] = calls
     assert served.name == "nettest"
-    assert {k: v for k, v in kw.items() if k not in ("on_ready", "idempotency_ttl", "idempotency_lease")} == {
+    assert {k: v for k, v in kw.items() if k not in ("on_ready", "idempotency_ttl", "idempotency_lease", "cursor_ttl")} == {
         "host": "0.0.0.0",
         "port": 8123,
         "backend": "sqlite:///" + str(ROOT / "events.db"),

@@ -140,7 +140,7 @@ async def test_a_newcomer_on_another_device_gets_the_current_document(kind: str)
                 head = room.view.offsets[room.view.stream]
             # Closing flushed the acks of everything folded: the cursor is at the head.
             with anyio.fail_after(10):
-                while (await node.backend.cursors.get("alice", room.view.stream) or ("", 0))[1] < head:
+                while (await node.backend.cursors.get("alice", room.view.stream, now=node.clock()) or ("", 0))[1] < head:
                     await anyio.sleep(0.01)
             async with connect("alice") as device2:
                 again = await device2.join(room.id)

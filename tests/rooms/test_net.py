@@ -156,7 +156,7 @@ async def test_newcomer_device_gets_the_current_board() -> None:
             head = (await node.backend.events.info(room["stream"])).head
 
             async def cursor() -> int:
-                cur = await node.backend.cursors.get("alice", room["stream"])
+                cur = await node.backend.cursors.get("alice", room["stream"], now=node.clock())
                 return cur[1] if cur else 0
 
             with anyio.fail_after(10):

@@ -9,7 +9,8 @@ core never knows which engine it runs on:
   events that the Hub fans out.
 * :class:`IdempotencyStore`: command results by (scope, key), with an atomic
   ``begin`` so two nodes can never both run the same key.
-* :class:`CursorStore`: the last acknowledged position per (principal, stream).
+* :class:`CursorStore`: the last acknowledged position per (principal, stream),
+  forgotten when not advanced for a TTL.
 * :class:`SnapshotStore`: the latest snapshot of each stateful stream.
 * :class:`LeaseStore`: renewable leases so exactly one node runs a loop.
 * :class:`GroupLog`: consumer groups over the global log of every appended
@@ -178,15 +179,26 @@ class IdempotencyStore(Protocol):
 
 @runtime_checkable
 class CursorStore(Protocol):
-    """Last acknowledged position per (principal, stream)."""
+    """Last acknowledged position per (principal, stream), forgotten after a TTL.
 
-    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
-        """Return ``(epoch, offset)`` or ``None``."""
+    Every cursor expires ``ttl`` seconds after its last :meth:`advance` (the
+    ``ttl`` of that call), so the store holds what was acked within one TTL,
+    however many distinct (principal, stream) pairs ever acked. An expired
+    cursor is absent: :meth:`get` returns ``None`` and the next
+    :meth:`advance` stores its position as a new cursor's.
+    """
+
+    async def get(self, principal: str, stream: str, *, now: float) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)``, or ``None`` if there is none or it expired at or before ``now``."""
         ...
 
-    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
-        """Move the cursor forward: a lower offset in the same epoch is ignored;
-        another epoch replaces the cursor."""
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int, *, now: float, ttl: float) -> None:
+        """Move the cursor forward and make it expire at ``now + ttl``.
+
+        A lower offset in the same epoch leaves the position as it is (the
+        expiry is still refreshed: the principal is still acking); another
+        epoch replaces the position.
+        """
         ...
 
 

@@ -261,19 +261,74 @@ class MemoryIdempotencyStore:
                 del records[(scope, key)]
 
 
+class _Cursor:
+    __slots__ = ("epoch", "expires", "offset", "queued")
+
+    def __init__(self, epoch: str, offset: int, expires: float) -> None:
+        self.epoch = epoch
+        self.offset = offset
+        self.expires = expires
+        # Expiry of this cursor's live entry in the heap; always <= ``expires``.
+        self.queued = expires
+
+
 class MemoryCursorStore:
-    """In-process :class:`~rtcore.backends.base.CursorStore`."""
+    """In-process :class:`~rtcore.backends.base.CursorStore`.
+
+    Cursors expire ``ttl`` seconds after their last advance. Every ``advance``
+    pops the heap entries that came due (amortized O(log n)). Unlike the
+    idempotency store's heap, this one holds **one entry per cursor**, not one
+    per write: a cursor is advanced on every ack, so an entry per advance would
+    make memory grow with the ack rate. An advance that pushes the expiry later
+    leaves the entry where it is; when the entry comes up and the cursor was
+    advanced meanwhile, it goes back into the heap at the new expiry (at most
+    once per TTL per cursor). So the store holds what was acked within one TTL.
+    """
 
     def __init__(self) -> None:
-        self._cursors: dict[tuple[str, str], tuple[str, int]] = {}
+        self._cursors: dict[tuple[str, str], _Cursor] = {}
+        # (expires, principal, stream): one live entry per cursor (its
+        # ``queued``); an entry superseded by an earlier expiry is skipped.
+        self._expiries: list[tuple[float, str, str]] = []
 
-    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
-        return self._cursors.get((principal, stream))
+    def __len__(self) -> int:
+        return len(self._cursors)
 
-    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
+    async def get(self, principal: str, stream: str, *, now: float) -> tuple[str, int] | None:
         cur = self._cursors.get((principal, stream))
-        if cur is None or cur[0] != epoch or offset > cur[1]:
-            self._cursors[(principal, stream)] = (epoch, offset)
+        if cur is None or cur.expires <= now:
+            return None
+        return cur.epoch, cur.offset
+
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int, *, now: float, ttl: float) -> None:
+        self._expire(now)
+        expires = now + ttl
+        cur = self._cursors.get((principal, stream))
+        if cur is None or cur.expires <= now:
+            self._cursors[(principal, stream)] = _Cursor(epoch, offset, expires)
+            heapq.heappush(self._expiries, (expires, principal, stream))
+            return
+        if cur.epoch != epoch or offset > cur.offset:
+            cur.epoch, cur.offset = epoch, offset
+        cur.expires = expires
+        if expires < cur.queued:
+            # Earlier than its heap entry (a shorter ttl, or the clock went
+            # back): queue it again so it is not kept past its expiry.
+            cur.queued = expires
+            heapq.heappush(self._expiries, (expires, principal, stream))
+
+    def _expire(self, now: float) -> None:
+        heap, cursors = self._expiries, self._cursors
+        while heap and heap[0][0] <= now:
+            queued, principal, stream = heapq.heappop(heap)
+            cur = cursors.get((principal, stream))
+            if cur is None or cur.queued != queued:
+                continue  # superseded entry
+            if cur.expires <= now:
+                del cursors[(principal, stream)]
+            else:  # advanced since it was queued: requeue at its current expiry
+                cur.queued = cur.expires
+                heapq.heappush(heap, (cur.expires, principal, stream))
 
 
 class MemorySnapshotStore:

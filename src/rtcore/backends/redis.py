@@ -62,7 +62,7 @@ Why it is shaped this way:
   append whose reply was lost may have happened, so it must not be replayed
   blindly. Connection errors surface as :class:`~rtcore.errors.BackendError`
   (retryable); callers retry with the same ``key``.
-* **Time is passed in.** Idempotency records and leases store their expiry
+* **Time is passed in.** Idempotency records, leases and cursors store their expiry
   and compare it with the caller's ``now`` (so fake clocks work); a real
   ``PEXPIRE`` of the same length (plus :data:`_GRACE_MS`) only collects garbage.
 
@@ -368,14 +368,21 @@ end
 return 0
 """
 
-# KEYS: cursor; ARGV: epoch offset
+# KEYS: cursor; ARGV: epoch offset now expires px
+# An expired cursor (exp <= now) is absent: its position is replaced whatever
+# it was. A hash without 'exp' (written before cursors expired) is live. Every
+# advance refreshes the expiry and the garbage-collecting PEXPIRE.
 _CURSOR_ADVANCE = """
-local c = redis.call('HMGET', KEYS[1], 'epoch', 'off')
-if (not c[1]) or c[1] ~= ARGV[1] or tonumber(ARGV[2]) > tonumber(c[2]) then
+local c = redis.call('HMGET', KEYS[1], 'epoch', 'off', 'exp')
+local live = c[1] and ((not c[3]) or tonumber(c[3]) > tonumber(ARGV[3]))
+local moved = 0
+if (not live) or c[1] ~= ARGV[1] or tonumber(ARGV[2]) > tonumber(c[2]) then
   redis.call('HSET', KEYS[1], 'epoch', ARGV[1], 'off', ARGV[2])
-  return 1
+  moved = 1
 end
-return 0
+redis.call('HSET', KEYS[1], 'exp', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return moved
 """
 
 # KEYS: snapshot; ARGV: epoch offset blob
@@ -888,22 +895,31 @@ class RedisIdempotencyStore:
 
 
 class RedisCursorStore:
-    """:class:`~rtcore.backends.base.CursorStore` on Redis."""
+    """:class:`~rtcore.backends.base.CursorStore` on Redis (one hash per cursor).
+
+    The hash holds the expiry (``exp``, compared with the caller's ``now``);
+    every advance also sets a ``PEXPIRE`` of the TTL (plus :data:`_GRACE_MS`)
+    that deletes the key. A hash without ``exp`` (written before cursors
+    expired) reads as live and gets both at its next advance.
+    """
 
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
         self._advance = _Script(client, "cursor_advance")
 
-    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
-        """Return ``(epoch, offset)`` or ``None``."""
+    async def get(self, principal: str, stream: str, *, now: float) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)``, or ``None`` if absent or expired."""
         with _engine_errors():
-            epoch, off = await self._client.hmget(_pair_key("cur", principal, stream), ["epoch", "off"])
-        return None if epoch is None or off is None else (_s(epoch), int(off))
+            epoch, off, exp = await self._client.hmget(_pair_key("cur", principal, stream), ["epoch", "off", "exp"])
+        if epoch is None or off is None or (exp is not None and float(exp) <= now):
+            return None
+        return _s(epoch), int(off)
 
-    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
-        """Move forward within an epoch; another epoch replaces the cursor."""
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int, *, now: float, ttl: float) -> None:
+        """Move forward within an epoch (another epoch replaces it) and expire at ``now + ttl``."""
+        args = [epoch, str(offset), repr(float(now)), repr(float(now + ttl)), str(_px(ttl))]
         with _engine_errors():
-            await self._advance(keys=[_pair_key("cur", principal, stream)], args=[epoch, str(offset)])
+            await self._advance(keys=[_pair_key("cur", principal, stream)], args=args)
 
 
 class RedisSnapshotStore:

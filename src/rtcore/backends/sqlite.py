@@ -78,6 +78,7 @@ from .base import (
 from .memory import new_epoch
 
 __all__ = [
+    "CURSOR_SWEEP_EVERY",
     "MAX_GROUP",
     "POLL_INTERVAL",
     "SqliteBackend",
@@ -134,6 +135,7 @@ CREATE TABLE IF NOT EXISTS cursors (
     stream    TEXT NOT NULL,
     epoch     TEXT NOT NULL,
     off       INTEGER NOT NULL,
+    expires   REAL,
     PRIMARY KEY (principal, stream)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -594,31 +596,60 @@ class SqliteIdempotencyStore:
         await self._db.write(tx)
 
 
+#: Every this many cursor advances, one of them also deletes the expired cursors.
+CURSOR_SWEEP_EVERY = 1024
+
+# The position is replaced when the stored cursor expired (a newcomer's
+# position), is of another epoch, or is behind; the expiry always moves.
+# ``expires IS NULL`` (a row from before cursors expired) compares as live.
+_CURSOR_MOVES = "cursors.expires <= :now OR cursors.epoch != excluded.epoch OR excluded.off > cursors.off"
+_CURSOR_ADVANCE = (
+    "INSERT INTO cursors (principal, stream, epoch, off, expires) VALUES (:p, :s, :e, :o, :x) "
+    "ON CONFLICT (principal, stream) DO UPDATE SET "
+    f"epoch = CASE WHEN {_CURSOR_MOVES} THEN excluded.epoch ELSE cursors.epoch END, "
+    f"off = CASE WHEN {_CURSOR_MOVES} THEN excluded.off ELSE cursors.off END, "
+    "expires = excluded.expires"
+)
+
+
 class SqliteCursorStore:
-    """:class:`~rtcore.backends.base.CursorStore` on SQLite."""
+    """:class:`~rtcore.backends.base.CursorStore` on SQLite.
+
+    Each row carries its expiry; :meth:`get` ignores expired rows and every
+    :data:`CURSOR_SWEEP_EVERY`-th :meth:`advance` deletes them (through the
+    ``cursors_expires`` index), so the table holds about one TTL's worth of
+    cursors. Rows written before cursors expired (``expires`` NULL, see
+    :func:`_migrate`) stay readable and get ``now + ttl`` at the first sweep.
+    """
 
     def __init__(self, db: _Db) -> None:
         self._db = db
+        self._advances = 0
 
-    async def get(self, principal: str, stream: str) -> tuple[str, int] | None:
-        """Return ``(epoch, offset)`` or ``None``."""
+    async def get(self, principal: str, stream: str, *, now: float) -> tuple[str, int] | None:
+        """Return ``(epoch, offset)``, or ``None`` if absent or expired."""
         row = await self._db.run(
             lambda conn: conn.execute(
-                "SELECT epoch, off FROM cursors WHERE principal = ? AND stream = ?", (principal, stream)
+                "SELECT epoch, off FROM cursors WHERE principal = ? AND stream = ? "
+                "AND (expires IS NULL OR expires > ?)",
+                (principal, stream, now),
             ).fetchone()
         )
         return None if row is None else (row[0], row[1])
 
-    async def advance(self, principal: str, stream: str, epoch: str, offset: int) -> None:
-        """Move forward within an epoch; another epoch replaces the cursor."""
-        await self._db.write(
-            lambda conn: conn.execute(
-                "INSERT INTO cursors (principal, stream, epoch, off) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (principal, stream) DO UPDATE SET epoch = excluded.epoch, off = excluded.off "
-                "WHERE cursors.epoch != excluded.epoch OR excluded.off > cursors.off",
-                (principal, stream, epoch, offset),
-            )
-        )
+    async def advance(self, principal: str, stream: str, epoch: str, offset: int, *, now: float, ttl: float) -> None:
+        """Move forward within an epoch (another epoch replaces it) and expire at ``now + ttl``."""
+        self._advances += 1
+        sweep = self._advances % CURSOR_SWEEP_EVERY == 0
+        args = {"p": principal, "s": stream, "e": epoch, "o": offset, "x": now + ttl, "now": now}
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(_CURSOR_ADVANCE, args)
+            if sweep:  # occasional garbage collection keeps the table bounded
+                conn.execute("DELETE FROM cursors WHERE expires <= ?", (now,))
+                conn.execute("UPDATE cursors SET expires = ? WHERE expires IS NULL", (now + ttl,))
+
+        await self._db.write(tx)
 
 
 class SqliteSnapshotStore:
@@ -785,6 +816,27 @@ class SqliteBackend(Backend):
         await self._db.close()
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a file made by an older rtcore up to :data:`_SCHEMA`.
+
+    ``cursors.expires``: files made before cursors expired get the column,
+    NULL in their rows, which :class:`SqliteCursorStore` reads as live until
+    its first sweep gives them a full TTL. In one ``BEGIN IMMEDIATE`` so two
+    processes opening the same old file do not both add the column.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(cursors)")}
+        if "expires" not in columns:
+            conn.execute("ALTER TABLE cursors ADD COLUMN expires REAL")
+        conn.execute("CREATE INDEX IF NOT EXISTS cursors_expires ON cursors (expires)")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _connect(path: str) -> sqlite3.Connection:
     if path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -799,6 +851,7 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=OFF")
         conn.executescript(_SCHEMA)
+        _migrate(conn)
     except BaseException:
         conn.close()
         raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable, Coroutine
@@ -33,7 +34,7 @@ from ..errors import AuthError, Rejected, RtcoreError
 from ..protocol.frames import Limits, Position, Snap
 from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
 from ..protocol.state import StreamState
-from ..protocol.streams import Delivery, Plan, check_stream, plan_resume
+from ..protocol.streams import DEFAULT_CURSOR_TTL, Delivery, Plan, check_stream, plan_resume
 from .app import App, Principal
 from .dispatch import Reply, dispatch
 from .followers import Followers
@@ -86,6 +87,10 @@ class Node:
         limits: Per-connection limits announced in ``welcome``.
         heartbeat: Ping interval announced to clients (seconds).
         idempotency_ttl: How long command outcomes are kept.
+        cursor_ttl: Seconds a principal's server cursor on a stream (its last
+            stored ack) is kept after its last advance; then it is forgotten
+            and a ``sub`` with ``cursor: true`` gets what a newcomer gets.
+            Default :data:`~rtcore.protocol.streams.DEFAULT_CURSOR_TTL` (7 days).
         node_id: Identifies this node (leases, consumer groups); random by default.
             Give a restarted node its old id to let it take its unacknowledged
             group events back at once.
@@ -106,12 +111,15 @@ class Node:
         token_grace: float = 10.0,
         idempotency_ttl: float = DEFAULT_TTL,
         idempotency_lease: float = DEFAULT_LEASE,
+        cursor_ttl: float = DEFAULT_CURSOR_TTL,
         node_id: str | None = None,
         outbox: OutboxLimits | None = None,
         roles: frozenset[str] = ROLES,
     ) -> None:
         if not roles <= ROLES:
             raise ValueError(f"unknown node roles {sorted(roles - ROLES)}; known: {sorted(ROLES)}")
+        if not (0 < cursor_ttl < math.inf):
+            raise ValueError(f"cursor_ttl must be a positive, finite number of seconds, got {cursor_ttl!r}")
         #: What this node does (see :data:`ROLES`).
         self.roles = frozenset(roles)
         self.app = app
@@ -125,6 +133,7 @@ class Node:
         self.token_grace = token_grace
         self.idempotency_ttl = idempotency_ttl
         self.idempotency_lease = idempotency_lease
+        self.cursor_ttl = cursor_ttl
         self.id = node_id or secrets.token_hex(4)
         self.hub: Hub = None  # type: ignore[assignment]
         self._tg: TaskGroup | None = None
@@ -365,7 +374,7 @@ class Node:
             raise AuthError(f"subscribing to {stream!r} is not allowed", code="forbidden")
         start = since
         if start is None and use_cursor and principal is not None:
-            cur = await self.backend.cursors.get(principal.id, stream)
+            cur = await self.backend.cursors.get(principal.id, stream, now=self.clock())
             if cur is not None:
                 start = Position(cur[0], cur[1])
         info = await self.backend.events.info(stream)
@@ -394,9 +403,11 @@ class Node:
         return SubscriptionStart(stream, epoch, offset, plan.recovered, snap, tail)
 
     async def store_ack(self, principal: Principal | None, stream: str, epoch: str, offset: int) -> None:
-        """Remember a principal's cumulative ack as its server cursor."""
+        """Remember a principal's cumulative ack as its server cursor (kept for ``cursor_ttl``)."""
         if principal is not None:
-            await self.backend.cursors.advance(principal.id, stream, epoch, offset)
+            await self.backend.cursors.advance(
+                principal.id, stream, epoch, offset, now=self.clock(), ttl=self.cursor_ttl
+            )
 
     # --- stateful streams ------------------------------------------------------
 

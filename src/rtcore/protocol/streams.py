@@ -33,6 +33,7 @@ from .frames import Position
 from .types import Event, StreamInfo
 
 __all__ = [
+    "DEFAULT_CURSOR_TTL",
     "MAX_STREAM_NAME",
     "ClientCursor",
     "Delivery",
@@ -44,6 +45,12 @@ __all__ = [
 ]
 
 MAX_STREAM_NAME: Final = 200
+
+#: Seconds a server cursor (a principal's last ack on a stream) is kept after
+#: its last advance: 7 days. Long enough to resume after a week away; after
+#: that a ``sub`` with ``cursor: true`` is treated as a newcomer's. Without a
+#: TTL the cursors would grow with every (principal, stream) ever acked.
+DEFAULT_CURSOR_TTL: Final = 7 * 24 * 3600.0
 
 
 def check_stream(name: str) -> None:
