@@ -109,7 +109,7 @@ def test_asyncapi_required_fields_and_references() -> None:
         assert op["action"] in ("send", "receive") and op["channel"] == {"$ref": "#/channels/ws"}
         assert op["messages"]
     tags = {"hello", "auth", "sub", "unsub", "cmd", "ack", "ping"}
-    server_tags = {"welcome", "ok", "err", "subbed", "evt", "snap", "sync", "pong", "bye"}
+    server_tags = {"welcome", "ok", "err", "subbed", "evt", "snap", "sync", "msg", "pong", "bye"}
     assert {op["messages"][0]["$ref"].rsplit("/", 1)[-1] for op in doc["operations"].values() if op["action"] == "send"} == server_tags
     received = {op["messages"][0]["$ref"].rsplit("/", 1)[-1] for op in doc["operations"].values() if op["action"] == "receive"}
     assert received == tags | {f"cmd.{gen._ID_RE.sub('_', n)}" for n in APP.commands}

@@ -12,7 +12,7 @@ import pytest
 import rtcore
 from rtcore import rooms
 from rtcore.engine.dispatch import CommandContext
-from rtcore.protocol.frames import Ok, Position
+from rtcore.protocol.frames import Msg, Ok, Position
 from rtcore.protocol.state import checksum
 from rtcore.testing import FakeClock, connect, serve
 
@@ -122,28 +122,43 @@ async def test_private_room_by_code_lock_and_listing() -> None:
 
 
 async def test_direct_message_and_broadcast_except_sender() -> None:
-    """``send`` reaches every connection of one user; ``broadcast(exclude=)`` names who must skip it."""
+    """``send`` reaches every connection of one user as an ephemeral ``msg`` frame and
+    nobody else; ``broadcast(exclude=)`` names who must skip it; ``registry.send``
+    works from outside any room (``room`` null). Nothing of it is stored.
+
+    Each other client gets a later message (``marker``) through the same path: it
+    arrives after anything sent to it before, so "no ``note`` before the marker"
+    proves the note never came, without waiting for time to pass.
+
+    Mutation seen caught: ``Rooms.send``/``commit`` back on ``node.publish`` to
+    ``roomdm:{user}`` → no ``msg`` frame reaches b's tabs → fails.
+    """
     app, reg = make_app(tick_rate=None)
-    async with serve(app) as node, connect(node, "a") as a, connect(node, "b") as b1, connect(node, "b") as b2:
+    async with serve(app) as node, connect(node, "a") as a, connect(node, "b") as b1, connect(node, "b") as b2, connect(node, "c") as c:
         room = await a.command("room.create", {"type": "game"})
         await b1.command("room.join", {"room_id": room["room_id"]})
-        for c in (b1, b2):
-            await c.subscribe("roomdm:b")
+        assert room["user"] == "a" and "dm" not in room
         await a.subscribe(room["stream"], ZERO)
         await a.command("room.send", {"room_id": room["room_id"], "type": "tell", "data": {"to": "b"}})
-        for c in (b1, b2):
-            evt = await c.next_event("roomdm:b")
-            assert evt.data == {"room": room["room_id"], "type": "note", "data": {"from": "a"}}
+        for tab in (b1, b2):
+            msg = await tab.next_frame(types=(Msg,))
+            assert msg == Msg("note", {"from": "a"}, room["room_id"])
+        ctx = rtcore.Context(node, None)
+        for other in ("a", "c"):
+            await ctx.send_to(other, "marker")
+        for other_client in (a, c):
+            assert await other_client.next_frame(types=(Msg,)) == Msg("marker", None, None), "the note reached someone else"
         with anyio.fail_after(5):
             while not [e for e in a.seen[room["stream"]] if e.type == "msg"]:
                 await a.next_event(room["stream"])
-        (msg,) = [e for e in a.seen[room["stream"]] if e.type == "msg"]
-        assert msg.data == {"room": room["room_id"], "type": "said", "data": {"by": "a"}, "except": "a"}
+        (said,) = [e for e in a.seen[room["stream"]] if e.type == "msg"]
+        assert said.data == {"room": room["room_id"], "type": "said", "data": {"by": "a"}, "except": "a"}
         # From outside any room (a command or processor):
-        await reg.send(rtcore.Context(node, None), "b", "promo", {"x": 1})
-        for c in (b1, b2):
-            evt = await c.next_event("roomdm:b")
-            assert evt.data == {"room": None, "type": "promo", "data": {"x": 1}}
+        await reg.send(ctx, "b", "promo", {"x": 1})
+        for tab in (b1, b2):
+            assert await tab.next_frame(types=(Msg,)) == Msg("promo", {"x": 1}, None)
+            assert tab.messages[-1] == Msg("promo", {"x": 1}, None), "a message for no room reaches the application"
+        assert not [s for s in await node.backend.events.streams() if s.startswith("roomdm:")], "nothing was stored"
 
 
 async def test_three_tabs_count_once_and_drop_needs_the_last_tab() -> None:

@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from rtcore.protocol.client import ClientSession, Connected, Missed, Replied, RoomChanged
-from rtcore.protocol.frames import Evt, Limits, Snap, Sub, Subbed, Sync, Unsub, Welcome
+from rtcore.protocol.frames import Evt, Limits, Msg, Snap, Sub, Subbed, Sync, Unsub, Welcome
 from rtcore.protocol.patch import diff
 from rtcore.protocol.rooms import RoomView
 from rtcore.protocol.state import checksum
 
-JOINED = {"room_id": "r1", "type": "game", "code": "ABC", "stream": "room:r1", "dm": "roomdm:alice", "view": None}
+JOINED = {"room_id": "r1", "type": "game", "code": "ABC", "stream": "room:r1", "user": "alice", "view": None}
 
 scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=4)
 values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4), max_leaves=20)
@@ -102,33 +102,38 @@ def test_session_routes_a_tracked_room_and_resyncs_it() -> None:
     the driver), acks what it folded, and on a sync mismatch sends ``unsub`` then
     ``sub`` without a position.
 
-    Direct messages (``roomdm:{user}``, shared by the player's rooms) are
-    subscribed once and reach the room they name only.
+    Direct messages are ``msg`` frames (no stream, nothing subscribed for them):
+    one naming a tracked room reaches that room only, as a ``direct`` change;
+    one naming no tracked room reaches the application as the frame itself.
 
     Mutation: skip the resubscription in ``ClientSession._route_rooms`` → no
     ``unsub``/``sub`` frames → fails; skip the ``room`` check in
-    ``RoomView.direct`` → room r2 gets r1's note too → fails.
+    ``RoomView.direct`` → room r2 gets r1's note too → fails; drop the
+    fallthrough of unrouted ``msg`` frames in ``_route_rooms`` → the
+    application never sees the lobby invite → fails.
     """
     s = ClientSession(ack_interval=0.05)
     s.start("alice")
     s.frames_to_send()
     assert s.receive_frame(Welcome("s-1", 15.0, Limits(), "alice"), 0.0)[0] == Connected(Welcome("s-1", 15.0, Limits(), "alice"))
     view = RoomView(JOINED)
+    assert view.user == "alice"
     other = RoomView({**JOINED, "room_id": "r2", "stream": "room:r2"})
-    [req, dm_req] = s.track_room(view)
-    [sub, dm_sub] = s.frames_to_send()
+    [req] = s.track_room(view)
+    [sub] = s.frames_to_send()
     assert isinstance(sub, Sub) and sub.since is None and not sub.cursor
-    assert isinstance(dm_sub, Sub) and dm_sub.stream == "roomdm:alice" and dm_sub.since is None
     s.receive_frame(Subbed(sub.id, "room:r1", "e1", 3, recovered=False, snap=True), 0.0)
-    s.receive_frame(Subbed(dm_sub.id, "roomdm:alice", "d1", 7, recovered=False), 0.0)
-    assert req.done and dm_req.done
-    assert len(s.track_room(other)) == 1, "the dm stream is shared: subscribed once"
+    assert req.done
+    assert len(s.track_room(other)) == 1, "only the room's own stream"
     s.frames_to_send()
-    note = Evt("roomdm:alice", "d1", 8, "msg", {"room": "r1", "type": "note", "data": 1}, 0.0)
-    events = s.receive_frame(note, 0.0)
-    assert [(e.view.room_id, e.change.kind) for e in events if isinstance(e, RoomChanged)] == [("r1", "direct")]
+    events = s.receive_frame(Msg("note", 1, "r1"), 0.0)
+    assert [(e.view.room_id, e.change.kind, e.change.message) for e in events if isinstance(e, RoomChanged)] == [
+        ("r1", "direct", {"room": "r1", "type": "note", "data": 1})
+    ]
+    assert [e for e in events if isinstance(e, Msg)] == []
+    events = s.receive_frame(Msg("invite", {"from": "bob"}, None), 0.0)
+    assert events == [Msg("invite", {"from": "bob"}, None)], "not for a room: the application's"
     s.untrack_room(other)
-    assert "roomdm:alice" in s.streams, "still needed by room r1"
     doc = {"state": {"n": 1}, "members": {}, "room": {}, "inbox": 3}
     events = s.receive_frame(Snap("room:r1", "e1", 3, doc, checksum(doc)), 0.0)
     assert [type(e) for e in events if not isinstance(e, Replied)] == [RoomChanged] and view.document == doc
@@ -142,4 +147,4 @@ def test_session_routes_a_tracked_room_and_resyncs_it() -> None:
     assert [type(f) for f in out] == [Unsub, Sub] and out[0].stream == "room:r1"
     assert isinstance(out[1], Sub) and out[1].since is None
     s.untrack_room(view)
-    assert s.rooms == [] and s.streams == [], "the last room gone: its streams and the dm stream are unsubscribed"
+    assert s.rooms == [] and s.streams == [], "the last room gone: its streams are unsubscribed"

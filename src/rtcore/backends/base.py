@@ -16,6 +16,9 @@ core never knows which engine it runs on:
 * :class:`GroupLog`: consumer groups over the global log of every appended
   event, so each event reaches one member of a group across all nodes, at
   least once, and a dead member's events are claimed by another.
+* :class:`SignalBus`: an ephemeral channel between the nodes of a backend
+  (bytes in, bytes out at every listening node, never stored), which carries
+  direct messages to a principal's live connections.
 
 Every implementation runs the shared contract suite in
 ``tests/contract/`` unchanged. Time is always passed in (``now``), never read,
@@ -26,6 +29,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
+
+import anyio
+from anyio.abc import TaskStatus
 
 from ..protocol.idempotency import DEFAULT_TTL
 from ..protocol.types import (
@@ -52,9 +58,12 @@ __all__ = [
     "IdempotencyStore",
     "LeaseStore",
     "LiveFeed",
+    "LocalSignalBus",
     "Outcome",
     "ReadResult",
     "Retention",
+    "SignalBus",
+    "SignalFeed",
     "Snapshot",
     "SnapshotStore",
     "StreamInfo",
@@ -280,6 +289,80 @@ class GroupLog(Protocol):
         ...
 
 
+@runtime_checkable
+class SignalFeed(Protocol):
+    """One node's subscription to a :class:`SignalBus` (see :meth:`SignalBus.listen`)."""
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Deliver messages until cancelled.
+
+        ``task_status.started()`` is called once the feed receives messages,
+        so a node started with ``TaskGroup.start`` misses nothing published
+        after its start returned.
+        """
+
+
+@runtime_checkable
+class SignalBus(Protocol):
+    """An ephemeral channel shared by every node on the backend.
+
+    A message published by any node reaches the callback of every feed that
+    is running at that moment, on every node (the publisher's own included),
+    at most once, in no promised order, and is never stored: a node that is
+    not listening, or whose connection to the engine is down, misses it. The
+    engine uses it for direct messages to principals (``node.send_to``); the
+    nodes filter what they receive themselves.
+    """
+
+    async def publish(self, message: bytes) -> None:
+        """Send ``message`` to every running feed.
+
+        Raises:
+            BackendError: the engine cannot be reached (nothing was sent).
+        """
+        ...
+
+    def listen(self, deliver: Callable[[bytes], None]) -> SignalFeed:
+        """A feed that calls ``deliver`` (which must not block) with each message while it runs."""
+        ...
+
+
+class _LocalFeed:
+    def __init__(self, bus: LocalSignalBus, deliver: Callable[[bytes], None]) -> None:
+        self._bus = bus
+        self._deliver = deliver
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self._bus._feeds.append(self._deliver)
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._bus._feeds.remove(self._deliver)
+
+
+class LocalSignalBus:
+    """A :class:`SignalBus` inside one process: every node that shares the backend object.
+
+    ``memory://`` (nodes sharing one :class:`~rtcore.backends.MemoryBackend`
+    are one cluster) and ``sqlite://`` (see its module docstring: processes
+    sharing a file do not share this bus) use it. Publishing calls each
+    feed's callback synchronously.
+    """
+
+    def __init__(self) -> None:
+        self._feeds: list[Callable[[bytes], None]] = []
+
+    async def publish(self, message: bytes) -> None:
+        """Hand ``message`` to every running feed of this process."""
+        for deliver in list(self._feeds):
+            deliver(message)
+
+    def listen(self, deliver: Callable[[bytes], None]) -> SignalFeed:
+        """A feed of this bus (registered while its :meth:`~SignalFeed.run` runs)."""
+        return _LocalFeed(self, deliver)
+
+
 class Backend:
     """A bundle of the stores one engine provides.
 
@@ -292,6 +375,8 @@ class Backend:
         leases: The lease store.
         groups: Consumer groups over the global event log (``None`` for an
             engine without them; group processors then refuse to start).
+        signals: The ephemeral channel between nodes (a process-local
+            :class:`LocalSignalBus` unless the engine brings one).
     """
 
     def __init__(
@@ -304,6 +389,7 @@ class Backend:
         snapshots: SnapshotStore,
         leases: LeaseStore,
         groups: GroupLog | None = None,
+        signals: SignalBus | None = None,
     ) -> None:
         self.url = url
         self.events = events
@@ -312,6 +398,7 @@ class Backend:
         self.snapshots = snapshots
         self.leases = leases
         self.groups = groups
+        self.signals: SignalBus = signals if signals is not None else LocalSignalBus()
 
     async def aclose(self) -> None:
         """Release connections and files (the memory backend has none)."""

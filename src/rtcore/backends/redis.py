@@ -66,6 +66,14 @@ Why it is shaped this way:
   and compare it with the caller's ``now`` (so fake clocks work); a real
   ``PEXPIRE`` of the same length (plus :data:`_GRACE_MS`) only collects garbage.
 
+* **Signals ride on PUB/SUB.** :class:`RedisSignalBus` publishes every
+  ephemeral message (direct messages to principals) on one channel,
+  :data:`SIGNAL_CHANNEL`; each listening node holds one subscriber
+  connection on it and filters what it receives itself, so the number of
+  channels does not grow with principals. Redis stores nothing: a node whose
+  subscriber connection is down misses what is published meanwhile
+  (coredis reconnects and resubscribes with backoff).
+
 ``open_redis`` enters the coredis client (which owns an anyio task group) and
 ``aclose`` leaves it, so both must be called from the same task, nested like
 an ``async with``.
@@ -85,6 +93,7 @@ import anyio
 import coredis
 import coredis.exceptions
 import msgspec
+from anyio.abc import TaskStatus
 from coredis.retry import NoRetryPolicy
 
 from ..errors import BackendError, ConflictError
@@ -1029,6 +1038,43 @@ class RedisGroupLog:
         return [self._message(e[0], e[1], int(n)) for e, n in zip(entries, counts, strict=True)]
 
 
+#: The PUB/SUB channel of :class:`RedisSignalBus`.
+SIGNAL_CHANNEL = b"rt:signal"
+
+
+class _RedisSignalFeed:
+    def __init__(self, client: coredis.Redis[bytes], deliver: Callable[[bytes], None]) -> None:
+        self._client = client
+        self._deliver = deliver
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        # coredis's PubSub keeps one connection of its own, reconnects with
+        # backoff and resubscribes; entering it returns once SUBSCRIBE is
+        # acknowledged, so a message published after started() is received.
+        async with self._client.pubsub(channels=[SIGNAL_CHANNEL], ignore_subscribe_messages=True) as pubsub:
+            task_status.started()
+            async for message in pubsub:
+                if message["type"] == "message":
+                    data = message["data"]
+                    self._deliver(data if isinstance(data, bytes) else str(data).encode())
+
+
+class RedisSignalBus:
+    """:class:`~rtcore.backends.base.SignalBus` on Redis PUB/SUB (one channel, filtered by each node)."""
+
+    def __init__(self, client: coredis.Redis[bytes]) -> None:
+        self._client = client
+
+    async def publish(self, message: bytes) -> None:
+        """``PUBLISH`` on :data:`SIGNAL_CHANNEL` (a retryable ``BackendError`` if Redis is unreachable)."""
+        with _engine_errors():
+            await self._client.publish(SIGNAL_CHANNEL, message)
+
+    def listen(self, deliver: Callable[[bytes], None]) -> _RedisSignalFeed:
+        """One subscriber connection for this node."""
+        return _RedisSignalFeed(self._client, deliver)
+
+
 class RedisBackend(Backend):
     """All stores on one Redis database (``redis://host:port/db``)."""
 
@@ -1045,6 +1091,7 @@ class RedisBackend(Backend):
             snapshots=RedisSnapshotStore(client),
             leases=RedisLeaseStore(client),
             groups=RedisGroupLog(client),
+            signals=RedisSignalBus(client),
         )
         self.client = client
         self._stack = stack

@@ -39,8 +39,9 @@ from ..protocol.client import (
     TokenExpired,
 )
 from ..protocol.codec import Encoding
-from ..protocol.frames import Bye, Evt, Position, Welcome
+from ..protocol.frames import Bye, Evt, Msg, Position, Welcome
 from ..protocol.streams import ClientCursor
+from .messages import MessageClient
 from .rooms import Room, RoomClient
 from .websocket import HandshakeRefused, Url, WebSocket
 
@@ -129,7 +130,7 @@ class Subscription:
         await self._client._unsubscribe(self, timeout)
 
 
-class Client(RoomClient):
+class Client(RoomClient, MessageClient):
     """A reconnecting rtcore client. Create it with :func:`connect`.
 
     Rooms: :meth:`join_or_create`, :meth:`create`, :meth:`join` return a
@@ -178,6 +179,7 @@ class Client(RoomClient):
         self._conn_scope: anyio.CancelScope | None = None
         self._subs: dict[str, Subscription] = {}
         self._rooms: dict[str, Room] = {}
+        self._message_callbacks = []
         self._waits: dict[Request, anyio.Event] = {}
         self._bye: Bye | None = None
         self._buffered = 0
@@ -328,6 +330,8 @@ class Client(RoomClient):
                         sub._put(ev)
                 case RoomChanged():
                     self._room_changed(ev)
+                case Msg():
+                    self._message(ev)
                 case Replied(request=req):
                     done = self._waits.get(req)
                     if done is not None:

@@ -547,6 +547,15 @@ class Context:
         """
         return await self.node.publish(stream, type, data, key=key, expect=expect)
 
+    async def send_to(self, principal_id: str, type: str, data: Any = None, *, room: str | None = None) -> None:
+        """Send an ephemeral message to every live connection of ``principal_id``, on any node.
+
+        Not stored and not replayed: see :meth:`rtcore.engine.node.Node.send_to`.
+        A command re-executed after a crash (same idempotency key, its first
+        attempt unfinished) sends it again; a replayed outcome does not.
+        """
+        await self.node.send_to(principal_id, type, data, room=room)
+
     async def authorize(self, action: str, resource: str) -> None:
         """Ask the app's ``@app.authorize`` hook; raise ``forbidden`` if it says no."""
         if not await self.node.allowed(self.principal, action, resource):

@@ -3,7 +3,8 @@
 One node per process (or per test). It owns the backend's live feed and the
 :class:`~rtcore.engine.hub.Hub`, folds stateful streams, runs processors, dispatches
 commands through the idempotency layer, and starts subscriptions with the
-catch-up → live handoff. Transports (WebSocket, HTTP, SSE, in-process) are
+catch-up → live handoff, and delivers direct messages (:meth:`Node.send_to`,
+:mod:`rtcore.engine.direct`) to its principals' live connections. Transports (WebSocket, HTTP, SSE, in-process) are
 thin drivers over the methods here, which is why a command retried over HTTP
 after being sent over WebSocket sees the same idempotency record.
 
@@ -36,6 +37,7 @@ from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
 from ..protocol.state import StreamState
 from ..protocol.streams import DEFAULT_CURSOR_TTL, Delivery, Plan, check_stream, plan_resume
 from .app import App, Principal
+from .direct import decode_envelope, encode_envelope
 from .dispatch import Reply, dispatch
 from .followers import Followers
 from .hub import EventSink, Hub, OutboxLimits, Tail
@@ -189,6 +191,10 @@ class Node:
         # scheduling; trio may resume this task before the feed's first step.)
         await self._tg.start(self._run_feed)
         try:
+            if "gateway" in self.roles:
+                # Only nodes that hold connections listen for direct messages; started
+                # before __aenter__ returns, so a message sent afterwards is not missed.
+                await self._tg.start(self.backend.signals.listen(self._on_signal).run)
             await self._processors.start(self._tg)
         except BaseException:
             await self.__aexit__(None, None, None)  # stop what started; raise the cause unwrapped
@@ -310,6 +316,39 @@ class Node:
             retention=self.app.retention_for(stream),
         )
         return res.event
+
+    async def send_to(self, principal_id: str, type: str, data: Any = None, *, room: str | None = None) -> None:
+        """Send an ephemeral ``msg`` frame to every live connection of ``principal_id``, on every node.
+
+        Nothing is stored: the principal's WebSocket connections open at that
+        moment (on any node of the backend) get it at most once, with no
+        offset and no order relative to stream events; a principal with no
+        live connection never gets it, not even later (docs/architecture.md,
+        "Direct messages"). Returns once the message is handed to the
+        backend's signal bus, not when it is delivered.
+
+        Args:
+            principal_id: Whom to send it to.
+            type: The application's message type (non-empty).
+            data: Any msgspec-encodable payload.
+            room: A room id for clients to route it by (:mod:`rtcore.rooms` sets it).
+
+        Raises:
+            BadRequest: an empty principal or type, or data that cannot be encoded.
+            BackendError: the backend's bus is unreachable (nothing was sent).
+        """
+        await self.backend.signals.publish(encode_envelope(principal_id, type, data, room))
+
+    def _on_signal(self, message: bytes) -> None:
+        # Every listening node gets every message: keep only our principals'.
+        msg = decode_envelope(message)
+        if msg is None:
+            return
+        for receiver in self.presence.receivers(msg.principal_id):
+            try:
+                receiver(msg)
+            except Exception:
+                log.exception("direct message receiver %r failed", receiver)
 
     async def history(self, principal: Principal | None, stream: str, *, after: int, limit: int) -> ReadResult:
         """A page of history for the HTTP route (authorized as ``history``)."""

@@ -75,10 +75,13 @@ Rules:
     like rule 9). A view that loses track (a patch that does not fit, a
     ``sync`` checksum mismatch, a notice without a state) is resynced:
     ``unsub``, then ``sub`` without a position, and the snapshot replaces the
-    document. The player's direct-message stream (``roomdm:{user}``, shared by
-    its rooms) is subscribed live (no position) unless the application
-    subscribed to it itself; its messages become ``direct`` changes of the
-    room they name.
+    document. A ``msg`` frame naming a tracked room becomes a ``direct``
+    change of that room.
+12. **Direct messages** (``msg`` frames, ``node.send_to`` on the server) are
+    not part of any stream: no position, no ack, no dedup, no resend. Each
+    one becomes a :class:`~rtcore.protocol.frames.Msg` event as it arrives
+    (unless rule 11 routed it to a room); one sent while the client was
+    disconnected is lost.
 
 This module is sans-IO: no sockets, no event loop, no clock.
 """
@@ -107,6 +110,7 @@ from .frames import (
     Err,
     Evt,
     Hello,
+    Msg,
     Ok,
     Ping,
     Pong,
@@ -281,10 +285,10 @@ class RoomChanged:
 
 #: What :meth:`ClientSession.receive_frame` and friends return: new events
 #: (:class:`~rtcore.protocol.frames.Evt`, each once, in order), notices
-#: (:class:`Missed`), ``sync`` and ``bye`` frames as they are, and the
+#: (:class:`Missed`), ``sync``, ``msg`` and ``bye`` frames as they are, and the
 #: dataclasses above.
 ClientEvent = (
-    Evt | Missed | Sync | Bye | Connected | Refused | Replied | SubscriptionEnded | Broken | TokenExpired | ServerError | RoomChanged
+    Evt | Missed | Sync | Msg | Bye | Connected | Refused | Replied | SubscriptionEnded | Broken | TokenExpired | ServerError | RoomChanged
 )
 
 
@@ -339,7 +343,6 @@ class ClientSession:
         self._events: list[ClientEvent] = []
         self._ack_at: float | None = None
         self._rooms: dict[str, RoomView] = {}  # by stream: tracked rooms (rule 11)
-        self._dms: dict[str, list[RoomView]] = {}  # roomdm:{user} streams we subscribed for rooms
 
     # --- introspection ------------------------------------------------------------
 
@@ -526,13 +529,6 @@ class ClientSession:
             self._rooms[stream] = view
             if stream not in self._streams:
                 reqs.append(self.subscribe(stream))
-        dm = view.dm_stream
-        if dm is not None and (dm in self._dms or dm not in self._streams):
-            # Direct messages: live from now (no position), shared by the player's
-            # rooms; left alone when the application subscribed to it itself.
-            if dm not in self._dms:
-                reqs.append(self.subscribe(dm))
-            self._dms.setdefault(dm, []).append(view)
         return reqs
 
     def untrack_room(self, view: RoomView) -> list[Request]:
@@ -548,15 +544,6 @@ class ClientSession:
                 req = self.unsubscribe(stream)
                 if req is not None:
                     reqs.append(req)
-        dm = view.dm_stream
-        views = self._dms.get(dm) if dm is not None else None
-        if dm is not None and views is not None and view in views:
-            views.remove(view)
-            if not views:
-                del self._dms[dm]
-                req = self.unsubscribe(dm)
-                if req is not None:
-                    reqs.append(req)
         return reqs
 
     def _route_rooms(self, now: float) -> None:
@@ -564,12 +551,12 @@ class ClientSession:
         events, self._events = self._events, []
         out: list[ClientEvent] = []
         for ev in events:
-            if isinstance(ev, Evt | Missed | Sync) and ev.stream in self._dms:
-                if not isinstance(ev, Sync):
-                    self.consumed(ev.stream, ev.epoch, ev.offset, now)
-                if isinstance(ev, Evt):
-                    for dm_view in self._dms[ev.stream]:
-                        out.extend(RoomChanged(dm_view, change) for change in dm_view.direct(ev))
+            if isinstance(ev, Msg):
+                views = [v for v in dict.fromkeys(self._rooms.values()) if ev.room is not None and v.room_id == ev.room]
+                for v in views:
+                    out.extend(RoomChanged(v, change) for change in v.direct(ev))
+                if not views:
+                    out.append(ev)  # not for a tracked room: the application's
                 continue
             if not isinstance(ev, Evt | Missed | Sync) or ev.stream not in self._rooms:
                 out.append(ev)
@@ -778,6 +765,8 @@ class ClientSession:
                 self._events.append(TokenExpired())
             case Err():
                 self._events.append(ServerError(error_from_wire(frame.code, frame.message, frame.retryable)))
+            case Msg():
+                self._events.append(frame)  # rule 12: as it comes, nothing to track
             case Bye():
                 self._events.append(frame)
             case _:

@@ -30,6 +30,7 @@ __all__ = [
     "Evt",
     "Hello",
     "Limits",
+    "Msg",
     "Ok",
     "Ping",
     "Pong",
@@ -216,6 +217,19 @@ class Sync(msgspec.Struct, frozen=True, tag_field="t", tag="sync"):
     epoch: str = ""
 
 
+class Msg(msgspec.Struct, frozen=True, tag_field="t", tag="msg"):
+    """A direct message to the session's principal: ephemeral, in no stream.
+
+    It has no offset and is never acknowledged or replayed: a principal gets
+    it on the connections it has open when it is sent, at most once. ``room``
+    names the room it comes from (:mod:`rtcore.rooms`), ``None`` otherwise.
+    """
+
+    type: str
+    data: Any = None
+    room: str | None = None
+
+
 class Pong(msgspec.Struct, frozen=True, tag_field="t", tag="pong"):
     """Answer to ``ping``."""
 
@@ -230,4 +244,4 @@ class Bye(msgspec.Struct, frozen=True, tag_field="t", tag="bye"):
     reconnect: bool
 
 
-ServerFrame = Welcome | Ok | Err | Subbed | Evt | Snap | Sync | Pong | Bye
+ServerFrame = Welcome | Ok | Err | Subbed | Evt | Snap | Sync | Msg | Pong | Bye

@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .frames import Evt, Sync
+from .frames import Evt, Msg, Sync
 from .patch import Op, PatchError, apply
 from .state import checksum
 
@@ -61,7 +61,8 @@ class RoomChange:
         kind: ``snapshot`` (the document was replaced), ``patch`` (``ops``
             were applied), ``message`` (a broadcast: ``message`` is
             ``{"type", "data", ...}``), ``direct`` (a message to this player
-            alone, from the room's ``send``: same shape), ``resync`` (the fold lost track; the
+            alone, from the room's ``send``: same shape; an ephemeral ``msg``
+            frame, so ``stream`` is ``""`` and ``offset`` 0), ``resync`` (the fold lost track; the
             client resubscribes and a ``snapshot`` follows).
         offset: The stream offset of the item.
         ops: The applied ops of a ``patch``.
@@ -103,9 +104,10 @@ class RoomView:
     Args:
         joined: The result of ``room.create`` / ``room.join`` /
             ``room.join_or_create`` (``room_id``, ``type``, ``code``,
-            ``stream``, ``dm``, ``view``).
-        user: The player; read from ``joined["dm"]`` (``roomdm:{user}``) when
-            not given.
+            ``stream``, ``user``, ``view``).
+        user: The player; read from ``joined["user"]`` when not given (or,
+            from servers before direct messages were ephemeral, from
+            ``joined["dm"]``, ``roomdm:{user}``).
 
     Attributes:
         room_id: The room id.
@@ -113,8 +115,6 @@ class RoomView:
         code: The room's short code (for ``room.join {"code"}``).
         stream: The public stream ``room:{id}``.
         view_stream: The private stream ``roomview:{id}:{user}``, or ``None``.
-        dm_stream: The player's direct-message stream ``roomdm:{user}``
-            (shared by every room of the player), or ``None``.
         user: The player this view belongs to.
         document: The public document (``state``, ``members``, ``room``,
             ``inbox``) as the server last published it, or ``None`` while
@@ -135,9 +135,9 @@ class RoomView:
         self.code = str(joined.get("code") or "")
         view = joined.get("view")
         self.view_stream: str | None = str(view) if view else None
-        dm = str(joined.get("dm") or "")
-        self.dm_stream: str | None = dm or None
-        self.user = user if user is not None else dm.partition(":")[2]
+        if user is None:
+            user = str(joined.get("user") or str(joined.get("dm") or "").partition(":")[2])
+        self.user = user
         self.document: dict[str, Any] | None = None
         self.private: dict[str, Any] | None = None
         self.offsets: dict[str, int] = {}
@@ -233,13 +233,11 @@ class RoomView:
         self.offsets[stream] = offset
         return [RoomChange(self.room_id, stream, "snapshot", offset)]
 
-    def direct(self, evt: Evt) -> list[RoomChange]:
-        """A ``msg`` event of the player's ``roomdm:{user}`` stream: a ``direct``
-        change when it comes from this room, else nothing."""
-        data = evt.data
-        if evt.stream != self.dm_stream or evt.type != "msg" or not isinstance(data, dict) or data.get("room") != self.room_id:
+    def direct(self, msg: Msg) -> list[RoomChange]:
+        """A ``msg`` frame (a direct message): a ``direct`` change when it comes from this room, else nothing."""
+        if msg.room != self.room_id:
             return []
-        return [RoomChange(self.room_id, evt.stream, "direct", evt.offset, message=data)]
+        return [RoomChange(self.room_id, "", "direct", 0, message={"room": msg.room, "type": msg.type, "data": msg.data})]
 
     def _event(self, evt: Evt) -> list[RoomChange]:
         stream = evt.stream

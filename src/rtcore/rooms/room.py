@@ -255,8 +255,10 @@ class Room(Generic[S]):
     def send(self, player: Player | str, type: str, data: Any = None) -> None:
         """Send a message to every live connection of one player (not part of the room state).
 
-        Delivered on the player's stream ``roomdm:{player id}`` after this
-        hook's patch; kept only briefly (see docs/rooms.md).
+        Sent after this hook's patch as an ephemeral ``msg`` frame
+        (``node.send_to``) to the connections the player has open then, on
+        any node: never stored, so a player with none never gets it (see
+        docs/rooms.md, "Direct messages").
         """
         self._actor.outgoing.append(("dm", player if isinstance(player, str) else player.id, type, data))
 

@@ -7,8 +7,11 @@ Streams of a room ``{id}``:
   command's idempotency key, so a retried key lands once;
 * ``room:{id}`` — a stateful stream (fold: :class:`RoomDoc`) of ``patch``
   events (ops from :mod:`rtcore.protocol.patch`, each covering the inbox up to
-  the document's ``inbox`` field) and ``msg`` broadcasts;
-* ``roomdm:{user}`` — short-lived direct messages to one user.
+  the document's ``inbox`` field) and ``msg`` broadcasts.
+
+Direct messages to one player (:meth:`Room.send`, :meth:`Rooms.send`) are in
+no stream: they go out with ``node.send_to`` (ephemeral ``msg`` frames to the
+player's live connections on every node, never stored).
 
 The owner holds the lease ``room:{id}``, reads the inbox in order and runs
 each entry, timer and tick one at a time on one task (the serial executor).
@@ -370,7 +373,11 @@ class _Actor:
             body = {"room": self.id, "type": type_, "data": msgspec.to_builtins(data)}
             if kind == "dm":
                 assert who is not None
-                await self.node.publish(f"roomdm:{who}", "msg", body)
+                try:
+                    await self.node.send_to(who, type_, body["data"], room=self.id)
+                except BackendError as exc:
+                    # At most once by design: a lost direct message must not stop the room.
+                    log.warning("room %s: direct message to %r dropped: %s", self.id, who, exc)
             else:
                 body["except"] = who
                 ev = await self.node.publish(self.stream, "msg", body, expect=self.head)
@@ -436,7 +443,7 @@ class _Actor:
             "type": self.rt.types_by_cls[self.cls],
             "code": self.code,
             "stream": self.stream,
-            "dm": f"roomdm:{uid}",
+            "user": uid,
             "view": f"roomview:{self.id}:{uid}" if self.cls.private_fields else None,
             "reconnected": reconnected,
         }
@@ -1344,10 +1351,11 @@ class Rooms:
     async def send(self, ctx: Context, user: str, type: str, data: Any = None) -> None:
         """Send a direct message to every live connection of ``user`` from any command or processor.
 
-        The same short-lived stream a room's :meth:`Room.send` uses
-        (``roomdm:{user}``, ``room`` is ``None``).
+        The same ephemeral ``msg`` frame a room's :meth:`Room.send` sends, with
+        ``room`` ``None`` (``ctx.send_to``): not stored, dropped when the user
+        has no live connection.
         """
-        await ctx.node.publish(f"roomdm:{user}", "msg", {"room": None, "type": type, "data": msgspec.to_builtins(data)})
+        await ctx.send_to(user, type, data)
 
     async def state(self, node: Node, room_id: str) -> dict[str, Any]:
         """The room's document as the owner last published it (tests and tools)."""
@@ -1375,8 +1383,8 @@ class Rooms:
 def allowed(principal: Any, action: str, resource: str) -> bool:
     """Whether rooms allow ``action`` on ``resource``: a player's private streams are theirs alone.
 
-    ``roomview:{room}:{user}`` (private fields) and ``roomdm:{user}`` (direct
-    messages) may be subscribed to or read (``history``) only by that user.
+    ``roomview:{room}:{user}`` (private fields) may be subscribed to or read
+    (``history``) only by that user.
     :func:`install` uses this as the app's ``authorize`` hook when the app has
     none; an app with its own hook must call it::
 
@@ -1387,12 +1395,9 @@ def allowed(principal: Any, action: str, resource: str) -> bool:
     if action not in ("subscribe", "history"):
         return True
     kind, _, rest = resource.partition(":")
-    if kind == "roomview":
-        owner = rest.partition(":")[2]
-    elif kind == "roomdm":
-        owner = rest
-    else:
+    if kind != "roomview":
         return True
+    owner = rest.partition(":")[2]
     return getattr(principal, "id", None) == owner
 
 
@@ -1452,7 +1457,6 @@ def install(app: App) -> Rooms:
     app.retention("roomcode:*", max_events=1)
     app.retention("room:*", max_events=1000)
     app.retention("roominbox:*", max_events=10_000)
-    app.retention("roomdm:*", max_events=100, max_age=60.0)
     app.retention("roomreply:*", max_events=1000, max_age=300.0)
 
     @app.admin_section("rooms")

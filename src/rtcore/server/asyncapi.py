@@ -64,6 +64,7 @@ _SERVER = (
     frames.Evt,
     frames.Snap,
     frames.Sync,
+    frames.Msg,
     frames.Pong,
     frames.Bye,
 )

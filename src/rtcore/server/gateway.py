@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ..engine.direct import DirectMessage
 from ..engine.hub import OutboxLimits
 from ..engine.node import Node, SubscriptionStart
 from ..errors import AuthError, ConnectionClosed, RtcoreError
@@ -230,6 +231,10 @@ class _Connection:
     def push(self, data: bytes) -> None:
         self.outbox.push(data)
 
+    def _direct(self, message: DirectMessage) -> None:
+        # A direct message (node.send_to) for this connection's principal: a live frame.
+        self.outbox.push(message.encoded(self.encoding))
+
     def _slow(self) -> None:
         self.node.stats["slow_consumers"] += 1
         if CONNECTION.isEnabledFor(logging.WARNING):
@@ -314,7 +319,7 @@ class _Connection:
         self._run(self.session.authenticated(principal, pid, expires, self.node.clock(), action.refresh_id))
         if pid is not None and self._present is None:
             self._present = pid
-            self.node.presence.connected(pid)
+            self.node.presence.connected(pid, self._direct)
         # Only this session's deadlines changed: wake its own timer, not every
         # session's (node.wake_timers() per login made connecting O(sessions)).
         self._deadlines_changed()
@@ -491,7 +496,7 @@ class _Connection:
             if self._registry is not None:
                 self._registry.discard(self)
             if self._present is not None:
-                self.node.presence.disconnected(self._present)
+                self.node.presence.disconnected(self._present, self._direct)
                 self._present = None
             for sub in self.subs.values():
                 self.node.hub.remove(sub.tail)

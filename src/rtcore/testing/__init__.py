@@ -28,6 +28,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ..client.messages import MessageClient
 from ..client.rooms import Room, RoomClient
 from ..engine.app import App
 from ..engine.node import Node
@@ -45,7 +46,7 @@ from ..protocol.client import (
     RoomChanged,
 )
 from ..protocol.codec import codec_for
-from ..protocol.frames import Bye, Err, Evt, Ok, Pong, Position, Subbed, Sync, Welcome
+from ..protocol.frames import Bye, Err, Evt, Msg, Ok, Pong, Position, Subbed, Sync, Welcome
 from ..protocol.streams import ClientCursor
 from ..server.gateway import ConnectionClosed, FrameTransport, serve_session
 
@@ -211,7 +212,7 @@ class _Recording:
         await self.inner.close(code, reason)
 
 
-class TestClient(RoomClient):
+class TestClient(RoomClient, MessageClient):
     """An in-process protocol client: a thin driver of :class:`~rtcore.protocol.client.ClientSession`.
 
     The same session as :mod:`rtcore.client` decides everything (positions,
@@ -256,6 +257,8 @@ class TestClient(RoomClient):
         self.notices: list[Missed] = []
         self.timeline: list[Evt | Missed] = []
         self.syncs: list[Sync] = []
+        #: Direct messages (``msg`` frames) not routed to a followed room, in arrival order.
+        self.messages: list[Msg] = []
         self.frames: list[Any] = []
         self.welcome: Welcome | None = None
         self.bye: Bye | None = None
@@ -268,6 +271,7 @@ class TestClient(RoomClient):
         self._tg: Any = None
         self._reconnect_lock = anyio.Lock()
         self._rooms: dict[str, Room] = {}
+        self._message_callbacks = []
         #: Per connection, every message the server sent, before fault injection.
         self.wire: list[list[bytes]] = []
 
@@ -376,6 +380,9 @@ class TestClient(RoomClient):
                     self._refused = error
                 case RoomChanged():
                     self._room_changed(ev)
+                case Msg():
+                    self.messages.append(ev)
+                    self._message(ev)
                 case Broken():
                     # A gap can only come from a broken transport: resume from the positions.
                     if self._tg is not None:
