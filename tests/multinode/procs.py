@@ -88,6 +88,7 @@ class ServerProcess:
         run_options: Extra keyword arguments for :func:`rtcore.run` (``python -c``
             only), e.g. ``idempotency_lease=2.0`` so a command left pending by a
             killed process can be retried within the test's time.
+        app: The ``module:attribute`` the CLI serves (``mnapp`` by default; CLI only).
     """
 
     def __init__(
@@ -99,7 +100,9 @@ class ServerProcess:
         roles: Sequence[str] = (),
         cli: bool = True,
         run_options: dict[str, Any] | None = None,
+        app: str = APP,
     ) -> None:
+        self.app = app
         self.backend = backend
         self.name = name
         self.roles = tuple(roles)
@@ -112,7 +115,7 @@ class ServerProcess:
 
     def _argv(self) -> list[str]:
         if self.cli:
-            argv = [sys.executable, "-m", "rtcore.cli", "serve", APP, "--port", str(self.port)]
+            argv = [sys.executable, "-m", "rtcore.cli", "serve", self.app, "--port", str(self.port)]
             argv += ["--backend", self.backend, "--log-level", "warning", "--grace", "1"]
             for role in self.roles:
                 argv += ["--role", role]
