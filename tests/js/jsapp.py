@@ -44,6 +44,17 @@ async def pub(ctx: rtcore.Context, args: Pub) -> int:
     return event.offset
 
 
+class Dm(msgspec.Struct):
+    to: str
+    type: str
+    data: Any = None
+
+
+@app.command("dm")
+async def dm(ctx: rtcore.Context, args: Dm) -> None:
+    await ctx.send_to(args.to, args.type, args.data)
+
+
 class Score(msgspec.Struct):
     total: int = 0
 
@@ -87,6 +98,10 @@ class SandboxRoom(rooms.Room[Sandbox]):
     @rooms.message("say")
     async def say(self, player: rooms.Player, data: Any) -> None:
         self.broadcast("said", {"by": player.id, "text": data})
+
+    @rooms.message("tell")
+    async def tell(self, player: rooms.Player, data: Any) -> None:
+        self.send(str(data), "note", {"from": player.id})
 
     @rooms.message("get")
     async def get(self, player: rooms.Player, data: Any) -> Any:

@@ -270,7 +270,7 @@ def test_dts_frames_match_schema(server: str) -> None:
             want_required = set(spec.get("required", [])) | {"t"}
             assert {f for f, req in fields.items() if req} == want_required, (tag, fields, want_required)
             checked += 1
-    assert checked == 16  # 7 client frames + 9 server frames
+    assert checked == 17  # 7 client frames + 10 server frames
 
 
 # --- headless Chromium ------------------------------------------------------------------

@@ -148,6 +148,59 @@ export async function rooms(rt, { url, WebSocket }) {
   }
 }
 
+/**
+ * Direct messages (`msg` frames, never stored): every tab of ada gets one, once; a room
+ * message goes to the room where the tab follows it (room.onMessage) and to
+ * client.onMessage (with its room id) where it does not; bob, the sender, gets only
+ * the marker sent to him afterwards (frames to one connection keep their order).
+ * Mutations seen caught: `_routeRooms` routes no `msg` to a room → the room note never
+ * comes → fails; `_onFrame` drops `msg` frames → `hi` never comes → fails.
+ */
+export async function directMessages(rt, { url, WebSocket }) {
+  const adaName = uniq("ada").replace(":", "-");
+  const ada1 = await rt.Client.connect(url, { WebSocket, token: adaName });
+  const ada2 = await rt.Client.connect(url, { WebSocket, token: adaName });
+  const bob = await rt.Client.connect(url, { WebSocket, token: uniq("bob").replace(":", "-") });
+  try {
+    const inbox = (client) => {
+      const got = [];
+      const waiters = [];
+      client.onMessage(null, (m) => { got.push(m); for (const w of waiters.splice(0)) w(); });
+      got.until = async (n) => { while (got.length < n) await within(new Promise((r) => waiters.push(r)), `message ${n}`); };
+      return got;
+    };
+    // A message that never comes fails here, and the clients are closed (no hanging test).
+    const within = (promise, what) => {
+      let timer;
+      const late = new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`no ${what} within 10 s`)), 10_000); });
+      return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+    };
+    const [got1, got2, gotBob] = [inbox(ada1), inbox(ada2), inbox(bob)];
+    const waitLen = (list, n) => list.until(n);
+    const hi = new Promise((resolve) => ada1.onMessage("hi", resolve));
+    await bob.command("dm", { to: adaName, type: "hi", data: { x: 1 } });
+    checkSame(await within(hi, "hi"), { x: 1 }, "onMessage(type) gets the data");
+    await waitLen(got2, 1);
+    checkSame(got2[0], { type: "hi", data: { x: 1 }, room: null }, "onMessage(null) gets the whole message");
+    await bob.command("dm", { to: bob.principal, type: "marker" });
+    await waitLen(gotBob, 1);
+    checkSame([...gotBob], [{ type: "marker", data: null, room: null }], "bob got nothing before his marker");
+    const room = await ada1.create("sandbox");
+    const note = new Promise((resolve) => room.onMessage("note", resolve));
+    await bob.join(room.id);
+    await bob.rooms.get(room.id).send("tell", adaName);
+    checkSame(await within(note, "room note"), { from: bob.principal }, "room.onMessage gets the room's direct message");
+    await waitLen(got2, 2);
+    checkSame(got2[1], { type: "note", data: { from: bob.principal }, room: room.id }, "not a followed room: client.onMessage");
+    checkSame(got1.length, 1, "ada1 follows the room: the note went to the room, not to client.onMessage");
+    return { ok: true };
+  } finally {
+    await ada1.close();
+    await ada2.close();
+    await bob.close();
+  }
+}
+
 /** A fold that went wrong is caught by the next `sync` checksum and resynced from a snapshot. */
 export async function resync(rt, { url, WebSocket }) {
   const c = await rt.Client.connect(url, { WebSocket, token: uniq("cy").replace(":", "-") });
@@ -200,7 +253,7 @@ export async function heartbeat(rt, { url, WebSocket }) {
   }
 }
 
-export const CORE = { subscribeReceive, dedup, snapshotNotice, rooms, resync, heartbeat };
+export const CORE = { subscribeReceive, dedup, snapshotNotice, rooms, resync, heartbeat, directMessages };
 
 /**
  * The kill -9 case, driven from outside (the browser test kills and restarts the server):

@@ -124,7 +124,7 @@ test("backoffDelay: the Python formula", () => {
 
 test("rule 11: a room view folds patches and resyncs on a sync mismatch", () => {
   // Mutation: skip the checksum comparison -> no resync change.
-  const v = new RoomView({ room_id: "r1", stream: "room:r1", dm: "roomdm:ada" });
+  const v = new RoomView({ room_id: "r1", stream: "room:r1", user: "ada" });
   const doc = { state: { x: new Float(0) }, members: {} };
   assert.deepEqual(v.feed({ t: "missed", stream: "room:r1", epoch: "e", offset: 3, state: doc, checksum: checksum(doc) }).map((c) => c.kind), ["snapshot"]);
   assert.deepEqual(v.feed({ t: "evt", stream: "room:r1", epoch: "e", offset: 4, type: "patch", data: { ops: [["set", ["state", "x"], 1.5]] }, ts: 0 }).map((c) => c.kind), ["patch"]);

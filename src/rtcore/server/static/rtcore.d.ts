@@ -32,15 +32,19 @@ export interface SubbedFrame { t: "subbed"; id: number; stream: string; epoch: s
 export interface EvtFrame { t: "evt"; stream: string; epoch: string; offset: number; type: string; data: unknown; ts: number }
 export interface SnapFrame { t: "snap"; stream: string; epoch: string; offset: number; state: unknown; checksum: string }
 export interface SyncFrame { t: "sync"; stream: string; offset: number; checksum: string; epoch?: string }
+export interface MsgFrame { t: "msg"; type: string; data?: unknown; room?: string | null }
 export interface PongFrame { t: "pong"; id: number }
 export interface ByeFrame { t: "bye"; code: string; message: string; reconnect: boolean }
-export type ServerFrame = WelcomeFrame | OkFrame | ErrFrame | SubbedFrame | EvtFrame | SnapFrame | SyncFrame | PongFrame | ByeFrame;
+export type ServerFrame = WelcomeFrame | OkFrame | ErrFrame | SubbedFrame | EvtFrame | SnapFrame | SyncFrame | MsgFrame | PongFrame | ByeFrame;
 
 // --- what the application sees ------------------------------------------------------------
 
 export interface EvtItem { t: "evt"; stream: string; epoch: string; offset: number; type: string; data: any; ts: number }
 export interface MissedItem { t: "missed"; stream: string; epoch: string; offset: number; state: any; checksum: string | null }
 export type Item = EvtItem | MissedItem;
+
+/** A direct message (`msg` frame; `ctx.send_to` on the server): ephemeral, in no stream. */
+export interface DirectMessage { type: string; data: any; room: string | null }
 
 export interface RoomChange {
   roomId: string;
@@ -97,6 +101,9 @@ export declare class Client {
   joinOrCreate(type: string, opts?: { options?: object; metadata?: object | null; key?: string | null; timeout?: number }): Promise<Room>;
   create(type: string, opts?: { options?: object; private?: boolean; metadata?: object | null; key?: string | null; timeout?: number }): Promise<Room>;
   join(target: string | { roomId: string } | { code: string }, opts?: { options?: object; key?: string | null; timeout?: number }): Promise<Room>;
+  /** Direct messages not routed to a followed room: fn(data) for `type`, fn(whole message) for null. */
+  onMessage(type: null, fn: (message: DirectMessage) => void): () => void;
+  onMessage(type: string, fn: (data: any) => void): () => void;
   close(): Promise<void>;
 }
 
@@ -134,10 +141,11 @@ export declare class Float { constructor(value: number); value: number; valueOf(
 export declare class PatchError extends Error {}
 export declare class RoomView {
   constructor(joined: Record<string, any>, user?: string);
-  readonly roomId: string; readonly stream: string; readonly viewStream: string | null; readonly dmStream: string | null;
+  readonly roomId: string; readonly stream: string; readonly viewStream: string | null;
   readonly user: string; readonly ready: boolean; readonly state: any; readonly document: any;
   verified: number; resyncs: number;
   feed(item: any): RoomChange[];
+  direct(frame: { type: string; data?: any; room?: string | null }): RoomChange[];
 }
 export declare class ClientSession {
   constructor(opts?: { ackInterval?: number | null; random?: () => number });

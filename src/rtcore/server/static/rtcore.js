@@ -6,7 +6,7 @@
 //     const client = await Client.connect("ws://host:8000/v1/ws", { token: "alice" });
 //
 // It follows the same contract as the Python client (docs/clients.md, the
-// behaviour table; rtcore.protocol.client.ClientSession, its 11 rules): the
+// behaviour table; rtcore.protocol.client.ClientSession, its 12 rules): the
 // sans-IO `ClientSession` below is a line-by-line port of that state machine
 // and `Client` is its driver (WebSocket, timers, reconnects).
 //
@@ -24,6 +24,9 @@
 //   client.joinOrCreate(type, {options?, metadata?, key?, timeout?}) -> Promise<Room>
 //   client.create(type, {options?, private?, metadata?, key?, timeout?}) -> Promise<Room>
 //   client.join(roomId | {roomId} | {code}, {options?, key?, timeout?}) -> Promise<Room>
+//   client.onMessage(type | null, fn) -> off   direct messages (`msg` frames, ctx.send_to on the server)
+//                                     not for a room this client follows: fn(data) for `type`
+//                                     (null: fn({type, data, room})); never stored, never replayed
 //   client.on(event, fn) -> off()    events: "connected" (welcome), "disconnected" ({code, reason}),
 //                                     "reconnecting" ({attempt, delay}), "closed" (error|null),
 //                                     "error" (RtcoreError not answering a request / callback failure)
@@ -440,9 +443,9 @@ export class RoomView {
     this.type = String(joined.type ?? "");
     this.code = String(joined.code ?? "");
     this.viewStream = joined.view ? String(joined.view) : null;
+    // `user` (servers before ephemeral direct messages sent `dm: "roomdm:{user}"` instead)
     const dm = String(joined.dm ?? "");
-    this.dmStream = dm || null;
-    this.user = user ?? dm.slice(dm.indexOf(":") + 1);
+    this.user = user ?? (joined.user != null ? String(joined.user) : dm.slice(dm.indexOf(":") + 1));
     this.docs = new Map(); // stream -> {typed, plain}
     this.offsets = new Map();
     this.verified = 0;
@@ -481,11 +484,10 @@ export class RoomView {
     this.offsets.set(stream, item.offset);
     return [{ roomId: this.roomId, stream, kind: "snapshot", offset: item.offset }];
   }
-  /** A `msg` event of the player's `roomdm:{user}` stream: a `direct` change if it comes from this room. */
-  direct(evt) {
-    const d = evt.data;
-    if (evt.stream !== this.dmStream || evt.type !== "msg" || !isMap(d) || d.room !== this.roomId) return [];
-    return [{ roomId: this.roomId, stream: evt.stream, kind: "direct", offset: evt.offset, message: toPlain(d) }];
+  /** A `msg` frame (a direct message, in no stream): a `direct` change if it comes from this room. */
+  direct(frame) {
+    if (frame.room == null || frame.room !== this.roomId) return [];
+    return [{ roomId: this.roomId, stream: "", kind: "direct", offset: 0, message: { room: frame.room, type: frame.type, data: toPlain(frame.data ?? null) } }];
   }
   _event(evt) {
     const { stream, data } = evt;
@@ -516,7 +518,7 @@ export class RoomView {
   }
 }
 
-// --- ClientSession (rtcore.protocol.client.ClientSession, rules 1-11) ----------------------
+// --- ClientSession (rtcore.protocol.client.ClientSession, rules 1-12) ----------------------
 
 /**
  * The client side of the protocol as a sans-IO state machine: frames in, events and
@@ -525,7 +527,7 @@ export class RoomView {
  * Events: {kind: "evt", frame} | {kind: "missed", notice} | {kind: "sync", frame} | {kind: "bye", frame}
  * | {kind: "connected", welcome} | {kind: "refused", error} | {kind: "replied", request}
  * | {kind: "ended", stream, error} | {kind: "broken", stream, reason} | {kind: "tokenExpired"}
- * | {kind: "serverError", error} | {kind: "room", view, change}
+ * | {kind: "serverError", error} | {kind: "room", view, change} | {kind: "msg", frame}
  */
 export class ClientSession {
   constructor({ ackInterval = DEFAULT_ACK_INTERVAL, random = Math.random } = {}) {
@@ -542,7 +544,6 @@ export class ClientSession {
     this._events = [];
     this._ackAt = null;
     this._rooms = new Map(); // stream -> RoomView
-    this._dms = new Map(); // roomdm:{user} -> [RoomView]
   }
 
   get streams() { return [...this._streams.keys()]; }
@@ -636,11 +637,6 @@ export class ClientSession {
       this._rooms.set(stream, view);
       if (!this._streams.has(stream)) reqs.push(this.subscribe(stream));
     }
-    const dm = view.dmStream;
-    if (dm && (this._dms.has(dm) || !this._streams.has(dm))) {
-      if (!this._dms.has(dm)) { reqs.push(this.subscribe(dm)); this._dms.set(dm, []); }
-      this._dms.get(dm).push(view);
-    }
     return reqs;
   }
 
@@ -653,16 +649,6 @@ export class ClientSession {
         if (r) reqs.push(r);
       }
     }
-    const dm = view.dmStream;
-    const views = dm ? this._dms.get(dm) : undefined;
-    if (views && views.includes(view)) {
-      views.splice(views.indexOf(view), 1);
-      if (!views.length) {
-        this._dms.delete(dm);
-        const r = this.unsubscribe(dm);
-        if (r) reqs.push(r);
-      }
-    }
     return reqs;
   }
 
@@ -670,12 +656,14 @@ export class ClientSession {
     const events = this._events; this._events = [];
     const out = [];
     for (const ev of events) {
-      const item = ev.kind === "evt" || ev.kind === "sync" ? ev.frame : ev.kind === "missed" ? ev.notice : null;
-      if (item && this._dms.has(item.stream)) {
-        if (ev.kind !== "sync") this.consumed(item.stream, item.epoch, item.offset, now);
-        if (ev.kind === "evt") for (const v of this._dms.get(item.stream)) for (const change of v.direct(item)) out.push({ kind: "room", view: v, change });
+      if (ev.kind === "msg") {
+        // rule 11: a direct message naming a tracked room is that room's; any other is the application's
+        const views = this.rooms.filter((v) => ev.frame.room != null && v.roomId === ev.frame.room);
+        for (const v of views) for (const change of v.direct(ev.frame)) out.push({ kind: "room", view: v, change });
+        if (!views.length) out.push(ev);
         continue;
       }
+      const item = ev.kind === "evt" || ev.kind === "sync" ? ev.frame : ev.kind === "missed" ? ev.notice : null;
       if (!item || !this._rooms.has(item.stream)) { out.push(ev); continue; }
       const view = this._rooms.get(item.stream);
       if (ev.kind !== "sync") this.consumed(item.stream, item.epoch, item.offset, now);
@@ -756,7 +744,7 @@ export class ClientSession {
     if (this.state === "hello") this._onHelloAnswer(frame);
     else if (this.state === "open") {
       this._onFrame(frame, now);
-      if (this._rooms.size || this._dms.size) this._routeRooms(now);
+      if (this._rooms.size) this._routeRooms(now);
     }
     return this.events();
   }
@@ -842,6 +830,7 @@ export class ClientSession {
         if (f.t === "err" && f.code === "token_expired" && f.id == null) this._events.push({ kind: "tokenExpired" });
         else if (f.t === "err") this._events.push({ kind: "serverError", error: new RtcoreError(f.code, f.message, { retryable: f.retryable }) });
         return;
+      case "msg": this._events.push({ kind: "msg", frame: f }); return; // rule 12: nothing to track
       case "bye": this._events.push({ kind: "bye", frame: f }); return;
       default: return; // a late reply, a second welcome, a frame type from the future
     }
@@ -1079,6 +1068,7 @@ export class Client {
     this.rooms = new Map();
     this._subs = new Map();
     this._listeners = new Map();
+    this._onMessage = [];
     this._ws = null;
     this._timer = null;
     this._hbTimer = null;
@@ -1102,6 +1092,12 @@ export class Client {
     if (!this._listeners.has(event)) this._listeners.set(event, []);
     this._listeners.get(event).push(fn);
     return () => { const l = this._listeners.get(event); const i = l.indexOf(fn); if (i >= 0) l.splice(i, 1); };
+  }
+  /** Direct messages not routed to a followed room: fn(data) for `type`, fn({type, data, room}) for null. */
+  onMessage(type, fn) {
+    const entry = [type, fn];
+    this._onMessage.push(entry);
+    return () => { const i = this._onMessage.indexOf(entry); if (i >= 0) this._onMessage.splice(i, 1); };
   }
   _emit(event, arg) { for (const fn of [...(this._listeners.get(event) || [])]) this._run(fn, arg); }
   _run(fn, arg) {
@@ -1268,6 +1264,15 @@ export class Client {
         case "tokenExpired": this._refreshToken(); break;
         case "serverError": this._emit("error", ev.error); break;
         case "bye": this._bye = ev.frame; break;
+        case "msg": {
+          const f = ev.frame;
+          const whole = { type: f.type, data: toPlain(f.data ?? null), room: f.room ?? null };
+          for (const [type, fn] of [...this._onMessage]) {
+            if (type == null) this._run(fn, whole);
+            else if (type === whole.type) this._run(fn, whole.data);
+          }
+          break;
+        }
         case "room": {
           const room = this.rooms.get(ev.view.roomId);
           if (room && room.view === ev.view) room._deliver(ev.change);
