@@ -84,6 +84,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import logging
 import math
 import weakref
 from collections.abc import Callable, Mapping
@@ -1038,6 +1039,8 @@ class RedisGroupLog:
         return [self._message(e[0], e[1], int(n)) for e, n in zip(entries, counts, strict=True)]
 
 
+log = logging.getLogger("rtcore.backends.redis")
+
 #: The PUB/SUB channel of :class:`RedisSignalBus`.
 SIGNAL_CHANNEL = b"rt:signal"
 
@@ -1051,12 +1054,28 @@ class _RedisSignalFeed:
         # coredis's PubSub keeps one connection of its own, reconnects with
         # backoff and resubscribes; entering it returns once SUBSCRIBE is
         # acknowledged, so a message published after started() is received.
-        async with self._client.pubsub(channels=[SIGNAL_CHANNEL], ignore_subscribe_messages=True) as pubsub:
-            task_status.started()
-            async for message in pubsub:
-                if message["type"] == "message":
-                    data = message["data"]
-                    self._deliver(data if isinstance(data, bytes) else str(data).encode())
+        started = False
+        while True:
+            failed: BaseException | None = None
+            try:
+                async with self._client.pubsub(channels=[SIGNAL_CHANNEL], ignore_subscribe_messages=True) as pubsub:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async for message in pubsub:
+                        if message["type"] == "message":
+                            data = message["data"]
+                            self._deliver(data if isinstance(data, bytes) else str(data).encode())
+            except* (anyio.ClosedResourceError, anyio.BrokenResourceError, coredis.exceptions.RedisError, OSError) as group:
+                # When the node is cancelled together with the client that owns the
+                # connection (a node that opened its own backend), coredis's cleanup
+                # UNSUBSCRIBEs on a connection already closed: the cancellation must
+                # win. Otherwise the connection failed past coredis's retries: start over.
+                failed = group
+            await anyio.lowlevel.checkpoint()  # cancelled: raises here
+            if failed is not None:
+                log.warning("signal subscriber lost its connection (%s); subscribing again", failed)
+                await anyio.sleep(BLOCK_MS / 1000)
 
 
 class RedisSignalBus:
