@@ -17,12 +17,17 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import rtcore
 from rtcore.backends import open_backend
+from rtcore.engine.direct import decode_envelope, encode_envelope
 from rtcore.errors import BadRequest
+from rtcore.protocol.codec import codec_for
 from rtcore.protocol.frames import Msg
 from rtcore.testing import TestClient, connect, serve
+from rtcore.testing.strategies import json_values, texts
 
 pytestmark = pytest.mark.anyio
 
@@ -189,3 +194,33 @@ async def test_a_room_tracked_by_the_client_gets_it_as_a_direct_change() -> None
         assert await first_msg(b) == Msg("promo", {"x": 1}, None)
         assert got_room == [{"from": "a"}]
         assert got_client == [{"type": "promo", "data": {"x": 1}, "room": None}]
+
+
+@given(
+    principal=texts(max_size=8).filter(bool),
+    type_=texts(max_size=8).filter(bool),
+    room=st.none() | texts(max_size=8),
+    data=json_values(),
+)
+def test_the_envelope_renders_the_same_msg_frame_in_both_encodings(principal: str, type_: str, room: str | None, data: Any) -> None:
+    """Whatever the payload, the bus envelope decodes to the sender's principal, and
+    the ``msg`` frame a node builds from it (MessagePack: the payload's bytes
+    embedded as they are; JSON: decoded once) decodes, in each encoding, to the
+    frame the sender meant.
+
+    Mutation seen caught: ``DirectMessage.encoded`` embeds the raw MessagePack
+    payload in the JSON frame too → the JSON frame does not decode → fails.
+    """
+    msg = decode_envelope(encode_envelope(principal, type_, data, room))
+    assert msg is not None and msg.principal_id == principal
+    for encoding in ("json", "msgpack"):
+        frame = codec_for(encoding).decode_server(msg.encoded(encoding))
+        assert frame == Msg(type_, data, room)
+        assert msg.encoded(encoding) is msg.encoded(encoding), "built once per encoding"
+
+
+def test_a_foreign_bus_message_is_dropped() -> None:
+    """Bytes on the bus that are not an envelope (another program on the Redis
+    channel) are ignored, not raised into the node's feed."""
+    assert decode_envelope(b"hello") is None
+    assert decode_envelope(msgspec.msgpack.encode({"to": "bob"})) is None
