@@ -1075,7 +1075,7 @@ class _RedisSignalFeed:
             await anyio.lowlevel.checkpoint()  # cancelled: raises here
             if failed is not None:
                 log.warning("signal subscriber lost its connection (%s); subscribing again", failed)
-                await anyio.sleep(BLOCK_MS / 1000)
+            await anyio.sleep(BLOCK_MS / 1000)  # the subscription ended either way: not in a tight loop
 
 
 class RedisSignalBus:
