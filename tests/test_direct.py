@@ -13,8 +13,10 @@ Redis: tests/net/test_direct_ws.py and tests/multinode/test_direct.py.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from hypothesis import given
@@ -23,11 +25,12 @@ from hypothesis import strategies as st
 import rtcore
 from rtcore.backends import open_backend
 from rtcore.engine.direct import decode_envelope, encode_envelope
-from rtcore.errors import BadRequest
+from rtcore.errors import BackendError, BadRequest
 from rtcore.protocol.codec import codec_for
 from rtcore.protocol.frames import Msg
 from rtcore.testing import TestClient, connect, serve
 from rtcore.testing.strategies import json_values, texts
+from tests.redis_server import RedisServer, redis_server_binary, require_services
 
 pytestmark = pytest.mark.anyio
 
@@ -54,8 +57,8 @@ def make_app() -> rtcore.App:
     return app
 
 
-async def first_msg(client: TestClient) -> Msg:
-    msg = await client.next_frame(types=(Msg,))
+async def first_msg(client: TestClient, timeout: float | None = 5.0) -> Msg:
+    msg = await client.next_frame(types=(Msg,), timeout=timeout if timeout is not None else float("inf"))
     assert isinstance(msg, Msg)
     return msg
 
@@ -224,3 +227,45 @@ def test_a_foreign_bus_message_is_dropped() -> None:
     channel) are ignored, not raised into the node's feed."""
     assert decode_envelope(b"hello") is None
     assert decode_envelope(msgspec.msgpack.encode({"to": "bob"})) is None
+
+
+@pytest.mark.redis
+async def test_after_redis_restarts_the_node_subscribes_again() -> None:
+    """A ``redis://`` node whose subscriber connection died with Redis (kill -9,
+    restart) receives direct messages again once Redis is back. Messages sent
+    meanwhile are lost (at most once), so probes are sent until one arrives.
+
+    Two layers resubscribe: coredis's PubSub retry policy, and
+    ``_RedisSignalFeed.run``'s own loop when coredis gives up. Seen: the PubSub
+    with ``NoRetryPolicy()`` alone still passes (the loop subscribes again);
+    mutation seen caught: ``NoRetryPolicy()`` and the loop run once → no probe
+    ever arrives → fails.
+    """
+    if redis_server_binary() is None:
+        if require_services():
+            pytest.fail("redis-server is not installed and RTCORE_REQUIRE_SERVICES=1")
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(persistent=False)
+    server.start()
+    try:
+        async with serve(make_app(), server.url) as node, connect(node, "bob") as bob:
+            ctx = rtcore.Context(node, None)
+            await ctx.send_to("bob", "before")
+            assert await first_msg(bob) == Msg("before", None, None)
+            server.restart()
+            got: Msg | None = None
+            with anyio.fail_after(60):
+                probe = 0
+                while got is None:
+                    probe += 1
+                    with contextlib.suppress(BackendError):
+                        await ctx.send_to("bob", "probe", probe)
+                    with anyio.move_on_after(0.25):
+                        got = await first_msg(bob, timeout=None)
+            assert got.type == "probe"
+            await ctx.send_to("bob", "after")
+            while (msg := await first_msg(bob)).type == "probe":
+                pass  # a probe that arrived after its wait
+            assert msg == Msg("after", None, None)
+    finally:
+        server.stop()
