@@ -1,7 +1,7 @@
 """The ASGI adapter passes the real-socket protocol tests of ``rtcore serve``.
 
 The tests imported below are the very functions of test_ws.py, test_sse.py,
-test_limits.py and test_bad_input.py; the ``server_kind`` fixture (autouse,
+test_limits.py, test_bad_input.py and test_direct_ws.py; the ``server_kind`` fixture (autouse,
 parametrised) makes their ``serving(...)`` run :func:`rtcore.asgi.asgi_app`
 under uvicorn and under hypercorn instead of :class:`rtcore.Server`, so the
 same clients (``websockets``, httpx) check the same wire behaviour.
@@ -31,6 +31,7 @@ from .test_bad_input import (  # noqa: F401  (collected here again, under the AS
     test_binary_frame_on_a_json_connection,
     test_text_frame_on_a_msgpack_connection_is_bad_frame,
 )
+from .test_direct_ws import test_the_raw_msg_frame_reaches_each_connection_of_the_principal  # noqa: F401
 from .test_limits import (  # noqa: F401
     test_bad_token_on_websocket_is_err_unauthenticated_then_1008,
     test_bad_token_over_http_is_401,
