@@ -1421,6 +1421,18 @@ def _user(ctx: Context) -> str:
     return ctx.principal.id
 
 
+def _appended_elsewhere(node: Node, event: Event) -> bool:
+    """Whether the ``roominbox`` feed must hand ``event`` to this node's owner.
+
+    An input appended on this node (``node`` in its data) was handed to a
+    local owner in-process by :meth:`_Runtime.append` already; an owner
+    adopted later reads the inbox from the log. Queuing it for the processor
+    again cost a task hop and a second wake-up of the owner per move.
+    """
+    data = event.data
+    return not (type(data) is dict and data.get("node") == node.id)
+
+
 def install(app: App) -> Rooms:
     """Add rooms to ``app``: the ``room.*`` commands and the room streams' rules.
 
@@ -1470,7 +1482,7 @@ def install(app: App) -> Rooms:
     async def room_reply(ctx: Context, event: Event) -> None:
         rooms.runtime(ctx.node).on_reply(event)
 
-    @app.on("roominbox:*")
+    @app.on("roominbox:*", accept=_appended_elsewhere)
     async def room_input(ctx: Context, event: Event) -> None:
         rooms.runtime(ctx.node).wake(event.stream.partition(":")[2], event)
 
