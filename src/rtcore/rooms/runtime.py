@@ -215,6 +215,8 @@ class _Actor:
         self.closed = False
         self.stopped = anyio.Event()
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
+        self.parked = False  # the executor's task waits in _wait (nothing to do)
+        self.inline: anyio.Event | None = None  # a command applies an input on its own task (run_inline); set when done
         room = cls()
         room.id = room_id
         room.code = code
@@ -634,6 +636,49 @@ class _Actor:
 
     # --- the loop -------------------------------------------------------------------
 
+    async def run_inline(self, ev: Event) -> bool:
+        """Apply inbox entry ``ev`` on the caller's task if the executor is parked with nothing else to do.
+
+        The command that appended ``ev`` on the owner's node would otherwise
+        hand it to the executor's task and wait for that task to wake, apply
+        it, write the patch and wake the command again: two task switches and
+        a loop round per move (py-spy). Here the caller runs the same step
+        (:meth:`apply_entry`) while the executor's task stays parked; the
+        executor waits for it (``inline``) if it wakes meanwhile, so entries
+        are still applied one at a time, in inbox order, each patch fenced by
+        ``expect``. The step is shielded: a command cancelled halfway (its
+        client left) must not leave the state changed without its patch.
+
+        Returns:
+            Whether ``ev`` was applied here (or the attempt stopped this
+            owner); ``False``: hand it over with :meth:`push` instead.
+        """
+        if not (
+            self.parked
+            and self.inline is None
+            and ev.offset == self.applied + 1
+            and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
+            and not self.patch_every  # coalesced inputs are flushed by the executor's timer
+            and self.node.clock() - self.renewed < LEASE * 2 / 3  # else the executor renews first (_renew)
+        ):
+            return False
+        done = self.inline = anyio.Event()
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.apply_entry(ev)
+        except Exception:
+            # As in run(): an owner whose step failed (fenced off by another
+            # writer, backend down) stops; the entry is not applied
+            # (after_step unapplied it) and the next owner applies it.
+            log.warning("room %s: a step failed; stopping here", self.id, exc_info=True)
+            self.lost = True
+        finally:
+            self.inline = None
+            done.set()
+            if self.closed or self.lost:
+                self.wake.set()  # the parked executor ends its loop
+        return True
+
     def push(self, ev: Event) -> None:
         """Hand over an inbox entry in-process (appended here, or seen on the live feed)."""
         if ev.offset > self.applied:
@@ -768,12 +813,19 @@ class _Actor:
         if not self.wake.is_set():
             # The node's keeper sets ``wake`` when a fake clock moves and for the
             # fallback read; real time is the timeout of timers, ticks and patches.
-            if due is None:
-                await self.wake.wait()
-            else:
-                with anyio.move_on_after(max(0.0, due - self.node.clock())):
+            self.parked = True
+            try:
+                if due is None:
                     await self.wake.wait()
+                else:
+                    with anyio.move_on_after(max(0.0, due - self.node.clock())):
+                        await self.wake.wait()
+            finally:
+                self.parked = False
         self.wake = anyio.Event()
+        while self.inline is not None:
+            # A command is applying an input on its own task (run_inline): one step at a time.
+            await self.inline.wait()
 
 
 def _plain(value: Any) -> Any:
@@ -1099,14 +1151,21 @@ class _Runtime:
 
     async def append(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], actor: _Actor | None) -> Event:
         """Append an input to the room's inbox (idempotent per command key); hand it to a local owner."""
-        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+        ev = await self._input(ctx, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             actor.push(ev)
         return ev
 
+    async def _input(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
+        """Append an input to ``roominbox:{room_id}`` (keyed by the command's idempotency key)."""
+        return await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+
     async def finish(self, room_id: str, kind: str, uid: str, offset: int, actor: _Actor | None) -> Any:
         """Await an appended input's result (raise its error)."""
-        entry = await self._await(room_id, offset, actor)
+        return self._finished(room_id, kind, uid, await self._await(room_id, offset, actor))
+
+    def _finished(self, room_id: str, kind: str, uid: str, entry: _Entry) -> Any:
+        """An applied input's result (raise its error)."""
         if entry.error is not None:
             raise entry.error
         if kind in ("join", "create"):
@@ -1126,7 +1185,16 @@ class _Runtime:
         """
         if actor is None:
             actor = await self.local(room_id)
-        ev = await self.append(ctx, room_id, kind, uid, data, actor)
+        ev = await self._input(ctx, room_id, kind, uid, data)
+        if actor is not None and not actor.closed:
+            # A local owner with nothing else to do applies it on this task (run_inline).
+            if await actor.run_inline(ev):
+                # Read here: the step may have closed the owner (dispose), after which _await looks elsewhere.
+                entry = actor.results.get(ev.offset)
+                if entry is not None:
+                    return self._finished(room_id, kind, uid, entry)
+            else:
+                actor.push(ev)
         return await self.finish(room_id, kind, uid, ev.offset, actor)
 
     async def _await(self, room_id: str, offset: int, actor: _Actor | None) -> _Entry:
