@@ -263,7 +263,7 @@ class _Actor:
             old = self.prev.get(key)
             if value is old and key == "members":
                 continue
-            ops += ([op[0], [key, *op[1]], *op[2:]] for op in patch.diff(old, value))
+            ops += patch.diff(old, value, [key])
         return ops
 
     def _durable_timers(self) -> list[list[Any]]:
