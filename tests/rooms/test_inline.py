@@ -303,3 +303,48 @@ async def test_an_input_behind_a_gap_goes_to_the_executor() -> None:
         await reg.settle(node, rid)
         st = (await node.state_of(f"room:{rid}")).state
         assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+
+
+class Meta(msgspec.Struct):
+    n: int = 0
+
+
+async def test_room_section_changes_reach_the_document() -> None:
+    """The ``room`` section is reused (and not diffed) while nothing in it changed; a change
+    of metadata, even ``1`` to ``1.0`` (equal in Python, not on the wire), or of the lock
+    is still patched into every follower's document.
+
+    Mutation seen caught: leave metadata and timers out of ``_Actor._room_doc``'s key
+    (compare only lock, private, disposed) → the metadata changes are never published →
+    fails; compare them with ``==`` instead of as MessagePack → ``1`` → ``1.0`` is lost → fails.
+    """
+    app = rtcore.App("room-section")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("meta")
+    class MetaRoom(rooms.Room[Meta]):
+        @rooms.message("set")
+        async def set(self, player: rooms.Player, data: Any) -> None:
+            if data == "lock":
+                self.lock()
+            else:
+                self.metadata["level"] = data
+            self.state.n += 1
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "meta"})
+        rid = created.result["room_id"]
+        for value, want in ((1, 1), (1.0, 1.0), ("lock", None)):
+            assert (await node.dispatch(who, "room.send", {"room_id": rid, "type": "set", "data": value})).ok
+            await reg.settle(node, rid)
+            st = (await node.state_of(f"room:{rid}")).state
+            assert isinstance(st, RoomDoc)
+            if want is not None:
+                got = st.room["metadata"]["level"]
+                assert got == want and type(got) is type(want)
+        assert st.room["locked"] is True and st.state["n"] == 3
