@@ -348,3 +348,32 @@ async def test_room_section_changes_reach_the_document() -> None:
                 got = st.room["metadata"]["level"]
                 assert got == want and type(got) is type(want)
         assert st.room["locked"] is True and st.state["n"] == 3
+
+
+async def test_a_fenced_off_inline_step_stops_the_owner_and_the_input_lands_once() -> None:
+    """Another writer appended to ``room:{id}`` behind the owner's back: the next inline step's
+    patch is fenced off (``expect``), this owner stops without applying the input, and the
+    command is answered by the room's next owner (adopted here), which applies it once.
+
+    Mutation seen caught: let the failure propagate out of ``run_inline`` → the command
+    answers an error instead of its result → fails. (Dropping only ``self.lost = True``
+    is not caught, and need not be: the woken executor retries the input, meets the same
+    fence and stops in ``run``, with the same outcome one step later.)
+    """
+    app, reg, _inside, _gate = gated_app()
+    async with serve(app) as node:
+        a = rtcore.Principal("a")
+        created = await node.dispatch(a, "room.create", {"type": "gated"})
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        first = reg.runtime(node).actors[rid]
+        await node.backend.events.append(f"room:{rid}", "msg", {"room": rid, "type": "x", "data": None}, now=node.clock())
+        with anyio.fail_after(10):
+            reply = await node.dispatch(a, "room.send", {"room_id": rid, "type": "add", "data": "go"})
+        assert reply.ok and reply.result == 1, reply
+        assert first.closed
+        second = reg.runtime(node).actors[rid]
+        assert second is not first
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 1

@@ -686,9 +686,9 @@ class _Actor:
             with anyio.CancelScope(shield=True):
                 await self.apply_entry(ev)
         except Exception:
-            # As in run(): an owner whose step failed (fenced off by another
-            # writer, backend down) stops; the entry is not applied
-            # (after_step unapplied it) and the next owner applies it.
+            # An owner whose step failed (fenced off by another writer, backend
+            # down) stops, as run() does when fenced off; the entry is not
+            # applied (after_step unapplied it) and the next owner applies it.
             log.warning("room %s: a step failed; stopping here", self.id, exc_info=True)
             self.lost = True
         finally:
