@@ -20,7 +20,6 @@ older checkout's ``src/``), alternating which goes first. Writes
 ``benchmarks/results/rooms-inproc-<date>.json`` and prints the medians.
 """
 
-from __future__ import annotations
 
 import argparse
 import json
