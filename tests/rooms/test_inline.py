@@ -239,7 +239,7 @@ async def test_a_second_command_does_not_step_while_an_inline_step_finishes() ->
     """An inline step that is still publishing the room's listing (after its patch) keeps
     the room: the next command's input waits for it instead of stepping alongside.
 
-    Mutation seen caught: drop ``self.inline is None`` from ``run_inline``'s condition → the
+    Mutation seen caught: drop ``not self.inline`` from ``run_inline``'s condition → the
     second command steps the room while the first is still in its step and answers first
     → fails.
     """

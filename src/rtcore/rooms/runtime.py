@@ -219,7 +219,8 @@ class _Actor:
         self.stopped = anyio.Event()
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
         self.parked = False  # the executor's task waits in _wait (nothing to do)
-        self.inline: anyio.Event | None = None  # a command applies an input on its own task (run_inline); set when done
+        self.inline = False  # a command applies an input on its own task (run_inline)
+        self.inline_done: anyio.Event | None = None  # made by an executor that waits for that step; set when done
         room = cls()
         room.id = room_id
         room.code = code
@@ -674,14 +675,14 @@ class _Actor:
         """
         if not (
             self.parked
-            and self.inline is None
+            and not self.inline
             and ev.offset == self.applied + 1
             and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
             and not self.patch_every  # coalesced inputs are flushed by the executor's timer
             and self.node.clock() - self.renewed < LEASE * 2 / 3  # else the executor renews first (_renew)
         ):
             return False
-        done = self.inline = anyio.Event()
+        self.inline = True
         try:
             with anyio.CancelScope(shield=True):
                 await self.apply_entry(ev)
@@ -692,8 +693,10 @@ class _Actor:
             log.warning("room %s: a step failed; stopping here", self.id, exc_info=True)
             self.lost = True
         finally:
-            self.inline = None
-            done.set()
+            self.inline = False
+            if self.inline_done is not None:
+                self.inline_done.set()
+                self.inline_done = None
             if self.closed or self.lost:
                 self.wake.set()  # the parked executor ends its loop
         return True
@@ -842,9 +845,11 @@ class _Actor:
             finally:
                 self.parked = False
         self.wake = anyio.Event()
-        while self.inline is not None:
+        while self.inline:
             # A command is applying an input on its own task (run_inline): one step at a time.
-            await self.inline.wait()
+            if self.inline_done is None:
+                self.inline_done = anyio.Event()  # made only when needed: most steps find the executor asleep
+            await self.inline_done.wait()
 
 
 def _plain(value: Any) -> Any:
