@@ -246,6 +246,62 @@ async def test_processors_run_and_dead_letter() -> None:
         assert attempts.count(2) == 2
 
 
+async def test_processor_accept_filters_the_feed_before_the_queue() -> None:
+    """``@app.on(pattern, accept=...)``: the handler gets only the events that
+    ``accept(node, event)`` lets through, in order; other processors still get every event.
+
+    Mutation seen caught: ignore ``spec.accept`` in ``Processors.on_event`` → the handler
+    gets the refused events too → fails.
+    """
+    app = rtcore.App()
+    kept: list[int] = []
+    every: list[int] = []
+    asked: list[object] = []
+
+    def keep(node: object, event: rtcore.Event) -> bool:
+        asked.append(node)
+        return event.data != "skip"
+
+    @app.on("orders:*", accept=keep)
+    async def filtered(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        kept.append(event.offset)
+
+    @app.on("orders:*")
+    async def unfiltered(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        every.append(event.offset)
+
+    with pytest.raises(ValueError):
+        app.on("orders:*", group="g", accept=keep)
+    async with serve(app) as node:
+        for data in ["a", "skip", "b", "skip", "c"]:
+            await node.publish("orders:1", "new", data)
+        with anyio.fail_after(5):
+            while len(every) < 5 or len(kept) < 3:
+                await anyio.sleep(0.01)
+        assert every == [1, 2, 3, 4, 5]
+        assert kept == [1, 3, 5]
+        assert asked and all(n is node for n in asked)
+
+
+def test_retention_and_state_lookups_see_later_declarations() -> None:
+    """``retention_for``/``state_for`` remember their answer per stream; a declaration made
+    after a stream was looked up is still seen.
+
+    Mutation seen caught: drop the length check in ``App._cache`` → the remembered ``None``
+    is answered after the declaration → fails.
+    """
+    app = rtcore.App()
+    assert app.retention_for("logs:1") is None
+    assert app.state_for("logs:1") is None
+    app.retention("logs:*", max_events=5)
+    app.state("logs:*", Room)
+    rule = app.retention_for("logs:1")
+    assert rule is not None and rule.max_events == 5
+    spec = app.state_for("logs:1")
+    assert spec is not None and spec.type is Room
+    assert app.retention_for("other:1") is None and app.state_for("other:1") is None
+
+
 async def test_token_expiry_refresh_and_close() -> None:
     clock = FakeClock(1000.0)
     async with serve(make_app(), clock=clock, limits=rtcore.Limits(idle_timeout=1e9), token_grace=5) as node:

@@ -96,6 +96,26 @@ def test_check_stream_raises_only_bad_stream(name: str) -> None:
         assert ":" in name and len(name.encode()) <= MAX_STREAM_NAME
 
 
+@given(st.text(max_size=30))
+def test_check_stream_answers_the_same_every_time(name: str) -> None:
+    """``check_stream`` remembers the names it accepted (a publish checks its stream's name
+    every time): asking again answers as the first time, and a refused name is refused
+    every time, never remembered.
+
+    Mutation seen caught: remember the name before validating it (``_VALID_NAMES[name] =
+    None`` ahead of ``_check_stream``) → the second check of a bad name passes → fails.
+    """
+    answers = []
+    for _ in range(2):
+        try:
+            check_stream(name)
+        except RtcoreError as exc:
+            answers.append(exc.code)
+        else:
+            answers.append("ok")
+    assert answers[0] == answers[1]
+
+
 @given(stream_names())
 def test_strategy_stream_names_are_valid(name: str) -> None:
     check_stream(name)

@@ -37,6 +37,27 @@ def test_apply_of_diff_gives_new(old: Any, new: Any) -> None:
     assert checksum(got) == checksum(new)
 
 
+@given(docs, docs, st.lists(st.text(max_size=3), min_size=1, max_size=3))
+def test_diff_at_a_path_patches_the_part_of_a_larger_document(old: Any, new: Any, path: list[str]) -> None:
+    """``diff(old, new, path)``: the ops turn a document holding ``old`` at ``path`` into the
+    same document holding ``new`` there (rooms diff each section of the document this way).
+
+    Mutation seen caught: ignore ``path`` in ``diff`` (start ``_diff`` at ``[]``) → the
+    ops land at the root → fails.
+    """
+    def nest(value: Any) -> Any:
+        doc: Any = value
+        for key in reversed(path):
+            doc = {key: doc, "other": 1}
+        return doc
+
+    ops = diff(old, new, path)
+    assert all(op[1][: len(path)] == path for op in ops)
+    got = apply(nest(copy.deepcopy(old)), ops)
+    assert got == nest(new)
+    assert checksum(got) == checksum(nest(new))
+
+
 @given(docs, docs)
 def test_patch_survives_the_wire(old: Any, new: Any) -> None:
     """A client that receives the ops over JSON and MessagePack gets the same document and checksum."""

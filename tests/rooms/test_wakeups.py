@@ -61,6 +61,38 @@ async def test_local_inputs_and_idle_time_cost_no_inbox_read() -> None:
         assert not await node.backend.leases.acquire(f"room:{rid}", "someone-else", now=clock(), ttl=LEASE)
 
 
+async def test_local_inputs_are_not_fed_to_the_inbox_processor() -> None:
+    """An input appended on the owner's node reaches the owner in-process only: the
+    ``roominbox:*`` processor is not fed it (no queue and task hop, no second wake-up of
+    the owner per move). An entry appended without this node's id still is.
+
+    Mutation seen caught: register ``room_input`` without ``accept`` → ``_Runtime.wake`` is
+    called for each of the five inputs → fails.
+    """
+    app, reg = make_app(tick_rate=None)
+    async with serve(app) as node, connect(node, "a") as a:
+        room = await a.command("room.create", {"type": "game"})
+        rid = room["room_id"]
+        await reg.settle(node, rid)
+        rt = reg.runtime(node)
+        woken: list[str] = []
+        wake = rt.wake
+
+        def counting(room_id: str, event: Any = None) -> None:
+            woken.append(room_id)
+            wake(room_id, event)
+
+        rt.wake = counting  # type: ignore[method-assign]
+        for i in range(5):
+            assert await a.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}) == i + 1
+        # Processors take the feed in order: once this marker arrives, the inputs before it were handled or filtered.
+        await node.publish("roominbox:marker", "noop", {})
+        with anyio.fail_after(5):
+            while "marker" not in woken:
+                await anyio.sleep(0.01)
+        assert woken == ["marker"]
+
+
 async def test_patch_rate_coalesces_messages_into_one_patch() -> None:
     """With ``patch_rate``, the changes of messages between two flushes go out as ONE patch,
     and each sender's ``room.send`` returns only after that patch is written.

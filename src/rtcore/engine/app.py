@@ -31,7 +31,7 @@ import typing
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
@@ -58,6 +58,10 @@ __all__ = [
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Streams whose retention/state answer an App remembers (see App._cache).
+_LOOKUPS_KEPT = 8192
+_MISSING: Any = object()
 
 #: A lifespan factory: called with the starting node, returns an async context
 #: manager whose ``__aenter__`` is the startup (it may return a mapping of
@@ -99,6 +103,9 @@ class ProcessorSpec:
     group: str | None = None
     max_attempts: int = 5
     idle_timeout: float = 30.0
+    #: Local processors only: ``accept(node, event)``, called in the node's feed
+    #: (synchronously, must not raise); an event it refuses is not queued.
+    accept: Callable[[Any, Event], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +273,8 @@ class App(Router):
         self.pages: dict[str, tuple[str, bytes]] = {}
         self.routes: dict[str, RouteSpec] = {}
         self.presences: list[PresenceSpec] = []
+        # Answers of retention_for/state_for per stream (see _cache).
+        self._lookups: dict[str, tuple[int, dict[str, Any]]] = {}
         #: Extra sections of the admin page's data: ``name -> async fn(node)``.
         self.admin_sections: dict[str, Callable[[Any], Awaitable[Any]]] = {}
 
@@ -389,7 +398,13 @@ class App(Router):
         return fn
 
     def on(
-        self, pattern: str, *, group: str | None = None, max_attempts: int = 5, idle_timeout: float = 30.0
+        self,
+        pattern: str,
+        *,
+        group: str | None = None,
+        max_attempts: int = 5,
+        idle_timeout: float = 30.0,
+        accept: Callable[[Any, Event], bool] | None = None,
     ) -> Callable[[F], F]:
         """Register ``async def processor(ctx, event)`` for streams matching ``pattern``.
 
@@ -415,19 +430,27 @@ class App(Router):
             idle_timeout: Seconds an unacknowledged event may stay with one
                 member before another claims it; keep it well above the
                 slowest handler run.
+            accept: Local processors only: ``accept(node, event) -> bool``,
+                called synchronously in the node's feed for each matching
+                event; an event it refuses is never queued for the handler
+                (a cheap filter that saves the queue and the task hop). It
+                must be fast and must not raise.
 
         Raises:
-            ValueError: the group name is already used by another processor.
+            ValueError: the group name is already used by another processor,
+                or ``accept`` is given with ``group``.
         """
         if max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
         if idle_timeout <= 0:
             raise ValueError("idle_timeout must be > 0")
+        if group is not None and accept is not None:
+            raise ValueError("accept filters a local processor's feed; a group processor has none")
         if group is not None and any(p.group == group for p in self.processors):
             raise ValueError(f"consumer group {group!r} is already used by another processor")
 
         def register(fn: F) -> F:
-            self.processors.append(ProcessorSpec(pattern, fn, group, max_attempts, idle_timeout))
+            self.processors.append(ProcessorSpec(pattern, fn, group, max_attempts, idle_timeout, accept))
             return fn
 
         return register
@@ -484,6 +507,13 @@ class App(Router):
 
     def retention_for(self, stream: str) -> Retention | None:
         """The retention rule of ``stream``, if any."""
+        cache = self._cache("retention", self.retentions)
+        got = cache.get(stream, _MISSING)
+        if got is _MISSING:
+            got = cache[stream] = self._retention_for(stream)
+        return cast("Retention | None", got)
+
+    def _retention_for(self, stream: str) -> Retention | None:
         for pattern, rule in self.retentions:
             if matches(pattern, stream):
                 return rule
@@ -491,10 +521,31 @@ class App(Router):
 
     def state_for(self, stream: str) -> StateSpec | None:
         """The state declaration of ``stream``, if any."""
+        cache = self._cache("state", self.states)
+        got = cache.get(stream, _MISSING)
+        if got is _MISSING:
+            got = cache[stream] = self._state_for(stream)
+        return cast("StateSpec | None", got)
+
+    def _state_for(self, stream: str) -> StateSpec | None:
         for spec in self.states:
             if matches(spec.pattern, stream):
                 return spec
         return None
+
+    def _cache(self, kind: str, rules: list[Any]) -> dict[str, Any]:
+        """The remembered answers of ``kind`` per stream, valid while ``rules`` keeps its length.
+
+        Every append asks for its stream's retention and every dispatched
+        event for its state, each a glob match per declaration: a measurable
+        share of a room move (py-spy). Declarations are only ever appended
+        (at setup), so a list of the same length gives the same answers;
+        bounded, cleared when full.
+        """
+        cache = self._lookups.get(kind)
+        if cache is None or cache[0] != len(rules) or len(cache[1]) >= _LOOKUPS_KEPT:
+            cache = self._lookups[kind] = (len(rules), {})
+        return cache[1]
 
 
 class Context:

@@ -40,7 +40,7 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and bool(a == b)
 
 
-def diff(old: Any, new: Any) -> list[Op]:
+def diff(old: Any, new: Any, path: list[Any] | None = None) -> list[Op]:
     """The ops that turn ``old`` into ``new`` (both builtins).
 
     Maps are compared key by key and lists index by index (then items are
@@ -50,12 +50,14 @@ def diff(old: Any, new: Any) -> list[Op]:
     Args:
         old: The document before.
         new: The document after.
+        path: Where ``old`` and ``new`` sit in a larger document: every op's
+            path starts with it (default: they are the whole document).
 
     Returns:
         The ops, in the order they must be applied (empty: nothing changed).
     """
     ops: list[Op] = []
-    _diff(old, new, [], ops)
+    _diff(old, new, list(path) if path else [], ops)
     return ops
 
 

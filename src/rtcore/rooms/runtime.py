@@ -73,6 +73,7 @@ FALLBACK_READ = 30.0
 #: How often one node looks for rooms whose owner died (seconds).
 SUPERVISE_EVERY = 2.0
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+_pack = msgspec.msgpack.Encoder().encode
 
 
 class RoomDoc(msgspec.Struct):
@@ -182,6 +183,8 @@ class _Actor:
         self.members: dict[str, _Member] = {}
         self._members_sig: list[tuple[str, bool, float | None]] | None = None
         self._members_cache: dict[str, Any] = {}
+        self._room_key: tuple[Any, ...] | None = None
+        self._room_cache: dict[str, Any] = {}
         self.locked = False
         self.disposed = False
         self.dispose_requested = False
@@ -218,6 +221,9 @@ class _Actor:
         self.closed = False
         self.stopped = anyio.Event()
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
+        self.parked = False  # the executor's task waits in _wait (nothing to do)
+        self.inline = False  # a command applies an input on its own task (run_inline)
+        self.inline_done: anyio.Event | None = None  # made by an executor that waits for that step; set when done
         room = cls()
         room.id = room_id
         room.code = code
@@ -235,19 +241,35 @@ class _Actor:
         return {
             "state": {k: v for k, v in full.items() if k not in private} if private else full,
             "members": self._members_doc(),
-            "room": {
+            "room": self._room_doc(),
+            "inbox": self.applied,
+        }
+
+    def _room_doc(self) -> dict[str, Any]:
+        """``room`` as builtins; the same object as last time when nothing in it changed (so it is not diffed).
+
+        Diffing this section field by field on every move was a third of the
+        diff's work (cProfile). The comparison key holds the variable parts,
+        metadata and timers as MessagePack bytes, which tell ``1`` from
+        ``1.0`` and ``True`` (``==`` does not, and a patch must).
+        """
+        metadata = state_builtins(self.room.metadata)
+        timers = self._durable_timers()
+        key = (self.locked, self.private, self.disposed, _pack((metadata, timers)))
+        if key != self._room_key:
+            self._room_key = key
+            self._room_cache = {
                 "id": self.id,
                 "type": self.rt.types_by_cls[self.cls],
                 "code": self.code,
                 "max_clients": self.cls.max_clients,
                 "locked": self.locked,
                 "private": self.private,
-                "metadata": state_builtins(self.room.metadata),
+                "metadata": metadata,
                 "disposed": self.disposed,
-                "timers": self._durable_timers(),
-            },
-            "inbox": self.applied,
-        }
+                "timers": timers,
+            }
+        return self._room_cache
 
     def _members_doc(self) -> dict[str, Any]:
         """``members`` as builtins; the same object as last time when no seat changed (so it is not diffed)."""
@@ -258,13 +280,13 @@ class _Actor:
         return self._members_cache
 
     def _diff(self, new: dict[str, Any]) -> list[patch.Op]:
-        """``patch.diff(self.prev, new)``, skipping ``members`` when it is the object published last time."""
+        """``patch.diff(self.prev, new)``, skipping ``members`` and ``room`` when they are the objects published last time."""
         ops: list[patch.Op] = []
         for key, value in new.items():
             old = self.prev.get(key)
-            if value is old and key == "members":
+            if value is old and (key == "members" or key == "room"):
                 continue
-            ops += ([op[0], [key, *op[1]], *op[2:]] for op in patch.diff(old, value))
+            ops += patch.diff(old, value, [key])
         return ops
 
     def _durable_timers(self) -> list[list[Any]]:
@@ -641,6 +663,51 @@ class _Actor:
 
     # --- the loop -------------------------------------------------------------------
 
+    async def run_inline(self, ev: Event) -> bool:
+        """Apply inbox entry ``ev`` on the caller's task if the executor is parked with nothing else to do.
+
+        The command that appended ``ev`` on the owner's node would otherwise
+        hand it to the executor's task and wait for that task to wake, apply
+        it, write the patch and wake the command again: two task switches and
+        a loop round per move (py-spy). Here the caller runs the same step
+        (:meth:`apply_entry`) while the executor's task stays parked; the
+        executor waits for it (``inline``) if it wakes meanwhile, so entries
+        are still applied one at a time, in inbox order, each patch fenced by
+        ``expect``. The step is shielded: a command cancelled halfway (its
+        client left) must not leave the state changed without its patch.
+
+        Returns:
+            Whether ``ev`` was applied here (or the attempt stopped this
+            owner); ``False``: hand it over with :meth:`push` instead.
+        """
+        if not (
+            self.parked
+            and not self.inline
+            and ev.offset == self.applied + 1
+            and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
+            and not self.patch_every  # coalesced inputs are flushed by the executor's timer
+            and self.node.clock() - self.renewed < LEASE * 2 / 3  # else the executor renews first (_renew)
+        ):
+            return False
+        self.inline = True
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.apply_entry(ev)
+        except Exception:
+            # An owner whose step failed (fenced off by another writer, backend
+            # down) stops, as run() does when fenced off; the entry is not
+            # applied (after_step unapplied it) and the next owner applies it.
+            log.warning("room %s: a step failed; stopping here", self.id, exc_info=True)
+            self.lost = True
+        finally:
+            self.inline = False
+            if self.inline_done is not None:
+                self.inline_done.set()
+                self.inline_done = None
+            if self.closed or self.lost:
+                self.wake.set()  # the parked executor ends its loop
+        return True
+
     def push(self, ev: Event) -> None:
         """Hand over an inbox entry in-process (appended here, or seen on the live feed)."""
         if ev.offset > self.applied:
@@ -775,12 +842,21 @@ class _Actor:
         if not self.wake.is_set():
             # The node's keeper sets ``wake`` when a fake clock moves and for the
             # fallback read; real time is the timeout of timers, ticks and patches.
-            if due is None:
-                await self.wake.wait()
-            else:
-                with anyio.move_on_after(max(0.0, due - self.node.clock())):
+            self.parked = True
+            try:
+                if due is None:
                     await self.wake.wait()
+                else:
+                    with anyio.move_on_after(max(0.0, due - self.node.clock())):
+                        await self.wake.wait()
+            finally:
+                self.parked = False
         self.wake = anyio.Event()
+        while self.inline:
+            # A command is applying an input on its own task (run_inline): one step at a time.
+            if self.inline_done is None:
+                self.inline_done = anyio.Event()  # made only when needed: most steps find the executor asleep
+            await self.inline_done.wait()
 
 
 def _plain(value: Any) -> Any:
@@ -1106,14 +1182,21 @@ class _Runtime:
 
     async def append(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], actor: _Actor | None) -> Event:
         """Append an input to the room's inbox (idempotent per command key); hand it to a local owner."""
-        ev = await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+        ev = await self._input(ctx, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             actor.push(ev)
         return ev
 
+    async def _input(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
+        """Append an input to ``roominbox:{room_id}`` (keyed by the command's idempotency key)."""
+        return await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+
     async def finish(self, room_id: str, kind: str, uid: str, offset: int, actor: _Actor | None) -> Any:
         """Await an appended input's result (raise its error)."""
-        entry = await self._await(room_id, offset, actor)
+        return self._finished(room_id, kind, uid, await self._await(room_id, offset, actor))
+
+    def _finished(self, room_id: str, kind: str, uid: str, entry: _Entry) -> Any:
+        """An applied input's result (raise its error)."""
         if entry.error is not None:
             raise entry.error
         if kind in ("join", "create"):
@@ -1133,7 +1216,16 @@ class _Runtime:
         """
         if actor is None:
             actor = await self.local(room_id)
-        ev = await self.append(ctx, room_id, kind, uid, data, actor)
+        ev = await self._input(ctx, room_id, kind, uid, data)
+        if actor is not None and not actor.closed:
+            # A local owner with nothing else to do applies it on this task (run_inline).
+            if await actor.run_inline(ev):
+                # Read here: the step may have closed the owner (dispose), after which _await looks elsewhere.
+                entry = actor.results.get(ev.offset)
+                if entry is not None:
+                    return self._finished(room_id, kind, uid, entry)
+            else:
+                actor.push(ev)
         return await self.finish(room_id, kind, uid, ev.offset, actor)
 
     async def _await(self, room_id: str, offset: int, actor: _Actor | None) -> _Entry:
@@ -1426,6 +1518,18 @@ def _user(ctx: Context) -> str:
     return ctx.principal.id
 
 
+def _appended_elsewhere(node: Node, event: Event) -> bool:
+    """Whether the ``roominbox`` feed must hand ``event`` to this node's owner.
+
+    An input appended on this node (``node`` in its data) was handed to a
+    local owner in-process by :meth:`_Runtime.append` already; an owner
+    adopted later reads the inbox from the log. Queuing it for the processor
+    again cost a task hop and a second wake-up of the owner per move.
+    """
+    data = event.data
+    return not (type(data) is dict and data.get("node") == node.id)
+
+
 def install(app: App) -> Rooms:
     """Add rooms to ``app``: the ``room.*`` commands and the room streams' rules.
 
@@ -1474,7 +1578,7 @@ def install(app: App) -> Rooms:
     async def room_reply(ctx: Context, event: Event) -> None:
         rooms.runtime(ctx.node).on_reply(event)
 
-    @app.on("roominbox:*")
+    @app.on("roominbox:*", accept=_appended_elsewhere)
     async def room_input(ctx: Context, event: Event) -> None:
         rooms.runtime(ctx.node).wake(event.stream.partition(":")[2], event)
 

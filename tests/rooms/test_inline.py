@@ -1,0 +1,379 @@
+"""The owner's fast path: a command on the owner's node applies its input on its own task.
+
+``_Actor.run_inline`` (see rtcore/rooms/runtime.py) lets the command that
+appended an input run the executor's step itself when the executor is parked
+with nothing else to do, instead of handing the input over and waiting for
+the executor's task. These tests pin that the path is taken, and that it
+keeps what the executor guarantees: one step at a time in inbox order, each
+input applied once, and a step finished (patch written) even when the command
+that runs it is cancelled halfway.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import msgspec
+import pytest
+
+import rtcore
+from rtcore import rooms
+from rtcore.rooms.runtime import RoomDoc
+from rtcore.testing import connect, serve
+
+from .roomapp import make_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_local_input_is_applied_on_the_commands_task() -> None:
+    """On an idle room, a move from a client of the owner's node is applied by the command
+    itself: nothing is handed to the executor's task.
+
+    Mutation seen caught: make ``run_inline`` return ``False`` at once → each input goes
+    through ``_Actor.push`` → fails.
+    """
+    app, reg = make_app(tick_rate=None)
+    async with serve(app) as node, connect(node, "a") as a:
+        room = await a.command("room.create", {"type": "game"})
+        rid = room["room_id"]
+        await reg.settle(node, rid)
+        actor = reg.runtime(node).actors[rid]
+        pushed: list[int] = []
+        push = actor.push
+
+        def counting(ev: Any) -> None:
+            pushed.append(ev.offset)
+            push(ev)
+
+        actor.push = counting  # type: ignore[method-assign]
+        for i in range(5):
+            await reg.settle(node, rid)  # the executor is parked again before each move
+            assert await a.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}) == i + 1
+        assert pushed == []
+
+
+class Count(msgspec.Struct):
+    counter: int = 0
+
+
+def counting_app() -> tuple[rtcore.App, rooms.Rooms]:
+    app = rtcore.App("inline-count")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("count")
+    class CountRoom(rooms.Room[Count]):
+        max_clients = 8
+
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            # Yields halfway: two steps running at once would lose an update.
+            before = self.state.counter
+            await anyio.lowlevel.checkpoint()
+            self.state.counter = before + 1
+            return self.state.counter
+
+    return app, reg
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+async def test_concurrent_inputs_are_applied_once_each_in_inbox_order(backend: str, tmp_path: Path) -> None:
+    """Many clients joining and sending at once (some inputs run inline, the others wait
+    for the executor), with a handler that yields halfway and a backend whose appends
+    yield (sqlite): every input is applied exactly once and the patches of ``room:{id}``
+    cover the inbox in order. This is the end-to-end check under load; each interleaving
+    it may or may not hit is pinned deterministically, with its mutation, by the tests
+    below (no single mutation of those was seen to fail this one on its own).
+    """
+    app, reg = counting_app()
+    url = "memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'rooms.db'}"
+    async with serve(app, url) as node:
+        async with connect(node, "p0") as c0:
+            room = await c0.command("room.create", {"type": "count"})
+            rid = room["room_id"]
+            results: list[int] = []
+
+            async def player(i: int) -> None:
+                async with connect(node, f"p{i}") as c:
+                    if i:
+                        await c.command("room.join", {"room_id": rid})
+                    for _ in range(10):
+                        results.append(await c.command("room.send", {"room_id": rid, "type": "add"}))
+
+            with anyio.fail_after(60):
+                async with anyio.create_task_group() as tg:
+                    for i in range(6):
+                        tg.start_soon(player, i)
+            assert sorted(results) == list(range(1, 61))
+            await reg.settle(node, rid)
+            actor = reg.runtime(node).actors[rid]
+            assert not actor.closed  # no step was fenced off
+            page = await node.backend.events.read(f"room:{rid}", after=0, limit=1000)
+            covered = [e.data["inbox"] for e in page.events if e.type == "patch"]
+            assert covered == sorted(set(covered))
+            inbox = (await node.backend.events.info(f"roominbox:{rid}")).head
+            assert actor.applied == inbox == covered[-1]
+            st = (await node.state_of(f"room:{rid}")).state
+            assert isinstance(st, RoomDoc) and st.state["counter"] == 60
+
+
+class Slow(msgspec.Struct):
+    counter: int = 0
+
+
+async def test_a_cancelled_command_still_finishes_its_step() -> None:
+    """A command cancelled while its input runs inline (its client left mid-move) still
+    finishes the step: the input is applied once and its patch written, and the room goes on.
+
+    Mutation seen caught: drop the ``CancelScope(shield=True)`` around ``apply_entry`` in
+    ``run_inline`` → the handler's change stays without its patch and the executor
+    applies the input again from the log → the counter ends at 3, not 2 → fails.
+    """
+    app = rtcore.App("inline-cancel")
+    reg = rooms.install(app)
+    inside = anyio.Event()
+    gate = anyio.Event()
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("slow")
+    class SlowRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            self.state.counter += 1
+            if data == "wait":
+                inside.set()
+                await gate.wait()
+            return self.state.counter
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "slow"})
+        assert created.ok
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(node.dispatch, who, "room.send", {"room_id": rid, "type": "add", "data": "wait"})
+                await inside.wait()
+                tg.cancel_scope.cancel()  # the command is cancelled inside the handler
+                gate.set()  # (no checkpoint in between) the handler may go on
+            second = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": "go"})
+        assert second.ok and second.result == 2
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+        assert st.inbox == (await node.backend.events.info(f"roominbox:{rid}")).head
+
+
+def gated_app() -> tuple[rtcore.App, rooms.Rooms, anyio.Event, anyio.Event]:
+    """A room whose ``add`` with data ``"wait"`` counts, then waits for ``gate``."""
+    app = rtcore.App("inline-gated")
+    reg = rooms.install(app)
+    inside = anyio.Event()
+    gate = anyio.Event()
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("gated")
+    class GatedRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            self.state.counter += 1
+            if data == "wait":
+                inside.set()
+                await gate.wait()
+            return self.state.counter
+
+    return app, reg, inside, gate
+
+
+async def test_an_input_arriving_during_an_inline_step_waits_for_it() -> None:
+    """While a command runs a step inline (its handler is awaiting), a second input wakes
+    the executor; the executor waits for the inline step before applying anything.
+
+    Mutation seen caught: drop the ``while self.inline`` wait in ``_Actor._wait`` → the
+    woken executor reads the inbox and applies the first input a second time → the
+    counter ends at 3, not 2 → fails.
+    """
+    app, reg, inside, gate = gated_app()
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "gated"})
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        actor = reg.runtime(node).actors[rid]
+        replies: dict[str, Any] = {}
+
+        async def send(name: str, data: str) -> None:
+            replies[name] = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": data})
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send, "first", "wait")
+                await inside.wait()  # the first input's step is running on its command's task
+                tg.start_soon(send, "second", "go")
+                while actor.parked:  # the second input woke the executor
+                    await anyio.sleep(0.01)
+                for _ in range(10):
+                    await anyio.lowlevel.checkpoint()  # room for a wrong executor to step now
+                gate.set()
+        assert replies["first"].result == 1 and replies["second"].result == 2
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+
+
+async def test_a_second_command_does_not_step_while_an_inline_step_finishes() -> None:
+    """An inline step that is still publishing the room's listing (after its patch) keeps
+    the room: the next command's input waits for it instead of stepping alongside.
+
+    Mutation seen caught: drop ``not self.inline`` from ``run_inline``'s condition → the
+    second command steps the room while the first is still in its step and answers first
+    → fails.
+    """
+    app, reg, _inside, _gate = gated_app()
+    async with serve(app) as node:
+        a, b = rtcore.Principal("a"), rtcore.Principal("b")
+        created = await node.dispatch(a, "room.create", {"type": "gated"})
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        listing = anyio.Event()
+        held = anyio.Event()
+        publish = node.publish
+
+        async def holding(stream: str, *args: Any, **kwargs: Any) -> Any:
+            if stream.startswith("roomindex:") and not held.is_set():
+                held.set()  # the join's step is in its listing publish, after its patch
+                await listing.wait()
+            return await publish(stream, *args, **kwargs)
+
+        node.publish = holding  # type: ignore[method-assign]
+        done: list[str] = []
+
+        async def run(name: str, who: rtcore.Principal, command: str, args: dict[str, Any]) -> None:
+            reply = await node.dispatch(who, command, args)
+            assert reply.ok, reply
+            done.append(name)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "join", b, "room.join", {"room_id": rid})
+                await held.wait()
+                tg.start_soon(run, "send", a, "room.send", {"room_id": rid, "type": "add", "data": "go"})
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()  # room for a wrong second command to finish first
+                listing.set()
+        assert done == ["join", "send"]
+
+
+async def test_an_input_behind_a_gap_goes_to_the_executor() -> None:
+    """An input appended on another node that this node's feed has not handed over yet
+    leaves a gap in front of the next local input: that input is not run inline but
+    handed to the executor, which reads the gap from the log and applies both in order.
+
+    Mutation seen caught: drop ``ev.offset == self.applied + 1`` from ``run_inline``'s
+    condition → the local input is applied ahead of the other node's, which is then
+    skipped → the counter ends at 1, not 2 → fails.
+    """
+    app, reg, _inside, _gate = gated_app()
+    async with serve(app) as node:
+        a = rtcore.Principal("a")
+        created = await node.dispatch(a, "room.create", {"type": "gated"})
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        rt = reg.runtime(node)
+        rt.wake = lambda room_id, event=None: None  # type: ignore[method-assign]  # a lagging feed
+        await node.backend.events.append(
+            f"roominbox:{rid}", "send", {"user": "a", "node": "elsewhere", "type": "add", "data": "go"}, now=node.clock()
+        )
+        reply = await node.dispatch(a, "room.send", {"room_id": rid, "type": "add", "data": "go"})
+        assert reply.ok and reply.result == 2
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+
+
+class Meta(msgspec.Struct):
+    n: int = 0
+
+
+async def test_room_section_changes_reach_the_document() -> None:
+    """The ``room`` section is reused (and not diffed) while nothing in it changed; a change
+    of metadata, even ``1`` to ``1.0`` (equal in Python, not on the wire), or of the lock
+    is still patched into every follower's document.
+
+    Mutation seen caught: leave metadata and timers out of ``_Actor._room_doc``'s key
+    (compare only lock, private, disposed) → the metadata changes are never published →
+    fails; compare them with ``==`` instead of as MessagePack → ``1`` → ``1.0`` is lost → fails.
+    """
+    app = rtcore.App("room-section")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("meta")
+    class MetaRoom(rooms.Room[Meta]):
+        @rooms.message("set")
+        async def set(self, player: rooms.Player, data: Any) -> None:
+            if data == "lock":
+                self.lock()
+            else:
+                self.metadata["level"] = data
+            self.state.n += 1
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "meta"})
+        rid = created.result["room_id"]
+        for value, want in ((1, 1), (1.0, 1.0), ("lock", None)):
+            assert (await node.dispatch(who, "room.send", {"room_id": rid, "type": "set", "data": value})).ok
+            await reg.settle(node, rid)
+            st = (await node.state_of(f"room:{rid}")).state
+            assert isinstance(st, RoomDoc)
+            if want is not None:
+                got = st.room["metadata"]["level"]
+                assert got == want and type(got) is type(want)
+        assert st.room["locked"] is True and st.state["n"] == 3
+
+
+async def test_a_fenced_off_inline_step_stops_the_owner_and_the_input_lands_once() -> None:
+    """Another writer appended to ``room:{id}`` behind the owner's back: the next inline step's
+    patch is fenced off (``expect``), this owner stops without applying the input, and the
+    command is answered by the room's next owner (adopted here), which applies it once.
+
+    Mutation seen caught: let the failure propagate out of ``run_inline`` → the command
+    answers an error instead of its result → fails. (Dropping only ``self.lost = True``
+    is not caught, and need not be: the woken executor retries the input, meets the same
+    fence and stops in ``run``, with the same outcome one step later.)
+    """
+    app, reg, _inside, _gate = gated_app()
+    async with serve(app) as node:
+        a = rtcore.Principal("a")
+        created = await node.dispatch(a, "room.create", {"type": "gated"})
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        first = reg.runtime(node).actors[rid]
+        await node.backend.events.append(f"room:{rid}", "msg", {"room": rid, "type": "x", "data": None}, now=node.clock())
+        with anyio.fail_after(10):
+            reply = await node.dispatch(a, "room.send", {"room_id": rid, "type": "add", "data": "go"})
+        assert reply.ok and reply.result == 1, reply
+        assert first.closed
+        second = reg.runtime(node).actors[rid]
+        assert second is not first
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 1
