@@ -11,6 +11,11 @@ connects) and the per-connection CPU net of it, and its RSS; ``kb_per_conn`` is 
 first connection) / connections open. Every open connection stays live (it
 answers pings and sends a protocol ``ping`` every 30 s, so no idle timeout
 closes it). RLIMIT_NOFILE is raised for client and server.
+
+``AB_TASKS=<prefix>`` (asyncio servers): also record the server's asyncio
+tasks per open connection. ``AB_TRACEMALLOC=<prefix>``: the server dumps a
+tracemalloc snapshot before the first and after the last connection
+(compare them with ``benchmarks/ab/memdiff.py``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncio
 import os
 import signal
 import statistics
+from pathlib import Path
 from typing import Any
 
 from _harness import (
@@ -43,6 +49,8 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
     if snap:
         os.kill(pid, signal.SIGUSR1)
         await asyncio.sleep(2)
+    tasks_file = os.environ.get("AB_TASKS")  # the server writes its asyncio task count on SIGUSR2
+    tasks0 = await _server_tasks(pid, tasks_file, 1) if tasks_file else 0
     conns: list[Conn] = []
     keepalives: list[asyncio.Task[None]] = []  # idle but alive: pings answered and sent
     steps = []
@@ -63,6 +71,10 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
         await asyncio.sleep(3.0)
         idle_per_s = (cpu_seconds(pid) - i0) / (now() - ti)
         rss = rss_bytes(pid)
+        extra: dict[str, float] = {}
+        if tasks_file:
+            tasks = await _server_tasks(pid, tasks_file, len(steps) + 2)
+            extra["tasks_per_conn"] = (tasks - tasks0) / len(conns)
         steps.append(
             {
                 "open": len(conns),
@@ -73,6 +85,7 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
                 "client_cpu_us_per_conn": (c1 - c0) / step * 1e6,
                 "rss_mb": rss / 1e6,
                 "kb_per_conn": (rss - rss0) / len(conns) / 1e3,
+                **extra,
             }
         )
         print({k: round(v, 1) for k, v in steps[-1].items()}, flush=True)
@@ -84,6 +97,17 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
     for c in conns:
         c.close()
     return steps
+
+
+async def _server_tasks(pid: int, path: str, n: int) -> int:
+    """The server's asyncio task count (its n-th answer to SIGUSR2; benchmarks/ab/server.py)."""
+    os.kill(pid, signal.SIGUSR2)
+    out = Path(f"{path}-{n}")
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if out.exists() and out.read_text().endswith("\n"):
+            return int(out.read_text())
+    raise RuntimeError("the server wrote no task count (AB_TASKS needs an asyncio server)")
 
 
 def main() -> None:

@@ -83,9 +83,10 @@ class RecordingStream(ByteStream):
 
 
 def dispose(transport: WebSocketTransport) -> None:
-    """Close the inbound queue that :func:`run_websocket` would have closed."""
-    transport._inbox.close()
-    transport._inbox_in.close()
+    """Close the inbound queue that :func:`run_websocket` would have closed (if one was made)."""
+    if transport._inbox is not None:
+        transport._inbox.close()
+    transport._close_inbox()
 
 
 async def test_send_is_one_write_for_the_whole_batch() -> None:

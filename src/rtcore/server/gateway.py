@@ -48,7 +48,7 @@ from ..protocol.session import (
     Send,
     Session,
 )
-from ..transport.websocket import FrameTransport
+from ..transport.websocket import FrameTransport, InlineReader
 from .outbox import FastWriter, Outbox
 from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
@@ -176,11 +176,15 @@ class _Connection:
             clock=node.clock,
             metrics=node.metrics,
             fast=fast,
+            # Started when a write cannot complete at once, or at the close (see run()).
+            start_writer=self._start_writer,
         )
         self._registry = registry
         self._present: str | None = None  # the principal reported to node.presence
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
+        self._lazy_writer = False  # run(): the writer task starts on the outbox's first need
+        self._inline = False  # serve_session: the transport's read loop runs in run()'s task
         self._inflight = 0
         self._idle: anyio.Event | None = None  # created by drain() (saves an event per connection)
         # Commands run on a small pool of per-connection worker tasks: a command is
@@ -247,6 +251,11 @@ class _Connection:
         action = self._sub_actions.get(stream)
         if action is not None:
             self._spawn(lambda: self._subscribe(action, use_cursor=False, resubscribe=True))
+
+    def _start_writer(self) -> None:
+        if self._lazy_writer:
+            self._lazy_writer = False
+            self._spawn(self._writer)
 
     async def _writer(self) -> None:
         await self.outbox.run(self.transport.send)
@@ -422,18 +431,36 @@ class _Connection:
 
     # --- loops -----------------------------------------------------------------
 
+    def on_message(self, data: bytes | str) -> Coroutine[Any, Any, None] | None:
+        """One inbound message (the transport's read loop calls this, see
+        :class:`~rtcore.transport.websocket.InlineReader`); a coroutine returned
+        must finish before the next message is read."""
+        metrics = self.metrics
+        metrics.messages_in += 1
+        metrics.bytes_in += len(data)
+        self._run(self.session.receive_data(data, self.node.clock()))
+        if self._acks:
+            # Acks are stored before the next frame is read, so a client that
+            # sends ack then ping knows its cursor is stored when pong arrives.
+            return self._store_acks()
+        return None
+
+    async def _store_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for stream, epoch, offset in acks:
+            await self.node.store_ack(self.session.principal, stream, epoch, offset)
+
     async def _reader(self) -> None:
+        if self._inline:
+            # The transport reads in this task and calls on_message; it raises
+            # ConnectionClosed when the connection ends.
+            assert isinstance(self.transport, InlineReader)
+            await self.transport.run_reader()
         while True:
             data = await self.transport.receive()
-            self.metrics.messages_in += 1
-            self.metrics.bytes_in += len(data)
-            self._run(self.session.receive_data(data, self.node.clock()))
-            if self._acks:
-                # Acks are stored before the next frame is read, so a client that
-                # sends ack then ping knows its cursor is stored when pong arrives.
-                acks, self._acks = self._acks, []
-                for stream, epoch, offset in acks:
-                    await self.node.store_ack(self.session.principal, stream, epoch, offset)
+            pending = self.on_message(data)
+            if pending is not None:
+                await pending
 
     async def _timer(self) -> None:
         while True:
@@ -467,11 +494,22 @@ class _Connection:
                     tg.start_soon(self._timer)
                 else:
                     self._timers.schedule(self, self.session.next_deadline())
-                tg.start_soon(self._reader_guard)
-                try:
-                    await self._writer()
-                finally:
-                    tg.cancel_scope.cancel()
+                if self._inline:
+                    # This task reads; the writer task starts only when the outbox
+                    # needs it (on asyncio most writes complete without it).
+                    self._lazy_writer = True
+                    if self.outbox.queued_frames or self.outbox.closed:
+                        self._start_writer()
+                    try:
+                        await self._reader_guard()
+                    finally:
+                        tg.cancel_scope.cancel()
+                else:
+                    tg.start_soon(self._reader_guard)
+                    try:
+                        await self._writer()
+                    finally:
+                        tg.cancel_scope.cancel()
         except* ConnectionClosed as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ConnectionClosed)
@@ -502,7 +540,9 @@ class _Connection:
             await self._reader()
         except ConnectionClosed as exc:
             self._closing = self._closing or (exc.close_code, exc.reason)
-            # The peer is gone: stop the writer without sending anything more.
+            # The peer is gone: stop the writer without sending anything more
+            # (and start none: there is nothing left for it to do).
+            self._lazy_writer = False
             self.outbox.abort()
             raise
 
@@ -539,4 +579,7 @@ async def serve_session(
     conn = _Connection(
         node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry, peer, timers
     )
+    # Before the first await (see InlineReader.take_reader): read in this task,
+    # no reader task or message queue of the transport's.
+    conn._inline = isinstance(transport, InlineReader) and transport.take_reader(conn.on_message, conn.outbox.flushed)
     await conn.run()

@@ -59,7 +59,7 @@ from .messages import (
     split_target,
 )
 from .shutdown import Shutdown
-from .websocket import STREAM_ERRORS, WebSocketHandler, WebSocketTransport, run_websocket
+from .websocket import STREAM_ERRORS, Heartbeats, WebSocketHandler, WebSocketTransport, run_websocket
 
 __all__ = ["HttpConnection", "HttpHandler", "ServerState", "format_peer", "render_error"]
 
@@ -88,6 +88,8 @@ class ServerState:
             starts (idle keep-alive waits, SSE streams).
         websockets: Open WebSocket transports (closed with 1001 at the
             shutdown deadline).
+        heartbeats: The keepalive pings of all WebSockets (None: each
+            connection runs its own).
     """
 
     on_http: HttpHandler
@@ -97,6 +99,7 @@ class ServerState:
     shutdown: Shutdown
     interruptible: set[anyio.CancelScope] = field(default_factory=set)
     websockets: set[WebSocketTransport] = field(default_factory=set)
+    heartbeats: Heartbeats | None = None
 
 
 def _phrase(status: int) -> bytes:
@@ -439,6 +442,7 @@ class HttpConnection:
             limits=self._limits,
             extensions=handshake.extensions,
             trailing_data=trailing,
+            heartbeats=state.heartbeats,
         )
         origin = next((v.decode("latin-1") for k, v in headers if k == b"origin"), None)
         request = UpgradeRequest(

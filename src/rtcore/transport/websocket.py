@@ -50,14 +50,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import Extension
@@ -67,7 +71,7 @@ from .errors import ConnectionClosed
 from .messages import UpgradeRequest
 from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
-__all__ = ["FrameTransport", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
+__all__ = ["FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
 
 log = logging.getLogger("rtcore.transport")
 
@@ -141,6 +145,33 @@ class FrameTransport(Protocol):
 #: The per-connection handler the server calls after a successful upgrade.
 WebSocketHandler = Callable[[FrameTransport, UpgradeRequest], Awaitable[None]]
 
+#: Takes one inbound message; an awaitable it returns is awaited before the next
+#: message is read (backpressure: the socket is not read meanwhile).
+MessageCallback = Callable[[bytes | str], Awaitable[None] | None]
+
+
+@runtime_checkable
+class InlineReader(Protocol):
+    """A transport that can hand inbound messages to a callback from a read loop
+    run in the caller's task (no reader task, no message queue per connection)."""
+
+    def take_reader(self, on_message: MessageCallback, flush: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Claim reading for the caller; ``False``: already reading, use ``receive``.
+
+        Must be called before the caller's first await. After ``True`` the caller
+        runs :meth:`run_reader`. ``flush`` is awaited before a protocol error
+        fails the connection (replies to earlier messages go out first).
+        """
+        ...
+
+    async def run_reader(self) -> None:
+        """Read until the connection ends, handing messages to the callback.
+
+        Raises:
+            ConnectionClosed: Always, once the connection has ended.
+        """
+        ...
+
 
 class WebSocketTransport:
     """A server-side WebSocket connection on an anyio byte stream.
@@ -155,7 +186,48 @@ class WebSocketTransport:
         extensions: Negotiated wsproto extensions (permessage-deflate or none).
         trailing_data: Bytes received after the upgrade request (the client
             may send its first frames right behind the handshake).
+        heartbeats: The server's shared :class:`Heartbeats` (None: :func:`run_websocket`
+            runs one for this connection alone).
     """
+
+    # Thousands of these live at once: no per-instance __dict__.
+    __slots__ = (
+        "__weakref__",
+        "_aborted",
+        "_caught_up",
+        "_close_sent",
+        "_code",
+        "_deliver_scope",
+        "_delivered",
+        "_discard",
+        "_done",
+        "_fast",
+        "_flush",
+        "_frames",
+        "_hb_at",
+        "_heartbeats",
+        "_inbox",
+        "_inbox_in",
+        "_limits",
+        "_lock",
+        "_on_message",
+        "_opcode",
+        "_parts",
+        "_ping_payload",
+        "_reader_scope",
+        "_reading",
+        "_reason",
+        "_size",
+        "_sock",
+        "_stream",
+        "_tg",
+        "_trailing",
+        "_unsent",
+        "_waiting_at",
+        "_ws",
+        "call_soon",
+        "encoding",
+    )
 
     def __init__(
         self,
@@ -165,6 +237,7 @@ class WebSocketTransport:
         limits: ServerLimits,
         extensions: Sequence[Extension] = (),
         trailing_data: bytes = b"",
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.encoding: str = encoding
         self._stream = stream
@@ -185,7 +258,20 @@ class WebSocketTransport:
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
         self._lock = anyio.Lock(fast_acquire=True)
-        self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](limits.max_queue)
+        # The queue receive() reads; created by the first message for it (a session
+        # that reads with take_reader never needs one).
+        self._inbox_in: MemoryObjectSendStream[bytes | str] | None = None
+        self._inbox: MemoryObjectReceiveStream[bytes | str] | None = None
+        # take_reader's callback (None: messages go to the queue for receive()).
+        self._on_message: MessageCallback | None = None
+        self._flush: Callable[[], Awaitable[None]] | None = None
+        self._reading = False  # a read loop was started (task or take_reader's caller)
+        # Keepalive, run by the shared Heartbeats: when this connection is due
+        # (entries in its heap count only while equal to this), and the payload
+        # of the ping awaiting its pong (None: none outstanding).
+        self._heartbeats = heartbeats
+        self._hb_at: float | None = None
+        self._ping_payload: bytes | None = None
         self._close_sent = False
         self._discard = False  # close() was called: inbound messages are dropped
         self._aborted = False
@@ -194,14 +280,13 @@ class WebSocketTransport:
         self._done = anyio.Event()
         self._reader_scope = anyio.CancelScope()
         self._deliver_scope: anyio.CancelScope | None = None
-        self._pong: tuple[bytes, anyio.Event] | None = None
         self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
         # Messages handed to the inbox so far, and that count when the application
         # last started waiting in receive() (-1: not waiting); see _let_application_catch_up.
         self._delivered = 0
         self._waiting_at = -1
         # The inbound message being assembled.
-        self._parts: list[bytes | str] = []
+        self._parts: list[bytes | str] | None = None  # created by a fragmented message
         self._size = 0
         self._frames = 0
 
@@ -225,6 +310,9 @@ class WebSocketTransport:
         Raises:
             ConnectionClosed: The connection is closed and nothing is queued.
         """
+        if self._inbox is None:
+            self._open_inbox()
+        assert self._inbox is not None
         if self._caught_up is not None and self._inbox.statistics().current_buffer_used == 0:
             self._caught_up.set()  # the application handled everything queued
         try:
@@ -243,6 +331,34 @@ class WebSocketTransport:
             raise self._closed_error() from None
         finally:
             self._waiting_at = -1
+
+    def take_reader(self, on_message: MessageCallback, flush: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Read in the caller's task and hand each message to ``on_message`` (see :class:`InlineReader`).
+
+        Saves the connection its reader task and message queue. Call it before
+        the first await of the handler :func:`run_websocket` runs; then run
+        :meth:`run_reader`. Returns ``False`` once a read loop has started
+        (the handler then reads with :meth:`receive`). ``flush``, when given,
+        is awaited (at most a second) before a protocol error fails the
+        connection: what the application sent in answer to the messages before
+        the error goes out ahead of the close frame.
+        """
+        if self._reading or self._inbox is not None:
+            return False
+        self._reading = True
+        self._on_message = on_message
+        self._flush = flush
+        return True
+
+    async def run_reader(self) -> None:
+        """Run the read loop claimed by :meth:`take_reader` until the connection ends.
+
+        Raises:
+            ConnectionClosed: Always, once the connection has ended (its code says how).
+        """
+        assert self._on_message is not None, "take_reader() first"
+        await self._read_loop()
+        raise self._closed_error()
 
     async def send(self, frames: list[bytes]) -> None:
         """Send each item as one message, in one socket write.
@@ -320,6 +436,15 @@ class WebSocketTransport:
             await self._abort()
 
     # -- internals -------------------------------------------------------------
+
+    def _open_inbox(self) -> None:
+        self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](self._limits.max_queue)
+        if self._done.is_set():
+            self._inbox_in.close()  # the connection already ended: receive() raises once drained
+
+    def _close_inbox(self) -> None:
+        if self._inbox_in is not None:
+            self._inbox_in.close()
 
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(1006 if self._code is None else self._code, self._reason)
@@ -417,8 +542,15 @@ class WebSocketTransport:
         deadline = anyio.current_time() + self._limits.close_timeout
         self._reader_scope.deadline = min(self._reader_scope.deadline, deadline)
 
+    async def _reader_task(self) -> None:
+        """The read loop as a task of :func:`run_websocket`, unless :meth:`take_reader` claimed it."""
+        if self._reading:
+            return
+        self._reading = True
+        await self._read_loop()
+
     async def _read_loop(self) -> None:
-        """Read the socket until the connection ends; owned by :func:`run_websocket`."""
+        """Read the socket until the connection ends."""
         try:
             with self._reader_scope:
                 if self._trailing:
@@ -439,7 +571,7 @@ class WebSocketTransport:
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
-            self._inbox_in.close()
+            self._close_inbox()
             if not self._aborted:
                 self._aborted = True
                 with anyio.CancelScope(shield=True):
@@ -456,8 +588,11 @@ class WebSocketTransport:
                     if not self._close_sent and self._ws.state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
             elif isinstance(event, Pong):
-                if self._pong is not None and event.payload == self._pong[0]:
-                    self._pong[1].set()
+                if self._ping_payload is not None and event.payload == self._ping_payload:
+                    self._ping_payload = None
+                    heartbeats = self._heartbeats
+                    if heartbeats is not None and self._limits.ping_interval is not None:
+                        heartbeats.schedule(self, anyio.current_time() + self._limits.ping_interval)
             elif isinstance(event, CloseConnection):
                 return await self._on_close(event)
         return False
@@ -475,14 +610,16 @@ class WebSocketTransport:
         if frame_finished:
             self._frames += 1
         if limits.max_message_bytes is not None and self._size > limits.max_message_bytes:
-            self._parts.clear()
+            self._parts = None
             await self._start_close(1009, f"message larger than {limits.max_message_bytes} bytes")
             return
         if limits.max_fragments is not None and self._frames > limits.max_fragments:
-            self._parts.clear()
+            self._parts = None
             await self._start_close(1009, f"message in more than {limits.max_fragments} fragments")
             return
         if not message_finished:
+            if self._parts is None:
+                self._parts = []
             self._parts.append(data)
             return
         message: bytes | str
@@ -492,7 +629,7 @@ class WebSocketTransport:
                 message = "".join(p for p in self._parts if isinstance(p, str))
             else:
                 message = b"".join(p for p in self._parts if isinstance(p, bytes))
-            self._parts = []
+            self._parts = None
         else:
             message = data
         self._size = 0
@@ -502,6 +639,17 @@ class WebSocketTransport:
     async def _deliver(self, message: bytes | str) -> None:
         if self._discard:
             return
+        on_message = self._on_message
+        if on_message is not None:
+            # take_reader: straight into the application; what it returns is
+            # awaited before the next message is read (backpressure).
+            pending = on_message(message)
+            if pending is not None:
+                await pending
+            return
+        if self._inbox_in is None:
+            self._open_inbox()
+        assert self._inbox_in is not None
         try:
             self._inbox_in.send_nowait(message)
             self._delivered += 1
@@ -559,47 +707,137 @@ class WebSocketTransport:
         # (so it has taken them all). Counting anyio's waiting receivers instead
         # missed an application that had just entered receive(): it then never set
         # _caught_up and the close frame went out a second late (Autobahn 7.9.3).
-        if self._discard or self._waiting_at == self._delivered:
+        if self._discard:
+            return
+        if self._on_message is not None:
+            # take_reader: each message was handled before the next was read;
+            # what the application queued in answer still has to reach the transport.
+            if self._flush is not None:
+                with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
+                    await self._flush()
+            return
+        if self._waiting_at == self._delivered:
             return
         self._caught_up = anyio.Event()
         with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
             await self._caught_up.wait()
         self._caught_up = None
 
-    async def _heartbeat(self) -> None:
-        """Ping every ``ping_interval``; close with 1011 when a pong is late."""
-        interval = self._limits.ping_interval
-        if interval is None:
+    def _heartbeat_due(self, now: float) -> None:
+        """Called by :class:`Heartbeats` when this connection's keepalive deadline came.
+
+        No ping outstanding: send one (directly when the socket takes it now,
+        else from a short task) and come back at ``ping_timeout``. A ping still
+        unanswered by then: close with 1011.
+        """
+        if self.closed or self._tg is None or self._heartbeats is None:
             return
+        if self._ping_payload is not None:
+            self._ping_payload = None
+            self._tg.start_soon(self._start_close, 1011, "keepalive ping timeout")
+            return
+        payload = os.urandom(4)
+        self._ping_payload = payload
+        self._heartbeats.schedule(self, now + self._limits.ping_timeout)
+        if not self._control_nowait(Ping(payload=payload)):
+            self._tg.start_soon(self._send_ping, payload)
+
+    def _control_nowait(self, event: Ping) -> bool:
+        """Asyncio fast path: write a control frame now if nothing else is being or waits to be written."""
+        sock = self._sock
+        if sock is None or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
+            return False
+        if self._ws.state is not ConnectionState.OPEN or self._tg is None:
+            return False
+        data = self._ws.send(event)
+        try:
+            sent = _write_now(sock, data)
+        except OSError:
+            return True  # the connection is gone: the read loop sees it; no pong will come
+        if sent < len(data):
+            # Control frames are never split across writes by anything else: the
+            # rest goes out first, from the flusher (send_nowait refuses meanwhile).
+            self._unsent = data[sent:]
+            self._tg.start_soon(self._flush_unsent)
+        return True
+
+    async def _send_ping(self, payload: bytes) -> None:
+        async with self._lock:
+            if self._close_sent or self._ws.state is not ConnectionState.OPEN or self._ping_payload != payload:
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await self._write(self._ws.send(Ping(payload=payload)))
+
+
+#: How late a keepalive deadline may run, so deadlines close together share one
+#: wake-up of Heartbeats (ping intervals are many seconds long).
+_HEARTBEAT_SLACK = 0.05
+
+
+class Heartbeats:
+    """One task that pings many WebSocket connections (instead of a task each).
+
+    Every ``ping_interval`` after its last pong (or its start) a connection
+    gets a ping; when no pong came ``ping_timeout`` later it is closed with
+    1011. The connections' next deadlines sit in one heap; entries are never
+    removed, an entry counts only while it equals the connection's current
+    deadline (a pong moves it later; the stale entry then does nothing).
+
+    Args:
+        limits: ``ping_interval`` and ``ping_timeout``.
+    """
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self._limits = limits
+        self._heap: list[tuple[float, int, WebSocketTransport]] = []
+        self._seq = itertools.count()
+        self._next = math.inf
+        self._kick: anyio.Event | None = None
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, transport: WebSocketTransport, when: float) -> None:
+        """(Re)schedule ``transport``'s next keepalive step at ``when`` (``anyio.current_time()`` clock)."""
+        transport._hb_at = when
+        heapq.heappush(self._heap, (when, next(self._seq), transport))
+        if when < self._next and self._kick is not None:
+            self._kick.set()
+
+    def start(self, transport: WebSocketTransport) -> None:
+        """Begin pinging ``transport`` (no-op when pings are disabled)."""
+        interval = self._limits.ping_interval
+        if interval is not None:
+            self.schedule(transport, anyio.current_time() + interval)
+
+    async def run(self) -> None:
+        """Run the keepalive deadlines until cancelled."""
+        heap = self._heap
         while True:
-            await anyio.sleep(interval)
-            if self.closed:
-                return
-            payload = os.urandom(4)
-            answered = anyio.Event()
-            self._pong = (payload, answered)
-            with anyio.move_on_after(self._limits.ping_timeout) as scope:
-                async with self._lock:
-                    if self._close_sent or self._ws.state is not ConnectionState.OPEN:
-                        return
-                    try:
-                        await self._write(self._ws.send(Ping(payload=payload)))
-                    except ConnectionClosed:
-                        return
-                await answered.wait()
-            self._pong = None
-            if scope.cancelled_caught:
-                await self._start_close(1011, "keepalive ping timeout")
-                return
+            now = anyio.current_time()
+            while heap and heap[0][0] <= now:
+                when, _, transport = heapq.heappop(heap)
+                if transport._hb_at == when:
+                    transport._hb_at = None
+                    transport._heartbeat_due(now)
+            self._next = heap[0][0] if heap else math.inf
+            kick = self._kick = anyio.Event()
+            with anyio.move_on_after(self._next - now + _HEARTBEAT_SLACK):
+                await kick.wait()
 
 
 async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler) -> None:
-    """Run one WebSocket connection: reader, heartbeat and the application handler.
+    """Run one WebSocket connection: reader, keepalive and the application handler.
 
-    The three tasks share one task group, so none outlives the connection.
-    When the handler returns the connection is closed with 1000 (1011 if it
-    raised); when the connection ends first the handler sees
-    :class:`ConnectionClosed` from ``receive``/``send``.
+    The handler runs in the calling task; the read loop runs in a task of
+    the connection's task group, unless the handler claims it with
+    :meth:`WebSocketTransport.take_reader` (before its first await) and runs
+    it itself. Keepalive pings come from the transport's shared
+    :class:`Heartbeats`, or from one run in the task group for this connection
+    alone when it has none. Nothing outlives the connection. When the handler
+    returns the connection is closed with 1000 (1011 if it raised); when the
+    connection ends first the handler sees :class:`ConnectionClosed` from
+    ``receive``/``send``/``run_reader``.
 
     Args:
         transport: The upgraded connection.
@@ -608,9 +846,13 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
     """
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(transport._read_loop)
-            tg.start_soon(transport._heartbeat)
+            tg.start_soon(transport._reader_task)
             transport._tg = tg
+            if transport._limits.ping_interval is not None:
+                if transport._heartbeats is None:
+                    transport._heartbeats = Heartbeats(transport._limits)
+                    tg.start_soon(transport._heartbeats.run)
+                transport._heartbeats.start(transport)
             code, reason = 1000, ""
             try:
                 await handler(transport, request)
@@ -622,7 +864,9 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
             await transport.close(code, reason)
             tg.cancel_scope.cancel()
     finally:
-        transport._inbox.close()
-        transport._inbox_in.close()
+        transport._hb_at = None  # out of the keepalive heap's count
+        if transport._inbox is not None:
+            transport._inbox.close()
+        transport._close_inbox()
         if not transport._done.is_set():
             await transport._abort()
