@@ -131,6 +131,14 @@ async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
 
 
 class _Connection:
+    # Thousands live at once: no per-instance __dict__ (its resizes cost ~1.6 kB each).
+    __slots__ = (
+        "__weakref__", "_acks", "_closing", "_commands", "_deadline", "_ended", "_idle", "_idle_workers", "_inflight",
+        "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg", "_timer_scope",
+        "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
+        "subs", "transport", "upgrade_token",
+    )
+
     def __init__(
         self,
         node: Node,
@@ -451,11 +459,6 @@ class _Connection:
             await self.node.store_ack(self.session.principal, stream, epoch, offset)
 
     async def _reader(self) -> None:
-        if self._inline:
-            # The transport reads in this task and calls on_message; it raises
-            # ConnectionClosed when the connection ends.
-            assert isinstance(self.transport, InlineReader)
-            await self.transport.run_reader()
         while True:
             data = await self.transport.receive()
             pending = self.on_message(data)
@@ -537,7 +540,13 @@ class _Connection:
 
     async def _reader_guard(self) -> None:
         try:
-            await self._reader()
+            if self._inline:
+                # The transport reads in this task and calls on_message; it raises
+                # ConnectionClosed when the connection ends.
+                assert isinstance(self.transport, InlineReader)
+                await self.transport.run_reader()
+            else:
+                await self._reader()
         except ConnectionClosed as exc:
             self._closing = self._closing or (exc.close_code, exc.reason)
             # The peer is gone: stop the writer without sending anything more

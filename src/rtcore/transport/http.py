@@ -153,6 +153,11 @@ class HttpConnection:
         self._committed = False
         # (method, path, start) of the request being answered, for the access log.
         self._current: tuple[str, str, float] | None = None
+        # An accepted upgrade, run by run() once the request loop has returned
+        # (so the h11 connection, request and buffers are freed first).
+        self._upgraded: tuple[WebSocketTransport, UpgradeRequest] | None = None
+
+    __slots__ = ("_committed", "_current", "_limits", "_peer", "_state", "_stream", "_upgraded")
 
     def _access(self, status: int, size: int | None, code: str | None = None) -> None:
         # One line per request; the path only: a query may hold ?token=.
@@ -170,6 +175,8 @@ class HttpConnection:
         """Serve until the connection ends; never raises for network errors."""
         try:
             await self._serve()
+            if self._upgraded is not None:
+                await self._run_websocket()
         except RtcoreError as error:
             if self._committed:
                 log.exception("connection failed after its response began (peer %s)", self._peer)
@@ -456,6 +463,12 @@ class HttpConnection:
             origin=origin,
             shutdown=state.shutdown,
         )
+        self._upgraded = (transport, request)
+
+    async def _run_websocket(self) -> None:
+        assert self._upgraded is not None
+        (transport, request), self._upgraded = self._upgraded, None
+        state = self._state
         state.websockets.add(transport)
         try:
             await run_websocket(transport, request, state.on_websocket)

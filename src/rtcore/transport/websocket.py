@@ -202,6 +202,7 @@ class WebSocketTransport:
         "_discard",
         "_done",
         "_fast",
+        "_finished",
         "_flush",
         "_frames",
         "_hb_at",
@@ -257,7 +258,9 @@ class WebSocketTransport:
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
-        self._lock = anyio.Lock(fast_acquire=True)
+        # Serializes awaited writes; created by the first one (most writes on the
+        # asyncio fast path never await, and a lock is a 1-kB object).
+        self._lock: anyio.Lock | None = None
         # The queue receive() reads; created by the first message for it (a session
         # that reads with take_reader never needs one).
         self._inbox_in: MemoryObjectSendStream[bytes | str] | None = None
@@ -277,7 +280,10 @@ class WebSocketTransport:
         self._aborted = False
         self._code: int | None = None
         self._reason = ""
-        self._done = anyio.Event()
+        # The read loop ended (the connection is over); _done is created by a
+        # close() that waits for it.
+        self._finished = False
+        self._done: anyio.Event | None = None
         self._reader_scope = anyio.CancelScope()
         self._deliver_scope: anyio.CancelScope | None = None
         self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
@@ -350,16 +356,6 @@ class WebSocketTransport:
         self._flush = flush
         return True
 
-    async def run_reader(self) -> None:
-        """Run the read loop claimed by :meth:`take_reader` until the connection ends.
-
-        Raises:
-            ConnectionClosed: Always, once the connection has ended (its code says how).
-        """
-        assert self._on_message is not None, "take_reader() first"
-        await self._read_loop()
-        raise self._closed_error()
-
     async def send(self, frames: list[bytes]) -> None:
         """Send each item as one message, in one socket write.
 
@@ -377,7 +373,7 @@ class WebSocketTransport:
         if self.send_nowait(frames):
             return
         data = encode_frames(self._opcode, frames) if self._fast else None
-        async with self._lock:
+        async with self._get_lock():
             self._check_open()
             if data is None:
                 text = self._opcode == OP_TEXT
@@ -396,7 +392,7 @@ class WebSocketTransport:
         later write (waiting at most ``send_timeout`` for the peer).
         """
         sock = self._sock
-        if sock is None or not self._fast or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
+        if sock is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
@@ -431,15 +427,27 @@ class WebSocketTransport:
             self._deliver_scope.cancel()
         with anyio.move_on_after(self._limits.close_timeout):
             await self._start_close(code, reason)
-            await self._done.wait()
-        if not self._done.is_set():
+            await self._wait_done()
+        if not self._finished:
             await self._abort()
 
     # -- internals -------------------------------------------------------------
 
+    def _get_lock(self) -> anyio.Lock:
+        if self._lock is None:
+            self._lock = anyio.Lock(fast_acquire=True)
+        return self._lock
+
+    async def _wait_done(self) -> None:
+        if self._finished:
+            return
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
+
     def _open_inbox(self) -> None:
         self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](self._limits.max_queue)
-        if self._done.is_set():
+        if self._finished:
             self._inbox_in.close()  # the connection already ended: receive() raises once drained
 
     def _close_inbox(self) -> None:
@@ -504,7 +512,7 @@ class WebSocketTransport:
         """Fast path: write what :meth:`send_nowait` left over (started by it in
         :func:`run_websocket`'s task group). ``send_nowait`` refuses while bytes
         are left over, so at most one of these runs at a time."""
-        async with self._lock:
+        async with self._get_lock():
             if not self._unsent or self._aborted:
                 return
             with contextlib.suppress(ConnectionClosed):
@@ -528,7 +536,7 @@ class WebSocketTransport:
             return
         # The lock may be held by a write the peer does not drain: bound the wait.
         with anyio.move_on_after(self._limits.close_timeout) as scope:
-            async with self._lock:
+            async with self._get_lock():
                 if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
                     return
                 self._close_sent = True
@@ -547,27 +555,35 @@ class WebSocketTransport:
         if self._reading:
             return
         self._reading = True
-        await self._read_loop()
+        with contextlib.suppress(ConnectionClosed):
+            await self.run_reader()
 
-    async def _read_loop(self) -> None:
-        """Read the socket until the connection ends."""
+    async def run_reader(self) -> None:
+        """Read the socket until the connection ends (see :meth:`take_reader`).
+
+        The read loop of every connection: :meth:`_reader_task` runs it as a
+        task, a handler that called :meth:`take_reader` runs it in its own
+        task (one coroutine frame, not a chain: thousands of these wait at once).
+
+        Raises:
+            ConnectionClosed: Always, once the connection has ended (its code says how).
+        """
         try:
             with self._reader_scope:
+                done = False
                 if self._trailing:
                     data, self._trailing = self._trailing, b""
                     self._ws.receive_data(data)
-                    if await self._handle_events():
-                        return
+                    done = await self._handle_events()
                 read_size = self._limits.read_size
-                while True:
+                while not done:
                     try:
                         data = await self._stream.receive(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
-                        return
+                        break
                     self._ws.receive_data(data)
-                    if await self._handle_events():
-                        return
+                    done = await self._handle_events()
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
@@ -576,7 +592,10 @@ class WebSocketTransport:
                 self._aborted = True
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(self._stream)
-            self._done.set()
+            self._finished = True
+            if self._done is not None:
+                self._done.set()
+        raise self._closed_error()
 
     async def _handle_events(self) -> bool:
         """Act on what wsproto parsed; ``True`` once the connection is finished."""
@@ -584,7 +603,7 @@ class WebSocketTransport:
             if isinstance(event, TextMessage | BytesMessage):
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
-                async with self._lock:
+                async with self._get_lock():
                     if not self._close_sent and self._ws.state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
             elif isinstance(event, Pong):
@@ -675,7 +694,7 @@ class WebSocketTransport:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
-            async with self._lock:
+            async with self._get_lock():
                 if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
             return True
@@ -745,7 +764,7 @@ class WebSocketTransport:
     def _control_nowait(self, event: Ping) -> bool:
         """Asyncio fast path: write a control frame now if nothing else is being or waits to be written."""
         sock = self._sock
-        if sock is None or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
+        if sock is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._ws.state is not ConnectionState.OPEN or self._tg is None:
             return False
@@ -762,7 +781,7 @@ class WebSocketTransport:
         return True
 
     async def _send_ping(self, payload: bytes) -> None:
-        async with self._lock:
+        async with self._get_lock():
             if self._close_sent or self._ws.state is not ConnectionState.OPEN or self._ping_payload != payload:
                 return
             with contextlib.suppress(ConnectionClosed):
@@ -868,5 +887,5 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
         if transport._inbox is not None:
             transport._inbox.close()
         transport._close_inbox()
-        if not transport._done.is_set():
+        if not transport._finished:
             await transport._abort()
