@@ -359,7 +359,7 @@ async def test_framing_error_closes_with_its_code(bad: bytes, close: int) -> Non
     of wsproto's code in ``_on_close`` → every case fails; the session
     reading inline without a flush before the failure
     (``take_reader(conn.on_message)``, no ``outbox.flushed``) → the pong is
-    not written before the close frame → every asyncio case fails.
+    not written before the close frame → fails.
     """
     async with serving(app) as server, bystander(server), raw_ws(server) as ws:
         await ws.stream.send(frame(OP_TEXT, b'{"t":"ping","id":5}') + bad)
