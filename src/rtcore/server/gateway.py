@@ -503,8 +503,14 @@ class _Connection:
                     self._lazy_writer = True
                     if self.outbox.queued_frames or self.outbox.closed:
                         self._start_writer()
+                    # The transport reads in this task and calls on_message; it
+                    # raises ConnectionClosed when the connection ends.
+                    assert isinstance(self.transport, InlineReader)
                     try:
-                        await self._reader_guard()
+                        await self.transport.run_reader()
+                    except ConnectionClosed as closed:
+                        self._reader_closed(closed)
+                        raise
                     finally:
                         tg.cancel_scope.cancel()
                 else:
@@ -540,20 +546,17 @@ class _Connection:
 
     async def _reader_guard(self) -> None:
         try:
-            if self._inline:
-                # The transport reads in this task and calls on_message; it raises
-                # ConnectionClosed when the connection ends.
-                assert isinstance(self.transport, InlineReader)
-                await self.transport.run_reader()
-            else:
-                await self._reader()
+            await self._reader()
         except ConnectionClosed as exc:
-            self._closing = self._closing or (exc.close_code, exc.reason)
-            # The peer is gone: stop the writer without sending anything more
-            # (and start none: there is nothing left for it to do).
-            self._lazy_writer = False
-            self.outbox.abort()
+            self._reader_closed(exc)
             raise
+
+    def _reader_closed(self, exc: ConnectionClosed) -> None:
+        self._closing = self._closing or (exc.close_code, exc.reason)
+        # The peer is gone: stop the writer without sending anything more
+        # (and start none: there is nothing left for it to do).
+        self._lazy_writer = False
+        self.outbox.abort()
 
 
 async def serve_session(
