@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -42,14 +43,15 @@ from _harness import (
 )
 
 
-async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list[dict[str, float]]:
+async def drive(port: int, pid: int, total: int, step: int, stream: str, count_tasks: bool = False) -> list[dict[str, float]]:
     await asyncio.sleep(0.5)
     rss0 = rss_bytes(pid)
     snap = os.environ.get("AB_TRACEMALLOC")
     if snap:
         os.kill(pid, signal.SIGUSR1)
         await asyncio.sleep(2)
-    tasks_file = os.environ.get("AB_TASKS")  # the server writes its asyncio task count on SIGUSR2
+    # The server writes its asyncio task count on SIGUSR2 (benchmarks/ab/server.py on asyncio only).
+    tasks_file = f"{os.environ['AB_TASKS']}-{pid}" if count_tasks and os.environ.get("AB_TASKS") else None
     tasks0 = await _server_tasks(pid, tasks_file, 1) if tasks_file else 0
     conns: list[Conn] = []
     keepalives: list[asyncio.Task[None]] = []  # idle but alive: pings answered and sent
@@ -99,14 +101,19 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
     return steps
 
 
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
 async def _server_tasks(pid: int, path: str, n: int) -> int:
     """The server's asyncio task count (its n-th answer to SIGUSR2; benchmarks/ab/server.py)."""
     os.kill(pid, signal.SIGUSR2)
     out = Path(f"{path}-{n}")
     for _ in range(100):
         await asyncio.sleep(0.05)
-        if out.exists() and out.read_text().endswith("\n"):
-            return int(out.read_text())
+        text = _read(out)  # a few bytes from tmpfs: not worth a thread
+        if text.endswith("\n"):
+            return int(text)
     raise RuntimeError("the server wrote no task count (AB_TASKS needs an asyncio server)")
 
 
@@ -129,7 +136,8 @@ def main() -> None:
             print("==", kind, "rep", rep, flush=True)
             server = start(kind)
             try:
-                runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream)))
+                count_tasks = kind != "peer" and not kind.endswith("/trio")
+                runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream, count_tasks)))
             finally:
                 server.stop()
     summary: dict[str, Any] = {}
@@ -138,6 +146,7 @@ def main() -> None:
             "rate_per_s_by_open": [statistics.median(r[i]["rate_per_s"] for r in reps) for i in range(len(reps[0]))],
             "server_cpu_us_per_conn_by_open": [statistics.median(r[i]["server_cpu_us_per_conn"] for r in reps) for i in range(len(reps[0]))],
             "kb_per_conn_at_total": statistics.median(r[-1]["kb_per_conn"] for r in reps),
+            "tasks_per_conn_at_total": statistics.median(r[-1].get("tasks_per_conn", math.nan) for r in reps),
         }
     write_results(args.name, {"args": vars(args), "load_before": load_before, "load_after": load_average(), "summary": summary, "runs": runs})
 

@@ -49,14 +49,14 @@ def main() -> None:
             _dump_tasks(f"{os.environ['AB_TRACEMALLOC']}-{dumps[0]}.tasks")
 
         signal.signal(signal.SIGUSR1, dump)
-    if os.environ.get("AB_TASKS"):  # SIGUSR2 writes the number of asyncio tasks to $AB_TASKS-<n>
+    if os.environ.get("AB_TASKS"):  # SIGUSR2 writes the number of asyncio tasks to $AB_TASKS-<pid>-<n>
         import signal
 
         counts = [0]
 
         def tasks(*_: object) -> None:
             counts[0] += 1
-            _dump_tasks(f"{os.environ['AB_TASKS']}-{counts[0]}")
+            _dump_tasks(f"{os.environ['AB_TASKS']}-{os.getpid()}-{counts[0]}")
 
         signal.signal(signal.SIGUSR2, tasks)
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0

@@ -5,15 +5,21 @@ fault-injecting wrapper) implements :class:`FrameTransport` and hands itself
 to :func:`serve_session`. What happens here is the I/O the sans-IO session
 asked for:
 
-* a reader task feeds messages to the session and carries out its actions;
-* a single writer task owns the transport's send side: everything queued in
+* messages reach the session from the transport's read loop, which runs in
+  the session's own task when the transport offers it
+  (:class:`~rtcore.transport.websocket.InlineReader`; otherwise a reader task
+  pulls them with ``receive``), and the actions they cause are carried out;
+* a single writer owns the transport's send side: everything queued in
   the connection's :class:`~rtcore.server.outbox.Outbox` goes out in one
-  ``send`` call (one socket write), which is what makes fan-out fast;
+  ``send`` call (one socket write), which is what makes fan-out fast. With
+  an inline reader the writer task starts only when the outbox needs it
+  (on asyncio most batches are written by a loop callback without it);
 * the hub pushes already-encoded event bytes into the outbox without awaiting;
   when a live frame does not fit the outbox the subscriber is too slow: it
   gets ``bye`` ``slow_consumer`` and close 4008, and resumes from its
   position; history replay is paced by the outbox instead;
-* a timer task wakes the session for idle and token-expiry deadlines.
+* :class:`SessionTimers` (one task for all sessions) wakes the session for
+  its hello, idle and token-expiry deadlines.
 """
 
 from __future__ import annotations

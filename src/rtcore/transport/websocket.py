@@ -8,16 +8,24 @@ Design, and why:
   and a whole batch goes out in **one** socket write (the biggest speed win
   we measured: every await is an event-loop pass). Control frames (ping, pong, close) still go
   through wsproto so its state machine knows the connection is closing.
-* **A reader task per connection** reads the socket all the time, answers
-  pings, notices pongs and the peer's close, and queues complete messages in
-  a bounded memory stream (``max_queue``). The session layer pulls them with
-  :meth:`WebSocketTransport.receive`; when it falls behind the reader stops
-  reading and TCP backpressure reaches the client. Keepalive and close work
-  even while the application is busy with a long command.
+* **One read loop per connection** reads the socket all the time, answers
+  pings, notices pongs and the peer's close. Either the handler claims it
+  (:meth:`WebSocketTransport.take_reader`, before its first await) and runs
+  it in its own task, getting each complete message through a synchronous
+  callback (an awaitable the callback returns is awaited before reading
+  on: backpressure), or it runs as a task of :func:`run_websocket` and
+  queues messages in a bounded memory stream (``max_queue``) that the
+  handler pulls with :meth:`WebSocketTransport.receive`; when it falls
+  behind the reader stops reading and TCP backpressure reaches the client.
+  The session layer claims it: no reader task and no queue per connection.
+  Keepalive and close work even while the application is busy with a long
+  command (commands run in tasks of their own).
 * **Limits wsproto lacks**: message size counted across fragments (and after
   inflating, see :mod:`rtcore.transport.deflate`), fragments per message; both
-  close with 1009. A heartbeat task pings every ``ping_interval`` and closes
-  with 1011 when no pong comes back within ``ping_timeout``.
+  close with 1009. Every ``ping_interval`` the connection is pinged and
+  closed with 1011 when no pong comes back within ``ping_timeout``; the
+  pings of all a server's connections come from one :class:`Heartbeats`
+  task (a heap of deadlines), not a task per connection.
 * **asyncio fast path, on public API only.** On asyncio's selector event
   loop, with a plain TCP stream (an :class:`anyio.abc.SocketStream`, not
   TLS), writes go straight to the non-blocking socket that anyio exposes as
