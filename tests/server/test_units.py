@@ -21,6 +21,7 @@ from rtcore.transport import ServerLimits, WebSocketPolicy, WebSocketTransport
 from rtcore.transport.deflate import BoundedPerMessageDeflate
 from rtcore.transport.handshake import accept_key, negotiate
 from rtcore.transport.head import HeadScanner
+from rtcore.transport.websocket import Heartbeats
 from rtcore.transport.wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 pytestmark = pytest.mark.anyio
@@ -113,6 +114,33 @@ async def test_deflated_send_is_one_write_too() -> None:
     frames = parse_all(stream.writes[0], [client_side])
     assert [f.data for f in frames] == [b"a" * 100, b"b" * 100]
     dispose(transport)
+
+
+async def test_keepalive_heap_drops_closed_connections() -> None:
+    """The shared Heartbeats heap holds at most about twice the open connections:
+    closed ones (and superseded deadlines) are dropped when they outnumber the
+    live entries, not kept (with their transport) until their deadline.
+
+    Mutation seen caught: ``Heartbeats._superseded`` never rebuilding the heap
+    → 1,000 entries for 10 open connections → fails.
+    """
+    limits = ServerLimits(ping_interval=20.0)
+    heartbeats = Heartbeats(limits)
+    transports = [
+        WebSocketTransport(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats) for _ in range(1000)
+    ]
+    for t in transports:
+        heartbeats.start(t)
+    for t in transports[10:]:
+        heartbeats.discard(t)  # what run_websocket does when a connection ends
+    assert len(heartbeats) <= 2 * 10 + 33
+    live = transports[:10]
+    for t in live:  # a pong moves the deadline: the old entry is superseded
+        heartbeats.schedule(t, anyio.current_time() + 40.0)
+    assert len(heartbeats) <= 2 * 10 + 33
+    assert all(t._hb_at is not None for t in live)
+    for t in transports:
+        dispose(t)
 
 
 # -- request head guard ---------------------------------------------------------------

@@ -806,9 +806,13 @@ class Heartbeats:
 
     Every ``ping_interval`` after its last pong (or its start) a connection
     gets a ping; when no pong came ``ping_timeout`` later it is closed with
-    1011. The connections' next deadlines sit in one heap; entries are never
-    removed, an entry counts only while it equals the connection's current
-    deadline (a pong moves it later; the stale entry then does nothing).
+    1011. The connections' next deadlines sit in one heap; an entry counts
+    only while it equals the connection's current deadline (a pong moves it
+    later, a closed connection has none; the stale entry then does nothing).
+    Stale entries are not searched for and removed one by one: when they
+    outnumber the live ones the heap is rebuilt without them, so it never
+    holds more than about twice the open connections (and closed
+    connections are not kept alive by it for a whole ``ping_interval``).
 
     Args:
         limits: ``ping_interval`` and ``ping_timeout``.
@@ -820,16 +824,34 @@ class Heartbeats:
         self._seq = itertools.count()
         self._next = math.inf
         self._kick: anyio.Event | None = None
+        self._stale = 0  # heap entries that no longer count
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def schedule(self, transport: WebSocketTransport, when: float) -> None:
         """(Re)schedule ``transport``'s next keepalive step at ``when`` (``anyio.current_time()`` clock)."""
+        if transport._hb_at is not None:
+            self._superseded()
         transport._hb_at = when
         heapq.heappush(self._heap, (when, next(self._seq), transport))
         if when < self._next and self._kick is not None:
             self._kick.set()
+
+    def discard(self, transport: WebSocketTransport) -> None:
+        """Stop pinging ``transport`` (its connection ended)."""
+        if transport._hb_at is not None:
+            transport._hb_at = None
+            self._superseded()
+
+    def _superseded(self) -> None:
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 32 and self._stale * 2 > len(heap):
+            # Rebuild without the stale entries: O(n) once per n/2 of them.
+            heap[:] = [entry for entry in heap if entry[2]._hb_at == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0
 
     def start(self, transport: WebSocketTransport) -> None:
         """Begin pinging ``transport`` (no-op when pings are disabled)."""
@@ -847,6 +869,8 @@ class Heartbeats:
                 if transport._hb_at == when:
                     transport._hb_at = None
                     transport._heartbeat_due(now)
+                elif self._stale:
+                    self._stale -= 1
             self._next = heap[0][0] if heap else math.inf
             kick = self._kick = anyio.Event()
             with anyio.move_on_after(self._next - now + _HEARTBEAT_SLACK):
@@ -891,7 +915,8 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
             await transport.close(code, reason)
             tg.cancel_scope.cancel()
     finally:
-        transport._hb_at = None  # out of the keepalive heap's count
+        if transport._heartbeats is not None:
+            transport._heartbeats.discard(transport)
         if transport._inbox is not None:
             transport._inbox.close()
         transport._close_inbox()
