@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import zlib
 from collections.abc import Generator
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -17,6 +18,7 @@ from wsproto.frame_protocol import CloseReason, FrameProtocol, RsvBits
 from wsproto.frame_protocol import Opcode as WsOpcode
 
 from rtcore.errors import RtcoreError
+from rtcore.server.gateway import SessionTimers
 from rtcore.transport import ServerLimits, WebSocketPolicy, WebSocketTransport
 from rtcore.transport.deflate import BoundedPerMessageDeflate
 from rtcore.transport.handshake import accept_key, negotiate
@@ -286,3 +288,31 @@ def test_inflater_round_trips_messages_within_the_budget() -> None:
         tail = ext.frame_inbound_complete(proto, True)
         assert isinstance(body, bytes) and isinstance(tail, bytes)
         assert body + tail == text
+
+
+class _TimedSession:
+    """What SessionTimers reads of a session: its current deadline."""
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+
+    def _on_deadline(self, now: float) -> None:  # pragma: no cover - the test runs no deadline
+        raise AssertionError
+
+
+async def test_session_timer_heap_drops_ended_sessions() -> None:
+    """SessionTimers holds at most about twice the open sessions: ended ones are
+    dropped when they outnumber the live entries, not kept (with their
+    connection and transport) until their idle deadline would have come.
+
+    Mutation seen caught: ``SessionTimers._superseded`` never rebuilding the
+    heap → 1,000 entries for 10 open sessions → fails.
+    """
+    timers = SessionTimers(cast(Any, None))  # the node is only read by run()
+    sessions = [_TimedSession() for _ in range(1000)]
+    for i, conn in enumerate(sessions):
+        timers.schedule(cast(Any, conn), 45.0 + i)
+    for conn in sessions[10:]:
+        timers.discard(cast(Any, conn))  # what a session does when it ends
+    assert len(timers) <= 2 * 10 + 33
+    assert all(conn._deadline is not None for conn in sessions[:10])

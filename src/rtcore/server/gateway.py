@@ -84,10 +84,12 @@ class SessionTimers:
     with the number open. Here the sessions' next deadlines sit in one heap:
     a session is woken only when its deadline comes, and one task waits.
 
-    Entries are never removed: a session's heap entry counts only while it
-    equals the session's current deadline (a later frame moves the idle
-    deadline later; the old entry then just finds nothing to do and
-    reschedules).
+    A session's heap entry counts only while it equals the session's
+    current deadline (a later frame moves the idle deadline later; the old
+    entry then just finds nothing to do and reschedules). Entries of ended
+    sessions and superseded ones are dropped in one rebuild when they
+    outnumber the live ones, so the heap does not keep ended sessions (and
+    their transports) alive until their deadline would have come.
 
     Args:
         node: The node whose clock (and ``timer_wakeup``, for fake clocks) to follow.
@@ -99,12 +101,29 @@ class SessionTimers:
         self._seq = itertools.count()
         self._next = math.inf
         self._kick = anyio.Event()
+        self._stale = 0  # heap entries that no longer count
 
     def __len__(self) -> int:
         return len(self._heap)
 
+    def discard(self, conn: _Connection) -> None:
+        """``conn`` ended: its entry no longer counts."""
+        if conn._deadline is not None:
+            conn._deadline = None
+            self._superseded()
+
+    def _superseded(self) -> None:
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 32 and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2]._deadline == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0
+
     def schedule(self, conn: _Connection, deadline: float) -> None:
         """(Re)schedule ``conn``'s next wake-up at ``deadline`` (node clock)."""
+        if conn._deadline is not None:
+            self._superseded()
         conn._deadline = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), conn))
         if deadline < self._next:
@@ -121,6 +140,8 @@ class SessionTimers:
                 if conn._deadline == deadline:
                     conn._deadline = None
                     conn._on_deadline(now)
+                elif self._stale:
+                    self._stale -= 1
             self._next = heap[0][0] if heap else math.inf
             kick = self._kick = anyio.Event()
             wake = node.timer_wakeup  # a fake clock moved (rtcore.testing)
@@ -534,6 +555,8 @@ class _Connection:
                 self._on_close(exc.close_code, exc.reason)
         finally:
             self._ended = True
+            if self._timers is not None:
+                self._timers.discard(self)
             self._deadline = None
             self.metrics.closed(code)
             if CONNECTION.isEnabledFor(logging.INFO):
