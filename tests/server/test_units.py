@@ -290,6 +290,41 @@ def test_inflater_round_trips_messages_within_the_budget() -> None:
         assert body + tail == text
 
 
+class _FailingKeepalive(WebSocketTransport):
+    def _heartbeat_due(self, now: float) -> None:
+        raise RuntimeError("a bug in one connection's keepalive")
+
+
+class _RecordingKeepalive(WebSocketTransport):
+    due = anyio.Event()
+
+    def _heartbeat_due(self, now: float) -> None:
+        type(self).due.set()
+
+
+async def test_one_connections_keepalive_failure_does_not_stop_the_others() -> None:
+    """The shared Heartbeats task survives a connection whose keepalive step raises
+    (it is logged): the other connections are still pinged.
+
+    Mutation seen caught: no ``try``/``except`` around ``_heartbeat_due`` in
+    ``Heartbeats.run`` → the task dies with the RuntimeError → fails.
+    """
+    limits = ServerLimits(ping_interval=0.01)
+    heartbeats = Heartbeats(limits)
+    _RecordingKeepalive.due = anyio.Event()
+    failing = _FailingKeepalive(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats)
+    recording = _RecordingKeepalive(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats)
+    heartbeats.start(failing)
+    heartbeats.schedule(recording, anyio.current_time() + 0.05)  # due after the failing one
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeats.run)
+            await _RecordingKeepalive.due.wait()
+            tg.cancel_scope.cancel()
+    dispose(failing)
+    dispose(recording)
+
+
 class _TimedSession:
     """What SessionTimers reads of a session: its current deadline."""
 

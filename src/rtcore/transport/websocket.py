@@ -868,7 +868,10 @@ class Heartbeats:
                 when, _, transport = heapq.heappop(heap)
                 if transport._hb_at == when:
                     transport._hb_at = None
-                    transport._heartbeat_due(now)
+                    try:
+                        transport._heartbeat_due(now)
+                    except Exception:  # one connection's bug must not stop every keepalive
+                        log.exception("keepalive failed for one connection")
                 elif self._stale:
                     self._stale -= 1
             self._next = heap[0][0] if heap else math.inf
