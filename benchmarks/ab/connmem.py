@@ -11,15 +11,22 @@ connects) and the per-connection CPU net of it, and its RSS; ``kb_per_conn`` is 
 first connection) / connections open. Every open connection stays live (it
 answers pings and sends a protocol ``ping`` every 30 s, so no idle timeout
 closes it). RLIMIT_NOFILE is raised for client and server.
+
+``AB_TASKS=<prefix>`` (asyncio servers): also record the server's asyncio
+tasks per open connection. ``AB_TRACEMALLOC=<prefix>``: the server dumps a
+tracemalloc snapshot before the first and after the last connection
+(compare them with ``benchmarks/ab/memdiff.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
+from pathlib import Path
 from typing import Any
 
 from _harness import (
@@ -36,13 +43,16 @@ from _harness import (
 )
 
 
-async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list[dict[str, float]]:
+async def drive(port: int, pid: int, total: int, step: int, stream: str, count_tasks: bool = False) -> list[dict[str, float]]:
     await asyncio.sleep(0.5)
     rss0 = rss_bytes(pid)
     snap = os.environ.get("AB_TRACEMALLOC")
     if snap:
         os.kill(pid, signal.SIGUSR1)
         await asyncio.sleep(2)
+    # The server writes its asyncio task count on SIGUSR2 (benchmarks/ab/server.py on asyncio only).
+    tasks_file = f"{os.environ['AB_TASKS']}-{pid}" if count_tasks and os.environ.get("AB_TASKS") else None
+    tasks0 = await _server_tasks(pid, tasks_file, 1) if tasks_file else 0
     conns: list[Conn] = []
     keepalives: list[asyncio.Task[None]] = []  # idle but alive: pings answered and sent
     steps = []
@@ -63,6 +73,10 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
         await asyncio.sleep(3.0)
         idle_per_s = (cpu_seconds(pid) - i0) / (now() - ti)
         rss = rss_bytes(pid)
+        extra: dict[str, float] = {}
+        if tasks_file:
+            tasks = await _server_tasks(pid, tasks_file, len(steps) + 2)
+            extra["tasks_per_conn"] = (tasks - tasks0) / len(conns)
         steps.append(
             {
                 "open": len(conns),
@@ -73,6 +87,7 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
                 "client_cpu_us_per_conn": (c1 - c0) / step * 1e6,
                 "rss_mb": rss / 1e6,
                 "kb_per_conn": (rss - rss0) / len(conns) / 1e3,
+                **extra,
             }
         )
         print({k: round(v, 1) for k, v in steps[-1].items()}, flush=True)
@@ -84,6 +99,22 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str) -> list
     for c in conns:
         c.close()
     return steps
+
+
+def _read(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
+
+
+async def _server_tasks(pid: int, path: str, n: int) -> int:
+    """The server's asyncio task count (its n-th answer to SIGUSR2; benchmarks/ab/server.py)."""
+    os.kill(pid, signal.SIGUSR2)
+    out = Path(f"{path}-{n}")
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        text = _read(out)  # a few bytes from tmpfs: not worth a thread
+        if text.endswith("\n"):
+            return int(text)
+    raise RuntimeError("the server wrote no task count (AB_TASKS needs an asyncio server)")
 
 
 def main() -> None:
@@ -105,7 +136,8 @@ def main() -> None:
             print("==", kind, "rep", rep, flush=True)
             server = start(kind)
             try:
-                runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream)))
+                count_tasks = kind != "peer" and not kind.endswith("/trio")
+                runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream, count_tasks)))
             finally:
                 server.stop()
     summary: dict[str, Any] = {}
@@ -114,6 +146,7 @@ def main() -> None:
             "rate_per_s_by_open": [statistics.median(r[i]["rate_per_s"] for r in reps) for i in range(len(reps[0]))],
             "server_cpu_us_per_conn_by_open": [statistics.median(r[i]["server_cpu_us_per_conn"] for r in reps) for i in range(len(reps[0]))],
             "kb_per_conn_at_total": statistics.median(r[-1]["kb_per_conn"] for r in reps),
+            "tasks_per_conn_at_total": statistics.median(r[-1].get("tasks_per_conn", math.nan) for r in reps),
         }
     write_results(args.name, {"args": vars(args), "load_before": load_before, "load_after": load_average(), "summary": summary, "runs": runs})
 

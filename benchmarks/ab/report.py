@@ -72,6 +72,12 @@ def conn_section(path: Path, data: dict[str, Any]) -> list[str]:
             cells.append(f"{r['server_cpu_us_per_conn']:.0f} µs{extra} / {r['rate_per_s']:.0f}/s")
         out.append(f"| {step['open']} | " + " | ".join(cells) + " |")
     out.append("| kB per connection at the end | " + " | ".join(f"{data['runs'][k][0][-1]['kb_per_conn']:.1f}" for k in kinds) + " |")
+    if any("tasks_per_conn" in data["runs"][k][0][-1] for k in kinds):  # AB_TASKS runs (asyncio servers)
+        out.append(
+            "| server tasks per connection at the end | "
+            + " | ".join(f"{data['runs'][k][0][-1]['tasks_per_conn']:.2f}" if "tasks_per_conn" in data["runs"][k][0][-1] else "-" for k in kinds)
+            + " |"
+        )
     return [*out, ""]
 
 

@@ -20,6 +20,17 @@ import rtcore
 from rtcore.server.runner import run
 
 
+def _dump_tasks(path: str) -> None:
+    """Write how many asyncio tasks run now (nothing on trio), for tasks per connection."""
+    import asyncio
+
+    try:
+        n = len(asyncio.all_tasks())
+    except RuntimeError:  # not on asyncio
+        return
+    Path(path).write_text(f"{n}\n")
+
+
 def main() -> None:
     if os.environ.get("AB_GC") == "off":  # experiment: is the garbage collector the per-connect growth?
         import gc
@@ -35,8 +46,19 @@ def main() -> None:
         def dump(*_: object) -> None:
             dumps[0] += 1
             tracemalloc.take_snapshot().dump(f"{os.environ['AB_TRACEMALLOC']}-{dumps[0]}")
+            _dump_tasks(f"{os.environ['AB_TRACEMALLOC']}-{dumps[0]}.tasks")
 
         signal.signal(signal.SIGUSR1, dump)
+    if os.environ.get("AB_TASKS"):  # SIGUSR2 writes the number of asyncio tasks to $AB_TASKS-<pid>-<n>
+        import signal
+
+        counts = [0]
+
+        def tasks(*_: object) -> None:
+            counts[0] += 1
+            _dump_tasks(f"{os.environ['AB_TASKS']}-{os.getpid()}-{counts[0]}")
+
+        signal.signal(signal.SIGUSR2, tasks)
     port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
     loop = sys.argv[2] if len(sys.argv) > 2 else "asyncio"
     if loop == "asyncio":

@@ -356,7 +356,10 @@ async def test_framing_error_closes_with_its_code(bad: bytes, close: int) -> Non
     Mutations: give the server's wsproto ``Connection`` an enabled
     permessage-deflate extension when none was negotiated → RSV1 is taken for
     compression (close 1007, not 1002) → "rsv1" fails; close with 1000 instead
-    of wsproto's code in ``_on_close`` → every case fails.
+    of wsproto's code in ``_on_close`` → every case fails; the session
+    reading inline without a flush before the failure
+    (``take_reader(conn.on_message)``, no ``outbox.flushed``) → the pong is
+    not written before the close frame → fails.
     """
     async with serving(app) as server, bystander(server), raw_ws(server) as ws:
         await ws.stream.send(frame(OP_TEXT, b'{"t":"ping","id":5}') + bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import zlib
 from collections.abc import Generator
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -17,10 +18,12 @@ from wsproto.frame_protocol import CloseReason, FrameProtocol, RsvBits
 from wsproto.frame_protocol import Opcode as WsOpcode
 
 from rtcore.errors import RtcoreError
+from rtcore.server.gateway import SessionTimers
 from rtcore.transport import ServerLimits, WebSocketPolicy, WebSocketTransport
 from rtcore.transport.deflate import BoundedPerMessageDeflate
 from rtcore.transport.handshake import accept_key, negotiate
 from rtcore.transport.head import HeadScanner
+from rtcore.transport.websocket import Heartbeats
 from rtcore.transport.wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 pytestmark = pytest.mark.anyio
@@ -83,9 +86,10 @@ class RecordingStream(ByteStream):
 
 
 def dispose(transport: WebSocketTransport) -> None:
-    """Close the inbound queue that :func:`run_websocket` would have closed."""
-    transport._inbox.close()
-    transport._inbox_in.close()
+    """Close the inbound queue that :func:`run_websocket` would have closed (if one was made)."""
+    if transport._inbox is not None:
+        transport._inbox.close()
+    transport._close_inbox()
 
 
 async def test_send_is_one_write_for_the_whole_batch() -> None:
@@ -112,6 +116,33 @@ async def test_deflated_send_is_one_write_too() -> None:
     frames = parse_all(stream.writes[0], [client_side])
     assert [f.data for f in frames] == [b"a" * 100, b"b" * 100]
     dispose(transport)
+
+
+async def test_keepalive_heap_drops_closed_connections() -> None:
+    """The shared Heartbeats heap holds at most about twice the open connections:
+    closed ones (and superseded deadlines) are dropped when they outnumber the
+    live entries, not kept (with their transport) until their deadline.
+
+    Mutation seen caught: ``Heartbeats._superseded`` never rebuilding the heap
+    → 1,000 entries for 10 open connections → fails.
+    """
+    limits = ServerLimits(ping_interval=20.0)
+    heartbeats = Heartbeats(limits)
+    transports = [
+        WebSocketTransport(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats) for _ in range(1000)
+    ]
+    for t in transports:
+        heartbeats.start(t)
+    for t in transports[10:]:
+        heartbeats.discard(t)  # what run_websocket does when a connection ends
+    assert len(heartbeats) <= 2 * 10 + 33
+    live = transports[:10]
+    for t in live:  # a pong moves the deadline: the old entry is superseded
+        heartbeats.schedule(t, anyio.current_time() + 40.0)
+    assert len(heartbeats) <= 2 * 10 + 33
+    assert all(t._hb_at is not None for t in live)
+    for t in transports:
+        dispose(t)
 
 
 # -- request head guard ---------------------------------------------------------------
@@ -257,3 +288,66 @@ def test_inflater_round_trips_messages_within_the_budget() -> None:
         tail = ext.frame_inbound_complete(proto, True)
         assert isinstance(body, bytes) and isinstance(tail, bytes)
         assert body + tail == text
+
+
+class _FailingKeepalive(WebSocketTransport):
+    def _heartbeat_due(self, now: float) -> None:
+        raise RuntimeError("a bug in one connection's keepalive")
+
+
+class _RecordingKeepalive(WebSocketTransport):
+    due = anyio.Event()
+
+    def _heartbeat_due(self, now: float) -> None:
+        type(self).due.set()
+
+
+async def test_one_connections_keepalive_failure_does_not_stop_the_others() -> None:
+    """The shared Heartbeats task survives a connection whose keepalive step raises
+    (it is logged): the other connections are still pinged.
+
+    Mutation seen caught: no ``try``/``except`` around ``_heartbeat_due`` in
+    ``Heartbeats.run`` → the task dies with the RuntimeError → fails.
+    """
+    limits = ServerLimits(ping_interval=0.01)
+    heartbeats = Heartbeats(limits)
+    _RecordingKeepalive.due = anyio.Event()
+    failing = _FailingKeepalive(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats)
+    recording = _RecordingKeepalive(RecordingStream(), encoding="json", limits=limits, heartbeats=heartbeats)
+    heartbeats.start(failing)
+    heartbeats.schedule(recording, anyio.current_time() + 0.05)  # due after the failing one
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(heartbeats.run)
+            await _RecordingKeepalive.due.wait()
+            tg.cancel_scope.cancel()
+    dispose(failing)
+    dispose(recording)
+
+
+class _TimedSession:
+    """What SessionTimers reads of a session: its current deadline."""
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+
+    def _on_deadline(self, now: float) -> None:  # pragma: no cover - the test runs no deadline
+        raise AssertionError
+
+
+async def test_session_timer_heap_drops_ended_sessions() -> None:
+    """SessionTimers holds at most about twice the open sessions: ended ones are
+    dropped when they outnumber the live entries, not kept (with their
+    connection and transport) until their idle deadline would have come.
+
+    Mutation seen caught: ``SessionTimers._superseded`` never rebuilding the
+    heap → 1,000 entries for 10 open sessions → fails.
+    """
+    timers = SessionTimers(cast(Any, None))  # the node is only read by run()
+    sessions = [_TimedSession() for _ in range(1000)]
+    for i, conn in enumerate(sessions):
+        timers.schedule(cast(Any, conn), 45.0 + i)
+    for conn in sessions[10:]:
+        timers.discard(cast(Any, conn))  # what a session does when it ends
+    assert len(timers) <= 2 * 10 + 33
+    assert all(conn._deadline is not None for conn in sessions[:10])

@@ -7,8 +7,10 @@ import contextlib
 import os
 import socket
 import struct
+from collections.abc import Awaitable
 
 import anyio
+import anyio.lowlevel
 import pytest
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.exceptions import InvalidStatus
@@ -20,6 +22,7 @@ from rtcore.transport import (
     UpgradeRequest,
     WebSocketPolicy,
 )
+from rtcore.transport.websocket import InlineReader
 from tests.ws_client import connect
 
 from .helpers import Recorder, basic_http, echo_handler, json_of, read_until_eof, running_server
@@ -434,3 +437,64 @@ async def test_messages_before_a_protocol_error_are_answered_first() -> None:
     frames = _frames(data)
     assert frames[0] == (0x1, b"hi")  # the echo comes before the failure
     assert frames[1][0] == 0x8 and struct.unpack("!H", frames[1][1][:2])[0] == 1002
+
+
+async def test_take_reader_awaits_what_the_callback_returns_before_the_next_message() -> None:
+    """Backpressure of the inline reader: a message whose callback returned an
+    awaitable holds back every later message (and the socket) until it is done.
+
+    Mutation seen caught: ``_deliver`` not awaiting the callback's result →
+    "after" is delivered while "block" is still pending → fails.
+    """
+    gate = anyio.Event()
+    got: list[str | bytes] = []
+    done = anyio.Event()
+
+    def on_message(message: str | bytes) -> Awaitable[None] | None:
+        got.append(message)
+        if message == "after":
+            done.set()
+        return gate.wait() if message == "block" else None
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        assert isinstance(transport, InlineReader)
+        assert transport.take_reader(on_message)  # before the first await: granted
+        await transport.run_reader()
+
+    rec = Recorder()
+    async with running_server(handler, basic_http(rec)) as srv, connect(srv.ws_url, **NO_PROXY) as ws:
+        await ws.send("block")
+        await ws.send("after")
+        with anyio.fail_after(5):
+            while not got:
+                await anyio.sleep(0.01)
+        await anyio.wait_all_tasks_blocked()
+        assert got == ["block"]
+        gate.set()
+        with anyio.fail_after(5):
+            await done.wait()
+        assert got == ["block", "after"]
+
+
+async def test_take_reader_is_refused_once_the_reader_task_runs() -> None:
+    """Once the reader task runs, ``take_reader`` is refused: two read loops on
+    one socket would split its frames between them.
+
+    Mutation seen caught: ``take_reader`` without its "already reading"
+    check (``_reading`` / ``_inbox``) → it is granted while the reader task
+    already reads → fails.
+    """
+    claimed: list[bool] = []
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        message = await transport.receive()  # the reader task has delivered a message: it runs
+        assert isinstance(transport, InlineReader)
+        claimed.append(transport.take_reader(lambda m: None))
+        await transport.send([message.encode() if isinstance(message, str) else message])
+
+    rec = Recorder()
+    async with running_server(handler, basic_http(rec)) as srv, connect(srv.ws_url, **NO_PROXY) as ws:
+        await ws.send("hi")
+        with anyio.fail_after(5):
+            assert await ws.recv() == "hi"
+        assert claimed == [False]

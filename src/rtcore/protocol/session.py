@@ -199,6 +199,13 @@ class Session:
             (``None``: only the idle timeout applies).
     """
 
+    # One per connection: no per-instance __dict__.
+    __slots__ = (
+        "_bucket", "_commands", "_expired_notice_at", "_expires_at", "_hello_deadline", "_last_seen", "_pending",
+        "_pending_subs", "codec", "heartbeat", "id", "limits", "principal", "principal_id", "state", "subscriptions",
+        "token_grace",
+    )
+
     def __init__(
         self,
         session_id: str,

@@ -5,15 +5,21 @@ fault-injecting wrapper) implements :class:`FrameTransport` and hands itself
 to :func:`serve_session`. What happens here is the I/O the sans-IO session
 asked for:
 
-* a reader task feeds messages to the session and carries out its actions;
-* a single writer task owns the transport's send side: everything queued in
+* messages reach the session from the transport's read loop, which runs in
+  the session's own task when the transport offers it
+  (:class:`~rtcore.transport.websocket.InlineReader`; otherwise a reader task
+  pulls them with ``receive``), and the actions they cause are carried out;
+* a single writer owns the transport's send side: everything queued in
   the connection's :class:`~rtcore.server.outbox.Outbox` goes out in one
-  ``send`` call (one socket write), which is what makes fan-out fast;
+  ``send`` call (one socket write), which is what makes fan-out fast. With
+  an inline reader the writer task starts only when the outbox needs it
+  (on asyncio most batches are written by a loop callback without it);
 * the hub pushes already-encoded event bytes into the outbox without awaiting;
   when a live frame does not fit the outbox the subscriber is too slow: it
   gets ``bye`` ``slow_consumer`` and close 4008, and resumes from its
   position; history replay is paced by the outbox instead;
-* a timer task wakes the session for idle and token-expiry deadlines.
+* :class:`SessionTimers` (one task for all sessions) wakes the session for
+  its hello, idle and token-expiry deadlines.
 """
 
 from __future__ import annotations
@@ -49,7 +55,7 @@ from ..protocol.session import (
     Send,
     Session,
 )
-from ..transport.websocket import FrameTransport
+from ..transport.websocket import FrameTransport, InlineReader
 from .outbox import FastWriter, Outbox
 from .registry import SessionInfo, SessionRegistry, SubscriptionInfo
 
@@ -79,10 +85,12 @@ class SessionTimers:
     with the number open. Here the sessions' next deadlines sit in one heap:
     a session is woken only when its deadline comes, and one task waits.
 
-    Entries are never removed: a session's heap entry counts only while it
-    equals the session's current deadline (a later frame moves the idle
-    deadline later; the old entry then just finds nothing to do and
-    reschedules).
+    A session's heap entry counts only while it equals the session's
+    current deadline (a later frame moves the idle deadline later; the old
+    entry then just finds nothing to do and reschedules). Entries of ended
+    sessions and superseded ones are dropped in one rebuild when they
+    outnumber the live ones, so the heap does not keep ended sessions (and
+    their transports) alive until their deadline would have come.
 
     Args:
         node: The node whose clock (and ``timer_wakeup``, for fake clocks) to follow.
@@ -94,12 +102,29 @@ class SessionTimers:
         self._seq = itertools.count()
         self._next = math.inf
         self._kick = anyio.Event()
+        self._stale = 0  # heap entries that no longer count
 
     def __len__(self) -> int:
         return len(self._heap)
 
+    def discard(self, conn: _Connection) -> None:
+        """``conn`` ended: its entry no longer counts."""
+        if conn._deadline is not None:
+            conn._deadline = None
+            self._superseded()
+
+    def _superseded(self) -> None:
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 32 and self._stale * 2 > len(heap):
+            heap[:] = [entry for entry in heap if entry[2]._deadline == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0
+
     def schedule(self, conn: _Connection, deadline: float) -> None:
         """(Re)schedule ``conn``'s next wake-up at ``deadline`` (node clock)."""
+        if conn._deadline is not None:
+            self._superseded()
         conn._deadline = deadline
         heapq.heappush(self._heap, (deadline, next(self._seq), conn))
         if deadline < self._next:
@@ -116,6 +141,8 @@ class SessionTimers:
                 if conn._deadline == deadline:
                     conn._deadline = None
                     conn._on_deadline(now)
+                elif self._stale:
+                    self._stale -= 1
             self._next = heap[0][0] if heap else math.inf
             kick = self._kick = anyio.Event()
             wake = node.timer_wakeup  # a fake clock moved (rtcore.testing)
@@ -132,6 +159,14 @@ async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
 
 
 class _Connection:
+    # Thousands live at once: no per-instance __dict__ (its resizes cost ~1.6 kB each).
+    __slots__ = (
+        "__weakref__", "_acks", "_closing", "_commands", "_deadline", "_ended", "_idle", "_idle_workers", "_inflight",
+        "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg", "_timer_scope",
+        "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
+        "subs", "transport", "upgrade_token",
+    )
+
     def __init__(
         self,
         node: Node,
@@ -177,11 +212,15 @@ class _Connection:
             clock=node.clock,
             metrics=node.metrics,
             fast=fast,
+            # Started when a write cannot complete at once, or at the close (see run()).
+            start_writer=self._start_writer,
         )
         self._registry = registry
         self._present: str | None = None  # the principal reported to node.presence
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
+        self._lazy_writer = False  # run(): the writer task starts on the outbox's first need
+        self._inline = False  # serve_session: the transport's read loop runs in run()'s task
         self._inflight = 0
         self._idle: anyio.Event | None = None  # created by drain() (saves an event per connection)
         # Commands run on a small pool of per-connection worker tasks: a command is
@@ -252,6 +291,11 @@ class _Connection:
         action = self._sub_actions.get(stream)
         if action is not None:
             self._spawn(lambda: self._subscribe(action, use_cursor=False, resubscribe=True))
+
+    def _start_writer(self) -> None:
+        if self._lazy_writer:
+            self._lazy_writer = False
+            self._spawn(self._writer)
 
     async def _writer(self) -> None:
         await self.outbox.run(self.transport.send)
@@ -427,18 +471,31 @@ class _Connection:
 
     # --- loops -----------------------------------------------------------------
 
+    def on_message(self, data: bytes | str) -> Coroutine[Any, Any, None] | None:
+        """One inbound message (the transport's read loop calls this, see
+        :class:`~rtcore.transport.websocket.InlineReader`); a coroutine returned
+        must finish before the next message is read."""
+        metrics = self.metrics
+        metrics.messages_in += 1
+        metrics.bytes_in += len(data)
+        self._run(self.session.receive_data(data, self.node.clock()))
+        if self._acks:
+            # Acks are stored before the next frame is read, so a client that
+            # sends ack then ping knows its cursor is stored when pong arrives.
+            return self._store_acks()
+        return None
+
+    async def _store_acks(self) -> None:
+        acks, self._acks = self._acks, []
+        for stream, epoch, offset in acks:
+            await self.node.store_ack(self.session.principal, stream, epoch, offset)
+
     async def _reader(self) -> None:
         while True:
             data = await self.transport.receive()
-            self.metrics.messages_in += 1
-            self.metrics.bytes_in += len(data)
-            self._run(self.session.receive_data(data, self.node.clock()))
-            if self._acks:
-                # Acks are stored before the next frame is read, so a client that
-                # sends ack then ping knows its cursor is stored when pong arrives.
-                acks, self._acks = self._acks, []
-                for stream, epoch, offset in acks:
-                    await self.node.store_ack(self.session.principal, stream, epoch, offset)
+            pending = self.on_message(data)
+            if pending is not None:
+                await pending
 
     async def _timer(self) -> None:
         while True:
@@ -472,11 +529,28 @@ class _Connection:
                     tg.start_soon(self._timer)
                 else:
                     self._timers.schedule(self, self.session.next_deadline())
-                tg.start_soon(self._reader_guard)
-                try:
-                    await self._writer()
-                finally:
-                    tg.cancel_scope.cancel()
+                if self._inline:
+                    # This task reads; the writer task starts only when the outbox
+                    # needs it (on asyncio most writes complete without it).
+                    self._lazy_writer = True
+                    if self.outbox.queued_frames or self.outbox.closed:
+                        self._start_writer()
+                    # The transport reads in this task and calls on_message; it
+                    # raises ConnectionClosed when the connection ends.
+                    assert isinstance(self.transport, InlineReader)
+                    try:
+                        await self.transport.run_reader()
+                    except ConnectionClosed as closed:
+                        self._reader_closed(closed)
+                        raise
+                    finally:
+                        tg.cancel_scope.cancel()
+                else:
+                    tg.start_soon(self._reader_guard)
+                    try:
+                        await self._writer()
+                    finally:
+                        tg.cancel_scope.cancel()
         except* ConnectionClosed as group:
             exc = group.exceptions[0]
             assert isinstance(exc, ConnectionClosed)
@@ -486,6 +560,8 @@ class _Connection:
                 self._on_close(exc.close_code, exc.reason)
         finally:
             self._ended = True
+            if self._timers is not None:
+                self._timers.discard(self)
             self._deadline = None
             self.metrics.closed(code)
             if CONNECTION.isEnabledFor(logging.INFO):
@@ -506,10 +582,15 @@ class _Connection:
         try:
             await self._reader()
         except ConnectionClosed as exc:
-            self._closing = self._closing or (exc.close_code, exc.reason)
-            # The peer is gone: stop the writer without sending anything more.
-            self.outbox.abort()
+            self._reader_closed(exc)
             raise
+
+    def _reader_closed(self, exc: ConnectionClosed) -> None:
+        self._closing = self._closing or (exc.close_code, exc.reason)
+        # The peer is gone: stop the writer without sending anything more
+        # (and start none: there is nothing left for it to do).
+        self._lazy_writer = False
+        self.outbox.abort()
 
 
 async def serve_session(
@@ -544,4 +625,7 @@ async def serve_session(
     conn = _Connection(
         node, transport, token, outbox or node.outbox or OutboxLimits(), on_close, hello_timeout, registry, peer, timers
     )
+    # Before the first await (see InlineReader.take_reader): read in this task,
+    # no reader task or message queue of the transport's.
+    conn._inline = isinstance(transport, InlineReader) and transport.take_reader(conn.on_message, conn.outbox.flushed)
     await conn.run()

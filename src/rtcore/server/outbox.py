@@ -28,7 +28,6 @@ an empty outbox.
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, runtime_checkable
 
@@ -71,6 +70,9 @@ class Outbox:
         metrics: Node recorders for bytes sent and publish → written latency
             (None: not recorded).
         fast: The transport's wait-free write, if it has one.
+        start_writer: Called once, the first time frames (or the close) need
+            the writer task: the connection then starts it (None: the writer
+            runs from the start). With ``fast``, most connections never need it.
 
     Attributes:
         limits: Queue bounds.
@@ -82,6 +84,13 @@ class Outbox:
         last_sent: Per stream, ``(offset, publish ts)`` of the newest live
             event queued (the session removes it once acknowledged).
     """
+
+    # One per connection: no per-instance __dict__.
+    __slots__ = (
+        "_call_soon", "_clock", "_closed", "_drained", "_fast", "_flush_scheduled", "_metrics", "_on_slow", "_on_stale",
+        "_queue", "_queued_bytes", "_render", "_render_sync", "_spawn", "_start_writer", "_unwritten_ts", "_wake",
+        "_writer_busy", "bytes_out", "frames_out", "last_sent", "limits", "peak_bytes", "peak_frames", "slow",
+    )
 
     def __init__(
         self,
@@ -95,6 +104,7 @@ class Outbox:
         clock: Callable[[], float] = time.time,
         metrics: NodeMetrics | None = None,
         fast: FastWriter | None = None,
+        start_writer: Callable[[], None] | None = None,
     ) -> None:
         self.limits = limits
         self._render = render
@@ -104,9 +114,12 @@ class Outbox:
         self._on_stale = on_stale
         self._clock = clock
         self._metrics = metrics
-        self._queue: deque[bytes] = deque()
+        # A list, not a deque: an empty deque is a 700-byte block, an empty list 56 bytes.
+        self._queue: list[bytes] = []
         self._queued_bytes = 0
-        self._wake = anyio.Event()
+        # The writer's wake-up, created when it waits (a writer never started needs none).
+        self._wake: anyio.Event | None = None
+        self._start_writer = start_writer
         # Created by a paced replay that waits for room (most connections never do).
         self._drained: anyio.Event | None = None
         self._closed = False
@@ -166,11 +179,26 @@ class Outbox:
         half_frames = self.limits.max_frames // 2
         for data in frames:
             while not self._closed and not self._fits(len(data), half_bytes, half_frames):
-                self._drained = anyio.Event()
-                await self._drained.wait()
+                await self._wait_taken()
             if self._closed:
                 return
             self._append(data)
+
+    async def _wait_taken(self) -> None:
+        """Wait until the writer takes the queue (or the outbox closes)."""
+        drained = self._drained
+        if drained is None or drained.is_set():  # shared by every waiter until set
+            drained = self._drained = anyio.Event()
+        await drained.wait()
+
+    async def flushed(self) -> None:
+        """Return once every frame queued so far was handed to the transport's send
+        (or the outbox closed): the connection is about to be failed and frames
+        queued before the failure go out first."""
+        if self._flush_scheduled:
+            self._flush()  # this tick's fast-path write, now rather than at the tick's end
+        while self._queue and not self._closed:
+            await self._wait_taken()
 
     def _append(self, data: bytes) -> None:
         self._queue.append(data)
@@ -184,6 +212,14 @@ class Outbox:
                 self._flush_scheduled = True
                 self._call_soon(self._flush)
         else:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        start = self._start_writer
+        if start is not None:
+            self._start_writer = None
+            start()
+        if self._wake is not None:
             self._wake.set()
 
     def _cut(self) -> None:
@@ -198,7 +234,7 @@ class Outbox:
     def close(self) -> None:
         """Take no more frames; the writer sends what is queued, then :meth:`take` returns None."""
         self._closed = True
-        self._wake.set()
+        self._wake_writer()
         if self._drained is not None:
             self._drained.set()  # a paced replay waiting for room returns now
 
@@ -242,8 +278,7 @@ class Outbox:
     # --- writing ---------------------------------------------------------------
 
     def _take_nowait(self) -> tuple[list[bytes], float]:
-        batch = list(self._queue)
-        self._queue.clear()
+        batch, self._queue = self._queue, []
         self._queued_bytes = 0
         if self._drained is not None:
             self._drained.set()
@@ -270,8 +305,9 @@ class Outbox:
         while not self._queue:
             if self._closed:
                 return [], 0.0
-            await self._wake.wait()
-            self._wake = anyio.Event()
+            # Checked and created with no await in between: no wake-up is missed.
+            wake = self._wake = anyio.Event()
+            await wake.wait()
         return self._take_nowait()
 
     async def run(self, send: Callable[[list[bytes]], Awaitable[None]]) -> None:
@@ -290,17 +326,19 @@ class Outbox:
     def _flush(self) -> None:
         """Fast path (an event-loop callback): write what this tick queued, if the socket takes it now."""
         self._flush_scheduled = False
-        if not self._queue or self._writer_busy or self._closed:
-            self._wake.set()  # nothing to do, or the writer task's job
+        if not self._queue:
+            return  # the writer task took it meanwhile
+        if self._writer_busy or self._closed:
+            self._wake_writer()  # the writer task's job
             return
         assert self._fast is not None
-        batch = list(self._queue)
+        batch = self._queue  # send_nowait keeps no reference to it
         try:
             sent = self._fast.send_nowait(batch)
         except Exception:  # pragma: no cover - let the writer task meet the error
             sent = False
         if not sent:
-            self._wake.set()  # the writer waits for the socket (send timeout, slow consumer)
+            self._wake_writer()  # the writer waits for the socket (send timeout, slow consumer)
             return
         _, ts = self._take_nowait()
         self._written(ts)

@@ -59,7 +59,7 @@ from .messages import (
     split_target,
 )
 from .shutdown import Shutdown
-from .websocket import STREAM_ERRORS, WebSocketHandler, WebSocketTransport, run_websocket
+from .websocket import STREAM_ERRORS, Heartbeats, WebSocketHandler, WebSocketTransport, run_websocket
 
 __all__ = ["HttpConnection", "HttpHandler", "ServerState", "format_peer", "render_error"]
 
@@ -88,6 +88,8 @@ class ServerState:
             starts (idle keep-alive waits, SSE streams).
         websockets: Open WebSocket transports (closed with 1001 at the
             shutdown deadline).
+        heartbeats: The keepalive pings of all WebSockets (None: each
+            connection runs its own).
     """
 
     on_http: HttpHandler
@@ -97,6 +99,7 @@ class ServerState:
     shutdown: Shutdown
     interruptible: set[anyio.CancelScope] = field(default_factory=set)
     websockets: set[WebSocketTransport] = field(default_factory=set)
+    heartbeats: Heartbeats | None = None
 
 
 def _phrase(status: int) -> bytes:
@@ -150,6 +153,11 @@ class HttpConnection:
         self._committed = False
         # (method, path, start) of the request being answered, for the access log.
         self._current: tuple[str, str, float] | None = None
+        # An accepted upgrade, run by run() once the request loop has returned
+        # (so the h11 connection, request and buffers are freed first).
+        self._upgraded: tuple[WebSocketTransport, UpgradeRequest] | None = None
+
+    __slots__ = ("_committed", "_current", "_limits", "_peer", "_state", "_stream", "_upgraded")
 
     def _access(self, status: int, size: int | None, code: str | None = None) -> None:
         # One line per request; the path only: a query may hold ?token=.
@@ -167,6 +175,16 @@ class HttpConnection:
         """Serve until the connection ends; never raises for network errors."""
         try:
             await self._serve()
+            if self._upgraded is not None:
+                # Here rather than in a method of its own: one coroutine frame
+                # less per open WebSocket (thousands wait at once).
+                (transport, request), self._upgraded = self._upgraded, None
+                state = self._state
+                state.websockets.add(transport)
+                try:
+                    await run_websocket(transport, request, state.on_websocket)
+                finally:
+                    state.websockets.discard(transport)
         except RtcoreError as error:
             if self._committed:
                 log.exception("connection failed after its response began (peer %s)", self._peer)
@@ -439,6 +457,7 @@ class HttpConnection:
             limits=self._limits,
             extensions=handshake.extensions,
             trailing_data=trailing,
+            heartbeats=state.heartbeats,
         )
         origin = next((v.decode("latin-1") for k, v in headers if k == b"origin"), None)
         request = UpgradeRequest(
@@ -452,11 +471,7 @@ class HttpConnection:
             origin=origin,
             shutdown=state.shutdown,
         )
-        state.websockets.add(transport)
-        try:
-            await run_websocket(transport, request, state.on_websocket)
-        finally:
-            state.websockets.discard(transport)
+        self._upgraded = (transport, request)
 
 
 def format_peer(peer: Peer) -> str | None:

@@ -34,12 +34,13 @@ import ssl
 
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
+from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
 from .config import ServerLimits, WebSocketPolicy
 from .http import HttpConnection, HttpHandler, ServerState
 from .shutdown import Shutdown
-from .websocket import WebSocketHandler
+from .websocket import Heartbeats, WebSocketHandler
 
 __all__ = ["ServerControl", "serve"]
 
@@ -156,39 +157,58 @@ async def serve(
         limits=limits,
         policy=policy or WebSocketPolicy(),
         shutdown=shutdown,
+        heartbeats=Heartbeats(limits) if limits.ping_interval is not None else None,
     )
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=backlog)
     control._port = listener.extra(SocketAttribute.local_port)
     limiter = anyio.CapacityLimiter(limits.max_connections) if limits.max_connections else None
     try:
-        async with anyio.create_task_group() as connections:
-            try:
-                async with anyio.create_task_group() as acceptors:
-                    for socket_listener in listener.listeners:
-                        assert isinstance(socket_listener, SocketListener)
-                        acceptors.start_soon(
-                            _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
-                        )
-                    control._ready.set()
-                    task_status.started(control.port)
-                    await shutdown.wait()
-                    acceptors.cancel_scope.cancel()
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await listener.aclose()
-            log.info("shutdown started: %d connections open", control.connections)
-            for scope in list(state.interruptible):
-                scope.cancel()
-            connections.cancel_scope.deadline = shutdown.deadline + limits.close_timeout + 1.0
-            with anyio.move_on_after(shutdown.remaining()):
-                await control._wait_drained()
-            if state.websockets:
-                async with anyio.create_task_group() as closers:
-                    for transport in list(state.websockets):
-                        closers.start_soon(transport.close, 1001, shutdown.reason)
+        async with anyio.create_task_group() as side:
+            if state.heartbeats is not None:
+                # Every WebSocket's keepalive pings from one task (see Heartbeats).
+                side.start_soon(state.heartbeats.run)
+            await _serve_connections(listener, state, control, ssl_context, limiter, task_status)
+            side.cancel_scope.cancel()
     finally:
         shutdown.begin(0.0)  # cancelled from outside: tell everyone too
         control._stopped.set()
+
+
+async def _serve_connections(
+    listener: MultiListener[SocketStream],
+    state: ServerState,
+    control: ServerControl,
+    ssl_context: ssl.SSLContext | None,
+    limiter: anyio.CapacityLimiter | None,
+    task_status: TaskStatus[int],
+) -> None:
+    shutdown = state.shutdown
+    limits = state.limits
+    async with anyio.create_task_group() as connections:
+        try:
+            async with anyio.create_task_group() as acceptors:
+                for socket_listener in listener.listeners:
+                    assert isinstance(socket_listener, SocketListener)
+                    acceptors.start_soon(
+                        _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
+                    )
+                control._ready.set()
+                task_status.started(control.port)
+                await shutdown.wait()
+                acceptors.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+        log.info("shutdown started: %d connections open", control.connections)
+        for scope in list(state.interruptible):
+            scope.cancel()
+        connections.cancel_scope.deadline = shutdown.deadline + limits.close_timeout + 1.0
+        with anyio.move_on_after(shutdown.remaining()):
+            await control._wait_drained()
+        if state.websockets:
+            async with anyio.create_task_group() as closers:
+                for transport in list(state.websockets):
+                    closers.start_soon(transport.close, 1001, shutdown.reason)
 
 
 async def _accept_loop(

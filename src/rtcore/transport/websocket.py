@@ -8,16 +8,24 @@ Design, and why:
   and a whole batch goes out in **one** socket write (the biggest speed win
   we measured: every await is an event-loop pass). Control frames (ping, pong, close) still go
   through wsproto so its state machine knows the connection is closing.
-* **A reader task per connection** reads the socket all the time, answers
-  pings, notices pongs and the peer's close, and queues complete messages in
-  a bounded memory stream (``max_queue``). The session layer pulls them with
-  :meth:`WebSocketTransport.receive`; when it falls behind the reader stops
-  reading and TCP backpressure reaches the client. Keepalive and close work
-  even while the application is busy with a long command.
+* **One read loop per connection** reads the socket all the time, answers
+  pings, notices pongs and the peer's close. Either the handler claims it
+  (:meth:`WebSocketTransport.take_reader`, before its first await) and runs
+  it in its own task, getting each complete message through a synchronous
+  callback (an awaitable the callback returns is awaited before reading
+  on: backpressure), or it runs as a task of :func:`run_websocket` and
+  queues messages in a bounded memory stream (``max_queue``) that the
+  handler pulls with :meth:`WebSocketTransport.receive`; when it falls
+  behind the reader stops reading and TCP backpressure reaches the client.
+  The session layer claims it: no reader task and no queue per connection.
+  Keepalive and close work even while the application is busy with a long
+  command (commands run in tasks of their own).
 * **Limits wsproto lacks**: message size counted across fragments (and after
   inflating, see :mod:`rtcore.transport.deflate`), fragments per message; both
-  close with 1009. A heartbeat task pings every ``ping_interval`` and closes
-  with 1011 when no pong comes back within ``ping_timeout``.
+  close with 1009. Every ``ping_interval`` the connection is pinged and
+  closed with 1011 when no pong comes back within ``ping_timeout``; the
+  pings of all a server's connections come from one :class:`Heartbeats`
+  task (a heap of deadlines), not a task per connection.
 * **asyncio fast path, on public API only.** On asyncio's selector event
   loop, with a plain TCP stream (an :class:`anyio.abc.SocketStream`, not
   TLS), writes go straight to the non-blocking socket that anyio exposes as
@@ -50,14 +58,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import ByteStream, SocketAttribute, SocketStream, TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import Extension
@@ -67,7 +79,7 @@ from .errors import ConnectionClosed
 from .messages import UpgradeRequest
 from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
-__all__ = ["FrameTransport", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
+__all__ = ["FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
 
 log = logging.getLogger("rtcore.transport")
 
@@ -141,6 +153,33 @@ class FrameTransport(Protocol):
 #: The per-connection handler the server calls after a successful upgrade.
 WebSocketHandler = Callable[[FrameTransport, UpgradeRequest], Awaitable[None]]
 
+#: Takes one inbound message; an awaitable it returns is awaited before the next
+#: message is read (backpressure: the socket is not read meanwhile).
+MessageCallback = Callable[[bytes | str], Awaitable[None] | None]
+
+
+@runtime_checkable
+class InlineReader(Protocol):
+    """A transport that can hand inbound messages to a callback from a read loop
+    run in the caller's task (no reader task, no message queue per connection)."""
+
+    def take_reader(self, on_message: MessageCallback, flush: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Claim reading for the caller; ``False``: already reading, use ``receive``.
+
+        Must be called before the caller's first await. After ``True`` the caller
+        runs :meth:`run_reader`. ``flush`` is awaited before a protocol error
+        fails the connection (replies to earlier messages go out first).
+        """
+        ...
+
+    async def run_reader(self) -> None:
+        """Read until the connection ends, handing messages to the callback.
+
+        Raises:
+            ConnectionClosed: Always, once the connection has ended.
+        """
+        ...
+
 
 class WebSocketTransport:
     """A server-side WebSocket connection on an anyio byte stream.
@@ -155,7 +194,49 @@ class WebSocketTransport:
         extensions: Negotiated wsproto extensions (permessage-deflate or none).
         trailing_data: Bytes received after the upgrade request (the client
             may send its first frames right behind the handshake).
+        heartbeats: The server's shared :class:`Heartbeats` (None: :func:`run_websocket`
+            runs one for this connection alone).
     """
+
+    # Thousands of these live at once: no per-instance __dict__.
+    __slots__ = (
+        "__weakref__",
+        "_aborted",
+        "_caught_up",
+        "_close_sent",
+        "_code",
+        "_deliver_scope",
+        "_delivered",
+        "_discard",
+        "_done",
+        "_fast",
+        "_finished",
+        "_flush",
+        "_frames",
+        "_hb_at",
+        "_heartbeats",
+        "_inbox",
+        "_inbox_in",
+        "_limits",
+        "_lock",
+        "_on_message",
+        "_opcode",
+        "_parts",
+        "_ping_payload",
+        "_reader_scope",
+        "_reading",
+        "_reason",
+        "_size",
+        "_sock",
+        "_stream",
+        "_tg",
+        "_trailing",
+        "_unsent",
+        "_waiting_at",
+        "_ws",
+        "call_soon",
+        "encoding",
+    )
 
     def __init__(
         self,
@@ -165,6 +246,7 @@ class WebSocketTransport:
         limits: ServerLimits,
         extensions: Sequence[Extension] = (),
         trailing_data: bytes = b"",
+        heartbeats: Heartbeats | None = None,
     ) -> None:
         self.encoding: str = encoding
         self._stream = stream
@@ -184,24 +266,41 @@ class WebSocketTransport:
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
-        self._lock = anyio.Lock(fast_acquire=True)
-        self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](limits.max_queue)
+        # Serializes awaited writes; created by the first one (most writes on the
+        # asyncio fast path never await, and a lock is a 1-kB object).
+        self._lock: anyio.Lock | None = None
+        # The queue receive() reads; created by the first message for it (a session
+        # that reads with take_reader never needs one).
+        self._inbox_in: MemoryObjectSendStream[bytes | str] | None = None
+        self._inbox: MemoryObjectReceiveStream[bytes | str] | None = None
+        # take_reader's callback (None: messages go to the queue for receive()).
+        self._on_message: MessageCallback | None = None
+        self._flush: Callable[[], Awaitable[None]] | None = None
+        self._reading = False  # a read loop was started (task or take_reader's caller)
+        # Keepalive, run by the shared Heartbeats: when this connection is due
+        # (entries in its heap count only while equal to this), and the payload
+        # of the ping awaiting its pong (None: none outstanding).
+        self._heartbeats = heartbeats
+        self._hb_at: float | None = None
+        self._ping_payload: bytes | None = None
         self._close_sent = False
         self._discard = False  # close() was called: inbound messages are dropped
         self._aborted = False
         self._code: int | None = None
         self._reason = ""
-        self._done = anyio.Event()
+        # The read loop ended (the connection is over); _done is created by a
+        # close() that waits for it.
+        self._finished = False
+        self._done: anyio.Event | None = None
         self._reader_scope = anyio.CancelScope()
         self._deliver_scope: anyio.CancelScope | None = None
-        self._pong: tuple[bytes, anyio.Event] | None = None
         self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
         # Messages handed to the inbox so far, and that count when the application
         # last started waiting in receive() (-1: not waiting); see _let_application_catch_up.
         self._delivered = 0
         self._waiting_at = -1
         # The inbound message being assembled.
-        self._parts: list[bytes | str] = []
+        self._parts: list[bytes | str] | None = None  # created by a fragmented message
         self._size = 0
         self._frames = 0
 
@@ -225,6 +324,9 @@ class WebSocketTransport:
         Raises:
             ConnectionClosed: The connection is closed and nothing is queued.
         """
+        if self._inbox is None:
+            self._open_inbox()
+        assert self._inbox is not None
         if self._caught_up is not None and self._inbox.statistics().current_buffer_used == 0:
             self._caught_up.set()  # the application handled everything queued
         try:
@@ -244,6 +346,24 @@ class WebSocketTransport:
         finally:
             self._waiting_at = -1
 
+    def take_reader(self, on_message: MessageCallback, flush: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Read in the caller's task and hand each message to ``on_message`` (see :class:`InlineReader`).
+
+        Saves the connection its reader task and message queue. Call it before
+        the first await of the handler :func:`run_websocket` runs; then run
+        :meth:`run_reader`. Returns ``False`` once a read loop has started
+        (the handler then reads with :meth:`receive`). ``flush``, when given,
+        is awaited (at most a second) before a protocol error fails the
+        connection: what the application sent in answer to the messages before
+        the error goes out ahead of the close frame.
+        """
+        if self._reading or self._inbox is not None:
+            return False
+        self._reading = True
+        self._on_message = on_message
+        self._flush = flush
+        return True
+
     async def send(self, frames: list[bytes]) -> None:
         """Send each item as one message, in one socket write.
 
@@ -261,7 +381,7 @@ class WebSocketTransport:
         if self.send_nowait(frames):
             return
         data = encode_frames(self._opcode, frames) if self._fast else None
-        async with self._lock:
+        async with self._get_lock():
             self._check_open()
             if data is None:
                 text = self._opcode == OP_TEXT
@@ -280,7 +400,7 @@ class WebSocketTransport:
         later write (waiting at most ``send_timeout`` for the peer).
         """
         sock = self._sock
-        if sock is None or not self._fast or self._unsent or self._lock.locked() or self._close_sent or self._aborted:
+        if sock is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
@@ -315,11 +435,32 @@ class WebSocketTransport:
             self._deliver_scope.cancel()
         with anyio.move_on_after(self._limits.close_timeout):
             await self._start_close(code, reason)
-            await self._done.wait()
-        if not self._done.is_set():
+            await self._wait_done()
+        if not self._finished:
             await self._abort()
 
     # -- internals -------------------------------------------------------------
+
+    def _get_lock(self) -> anyio.Lock:
+        if self._lock is None:
+            self._lock = anyio.Lock(fast_acquire=True)
+        return self._lock
+
+    async def _wait_done(self) -> None:
+        if self._finished:
+            return
+        if self._done is None:
+            self._done = anyio.Event()
+        await self._done.wait()
+
+    def _open_inbox(self) -> None:
+        self._inbox_in, self._inbox = anyio.create_memory_object_stream[bytes | str](self._limits.max_queue)
+        if self._finished:
+            self._inbox_in.close()  # the connection already ended: receive() raises once drained
+
+    def _close_inbox(self) -> None:
+        if self._inbox_in is not None:
+            self._inbox_in.close()
 
     def _closed_error(self) -> ConnectionClosed:
         return ConnectionClosed(1006 if self._code is None else self._code, self._reason)
@@ -379,7 +520,7 @@ class WebSocketTransport:
         """Fast path: write what :meth:`send_nowait` left over (started by it in
         :func:`run_websocket`'s task group). ``send_nowait`` refuses while bytes
         are left over, so at most one of these runs at a time."""
-        async with self._lock:
+        async with self._get_lock():
             if not self._unsent or self._aborted:
                 return
             with contextlib.suppress(ConnectionClosed):
@@ -403,7 +544,7 @@ class WebSocketTransport:
             return
         # The lock may be held by a write the peer does not drain: bound the wait.
         with anyio.move_on_after(self._limits.close_timeout) as scope:
-            async with self._lock:
+            async with self._get_lock():
                 if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
                     return
                 self._close_sent = True
@@ -417,34 +558,52 @@ class WebSocketTransport:
         deadline = anyio.current_time() + self._limits.close_timeout
         self._reader_scope.deadline = min(self._reader_scope.deadline, deadline)
 
-    async def _read_loop(self) -> None:
-        """Read the socket until the connection ends; owned by :func:`run_websocket`."""
+    async def _reader_task(self) -> None:
+        """The read loop as a task of :func:`run_websocket`, unless :meth:`take_reader` claimed it."""
+        if self._reading:
+            return
+        self._reading = True
+        with contextlib.suppress(ConnectionClosed):
+            await self.run_reader()
+
+    async def run_reader(self) -> None:
+        """Read the socket until the connection ends (see :meth:`take_reader`).
+
+        The read loop of every connection: :meth:`_reader_task` runs it as a
+        task, a handler that called :meth:`take_reader` runs it in its own
+        task (one coroutine frame, not a chain: thousands of these wait at once).
+
+        Raises:
+            ConnectionClosed: Always, once the connection has ended (its code says how).
+        """
         try:
             with self._reader_scope:
+                done = False
                 if self._trailing:
                     data, self._trailing = self._trailing, b""
                     self._ws.receive_data(data)
-                    if await self._handle_events():
-                        return
+                    done = await self._handle_events()
                 read_size = self._limits.read_size
-                while True:
+                while not done:
                     try:
                         data = await self._stream.receive(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
-                        return
+                        break
                     self._ws.receive_data(data)
-                    if await self._handle_events():
-                        return
+                    done = await self._handle_events()
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
-            self._inbox_in.close()
+            self._close_inbox()
             if not self._aborted:
                 self._aborted = True
                 with anyio.CancelScope(shield=True):
                     await anyio.aclose_forcefully(self._stream)
-            self._done.set()
+            self._finished = True
+            if self._done is not None:
+                self._done.set()
+        raise self._closed_error()
 
     async def _handle_events(self) -> bool:
         """Act on what wsproto parsed; ``True`` once the connection is finished."""
@@ -452,12 +611,15 @@ class WebSocketTransport:
             if isinstance(event, TextMessage | BytesMessage):
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
-                async with self._lock:
+                async with self._get_lock():
                     if not self._close_sent and self._ws.state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
             elif isinstance(event, Pong):
-                if self._pong is not None and event.payload == self._pong[0]:
-                    self._pong[1].set()
+                if self._ping_payload is not None and event.payload == self._ping_payload:
+                    self._ping_payload = None
+                    heartbeats = self._heartbeats
+                    if heartbeats is not None and self._limits.ping_interval is not None:
+                        heartbeats.schedule(self, anyio.current_time() + self._limits.ping_interval)
             elif isinstance(event, CloseConnection):
                 return await self._on_close(event)
         return False
@@ -475,14 +637,16 @@ class WebSocketTransport:
         if frame_finished:
             self._frames += 1
         if limits.max_message_bytes is not None and self._size > limits.max_message_bytes:
-            self._parts.clear()
+            self._parts = None
             await self._start_close(1009, f"message larger than {limits.max_message_bytes} bytes")
             return
         if limits.max_fragments is not None and self._frames > limits.max_fragments:
-            self._parts.clear()
+            self._parts = None
             await self._start_close(1009, f"message in more than {limits.max_fragments} fragments")
             return
         if not message_finished:
+            if self._parts is None:
+                self._parts = []
             self._parts.append(data)
             return
         message: bytes | str
@@ -492,7 +656,7 @@ class WebSocketTransport:
                 message = "".join(p for p in self._parts if isinstance(p, str))
             else:
                 message = b"".join(p for p in self._parts if isinstance(p, bytes))
-            self._parts = []
+            self._parts = None
         else:
             message = data
         self._size = 0
@@ -502,6 +666,17 @@ class WebSocketTransport:
     async def _deliver(self, message: bytes | str) -> None:
         if self._discard:
             return
+        on_message = self._on_message
+        if on_message is not None:
+            # take_reader: straight into the application; what it returns is
+            # awaited before the next message is read (backpressure).
+            pending = on_message(message)
+            if pending is not None:
+                await pending
+            return
+        if self._inbox_in is None:
+            self._open_inbox()
+        assert self._inbox_in is not None
         try:
             self._inbox_in.send_nowait(message)
             self._delivered += 1
@@ -527,7 +702,7 @@ class WebSocketTransport:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
-            async with self._lock:
+            async with self._get_lock():
                 if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
             return True
@@ -559,47 +734,164 @@ class WebSocketTransport:
         # (so it has taken them all). Counting anyio's waiting receivers instead
         # missed an application that had just entered receive(): it then never set
         # _caught_up and the close frame went out a second late (Autobahn 7.9.3).
-        if self._discard or self._waiting_at == self._delivered:
+        if self._discard:
+            return
+        if self._on_message is not None:
+            # take_reader: each message was handled before the next was read;
+            # what the application queued in answer still has to reach the transport.
+            if self._flush is not None:
+                with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
+                    await self._flush()
+            return
+        if self._waiting_at == self._delivered:
             return
         self._caught_up = anyio.Event()
         with anyio.move_on_after(min(1.0, self._limits.close_timeout)):
             await self._caught_up.wait()
         self._caught_up = None
 
-    async def _heartbeat(self) -> None:
-        """Ping every ``ping_interval``; close with 1011 when a pong is late."""
-        interval = self._limits.ping_interval
-        if interval is None:
+    def _heartbeat_due(self, now: float) -> None:
+        """Called by :class:`Heartbeats` when this connection's keepalive deadline came.
+
+        No ping outstanding: send one (directly when the socket takes it now,
+        else from a short task) and come back at ``ping_timeout``. A ping still
+        unanswered by then: close with 1011.
+        """
+        if self.closed or self._tg is None or self._heartbeats is None:
             return
+        if self._ping_payload is not None:
+            self._ping_payload = None
+            self._tg.start_soon(self._start_close, 1011, "keepalive ping timeout")
+            return
+        payload = os.urandom(4)
+        self._ping_payload = payload
+        self._heartbeats.schedule(self, now + self._limits.ping_timeout)
+        if not self._control_nowait(Ping(payload=payload)):
+            self._tg.start_soon(self._send_ping, payload)
+
+    def _control_nowait(self, event: Ping) -> bool:
+        """Asyncio fast path: write a control frame now if nothing else is being or waits to be written."""
+        sock = self._sock
+        if sock is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
+            return False
+        if self._ws.state is not ConnectionState.OPEN or self._tg is None:
+            return False
+        data = self._ws.send(event)
+        try:
+            sent = _write_now(sock, data)
+        except OSError:
+            return True  # the connection is gone: the read loop sees it; no pong will come
+        if sent < len(data):
+            # Control frames are never split across writes by anything else: the
+            # rest goes out first, from the flusher (send_nowait refuses meanwhile).
+            self._unsent = data[sent:]
+            self._tg.start_soon(self._flush_unsent)
+        return True
+
+    async def _send_ping(self, payload: bytes) -> None:
+        async with self._get_lock():
+            if self._close_sent or self._ws.state is not ConnectionState.OPEN or self._ping_payload != payload:
+                return
+            with contextlib.suppress(ConnectionClosed):
+                await self._write(self._ws.send(Ping(payload=payload)))
+
+
+#: How late a keepalive deadline may run, so deadlines close together share one
+#: wake-up of Heartbeats (ping intervals are many seconds long).
+_HEARTBEAT_SLACK = 0.05
+
+
+class Heartbeats:
+    """One task that pings many WebSocket connections (instead of a task each).
+
+    Every ``ping_interval`` after its last pong (or its start) a connection
+    gets a ping; when no pong came ``ping_timeout`` later it is closed with
+    1011. The connections' next deadlines sit in one heap; an entry counts
+    only while it equals the connection's current deadline (a pong moves it
+    later, a closed connection has none; the stale entry then does nothing).
+    Stale entries are not searched for and removed one by one: when they
+    outnumber the live ones the heap is rebuilt without them, so it never
+    holds more than about twice the open connections (and closed
+    connections are not kept alive by it for a whole ``ping_interval``).
+
+    Args:
+        limits: ``ping_interval`` and ``ping_timeout``.
+    """
+
+    def __init__(self, limits: ServerLimits) -> None:
+        self._limits = limits
+        self._heap: list[tuple[float, int, WebSocketTransport]] = []
+        self._seq = itertools.count()
+        self._next = math.inf
+        self._kick: anyio.Event | None = None
+        self._stale = 0  # heap entries that no longer count
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def schedule(self, transport: WebSocketTransport, when: float) -> None:
+        """(Re)schedule ``transport``'s next keepalive step at ``when`` (``anyio.current_time()`` clock)."""
+        if transport._hb_at is not None:
+            self._superseded()
+        transport._hb_at = when
+        heapq.heappush(self._heap, (when, next(self._seq), transport))
+        if when < self._next and self._kick is not None:
+            self._kick.set()
+
+    def discard(self, transport: WebSocketTransport) -> None:
+        """Stop pinging ``transport`` (its connection ended)."""
+        if transport._hb_at is not None:
+            transport._hb_at = None
+            self._superseded()
+
+    def _superseded(self) -> None:
+        self._stale += 1
+        heap = self._heap
+        if self._stale > 32 and self._stale * 2 > len(heap):
+            # Rebuild without the stale entries: O(n) once per n/2 of them.
+            heap[:] = [entry for entry in heap if entry[2]._hb_at == entry[0]]
+            heapq.heapify(heap)
+            self._stale = 0
+
+    def start(self, transport: WebSocketTransport) -> None:
+        """Begin pinging ``transport`` (no-op when pings are disabled)."""
+        interval = self._limits.ping_interval
+        if interval is not None:
+            self.schedule(transport, anyio.current_time() + interval)
+
+    async def run(self) -> None:
+        """Run the keepalive deadlines until cancelled."""
+        heap = self._heap
         while True:
-            await anyio.sleep(interval)
-            if self.closed:
-                return
-            payload = os.urandom(4)
-            answered = anyio.Event()
-            self._pong = (payload, answered)
-            with anyio.move_on_after(self._limits.ping_timeout) as scope:
-                async with self._lock:
-                    if self._close_sent or self._ws.state is not ConnectionState.OPEN:
-                        return
+            now = anyio.current_time()
+            while heap and heap[0][0] <= now:
+                when, _, transport = heapq.heappop(heap)
+                if transport._hb_at == when:
+                    transport._hb_at = None
                     try:
-                        await self._write(self._ws.send(Ping(payload=payload)))
-                    except ConnectionClosed:
-                        return
-                await answered.wait()
-            self._pong = None
-            if scope.cancelled_caught:
-                await self._start_close(1011, "keepalive ping timeout")
-                return
+                        transport._heartbeat_due(now)
+                    except Exception:  # one connection's bug must not stop every keepalive
+                        log.exception("keepalive failed for one connection")
+                elif self._stale:
+                    self._stale -= 1
+            self._next = heap[0][0] if heap else math.inf
+            kick = self._kick = anyio.Event()
+            with anyio.move_on_after(self._next - now + _HEARTBEAT_SLACK):
+                await kick.wait()
 
 
 async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler) -> None:
-    """Run one WebSocket connection: reader, heartbeat and the application handler.
+    """Run one WebSocket connection: reader, keepalive and the application handler.
 
-    The three tasks share one task group, so none outlives the connection.
-    When the handler returns the connection is closed with 1000 (1011 if it
-    raised); when the connection ends first the handler sees
-    :class:`ConnectionClosed` from ``receive``/``send``.
+    The handler runs in the calling task; the read loop runs in a task of
+    the connection's task group, unless the handler claims it with
+    :meth:`WebSocketTransport.take_reader` (before its first await) and runs
+    it itself. Keepalive pings come from the transport's shared
+    :class:`Heartbeats`, or from one run in the task group for this connection
+    alone when it has none. Nothing outlives the connection. When the handler
+    returns the connection is closed with 1000 (1011 if it raised); when the
+    connection ends first the handler sees :class:`ConnectionClosed` from
+    ``receive``/``send``/``run_reader``.
 
     Args:
         transport: The upgraded connection.
@@ -608,9 +900,13 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
     """
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(transport._read_loop)
-            tg.start_soon(transport._heartbeat)
+            tg.start_soon(transport._reader_task)
             transport._tg = tg
+            if transport._limits.ping_interval is not None:
+                if transport._heartbeats is None:
+                    transport._heartbeats = Heartbeats(transport._limits)
+                    tg.start_soon(transport._heartbeats.run)
+                transport._heartbeats.start(transport)
             code, reason = 1000, ""
             try:
                 await handler(transport, request)
@@ -622,7 +918,10 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
             await transport.close(code, reason)
             tg.cancel_scope.cancel()
     finally:
-        transport._inbox.close()
-        transport._inbox_in.close()
-        if not transport._done.is_set():
+        if transport._heartbeats is not None:
+            transport._heartbeats.discard(transport)
+        if transport._inbox is not None:
+            transport._inbox.close()
+        transport._close_inbox()
+        if not transport._finished:
             await transport._abort()

@@ -1,0 +1,175 @@
+"""What an idle connection costs the server in tasks, and the shared keepalive.
+
+An idle, authenticated WebSocket connection with one subscription used to run
+four tasks (the listener's connection task, the transport's reader and
+heartbeat, the session's reader). Now the session reads in the connection's
+own task (:meth:`~rtcore.transport.websocket.WebSocketTransport.take_reader`),
+one server-wide :class:`~rtcore.transport.websocket.Heartbeats` task pings
+every connection, and the session's writer task starts only when a write
+cannot complete at once (on asyncio, where writes that the kernel takes
+whole need no task; on trio every write awaits, so it starts with the first
+reply). These tests count tasks, they do not time anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import struct
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+import sniffio
+from anyio.abc import ByteStream
+
+from rtcore.transport import ServerLimits
+
+from .conftest import TIMEOUT, serving
+from .netapp import app
+
+pytestmark = pytest.mark.anyio
+
+CONNECTIONS = 20
+
+
+def count_tasks() -> int:
+    """Every task of the running event loop (asyncio or trio)."""
+    if sniffio.current_async_library() == "asyncio":
+        return len(asyncio.all_tasks())
+    import trio
+
+    def walk(task: trio.lowlevel.Task) -> int:
+        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+
+    return walk(trio.lowlevel.current_root_task())
+
+
+def masked(opcode: int, payload: bytes) -> bytes:
+    """A client frame (mask key 0: the payload goes as is)."""
+    assert len(payload) < 126
+    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + b"\0\0\0\0" + payload
+
+
+class RawClient:
+    """A WebSocket client with no task of its own: frames are read only when asked."""
+
+    def __init__(self, stream: ByteStream) -> None:
+        self.stream = stream
+        self.buf = b""
+
+    async def frame(self) -> tuple[int, bytes]:
+        while True:
+            if len(self.buf) >= 2:
+                n = self.buf[1] & 0x7F
+                head = 2
+                if n == 126:
+                    if len(self.buf) < 4:
+                        n = -1
+                    else:
+                        (n,) = struct.unpack("!H", self.buf[2:4])
+                        head = 4
+                if n >= 0 and len(self.buf) >= head + n:
+                    opcode, payload = self.buf[0] & 0x0F, self.buf[head : head + n]
+                    self.buf = self.buf[head + n :]
+                    return opcode, payload
+            with anyio.fail_after(TIMEOUT):
+                self.buf += await self.stream.receive()
+
+    async def message(self, t: str) -> dict[str, Any]:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 0x1:
+                msg: dict[str, Any] = json.loads(payload)
+                if msg["t"] == t:
+                    return msg
+            elif opcode == 0x9:
+                await self.stream.send(masked(0xA, payload))  # answer pings like a live client
+            elif opcode == 0x8:
+                raise AssertionError(f"closed: {payload!r}")
+
+
+@asynccontextmanager
+async def raw_client(port: int, stream: str) -> AsyncIterator[RawClient]:
+    """Connect, upgrade, ``hello`` and ``sub``; yield once ``subbed`` came."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as sock:
+        key = base64.b64encode(os.urandom(16))
+        await sock.send(
+            b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: rtcore.v1.json\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            with anyio.fail_after(TIMEOUT):
+                head += await sock.receive()
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        client = RawClient(sock)
+        client.buf = head.split(b"\r\n\r\n", 1)[1]
+        await sock.send(masked(0x1, b'{"t":"hello","v":1,"token":"u"}'))
+        await client.message("welcome")
+        await sock.send(masked(0x1, json.dumps({"t": "sub", "id": 1, "stream": stream}).encode()))
+        await client.message("subbed")
+        yield client
+
+
+async def test_an_idle_subscribed_connection_runs_at_most_one_task_on_asyncio_two_on_trio() -> None:
+    """Tasks per idle connection (hello + one subscription): 1 on asyncio, 2 on trio.
+
+    Mutations seen caught: keep the transport's reader task alive although
+    the session took the reader (``_reader_task`` sleeping instead of
+    returning) → 2 on asyncio, 3 on trio → fails; start the session's writer task at once instead of lazily
+    (``self._lazy_writer = False`` + ``tg.start_soon(self._writer)`` in
+    ``_Connection.run``) → 2 on asyncio → fails; a keepalive task per
+    connection (``run_websocket`` ignoring the shared ``Heartbeats``) → +1 on
+    both → fails.
+    """
+    on_asyncio = sniffio.current_async_library() == "asyncio"
+    async with serving(app) as server, AsyncExitStack() as stack:
+        await anyio.wait_all_tasks_blocked()
+        before = count_tasks()
+        for _ in range(CONNECTIONS):
+            await stack.enter_async_context(raw_client(server.port, "room:idle"))
+        await anyio.wait_all_tasks_blocked()
+        per_connection = (count_tasks() - before) / CONNECTIONS
+        assert per_connection <= (1 if on_asyncio else 2), per_connection
+        assert len(server.sessions) == CONNECTIONS
+
+
+async def test_the_shared_keepalive_closes_only_the_connection_that_never_answers() -> None:
+    """One Heartbeats task pings every connection; each is judged on its own pongs.
+
+    A live client (answers every ping) and a silent one (reads nothing) are
+    open side by side: the silent one is closed with 1011 after
+    ``ping_timeout``, the live one still answers a command afterwards.
+
+    Mutations seen caught: a pong not clearing the outstanding ping
+    (``_ping_payload`` left set in ``_handle_events``) → the live client is
+    closed with 1011 too → fails; ``_heartbeat_due`` not closing when the
+    ping is still unanswered (returning instead) → the silent client is
+    never closed → fails (timeout).
+    """
+    limits = ServerLimits(ping_interval=0.05, ping_timeout=0.3, close_timeout=0.3)
+    async with serving(app, limits=limits) as server:
+        async with raw_client(server.port, "room:a") as live, raw_client(server.port, "room:b") as silent:
+            # The silent client reads nothing: the server's pings pile up unanswered.
+
+            async def keep_answering() -> None:
+                await live.message("never")  # answers pings until cancelled; a close fails the test
+
+            code = None
+            with anyio.fail_after(TIMEOUT):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(keep_answering)
+                    while code is None:
+                        opcode, payload = await silent.frame()
+                        if opcode == 0x8:
+                            code = struct.unpack("!H", payload[:2])[0]
+                    tg.cancel_scope.cancel()
+            assert code == 1011
+            await live.stream.send(masked(0x1, b'{"t":"cmd","id":7,"name":"echo","args":"still here"}'))
+            reply = await live.message("ok")
+            assert reply["id"] == 7 and reply["result"] == "still here"
