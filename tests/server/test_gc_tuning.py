@@ -1,0 +1,78 @@
+"""``rtcore serve`` / :func:`rtcore.server.runner.run` tune the garbage collector once listening.
+
+Each run test starts a real ``run()`` in a subprocess (the collector's settings
+are process-wide), reports them from ``on_ready`` and stops itself with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rtcore.server.runner import GC_ENV, GC_GEN0_THRESHOLD, gc_tuning_wanted, tune_gc
+
+_SCRIPT = """
+import gc, os, signal, sys
+import rtcore
+from rtcore.server.runner import run
+
+app = rtcore.App("gccheck")
+
+def ready(port):
+    print("GC", gc.get_threshold()[0], gc.get_freeze_count(), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+arg = sys.argv[1]
+run(app, port=0, grace=0.1, on_ready=ready, gc_tuning=None if arg == "default" else arg == "on")
+"""
+
+
+def _gc_seen(arg: str, env_value: str | None) -> tuple[int, int]:
+    env = dict(os.environ)
+    env.pop(GC_ENV, None)
+    if env_value is not None:
+        env[GC_ENV] = env_value
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, arg], env=env, capture_output=True, text=True, timeout=60, check=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("GC ")]
+    assert len(lines) == 1, out
+    _, threshold, frozen = lines[0].split()
+    return int(threshold), int(frozen)
+
+
+def test_run_tunes_the_collector_by_default() -> None:
+    """Mutation seen caught: ``run`` not calling ``tune_gc`` → threshold 700, nothing frozen → fails."""
+    threshold, frozen = _gc_seen("default", None)
+    assert threshold == GC_GEN0_THRESHOLD
+    assert frozen > 1000  # the imported modules, the app, the server
+
+
+@pytest.mark.parametrize(("arg", "env_value"), [("default", "0"), ("default", "off"), ("off", None)])
+def test_tuning_can_be_turned_off(arg: str, env_value: str | None) -> None:
+    """Mutation seen caught: ``gc_tuning_wanted`` ignoring ``RTCORE_GC_TUNING`` → tuned → fails."""
+    threshold, frozen = _gc_seen(arg, env_value)
+    assert (threshold, frozen) == (700, 0)  # CPython's default, nothing frozen
+
+
+def test_gc_tuning_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decision itself: explicit argument first, then the environment, then on."""
+    monkeypatch.delenv(GC_ENV, raising=False)
+    assert gc_tuning_wanted() is True
+    assert gc_tuning_wanted(False) is False
+    monkeypatch.setenv(GC_ENV, "no")
+    assert gc_tuning_wanted() is False
+    assert gc_tuning_wanted(True) is True
+
+
+def test_tune_gc_freezes_and_raises_the_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
