@@ -1,4 +1,4 @@
-"""``rtcore serve`` / :func:`rtcore.server.runner.run` tune the garbage collector once listening.
+"""``rtcore serve`` / :func:`rtcore.server.runner.run` tune the garbage collector once listening, when asked.
 
 Each run test starts a real ``run()`` in a subprocess (the collector's settings
 are process-wide), reports them from ``on_ready`` and stops itself with SIGTERM.
@@ -43,28 +43,29 @@ def _gc_seen(arg: str, env_value: str | None) -> tuple[int, int]:
     return int(threshold), int(frozen)
 
 
-def test_run_tunes_the_collector_by_default() -> None:
+def test_run_leaves_the_collector_alone_by_default() -> None:
+    """Mutation seen caught: ``gc_tuning_wanted`` defaulting to on → tuned → fails."""
+    assert _gc_seen("default", None) == (700, 0)  # CPython's default, nothing frozen
+
+
+@pytest.mark.parametrize(("arg", "env_value"), [("default", "1"), ("default", "on"), ("on", None)])
+def test_run_tunes_the_collector_when_asked(arg: str, env_value: str | None) -> None:
     """Mutation seen caught: ``run`` not calling ``tune_gc`` → threshold 700, nothing frozen → fails."""
-    threshold, frozen = _gc_seen("default", None)
+    threshold, frozen = _gc_seen(arg, env_value)
     assert threshold == GC_GEN0_THRESHOLD
     assert frozen > 1000  # the imported modules, the app, the server
 
 
-@pytest.mark.parametrize(("arg", "env_value"), [("default", "0"), ("default", "off"), ("off", None)])
-def test_tuning_can_be_turned_off(arg: str, env_value: str | None) -> None:
-    """Mutation seen caught: ``gc_tuning_wanted`` ignoring ``RTCORE_GC_TUNING`` → tuned → fails."""
-    threshold, frozen = _gc_seen(arg, env_value)
-    assert (threshold, frozen) == (700, 0)  # CPython's default, nothing frozen
-
-
 def test_gc_tuning_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The decision itself: explicit argument first, then the environment, then on."""
+    """The decision itself: explicit argument first, then the environment, then off."""
     monkeypatch.delenv(GC_ENV, raising=False)
-    assert gc_tuning_wanted() is True
-    assert gc_tuning_wanted(False) is False
-    monkeypatch.setenv(GC_ENV, "no")
     assert gc_tuning_wanted() is False
     assert gc_tuning_wanted(True) is True
+    monkeypatch.setenv(GC_ENV, "yes")
+    assert gc_tuning_wanted() is True
+    assert gc_tuning_wanted(False) is False
+    monkeypatch.setenv(GC_ENV, "0")
+    assert gc_tuning_wanted() is False
 
 
 def test_tune_gc_freezes_and_raises_the_threshold() -> None:
