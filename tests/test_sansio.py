@@ -39,6 +39,7 @@ SANS_IO_MODULES = [
     "rtcore.protocol.client",
     "rtcore.protocol.backoff",
     "rtcore.protocol.patch",
+    "rtcore.protocol.deadlines",
     "rtcore.wallet.ledger",
 ]
 

@@ -24,8 +24,6 @@ asked for:
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import math
 import secrets
@@ -43,6 +41,7 @@ from ..engine.node import Node, SubscriptionStart
 from ..errors import AuthError, ConnectionClosed, RtcoreError
 from ..logs import COMMAND, CONNECTION, emit
 from ..protocol.codec import Codec, codec_for
+from ..protocol.deadlines import DeadlineHeap
 from ..protocol.frames import Err, Ok, Subbed
 from ..protocol.session import (
     Action,
@@ -98,52 +97,32 @@ class SessionTimers:
 
     def __init__(self, node: Node) -> None:
         self._node = node
-        self._heap: list[tuple[float, int, _Connection]] = []
-        self._seq = itertools.count()
+        self._deadlines: DeadlineHeap[_Connection] = DeadlineHeap("_deadline")
         self._next = math.inf
         self._kick = anyio.Event()
-        self._stale = 0  # heap entries that no longer count
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._deadlines)
 
     def discard(self, conn: _Connection) -> None:
         """``conn`` ended: its entry no longer counts."""
-        if conn._deadline is not None:
-            conn._deadline = None
-            self._superseded()
-
-    def _superseded(self) -> None:
-        self._stale += 1
-        heap = self._heap
-        if self._stale > 32 and self._stale * 2 > len(heap):
-            heap[:] = [entry for entry in heap if entry[2]._deadline == entry[0]]
-            heapq.heapify(heap)
-            self._stale = 0
+        self._deadlines.discard(conn)
 
     def schedule(self, conn: _Connection, deadline: float) -> None:
         """(Re)schedule ``conn``'s next wake-up at ``deadline`` (node clock)."""
-        if conn._deadline is not None:
-            self._superseded()
-        conn._deadline = deadline
-        heapq.heappush(self._heap, (deadline, next(self._seq), conn))
+        self._deadlines.schedule(conn, deadline)
         if deadline < self._next:
             self._kick.set()
 
     async def run(self) -> None:
         """Run deadlines until cancelled (the server runs this for its lifetime)."""
         node = self._node
-        heap = self._heap
+        deadlines = self._deadlines
         while True:
             now = node.clock()
-            while heap and heap[0][0] <= now:
-                deadline, _, conn = heapq.heappop(heap)
-                if conn._deadline == deadline:
-                    conn._deadline = None
-                    conn._on_deadline(now)
-                elif self._stale:
-                    self._stale -= 1
-            self._next = heap[0][0] if heap else math.inf
+            while (conn := deadlines.pop_due(now)) is not None:
+                conn._on_deadline(now)
+            self._next = deadlines.next
             kick = self._kick = anyio.Event()
             wake = node.timer_wakeup  # a fake clock moved (rtcore.testing)
             with anyio.move_on_after(min(self._next - now, 5.0) + _TIMER_SLACK):

@@ -58,8 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import os
@@ -74,6 +72,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.extensions import Extension
 
+from ..protocol.deadlines import DeadlineHeap
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
@@ -820,38 +819,22 @@ class Heartbeats:
 
     def __init__(self, limits: ServerLimits) -> None:
         self._limits = limits
-        self._heap: list[tuple[float, int, WebSocketTransport]] = []
-        self._seq = itertools.count()
+        self._deadlines: DeadlineHeap[WebSocketTransport] = DeadlineHeap("_hb_at")
         self._next = math.inf
         self._kick: anyio.Event | None = None
-        self._stale = 0  # heap entries that no longer count
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._deadlines)
 
     def schedule(self, transport: WebSocketTransport, when: float) -> None:
         """(Re)schedule ``transport``'s next keepalive step at ``when`` (``anyio.current_time()`` clock)."""
-        if transport._hb_at is not None:
-            self._superseded()
-        transport._hb_at = when
-        heapq.heappush(self._heap, (when, next(self._seq), transport))
+        self._deadlines.schedule(transport, when)
         if when < self._next and self._kick is not None:
             self._kick.set()
 
     def discard(self, transport: WebSocketTransport) -> None:
         """Stop pinging ``transport`` (its connection ended)."""
-        if transport._hb_at is not None:
-            transport._hb_at = None
-            self._superseded()
-
-    def _superseded(self) -> None:
-        self._stale += 1
-        heap = self._heap
-        if self._stale > 32 and self._stale * 2 > len(heap):
-            # Rebuild without the stale entries: O(n) once per n/2 of them.
-            heap[:] = [entry for entry in heap if entry[2]._hb_at == entry[0]]
-            heapq.heapify(heap)
-            self._stale = 0
+        self._deadlines.discard(transport)
 
     def start(self, transport: WebSocketTransport) -> None:
         """Begin pinging ``transport`` (no-op when pings are disabled)."""
@@ -861,20 +844,15 @@ class Heartbeats:
 
     async def run(self) -> None:
         """Run the keepalive deadlines until cancelled."""
-        heap = self._heap
+        deadlines = self._deadlines
         while True:
             now = anyio.current_time()
-            while heap and heap[0][0] <= now:
-                when, _, transport = heapq.heappop(heap)
-                if transport._hb_at == when:
-                    transport._hb_at = None
-                    try:
-                        transport._heartbeat_due(now)
-                    except Exception:  # one connection's bug must not stop every keepalive
-                        log.exception("keepalive failed for one connection")
-                elif self._stale:
-                    self._stale -= 1
-            self._next = heap[0][0] if heap else math.inf
+            while (transport := deadlines.pop_due(now)) is not None:
+                try:
+                    transport._heartbeat_due(now)
+                except Exception:  # one connection's bug must not stop every keepalive
+                    log.exception("keepalive failed for one connection")
+            self._next = deadlines.next
             kick = self._kick = anyio.Event()
             with anyio.move_on_after(self._next - now + _HEARTBEAT_SLACK):
                 await kick.wait()
