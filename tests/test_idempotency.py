@@ -187,6 +187,52 @@ async def test_a_released_key_stays_bound_to_its_arguments() -> None:
         assert ledger == {"t1": 5} and attempts == ["t1", "t1"]
 
 
+async def test_a_stuck_release_does_not_hold_the_retryable_answer_back() -> None:
+    """The answer to a retryable failure waits for the claim's release only briefly.
+
+    A paused Redis answers neither the command's append nor the release that
+    follows; waiting for both doubled the time to the retryable answer and the
+    client gave up first (``tests/hardening/test_redis_pause.py`` in CI). Here
+    the release blocks until the test lets it go: the answer must come anyway,
+    and once the release completes behind it the same key re-executes.
+
+    Mutation seen caught: awaiting ``release`` inline in ``dispatch`` (no
+    ``_release``) → the dispatch waits for the release, which gives up after
+    its 10 s guard and raises ``TimeoutError`` out of the dispatch → fails.
+    """
+    app = rtcore.App()
+    attempts: list[int] = []
+
+    @app.command("put")
+    async def put(ctx: rtcore.Context, args: int) -> int:
+        attempts.append(args)
+        if len(attempts) == 1:
+            raise rtcore.Rejected("backend_unavailable", "no reply", retryable=True)
+        return args
+
+    async with serve(app) as node:
+        store = node.backend.idempotency
+        real_release = store.release
+        gate, released = anyio.Event(), anyio.Event()
+
+        async def stuck_release(scope: str, key: str) -> None:
+            # The dispatch shields its release from cancellation, so the hang
+            # guard is here: a release still waiting after 10 s raises.
+            with anyio.fail_after(10):
+                await gate.wait()
+            await real_release(scope, key)
+            released.set()
+
+        store.release = stuck_release  # type: ignore[method-assign]
+        with anyio.fail_after(30):  # hang guards, not timing assertions
+            first = await node.dispatch(None, "put", b"7", key="k")
+            assert not first.ok and first.code == "backend_unavailable" and first.retryable
+            gate.set()
+            await released.wait()
+            second = await node.dispatch(None, "put", b"7", key="k")
+        assert second.ok and second.result == 7 and attempts == [7, 7]
+
+
 async def test_a_lapsed_claim_stays_bound_to_its_arguments() -> None:
     """A claim whose lease ran out (its node died, or the command outlived the
     lease) may be taken over by the same command only.

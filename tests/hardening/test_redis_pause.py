@@ -17,6 +17,13 @@ and a subscriber listens on each process:
 Mutation: remove the command timeout of the Redis backend
 (``command_timeout`` in ``rtcore.backends.redis``) → the commands hang until
 SIGCONT and the "retryable answers during the pause" assertion fails.
+
+A command's answer may wait for at most one Redis timeout (5 s), not two: the
+client here waits 10 s. Two mechanisms keep it so, each with its own test:
+the calls queued behind a stalled batch fail with it
+(``tests/test_batcher.py``), and the release of a failed command's claim does
+not hold its answer back (``tests/test_idempotency.py``). Without them a CI
+run saw only the clients' own timeouts during the pause.
 """
 
 from __future__ import annotations

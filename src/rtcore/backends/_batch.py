@@ -13,6 +13,12 @@ finished; the others wait for the batch to be done. No background task is
 needed, so a backend keeps working whichever task group (or none) it was
 opened in. A head runs shielded from cancellation: once it owns a batch,
 the batch is answered as a whole and the next head is woken.
+
+When a batch fails in a way that says the engine itself is stuck (a Redis
+that answers nothing: the batch waited out its timeout), the batches that
+queued behind it fail with the same error instead of each waiting out the
+same timeout in turn. They were never sent, so failing them is always safe;
+batches queued after the failure are tried as usual.
 """
 
 from __future__ import annotations
@@ -43,13 +49,14 @@ J = TypeVar("J", bound=Job)
 
 
 class _Batch(Generic[J]):
-    __slots__ = ("done", "jobs", "taken", "turn")
+    __slots__ = ("done", "failed", "jobs", "taken", "turn")
 
     def __init__(self, job: J) -> None:
         self.jobs = [job]
         self.turn = anyio.Event()  # set for the head when the previous batch finished
         self.done = anyio.Event()  # set when this batch finished
         self.taken = False  # its head started running it
+        self.failed: BaseException | None = None  # fail without running (queued behind a stall)
 
 
 class Batcher(Generic[J]):
@@ -59,11 +66,21 @@ class Batcher(Generic[J]):
         run: Runs one batch; sets each job's ``result`` or ``error``. If it
             raises, every job it left unanswered gets that error.
         limit: Most jobs in one batch.
+        stalled: Says whether an error raised by ``run`` means the engine is
+            stuck; if it does, the batches queued at that moment get the
+            error without running. None: every batch runs.
     """
 
-    def __init__(self, run: Callable[[list[J]], Awaitable[None]], limit: int) -> None:
+    def __init__(
+        self,
+        run: Callable[[list[J]], Awaitable[None]],
+        limit: int,
+        *,
+        stalled: Callable[[BaseException], bool] | None = None,
+    ) -> None:
         self._run = run
         self._limit = limit
+        self._stalled = stalled
         self._waiting: deque[_Batch[J]] = deque()
         self._busy = False
         #: Batches run and jobs in them (for tests and metrics).
@@ -72,7 +89,7 @@ class Batcher(Generic[J]):
 
     async def submit(self, job: J) -> J:
         """Queue ``job``, return it once the batch holding it has run."""
-        if self._waiting and len(self._waiting[-1].jobs) < self._limit:
+        if self._waiting and len(self._waiting[-1].jobs) < self._limit and self._waiting[-1].failed is None:
             batch = self._waiting[-1]
             batch.jobs.append(job)
             try:
@@ -92,6 +109,8 @@ class Batcher(Generic[J]):
             self._waiting.popleft()
             batch.taken = True
             try:
+                if batch.failed is not None:
+                    raise batch.failed
                 self.batches += 1
                 self.jobs += len(batch.jobs)
                 await self._run(batch.jobs)
@@ -99,6 +118,9 @@ class Batcher(Generic[J]):
                 for j in batch.jobs:
                     if j.error is None and j.result is UNSET:
                         j.error = exc
+                if batch.failed is None and self._stalled is not None and self._stalled(exc):
+                    for queued in self._waiting:
+                        queued.failed = exc
             finally:
                 batch.done.set()
                 if self._waiting:

@@ -534,6 +534,17 @@ def _pipeliner_for(client: coredis.Redis[bytes]) -> _Pipeliner:
     return pipeliner
 
 
+class _Stalled(BackendError):
+    """A batch got no reply in time: Redis is paused or the network is stuck (``backend_unavailable``)."""
+
+
+def _is_stall(exc: BaseException) -> bool:
+    # The calls queued behind a stalled batch would each wait out the same
+    # timeout; failing them at once keeps a paused Redis from doubling the
+    # time a command takes to get its retryable answer.
+    return isinstance(exc, _Stalled)
+
+
 class _Pipeliner:
     """Runs the script calls of concurrent tasks as one batch: one ``EVALSHA``, one round trip.
 
@@ -557,7 +568,7 @@ class _Pipeliner:
     def __init__(self, client: coredis.Redis[bytes]) -> None:
         self._client = client
         #: The batcher (``batches.batches`` batches held ``batches.jobs`` calls).
-        self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH)
+        self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH, stalled=_is_stall)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run script ``name`` in the next batch; return its reply (or raise its error)."""
@@ -571,7 +582,7 @@ class _Pipeliner:
             with anyio.fail_after(_CALL_TIMEOUT):
                 await self._send(batch)
         except TimeoutError as exc:
-            raise BackendError(f"redis: no reply within {_CALL_TIMEOUT} s") from exc
+            raise _Stalled(f"redis: no reply within {_CALL_TIMEOUT} s ({exc})") from exc
 
     async def _send(self, batch: list[_Call]) -> None:
         keys: list[str] = []

@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CommandContext", "Reply", "dispatch"]
 
+#: Longest wait for the release of a failed command's claim before answering (see :func:`_release`).
+RELEASE_WAIT = 0.5
+
 log = logging.getLogger("rtcore.engine.dispatch")
 
 
@@ -139,13 +142,44 @@ async def dispatch(
                     outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
                     await node.backend.idempotency.finish(scope, key, outcome, now=node.clock(), ttl=node.idempotency_ttl, fingerprint=fp)
                 else:
-                    await node.backend.idempotency.release(scope, key)
+                    await _release(node, scope, key)
             except RtcoreError:
                 # The command ran; only its record could not be stored. Answer it:
                 # the pending claim expires after its lease and a retry re-executes,
                 # which appends nothing twice (publishes are keyed by the command key).
                 log.exception("could not store the outcome of %r under key %r", name, key)
     return reply
+
+
+async def _release(node: Node, scope: str, key: str) -> None:
+    """Release the claim of a retryable failure, waiting for it at most :data:`RELEASE_WAIT` seconds.
+
+    A retryable failure is often the storage engine failing (a paused Redis
+    answered nothing for its 5 s timeout); a release sent to it now would most
+    likely wait out the same timeout and hold the retryable answer back until
+    the client gave up. So the release runs in the node's task group and the
+    answer waits for it only briefly: a healthy engine has released by then
+    (an immediate retry re-executes); otherwise the release goes on behind the
+    answer, and if it fails the claim lapses after its lease (a retry
+    meanwhile gets ``in_progress``, retryable too).
+    """
+    done = anyio.Event()
+
+    async def release() -> None:
+        try:
+            await node.backend.idempotency.release(scope, key)
+        except RtcoreError as exc:
+            log.warning("could not release the claim of key %r (it lapses after its lease): %s", key, exc)
+        finally:
+            done.set()
+
+    try:
+        node.spawn(release)
+    except RuntimeError:  # the node is not running (a direct call in a test): no task group
+        await release()
+        return
+    with anyio.move_on_after(RELEASE_WAIT):
+        await done.wait()
 
 
 def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:

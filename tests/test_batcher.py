@@ -1,0 +1,105 @@
+"""The batch runner under both durable engines (``rtcore.backends._batch.Batcher``).
+
+What it must keep: one batch at a time, every job answered, and — when a
+batch fails because the engine is stuck — the batches queued behind it fail
+at once with the same error instead of each waiting out the same timeout
+(found by ``tests/hardening/test_redis_pause.py``: a command queued behind a
+stalled batch took two Redis timeouts to get its answer, longer than the
+client waited).
+"""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from rtcore.backends._batch import Batcher, Job
+
+pytestmark = pytest.mark.anyio
+
+#: A guard against hanging, not a timing assertion.
+GUARD = 10.0
+
+
+class Stuck(Exception):
+    pass
+
+
+class Broken(Exception):
+    pass
+
+
+class Recorder:
+    """A batch runner whose first batch blocks until ``release`` is set, then raises ``first_error``."""
+
+    def __init__(self, first_error: Exception) -> None:
+        self.first_error = first_error
+        self.release = anyio.Event()
+        self.started = anyio.Event()
+        self.ran: list[list[str]] = []
+
+    async def run(self, jobs: list[Job]) -> None:
+        self.ran.append([getattr(j, "name", "?") for j in jobs])
+        if len(self.ran) == 1:
+            self.started.set()
+            await self.release.wait()
+            raise self.first_error
+        for j in jobs:
+            j.result = "done"
+
+
+class Named(Job):
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
+
+async def _race(rec: Recorder, stall: type[Exception] | None) -> dict[str, Named]:
+    """Job a runs (and blocks); b and c queue behind it; d is submitted the moment a's batch fails.
+
+    d is started from inside the failure (the ``stalled`` predicate), before the
+    batcher wakes the batch queued behind it, so on asyncio d reaches ``submit``
+    while [b, c] is still waiting: the case where d must not join a doomed batch.
+    """
+    out: dict[str, Named] = {}
+
+    async def submit(name: str) -> None:
+        out[name] = await batcher.submit(Named(name))
+
+    def stalled(exc: BaseException) -> bool:
+        tg.start_soon(submit, "d")
+        return stall is not None and isinstance(exc, stall)
+
+    batcher: Batcher[Named] = Batcher(rec.run, 10, stalled=stalled)
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "a")
+            await rec.started.wait()
+            tg.start_soon(submit, "b")
+            tg.start_soon(submit, "c")
+            await anyio.wait_all_tasks_blocked()
+            rec.release.set()
+    return out
+
+
+async def test_batches_queued_behind_a_stall_fail_with_it_without_running() -> None:
+    """Mutations seen caught: dropping the ``queued.failed = exc`` loop in ``Batcher.submit``
+    → the queued batch [b, c] runs (``ran`` has it, b and c get "done"); letting a new job
+    join a batch already marked failed → d fails without being tried. Both fail here."""
+    rec = Recorder(Stuck("no reply"))
+    out = await _race(rec, Stuck)
+    assert rec.ran == [["a"], ["d"]]  # b and c were never sent
+    for name in "abc":
+        assert isinstance(out[name].error, Stuck), name
+    assert out["d"].error is None and out["d"].result == "done"  # arrived after the failure: tried as usual
+
+
+async def test_other_failures_leave_queued_batches_to_run() -> None:
+    """A failure the predicate does not call a stall fails its own batch only."""
+    rec = Recorder(Broken("one bad batch"))
+    out = await _race(rec, None)
+    assert rec.ran[0] == ["a"] and sorted(n for batch in rec.ran[1:] for n in batch) == ["b", "c", "d"]  # d may join [b, c]
+    assert isinstance(out["a"].error, Broken)
+    assert [out[n].result for n in "bcd"] == ["done"] * 3
