@@ -61,20 +61,31 @@ def diff(old: Any, new: Any, path: list[Any] | None = None) -> list[Op]:
     return ops
 
 
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
+    # Hot: a room diffs its whole state on every tick. Unchanged scalars
+    # (most of a state) are skipped before a child path is built or a call made.
     if type(old) is dict and type(new) is dict:
         for k in old:
             if k not in new:
                 ops.append(["del", [*path, k]])
         for k, v in new.items():
             if k in old:
-                _diff(old[k], v, [*path, k], ops)
+                o = old[k]
+                if type(o) is type(v) and type(v) in _SCALARS and o == v:
+                    continue
+                _diff(o, v, [*path, k], ops)
             else:
                 ops.append(["set", [*path, k], v])
     elif type(old) is list and type(new) is list:
         common = min(len(old), len(new))
         for i in range(common):
-            _diff(old[i], new[i], [*path, i], ops)
+            o, v = old[i], new[i]
+            if type(o) is type(v) and type(v) in _SCALARS and o == v:
+                continue
+            _diff(o, v, [*path, i], ops)
         if len(new) < len(old):
             ops.append(["trunc", path, len(new)])
         for i in range(common, len(new)):
