@@ -341,3 +341,21 @@ async def test_one_callback_writes_every_outbox_of_a_tick() -> None:
     # The loop's batch holds no outbox once written (a closed connection's outbox must not be kept).
     assert boxes[0]._batch is not None and boxes[0]._batch._due == []
 
+
+
+async def test_a_live_event_into_an_empty_outbox_counts_toward_the_bounds() -> None:
+    """The one-event fast path of ``live`` keeps the byte count and peaks that the bounds use.
+
+    Mutation seen caught: the fast path does not set ``_queued_bytes`` → the
+    frame one byte over the bound fits → fails.
+    """
+    h = Harness(OutboxLimits(max_bytes=100))
+    e = event(1)
+    size = len(e.encoded("json"))
+    h.outbox.live("s:1", [e])
+    assert (h.outbox.queued_bytes, h.outbox.peak_bytes, h.outbox.peak_frames) == (size, size, 1)
+    assert h.outbox.last_sent == {"s:1": (1, 1000.0)}
+    h.outbox.push(frame(0, 100 - size))  # exactly at the bound
+    assert not h.outbox.slow
+    h.outbox.push(frame(1, 1))  # one byte over
+    assert h.outbox.slow and h.slow_calls == 1
