@@ -24,12 +24,17 @@ docs = st.recursive(
 @given(docs, docs)
 @example({"a": 1}, {"a": 1.0})
 @example([True], [1])
+@example({"p": {"x": [1, 2]}, "q": 0}, {"p": {"x": [1.0, 2]}, "q": 1})
+@example([[{"b": True}], 3], [[{"b": 1}], 4])
 def test_apply_of_diff_gives_new(old: Any, new: Any) -> None:
     """The patch of any two documents turns the first into the second, byte for byte.
 
     Mutation: drop the ``trunc`` op for shorter lists → fails; compare with ``==``
     only (so ``1`` → ``1.0`` or ``True`` → ``1`` produce no op) → fails on the
     checksum.
+    Mutation seen caught: ``_unchanged`` skips an equal container without comparing
+    its MessagePack bytes (``[1, 2]`` vs ``[1.0, 2]`` deep inside) → fails; or
+    without the type check (``1`` vs ``1.0``) → fails.
     """
     ops = diff(old, new)
     got = apply(copy.deepcopy(old), ops)

@@ -305,3 +305,57 @@ async def test_fast_path_refused_falls_back_to_the_writer() -> None:
             await wait_all_tasks_blocked()  # the writer waits for work
             h.outbox.push(frame(0))  # the fast write is tried first, and refused
     assert fast.calls == [[frame(0)]] and sent == [[frame(0)]]
+
+
+@pytest.mark.asyncio_only(reason="the tick-batched fast write is scheduled with asyncio's loop.call_soon; trio always uses the writer task")
+async def test_one_callback_writes_every_outbox_of_a_tick() -> None:
+    """Outboxes that got frames in one loop tick are written by one callback, each in one call, in order.
+
+    Mutation: ``_FlushBatch.add`` schedules without checking ``_scheduled`` → 3 callbacks → fails.
+    Mutation: ``_FlushBatch._run`` does not swap ``_due`` for a new list → the loop's
+    batch keeps every outbox it ever wrote (a leak) → fails.
+    """
+    loop = asyncio.get_running_loop()
+    callbacks: list[Any] = []
+
+    def call_soon(cb: Any, *args: Any) -> Any:
+        callbacks.append(cb)
+        return loop.call_soon(cb, *args)
+
+    fasts = [FakeFast(accept=True) for _ in range(3)]
+    for f in fasts:
+        f.call_soon = call_soon
+    boxes = [Harness(OutboxLimits(), fast=f).outbox for f in fasts]
+    for i in (1, 2):
+        for box in boxes:
+            box.live("s:1", [event(i)])
+    await anyio.lowlevel.checkpoint()  # one loop pass: the callback runs
+    assert len(callbacks) == 1
+    assert [f.calls for f in fasts] == [[[event(1).encoded("json"), event(2).encoded("json")]]] * 3
+    # The next tick schedules again, for the outboxes that got frames in it only.
+    boxes[1].push(frame(9))
+    await anyio.lowlevel.checkpoint()
+    assert len(callbacks) == 2
+    assert [len(f.calls) for f in fasts] == [1, 2, 1] and fasts[1].calls[-1] == [frame(9)]
+    assert all(box.queued_frames == 0 for box in boxes)
+    # The loop's batch holds no outbox once written (a closed connection's outbox must not be kept).
+    assert boxes[0]._batch is not None and boxes[0]._batch._due == []
+
+
+
+async def test_a_live_event_into_an_empty_outbox_counts_toward_the_bounds() -> None:
+    """The one-event fast path of ``live`` keeps the byte count and peaks that the bounds use.
+
+    Mutation seen caught: the fast path does not set ``_queued_bytes`` → the
+    frame one byte over the bound fits → fails.
+    """
+    h = Harness(OutboxLimits(max_bytes=100))
+    e = event(1)
+    size = len(e.encoded("json"))
+    h.outbox.live("s:1", [e])
+    assert (h.outbox.queued_bytes, h.outbox.peak_bytes, h.outbox.peak_frames) == (size, size, 1)
+    assert h.outbox.last_sent == {"s:1": (1, 1000.0)}
+    h.outbox.push(frame(0, 100 - size))  # exactly at the bound
+    assert not h.outbox.slow
+    h.outbox.push(frame(1, 1))  # one byte over
+    assert h.outbox.slow and h.slow_calls == 1

@@ -35,6 +35,7 @@ __all__ = ["EncodedEvent", "EventSink", "Hub", "OutboxLimits", "Tail", "evt_fram
 log = logging.getLogger("rtcore.engine.hub")
 
 PAGE = 500
+_LIVE = Phase.LIVE
 
 
 def evt_frame(event: Event) -> Evt:
@@ -43,12 +44,19 @@ def evt_frame(event: Event) -> Evt:
 
 
 class EncodedEvent:
-    """An event plus its wire bytes, encoded lazily once per encoding."""
+    """An event plus its wire bytes, encoded lazily once per encoding.
 
-    __slots__ = ("_json", "_msgpack", "event")
+    Attributes:
+        event: The event.
+        sent: ``(offset, ts)`` of the event, one tuple shared by every
+            subscriber's outbox that records it as the last one sent.
+    """
+
+    __slots__ = ("_json", "_msgpack", "event", "sent")
 
     def __init__(self, event: Event) -> None:
         self.event = event
+        self.sent = (event.offset, event.ts)
         self._json: bytes | None = None
         self._msgpack: bytes | None = None
 
@@ -103,7 +111,10 @@ class EventSink(Protocol):
         ...
 
     def live(self, stream: str, batch: list[EncodedEvent]) -> None:
-        """Take in-order live events; never awaits (called from the hub's dispatch)."""
+        """Take in-order live events; never awaits (called from the hub's dispatch).
+
+        ``batch`` may be shared with the other sinks of the event: read it, never change it.
+        """
         ...
 
     async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
@@ -139,11 +150,25 @@ class Tail:
         self._filling = False
         self.closed = False
 
-    def live(self, enc: EncodedEvent) -> None:
-        """Take one live event from the hub (never awaits)."""
+    def live(self, enc: EncodedEvent, batch: list[EncodedEvent] | None = None) -> None:
+        """Take one live event from the hub (never awaits).
+
+        Args:
+            enc: The event.
+            batch: ``[enc]``, made once by the hub and handed to every sink
+                (sinks never change it), or None to make one here.
+        """
         if self.closed:
             return
-        out = self.delivery.live(enc.event)
+        d = self.delivery
+        event = enc.event
+        if d.phase is _LIVE and event.offset == d.last + 1 and event.epoch == d.epoch:
+            # The common case, without Delivery.live's list: the next event of
+            # a live tail goes straight out (what Delivery.live would decide).
+            d.last = event.offset
+            self.sink.live(self.stream, batch if batch is not None else [enc])
+            return
+        out = d.live(event)
         if out:
             self.sink.live(self.stream, [enc])
         self._check()
@@ -253,9 +278,10 @@ class Hub:
         tails = self._tails.get(event.stream)
         if tails:
             enc = EncodedEvent(event)
+            batch = [enc]  # one list for every sink (EventSink.live never changes it)
             for tail in tuple(tails):
                 try:
-                    tail.live(enc)
+                    tail.live(enc, batch)
                 except Exception:
                     log.exception("tail of %s failed", event.stream)
             self.delivered += len(tails)

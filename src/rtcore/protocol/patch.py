@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
+import msgspec
+
 __all__ = ["Op", "PatchError", "apply", "diff"]
 
 #: One operation (see the module docstring).
@@ -61,6 +63,27 @@ def diff(old: Any, new: Any, path: list[Any] | None = None) -> list[Op]:
     return ops
 
 
+_SCALARS = (str, int, float, bool, type(None))
+# Exact equality of two builtins trees: MessagePack tells 1 from 1.0 and
+# True, which ``==`` does not (see _same).
+_pack = msgspec.msgpack.Encoder().encode
+
+
+def _unchanged(o: Any, v: Any) -> bool:
+    """Whether the subtrees ``o`` and ``v`` need no op: equal, of the same types all the way down.
+
+    ``==`` runs in C and rules out most changed subtrees; an equal container is
+    then confirmed by its MessagePack bytes (when they differ, e.g. ``1`` vs
+    ``1.0`` inside, the caller walks it). A room diffs its whole state on every
+    tick and most of it did not change: walking each unchanged item in Python
+    was most of the diff (py-spy).
+    """
+    t = type(o)
+    if t is not type(v) or o != v:
+        return False
+    return t in _SCALARS or _pack(o) == _pack(v)
+
+
 def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
     if type(old) is dict and type(new) is dict:
         for k in old:
@@ -68,13 +91,17 @@ def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
                 ops.append(["del", [*path, k]])
         for k, v in new.items():
             if k in old:
-                _diff(old[k], v, [*path, k], ops)
+                o = old[k]
+                if not _unchanged(o, v):
+                    _diff(o, v, [*path, k], ops)
             else:
                 ops.append(["set", [*path, k], v])
     elif type(old) is list and type(new) is list:
         common = min(len(old), len(new))
         for i in range(common):
-            _diff(old[i], new[i], [*path, i], ops)
+            o, v = old[i], new[i]
+            if not _unchanged(o, v):
+                _diff(o, v, [*path, i], ops)
         if len(new) < len(old):
             ops.append(["trunc", path, len(new)])
         for i in range(common, len(new)):

@@ -18,7 +18,9 @@ connection's one writer (which waits for the peer):
   (:meth:`Outbox.take`) and writes it in one call (one socket write). On
   asyncio a transport may offer a write that needs no wait
   (:class:`FastWriter`): frames queued during one event-loop tick are then
-  written by one callback at its end, without waking the writer task.
+  written at its end, without waking the writer task, by one callback per
+  event loop for every outbox that got frames in that tick (a room patch
+  fanned out to 100 subscribers schedules one callback, not 100).
 
 So ``queued_bytes`` never exceeds ``max_bytes`` (nor ``queued_frames``
 ``max_frames``), except by a single frame larger than the bound queued into
@@ -27,7 +29,9 @@ an empty outbox.
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol, runtime_checkable
 
@@ -37,6 +41,8 @@ from ..engine.hub import EncodedEvent, OutboxLimits
 from ..engine.metrics import NodeMetrics
 
 __all__ = ["FastWriter", "Outbox", "OutboxLimits"]
+
+log = logging.getLogger("rtcore.server.outbox")
 
 
 @runtime_checkable
@@ -51,6 +57,57 @@ class FastWriter(Protocol):
     def call_soon(self) -> Callable[..., Any] | None:
         """The event loop's ``call_soon`` (None: no fast path on this connection)."""
         ...
+
+
+class _FlushBatch:
+    """The fast-path writes of one event loop: every outbox that queued frames in a tick, flushed by one callback.
+
+    One ``call_soon`` per outbox per tick was an eighth of a 100-subscriber
+    room's tick (py-spy): a handle allocated and run per subscriber. Outboxes
+    are flushed in the order they first queued a frame in the tick.
+    """
+
+    # No reference to the loop (it is the weak key of _batches): the outbox's call_soon schedules.
+    __slots__ = ("_due", "_scheduled")
+
+    def __init__(self) -> None:
+        self._due: list[Outbox] = []
+        self._scheduled = False
+
+    def add(self, outbox: Outbox) -> None:
+        self._due.append(outbox)
+        if not self._scheduled:
+            self._scheduled = True
+            call_soon = outbox._call_soon
+            assert call_soon is not None  # only outboxes with a fast path have a batch
+            call_soon(self._run)
+
+    def _run(self) -> None:
+        # Swapped first: an outbox that queues again during a flush goes into the next round.
+        due, self._due = self._due, []
+        self._scheduled = False
+        for outbox in due:
+            if not outbox._flush_scheduled:
+                continue  # flushed meanwhile (Outbox.flushed)
+            try:
+                outbox._flush()
+            except Exception:  # pragma: no cover - one connection's bug must not stall the others
+                log.exception("fast-path write failed")
+
+
+#: One batch per event loop (keyed by the object whose ``call_soon`` it is).
+_batches: weakref.WeakKeyDictionary[Any, _FlushBatch] = weakref.WeakKeyDictionary()
+
+
+def _batch_for(call_soon: Callable[..., Any]) -> _FlushBatch:
+    owner = getattr(call_soon, "__self__", call_soon)
+    try:
+        batch = _batches.get(owner)
+        if batch is None:
+            batch = _batches[owner] = _FlushBatch()
+    except TypeError:  # pragma: no cover - an owner that takes no weak reference: a batch of its own
+        batch = _FlushBatch()
+    return batch
 
 
 class Outbox:
@@ -87,7 +144,7 @@ class Outbox:
 
     # One per connection: no per-instance __dict__.
     __slots__ = (
-        "_call_soon", "_clock", "_closed", "_drained", "_fast", "_flush_scheduled", "_metrics", "_on_slow", "_on_stale",
+        "_batch", "_call_soon", "_clock", "_closed", "_drained", "_fast", "_flush_scheduled", "_metrics", "_on_slow", "_on_stale",
         "_queue", "_queued_bytes", "_render", "_render_sync", "_spawn", "_start_writer", "_unwritten_ts", "_wake",
         "_writer_busy", "bytes_out", "frames_out", "last_sent", "limits", "peak_bytes", "peak_frames", "slow",
     )
@@ -134,6 +191,7 @@ class Outbox:
         call_soon = fast.call_soon if fast is not None else None
         self._fast = fast if call_soon is not None else None
         self._call_soon = call_soon
+        self._batch = _batch_for(call_soon) if call_soon is not None else None
         self._flush_scheduled = False
         self._writer_busy = False  # the writer task owns the send side (an awaited send)
 
@@ -164,10 +222,25 @@ class Outbox:
         """Queue one live frame without waiting; cut the subscriber if it does not fit."""
         if self._closed:
             return
-        if not self._fits(len(data), self.limits.max_bytes, self.limits.max_frames):
+        # _fits and _append inlined: this runs once per subscriber per event (the fan-out).
+        queue = self._queue
+        size = self._queued_bytes + len(data)
+        if queue and (size > self.limits.max_bytes or len(queue) >= self.limits.max_frames):
             self._cut()
             return
-        self._append(data)
+        queue.append(data)
+        self._queued_bytes = size
+        if size > self.peak_bytes:
+            self.peak_bytes = size
+        if len(queue) > self.peak_frames:
+            self.peak_frames = len(queue)
+        if self._flush_scheduled:
+            return  # this tick's write is already due
+        if self._batch is not None and not self._writer_busy:
+            self._flush_scheduled = True
+            self._batch.add(self)
+        else:
+            self._wake_writer()
 
     async def push_backlog(self, frames: list[bytes]) -> None:
         """Queue history at the consumer's pace.
@@ -207,10 +280,10 @@ class Outbox:
             self.peak_bytes = self._queued_bytes
         if len(self._queue) > self.peak_frames:
             self.peak_frames = len(self._queue)
-        if self._call_soon is not None and not self._writer_busy:
+        if self._batch is not None and not self._writer_busy:
             if not self._flush_scheduled:
                 self._flush_scheduled = True
-                self._call_soon(self._flush)
+                self._batch.add(self)
         else:
             self._wake_writer()
 
@@ -252,15 +325,33 @@ class Outbox:
 
     def live(self, stream: str, batch: list[EncodedEvent]) -> None:
         """Queue live events (never waits)."""
-        render = self._render
-        for enc in batch:
-            self.push(render(enc))
-        if self._closed:
-            return
+        if len(batch) == 1 and not self._queue and not self._closed:
+            # The fan-out's common case: one event into an outbox written empty
+            # at the last tick's end. An empty queue takes any frame (see push).
+            data = self._render(batch[0])
+            self._queue.append(data)
+            self._queued_bytes = size = len(data)
+            if size > self.peak_bytes:
+                self.peak_bytes = size
+            if self.peak_frames < 1:
+                self.peak_frames = 1
+            if not self._flush_scheduled:
+                flusher = self._batch
+                if flusher is not None and not self._writer_busy:
+                    self._flush_scheduled = True
+                    flusher.add(self)
+                else:
+                    self._wake_writer()
+        else:
+            render = self._render
+            for enc in batch:
+                self.push(render(enc))
+            if self._closed:
+                return
         if not self._unwritten_ts:
             self._unwritten_ts = batch[0].event.ts
-        last = batch[-1].event
-        self.last_sent[stream] = (last.offset, last.ts)
+        # The same tuple for every subscriber of the event (EncodedEvent.sent).
+        self.last_sent[stream] = batch[-1].sent
 
     async def backlog(self, stream: str, batch: list[EncodedEvent]) -> None:
         """Queue a page of history, paced (see :meth:`push_backlog`)."""
