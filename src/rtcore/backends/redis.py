@@ -528,15 +528,29 @@ def _event(stream: str, offset: int, fields: dict[bytes, bytes]) -> Event:
     )
 
 
-@contextlib.contextmanager
-def _engine_errors() -> Any:
-    """Map coredis failures to BackendError (ConflictError and cancellation pass through)."""
-    try:
-        yield
-    except coredis.exceptions.RedisError as exc:
-        raise BackendError(f"redis: {exc}") from exc
-    except OSError as exc:
-        raise BackendError(f"redis: {exc}") from exc
+class _EngineErrors:
+    """Maps coredis failures to BackendError (ConflictError and cancellation pass through).
+
+    A class rather than a ``contextlib.contextmanager``: it wraps every store
+    call, and a generator per call costs more than the call's own Python work.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, coredis.exceptions.RedisError | OSError):
+            raise BackendError(f"redis: {exc}") from exc
+
+
+_ENGINE_ERRORS = _EngineErrors()
+
+
+def _engine_errors() -> _EngineErrors:
+    """The context manager mapping coredis failures to BackendError (one shared instance)."""
+    return _ENGINE_ERRORS
 
 
 class _Call(Job):
