@@ -10,6 +10,7 @@ forgot its scripts is reloaded transparently.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rtcore
-from rtcore.backends import Backend, Outcome, open_backend
+from rtcore.backends import Backend, Outcome, Snapshot, open_backend
 from rtcore.backends import redis as redis_backend
 from rtcore.errors import BackendError
 from tests.redis_server import RedisServer, redis_server_binary, require_services
@@ -174,7 +175,9 @@ async def test_outcome_keeps_its_ttl_when_batched(server: RedisServer) -> None:
         keys = [_fresh(f"ttl-{i}-") for i in range(20)]
         async with anyio.create_task_group() as tg:
             for k in keys:
-                tg.start_soon(lambda k=k: b.idempotency.finish("p:t", k, Outcome(True, k), now=T0, ttl=100, fingerprint=b"f"))
+                tg.start_soon(
+                    lambda k=k: b.idempotency.finish("p:t", k, Outcome(True, k), now=T0, ttl=100, fingerprint=b"f")
+                )
         for k in keys:
             pttl = await _client(b).pttl(redis_backend._pair_key("idem", "p:t", k))
             assert 99_000 < pttl <= 100_000 + redis_backend._GRACE_MS
@@ -264,3 +267,32 @@ async def test_one_failing_call_fails_alone_and_batches_share_round_trips(server
         assert results.count(None) == 49
         assert pipeliner.batches.batches - before == 2
         assert isinstance(errors[0].__cause__, coredis.exceptions.ResponseError)
+
+
+@pytest.mark.anyio
+async def test_arguments_of_every_length_reach_the_scripts_byte_for_byte(server: RedisServer) -> None:
+    """Proves: the batch's one MessagePack argument carries every byte string
+    (event payloads, snapshot states, fingerprints) and text to the scripts
+    unchanged, at each length where the str header changes (0, 31/32, 255/256,
+    65535/65536 bytes) and for bytes that are not UTF-8, batched together.
+
+    Mutations seen caught: in ``_lua_arg`` give lengths 32-255 the fixstr
+    header (``n < 0x100`` for ``n < 32``) -> Redis refuses the batch's
+    argument and this test fails; send bytes as MessagePack bin (return
+    ``data`` unwrapped) -> cmsgpack refuses it and this test fails.
+    """
+    sizes = [0, 1, 31, 32, 255, 256, 65535, 65536, 100_000]
+    states = {n: bytes((i * 7 + n) % 256 for i in range(n)) for n in sizes}
+    texts = {n: "é" * (n // 2) + "x" * (n % 2) for n in sizes}
+    run = _fresh("len-")
+    async with opened(server.url) as b:
+        async with anyio.create_task_group() as tg:
+            for n in sizes:
+                snap = Snapshot(f"{run}:{n}", "e1", n + 1, states[n], "c")
+                tg.start_soon(b.snapshots.put, snap)
+                tg.start_soon(functools.partial(b.events.append, f"{run}:{n}", "t", texts[n], now=T0))
+        for n in sizes:
+            got = await b.snapshots.get(f"{run}:{n}")
+            assert got is not None and got.state == states[n] and got.offset == n + 1
+            page = await b.events.read(f"{run}:{n}", after=0, limit=5)
+            assert [e.data for e in page.events] == [texts[n]]

@@ -178,6 +178,84 @@ async def test_failed_group_commit_fails_every_write_in_the_group(tmp_path: Path
         await b.aclose()
 
 
+async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: Path) -> None:
+    """Proves: a write that raises half-way through (after changing a row)
+    gets its own error and none of its changes are kept, while the writes
+    queued with it in the same group (before and after it) commit once, with
+    the offsets and epochs they reported, and reach the live feed exactly so.
+    Groups run without per-write savepoints and are run again with them only
+    when a write raises (``_run_group``).
+
+    Mutations seen caught: in ``_run_group`` replace the rerun through
+    ``_run_isolated`` by catching each write's error in the same loop (no
+    rollback, no savepoints) -> the failing write's head of 999 is committed
+    and this test fails; drop ``committed.clear()`` in ``SqliteEventLog.append``
+    -> the feed gets the rolled-back first run's event of the new stream,
+    whose epoch was never committed, and this test fails.
+    """
+    b = await _open(tmp_path)
+    db = b._db
+    got: list[Event] = []
+    feed = b.events.live(got.append)
+    feed.watch("*")
+    results: dict[int, Any] = {}
+
+    async def append(i: int) -> None:
+        results[i] = await b.events.append(f"iso:{i % 2}", "n", {"i": i}, now=T0, key=f"k{i}")
+
+    def broken(conn: sqlite3.Connection) -> None:
+        conn.execute("UPDATE streams SET head = 999 WHERE name = 'iso:0'")
+        raise RuntimeError("the write failed half-way")
+
+    async def fail() -> None:
+        with pytest.raises(RuntimeError, match="half-way"):
+            await db.write(broken)
+        results[-1] = "failed"
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed.run)
+            await anyio.sleep(0.1)
+            await db._limiter.acquire()  # hold the worker: everything below joins one group
+            try:
+                tg.start_soon(b.events.info, "warm")  # the first group, alone
+                while _queued(b) < 0 or not db.groups._busy:
+                    await anyio.sleep(0.01)
+                for i in range(4):
+                    tg.start_soon(append, i)
+                    while _queued(b) < i + 1:
+                        await anyio.sleep(0.01)
+                tg.start_soon(fail)
+                while _queued(b) < 5:
+                    await anyio.sleep(0.01)
+                for i in range(4, 8):
+                    tg.start_soon(append, i)
+                    while _queued(b) < i + 2:
+                        await anyio.sleep(0.01)
+            finally:
+                db._limiter.release()
+            with anyio.fail_after(10):
+                while len(results) < 9 or len(got) < 8:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert db.groups.batches == 2 and db.groups.jobs == 10
+        for name in ("iso:0", "iso:1"):
+            page = await b.events.read(name, after=0, limit=100)
+            assert page.head == 4 and [e.offset for e in page.events] == [1, 2, 3, 4]
+            stored = {e.key: (e.epoch, e.offset) for e in page.events}
+            reported = {
+                r.event.key: (r.event.epoch, r.event.offset)
+                for i, r in results.items()
+                if i >= 0 and i % 2 == int(name[-1])
+            }
+            assert stored == reported
+            fed = {e.key: (e.epoch, e.offset) for e in got if e.stream == name}
+            assert fed == stored
+        assert len(got) == 8
+    finally:
+        await b.aclose()
+
+
 async def test_same_key_in_one_group_is_appended_once(tmp_path: Path) -> None:
     """Proves: 20 appends with one key queued into the same group append one
     event; the others are duplicates of it (the key lookup sees the earlier

@@ -10,7 +10,9 @@ Why it is shaped this way:
   one batch is in flight go to Redis as the next batch: one ``EVALSHA`` of
   :data:`_BATCH`, a script holding every script body as a function, which
   runs the calls in order under ``pcall`` and returns one reply (or error)
-  per call (see :class:`_Pipeliner`). Each call stays atomic; a busy node
+  per call (see :class:`_Pipeliner`). The calls go as one MessagePack
+  argument that the script decodes with ``cmsgpack``: the client's work per
+  request argument is paid once per batch, not per key and argument. Each call stays atomic; a busy node
   pays one request and one round trip per batch instead of per call.
 * **Keys of one stream** share a hash tag, so they would live in one cluster
   slot (a script may only touch keys of one slot)::
@@ -164,6 +166,34 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode_any = msgspec.msgpack.Decoder().decode
 _decode_record = msgspec.msgpack.Decoder(IdempotencyRecord).decode
 _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
+#: Encodes a batch of script calls for :data:`_BATCH` (every argument a MessagePack str, see :func:`_lua_arg`).
+_encode_calls = msgspec.msgpack.Encoder().encode
+
+
+def _lua_arg(value: Any) -> Any:
+    """A script argument as the MessagePack *str* Lua's cmsgpack decodes into the Lua string Redis would pass.
+
+    cmsgpack knows no *bin* type (msgspec's encoding of bytes), so bytes go as
+    a pre-encoded str (Lua strings are byte strings); numbers become their
+    decimal text, as Redis passes every argument as a string.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        data = bytes(value)
+        n = len(data)
+        if n < 32:
+            head = bytes((0xA0 | n,))
+        elif n < 0x100:
+            head = bytes((0xD9, n))
+        elif n < 0x10000:
+            head = b"\xda" + n.to_bytes(2, "big")
+        else:
+            head = b"\xdb" + n.to_bytes(4, "big")
+        return msgspec.Raw(head + data)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
 
 
 def _stream_keys(stream: str) -> list[str]:
@@ -440,8 +470,11 @@ _BODIES: dict[str, str] = {
 }
 
 # One script runs a whole batch of calls: each body above becomes a function of
-# (KEYS, ARGV), and the batch's ARGV lists the calls:
-#   n, then per call: name, #keys, #args, args...   (KEYS: every call's keys in order)
+# (KEYS, ARGV), and the batch's one argument is a MessagePack array of the
+# calls, each [name, [keys...], [args...]], which Lua's bundled cmsgpack
+# decodes into tables. One argument rather than three plus the keys and
+# arguments of every call: the client's per-argument work (coredis checks and
+# converts each argument of a request) was the largest cost of a batch.
 # Each call runs under pcall, so one call's error is its own reply and the
 # others go on; the reply is one {1, result} or {0, message} per call.
 _BATCH = (
@@ -449,16 +482,11 @@ _BATCH = (
     + "local F = {}\n"
     + "".join(f"F[{name!r}] = function(KEYS, ARGV)\n{body}\nend\n" for name, body in _BODIES.items())
     + """
+local calls = cmsgpack.unpack(ARGV[1])
 local out = {}
-local k, a = 0, 2
-for i = 1, tonumber(ARGV[1]) do
-  local name, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  a = a + 3
-  local keys, args = {}, {}
-  for j = 1, nk do keys[j] = KEYS[k + j] end
-  for j = 1, na do args[j] = ARGV[a + j - 1] end
-  k, a = k + nk, a + na
-  local ok, res = pcall(F[name], keys, args)
+for i = 1, #calls do
+  local c = calls[i]
+  local ok, res = pcall(F[c[1]], c[2], c[3])
   if ok then
     out[i] = {1, res}
   else
@@ -500,15 +528,29 @@ def _event(stream: str, offset: int, fields: dict[bytes, bytes]) -> Event:
     )
 
 
-@contextlib.contextmanager
-def _engine_errors() -> Any:
-    """Map coredis failures to BackendError (ConflictError and cancellation pass through)."""
-    try:
-        yield
-    except coredis.exceptions.RedisError as exc:
-        raise BackendError(f"redis: {exc}") from exc
-    except OSError as exc:
-        raise BackendError(f"redis: {exc}") from exc
+class _EngineErrors:
+    """Maps coredis failures to BackendError (ConflictError and cancellation pass through).
+
+    A class rather than a ``contextlib.contextmanager``: it wraps every store
+    call, and a generator per call costs more than the call's own Python work.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if isinstance(exc, coredis.exceptions.RedisError | OSError):
+            raise BackendError(f"redis: {exc}") from exc
+
+
+_ENGINE_ERRORS = _EngineErrors()
+
+
+def _engine_errors() -> _EngineErrors:
+    """The context manager mapping coredis failures to BackendError (one shared instance)."""
+    return _ENGINE_ERRORS
 
 
 class _Call(Job):
@@ -520,7 +562,7 @@ class _Call(Job):
         super().__init__()
         self.name = name
         self.keys = keys
-        self.args = args
+        self.args = [a if a.__class__ is str else _lua_arg(a) for a in args]
 
 
 #: One pipeliner per client, shared by every store on it.
@@ -585,14 +627,10 @@ class _Pipeliner:
             raise _Stalled(f"redis: no reply within {_CALL_TIMEOUT} s ({exc})") from exc
 
     async def _send(self, batch: list[_Call]) -> None:
-        keys: list[str] = []
-        args: list[Any] = [len(batch)]
-        for c in batch:
-            keys += c.keys
-            args += (c.name, len(c.keys), len(c.args), *c.args)
+        blob = _encode_calls([(c.name, c.keys, c.args) for c in batch])
         for attempt in range(_NOSCRIPT_ATTEMPTS):
             try:
-                reply = cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=keys, args=args))
+                reply = cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=[], args=[blob]))
                 break
             except coredis.exceptions.NoScriptError:
                 # Redis restarted or flushed its scripts; the batch did not run.
