@@ -891,9 +891,9 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
             # The request (headers and all) stays alive only as long as the handler
             # keeps it: this frame holds what the log line needs, not the request.
             path, peer = request.path, request.peer
-            pending = handler(transport, request)
-            del request
             try:
+                pending = handler(transport, request)
+                del request
                 await pending
             except ConnectionClosed:
                 pass
