@@ -11,10 +11,12 @@ prints ``READY <port> <loop>`` once listening and serves until SIGTERM/SIGINT
   idempotency key (``cmd.key``), so it measures the idempotency record plus
   the append (the publish of a keyed command is itself idempotent).
 
-``--loop uvloop`` installs uvloop's event-loop policy before starting
-rtcore on anyio's asyncio backend: rtcore has no uvloop switch of its own
-yet (an ``rtcore[fast]`` extra that selects it is being added separately);
-``--loop trio`` runs rtcore on trio (``rtcore.run(anyio_backend="trio")``).
+``--loop asyncio`` runs asyncio's own event loop (``use_uvloop=False``:
+:func:`rtcore.run` would otherwise pick uvloop whenever it is installed, as
+it is with the ``bench`` extra, and the "asyncio" column measured uvloop);
+``--loop uvloop`` runs uvloop; ``--loop trio`` runs rtcore on trio
+(``rtcore.run(anyio_backend="trio")``). The READY line names the loop that
+really runs.
 
 The per-connection command rate limit (100/s by default, a production safety
 net) is raised: the benchmark measures the server, not the limiter. The idle
@@ -72,10 +74,6 @@ def main() -> None:
     opts = parser.parse_args()
     port = opts.port_opt if opts.port_opt is not None else opts.port
     anyio_backend = "trio" if opts.loop == "trio" else "asyncio"
-    if opts.loop == "uvloop":
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     def ready(bound: int) -> None:
         loop = opts.loop
@@ -90,6 +88,7 @@ def main() -> None:
         grace=0.5,
         on_ready=ready,
         anyio_backend=anyio_backend,
+        use_uvloop=opts.loop == "uvloop",
         session_limits=rtcore.Limits(
             command_rate=1e9, command_burst=1_000_000_000, max_inflight=10_000, max_subscriptions=1000
         ),

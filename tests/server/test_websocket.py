@@ -498,3 +498,44 @@ async def test_take_reader_is_refused_once_the_reader_task_runs() -> None:
         with anyio.fail_after(5):
             assert await ws.recv() == "hi"
         assert claimed == [False]
+
+
+def _live_upgrade_requests() -> int:
+    import gc
+
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if type(o) is UpgradeRequest)
+
+
+async def test_upgrade_request_is_released_once_the_handler_drops_it() -> None:
+    """Neither the HTTP connection nor run_websocket keeps the upgrade request
+    (its header list, ~1.5 kB) for the connection's lifetime: a handler that
+    reads what it needs and drops it leaves none alive while it serves.
+
+    Mutation seen caught: ``await run_websocket(transport, request, ...)`` in
+    ``HttpConnection.run`` (its local holds the request) → fails; so does
+    ``await handler(transport, request)`` in ``run_websocket``.
+    """
+    seen: list[str | None] = []
+    counted = anyio.Event()
+    alive: list[int] = []
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        seen.append(request.token)
+        del request
+        message = await transport.receive()
+        alive.append(_live_upgrade_requests())
+        counted.set()
+        await transport.send([message.encode() if isinstance(message, str) else message])
+        with contextlib.suppress(ConnectionClosed):
+            await transport.receive()
+
+    rec = Recorder()
+    async with running_server(handler, basic_http(rec)) as srv:
+        async with connect(srv.ws_url + "?token=t0", **NO_PROXY) as ws:
+            await ws.send("hi")
+            with anyio.fail_after(5):
+                await counted.wait()
+                assert await ws.recv() == "hi"
+    assert seen == ["t0"]
+    assert alive == [0]

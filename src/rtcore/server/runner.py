@@ -233,14 +233,18 @@ class Server:
 
     async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
         assert self.node is not None
+        # The session needs two fields: let go of the request (its header list and
+        # query dict) rather than keep it for the connection's lifetime.
+        token, peer = request.token, format_peer(request.peer)
+        del request
         with contextlib.suppress(ConnectionClosed):
             await serve_session(
                 self.node,
                 transport,
-                token=request.token,
+                token=token,
                 hello_timeout=self.limits.handshake_timeout,
                 registry=self.sessions,
-                peer=format_peer(request.peer),
+                peer=peer,
                 timers=self._timers,
             )
 

@@ -182,7 +182,11 @@ class HttpConnection:
                 state = self._state
                 state.websockets.add(transport)
                 try:
-                    await run_websocket(transport, request, state.on_websocket)
+                    # No local keeps the request (its header list is ~1.5 kB) for
+                    # the connection's lifetime: run_websocket lets go of it too.
+                    pending = run_websocket(transport, request, state.on_websocket)
+                    del request
+                    await pending
                 finally:
                     state.websockets.discard(transport)
         except RtcoreError as error:

@@ -866,7 +866,9 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
     :meth:`WebSocketTransport.take_reader` (before its first await) and runs
     it itself. Keepalive pings come from the transport's shared
     :class:`Heartbeats`, or from one run in the task group for this connection
-    alone when it has none. Nothing outlives the connection. When the handler
+    alone when it has none. Nothing outlives the connection, and ``request``
+    lives only as long as the handler keeps a reference to it (a handler that
+    needs just the token can drop it: thousands of connections wait at once). When the handler
     returns the connection is closed with 1000 (1011 if it raised); when the
     connection ends first the handler sees :class:`ConnectionClosed` from
     ``receive``/``send``/``run_reader``.
@@ -886,12 +888,17 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
                     tg.start_soon(transport._heartbeats.run)
                 transport._heartbeats.start(transport)
             code, reason = 1000, ""
+            # The request (headers and all) stays alive only as long as the handler
+            # keeps it: this frame holds what the log line needs, not the request.
+            path, peer = request.path, request.peer
             try:
-                await handler(transport, request)
+                pending = handler(transport, request)
+                del request
+                await pending
             except ConnectionClosed:
                 pass
             except Exception:
-                log.exception("WebSocket handler failed (path %s, peer %s)", request.path, request.peer)
+                log.exception("WebSocket handler failed (path %s, peer %s)", path, peer)
                 code, reason = 1011, "internal error"
             await transport.close(code, reason)
             tg.cancel_scope.cancel()
