@@ -325,29 +325,11 @@ class Outbox:
 
     def live(self, stream: str, batch: list[EncodedEvent]) -> None:
         """Queue live events (never waits)."""
-        if len(batch) == 1 and not self._queue and not self._closed:
-            # The fan-out's common case: one event into an outbox written empty
-            # at the last tick's end. An empty queue takes any frame (see push).
-            data = self._render(batch[0])
-            self._queue.append(data)
-            self._queued_bytes = size = len(data)
-            if size > self.peak_bytes:
-                self.peak_bytes = size
-            if self.peak_frames < 1:
-                self.peak_frames = 1
-            if not self._flush_scheduled:
-                flusher = self._batch
-                if flusher is not None and not self._writer_busy:
-                    self._flush_scheduled = True
-                    flusher.add(self)
-                else:
-                    self._wake_writer()
-        else:
-            render = self._render
-            for enc in batch:
-                self.push(render(enc))
-            if self._closed:
-                return
+        render = self._render
+        for enc in batch:
+            self.push(render(enc))  # push is the inlined hot path (once per subscriber per event)
+        if self._closed:
+            return
         if not self._unwritten_ts:
             self._unwritten_ts = batch[0].event.ts
         # The same tuple for every subscriber of the event (EncodedEvent.sent).
