@@ -30,7 +30,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import anyio
 from anyio.abc import TaskGroup
@@ -71,6 +71,21 @@ _IDLE_WORKERS = 4
 #: wake-up of SessionTimers (connections arriving at 1,000/s would otherwise wake
 #: it 1,000 times a second). Hello and idle timeouts are seconds long.
 _TIMER_SLACK = 0.05
+
+# type(transport) -> does it implement the protocol? isinstance() against a
+# runtime-checkable Protocol with a property member walks the protocol's
+# members on every call: py-spy put it at 8 % of the CPU of a connect (hello
+# + sub included). Transports are classes whose methods do not come and go
+# per instance, so the answer is the same for every instance of a class.
+_IMPLEMENTS: dict[tuple[type, type], bool] = {}
+
+
+def _implements(transport: object, protocol: type) -> bool:
+    key = (type(transport), protocol)
+    known = _IMPLEMENTS.get(key)
+    if known is None:
+        known = _IMPLEMENTS[key] = isinstance(transport, protocol)
+    return known
 
 
 class SessionTimers:
@@ -180,7 +195,7 @@ class _Connection:
         enc = self.encoding
         # asyncio fast path (see WebSocketTransport.send_nowait): frames queued in one
         # loop tick are written by one callback at its end, without waking the writer.
-        fast: FastWriter | None = transport if isinstance(transport, FastWriter) else None
+        fast = cast(FastWriter, transport) if _implements(transport, FastWriter) else None
         self.outbox = Outbox(
             outbox,
             render=lambda e: e.encoded(enc),
@@ -516,9 +531,8 @@ class _Connection:
                         self._start_writer()
                     # The transport reads in this task and calls on_message; it
                     # raises ConnectionClosed when the connection ends.
-                    assert isinstance(self.transport, InlineReader)
                     try:
-                        await self.transport.run_reader()
+                        await cast(InlineReader, self.transport).run_reader()
                     except ConnectionClosed as closed:
                         self._reader_closed(closed)
                         raise
@@ -606,5 +620,7 @@ async def serve_session(
     )
     # Before the first await (see InlineReader.take_reader): read in this task,
     # no reader task or message queue of the transport's.
-    conn._inline = isinstance(transport, InlineReader) and transport.take_reader(conn.on_message, conn.outbox.flushed)
+    conn._inline = _implements(transport, InlineReader) and cast(InlineReader, transport).take_reader(
+        conn.on_message, conn.outbox.flushed
+    )
     await conn.run()
