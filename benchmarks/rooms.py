@@ -91,6 +91,7 @@ def loadavg() -> list[float]:
 
 def serve(backend: str) -> None:
     """Run the benchmark app; print ``READY <port>``; stop on SIGTERM."""
+    import gc
     import signal
     from time import perf_counter, thread_time
 
@@ -107,6 +108,24 @@ def serve(backend: str) -> None:
     # The tick step's CPU time (this thread's): what the step costs, unlike the
     # wall-clock duration, is not stretched by other processes on a busy machine.
     tick_cpu: list[float] = []
+    # Garbage collection inside each tick step (seconds, and the oldest
+    # generation collected, -1 for none): a full collection of the server's
+    # heap is a pause of its own, whatever the step did.
+    tick_gc: list[list[float]] = []
+    gc_now = {"t0": 0.0, "s": 0.0, "gen": -1, "total": 0.0, "full": 0}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        # CPU time (thread_time): a descheduled collection is not counted as longer.
+        if phase == "start":
+            gc_now["t0"] = thread_time()
+        else:
+            took = thread_time() - gc_now["t0"]
+            gc_now["s"] += took
+            gc_now["total"] += took
+            gc_now["gen"] = max(gc_now["gen"], info["generation"])
+            gc_now["full"] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
 
     @app.authenticate
     async def authenticate(token: str | None) -> rtcore.Principal | None:
@@ -170,20 +189,28 @@ def serve(backend: str) -> None:
     step = runtime._Actor._step
 
     async def timed_step(self: Any, fn: Any, args: Any) -> None:
+        gc_now["s"], gc_now["gen"] = 0.0, -1
         t0, c0 = perf_counter(), thread_time()
         await step(self, fn, args)
         if getattr(fn, "__name__", "") == "on_tick":
             tick_durations.append(perf_counter() - t0)
             tick_cpu.append(thread_time() - c0)
+            tick_gc.append([gc_now["s"], gc_now["gen"]])
 
     runtime._Actor._step = timed_step  # type: ignore[method-assign]
 
     @app.command("bench.ticks")
     async def ticks(ctx: rtcore.Context, args: Any) -> list[list[float]]:
-        out = [list(tick_durations), list(tick_cpu)]
+        out = [list(tick_durations), list(tick_cpu), list(tick_gc)]
         tick_durations.clear()
         tick_cpu.clear()
+        tick_gc.clear()
         return out
+
+    @app.command("bench.gc")
+    async def gc_total(ctx: rtcore.Context, args: Any) -> list[float]:
+        """CPU seconds spent in the cyclic garbage collector so far, and how many full collections."""
+        return [gc_now["total"], gc_now["full"]]
 
     print("rtcore from", rtcore.__file__, file=sys.stderr)
     if os.environ.get("ROOMS_BENCH_TRACEMALLOC"):
@@ -571,6 +598,17 @@ def _cpu(pids: list[int]) -> list[float]:
     return out
 
 
+async def server_gc(url: str) -> list[float]:
+    """The benchmark server's ``bench.gc``: GC CPU seconds so far, full collections so far ([0, 0] if it has none)."""
+    c = await Conn.open(url, f"gc{time.monotonic_ns()}")  # a fresh key: no replayed answer
+    try:
+        got = await c.cmd("bench.gc", {})
+    except Exception:
+        got = [0.0, 0]
+    await c.ws.close()
+    return [float(got[0]), int(got[1])]
+
+
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     server = ServerProcess(backend, f"moves {rooms} rooms {backend.split(':')[0]}")
@@ -593,9 +631,11 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
         runs = []
         for _ in range(reps):
             barrier.wait(timeout=300)
+            g0 = asyncio.run(server_gc(server.url))
             s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             time.sleep(seconds)
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            g1 = asyncio.run(server_gc(server.url))
             parts = [out.get(timeout=120) for _ in procs]
             lat = [x for part in parts for x in part["lat"]]
             moves = sum(part["moves"] for part in parts)
@@ -607,6 +647,9 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
                     "p99_ms": pct(lat, 0.99) * 1e3,
                     "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
+                    # The cyclic GC's share (read just outside the window: a slight overcount).
+                    "server_gc_us_per_move": (g1[0] - g0[0]) / max(moves, 1) * 1e6,
+                    "server_gc_full": g1[1] - g0[1],
                     "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
                     "errors": sum(part["errors"] for part in parts),
                     "load": loadavg(),
@@ -614,7 +657,8 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
             )
             print(
                 f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
-                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move, server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move (GC {runs[-1]['server_gc_us_per_move']:.0f}, "
+                f"{runs[-1]['server_gc_full']} full), server {runs[-1]['server_cpu_pct']:.0f}% "
                 f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
@@ -716,11 +760,11 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             joined = await host.cmd("room.create", {"type": "arena"})
             return joined["room_id"], host
 
-        async def ticks() -> tuple[list[float], list[float]]:
+        async def ticks() -> tuple[list[float], list[float], list[list[float]]]:
             c = await Conn.open(server.url, f"probe{time.monotonic_ns()}")  # a fresh key: no replayed answer
             got = await c.cmd("bench.ticks", {})
             await c.ws.close()
-            return list(got[0]), list(got[1])
+            return list(got[0]), list(got[1]), list(got[2]) if len(got) > 2 else []
 
         async def hold_host() -> str:
             # The creator stays seated through the run only via its seat: it leaves
@@ -749,7 +793,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             parts = [out.get(timeout=120) for _ in procs]
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
-            durations, cpu_durations = asyncio.run(ticks())
+            durations, cpu_durations, gcs = asyncio.run(ticks())
+            gc_full = [g for g, gen in gcs if gen == 2]
             wall = l1 - l0
             clients = sum(p["clients"] for p in parts)
             per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
@@ -761,6 +806,9 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
                     "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
                     "ticks": len(durations),
+                    # GC inside the tick steps: how many steps ran a full (generation 2) collection, the longest.
+                    "tick_gc_full": len(gc_full),
+                    "tick_gc_max_ms": max((g for g, _ in gcs), default=0.0) * 1e3,
                     "ticks_per_s": len(durations) / wall,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
                     "bytes_per_client_s": per_client_s,
@@ -772,7 +820,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             )
             print(
                 f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms (CPU p50 {runs[-1]['tick_cpu_p50_ms']:.2f}, "
-                f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
+                f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms; {runs[-1]['tick_gc_full']} full GCs in steps, "
+                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
                 f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
