@@ -179,15 +179,20 @@ class Followers:
 
     def on_event(self, event: Event) -> None:
         """Before the tails: start following a stateful stream, or a new history of it."""
+        f = self._by_stream.get(event.stream)
+        if f is not None:
+            # Followed already (most events): its spec is at hand, no pattern lookup.
+            if event.offset == 1 and f.state.epoch != event.epoch:
+                self.fresh(event.stream, StreamState(f.state.spec, event.epoch, 0))
+            return
         spec = self._app.state_for(event.stream)
         if spec is None:
             return
-        f = self._by_stream.get(event.stream)
-        if event.offset == 1 and (f is None or f.state.epoch != event.epoch):
+        if event.offset == 1:
             # A new history starts: fold it from here, synchronously, so no
             # event can be trimmed before the follower saw it.
             self.fresh(event.stream, StreamState(spec, event.epoch, 0))
-        elif f is None:
+        else:
             self.start(event.stream)
 
     def after_event(self, event: Event) -> None:
