@@ -237,6 +237,10 @@ def serve(backend: str) -> None:
                 by[where] = by.get(where, 0) + st.size_diff
             return [f"{v / 1024:10.1f} kB {k}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:40]]
 
+    if os.environ.get("ROOMS_BENCH_GC_THRESHOLD"):
+        # --gc-threshold: an experiment on CPython's cyclic GC (rtcore leaves it at Python's default).
+        gc.set_threshold(*(int(x) for x in os.environ["ROOMS_BENCH_GC_THRESHOLD"].split(",")))
+
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
         server.node_options["limits"] = rtcore.Limits(
@@ -1057,10 +1061,17 @@ def main() -> None:
         help="regenerate the README's py-spy section from two --profile results files",
     )
     parser.add_argument(
+        "--gc-threshold",
+        metavar="G0,G1,G2",
+        help="an experiment: the benchmark's server calls gc.set_threshold(G0, G1, G2) before serving "
+        "(both trees with --peer; Python's default is 700,10,10)",
+    )
+    parser.add_argument("--out", type=Path, help="with --only: write the results JSON here")
+    parser.add_argument(
         "--only",
         choices=["moves", "joins", "arena"],
         action="append",
-        help="run only these workloads (no files written)",
+        help="run only these workloads (no files written unless --out)",
     )
     opts = parser.parse_args()
     if opts.serve:
@@ -1073,6 +1084,8 @@ def main() -> None:
         write_profile_table(*opts.profile_table)
         return
     PROFILE["on"] = bool(opts.profile)
+    if opts.gc_threshold:
+        os.environ["ROOMS_BENCH_GC_THRESHOLD"] = opts.gc_threshold  # inherited by every server process
     reps = max(3, opts.reps)
     players = 1000 if opts.quick else 2000
     window = 3.0 if opts.quick else 6.0
@@ -1091,6 +1104,7 @@ def main() -> None:
             "workers": opts.workers,
             "input_hz": opts.input_hz,
             "joins_inflight": 64,
+            "gc_threshold": opts.gc_threshold,
         },
         "load_start": loadavg(),
         "moves": [],
@@ -1150,7 +1164,11 @@ def main() -> None:
         print(f"written to {out}")
         return
     if opts.only:
-        print(json.dumps(report, indent=1)[:4000])
+        if opts.out:
+            opts.out.write_text(json.dumps(report, indent=1) + "\n")
+            print(f"written to {opts.out}")
+        else:
+            print(json.dumps(report, indent=1)[:4000])
         return
     out = partial
     out.write_text(json.dumps(report, indent=1) + "\n")
