@@ -91,6 +91,7 @@ def loadavg() -> list[float]:
 
 def serve(backend: str) -> None:
     """Run the benchmark app; print ``READY <port>``; stop on SIGTERM."""
+    import gc
     import signal
     from time import perf_counter, thread_time
 
@@ -107,6 +108,24 @@ def serve(backend: str) -> None:
     # The tick step's CPU time (this thread's): what the step costs, unlike the
     # wall-clock duration, is not stretched by other processes on a busy machine.
     tick_cpu: list[float] = []
+    # Garbage collection inside each tick step (seconds, and the oldest
+    # generation collected, -1 for none): a full collection of the server's
+    # heap is a pause of its own, whatever the step did.
+    tick_gc: list[list[float]] = []
+    gc_now = {"t0": 0.0, "s": 0.0, "gen": -1, "total": 0.0, "full": 0}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        # CPU time (thread_time): a descheduled collection is not counted as longer.
+        if phase == "start":
+            gc_now["t0"] = thread_time()
+        else:
+            took = thread_time() - gc_now["t0"]
+            gc_now["s"] += took
+            gc_now["total"] += took
+            gc_now["gen"] = max(gc_now["gen"], info["generation"])
+            gc_now["full"] += info["generation"] == 2
+
+    gc.callbacks.append(on_gc)
 
     @app.authenticate
     async def authenticate(token: str | None) -> rtcore.Principal | None:
@@ -170,20 +189,28 @@ def serve(backend: str) -> None:
     step = runtime._Actor._step
 
     async def timed_step(self: Any, fn: Any, args: Any) -> None:
+        gc_now["s"], gc_now["gen"] = 0.0, -1
         t0, c0 = perf_counter(), thread_time()
         await step(self, fn, args)
         if getattr(fn, "__name__", "") == "on_tick":
             tick_durations.append(perf_counter() - t0)
             tick_cpu.append(thread_time() - c0)
+            tick_gc.append([gc_now["s"], gc_now["gen"]])
 
     runtime._Actor._step = timed_step  # type: ignore[method-assign]
 
     @app.command("bench.ticks")
     async def ticks(ctx: rtcore.Context, args: Any) -> list[list[float]]:
-        out = [list(tick_durations), list(tick_cpu)]
+        out = [list(tick_durations), list(tick_cpu), list(tick_gc)]
         tick_durations.clear()
         tick_cpu.clear()
+        tick_gc.clear()
         return out
+
+    @app.command("bench.gc")
+    async def gc_total(ctx: rtcore.Context, args: Any) -> list[float]:
+        """CPU seconds spent in the cyclic garbage collector so far, and how many full collections."""
+        return [gc_now["total"], gc_now["full"]]
 
     print("rtcore from", rtcore.__file__, file=sys.stderr)
     if os.environ.get("ROOMS_BENCH_TRACEMALLOC"):
@@ -209,6 +236,10 @@ def serve(backend: str) -> None:
                 )
                 by[where] = by.get(where, 0) + st.size_diff
             return [f"{v / 1024:10.1f} kB {k}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:40]]
+
+    if os.environ.get("ROOMS_BENCH_GC_THRESHOLD"):
+        # --gc-threshold: an experiment on CPython's cyclic GC (rtcore leaves it at Python's default).
+        gc.set_threshold(*(int(x) for x in os.environ["ROOMS_BENCH_GC_THRESHOLD"].split(",")))
 
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
@@ -571,6 +602,17 @@ def _cpu(pids: list[int]) -> list[float]:
     return out
 
 
+async def server_gc(url: str) -> list[float]:
+    """The benchmark server's ``bench.gc``: GC CPU seconds so far, full collections so far ([0, 0] if it has none)."""
+    c = await Conn.open(url, f"gc{time.monotonic_ns()}")  # a fresh key: no replayed answer
+    try:
+        got = await c.cmd("bench.gc", {})
+    except Exception:
+        got = [0.0, 0]
+    await c.ws.close()
+    return [float(got[0]), int(got[1])]
+
+
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     server = ServerProcess(backend, f"moves {rooms} rooms {backend.split(':')[0]}")
@@ -593,9 +635,11 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
         runs = []
         for _ in range(reps):
             barrier.wait(timeout=300)
+            g0 = asyncio.run(server_gc(server.url))
             s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             time.sleep(seconds)
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            g1 = asyncio.run(server_gc(server.url))
             parts = [out.get(timeout=120) for _ in procs]
             lat = [x for part in parts for x in part["lat"]]
             moves = sum(part["moves"] for part in parts)
@@ -607,6 +651,9 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
                     "p99_ms": pct(lat, 0.99) * 1e3,
                     "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
+                    # The cyclic GC's share (read just outside the window: a slight overcount).
+                    "server_gc_us_per_move": (g1[0] - g0[0]) / max(moves, 1) * 1e6,
+                    "server_gc_full": g1[1] - g0[1],
                     "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
                     "errors": sum(part["errors"] for part in parts),
                     "load": loadavg(),
@@ -614,7 +661,8 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
             )
             print(
                 f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
-                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move, server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move (GC {runs[-1]['server_gc_us_per_move']:.0f}, "
+                f"{runs[-1]['server_gc_full']} full), server {runs[-1]['server_cpu_pct']:.0f}% "
                 f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
@@ -628,7 +676,7 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
         "runs": runs,
         **{
             k: summary([r[k] for r in runs])
-            for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_cpu_pct")
+            for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_gc_us_per_move", "server_cpu_pct")
         },
         "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
         "idle_server_cpu_pct": idle_pct,
@@ -716,11 +764,11 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             joined = await host.cmd("room.create", {"type": "arena"})
             return joined["room_id"], host
 
-        async def ticks() -> tuple[list[float], list[float]]:
+        async def ticks() -> tuple[list[float], list[float], list[list[float]]]:
             c = await Conn.open(server.url, f"probe{time.monotonic_ns()}")  # a fresh key: no replayed answer
             got = await c.cmd("bench.ticks", {})
             await c.ws.close()
-            return list(got[0]), list(got[1])
+            return list(got[0]), list(got[1]), list(got[2]) if len(got) > 2 else []
 
         async def hold_host() -> str:
             # The creator stays seated through the run only via its seat: it leaves
@@ -749,7 +797,10 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             parts = [out.get(timeout=120) for _ in procs]
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
-            durations, cpu_durations = asyncio.run(ticks())
+            durations, cpu_durations, gcs = asyncio.run(ticks())
+            gc_full = [g for g, gen in gcs if gen == 2]
+            # The step's CPU less the GC that ran inside it (the step's own code; the lists line up).
+            cpu_nogc = [c - g[0] for c, g in zip(cpu_durations, gcs, strict=True)] if gcs else cpu_durations
             wall = l1 - l0
             clients = sum(p["clients"] for p in parts)
             per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
@@ -761,6 +812,10 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
                     "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
                     "ticks": len(durations),
+                    # GC inside the tick steps: how many steps ran a full (generation 2) collection, the longest.
+                    "tick_gc_full": len(gc_full),
+                    "tick_gc_max_ms": max((g for g, _ in gcs), default=0.0) * 1e3,
+                    "tick_cpu_nogc_p99_ms": pct(cpu_nogc, 0.99) * 1e3,
                     "ticks_per_s": len(durations) / wall,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
                     "bytes_per_client_s": per_client_s,
@@ -772,7 +827,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             )
             print(
                 f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms (CPU p50 {runs[-1]['tick_cpu_p50_ms']:.2f}, "
-                f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
+                f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms; {runs[-1]['tick_gc_full']} full GCs in steps, "
+                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
                 f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
@@ -787,7 +843,16 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
         "runs": runs,
         **{
             k: summary([r[k] for r in runs])
-            for k in ("tick_p99_ms", "tick_cpu_p99_ms", "server_cpu_pct", "bytes_per_client_s", "ticks_per_s")
+            for k in (
+                "tick_p99_ms",
+                "tick_cpu_p50_ms",
+                "tick_cpu_p99_ms",
+                "tick_cpu_nogc_p99_ms",
+                "tick_gc_max_ms",
+                "server_cpu_pct",
+                "bytes_per_client_s",
+                "ticks_per_s",
+            )
         },
         "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
     }
@@ -849,6 +914,15 @@ def table(report: dict[str, Any], source: str) -> str:
             "—",
         )
         row(w, "server CPU µs per move", _fmt(r["server_cpu_us_per_move"]), p and _fmt(p["server_cpu_us_per_move"]), "≤ 130", "125-140")
+        if "server_gc_us_per_move" in r:
+            row(
+                w,
+                "of which the cyclic GC, µs per move",
+                _fmt(r["server_gc_us_per_move"]),
+                _fmt(p["server_gc_us_per_move"]) if p and "server_gc_us_per_move" in p else "—",
+                "—",
+                "—",
+            )
         row(w, "server CPU % of a core", _fmt(r["server_cpu_pct"]), p and _fmt(p["server_cpu_pct"]), "—", "~100")
         if "idle_server_cpu_pct" in r:
             row(
@@ -867,6 +941,13 @@ def table(report: dict[str, Any], source: str) -> str:
     a, pa = report["arena"], pget("arena")
     w = f"1 room, 20 Hz, {a['players']} players x {a['input_hz']:g} inputs/s"
     row(w, "tick p99 ms (server-side)", _fmt(a["tick_p99_ms"], 2), pa and _fmt(pa["tick_p99_ms"], 2), "≤ 1", "0.6-0.9")
+    if "tick_cpu_nogc_p99_ms" in a:
+
+        def step(x: dict[str, Any]) -> str:
+            return f"{_fmt(x['tick_cpu_p50_ms'], 2)} / {_fmt(x['tick_cpu_p99_ms'], 2)} / {_fmt(x['tick_cpu_nogc_p99_ms'], 2)}"
+
+        row(w, "tick step CPU ms: p50 / p99 / p99 less the GC inside the step", step(a), step(pa) if pa and "tick_cpu_nogc_p99_ms" in pa else "—", "—", "—")
+        row(w, "longest GC inside a tick step ms", _fmt(a["tick_gc_max_ms"], 2), _fmt(pa["tick_gc_max_ms"], 2) if pa and "tick_gc_max_ms" in pa else "—", "—", "—")
     row(w, "server CPU % of a core", _fmt(a["server_cpu_pct"], 1), pa and _fmt(pa["server_cpu_pct"], 1), "≤ 20", "18.5")
     row(
         w,
@@ -980,10 +1061,17 @@ def main() -> None:
         help="regenerate the README's py-spy section from two --profile results files",
     )
     parser.add_argument(
+        "--gc-threshold",
+        metavar="G0,G1,G2",
+        help="an experiment: the benchmark's server calls gc.set_threshold(G0, G1, G2) before serving "
+        "(both trees with --peer; Python's default is 700,10,10)",
+    )
+    parser.add_argument("--out", type=Path, help="with --only: write the results JSON here")
+    parser.add_argument(
         "--only",
         choices=["moves", "joins", "arena"],
         action="append",
-        help="run only these workloads (no files written)",
+        help="run only these workloads (no files written unless --out)",
     )
     opts = parser.parse_args()
     if opts.serve:
@@ -996,6 +1084,8 @@ def main() -> None:
         write_profile_table(*opts.profile_table)
         return
     PROFILE["on"] = bool(opts.profile)
+    if opts.gc_threshold:
+        os.environ["ROOMS_BENCH_GC_THRESHOLD"] = opts.gc_threshold  # inherited by every server process
     reps = max(3, opts.reps)
     players = 1000 if opts.quick else 2000
     window = 3.0 if opts.quick else 6.0
@@ -1014,6 +1104,7 @@ def main() -> None:
             "workers": opts.workers,
             "input_hz": opts.input_hz,
             "joins_inflight": 64,
+            "gc_threshold": opts.gc_threshold,
         },
         "load_start": loadavg(),
         "moves": [],
@@ -1073,7 +1164,11 @@ def main() -> None:
         print(f"written to {out}")
         return
     if opts.only:
-        print(json.dumps(report, indent=1)[:4000])
+        if opts.out:
+            opts.out.write_text(json.dumps(report, indent=1) + "\n")
+            print(f"written to {opts.out}")
+        else:
+            print(json.dumps(report, indent=1)[:4000])
         return
     out = partial
     out.write_text(json.dumps(report, indent=1) + "\n")

@@ -2,7 +2,7 @@
 
 ::
 
-    python benchmarks/rooms_inproc.py [--rooms 100] [--moves 200] [--reps 5] [--peer SRC]
+    python benchmarks/rooms_inproc.py [--rooms 100] [--moves 200] [--reps 5] [--peer SRC] [--arena]
 
 The same two-player ``duel`` room as ``benchmarks/rooms.py``, on one
 :class:`rtcore.Node` over ``memory://``: each player subscribes to the room's
@@ -12,6 +12,13 @@ stream through ``Node.subscribe`` with a sink that encodes every event frame
 per move between the gateway and the outbox (dispatch, the room's step, the
 patch append, the fold, the fan-out) without the WebSocket transport, the
 gateway's framing or the load client, which ``benchmarks/rooms.py`` includes.
+
+``--arena`` runs the 20 Hz ``arena`` room of ``benchmarks/rooms.py`` instead
+(100 players subscribed with such sinks, 2 inputs/s each through
+``Node.dispatch``, 8 s per repetition) and reports the tick step's CPU
+(``_Actor._step`` for ``on_tick``, wrapped as in ``rooms.py``'s server) p50 and
+p99, the same less the cyclic GC's CPU inside the step, and the longest GC
+inside a step; it writes ``results/rooms-inproc-arena-DATE.json``.
 
 Each repetition runs in a fresh process (``--child``) and reports
 ``time.process_time()`` over all moves / moves. With ``--peer SRC`` every
@@ -128,12 +135,161 @@ def child(rooms_n: int, moves: int) -> None:
     anyio.run(main)
 
 
-def run_one(src: str | None, rooms_n: int, moves: int) -> dict[str, Any]:
+def child_arena(players: int, seconds: float, input_hz: float) -> None:
+    """The 20 Hz ``arena`` room in this process; prints the tick step's CPU figures as JSON.
+
+    The room type of ``benchmarks/rooms.py`` (``tick_rate = patch_rate = 20``),
+    ``players`` seated players each subscribed through ``Node.subscribe`` with a
+    sink that encodes every frame, each sending an input every ``1/input_hz``
+    seconds (staggered) through ``Node.dispatch``. The executor's tick step
+    (``_Actor._step`` for ``on_tick``) is wrapped as in ``rooms.py``'s server:
+    its thread CPU time, and the cyclic GC's CPU time inside it.
+    """
+    import gc
+    import random
+
+    import anyio
+    import msgspec
+
+    import rtcore
+    from rtcore import rooms
+    from rtcore.engine.node import Node
+    from rtcore.rooms import runtime
+
+    class Arena(msgspec.Struct):
+        tick: int = 0
+        pos: dict[str, list[float]] = {}
+
+    class Input(msgspec.Struct):
+        x: float
+        y: float
+
+    app = rtcore.App("rooms-inproc-arena")
+    registry = rooms.install(app)
+
+    @registry.define("arena")
+    class ArenaRoom(rooms.Room[Arena]):
+        max_clients = 0
+        tick_rate = 20
+        patch_rate = 20
+        auto_dispose = 3600.0
+
+        async def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            self.state.pos[player.id] = [0.0, 0.0]
+
+        @rooms.message("input")
+        async def input(self, player: rooms.Player, data: Input) -> None:
+            self.state.pos[player.id] = [data.x, data.y]
+
+        async def on_tick(self, dt: float) -> None:
+            self.state.tick += 1
+
+    class Sink:
+        def __init__(self, node: Node) -> None:
+            self.node = node
+
+        def spawn(self, fn: Any) -> None:
+            self.node.spawn(fn)
+
+        def live(self, stream: str, batch: list[Any]) -> None:
+            for enc in batch:
+                enc.encoded("json")
+
+        async def backlog(self, stream: str, batch: list[Any]) -> None:
+            for enc in batch:
+                enc.encoded("json")
+
+        def sync(self, stream: str, offset: int, frames: dict[str, bytes]) -> None:
+            pass
+
+        def stale(self, stream: str) -> None:
+            pass
+
+    gc_in = {"t0": 0.0, "s": 0.0}
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            gc_in["t0"] = time.thread_time()
+        else:
+            gc_in["s"] += time.thread_time() - gc_in["t0"]
+
+    gc.callbacks.append(on_gc)
+    cpu: list[float] = []
+    gcs: list[float] = []
+    step = runtime._Actor._step
+
+    async def timed_step(self: Any, fn: Any, args: Any) -> None:
+        gc_in["s"] = 0.0
+        c0 = time.thread_time()
+        await step(self, fn, args)
+        if getattr(fn, "__name__", "") == "on_tick":
+            cpu.append(time.thread_time() - c0)
+            gcs.append(gc_in["s"])
+
+    runtime._Actor._step = timed_step  # type: ignore[method-assign]
+
+    async def main() -> None:
+        async with Node(app, "memory://") as node:
+            made = await node.dispatch(rtcore.Principal("host"), "room.create", {"type": "arena"})
+            assert made.ok, made
+            rid, stream = made.result["room_id"], made.result["stream"]
+            names = [f"p{i}" for i in range(players)]
+            for name in names:
+                joined = await node.dispatch(rtcore.Principal(name), "room.join", {"room_id": rid})
+                assert joined.ok, joined
+                start = await node.subscribe(rtcore.Principal(name), stream, None, Sink(node))
+                await start.tail.fill()
+            rnd = random.Random(1)
+
+            async def player(name: str) -> None:
+                await anyio.sleep(rnd.random() / input_hz)
+                while True:
+                    data = {"x": rnd.random(), "y": rnd.random()}
+                    await node.dispatch(rtcore.Principal(name), "room.send", {"room_id": rid, "type": "input", "data": data})
+                    await anyio.sleep(1 / input_hz)
+
+            async with anyio.create_task_group() as tg:
+                for name in names:
+                    tg.start_soon(player, name)
+                await anyio.sleep(1.0)  # every player sending
+                cpu.clear()
+                gcs.clear()
+                c0, w0 = time.process_time(), time.perf_counter()
+                await anyio.sleep(seconds)
+                c1, w1 = time.process_time(), time.perf_counter()
+                tg.cancel_scope.cancel()
+            got, gc_got = list(cpu), list(gcs)
+            nogc = sorted(c - g for c, g in zip(got, gc_got, strict=True))
+            got.sort()
+
+            def p(xs: list[float], q: float) -> float:
+                return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+            print(
+                json.dumps(
+                    {
+                        "ticks": len(got),
+                        "tick_cpu_p50_ms": p(got, 0.5),
+                        "tick_cpu_p99_ms": p(got, 0.99),
+                        "tick_cpu_nogc_p50_ms": p(nogc, 0.5),
+                        "tick_cpu_nogc_p99_ms": p(nogc, 0.99),
+                        "tick_gc_max_ms": max(gc_got, default=0.0) * 1e3,
+                        "cpu_pct": (c1 - c0) / (w1 - w0) * 100,
+                        "rtcore": rtcore.__file__,
+                    }
+                )
+            )
+
+    anyio.run(main)
+
+
+def run_one(src: str | None, rooms_n: int, moves: int, arena: bool = False) -> dict[str, Any]:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", "--rooms", str(rooms_n), "--moves", str(moves)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", "--rooms", str(rooms_n), "--moves", str(moves)]
+        + (["--arena"] if arena else []),
         env=env,
         capture_output=True,
         text=True,
@@ -149,10 +305,21 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=200, help="moves per room")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--peer", type=Path, metavar="SRC", help="also run with rtcore imported from SRC, alternating")
+    parser.add_argument(
+        "--arena",
+        action="store_true",
+        help="the 20 Hz arena room instead (100 players, 2 inputs/s each, 8 s per repetition): tick step CPU",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
-        child(opts.rooms, opts.moves)
+        if opts.arena:
+            child_arena(100, 8.0, 2.0)
+        else:
+            child(opts.rooms, opts.moves)
+        return
+    if opts.arena:
+        arena_main(opts)
         return
     peer = str(opts.peer.resolve()) if opts.peer else None
     runs: dict[str, list[dict[str, Any]]] = {"this": [], **({"peer": []} if peer else {})}
@@ -173,6 +340,35 @@ def main() -> None:
     out = HERE / "results" / f"rooms-inproc-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("median us/move:", {k: round(v, 1) for k, v in report["median_us_per_move"].items()}, f"-> {out}")
+
+
+def arena_main(opts: argparse.Namespace) -> None:
+    """``--arena``: the tick step's CPU per repetition, this tree and (``--peer``) the other, alternating."""
+    peer = str(opts.peer.resolve()) if opts.peer else None
+    runs: dict[str, list[dict[str, Any]]] = {"this": [], **({"peer": []} if peer else {})}
+    for rep in range(opts.reps):
+        order = ["this", "peer"] if rep % 2 == 0 else ["peer", "this"]
+        for who in order if peer else ["this"]:
+            got = run_one(peer if who == "peer" else None, 0, 0, arena=True)
+            runs[who].append(got)
+            print(
+                f"  [{who}] tick step CPU p50 {got['tick_cpu_p50_ms']:.3f} ms, p99 {got['tick_cpu_p99_ms']:.3f} ms "
+                f"(less GC: p50 {got['tick_cpu_nogc_p50_ms']:.3f}, p99 {got['tick_cpu_nogc_p99_ms']:.3f}), "
+                f"longest GC in a step {got['tick_gc_max_ms']:.2f} ms, process CPU {got['cpu_pct']:.1f} %",
+                flush=True,
+            )
+    keys = ("tick_cpu_p50_ms", "tick_cpu_p99_ms", "tick_cpu_nogc_p50_ms", "tick_cpu_nogc_p99_ms", "cpu_pct")
+    report = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "python": platform.python_version()},
+        "settings": {"players": 100, "input_hz": 2.0, "seconds": 8.0, "reps": opts.reps, "peer": peer},
+        "load": os.getloadavg(),
+        "runs": runs,
+        "median": {who: {k: statistics.median(r[k] for r in rs) for k in keys} for who, rs in runs.items()},
+    }
+    out = HERE / "results" / f"rooms-inproc-arena-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print("medians:", {who: {k: round(v, 3) for k, v in m.items()} for who, m in report["median"].items()}, f"-> {out}")
 
 
 if __name__ == "__main__":

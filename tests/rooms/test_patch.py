@@ -32,7 +32,7 @@ def test_apply_of_diff_gives_new(old: Any, new: Any) -> None:
     Mutation: drop the ``trunc`` op for shorter lists → fails; compare with ``==``
     only (so ``1`` → ``1.0`` or ``True`` → ``1`` produce no op) → fails on the
     checksum.
-    Mutation seen caught: ``_unchanged`` skips an equal container without comparing
+    Mutation seen caught: ``_diff``'s unchanged-item test skips an equal container without comparing
     its MessagePack bytes (``[1, 2]`` vs ``[1.0, 2]`` deep inside) → fails; or
     without the type check (``1`` vs ``1.0``) → fails.
     """

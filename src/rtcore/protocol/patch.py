@@ -69,22 +69,15 @@ _SCALARS = (str, int, float, bool, type(None))
 _pack = msgspec.msgpack.Encoder().encode
 
 
-def _unchanged(o: Any, v: Any) -> bool:
-    """Whether the subtrees ``o`` and ``v`` need no op: equal, of the same types all the way down.
-
-    ``==`` runs in C and rules out most changed subtrees; an equal container is
-    then confirmed by its MessagePack bytes (when they differ, e.g. ``1`` vs
-    ``1.0`` inside, the caller walks it). A room diffs its whole state on every
-    tick and most of it did not change: walking each unchanged item in Python
-    was most of the diff (py-spy).
-    """
-    t = type(o)
-    if t is not type(v) or o != v:
-        return False
-    return t in _SCALARS or _pack(o) == _pack(v)
-
-
 def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
+    # An item needs no op when old and new are equal, of the same types all
+    # the way down: ``o is v`` (the same object); else ``==`` (in C) rules out
+    # most changed subtrees and an equal container is confirmed by its
+    # MessagePack bytes (when they differ, e.g. ``1`` vs ``1.0`` inside, it is
+    # walked). A room diffs its whole state on every tick and most of it did
+    # not change: walking each unchanged item in Python was most of the diff
+    # (py-spy); the test is inlined (a call per key was a good part of a
+    # small room's diff).
     if type(old) is dict and type(new) is dict:
         for k in old:
             if k not in new:
@@ -92,16 +85,24 @@ def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
         for k, v in new.items():
             if k in old:
                 o = old[k]
-                if not _unchanged(o, v):
-                    _diff(o, v, [*path, k], ops)
+                if o is v:
+                    continue
+                t = type(o)
+                if t is type(v) and o == v and (t in _SCALARS or _pack(o) == _pack(v)):
+                    continue
+                _diff(o, v, [*path, k], ops)
             else:
                 ops.append(["set", [*path, k], v])
     elif type(old) is list and type(new) is list:
         common = min(len(old), len(new))
         for i in range(common):
             o, v = old[i], new[i]
-            if not _unchanged(o, v):
-                _diff(o, v, [*path, i], ops)
+            if o is v:
+                continue
+            t = type(o)
+            if t is type(v) and o == v and (t in _SCALARS or _pack(o) == _pack(v)):
+                continue
+            _diff(o, v, [*path, i], ops)
         if len(new) < len(old):
             ops.append(["trunc", path, len(new)])
         for i in range(common, len(new)):
@@ -120,13 +121,14 @@ def _copy(value: Any) -> Any:
     return value
 
 
-def _walk(doc: Any, path: list[Any], op: Op) -> Any:
+def _walk(doc: Any, path: list[Any], op: Op, upto: int | None = None) -> Any:
+    """The node at ``path[:upto]`` (all of ``path`` by default), without slicing the path."""
     node = doc
-    for step in path:
+    for i in range(len(path) if upto is None else upto):
         try:
-            node = node[step]
+            node = node[path[i]]
         except (KeyError, IndexError, TypeError):
-            raise PatchError(f"op {op[0]!r}: path {path!r} does not exist") from None
+            raise PatchError(f"op {op[0]!r}: path {path[:upto]!r} does not exist") from None
     return node
 
 
@@ -151,20 +153,25 @@ def apply(doc: Any, ops: list[Op]) -> Any:
             raise PatchError(f"malformed op {op!r}: expected [name, path, ...]")
         name, path = op[0], op[1]
         if name == "set":
+            # The common op: kept to a few checks (a follower folds every patch of every room).
             if len(op) != 3:
                 raise PatchError(f"op 'set' needs [name, path, value], got {op!r}")
-            if not path:
-                doc = _copy(op[2])
+            value = op[2]
+            if type(value) is dict or type(value) is list:
+                value = _copy(value)
+            n = len(path)
+            if not n:
+                doc = value
                 continue
-            parent = _walk(doc, path[:-1], op)
+            parent = _walk(doc, path, op, n - 1) if n > 1 else doc
             last = path[-1]
-            in_map = type(parent) is dict and isinstance(last, str)
-            if in_map or (type(parent) is list and type(last) is int and 0 <= last < len(parent)):
-                parent[last] = _copy(op[2])
+            tp = type(parent)
+            if (tp is dict and isinstance(last, str)) or (tp is list and type(last) is int and 0 <= last < len(parent)):
+                parent[last] = value
             else:
                 raise PatchError(f"op 'set': cannot set {last!r} at {path[:-1]!r}")
         elif name == "del":
-            parent = _walk(doc, path[:-1], op) if path else None
+            parent = _walk(doc, path, op, len(path) - 1) if path else None
             if type(parent) is not dict or path[-1] not in parent:
                 raise PatchError(f"op 'del': no key at {path!r}")
             del parent[path[-1]]

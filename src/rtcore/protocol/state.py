@@ -22,7 +22,7 @@ import msgspec
 from .codec import canonical
 from .types import Event, Snapshot
 
-__all__ = ["StateSpec", "StreamState", "checksum", "encode_state", "state_builtins"]
+__all__ = ["StateSpec", "StreamState", "checksum", "digest", "encode_state", "state_builtins"]
 
 
 class Foldable(Protocol):
@@ -46,13 +46,29 @@ def state_builtins(state: Any) -> Any:
 
 
 def encode_state(state: Any) -> bytes:
-    """Canonical bytes of a state (sorted-keys MessagePack of its builtins)."""
+    """Canonical bytes of a state (sorted-keys MessagePack of its builtins).
+
+    A state type whose class sets ``builtins_only = True`` promises that its
+    fields hold nothing but msgspec builtins with ``str`` map keys (no sets,
+    no other keys, no structs): what :func:`state_builtins` would give back is
+    then the same values, so the state is encoded as it is, keys sorted, with
+    the same bytes and without building the builtins copy first (the rooms'
+    documents, whose contents come from patches, are such states; the copy
+    was most of a sync's cost).
+    """
+    if getattr(type(state), "builtins_only", False):
+        return canonical(state)
     return canonical(state_builtins(state))
+
+
+def digest(data: bytes) -> str:
+    """blake2b-128 hex digest of canonical state bytes (a checksum, given :func:`encode_state`'s bytes)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
 def checksum(state: Any) -> str:
     """blake2b-128 hex digest of :func:`encode_state`."""
-    return hashlib.blake2b(encode_state(state), digest_size=16).hexdigest()
+    return digest(encode_state(state))
 
 
 class StateSpec(msgspec.Struct, frozen=True):
@@ -117,11 +133,22 @@ class StreamState:
         """Checksum of the current state."""
         return checksum(self.state)
 
+    def encoded(self) -> bytes:
+        """The current state's canonical bytes (:func:`encode_state`): what a snapshot stores and a checksum hashes."""
+        return encode_state(self.state)
+
     def builtins(self) -> Any:
         """The state as msgspec builtins (for a ``snap`` frame)."""
         return state_builtins(self.state)
 
-    def snapshot(self, stream: str) -> Snapshot:
-        """A storable snapshot of the current state."""
-        data = encode_state(self.state)
-        return Snapshot(stream, self.epoch, self.offset, data, hashlib.blake2b(data, digest_size=16).hexdigest())
+    def snapshot(self, stream: str, data: bytes | None = None) -> Snapshot:
+        """A storable snapshot of the current state.
+
+        Args:
+            stream: The stream's name.
+            data: :meth:`encoded` at this offset, if the caller already has it
+                (a snapshot point that is also a sync point encodes once).
+        """
+        if data is None:
+            data = self.encoded()
+        return Snapshot(stream, self.epoch, self.offset, data, digest(data))

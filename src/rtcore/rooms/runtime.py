@@ -35,7 +35,7 @@ import typing
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import msgspec
@@ -91,6 +91,9 @@ class RoomDoc(msgspec.Struct):
     members: dict[str, Any] = {}
     room: dict[str, Any] = {}
     inbox: int = 0
+    #: Its fields hold builtins with str keys only (they come from patches):
+    #: checksums and snapshots encode it as it is (see ``encode_state``).
+    builtins_only: ClassVar[bool] = True
 
     def apply(self, event: Event) -> None:
         """Fold one event: ``patch`` events change the document, others (``msg``) do not."""
@@ -868,9 +871,14 @@ class _Actor:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` if it is plain builtins that survive a round trip unchanged, else ``None``."""
+    """``value`` if it is plain builtins that survive a round trip unchanged, else ``None``.
+
+    Map keys must be strings (``str_keys``): a JSON round trip turns ``1`` into
+    ``"1"``, and the document holding the value is encoded as it is for its
+    checksums (``RoomDoc.builtins_only``).
+    """
     try:
-        out = msgspec.to_builtins(value)
+        out = msgspec.to_builtins(value, str_keys=True)
     except TypeError:
         return None
     return out if out == value and type(out) is type(value) else None
