@@ -103,3 +103,38 @@ async def test_other_failures_leave_queued_batches_to_run() -> None:
     assert rec.ran[0] == ["a"] and sorted(n for batch in rec.ran[1:] for n in batch) == ["b", "c", "d"]  # d may join [b, c]
     assert isinstance(out["a"].error, Broken)
     assert [out[n].result for n in "bcd"] == ["done"] * 3
+
+
+async def test_a_cancelled_waiter_leaves_the_others_of_its_batch_waiting() -> None:
+    """Cancelling one job's wait (its task was cancelled) neither cancels nor drops the others of its batch.
+
+    a runs and blocks; b, c and d queue as one batch (b its head, c and d
+    waiting for it to finish). c is cancelled while it waits: c leaves the
+    batch (it never ran), b and d still run and get their results.
+    Mutation seen caught: one future shared by all waiters of a ``_Gate``
+    (asyncio cancels the future a cancelled task awaits, so d's wait is
+    cancelled with c's) → d never gets its result.
+    """
+    rec = Recorder(Broken("first batch"))
+    out: dict[str, Named] = {}
+    batcher: Batcher[Named] = Batcher(rec.run, 10)
+
+    async def submit(name: str) -> None:
+        out[name] = await batcher.submit(Named(name))
+
+    with anyio.fail_after(GUARD):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, "a")
+            await rec.started.wait()
+            tg.start_soon(submit, "b")
+            await anyio.wait_all_tasks_blocked()
+            async with anyio.create_task_group() as doomed:
+                doomed.start_soon(submit, "c")
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(submit, "d")
+                await anyio.wait_all_tasks_blocked()
+                doomed.cancel_scope.cancel()
+            rec.release.set()
+    assert rec.ran == [["a"], ["b", "d"]]
+    assert "c" not in out
+    assert out["b"].result == "done" and out["d"].result == "done"

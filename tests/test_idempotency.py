@@ -313,3 +313,44 @@ async def test_replayed_errors_keep_their_status_and_say_replayed() -> None:
         assert (again.http_status, again.replayed, again.code) == (422, True, "limit_reached")
         r = await c.command_reply("refuse", None, key="k")
         assert isinstance(r, Err) and r.replayed and r.code == "limit_reached"
+
+
+async def test_a_command_cancelled_while_its_outcome_is_stored_still_stores_it() -> None:
+    """A cancellation (connection lost, shutdown) that lands during the outcome's write does not lose it.
+
+    The first write is made to hang and the command is cancelled there; the
+    outcome must still be stored, so a retry replays it instead of finding
+    the key pending (and, after the lease, running the handler again).
+    Mutation: in ``dispatch._finish``, re-raise the cancellation without the
+    shielded second write → the retry answers ``idempotency_in_progress``.
+    """
+    calls: list[int] = []
+    app = rtcore.App()
+
+    @app.command("double")
+    async def double(ctx: rtcore.Context, args: int) -> int:
+        calls.append(args)
+        return args * 2
+
+    async with serve(app) as node:
+        store = node.backend.idempotency
+        real = store.finish
+        attempts: list[int] = []
+        entered = anyio.Event()
+
+        async def finish(*args: object, **kwargs: object) -> None:
+            attempts.append(1)
+            if len(attempts) == 1:
+                entered.set()
+                await anyio.sleep_forever()
+            await real(*args, **kwargs)  # type: ignore[arg-type]
+
+        store.finish = finish  # type: ignore[method-assign]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(node.dispatch, None, "double", 21, key="k"))
+            await entered.wait()
+            tg.cancel_scope.cancel()
+        again = await node.dispatch(None, "double", 21, key="k")
+        assert (again.ok, again.replayed, again.result) == (True, True, 42)
+        assert calls == [21]
+        assert len(attempts) == 2

@@ -13,10 +13,12 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -109,6 +111,23 @@ def _queued(b: SqliteBackend) -> int:
     return sum(len(batch.jobs) for batch in b._db.groups._waiting)
 
 
+async def _hold_worker(db: Any, tg: anyio.abc.TaskGroup) -> threading.Event:
+    """Occupy the connection's worker with a call that blocks until the returned event is set.
+
+    Writes submitted meanwhile queue up in the group committer behind it.
+    """
+    entered, gate = threading.Event(), threading.Event()
+
+    def block(conn: sqlite3.Connection) -> None:
+        entered.set()
+        gate.wait(30)  # a guard against hanging, not a timing assertion
+
+    tg.start_soon(db.run, block)
+    while not entered.is_set():
+        await anyio.sleep(0.01)
+    return gate
+
+
 async def _open(tmp_path: Path) -> SqliteBackend:
     b = await open_sqlite(_url(tmp_path / "rt.db"))
     assert isinstance(b, SqliteBackend)
@@ -154,14 +173,14 @@ async def test_failed_group_commit_fails_every_write_in_the_group(tmp_path: Path
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed.run)
             await anyio.sleep(0.1)
-            await db._limiter.acquire()  # hold the worker: the writes queue up
+            gate = await _hold_worker(db, tg)  # hold the worker: the writes queue up
             try:
                 for i in range(10):
                     tg.start_soon(append, i)
                 while _queued(b) < 9:
                     await anyio.sleep(0.01)
             finally:
-                db._limiter.release()
+                gate.set()
             while len(outcomes) < 10:
                 await anyio.sleep(0.01)
             errors = [o for o in outcomes if isinstance(o, BackendError)]
@@ -216,7 +235,7 @@ async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: P
         async with anyio.create_task_group() as tg:
             tg.start_soon(feed.run)
             await anyio.sleep(0.1)
-            await db._limiter.acquire()  # hold the worker: everything below joins one group
+            gate = await _hold_worker(db, tg)  # hold the worker: everything below joins one group
             try:
                 tg.start_soon(b.events.info, "warm")  # the first group, alone
                 while _queued(b) < 0 or not db.groups._busy:
@@ -233,7 +252,7 @@ async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: P
                     while _queued(b) < i + 2:
                         await anyio.sleep(0.01)
             finally:
-                db._limiter.release()
+                gate.set()
             with anyio.fail_after(10):
                 while len(results) < 9 or len(got) < 8:
                     await anyio.sleep(0.01)
@@ -274,14 +293,14 @@ async def test_same_key_in_one_group_is_appended_once(tmp_path: Path) -> None:
 
     try:
         async with anyio.create_task_group() as tg:
-            await db._limiter.acquire()
+            gate = await _hold_worker(db, tg)
             try:
                 for _ in range(20):
                     tg.start_soon(append)
                 while _queued(b) < 19:
                     await anyio.sleep(0.01)
             finally:
-                db._limiter.release()
+                gate.set()
         assert sorted(r.duplicate for r in results) == [False] + [True] * 19
         assert {r.event.offset for r in results} == {1}
         assert db.groups.batches == 2 and db.groups.jobs == 20  # 1 alone, then 19 in one group
@@ -369,3 +388,58 @@ def test_concurrent_keyed_appends_land_once_per_key(tmp_path: Path, loop: str, p
             await b.aclose()
 
     anyio.run(main, backend=loop)
+
+
+async def test_a_cancelled_call_still_keeps_the_connection_to_itself(tmp_path: Path) -> None:
+    """A caller cancelled while its call runs on the worker stops waiting, but the next
+    call starts only after that one ended: the connection is never used by two threads
+    at once. On asyncio the calls run on the connection's own thread, which ends with
+    ``aclose``.
+
+    Mutations seen caught: running each call on a new thread (``_Thread.run`` starting a
+    ``threading.Thread`` per call) → the second call overlaps the first; dropping
+    ``self._thread.stop()`` from ``_Db.close`` → the thread is still alive after ``aclose``.
+    """
+    b = await _open(tmp_path)
+    db = b._db
+    running = 0
+    overlaps: list[int] = []
+    entered, gate = threading.Event(), threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> None:
+        nonlocal running
+        running += 1
+        overlaps.append(running)
+        entered.set()
+        gate.wait(30)  # a guard against hanging, not a timing assertion
+        running -= 1
+
+    def quick(conn: sqlite3.Connection) -> int:
+        overlaps.append(running + 1)
+        return int(conn.execute("SELECT 1").fetchone()[0])
+
+    try:
+        slow_caller = anyio.CancelScope()
+
+        async def call_slow() -> None:
+            with slow_caller:
+                await db.run(slow)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_slow)
+            while not entered.is_set():
+                await anyio.sleep(0.01)
+            # On asyncio its caller stops waiting and slow() goes on; on trio
+            # (anyio's threads) the caller waits for slow() regardless.
+            slow_caller.cancel()
+            tg.start_soon(db.run, quick)
+            await anyio.sleep(0.05)  # quick() is queued by now (if not, it cannot overlap)
+            gate.set()
+        assert overlaps == [1, 1]
+        thread = db._thread._thread
+    finally:
+        gate.set()
+        await b.aclose()
+    if thread is not None:  # asyncio: the connection's own thread
+        thread.join(5)
+        assert not thread.is_alive()

@@ -77,6 +77,10 @@ class Server:
             cmd = [sys.executable, str(HERE / "server.py"), "0", loop]
         if kind == "base":
             env["PYTHONPATH"] = os.environ["AB_BASE_SRC"]
+        elif kind == "rtcore" and os.environ.get("AB_SRC"):
+            # AB_SRC: the "after" tree imported the same way as the base tree
+            # (an unpacked src on PYTHONPATH), not from the installed checkout.
+            env["PYTHONPATH"] = os.environ["AB_SRC"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
         assert self.proc.stdout is not None
         while True:

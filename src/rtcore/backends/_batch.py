@@ -23,6 +23,7 @@ batches queued after the failure are tried as usual.
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
@@ -48,13 +49,57 @@ class Job:
 J = TypeVar("J", bound=Job)
 
 
+class _Gate:
+    """A one-shot event that any number of tasks may wait for.
+
+    On asyncio each waiter parks on a bare future of its own: an
+    ``anyio.Event`` there builds an ``asyncio.Event`` (loop binding, a
+    deque), and two of them per batch plus their waits cost more than
+    everything else the batcher does for a small batch. Each waiter has its
+    own future because cancelling a task cancels the future it awaits (a
+    shared one would cancel every waiter). Elsewhere (trio) an
+    ``anyio.Event``, which is cheap there.
+    """
+
+    __slots__ = ("_event", "_loop", "_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._loop = asyncio._get_running_loop()  # None on trio
+        self._event = None if self._loop is not None else anyio.Event()
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        """Wake every waiter, now and later."""
+        if self._set:
+            return
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+            return
+        for fut in self._waiters:
+            if not fut.done():  # a cancelled waiter's future is done already
+                fut.set_result(None)
+        self._waiters.clear()
+
+    async def wait(self) -> None:
+        """Return once :meth:`set` has been called."""
+        if self._event is not None:
+            await self._event.wait()
+        elif not self._set:
+            assert self._loop is not None
+            fut = self._loop.create_future()
+            self._waiters.append(fut)
+            await fut
+
+
 class _Batch(Generic[J]):
     __slots__ = ("done", "failed", "jobs", "taken", "turn")
 
     def __init__(self, job: J) -> None:
         self.jobs = [job]
-        self.turn = anyio.Event()  # set for the head when the previous batch finished
-        self.done = anyio.Event()  # set when this batch finished
+        self.turn = _Gate()  # set for the head when the previous batch finished
+        self.done = _Gate()  # set when this batch finished
         self.taken = False  # its head started running it
         self.failed: BaseException | None = None  # fail without running (queued behind a stall)
 

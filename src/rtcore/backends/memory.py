@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import fnmatch
 import heapq
+import os
+import random
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -45,9 +47,24 @@ __all__ = ["GLOBAL_LOG_MAX", "MemoryBackend", "MemoryEventLog", "MemoryGroupLog"
 GLOBAL_LOG_MAX = 100_000
 
 
+#: Epochs come from a generator seeded from the OS (reseeded in a forked child,
+#: which would otherwise repeat its parent's epochs): ``secrets.token_hex`` is a
+#: system call per epoch, and the Redis backend draws a candidate epoch for
+#: every append (used only when the append creates the stream). Epochs need to
+#: be unpredictable to no one, only unlikely to repeat: 48 random bits, as before.
+_EPOCHS = random.Random(secrets.randbits(128))
+
+
+def _reseed_epochs() -> None:
+    _EPOCHS.seed(secrets.randbits(128))
+
+
+os.register_at_fork(after_in_child=_reseed_epochs)
+
+
 def new_epoch() -> str:
     """A fresh random epoch id (12 hex characters)."""
-    return secrets.token_hex(6)
+    return f"{_EPOCHS.getrandbits(48):012x}"
 
 
 class _Stream:

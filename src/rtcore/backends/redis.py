@@ -101,7 +101,7 @@ from coredis.retry import NoRetryPolicy
 
 from ..errors import BackendError, ConflictError
 from ..protocol.idempotency import DEFAULT_TTL
-from ._batch import Batcher, Job
+from ._batch import UNSET, Batcher, Job
 from .base import (
     AppendResult,
     Backend,
@@ -559,7 +559,9 @@ class _Call(Job):
     __slots__ = ("args", "keys", "name")
 
     def __init__(self, name: str, keys: list[str], args: list[Any]) -> None:
-        super().__init__()
+        # Job.__init__ inlined: one per script call.
+        self.result = UNSET
+        self.error = None
         self.name = name
         self.keys = keys
         self.args = [a if a.__class__ is str else _lua_arg(a) for a in args]

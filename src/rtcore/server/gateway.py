@@ -24,6 +24,7 @@ asked for:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -152,6 +153,14 @@ async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop, or None on trio (the only other loop anyio runs on)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class _Connection:
     # Thousands live at once: no per-instance __dict__ (its resizes cost ~1.6 kB each).
     __slots__ = (
@@ -221,7 +230,7 @@ class _Connection:
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
         self._commands: deque[DoCommand] | None = None  # created by the first command
-        self._idle_workers: list[anyio.Event] = []
+        self._idle_workers: list[anyio.Event | asyncio.Future[None]] = []
         self._on_close = on_close
         self._acks: list[tuple[str, str, int]] = []
         self._timer_scope: anyio.CancelScope | None = None  # own timer task only (no SessionTimers)
@@ -390,22 +399,38 @@ class _Connection:
         if self._commands is None:
             self._commands = deque()
         self._commands.append(action)
-        if self._idle_workers:
-            self._idle_workers.pop().set()
-        else:
-            self._spawn(self._command_worker)
+        idle = self._idle_workers
+        while idle:
+            wake = idle.pop()
+            if isinstance(wake, anyio.Event):
+                wake.set()
+                return
+            if not wake.done():  # a worker cancelled while idle left a done future behind
+                wake.set_result(None)
+                return
+        self._spawn(self._command_worker)
 
     async def _command_worker(self) -> None:
         commands = self._commands
         assert commands is not None  # _enqueue_command created it before spawning us
+        # An idle worker waits for the next command on a bare future on asyncio:
+        # an anyio.Event there is an asyncio.Event with its own deque, created
+        # for every wait, which cost more than handing the command over.
+        loop = _asyncio_loop()
+        idle = self._idle_workers
         while True:
             while commands:
                 await self._command(commands.popleft())
-            if len(self._idle_workers) >= _IDLE_WORKERS:
+            if len(idle) >= _IDLE_WORKERS:
                 return
-            wake = anyio.Event()
-            self._idle_workers.append(wake)
-            await wake.wait()
+            if loop is not None:
+                fut = loop.create_future()
+                idle.append(fut)
+                await fut
+            else:
+                wake = anyio.Event()
+                idle.append(wake)
+                await wake.wait()
 
     async def _command(self, action: DoCommand) -> None:
         try:
