@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -73,6 +74,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.extensions import Extension
 
 from ..protocol.deadlines import DeadlineHeap
+from .aiostream import ProtocolStream
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
@@ -102,6 +104,18 @@ def _direct_socket(stream: ByteStream) -> socket.socket | None:
     if sock is None or sock.gettimeout() != 0.0 or sock.type != socket.SOCK_STREAM:
         return None
     return sock
+
+
+def _direct_writer(stream: ByteStream) -> Callable[[bytes], int] | None:
+    """A function writing what ``stream`` takes now without waiting (bytes taken,
+    0 when it must wait; OSError when the connection is gone), or None when
+    ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
+    asyncio transport (any asyncio loop), a plain TCP stream of anyio's on the
+    selector loop is written directly (:func:`_direct_socket`)."""
+    if isinstance(stream, ProtocolStream):
+        return stream.write_now
+    sock = _direct_socket(stream)
+    return None if sock is None else functools.partial(_write_now, sock)
 
 
 def _write_now(sock: socket.socket, data: bytes) -> int:
@@ -206,6 +220,7 @@ class WebSocketTransport:
         "_code",
         "_deliver_scope",
         "_delivered",
+        "_direct",
         "_discard",
         "_done",
         "_fast",
@@ -226,7 +241,6 @@ class WebSocketTransport:
         "_reading",
         "_reason",
         "_size",
-        "_sock",
         "_stream",
         "_tg",
         "_trailing",
@@ -252,10 +266,10 @@ class WebSocketTransport:
         self._limits = limits
         self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
         self._trailing = trailing_data
-        self._sock = _direct_socket(stream)
+        self._direct = _direct_writer(stream)
         #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
         #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
-        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._sock is not None else None
+        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
         # before anything else (the flusher task, or the next write under the lock).
         self._unsent = b""
@@ -398,8 +412,8 @@ class WebSocketTransport:
         take at once are written by the connection's flusher task before any
         later write (waiting at most ``send_timeout`` for the peer).
         """
-        sock = self._sock
-        if sock is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
+        direct = self._direct
+        if direct is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
@@ -409,7 +423,7 @@ class WebSocketTransport:
             return True
         data = encode_frames(self._opcode, frames)
         try:
-            sent = _write_now(sock, data)
+            sent = direct(data)
         except OSError:
             return False  # the connection is gone: the awaited send meets the error
         if not sent:
@@ -482,12 +496,12 @@ class WebSocketTransport:
             data, self._unsent = self._unsent + data, b""
         if not data:
             return
-        sock = self._sock
-        if sock is not None:
+        direct = self._direct
+        if direct is not None:
             # Fast path: nothing is buffered in asyncio's transport (every earlier
             # write completed), so the socket can take bytes directly.
             try:
-                sent = _write_now(sock, data)
+                sent = direct(data)
             except OSError:
                 self._set_code(1006, "connection lost")
                 await self._abort()
@@ -770,14 +784,14 @@ class WebSocketTransport:
 
     def _control_nowait(self, event: Ping) -> bool:
         """Asyncio fast path: write a control frame now if nothing else is being or waits to be written."""
-        sock = self._sock
-        if sock is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
+        direct = self._direct
+        if direct is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._ws.state is not ConnectionState.OPEN or self._tg is None:
             return False
         data = self._ws.send(event)
         try:
-            sent = _write_now(sock, data)
+            sent = direct(data)
         except OSError:
             return True  # the connection is gone: the read loop sees it; no pong will come
         if sent < len(data):
