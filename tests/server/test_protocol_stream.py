@@ -15,11 +15,12 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import anyio
 import pytest
 
-from rtcore.transport import FrameTransport, ServerLimits, UpgradeRequest
+from rtcore.transport import FrameTransport, ServerControl, ServerLimits, UpgradeRequest, serve
 from rtcore.transport.aiostream import ProtocolStream
 from rtcore.transport.websocket import WebSocketTransport
 
@@ -145,3 +146,106 @@ async def test_serve_uses_protocol_streams_on_asyncio_only(anyio_backend: str) -
                 while not seen:
                     await anyio.sleep(0.01)
     assert seen == [anyio_backend == "asyncio"]
+
+
+def test_wsproto_event_deque_is_replaced_by_an_empty_list() -> None:
+    """Each WebSocket's wsproto connection gets ``_NoEvents`` instead of its 0.8-kB deque.
+
+    wsproto fills that deque only in ``receive_data(None)``, which the
+    transport never calls; if a wsproto release renamed or started using it,
+    this fails rather than the saving silently disappearing (or events being lost).
+
+    Mutation seen caught: ``_new_wsproto`` returning wsproto's connection
+    unchanged → fails.
+    """
+    from collections import deque
+
+    from wsproto.events import TextMessage
+
+    from rtcore.transport.websocket import _NoEvents, _new_wsproto
+
+    ws = _new_wsproto(())
+    assert isinstance(ws._events, _NoEvents) and not isinstance(ws._events, deque)
+    # Frames still come out of events() (they are read from the frame protocol directly).
+    ws.receive_data(b"\x81\x82\0\0\0\0hi")  # a masked text frame "hi", mask key 0
+    assert [(type(e), e.data) for e in ws.events() if isinstance(e, TextMessage)] == [(TextMessage, "hi")]
+
+
+@pytest.mark.asyncio_only(reason="patches asyncio's sock_accept, which only the asyncio accept loop uses")
+async def test_emfile_on_accept_pauses_and_serving_goes_on(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Out of file descriptors at accept(): a warning and a short pause, not a dead listener.
+
+    Mutation seen caught: EMFILE left out of ``_TRANSIENT_ACCEPT`` → the
+    accept loop raises, the server stops → the request fails.
+    """
+    import errno
+
+    import httpx
+
+    loop = asyncio.get_running_loop()
+    real = loop.sock_accept
+    failures = [OSError(errno.EMFILE, "Too many open files")]
+
+    async def sock_accept(sock: socket.socket) -> tuple[socket.socket, object]:
+        if failures:
+            taken, _ = await real(sock)  # a client waits: drop it, fail as if the kernel had refused
+            taken.close()
+            raise failures.pop()
+        return await real(sock)
+
+    async def never(transport: FrameTransport, request: UpgradeRequest) -> None:
+        raise AssertionError("no WebSocket here")
+
+    rec = Recorder()
+    async with running_server(never, basic_http(rec)) as srv:
+        monkeypatch.setattr(loop, "sock_accept", sock_accept)
+
+        async def get() -> httpx.Response:
+            async with httpx.AsyncClient() as client:  # a new connection each time
+                return await client.get(f"{srv.http_url}/echo", timeout=5)
+
+        # The accept already waiting when the patch went in is the real one.
+        assert (await get()).status_code == 200
+        with pytest.raises(httpx.TransportError):
+            await get()  # the connection "lost" to EMFILE
+        assert (await get()).status_code == 200
+    assert not failures
+    assert any("accept() failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_handler_that_ignores_the_close_is_cancelled_after_the_deadline() -> None:
+    """A connection task still running ``close_timeout`` after the shutdown deadline is cancelled.
+
+    On asyncio the connection tasks are the listener's own (``_NativeTasks``),
+    not a task group's, so the listener cancels them itself; on trio the task
+    group's deadline does. The handler here never returns by itself (it sleeps,
+    shielded from nothing but cancellation), so only that cancel ends it.
+
+    Mutation seen caught: ``_NativeTasks.cancel_and_wait`` not cancelling
+    (waiting only) → ``serve`` never returns: the test hangs (its shielded
+    wait outlives ``fail_after``; killed by the outer timeout).
+    """
+    cancelled = anyio.Event()
+
+    async def stubborn(transport: FrameTransport, request: UpgradeRequest) -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    rec = Recorder()
+    control = ServerControl()
+    limits = ServerLimits(close_timeout=0.2, ping_interval=None)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(partial(serve, stubborn, basic_http(rec), limits=limits, control=control))
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+        async with stream:
+            await stream.send(
+                b"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            with anyio.fail_after(5):
+                assert (await stream.receive()).startswith(b"HTTP/1.1 101 ")
+                await control.stop(grace=0.1)
+    assert cancelled.is_set()
+    assert control.connections == 0

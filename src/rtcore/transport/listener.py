@@ -34,7 +34,7 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -191,6 +191,7 @@ async def _serve_connections(
     shutdown = state.shutdown
     limits = state.limits
     native = _NativeTasks() if ssl_context is None and _protocol_streams() else None
+    state.spawner = native
     try:
         async with anyio.create_task_group() as connections:
             try:
@@ -244,12 +245,22 @@ class _NativeTasks:
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, coro: Coroutine[Any, Any, None]) -> None:
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = self._loop.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # In a task group this would have ended the server; here only its task.
+            log.error("connection side task failed", exc_info=exc)
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """:class:`~rtcore.transport.websocket.TaskSpawner`: the WebSockets' side tasks run here too."""
+        self.start(func(*args))
 
     async def cancel_and_wait(self) -> None:
         while self.tasks:

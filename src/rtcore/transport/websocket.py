@@ -63,7 +63,8 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
@@ -80,7 +81,9 @@ from .errors import ConnectionClosed
 from .messages import UpgradeRequest
 from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
-__all__ = ["FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
+__all__ = [
+    "FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "TaskSpawner", "WebSocketHandler", "WebSocketTransport", "run_websocket",
+]
 
 log = logging.getLogger("rtcore.transport")
 
@@ -127,6 +130,34 @@ def _write_now(sock: socket.socket, data: bytes) -> int:
         return os.write(fd, data)
     except BlockingIOError:
         return 0
+
+
+class TaskSpawner(Protocol):
+    """Where a connection's short side tasks run (flushing, a keepalive close):
+    ``anyio.abc.TaskGroup.start_soon``'s shape."""
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run ``func(*args)`` in a new task."""
+        ...
+
+
+class _NoEvents(list[Any]):
+    """Stands in for wsproto's event deque (~0.8 kB per connection, empty for
+    good): wsproto appends to it only in ``receive_data(None)``, which we never
+    call; ``events()`` reads parsed frames from its frame protocol directly."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _new_wsproto(extensions: Sequence[Extension]) -> Connection:
+    ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
+    events = getattr(ws, "_events", None)
+    if type(events) is deque and not events:  # the wsproto we know (1.2, 1.3); else leave it
+        ws._events = _NoEvents()  # type: ignore[assignment]
+    return ws
 
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
@@ -264,7 +295,7 @@ class WebSocketTransport:
         self.encoding: str = encoding
         self._stream = stream
         self._limits = limits
-        self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
+        self._ws = _new_wsproto(extensions)
         self._trailing = trailing_data
         self._direct = _direct_writer(stream)
         #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
@@ -275,7 +306,7 @@ class WebSocketTransport:
         self._unsent = b""
         # The task group of run_websocket: a flusher task is started in it only when
         # a send_nowait left bytes over (rare), not kept waiting per connection.
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | TaskSpawner | None = None
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -872,7 +903,25 @@ class Heartbeats:
                 await kick.wait()
 
 
-async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler) -> None:
+class _Spawned:
+    """``async with`` stand-in for a task group when a connection's side tasks
+    go to a :class:`TaskSpawner` shared by the server (see :func:`run_websocket`)."""
+
+    __slots__ = ("_spawner",)
+
+    def __init__(self, spawner: TaskSpawner) -> None:
+        self._spawner = spawner
+
+    async def __aenter__(self) -> TaskSpawner:
+        return self._spawner
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def run_websocket(
+    transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler, spawner: TaskSpawner | None = None
+) -> None:
     """Run one WebSocket connection: reader, keepalive and the application handler.
 
     The handler runs in the calling task; the read loop runs in a task of
@@ -887,13 +936,22 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
     connection ends first the handler sees :class:`ConnectionClosed` from
     ``receive``/``send``/``run_reader``.
 
+    With a ``spawner`` (the listener's on asyncio) the connection has no task
+    group of its own (~0.8 kB each): the read loop's task (when the handler
+    does not claim it) and the rare side tasks (the rest of a partial write,
+    a keepalive ping or close) run in the spawner's tasks. Each of them ends
+    by itself once the connection has (it is closed and aborted below).
+
     Args:
         transport: The upgraded connection.
         request: What the upgrade request said.
         handler: The application's per-connection coroutine.
+        spawner: Runs the connection's side tasks (None: a task group of its own).
     """
+    if spawner is not None and transport._heartbeats is None and transport._limits.ping_interval is not None:
+        spawner = None  # a keepalive task for this connection alone needs a task group to end it
     try:
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() if spawner is None else _Spawned(spawner) as tg:
             tg.start_soon(transport._reader_task)
             transport._tg = tg
             if transport._limits.ping_interval is not None:
@@ -915,7 +973,9 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
                 log.exception("WebSocket handler failed (path %s, peer %s)", path, peer)
                 code, reason = 1011, "internal error"
             await transport.close(code, reason)
-            tg.cancel_scope.cancel()
+            if spawner is None:
+                assert isinstance(tg, TaskGroup)
+                tg.cancel_scope.cancel()
     finally:
         if transport._heartbeats is not None:
             transport._heartbeats.discard(transport)
