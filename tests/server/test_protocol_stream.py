@@ -162,7 +162,7 @@ def test_wsproto_event_deque_is_replaced_by_an_empty_list() -> None:
 
     from wsproto.events import TextMessage
 
-    from rtcore.transport.websocket import _NoEvents, _new_wsproto
+    from rtcore.transport.websocket import _new_wsproto, _NoEvents
 
     ws = _new_wsproto(())
     assert isinstance(ws._events, _NoEvents) and not isinstance(ws._events, deque)
@@ -223,7 +223,7 @@ async def test_a_handler_that_ignores_the_close_is_cancelled_after_the_deadline(
 
     Mutation seen caught: ``_NativeTasks.cancel_and_wait`` not cancelling
     (waiting only) → ``serve`` never returns: the test hangs (its shielded
-    wait outlives ``fail_after``; killed by the outer timeout).
+    wait outlives ``fail_after``) until pytest-timeout (300 s) fails it.
     """
     cancelled = anyio.Event()
 
