@@ -139,9 +139,10 @@ class ProtocolStream(asyncio.Protocol, ByteStream):
             chunk, self._buf = buf[:max_bytes], buf[max_bytes:]
         else:
             chunk, self._buf = buf, b""
-        if self._paused and len(self._buf) < self._high_water and self._transport is not None and not self._closed:
+        transport = self._transport
+        if self._paused and len(self._buf) < self._high_water and transport is not None and not transport.is_closing():
             self._paused = False
-            self._transport.resume_reading()
+            transport.resume_reading()
         return chunk
 
     def write_now(self, data: bytes) -> int:

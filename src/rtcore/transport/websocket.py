@@ -26,22 +26,26 @@ Design, and why:
   closed with 1011 when no pong comes back within ``ping_timeout``; the
   pings of all a server's connections come from one :class:`Heartbeats`
   task (a heap of deadlines), not a task per connection.
-* **asyncio fast path, on public API only.** On asyncio's selector event
-  loop, with a plain TCP stream (an :class:`anyio.abc.SocketStream`, not
-  TLS), writes go straight to the non-blocking socket that anyio exposes as
+* **asyncio fast path.** Connections served by the listener on asyncio
+  (uvloop too) run on a :class:`~rtcore.transport.aiostream.ProtocolStream`,
+  whose ``write_now`` hands a batch to the asyncio transport when nothing is
+  buffered there: the transport writes the socket at once and keeps, in
+  order, what the kernel did not take, so nothing is awaited at all. For a
+  transport built on one of anyio's plain TCP streams on asyncio's selector
+  loop (outside :func:`~rtcore.transport.listener.serve`), writes go straight
+  to the non-blocking socket that anyio exposes as
   ``SocketAttribute.raw_socket`` (``os.write`` on its ``fileno()``, read
   just before each write: asyncio sets it to -1 when it closes the socket,
   and nothing else runs in between, so a reused descriptor is never
-  written): when the kernel takes the whole batch (the usual case) nothing
-  is awaited at all. Whatever it does not take goes through anyio's
-  ``send`` (which waits until asyncio's buffer is empty, under
-  ``send_timeout``), so the socket is only written directly while nothing
-  is buffered and bytes stay in order. :meth:`WebSocketTransport.send_nowait`
-  offers that write to the session layer, which batches a loop tick's
-  frames with ``call_soon``. Reads go through anyio's ``receive``: a
-  direct-read variant was tried and dropped our close frame in Autobahn's
-  fail-the-connection cases. Anything else (trio, TLS, uvloop, other
-  streams) uses anyio's ``send`` for every write.
+  written); whatever the kernel does not take goes through anyio's ``send``
+  (which waits until asyncio's buffer is empty, under ``send_timeout``), so
+  the socket is only written directly while nothing is buffered and bytes
+  stay in order. :meth:`WebSocketTransport.send_nowait` offers either write
+  to the session layer, which batches a loop tick's frames with
+  ``call_soon``. Reads always go through the stream's ``receive`` (a
+  direct-read variant of the ``os.write`` path was tried and dropped our
+  close frame in Autobahn's fail-the-connection cases). Anything else
+  (trio, TLS, other streams) uses the stream's ``send`` for every write.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
