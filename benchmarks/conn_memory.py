@@ -8,7 +8,7 @@ off) or, with ``--trace``, the bytes still allocated per connection grouped
 by the innermost rtcore line that allocated them (``--leaf``: and by the
 allocating line itself).
 
-    python benchmarks/conn_memory.py 2000 [--loop asyncio|trio] [--trace [--leaf]]
+    python benchmarks/conn_memory.py 2000 [--loop asyncio|uvloop|trio] [--trace [--leaf]]
 
 For an A/B against another tree run it twice with ``PYTHONPATH=OTHER/src``
 (it prints which rtcore it imported). ``--trace`` slows the server down and
@@ -90,7 +90,7 @@ def _report(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, n: int, l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("n", type=int, nargs="?", default=2000, help="connections (default 2,000)")
-    parser.add_argument("--loop", choices=["asyncio", "trio"], default="asyncio")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop", "trio"], default="asyncio")
     parser.add_argument("--trace", action="store_true", help="tracemalloc breakdown (slow)")
     parser.add_argument("--leaf", action="store_true", help="with --trace: group by the allocating line too")
     parser.add_argument("--top", type=int, default=30)
@@ -147,7 +147,10 @@ def main() -> None:
             await server.stop(0.1)
             tg.cancel_scope.cancel()
 
-    anyio.run(run, backend=opts.loop)
+    if opts.loop == "uvloop":
+        anyio.run(run, backend="asyncio", backend_options={"use_uvloop": True})
+    else:
+        anyio.run(run, backend=opts.loop)
 
 
 if __name__ == "__main__":

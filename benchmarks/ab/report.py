@@ -8,6 +8,7 @@ typed by hand. Text above the marker is kept.
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def conn_section(path: Path, data: dict[str, Any]) -> list[str]:
         "",
         f"`python benchmarks/ab/connmem.py --total {a['total']} --step {a['step']} --reps {a['reps']} --servers {a['servers']}`; "
         f"load average before {data['load_before']}, after {data['load_after']}. Per step of {a['step']} connections: "
-        "server CPU µs per connection (from /proc; net of the idle CPU of the connections already open, measured for 3 s after each step) / wall-clock connections per second; last row: RSS growth per open connection.",
+        "server CPU µs per connection (from /proc; net of the idle CPU of the connections already open, measured for 3 s after each step) / wall-clock connections per second, first repetition; then RSS growth per open connection, and (with several repetitions) the last step's figures over all of them.",
         "",
         "| open | " + " | ".join(kinds) + " |",
         "|---|" + "---|" * len(kinds),
@@ -72,6 +73,17 @@ def conn_section(path: Path, data: dict[str, Any]) -> list[str]:
             cells.append(f"{r['server_cpu_us_per_conn']:.0f} µs{extra} / {r['rate_per_s']:.0f}/s")
         out.append(f"| {step['open']} | " + " | ".join(cells) + " |")
     out.append("| kB per connection at the end | " + " | ".join(f"{data['runs'][k][0][-1]['kb_per_conn']:.1f}" for k in kinds) + " |")
+    if a.get("reps", 1) > 1:  # every repetition, not just the first: median (min to max) at the last step
+        for label, key, digits in (
+            ("kB per connection at the end", "kb_per_conn", 1),
+            ("server CPU µs per connection, last step", "server_cpu_us_per_conn", 0),
+            ("connections/s, last step", "rate_per_s", 0),
+        ):
+            cells = []
+            for k in kinds:
+                values = sorted(r[-1][key] for r in data["runs"][k])
+                cells.append(fmt({"median": statistics.median(values), "min": values[0], "max": values[-1]}, digits))
+            out.append(f"| {label}, median (min to max) of {len(data['runs'][kinds[0]])} runs | " + " | ".join(cells) + " |")
     if any("tasks_per_conn" in data["runs"][k][0][-1] for k in kinds):  # AB_TASKS runs (asyncio servers)
         out.append(
             "| server tasks per connection at the end | "

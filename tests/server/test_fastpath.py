@@ -13,6 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 from rtcore.transport import FrameTransport, ServerLimits, UpgradeRequest
+from rtcore.transport.aiostream import ProtocolStream
 from rtcore.transport.websocket import WebSocketTransport
 
 from .helpers import Recorder, basic_http, running_server
@@ -26,12 +27,17 @@ BIG = 32 << 20
 NO_PING = ServerLimits(ping_interval=None)
 
 
-@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, ProtocolStream.write_now) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
     """A batch the kernel takes only partly is completed before anything written after it.
 
-    Mutation: ``_write`` does not put ``_unsent`` first → the client sees a
-    corrupt stream or ``tail`` before ``big`` ends → fails.
+    serve() runs asyncio connections on :class:`ProtocolStream`, whose
+    transport keeps what the kernel did not take.
+
+    Mutations: ``_write`` does not put ``_unsent`` first (anyio streams) → the
+    client sees a corrupt stream or ``tail`` before ``big`` ends → fails;
+    ``ProtocolStream.write_now`` writing while the transport still buffers
+    (no ``get_write_buffer_size`` check) → ``second`` is accepted → fails.
     """
     big = os.urandom(BIG)
     seen: dict[str, object] = {}
@@ -40,7 +46,7 @@ async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
         assert isinstance(transport, WebSocketTransport)
         seen["fast"] = transport.call_soon is not None
         seen["accepted"] = transport.send_nowait([big])
-        seen["partial"] = bool(transport._unsent)  # the scenario under test really happened
+        seen["partial"] = _left_over(transport)  # the scenario under test really happened
         seen["second"] = transport.send_nowait([b"second"])  # refused: bytes are left over
         await transport.send([b"tail"])
         await transport.receive()
@@ -57,12 +63,17 @@ async def test_send_nowait_leftover_goes_out_before_later_writes() -> None:
     assert got[1] == b"tail"
 
 
-@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, ProtocolStream.write_now) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
     """Nothing else is written after a partial ``send_nowait``: the flusher task completes it.
 
-    Mutation: ``send_nowait`` does not start ``_flush_unsent`` in run_websocket's
-    task group after a partial write → the client never gets the whole message → times out.
+    On :class:`ProtocolStream` (what serve() uses on asyncio) the asyncio
+    transport completes the write; on an anyio stream ``send_nowait`` starts
+    ``_flush_unsent`` for it.
+
+    Mutation seen caught: ``ProtocolStream.write_now`` handing the transport
+    only the first 64 kB (``transport.write(data[:65536])``) and reporting
+    all of it → the client never gets the whole message → fails (timeout).
     """
     big = os.urandom(BIG)
 
@@ -80,7 +91,7 @@ async def test_send_nowait_leftover_is_flushed_without_another_write() -> None:
             assert await ws.recv() == big
 
 
-@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, os.write on the raw socket) exists only on asyncio; test_trio_writes_through_anyio covers trio")
+@pytest.mark.asyncio_only(reason="the asyncio write fast path (loop.call_soon, ProtocolStream.write_now) exists only on asyncio; test_trio_writes_through_anyio covers trio")
 async def test_tls_streams_never_take_the_fast_path() -> None:
     """The fast path writes the raw socket: it must be off for anything but a plain TCP stream.
 
@@ -108,6 +119,16 @@ async def test_tls_streams_never_take_the_fast_path() -> None:
             assert tls.extra(anyio.abc.SocketAttribute.raw_socket, None) is not None
             assert _direct_socket(tls) is None
         tg.cancel_scope.cancel()
+
+
+def _left_over(transport: WebSocketTransport) -> bool:
+    """Bytes of an accepted write still waiting: in ``_unsent`` (anyio stream, os.write)
+    or in the asyncio transport's buffer (:class:`ProtocolStream`, what serve() uses on asyncio)."""
+    stream = transport._stream
+    if isinstance(stream, ProtocolStream):
+        assert stream._transport is not None
+        return stream._transport.get_write_buffer_size() > 0
+    return bool(transport._unsent)
 
 
 def _read_frames(sock: socket.socket, count: int) -> list[bytes]:

@@ -59,7 +59,7 @@ from .messages import (
     split_target,
 )
 from .shutdown import Shutdown
-from .websocket import STREAM_ERRORS, Heartbeats, WebSocketHandler, WebSocketTransport, run_websocket
+from .websocket import STREAM_ERRORS, Heartbeats, TaskSpawner, WebSocketHandler, WebSocketTransport, run_websocket
 
 __all__ = ["HttpConnection", "HttpHandler", "ServerState", "format_peer", "render_error"]
 
@@ -90,6 +90,8 @@ class ServerState:
             shutdown deadline).
         heartbeats: The keepalive pings of all WebSockets (None: each
             connection runs its own).
+        spawner: Where WebSockets run their side tasks (the listener's, on
+            asyncio; None: a task group per connection).
     """
 
     on_http: HttpHandler
@@ -100,6 +102,7 @@ class ServerState:
     interruptible: set[anyio.CancelScope] = field(default_factory=set)
     websockets: set[WebSocketTransport] = field(default_factory=set)
     heartbeats: Heartbeats | None = None
+    spawner: TaskSpawner | None = None
 
 
 def _phrase(status: int) -> bytes:
@@ -184,7 +187,7 @@ class HttpConnection:
                 try:
                     # No local keeps the request (its header list is ~1.5 kB) for
                     # the connection's lifetime: run_websocket lets go of it too.
-                    pending = run_websocket(transport, request, state.on_websocket)
+                    pending = run_websocket(transport, request, state.on_websocket, state.spawner)
                     del request
                     await pending
                 finally:

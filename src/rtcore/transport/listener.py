@@ -28,15 +28,21 @@ Graceful stop (:meth:`ServerControl.stop`), in order:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
+import socket
 import ssl
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
 from anyio.streams.stapled import MultiListener
 from anyio.streams.tls import TLSStream
 
+from .aiostream import ProtocolStream
 from .config import ServerLimits, WebSocketPolicy
 from .http import HttpConnection, HttpHandler, ServerState
 from .shutdown import Shutdown
@@ -189,31 +195,92 @@ async def _serve_connections(
 ) -> None:
     shutdown = state.shutdown
     limits = state.limits
-    async with anyio.create_task_group() as connections:
-        try:
-            async with anyio.create_task_group() as acceptors:
-                for socket_listener in listener.listeners:
-                    assert isinstance(socket_listener, SocketListener)
-                    acceptors.start_soon(
-                        _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
-                    )
-                control._ready.set()
-                task_status.started(control.port)
-                await shutdown.wait()
-                acceptors.cancel_scope.cancel()
-        finally:
+    native = _NativeTasks() if ssl_context is None and _protocol_streams() else None
+    state.spawner = native
+    try:
+        async with anyio.create_task_group() as connections:
+            try:
+                async with anyio.create_task_group() as acceptors:
+                    for socket_listener in listener.listeners:
+                        assert isinstance(socket_listener, SocketListener)
+                        if native is not None:
+                            acceptors.start_soon(_accept_loop_asyncio, socket_listener, native, state, control, limiter)
+                        else:
+                            acceptors.start_soon(
+                                _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
+                            )
+                    control._ready.set()
+                    task_status.started(control.port)
+                    await shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await listener.aclose()
+            log.info("shutdown started: %d connections open", control.connections)
+            for scope in list(state.interruptible):
+                scope.cancel()
+            connections.cancel_scope.deadline = shutdown.deadline + limits.close_timeout + 1.0
+            with anyio.move_on_after(shutdown.remaining()):
+                await control._wait_drained()
+            if state.websockets:
+                async with anyio.create_task_group() as closers:
+                    for transport in list(state.websockets):
+                        closers.start_soon(transport.close, 1001, shutdown.reason)
+            if native is not None:
+                # Not children of `connections`: wait for them here, under its deadline.
+                await control._wait_drained()
+    finally:
+        if native is not None:
+            # Past the deadline (or serve() cancelled): cancel what is left, as the
+            # task group does with its own children, and wait for them to unwind.
             with anyio.CancelScope(shield=True):
-                await listener.aclose()
-        log.info("shutdown started: %d connections open", control.connections)
-        for scope in list(state.interruptible):
-            scope.cancel()
-        connections.cancel_scope.deadline = shutdown.deadline + limits.close_timeout + 1.0
-        with anyio.move_on_after(shutdown.remaining()):
-            await control._wait_drained()
-        if state.websockets:
-            async with anyio.create_task_group() as closers:
-                for transport in list(state.websockets):
-                    closers.start_soon(transport.close, 1001, shutdown.reason)
+                await native.cancel_and_wait()
+
+
+class _NativeTasks:
+    """Connection tasks started with ``loop.create_task`` (the asyncio path).
+
+    An anyio task-group child costs about 1.5 kB more than the asyncio task
+    itself (its task state, cancel scope bookkeeping and done event); the
+    listener does the task group's two jobs for these itself: hold a
+    reference while they run, and cancel them at the shutdown deadline.
+    """
+
+    __slots__ = ("_loop", "tasks")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = self._loop.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # In a task group this would have ended the server; here only its task.
+            log.error("connection side task failed", exc_info=exc)
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """:class:`~rtcore.transport.websocket.TaskSpawner`: the WebSockets' side tasks run here too."""
+        self.start(func(*args))
+
+    async def cancel_and_wait(self) -> None:
+        while self.tasks:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.wait(list(self.tasks))
+
+
+def _protocol_streams() -> bool:
+    """Whether connections are served on :class:`ProtocolStream` (asyncio, incl. uvloop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
 
 
 async def _accept_loop(
@@ -248,8 +315,65 @@ async def _accept_loop(
         connections.start_soon(_connection, stream, state, control, ssl_context, limiter, token)
 
 
+async def _accept_loop_asyncio(
+    listener: SocketListener,
+    connections: _NativeTasks,
+    state: ServerState,
+    control: ServerControl,
+    limiter: anyio.CapacityLimiter | None,
+) -> None:
+    """:func:`_accept_loop` for asyncio without TLS: each connection on a :class:`ProtocolStream`.
+
+    Accepts like anyio's listener does (``sock_accept``, ``TCP_NODELAY``,
+    ``connect_accepted_socket``) but with our leaner protocol as the stream.
+    """
+    loop = asyncio.get_running_loop()
+    raw: socket.socket = listener.extra(SocketAttribute.raw_socket)
+    limits = state.limits
+    high_water = max(limits.read_size, 64 * 1024)
+
+    def protocol() -> ProtocolStream:
+        return ProtocolStream(high_water=high_water, linger=limits.close_timeout)
+
+    while True:
+        token = object()
+        if limiter is not None:
+            await limiter.acquire_on_behalf_of(token)
+        try:
+            try:
+                client, _ = await loop.sock_accept(raw)
+            except asyncio.CancelledError:
+                # As anyio does (bpo-41317): a cancelled sock_accept leaves its reader behind.
+                with contextlib.suppress(ValueError, NotImplementedError):
+                    loop.remove_reader(raw)
+                raise
+            try:
+                if client.family in (socket.AF_INET, socket.AF_INET6):
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _, stream = await loop.connect_accepted_socket(protocol, client)
+            except OSError:
+                client.close()
+                raise OSError(errno.ECONNABORTED, "connection lost while being set up") from None
+        except OSError as exc:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+            if exc.errno in _TRANSIENT_ACCEPT:
+                log.warning("accept() failed (%s); pausing 0.1 s", exc)
+                await anyio.sleep(0.1)
+                continue
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            raise
+        except BaseException:
+            if limiter is not None:
+                limiter.release_on_behalf_of(token)
+            raise
+        control._opened()
+        connections.start(_connection(stream, state, control, None, limiter, token))
+
+
 async def _connection(
-    stream: SocketStream,
+    stream: SocketStream | ProtocolStream,
     state: ServerState,
     control: ServerControl,
     ssl_context: ssl.SSLContext | None,

@@ -26,22 +26,26 @@ Design, and why:
   closed with 1011 when no pong comes back within ``ping_timeout``; the
   pings of all a server's connections come from one :class:`Heartbeats`
   task (a heap of deadlines), not a task per connection.
-* **asyncio fast path, on public API only.** On asyncio's selector event
-  loop, with a plain TCP stream (an :class:`anyio.abc.SocketStream`, not
-  TLS), writes go straight to the non-blocking socket that anyio exposes as
+* **asyncio fast path.** Connections served by the listener on asyncio
+  (uvloop too) run on a :class:`~rtcore.transport.aiostream.ProtocolStream`,
+  whose ``write_now`` hands a batch to the asyncio transport when nothing is
+  buffered there: the transport writes the socket at once and keeps, in
+  order, what the kernel did not take, so nothing is awaited at all. For a
+  transport built on one of anyio's plain TCP streams on asyncio's selector
+  loop (outside :func:`~rtcore.transport.listener.serve`), writes go straight
+  to the non-blocking socket that anyio exposes as
   ``SocketAttribute.raw_socket`` (``os.write`` on its ``fileno()``, read
   just before each write: asyncio sets it to -1 when it closes the socket,
   and nothing else runs in between, so a reused descriptor is never
-  written): when the kernel takes the whole batch (the usual case) nothing
-  is awaited at all. Whatever it does not take goes through anyio's
-  ``send`` (which waits until asyncio's buffer is empty, under
-  ``send_timeout``), so the socket is only written directly while nothing
-  is buffered and bytes stay in order. :meth:`WebSocketTransport.send_nowait`
-  offers that write to the session layer, which batches a loop tick's
-  frames with ``call_soon``. Reads go through anyio's ``receive``: a
-  direct-read variant was tried and dropped our close frame in Autobahn's
-  fail-the-connection cases. Anything else (trio, TLS, uvloop, other
-  streams) uses anyio's ``send`` for every write.
+  written); whatever the kernel does not take goes through anyio's ``send``
+  (which waits until asyncio's buffer is empty, under ``send_timeout``), so
+  the socket is only written directly while nothing is buffered and bytes
+  stay in order. :meth:`WebSocketTransport.send_nowait` offers either write
+  to the session layer, which batches a loop tick's frames with
+  ``call_soon``. Reads always go through the stream's ``receive`` (a
+  direct-read variant of the ``os.write`` path was tried and dropped our
+  close frame in Autobahn's fail-the-connection cases). Anything else
+  (trio, TLS, other streams) uses the stream's ``send`` for every write.
 * **One lock for writes.** anyio streams refuse concurrent ``send`` calls;
   the application's batches, the reader's pongs and close frames and the
   heartbeat's pings share one :class:`anyio.Lock`. A write cut short (send
@@ -58,11 +62,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import anyio
@@ -73,12 +79,15 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.extensions import Extension
 
 from ..protocol.deadlines import DeadlineHeap
+from .aiostream import ProtocolStream
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
 from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
-__all__ = ["FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "WebSocketHandler", "WebSocketTransport", "run_websocket"]
+__all__ = [
+    "FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "TaskSpawner", "WebSocketHandler", "WebSocketTransport", "run_websocket",
+]
 
 log = logging.getLogger("rtcore.transport")
 
@@ -104,6 +113,18 @@ def _direct_socket(stream: ByteStream) -> socket.socket | None:
     return sock
 
 
+def _direct_writer(stream: ByteStream) -> Callable[[bytes], int] | None:
+    """A function writing what ``stream`` takes now without waiting (bytes taken,
+    0 when it must wait; OSError when the connection is gone), or None when
+    ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
+    asyncio transport (any asyncio loop), a plain TCP stream of anyio's on the
+    selector loop is written directly (:func:`_direct_socket`)."""
+    if isinstance(stream, ProtocolStream):
+        return stream.write_now
+    sock = _direct_socket(stream)
+    return None if sock is None else functools.partial(_write_now, sock)
+
+
 def _write_now(sock: socket.socket, data: bytes) -> int:
     """Write what the kernel takes now (0 when its buffer is full); OSError when the socket is gone."""
     fd = sock.fileno()
@@ -113,6 +134,34 @@ def _write_now(sock: socket.socket, data: bytes) -> int:
         return os.write(fd, data)
     except BlockingIOError:
         return 0
+
+
+class TaskSpawner(Protocol):
+    """Where a connection's short side tasks run (flushing, a keepalive close):
+    ``anyio.abc.TaskGroup.start_soon``'s shape."""
+
+    def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Run ``func(*args)`` in a new task."""
+        ...
+
+
+class _NoEvents(list[Any]):
+    """Stands in for wsproto's event deque (~0.8 kB per connection, empty for
+    good): wsproto appends to it only in ``receive_data(None)``, which we never
+    call; ``events()`` reads parsed frames from its frame protocol directly."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _new_wsproto(extensions: Sequence[Extension]) -> Connection:
+    ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
+    events = getattr(ws, "_events", None)
+    if type(events) is deque and not events:  # the wsproto we know (1.2, 1.3); else leave it
+        ws._events = _NoEvents()  # type: ignore[assignment]
+    return ws
 
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
@@ -206,6 +255,7 @@ class WebSocketTransport:
         "_code",
         "_deliver_scope",
         "_delivered",
+        "_direct",
         "_discard",
         "_done",
         "_fast",
@@ -226,7 +276,6 @@ class WebSocketTransport:
         "_reading",
         "_reason",
         "_size",
-        "_sock",
         "_stream",
         "_tg",
         "_trailing",
@@ -250,18 +299,18 @@ class WebSocketTransport:
         self.encoding: str = encoding
         self._stream = stream
         self._limits = limits
-        self._ws = Connection(ConnectionType.SERVER, extensions=list(extensions))
+        self._ws = _new_wsproto(extensions)
         self._trailing = trailing_data
-        self._sock = _direct_socket(stream)
+        self._direct = _direct_writer(stream)
         #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
         #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
-        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._sock is not None else None
+        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
         # before anything else (the flusher task, or the next write under the lock).
         self._unsent = b""
         # The task group of run_websocket: a flusher task is started in it only when
         # a send_nowait left bytes over (rare), not kept waiting per connection.
-        self._tg: TaskGroup | None = None
+        self._tg: TaskGroup | TaskSpawner | None = None
         # Without extensions frames need no transformation: build them ourselves.
         self._fast = not extensions
         self._opcode = OP_TEXT if encoding == "json" else OP_BINARY
@@ -398,8 +447,8 @@ class WebSocketTransport:
         take at once are written by the connection's flusher task before any
         later write (waiting at most ``send_timeout`` for the peer).
         """
-        sock = self._sock
-        if sock is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
+        direct = self._direct
+        if direct is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
@@ -409,7 +458,7 @@ class WebSocketTransport:
             return True
         data = encode_frames(self._opcode, frames)
         try:
-            sent = _write_now(sock, data)
+            sent = direct(data)
         except OSError:
             return False  # the connection is gone: the awaited send meets the error
         if not sent:
@@ -482,12 +531,12 @@ class WebSocketTransport:
             data, self._unsent = self._unsent + data, b""
         if not data:
             return
-        sock = self._sock
-        if sock is not None:
+        direct = self._direct
+        if direct is not None:
             # Fast path: nothing is buffered in asyncio's transport (every earlier
             # write completed), so the socket can take bytes directly.
             try:
-                sent = _write_now(sock, data)
+                sent = direct(data)
             except OSError:
                 self._set_code(1006, "connection lost")
                 await self._abort()
@@ -770,14 +819,14 @@ class WebSocketTransport:
 
     def _control_nowait(self, event: Ping) -> bool:
         """Asyncio fast path: write a control frame now if nothing else is being or waits to be written."""
-        sock = self._sock
-        if sock is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
+        direct = self._direct
+        if direct is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
         if self._ws.state is not ConnectionState.OPEN or self._tg is None:
             return False
         data = self._ws.send(event)
         try:
-            sent = _write_now(sock, data)
+            sent = direct(data)
         except OSError:
             return True  # the connection is gone: the read loop sees it; no pong will come
         if sent < len(data):
@@ -858,7 +907,25 @@ class Heartbeats:
                 await kick.wait()
 
 
-async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler) -> None:
+class _Spawned:
+    """``async with`` stand-in for a task group when a connection's side tasks
+    go to a :class:`TaskSpawner` shared by the server (see :func:`run_websocket`)."""
+
+    __slots__ = ("_spawner",)
+
+    def __init__(self, spawner: TaskSpawner) -> None:
+        self._spawner = spawner
+
+    async def __aenter__(self) -> TaskSpawner:
+        return self._spawner
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def run_websocket(
+    transport: WebSocketTransport, request: UpgradeRequest, handler: WebSocketHandler, spawner: TaskSpawner | None = None
+) -> None:
     """Run one WebSocket connection: reader, keepalive and the application handler.
 
     The handler runs in the calling task; the read loop runs in a task of
@@ -873,13 +940,22 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
     connection ends first the handler sees :class:`ConnectionClosed` from
     ``receive``/``send``/``run_reader``.
 
+    With a ``spawner`` (the listener's on asyncio) the connection has no task
+    group of its own (~0.8 kB each): the read loop's task (when the handler
+    does not claim it) and the rare side tasks (the rest of a partial write,
+    a keepalive ping or close) run in the spawner's tasks. Each of them ends
+    by itself once the connection has (it is closed and aborted below).
+
     Args:
         transport: The upgraded connection.
         request: What the upgrade request said.
         handler: The application's per-connection coroutine.
+        spawner: Runs the connection's side tasks (None: a task group of its own).
     """
+    if spawner is not None and transport._heartbeats is None and transport._limits.ping_interval is not None:
+        spawner = None  # a keepalive task for this connection alone needs a task group to end it
     try:
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() if spawner is None else _Spawned(spawner) as tg:
             tg.start_soon(transport._reader_task)
             transport._tg = tg
             if transport._limits.ping_interval is not None:
@@ -901,7 +977,9 @@ async def run_websocket(transport: WebSocketTransport, request: UpgradeRequest, 
                 log.exception("WebSocket handler failed (path %s, peer %s)", path, peer)
                 code, reason = 1011, "internal error"
             await transport.close(code, reason)
-            tg.cancel_scope.cancel()
+            if spawner is None:
+                assert isinstance(tg, TaskGroup)
+                tg.cancel_scope.cancel()
     finally:
         if transport._heartbeats is not None:
             transport._heartbeats.discard(transport)
