@@ -283,6 +283,17 @@ def _protocol_streams() -> bool:
     return True
 
 
+async def _accept_failed(exc: OSError) -> None:
+    """What a failed ``accept()`` does to an accept loop: out of resources
+    (EMFILE and the like) pauses it for 0.1 s, a connection aborted before it
+    was accepted is skipped, anything else ends it (re-raised)."""
+    if exc.errno in _TRANSIENT_ACCEPT:
+        log.warning("accept() failed (%s); pausing 0.1 s", exc)
+        await anyio.sleep(0.1)
+    elif exc.errno != errno.ECONNABORTED:
+        raise exc
+
+
 async def _accept_loop(
     listener: SocketListener,
     connections: TaskGroup,
@@ -300,13 +311,8 @@ async def _accept_loop(
         except OSError as exc:
             if limiter is not None:
                 limiter.release_on_behalf_of(token)
-            if exc.errno in _TRANSIENT_ACCEPT:
-                log.warning("accept() failed (%s); pausing 0.1 s", exc)
-                await anyio.sleep(0.1)
-                continue
-            if exc.errno == errno.ECONNABORTED:
-                continue
-            raise
+            await _accept_failed(exc)
+            continue
         except BaseException:
             if limiter is not None:
                 limiter.release_on_behalf_of(token)
@@ -357,13 +363,8 @@ async def _accept_loop_asyncio(
         except OSError as exc:
             if limiter is not None:
                 limiter.release_on_behalf_of(token)
-            if exc.errno in _TRANSIENT_ACCEPT:
-                log.warning("accept() failed (%s); pausing 0.1 s", exc)
-                await anyio.sleep(0.1)
-                continue
-            if exc.errno == errno.ECONNABORTED:
-                continue
-            raise
+            await _accept_failed(exc)
+            continue
         except BaseException:
             if limiter is not None:
                 limiter.release_on_behalf_of(token)
