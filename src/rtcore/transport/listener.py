@@ -34,7 +34,7 @@ import errno
 import logging
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -51,6 +51,9 @@ from .websocket import Heartbeats, WebSocketHandler
 __all__ = ["ServerControl", "serve"]
 
 log = logging.getLogger("rtcore.transport")
+
+# What a connection is served on: anyio's socket stream, or ours on asyncio without TLS.
+_Stream = SocketStream | ProtocolStream
 
 # accept() failures that mean "out of resources for now", not "listener broken".
 _TRANSIENT_ACCEPT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -203,12 +206,10 @@ async def _serve_connections(
                 async with anyio.create_task_group() as acceptors:
                     for socket_listener in listener.listeners:
                         assert isinstance(socket_listener, SocketListener)
-                        if native is not None:
-                            acceptors.start_soon(_accept_loop_asyncio, socket_listener, native, state, control, limiter)
-                        else:
-                            acceptors.start_soon(
-                                _accept_loop, socket_listener, connections, state, control, ssl_context, limiter
-                            )
+                        accept, start = _acceptor(
+                            socket_listener, native, connections, state, control, ssl_context, limiter
+                        )
+                        acceptors.start_soon(_accept_loop, accept, start, control, limiter)
                     control._ready.set()
                     task_status.started(control.port)
                     await shutdown.wait()
@@ -235,6 +236,32 @@ async def _serve_connections(
             # task group does with its own children, and wait for them to unwind.
             with anyio.CancelScope(shield=True):
                 await native.cancel_and_wait()
+
+
+def _acceptor(
+    listener: SocketListener,
+    native: _NativeTasks | None,
+    connections: TaskGroup,
+    state: ServerState,
+    control: ServerControl,
+    ssl_context: ssl.SSLContext | None,
+    limiter: anyio.CapacityLimiter | None,
+) -> tuple[Callable[[], Awaitable[_Stream]], Callable[[_Stream, object], None]]:
+    """:func:`_accept_loop`'s arguments: asyncio without TLS accepts onto
+    :class:`ProtocolStream` and runs connections as native tasks; otherwise
+    anyio's listener and the ``connections`` task group."""
+    if native is not None:
+        tasks = native
+
+        def start_native(stream: _Stream, token: object) -> None:
+            tasks.start(_connection(stream, state, control, None, limiter, token))
+
+        return _protocol_acceptor(listener, state), start_native
+
+    def start_child(stream: _Stream, token: object) -> None:
+        connections.start_soon(_connection, stream, state, control, ssl_context, limiter, token)
+
+    return listener.accept, start_child
 
 
 class _NativeTasks:
@@ -295,40 +322,36 @@ async def _accept_failed(exc: OSError) -> None:
 
 
 async def _accept_loop(
-    listener: SocketListener,
-    connections: TaskGroup,
-    state: ServerState,
+    accept: Callable[[], Awaitable[_Stream]],
+    start: Callable[[_Stream, object], None],
     control: ServerControl,
-    ssl_context: ssl.SSLContext | None,
     limiter: anyio.CapacityLimiter | None,
 ) -> None:
+    """Accept connections one by one and ``start`` each, holding a ``limiter`` slot per connection.
+
+    ``accept`` is anyio's listener or :func:`_protocol_acceptor`; the slot
+    (acquired on behalf of a fresh token) is released by the connection task
+    when it ends, or here when the accept fails.
+    """
     while True:
         token = object()
         if limiter is not None:
             await limiter.acquire_on_behalf_of(token)
         try:
-            stream = await listener.accept()
-        except OSError as exc:
+            stream = await accept()
+        except BaseException as exc:
             if limiter is not None:
                 limiter.release_on_behalf_of(token)
+            if not isinstance(exc, OSError):
+                raise
             await _accept_failed(exc)
             continue
-        except BaseException:
-            if limiter is not None:
-                limiter.release_on_behalf_of(token)
-            raise
         control._opened()
-        connections.start_soon(_connection, stream, state, control, ssl_context, limiter, token)
+        start(stream, token)
 
 
-async def _accept_loop_asyncio(
-    listener: SocketListener,
-    connections: _NativeTasks,
-    state: ServerState,
-    control: ServerControl,
-    limiter: anyio.CapacityLimiter | None,
-) -> None:
-    """:func:`_accept_loop` for asyncio without TLS: each connection on a :class:`ProtocolStream`.
+def _protocol_acceptor(listener: SocketListener, state: ServerState) -> Callable[[], Awaitable[ProtocolStream]]:
+    """``accept`` for asyncio without TLS: each connection on a :class:`ProtocolStream`.
 
     Accepts like anyio's listener does (``sock_accept``, ``TCP_NODELAY``,
     ``connect_accepted_socket``) but with our leaner protocol as the stream.
@@ -341,40 +364,28 @@ async def _accept_loop_asyncio(
     def protocol() -> ProtocolStream:
         return ProtocolStream(high_water=high_water, linger=limits.close_timeout)
 
-    while True:
-        token = object()
-        if limiter is not None:
-            await limiter.acquire_on_behalf_of(token)
+    async def accept() -> ProtocolStream:
         try:
-            try:
-                client, _ = await loop.sock_accept(raw)
-            except asyncio.CancelledError:
-                # As anyio does (bpo-41317): a cancelled sock_accept leaves its reader behind.
-                with contextlib.suppress(ValueError, NotImplementedError):
-                    loop.remove_reader(raw)
-                raise
-            try:
-                if client.family in (socket.AF_INET, socket.AF_INET6):
-                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                _, stream = await loop.connect_accepted_socket(protocol, client)
-            except OSError:
-                client.close()
-                raise OSError(errno.ECONNABORTED, "connection lost while being set up") from None
-        except OSError as exc:
-            if limiter is not None:
-                limiter.release_on_behalf_of(token)
-            await _accept_failed(exc)
-            continue
-        except BaseException:
-            if limiter is not None:
-                limiter.release_on_behalf_of(token)
+            client, _ = await loop.sock_accept(raw)
+        except asyncio.CancelledError:
+            # As anyio does (bpo-41317): a cancelled sock_accept leaves its reader behind.
+            with contextlib.suppress(ValueError, NotImplementedError):
+                loop.remove_reader(raw)
             raise
-        control._opened()
-        connections.start(_connection(stream, state, control, None, limiter, token))
+        try:
+            if client.family in (socket.AF_INET, socket.AF_INET6):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _, stream = await loop.connect_accepted_socket(protocol, client)
+        except OSError:
+            client.close()
+            raise OSError(errno.ECONNABORTED, "connection lost while being set up") from None
+        return stream
+
+    return accept
 
 
 async def _connection(
-    stream: SocketStream | ProtocolStream,
+    stream: _Stream,
     state: ServerState,
     control: ServerControl,
     ssl_context: ssl.SSLContext | None,
