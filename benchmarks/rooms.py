@@ -223,7 +223,12 @@ def serve(backend: str) -> None:
 
         @app.command("bench.tracemalloc")
         async def trace(ctx: rtcore.Context, args: Any) -> list[str]:
+            gc.collect()  # garbage of the joins is not what seated players hold
             snap = tracemalloc.take_snapshot()
+            if args and args.get("dump"):
+                # --tracemalloc PREFIX: the whole snapshot, for benchmarks/ab/memdiff.py.
+                snap.dump(str(args["dump"]))
+                return []
             if not marks:
                 marks.append(snap)
                 return []
@@ -266,6 +271,8 @@ PROFILES: dict[str, dict[str, Any]] = {}
 PROFILE = {"on": False}
 #: ``--peer SRC``: the server of the peer's runs imports rtcore from SRC (PYTHONPATH).
 PEER: dict[str, str | None] = {"src": None, "running": None}
+#: ``--tracemalloc PREFIX``: the joins workload dumps the server's snapshots to PREFIX-{this,peer}{rep}-{1,2}.
+TRACE: dict[str, str | None] = {"prefix": None}
 
 
 class ServerProcess:
@@ -613,6 +620,14 @@ async def server_gc(url: str) -> list[float]:
     return [float(got[0]), int(got[1])]
 
 
+async def server_tracemalloc(url: str, path: str) -> None:
+    """``--tracemalloc``: have the benchmark server dump a tracemalloc snapshot to ``path``."""
+    c = await Conn.open(url, f"tm{time.monotonic_ns()}")
+    await c.cmd("bench.tracemalloc", {"dump": path})
+    await c.ws.close()
+    print(f"  tracemalloc snapshot: {path}", flush=True)
+
+
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     server = ServerProcess(backend, f"moves {rooms} rooms {backend.split(':')[0]}")
@@ -699,6 +714,8 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
             warm_out.get(timeout=60)
             warm.join(60)
             time.sleep(0.5)
+            if TRACE["prefix"]:
+                asyncio.run(server_tracemalloc(server.url, f"{TRACE['prefix']}-{'peer' if PEER['running'] else 'this'}{rep}-1"))
             rss0 = rss_bytes(server.pid)
             go, release = ctx.Event(), ctx.Event()
             out = ctx.Queue()
@@ -722,6 +739,8 @@ def run_joins(players: int, reps: int, workers: int, inflight: int) -> dict[str,
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             time.sleep(0.5)
             rss1 = rss_bytes(server.pid)
+            if TRACE["prefix"]:
+                asyncio.run(server_tracemalloc(server.url, f"{TRACE['prefix']}-{'peer' if PEER['running'] else 'this'}{rep}-2"))
             release.set()
             joined = sum(p["joined"] for p in parts)
             seconds = max(p["seconds"] for p in parts)
@@ -1066,6 +1085,13 @@ def main() -> None:
         help="an experiment: the benchmark's server calls gc.set_threshold(G0, G1, G2) before serving "
         "(both trees with --peer; Python's default is 700,10,10)",
     )
+    parser.add_argument(
+        "--tracemalloc",
+        metavar="PREFIX",
+        help="joins: trace the server's allocations (25 frames; slows it, RSS figures include the tracing) and dump "
+        "snapshots before and after the joins to PREFIX-<this|peer><rep>-<1|2>; compare them with "
+        "benchmarks/ab/memdiff.py BEFORE AFTER --conns 2000",
+    )
     parser.add_argument("--out", type=Path, help="with --only: write the results JSON here")
     parser.add_argument(
         "--only",
@@ -1084,6 +1110,9 @@ def main() -> None:
         write_profile_table(*opts.profile_table)
         return
     PROFILE["on"] = bool(opts.profile)
+    if opts.tracemalloc:
+        TRACE["prefix"] = str(Path(opts.tracemalloc).resolve())
+        os.environ["ROOMS_BENCH_TRACEMALLOC"] = "25"  # inherited by every server process
     if opts.gc_threshold:
         os.environ["ROOMS_BENCH_GC_THRESHOLD"] = opts.gc_threshold  # inherited by every server process
     reps = max(3, opts.reps)

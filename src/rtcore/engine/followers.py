@@ -35,10 +35,14 @@ log = logging.getLogger("rtcore.engine.followers")
 class Follower:
     """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
 
-    def __init__(self, stream: str, state: StreamState) -> None:
+    __slots__ = ("on_stale", "owner", "pending_sync", "ready", "state", "stream", "tail")
+
+    def __init__(self, stream: str, state: StreamState, *, loaded: bool = False) -> None:
         self.stream = stream
         self.state = state
-        self.ready = anyio.Event()
+        # Set once the state is current; ``None`` then (a node follows every
+        # room's stream: an Event kept per stream for its lifetime was ~1 kB each).
+        self.ready: anyio.Event | None = None if loaded else anyio.Event()
         self.tail: Tail | None = None
         self.pending_sync: tuple[int, dict[str, bytes]] | None = None
         self.owner: Followers | None = None
@@ -91,7 +95,8 @@ class Followers:
         f = self._by_stream.get(stream)
         if f is None:
             f = self.start(stream)
-        await f.ready.wait()
+        if f.ready is not None:
+            await f.ready.wait()
         return f
 
     def start(self, stream: str) -> Follower:
@@ -133,7 +138,9 @@ class Followers:
         f.tail = Tail(self._backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f)
         self._hub.add(f.tail)
         await f.tail.fill()
-        f.ready.set()
+        ready, f.ready = f.ready, None
+        assert ready is not None
+        ready.set()  # the waiters hold it; the follower needs it no more
 
     async def _store_snapshot(self, snapshot: Snapshot) -> None:
         # A snapshot is an optimisation: losing one to a backend outage must
@@ -148,13 +155,12 @@ class Followers:
         old = self._by_stream.get(stream)
         if old is not None and old.tail is not None:
             self._hub.remove(old.tail)
-        f = Follower(stream, state)
+        f = Follower(stream, state, loaded=True)
         self._by_stream[stream] = f
         f.tail = Tail(self._backend.events, stream, Delivery(state.epoch, state.offset), f)
         f.tail.delivery.phase = Phase.LIVE
         f.owner = self
         self._hub.add(f.tail)
-        f.ready.set()
 
     def fold(self, f: Follower, event: Event) -> None:
         """Fold one event; schedule a snapshot and park a ``sync`` when due."""

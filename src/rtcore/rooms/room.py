@@ -86,6 +86,8 @@ class Timer:
 class RoomClock:
     """Time and timers of one room; callbacks run on the room's serial executor."""
 
+    __slots__ = ("_now", "_schedule")  # one per room
+
     def __init__(self, now: Callable[[], float], schedule: Callable[[Timer], None]) -> None:
         self._now = now
         self._schedule = schedule

@@ -174,6 +174,59 @@ class _ListArgs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class _Actor:
     """One room on its owner node: the serial executor and the patch writer."""
 
+    # A server holds one per room (thousands): slots instead of a __dict__ of
+    # some fifty keys (a third of the actor's own memory, tracemalloc).
+    __slots__ = (
+        "_full",
+        "_members_cache",
+        "_members_sig",
+        "_room_cache",
+        "_room_key",
+        "_seq",
+        "applied",
+        "closed",
+        "cls",
+        "code",
+        "dispose_requested",
+        "dispose_timer",
+        "disposed",
+        "flush_at",
+        "full_prev",
+        "graces",
+        "head",
+        "id",
+        "idle",
+        "inbox",
+        "inline",
+        "inline_done",
+        "last_read",
+        "last_tick",
+        "listed",
+        "locked",
+        "lost",
+        "members",
+        "need_read",
+        "next_tick",
+        "node",
+        "outgoing",
+        "parked",
+        "patch_every",
+        "pending",
+        "prev",
+        "private",
+        "renewed",
+        "results",
+        "room",
+        "rt",
+        "stream",
+        "timers",
+        "uncommitted",
+        "view_heads",
+        "view_prev",
+        "waiters",
+        "wake",
+    )
+
     def __init__(self, rt: _Runtime, cls: type[Room[Any]], room_id: str, code: str, private: bool) -> None:
         self.rt = rt
         self.node = rt.node
@@ -193,7 +246,6 @@ class _Actor:
         self.dispose_requested = False
         self.outgoing: list[tuple[str, str | None, str, Any]] = []
         self.applied = 0  # last inbox offset applied (its patch may not be written yet: in_flight)
-        self.in_flight: set[int] = set()  # applied inbox offsets whose patch is not written yet
         # Seconds inputs may wait to be coalesced into one patch (Room.patch_rate); 0: a patch per input.
         self.patch_every = 1 / cls.patch_rate if cls.patch_rate else 0.0
         self.flush_at: float | None = None  # when the coalesced inputs' patch is due
@@ -220,9 +272,8 @@ class _Actor:
         self.last_read = -1e18
         self.uncommitted: list[tuple[int, _Entry, Any]] = []  # applied inputs whose patch is not written yet
         self.waiters: dict[int, anyio.Event] = {}
-        self.results: OrderedDict[int, _Entry] = OrderedDict()
+        self.results: dict[int, _Entry] = {}  # oldest first (insertion order); a dict is lighter than an OrderedDict
         self.closed = False
-        self.stopped = anyio.Event()
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
         self.parked = False  # the executor's task waits in _wait (nothing to do)
         self.inline = False  # a command applies an input on its own task (run_inline)
@@ -597,7 +648,6 @@ class _Actor:
                 self._revert(cp)
         self.applied = ev.offset
         self.uncommitted.append((ev.offset, entry, data.get("node")))
-        self.in_flight.add(ev.offset)
         if self.patch_every and ev.type == "send" and not self.dispose_requested:
             # Coalesced: this input's change goes out with the next patch (at
             # most patch_rate a second); its sender waits for that patch.
@@ -606,6 +656,20 @@ class _Actor:
             return
         await self.after_step()
 
+    def _in_flight(self, offset: int) -> bool:
+        """Whether inbox entry ``offset`` is applied but its patch is not written yet.
+
+        The applied entries are consecutive offsets, so those without their
+        patch are ``uncommitted[0]`` up to :attr:`applied` (no set of them is
+        kept: one per room was a few hundred bytes, tracemalloc).
+        """
+        return bool(self.uncommitted) and self.uncommitted[0][0] <= offset <= self.applied
+
+    @property
+    def in_flight(self) -> set[int]:
+        """The applied inbox offsets whose patch is not written yet (tests and tools)."""
+        return {offset for offset, _, _ in self.uncommitted}
+
     async def _settle_uncommitted(self) -> None:
         """The patch covering the applied inputs is written: hand out their results."""
         done, self.uncommitted = self.uncommitted, []
@@ -613,19 +677,17 @@ class _Actor:
             if isinstance(origin, str) and origin != self.node.id:
                 await self._reply(origin, offset, entry)
             self.results[offset] = entry
-            self.in_flight.discard(offset)
             waiter = self.waiters.pop(offset, None)
             if waiter is not None:
                 waiter.set()
         while len(self.results) > RESULTS_KEPT:
-            self.results.popitem(last=False)
+            del self.results[next(iter(self.results))]
 
     def _unapply(self) -> None:
         """Inputs whose patch was not written are not applied (the next owner applies them)."""
         if self.uncommitted:
             self.applied = self.uncommitted[0][0] - 1
             self.uncommitted.clear()
-            self.in_flight.clear()
 
     async def _reply(self, origin: str, offset: int, entry: _Entry) -> None:
         """Answer an entry appended on another node through ``roomreply:{id}``."""
@@ -733,7 +795,7 @@ class _Actor:
         """
         # Until its patch is written, an applied entry's result is not stored
         # yet: wait for it too (else "recovered" is answered).
-        if (offset > self.applied or offset in self.in_flight) and not self.closed:
+        if (offset > self.applied or self._in_flight(offset)) and not self.closed:
             ev = self.waiters.setdefault(offset, anyio.Event())
             if offset not in self.pending:
                 self.need_read = True
@@ -774,7 +836,6 @@ class _Actor:
                     await self.node.backend.leases.release(self.stream, self.node.id)
                 except RtcoreError:
                     log.warning("room %s: could not release its lease", self.id, exc_info=True)
-            self.stopped.set()
             if self.idle is not None:
                 self.idle.set()
 
@@ -993,7 +1054,8 @@ class _Runtime:
         self.replies: OrderedDict[tuple[str, int], _Entry] = OrderedDict()
         self.reply_waiters: dict[tuple[str, int], anyio.Event] = {}
         # Rooms each user joined through this node (to record their drops).
-        self.via_here: dict[str, set[str]] = {}
+        # A list, not a set: a player is in one or two rooms (a set is 216 bytes even then).
+        self.via_here: dict[str, list[str]] = {}
         self.gone: set[str] = set()  # rooms known to be disposed (the supervisor skips them)
         # Listed rooms of this node with a free seat, by type (join_or_create looks here first).
         self.open: dict[str, dict[str, _Actor]] = {}
@@ -1086,7 +1148,7 @@ class _Runtime:
     def _presence_changed(self, uid: str, online: bool) -> None:
         if online:
             return  # the user's last tab on this node closed: only then is it a drop
-        rooms = set(self.via_here.pop(uid, set()))
+        rooms = set(self.via_here.pop(uid, ()))
         for actor in list(self.actors.values()):
             m = actor.members.get(uid)
             if m is not None and m.connected:
@@ -1216,9 +1278,15 @@ class _Runtime:
         if entry.error is not None:
             raise entry.error
         if kind in ("join", "create"):
-            self.via_here.setdefault(uid, set()).add(room_id)
+            joined = self.via_here.setdefault(uid, [])
+            if room_id not in joined:
+                joined.append(room_id)
         elif kind == "leave":
-            self.via_here.get(uid, set()).discard(room_id)
+            joined = self.via_here.get(uid, [])
+            if room_id in joined:
+                joined.remove(room_id)
+                if not joined:
+                    del self.via_here[uid]
         return entry.result
 
     async def submit(
