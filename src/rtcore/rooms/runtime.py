@@ -190,6 +190,7 @@ class _Actor:
         "dispose_requested",
         "dispose_timer",
         "disposed",
+        "done",
         "flush_at",
         "full_prev",
         "graces",
@@ -218,6 +219,7 @@ class _Actor:
         "results",
         "room",
         "rt",
+        "running",
         "stream",
         "timers",
         "uncommitted",
@@ -225,6 +227,7 @@ class _Actor:
         "view_prev",
         "waiters",
         "wake",
+        "woken",
     )
 
     def __init__(self, rt: _Runtime, cls: type[Room[Any]], room_id: str, code: str, private: bool) -> None:
@@ -264,7 +267,14 @@ class _Actor:
         self.last_tick = 0.0
         self.renewed = -1e18
         self.lost = False  # the keeper could not renew the lease
-        self.wake = anyio.Event()
+        # The executor's task runs only while the room has something to do or
+        # a timer, tick or patch due: an idle room (a turn-based game between
+        # moves, applied inline) holds no task and no Event (a few kB each,
+        # tracemalloc); poke() starts the task again.
+        self.running = False  # a task runs run()
+        self.done = True  # not run here: not started yet (_Runtime.start), or stopped (the lease released)
+        self.woken = False  # poked since the executor last looked (the task runs another pass)
+        self.wake: anyio.Event | None = None  # what the parked executor waits on (only while parked)
         # Inbox entries handed over in-process (appended here, or seen on the
         # node's live feed), by offset; the backend is read only for gaps.
         self.pending: dict[int, Event] = {}
@@ -275,7 +285,7 @@ class _Actor:
         self.results: dict[int, _Entry] = {}  # oldest first (insertion order); a dict is lighter than an OrderedDict
         self.closed = False
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
-        self.parked = False  # the executor's task waits in _wait (nothing to do)
+        self.parked = False  # the executor's task waits in _wait for a timer, tick or patch due
         self.inline = False  # a command applies an input on its own task (run_inline)
         self.inline_done: anyio.Event | None = None  # made by an executor that waits for that step; set when done
         room = cls()
@@ -465,7 +475,7 @@ class _Actor:
 
     def _schedule(self, timer: Timer) -> None:
         heapq.heappush(self.timers, (timer.due, next(self._seq), timer))
-        self.wake.set()
+        self.poke()
 
     def _at(self, seconds: float, fn: Callable[..., Any], *args: Any) -> Timer:
         return self.room.clock.set_timeout(seconds, fn, *args)
@@ -474,6 +484,7 @@ class _Actor:
         if self.cls.tick_rate:
             self.last_tick = self.node.clock()
             self.next_tick = self.last_tick + 1 / self.cls.tick_rate
+            self.poke()  # a tick is due: the executor's task must run to fire it
 
     def _next_due(self) -> float | None:
         while self.timers and self.timers[0][2].cancelled:
@@ -754,7 +765,7 @@ class _Actor:
             owner); ``False``: hand it over with :meth:`push` instead.
         """
         if not (
-            self.parked
+            (self.parked or not self.running)
             and not self.inline
             and ev.offset == self.applied + 1
             and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
@@ -778,14 +789,31 @@ class _Actor:
                 self.inline_done.set()
                 self.inline_done = None
             if self.closed or self.lost:
-                self.wake.set()  # the parked executor ends its loop
+                self.poke()  # the executor ends its loop (and the room)
         return True
 
     def push(self, ev: Event) -> None:
         """Hand over an inbox entry in-process (appended here, or seen on the live feed)."""
         if ev.offset > self.applied:
             self.pending[ev.offset] = ev
-        self.wake.set()
+        self.poke()
+
+    def poke(self) -> None:
+        """Have the executor look at the room: wake its task, or start one if the room has none."""
+        if self.running:
+            self.woken = True
+            if self.wake is not None:
+                self.wake.set()
+            return
+        if self.done:
+            return
+        self.running = True
+        self.woken = False
+        try:
+            self.node.spawn(self.run)
+        except RuntimeError:
+            # The node is stopping (its keeper releases the lease of a room without a task).
+            self.running = False
 
     async def result(self, offset: int) -> _Entry | None:
         """Wait until inbox entry ``offset`` was applied; return what it gave.
@@ -799,7 +827,7 @@ class _Actor:
             ev = self.waiters.setdefault(offset, anyio.Event())
             if offset not in self.pending:
                 self.need_read = True
-            self.wake.set()
+            self.poke()
             await ev.wait()
         entry = self.results.get(offset)
         if entry is not None:
@@ -812,8 +840,14 @@ class _Actor:
         return await self.rt.settled(self.id, offset)
 
     async def run(self) -> None:
+        """The executor's task: steps until the room has nothing to do and nothing due, or stops."""
         try:
             while not self.closed:
+                while self.inline:
+                    # A command is applying an input on its own task (run_inline): one step at a time.
+                    if self.inline_done is None:
+                        self.inline_done = anyio.Event()  # made only when needed: most steps find no executor
+                    await self.inline_done.wait()
                 if self.lost or not await self._renew():
                     log.warning("room %s: lost its lease; stopping here", self.id)
                     break
@@ -821,23 +855,34 @@ class _Actor:
                 await self._fire_due()
                 if self.closed:
                     break
-                await self._wait()
+                if not await self._wait():
+                    # Idle: the task ends (no await since _wait looked); poke() starts another.
+                    self.running = False
+                    return
         except ConflictError:
             log.warning("room %s: another node wrote its stream; stopping here", self.id)
         finally:
-            self.closed = True
-            self._unapply()
-            self.rt.forget(self)
-            for waiter in self.waiters.values():
-                waiter.set()
-            self.waiters.clear()
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self.node.backend.leases.release(self.stream, self.node.id)
-                except RtcoreError:
-                    log.warning("room %s: could not release its lease", self.id, exc_info=True)
-            if self.idle is not None:
-                self.idle.set()
+            if self.running:  # stopping (closed, lost, fenced off, or the node's task group cancelled)
+                self.running = False
+                await self.stop()
+
+    async def stop(self) -> None:
+        """Stop owning the room: unapply what is not written, wake the waiters, release the lease."""
+        if self.done:
+            return
+        self.done = self.closed = True
+        self._unapply()
+        self.rt.forget(self)
+        for waiter in self.waiters.values():
+            waiter.set()
+        self.waiters.clear()
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.node.backend.leases.release(self.stream, self.node.id)
+            except RtcoreError:
+                log.warning("room %s: could not release its lease", self.id, exc_info=True)
+        if self.idle is not None:
+            self.idle.set()
 
     async def _renew(self) -> bool:
         """Renew the lease here only when the node's keeper fell behind (it renews every LEASE / 3)."""
@@ -905,30 +950,29 @@ class _Actor:
             self._revert(cp)
         await self.after_step()
 
-    async def _wait(self) -> None:
-        """Sleep until an input, a timer or tick, a moved fake clock, or the periodic inbox check."""
+    async def _wait(self) -> bool:
+        """Sleep until poked or a timer, tick or patch is due; ``False``: nothing is due (the task may end).
+
+        The node's keeper pokes the room when a fake clock moves and for the
+        fallback read; real time is the timeout of timers, ticks and patches.
+        """
         due = self._next_due()
         if self.idle is not None:
             self.idle.set()
             self.idle = None
-        if not self.wake.is_set():
-            # The node's keeper sets ``wake`` when a fake clock moves and for the
-            # fallback read; real time is the timeout of timers, ticks and patches.
+        if not self.woken:
+            if due is None:
+                return False
+            self.wake = anyio.Event()
             self.parked = True
             try:
-                if due is None:
+                with anyio.move_on_after(max(0.0, due - self.node.clock())):
                     await self.wake.wait()
-                else:
-                    with anyio.move_on_after(max(0.0, due - self.node.clock())):
-                        await self.wake.wait()
             finally:
                 self.parked = False
-        self.wake = anyio.Event()
-        while self.inline:
-            # A command is applying an input on its own task (run_inline): one step at a time.
-            if self.inline_done is None:
-                self.inline_done = anyio.Event()  # made only when needed: most steps find the executor asleep
-            await self.inline_done.wait()
+                self.wake = None
+        self.woken = False
+        return True
 
 
 def _plain(value: Any) -> Any:
@@ -1086,7 +1130,8 @@ class _Runtime:
         """Run a new owner on the node (and the node's keeper, once)."""
         self.actors[actor.id] = actor
         self.codes[actor.code] = actor.id
-        self.node.spawn(actor.run)
+        actor.done = False
+        actor.poke()
         if not self.keeping:
             self.keeping = True
             self.node.spawn(self._keep)
@@ -1106,12 +1151,13 @@ class _Runtime:
                 if clock_moved.is_set():
                     clock_moved = self.node.timer_wakeup
                     for actor in list(self.actors.values()):
-                        actor.wake.set()
+                        if actor.running:  # a room without a task has nothing due
+                            actor.poke()
                 for actor in list(self.actors.values()):
                     now = self.node.clock()
                     if not actor.closed and now - actor.last_read >= self.fallback_read:
                         actor.need_read = True  # the safety-net read (see FALLBACK_READ)
-                        actor.wake.set()
+                        actor.poke()
                     if actor.closed or now - actor.renewed < LEASE / 3:
                         continue
                     try:
@@ -1123,9 +1169,15 @@ class _Runtime:
                         actor.renewed = max(actor.renewed, now)
                     else:
                         actor.lost = True
-                        actor.wake.set()
+                        actor.poke()
         finally:
             self.keeping = False
+            # A room without a task (idle) has no executor to release its lease
+            # when the node stops: this one does, so a clean stop hands rooms
+            # over at once, as before.
+            for actor in list(self.actors.values()):
+                if not actor.running:
+                    await actor.stop()
 
     def relist(self, actor: _Actor, entry: dict[str, Any]) -> None:
         """Keep :attr:`open` current with the listing entry the owner just computed."""
@@ -1180,7 +1232,7 @@ class _Runtime:
                 actor.push(event)
             else:
                 actor.need_read = True
-                actor.wake.set()
+                actor.poke()
 
     def on_reply(self, event: Event) -> None:
         """A ``roomreply:{id}`` event: wake the command here that waits for it."""
@@ -1552,7 +1604,7 @@ class Rooms:
                     return
                 idle = actor.idle = actor.idle or anyio.Event()
                 actor.need_read = True
-                actor.wake.set()
+                actor.poke()
                 await idle.wait()
 
 
