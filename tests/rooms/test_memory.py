@@ -145,7 +145,7 @@ async def test_a_loaded_follower_keeps_no_ready_event() -> None:
     Mutation seen caught: drop ``ready.set()`` in ``Followers._load`` → the waiting
     readers never wake → ``fail_after`` → fails.
     """
-    app, reg = make_app(tick_rate=None)
+    app, _reg = make_app(tick_rate=None)
     backend = await open_backend("memory://")
     try:
         async with serve(app, backend, node_id="A") as na:
@@ -178,3 +178,29 @@ def test_per_room_objects_have_no_instance_dict() -> None:
 
     for cls in (runtime._Actor, RoomClock, Follower):
         assert cls.__dictoffset__ == 0, cls  # type: ignore[attr-defined]
+
+
+async def test_a_memory_stream_is_a_list_until_trimmed() -> None:
+    """``memory://`` keeps a stream's events in a list (a room's streams are mostly never
+    trimmed; an empty deque is ~760 bytes) and turns it into a deque at the first trim,
+    which drops the oldest event and forgets its idempotency key.
+
+    Mutation seen caught: drop the oldest with ``events.pop(0)`` and skip the key
+    bookkeeping on the list path → the trimmed key still answers as a duplicate → fails.
+    """
+    from collections import deque
+
+    from rtcore.backends.base import Retention
+    from rtcore.backends.memory import MemoryEventLog
+
+    log = MemoryEventLog()
+    await log.append("s", "t", 1, now=0.0, key="k1")
+    assert type(log._streams["s"].events) is list
+    keep = Retention(max_events=2)
+    await log.append("s", "t", 2, now=0.0, key="k2", retention=keep)
+    await log.append("s", "t", 3, now=0.0, key="k3", retention=keep)
+    assert type(log._streams["s"].events) is deque
+    page = await log.read("s", after=0, limit=10)
+    assert [e.data for e in page.events] == [2, 3] and page.first == 2
+    again = await log.append("s", "t", 4, now=0.0, key="k1", retention=keep)
+    assert not again.duplicate and again.event.offset == 4
