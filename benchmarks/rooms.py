@@ -1088,7 +1088,7 @@ def main() -> None:
     parser.add_argument(
         "--tracemalloc",
         metavar="PREFIX",
-        help="joins: trace the server's allocations (25 frames; slows it, RSS figures include the tracing) and dump "
+        help="joins: trace the server's allocations (25 frames, or ROOMS_BENCH_TRACEMALLOC; slows it, RSS figures include the tracing) and dump "
         "snapshots before and after the joins to PREFIX-<this|peer><rep>-<1|2>; compare them with "
         "benchmarks/ab/memdiff.py BEFORE AFTER --conns 2000",
     )
@@ -1112,7 +1112,7 @@ def main() -> None:
     PROFILE["on"] = bool(opts.profile)
     if opts.tracemalloc:
         TRACE["prefix"] = str(Path(opts.tracemalloc).resolve())
-        os.environ["ROOMS_BENCH_TRACEMALLOC"] = "25"  # inherited by every server process
+        os.environ.setdefault("ROOMS_BENCH_TRACEMALLOC", "25")  # frames; inherited by every server process
     if opts.gc_threshold:
         os.environ["ROOMS_BENCH_GC_THRESHOLD"] = opts.gc_threshold  # inherited by every server process
     reps = max(3, opts.reps)
