@@ -278,7 +278,7 @@ def run(
     ``use_uvloop``: on asyncio, run on uvloop (see :func:`uvloop_wanted`; the
     default ``None`` means "when installed, unless ``RTCORE_UVLOOP=0``");
     ``gc_tuning``: once listening, call :func:`tune_gc` (the default ``None``
-    means "only if ``RTCORE_GC_TUNING=1``", see :func:`gc_tuning_wanted`).
+    means "unless ``RTCORE_GC_TUNING=0``", see :func:`gc_tuning_wanted`).
 
     Raises:
         ValueError: ``anyio_backend`` is neither ``"asyncio"`` nor ``"trio"``.
@@ -340,22 +340,22 @@ def _log_started(server: Server, port: int, loop: str, *, uvloop: bool = False) 
     )
 
 
-#: Environment variable that turns the garbage-collector tuning of :func:`run` on
-#: (``1``/``true``/``yes``/``on``).
+#: Environment variable that turns the garbage-collector tuning of :func:`run` off
+#: (``0``/``false``/``no``/``off``; it is on by default).
 GC_ENV = "RTCORE_GC_TUNING"
 #: The generation-0 threshold :func:`tune_gc` sets (CPython's default is 700).
 GC_GEN0_THRESHOLD = 10_000
 
 
 def gc_tuning_wanted(gc_tuning: bool | None = None) -> bool:
-    """Whether :func:`run` tunes the garbage collector once it listens (off by default).
+    """Whether :func:`run` tunes the garbage collector once it listens (on by default).
 
     Args:
         gc_tuning: ``True``/``False`` decide; ``None`` (default) reads
-            ``RTCORE_GC_TUNING`` (``1``, ``true``, ``yes`` or ``on`` turn it on).
+            ``RTCORE_GC_TUNING`` (``0``, ``false``, ``no`` or ``off`` turn it off).
     """
     if gc_tuning is None:
-        return os.environ.get(GC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+        return os.environ.get(GC_ENV, "").strip().lower() not in ("0", "false", "no", "off")
     return gc_tuning
 
 
