@@ -113,9 +113,9 @@ def serve(backend: str) -> None:
     # heap is a pause of its own, whatever the step did.
     tick_gc: list[list[float]] = []
     gc_now = {"t0": 0.0, "s": 0.0, "gen": -1, "total": 0.0, "full": 0}
-    # The longest single collection (CPU ms) since the last ``bench.gc``: young
-    # (generation 0/1) and full (generation 2) pauses, as the GC policy sees them.
-    gc_max = {"young": 0.0, "full": 0.0}
+    # The longest single collection (CPU s) of each generation since the last
+    # ``bench.gc``: the pauses the GC policy causes.
+    gc_max = [0.0, 0.0, 0.0]
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
         # CPU time (thread_time): a descheduled collection is not counted as longer.
@@ -127,8 +127,7 @@ def serve(backend: str) -> None:
             gc_now["total"] += took
             gc_now["gen"] = max(gc_now["gen"], info["generation"])
             gc_now["full"] += info["generation"] == 2
-            kind = "full" if info["generation"] == 2 else "young"
-            gc_max[kind] = max(gc_max[kind], took)
+            gc_max[info["generation"]] = max(gc_max[info["generation"]], took)
 
     gc.callbacks.append(on_gc)
 
@@ -214,9 +213,19 @@ def serve(backend: str) -> None:
 
     @app.command("bench.gc")
     async def gc_total(ctx: rtcore.Context, args: Any) -> list[float]:
-        """GC CPU seconds so far, full collections so far, longest young / full collection (s) since the last call."""
-        out = [gc_now["total"], gc_now["full"], gc_max["young"], gc_max["full"]]
-        gc_max["young"] = gc_max["full"] = 0.0
+        """GC CPU s so far, full collections so far, longest collection of generation 0, 1, 2 (s) since the last call.
+
+        With ``{"collect": true}``: a forced full collection's CPU seconds now,
+        the objects it walked (tracked, not frozen) and the frozen ones: the
+        worst pause the heap of the moment can cause.
+        """
+        if args.get("collect"):
+            c0 = thread_time()
+            gc.collect()
+            took = thread_time() - c0
+            return [took, len(gc.get_objects()), gc.get_freeze_count()]
+        out = [gc_now["total"], gc_now["full"], *gc_max]
+        gc_max[:] = [0.0, 0.0, 0.0]
         return out
 
     print("rtcore from", rtcore.__file__, file=sys.stderr)
@@ -618,15 +627,15 @@ def _cpu(pids: list[int]) -> list[float]:
     return out
 
 
-async def server_gc(url: str) -> list[float]:
-    """The benchmark server's ``bench.gc``: GC CPU s so far, full collections so far, longest young / full (s) since the last call."""
+async def server_gc(url: str, collect: bool = False) -> list[float]:
+    """The benchmark server's ``bench.gc`` (see there): totals and longest collection per generation, or a forced full one."""
     c = await Conn.open(url, f"gc{time.monotonic_ns()}")  # a fresh key: no replayed answer
     try:
-        got = await c.cmd("bench.gc", {})
+        got = await c.cmd("bench.gc", {"collect": collect})
     except Exception:
-        got = [0.0, 0]
+        got = [float("nan")] * 5
     await c.ws.close()
-    return [float(got[0]), int(got[1]), *(float(x) for x in got[2:4])] + [0.0, 0.0][len(got[2:4]) :]
+    return [float(x) for x in got] + [0.0] * (5 - len(got))
 
 
 def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
@@ -670,9 +679,8 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
                     # The cyclic GC's share (read just outside the window: a slight overcount).
                     "server_gc_us_per_move": (g1[0] - g0[0]) / max(moves, 1) * 1e6,
                     "server_gc_full": g1[1] - g0[1],
-                    # The longest single collections in the window (CPU ms): the pauses the policy causes.
-                    "server_gc_young_max_ms": g1[2] * 1e3,
-                    "server_gc_full_max_ms": g1[3] * 1e3,
+                    # The longest single collection of each generation in the window (CPU ms).
+                    "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
                     "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
                     "errors": sum(part["errors"] for part in parts),
                     "load": loadavg(),
@@ -681,19 +689,25 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
             print(
                 f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
                 f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move (GC {runs[-1]['server_gc_us_per_move']:.0f}, "
-                f"{runs[-1]['server_gc_full']} full; longest young {runs[-1]['server_gc_young_max_ms']:.2f} ms, "
-                f"full {runs[-1]['server_gc_full_max_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"{runs[-1]['server_gc_full']:.0f} full; longest gen0/1/2 "
+                f"{'/'.join(f'{x:.2f}' for x in runs[-1]['server_gc_max_ms'])} ms), server {runs[-1]['server_cpu_pct']:.0f}% "
                 f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
         for p in procs:
             p.join(30)
+        forced = asyncio.run(server_gc(server.url, collect=True))
+        print(f"  forced full collection: {forced[0] * 1e3:.1f} ms CPU, {forced[1]:,.0f} objects, {forced[2]:,.0f} frozen", flush=True)
     finally:
         server.stop()
     return {
         "backend": backend.split(":")[0],
         "rooms": rooms,
         "runs": runs,
+        # With every room still set up: the longest pause a full collection of this heap takes.
+        "gc_forced_full_ms": forced[0] * 1e3,
+        "gc_objects": forced[1],
+        "gc_frozen": forced[2],
         **{
             k: summary([r[k] for r in runs])
             for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_gc_us_per_move", "server_cpu_pct")
@@ -838,9 +852,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     "tick_gc_full": len(gc_full),
                     "tick_gc_max_ms": max((g for g, _ in gcs), default=0.0) * 1e3,
                     "tick_cpu_nogc_p99_ms": pct(cpu_nogc, 0.99) * 1e3,
-                    # The longest single collections in the window, inside a tick step or not (CPU ms).
-                    "server_gc_young_max_ms": g1[2] * 1e3,
-                    "server_gc_full_max_ms": g1[3] * 1e3,
+                    # The longest single collection of each generation in the window, in a tick step or not (CPU ms).
+                    "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
                     "ticks_per_s": len(durations) / wall,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
                     "bytes_per_client_s": per_client_s,
@@ -853,8 +866,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             print(
                 f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms (CPU p50 {runs[-1]['tick_cpu_p50_ms']:.2f}, "
                 f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms; {runs[-1]['tick_gc_full']} full GCs in steps, "
-                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms; window's longest young "
-                f"{runs[-1]['server_gc_young_max_ms']:.2f} ms, full {runs[-1]['server_gc_full_max_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
+                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms; window's longest gen0/1/2 "
+                f"{'/'.join(f'{x:.2f}' for x in runs[-1]['server_gc_max_ms'])} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
                 f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
