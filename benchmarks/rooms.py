@@ -300,10 +300,12 @@ class ServerProcess:
         env = dict(os.environ)
         if PEER["running"]:
             env["PYTHONPATH"] = str(PEER["running"])  # before the editable install: the peer's rtcore
+        # ROOMS_BENCH_SERVER_LOG=FILE: the servers' stderr (appended), to see why one failed.
+        log = os.environ.get("ROOMS_BENCH_SERVER_LOG")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", backend],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 (the child keeps it)
             env=env,
         )
         assert self.proc.stdout is not None
