@@ -99,3 +99,44 @@ async def test_back_to_back_snapshots_hold_their_offsets_state() -> None:
         state = msgspec.msgpack.decode(snap.state, type=Tally)
         assert state.seen == list(range(24))
         assert snap.checksum == checksum(state)
+
+
+class Fragile(msgspec.Struct):
+    n: int = 0
+    odd: Any = None
+
+    def apply(self, event: rtcore.Event) -> None:
+        self.n += 1
+        # A value msgspec cannot encode, held only while n is 3 (a sync point).
+        self.odd = object() if self.n == 3 else None
+
+
+async def test_a_point_that_fails_to_encode_stops_nothing_else() -> None:
+    """A state that cannot be encoded at a point is logged; the fold, the processors and later points go on.
+
+    Mutation seen caught: no ``try`` around the point's encoding in
+    ``_settle`` → the error escapes ``on_event`` of the next event, whose
+    processors never see it → fails.
+    """
+    app = rtcore.App("fragile")
+    app.state("fragile:*", Fragile, snapshot_every=100, sync_every=3)
+    seen: list[int] = []
+
+    @app.on("fragile:*")
+    async def count(ctx: rtcore.Context, event: rtcore.Event) -> None:
+        seen.append(event.offset)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    async with serve(app) as node, connect(node, token="a") as c:
+        await c.subscribe("fragile:1")
+        await c.next_frame(types=(Snap,))
+        for i in range(7):
+            await node.publish("fragile:1", "add", {"i": i})
+        frames = await _frames_until(c, "fragile:1", 7)
+        await anyio.wait_all_tasks_blocked()  # the processor's queue drained
+        assert seen == list(range(1, 8))
+        assert [f.offset for f in frames if isinstance(f, Sync)] == [6]  # 3 could not be encoded
+        assert (await node.state_of("fragile:1")).state.n == 7

@@ -204,7 +204,13 @@ class Followers:
         st = f.state
         # One encoding of the whole state serves both (every snapshot point is
         # a sync point with the defaults).
-        data = st.encoded()
+        try:
+            data = st.encoded()
+        except Exception:
+            # Settled on the dispatch path of the stream's next event at times:
+            # a state that cannot be encoded must not stop its fold or the processors.
+            log.exception("state of %s at %d cannot be encoded: no snapshot or sync there", f.stream, offset)
+            return
         if snapshot_due:
             snapshot = st.snapshot(f.stream, data)
             self.spawn(lambda: self._store_snapshot(snapshot))
@@ -236,10 +242,7 @@ class Followers:
     def _settle_due(self) -> None:
         due, self._due = self._due, []
         for f, offset in due:
-            try:
-                self._settle(f, offset)
-            except Exception:  # a state that fails to encode must not stop the others
-                log.exception("snapshot/sync of %s at %d failed", f.stream, offset)
+            self._settle(f, offset)
 
     def on_event(self, event: Event) -> None:
         """Before the tails: settle a pending point, start following a stateful stream, or a new history of it.
