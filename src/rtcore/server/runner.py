@@ -376,10 +376,10 @@ def tune_gc(gen0: int = GC_GEN0_THRESHOLD) -> None:
     :func:`run` calls it by default (``RTCORE_GC_TUNING=0`` or
     ``gc_tuning=False`` opt out). Measured with ``benchmarks/rooms.py``
     (CPU time of each collection, 2 shared vCPU at load 3-6): the collector's
-    CPU per room move fell ~3x (e.g. 22-36 → 9-15 µs at 200 rooms), and no
-    full collection ran in any 6 s window (1-7 per window untuned, 67-551 ms
-    each); the price is longer young collections (generation 1 up to ~67 ms
-    instead of ~36). The worst pause is a full collection in both settings,
+    CPU per room move fell ~3x or more (21-56 → 6-21 µs at 200 ``memory://``
+    rooms), and no full collection ran in any 6 s window (up to 7 per window
+    untuned, 65-580 ms each); the price is longer young collections
+    (generation 1 up to 143 ms instead of 37 at 1,000 rooms). The worst pause is a full collection in both settings,
     about the size of the live heap (a forced one: 64-698 ms), only rarer
     when tuned. The 2-minute RSS trend test passes either way (see
     ``docs/architecture.md``).
