@@ -12,8 +12,8 @@ Such a point's work (encoding the whole state, hashing it, the snapshot and
 the ``sync`` frames to every subscriber) is not done in the fold, on the
 dispatch path of the event (a room's tick step), but in a callback queued on
 the event loop when the event is dispatched: it runs after the dispatch, and
-on asyncio ahead of the subscribers' socket writes that dispatch queued, so
-the ``sync`` still leaves in the same write as its event. The state it
+on asyncio normally ahead of the subscribers' socket writes that dispatch
+queued, so the ``sync`` leaves in the same write as its event. The state it
 encodes is the state at the point's offset: the fold of the next event (and
 its dispatch to subscribers) settles a pending point first, synchronously,
 so a checksum never covers a later state and subscribers still get evt k,
