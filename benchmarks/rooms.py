@@ -113,6 +113,9 @@ def serve(backend: str) -> None:
     # heap is a pause of its own, whatever the step did.
     tick_gc: list[list[float]] = []
     gc_now = {"t0": 0.0, "s": 0.0, "gen": -1, "total": 0.0, "full": 0}
+    # The longest single collection (CPU s) of each generation since the last
+    # ``bench.gc``: the pauses the GC policy causes.
+    gc_max = [0.0, 0.0, 0.0]
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
         # CPU time (thread_time): a descheduled collection is not counted as longer.
@@ -124,6 +127,7 @@ def serve(backend: str) -> None:
             gc_now["total"] += took
             gc_now["gen"] = max(gc_now["gen"], info["generation"])
             gc_now["full"] += info["generation"] == 2
+            gc_max[info["generation"]] = max(gc_max[info["generation"]], took)
 
     gc.callbacks.append(on_gc)
 
@@ -209,8 +213,20 @@ def serve(backend: str) -> None:
 
     @app.command("bench.gc")
     async def gc_total(ctx: rtcore.Context, args: Any) -> list[float]:
-        """CPU seconds spent in the cyclic garbage collector so far, and how many full collections."""
-        return [gc_now["total"], gc_now["full"]]
+        """GC CPU s so far, full collections so far, longest collection of generation 0, 1, 2 (s) since the last call.
+
+        With ``{"collect": true}``: a forced full collection's CPU seconds now,
+        the objects it walked (tracked, not frozen) and the frozen ones: the
+        worst pause the heap of the moment can cause.
+        """
+        if args.get("collect"):
+            c0 = thread_time()
+            gc.collect()
+            took = thread_time() - c0
+            return [took, len(gc.get_objects()), gc.get_freeze_count()]
+        out = [gc_now["total"], gc_now["full"], *gc_max]
+        gc_max[:] = [0.0, 0.0, 0.0]
+        return out
 
     print("rtcore from", rtcore.__file__, file=sys.stderr)
     if os.environ.get("ROOMS_BENCH_TRACEMALLOC"):
@@ -242,9 +258,17 @@ def serve(backend: str) -> None:
                 by[where] = by.get(where, 0) + st.size_diff
             return [f"{v / 1024:10.1f} kB {k}" for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:40]]
 
-    if os.environ.get("ROOMS_BENCH_GC_THRESHOLD"):
-        # --gc-threshold: an experiment on CPython's cyclic GC (rtcore leaves it at Python's default).
-        gc.set_threshold(*(int(x) for x in os.environ["ROOMS_BENCH_GC_THRESHOLD"].split(",")))
+    def gc_policy() -> None:
+        # What ``rtcore serve`` does to the collector once listening (its
+        # default, or RTCORE_GC_TUNING), so the server is measured as shipped;
+        # a tree without the policy leaves the collector alone.
+        from rtcore.server import runner
+
+        if getattr(runner, "gc_tuning_wanted", lambda: False)():
+            runner.tune_gc()
+        if os.environ.get("ROOMS_BENCH_GC_THRESHOLD"):
+            # --gc-threshold: an experiment on CPython's cyclic GC, over the policy.
+            gc.set_threshold(*(int(x) for x in os.environ["ROOMS_BENCH_GC_THRESHOLD"].split(",")))
 
     async def main() -> None:
         server = Server(app, port=0, backend=backend, grace=0.5)
@@ -257,6 +281,7 @@ def serve(backend: str) -> None:
         )
         async with anyio.create_task_group() as tg:
             bound = await tg.start(server.serve)
+            gc_policy()
             print("READY", bound, flush=True)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -282,10 +307,12 @@ class ServerProcess:
         env = dict(os.environ)
         if PEER["running"]:
             env["PYTHONPATH"] = str(PEER["running"])  # before the editable install: the peer's rtcore
+        # ROOMS_BENCH_SERVER_LOG=FILE: the servers' stderr (appended), to see why one failed.
+        log = os.environ.get("ROOMS_BENCH_SERVER_LOG")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve", backend],
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 (the child keeps it)
             env=env,
         )
         assert self.proc.stdout is not None
@@ -609,15 +636,15 @@ def _cpu(pids: list[int]) -> list[float]:
     return out
 
 
-async def server_gc(url: str) -> list[float]:
-    """The benchmark server's ``bench.gc``: GC CPU seconds so far, full collections so far ([0, 0] if it has none)."""
+async def server_gc(url: str, collect: bool = False) -> list[float]:
+    """The benchmark server's ``bench.gc`` (see there): totals and longest collection per generation, or a forced full one."""
     c = await Conn.open(url, f"gc{time.monotonic_ns()}")  # a fresh key: no replayed answer
     try:
-        got = await c.cmd("bench.gc", {})
+        got = await c.cmd("bench.gc", {"collect": collect})
     except Exception:
-        got = [0.0, 0]
+        got = [float("nan")] * 5
     await c.ws.close()
-    return [float(got[0]), int(got[1])]
+    return [float(x) for x in got] + [0.0] * (5 - len(got))
 
 
 async def server_tracemalloc(url: str, path: str) -> None:
@@ -669,6 +696,8 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
                     # The cyclic GC's share (read just outside the window: a slight overcount).
                     "server_gc_us_per_move": (g1[0] - g0[0]) / max(moves, 1) * 1e6,
                     "server_gc_full": g1[1] - g0[1],
+                    # The longest single collection of each generation in the window (CPU ms).
+                    "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
                     "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
                     "errors": sum(part["errors"] for part in parts),
                     "load": loadavg(),
@@ -677,18 +706,25 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
             print(
                 f"  moves {backend} {rooms} rooms: {runs[-1]['moves_per_s']:,.0f}/s p99 {runs[-1]['p99_ms']:.1f} ms, "
                 f"{runs[-1]['server_cpu_us_per_move']:.0f} us/move (GC {runs[-1]['server_gc_us_per_move']:.0f}, "
-                f"{runs[-1]['server_gc_full']} full), server {runs[-1]['server_cpu_pct']:.0f}% "
+                f"{runs[-1]['server_gc_full']:.0f} full; longest gen0/1/2 "
+                f"{'/'.join(f'{x:.2f}' for x in runs[-1]['server_gc_max_ms'])} ms), server {runs[-1]['server_cpu_pct']:.0f}% "
                 f"clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
         for p in procs:
             p.join(30)
+        forced = asyncio.run(server_gc(server.url, collect=True))
+        print(f"  forced full collection: {forced[0] * 1e3:.1f} ms CPU, {forced[1]:,.0f} objects, {forced[2]:,.0f} frozen", flush=True)
     finally:
         server.stop()
     return {
         "backend": backend.split(":")[0],
         "rooms": rooms,
         "runs": runs,
+        # With every room still set up: the longest pause a full collection of this heap takes.
+        "gc_forced_full_ms": forced[0] * 1e3,
+        "gc_objects": forced[1],
+        "gc_frozen": forced[2],
         **{
             k: summary([r[k] for r in runs])
             for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_gc_us_per_move", "server_cpu_pct")
@@ -813,10 +849,12 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
         for _ in range(reps):
             barrier.wait(timeout=120)
             asyncio.run(ticks())  # drop the ticks of the idle time before
+            asyncio.run(server_gc(server.url))  # starts the window's longest-collection figures
             s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             parts = [out.get(timeout=120) for _ in procs]
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             durations, cpu_durations, gcs = asyncio.run(ticks())
+            g1 = asyncio.run(server_gc(server.url))
             gc_full = [g for g, gen in gcs if gen == 2]
             # The step's CPU less the GC that ran inside it (the step's own code; the lists line up).
             cpu_nogc = [c - g[0] for c, g in zip(cpu_durations, gcs, strict=True)] if gcs else cpu_durations
@@ -835,6 +873,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     "tick_gc_full": len(gc_full),
                     "tick_gc_max_ms": max((g for g, _ in gcs), default=0.0) * 1e3,
                     "tick_cpu_nogc_p99_ms": pct(cpu_nogc, 0.99) * 1e3,
+                    # The longest single collection of each generation in the window, in a tick step or not (CPU ms).
+                    "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
                     "ticks_per_s": len(durations) / wall,
                     "server_cpu_pct": (s1 - s0) / wall * 100,
                     "bytes_per_client_s": per_client_s,
@@ -847,7 +887,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             print(
                 f"  arena: tick p99 {runs[-1]['tick_p99_ms']:.2f} ms (CPU p50 {runs[-1]['tick_cpu_p50_ms']:.2f}, "
                 f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms; {runs[-1]['tick_gc_full']} full GCs in steps, "
-                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
+                f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms; window's longest gen0/1/2 "
+                f"{'/'.join(f'{x:.2f}' for x in runs[-1]['server_gc_max_ms'])} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
                 f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )

@@ -310,6 +310,7 @@ def main() -> None:
         action="store_true",
         help="the 20 Hz arena room instead (100 players, 2 inputs/s each, 8 s per repetition): tick step CPU",
     )
+    parser.add_argument("--out", type=Path, help="write the results JSON here instead of results/rooms-inproc[-arena]-DATE.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.child:
@@ -337,7 +338,7 @@ def main() -> None:
         "runs": runs,
         "median_us_per_move": {who: statistics.median(r["us_per_move"] for r in rs) for who, rs in runs.items()},
     }
-    out = HERE / "results" / f"rooms-inproc-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+    out = opts.out or HERE / "results" / f"rooms-inproc-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("median us/move:", {k: round(v, 1) for k, v in report["median_us_per_move"].items()}, f"-> {out}")
 
@@ -366,7 +367,7 @@ def arena_main(opts: argparse.Namespace) -> None:
         "runs": runs,
         "median": {who: {k: statistics.median(r[k] for r in rs) for k in keys} for who, rs in runs.items()},
     }
-    out = HERE / "results" / f"rooms-inproc-arena-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
+    out = opts.out or HERE / "results" / f"rooms-inproc-arena-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("medians:", {who: {k: round(v, 3) for k, v in m.items()} for who, m in report["median"].items()}, f"-> {out}")
 

@@ -1,4 +1,4 @@
-"""``rtcore serve`` / :func:`rtcore.server.runner.run` tune the garbage collector once listening, when asked.
+"""``rtcore serve`` / :func:`rtcore.server.runner.run` tune the garbage collector once listening, unless told not to.
 
 Each run test starts a real ``run()`` in a subprocess (the collector's settings
 are process-wide), reports them from ``on_ready`` and stops itself with SIGTERM.
@@ -43,29 +43,36 @@ def _gc_seen(arg: str, env_value: str | None) -> tuple[int, int]:
     return int(threshold), int(frozen)
 
 
-def test_run_leaves_the_collector_alone_by_default() -> None:
-    """Mutation seen caught: ``gc_tuning_wanted`` defaulting to on → tuned → fails."""
-    assert _gc_seen("default", None) == (700, 0)  # CPython's default, nothing frozen
+@pytest.mark.parametrize(("arg", "env_value"), [("default", "0"), ("default", "off"), ("off", None), ("off", "1")])
+def test_run_leaves_the_collector_alone_when_told(arg: str, env_value: str | None) -> None:
+    """``gc_tuning=False`` or ``RTCORE_GC_TUNING=0`` keep CPython's defaults (the argument wins over the variable).
+
+    Mutation seen caught: ``gc_tuning_wanted`` ignoring the variable (always on) → tuned → fails.
+    """
+    assert _gc_seen(arg, env_value) == (700, 0)  # CPython's default, nothing frozen
 
 
-@pytest.mark.parametrize(("arg", "env_value"), [("default", "1"), ("default", "on"), ("on", None)])
-def test_run_tunes_the_collector_when_asked(arg: str, env_value: str | None) -> None:
-    """Mutation seen caught: ``run`` not calling ``tune_gc`` → threshold 700, nothing frozen → fails."""
+@pytest.mark.parametrize(("arg", "env_value"), [("default", None), ("default", "1"), ("on", None), ("on", "0")])
+def test_run_tunes_the_collector_by_default(arg: str, env_value: str | None) -> None:
+    """Mutations seen caught: ``run`` not calling ``tune_gc`` → threshold 700, nothing frozen → fails;
+    ``gc_tuning_wanted`` defaulting to off (the old default) → the ``("default", None)`` case fails."""
     threshold, frozen = _gc_seen(arg, env_value)
     assert threshold == GC_GEN0_THRESHOLD
     assert frozen > 1000  # the imported modules, the app, the server
 
 
 def test_gc_tuning_wanted(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The decision itself: explicit argument first, then the environment, then off."""
+    """The decision itself: explicit argument first, then the environment, then on."""
     monkeypatch.delenv(GC_ENV, raising=False)
-    assert gc_tuning_wanted() is False
-    assert gc_tuning_wanted(True) is True
+    assert gc_tuning_wanted() is True
+    assert gc_tuning_wanted(False) is False
     monkeypatch.setenv(GC_ENV, "yes")
     assert gc_tuning_wanted() is True
     assert gc_tuning_wanted(False) is False
-    monkeypatch.setenv(GC_ENV, "0")
-    assert gc_tuning_wanted() is False
+    for off in ("0", "false", "No", " off "):
+        monkeypatch.setenv(GC_ENV, off)
+        assert gc_tuning_wanted() is False
+        assert gc_tuning_wanted(True) is True
 
 
 def test_tune_gc_freezes_and_raises_the_threshold() -> None:

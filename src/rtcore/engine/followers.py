@@ -4,12 +4,25 @@ A stream declared with ``app.state(pattern, Type)`` has one :class:`Follower`
 per node: it loads the latest snapshot, replays the history after it through
 an ordinary hub :class:`~rtcore.engine.hub.Tail`, then folds live events as
 they are dispatched. It stores a snapshot every ``snapshot_every`` events and
-parks a ``sync`` checksum frame until the event it covers has reached the
-subscribers. The fold rules are sans-IO (:mod:`rtcore.protocol.state`).
+sends a ``sync`` checksum frame every ``sync_every`` events, once the event it
+covers has reached the subscribers. The fold rules are sans-IO
+(:mod:`rtcore.protocol.state`).
+
+Such a point's work (encoding the whole state, hashing it, the snapshot and
+the ``sync`` frames to every subscriber) is not done in the fold, on the
+dispatch path of the event (a room's tick step), but in a callback queued on
+the event loop when the event is dispatched: it runs after the dispatch, and
+on asyncio normally ahead of the subscribers' socket writes that dispatch
+queued, so the ``sync`` leaves in the same write as its event. The state it
+encodes is the state at the point's offset: the fold of the next event (and
+its dispatch to subscribers) settles a pending point first, synchronously,
+so a checksum never covers a later state and subscribers still get evt k,
+sync k, evt k+1 in that order.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -35,7 +48,7 @@ log = logging.getLogger("rtcore.engine.followers")
 class Follower:
     """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
 
-    __slots__ = ("on_stale", "owner", "pending_sync", "ready", "state", "stream", "tail")
+    __slots__ = ("on_stale", "owner", "point", "ready", "state", "stream", "tail")
 
     def __init__(self, stream: str, state: StreamState, *, loaded: bool = False) -> None:
         self.stream = stream
@@ -44,7 +57,8 @@ class Follower:
         # room's stream: an Event kept per stream for its lifetime was ~1 kB each).
         self.ready: anyio.Event | None = None if loaded else anyio.Event()
         self.tail: Tail | None = None
-        self.pending_sync: tuple[int, dict[str, bytes]] | None = None
+        #: A snapshot/sync point folded and not yet settled: (offset, snapshot due, sync due).
+        self.point: tuple[int, bool, bool] | None = None
         self.owner: Followers | None = None
         self.on_stale: Callable[[], None] = lambda: None
 
@@ -89,6 +103,8 @@ class Followers:
         self._hub = hub
         self.spawn = spawn
         self._by_stream: dict[str, Follower] = {}
+        # Points whose settling is queued on the loop: (follower, offset), one callback for all.
+        self._due: list[tuple[Follower, int]] = []
 
     async def get(self, stream: str) -> Follower:
         """The follower of ``stream``, once it holds the current state."""
@@ -150,7 +166,7 @@ class Followers:
         except RtcoreError:
             log.warning("could not store the snapshot of %s at %d", snapshot.stream, snapshot.offset, exc_info=True)
 
-    def fresh(self, stream: str, state: StreamState) -> None:
+    def fresh(self, stream: str, state: StreamState) -> Follower:
         """Follow a history that starts now (its offset 1 is being dispatched)."""
         old = self._by_stream.get(stream)
         if old is not None and old.tail is not None:
@@ -161,50 +177,109 @@ class Followers:
         f.tail.delivery.phase = Phase.LIVE
         f.owner = self
         self._hub.add(f.tail)
+        return f
 
     def fold(self, f: Follower, event: Event) -> None:
-        """Fold one event; schedule a snapshot and park a ``sync`` when due."""
+        """Fold one event; note a snapshot/sync point (settled by :meth:`_settle`)."""
+        if f.point is not None:
+            # The state is still at the pending point's offset: settle it before
+            # it moves on. Only a batch of history folds two events without
+            # on_event in between (which settles live points): no sync, as before.
+            self._settle(f, f.point[0], send=False)
         st = f.state
         st.apply(event)
         snapshot_due, sync_due = st.snapshot_due, st.sync_due
+        if snapshot_due or sync_due:
+            f.point = (st.offset, snapshot_due, sync_due)
+
+    def _settle(self, f: Follower, offset: int, *, send: bool = True) -> None:
+        """Store the snapshot and send the ``sync`` of ``f``'s pending point if it is at ``offset``.
+
+        The state is at the point's offset: every fold settles a pending point
+        first. ``send=False`` (a point folded from history, not dispatched
+        live) stores its snapshot but sends no ``sync``.
+        """
+        point = f.point
+        if point is None or point[0] != offset:
+            return  # settled already (by a later fold), or not folded (the follower lags)
+        f.point = None
+        _, snapshot_due, sync_due = point
+        sync_due = sync_due and send
         if not (snapshot_due or sync_due):
             return
+        st = f.state
         # One encoding of the whole state serves both (every snapshot point is
-        # a sync point with the defaults): encoding it twice was the costliest
-        # part of those events' fold, on the path that fans the event out.
-        data = st.encoded()
+        # a sync point with the defaults).
+        try:
+            data = st.encoded()
+        except Exception:
+            # Settled on the dispatch path of the stream's next event at times:
+            # a state that cannot be encoded must not stop its fold or the processors.
+            log.exception("state of %s at %d cannot be encoded: no snapshot or sync there", f.stream, offset)
+            return
         if snapshot_due:
             snapshot = st.snapshot(f.stream, data)
             self.spawn(lambda: self._store_snapshot(snapshot))
         if sync_due:
-            frame = Sync(f.stream, st.offset, digest(data), st.epoch)
+            frame = Sync(f.stream, offset, digest(data), st.epoch)
             frames = {"json": codec_for("json").encode(frame), "msgpack": codec_for("msgpack").encode(frame)}
-            # Subscribers must get evt k before sync k, and the hub calls the tails
-            # after this fold: park the sync until _after_event.
-            f.pending_sync = (st.offset, frames)
+            # Only to the tails that delivered evt k and nothing after it.
+            self._hub.broadcast_sync(f.stream, offset, frames)
+
+    def _defer(self, f: Follower, offset: int) -> None:
+        # One loop callback settles every point queued in this loop iteration.
+        self._due.append((f, offset))
+        if len(self._due) > 1:
+            return
+        try:
+            call_soon = asyncio.get_running_loop().call_soon
+        except RuntimeError:  # not asyncio (trio): a task, after the dispatching one yields
+
+            async def settle() -> None:
+                self._settle_due()
+
+            self.spawn(settle)
+        else:
+            # Queued before the tails push the event: on asyncio the outboxes'
+            # flush (queued by the first push) runs after it, so evt k and
+            # sync k leave in one write.
+            call_soon(self._settle_due)
+
+    def _settle_due(self) -> None:
+        due, self._due = self._due, []
+        for f, offset in due:
+            self._settle(f, offset)
 
     def on_event(self, event: Event) -> None:
-        """Before the tails: start following a stateful stream, or a new history of it."""
+        """Before the tails: settle a pending point, start following a stateful stream, or a new history of it.
+
+        When ``event`` will be a snapshot/sync point, queue the loop callback
+        that settles it (see the module's docstring).
+        """
         f = self._by_stream.get(event.stream)
         if f is not None:
             # Followed already (most events): its spec is at hand, no pattern lookup.
+            point = f.point
+            if point is not None:
+                # Sync k goes before evt k+1 reaches any subscriber, computed on the state at k.
+                self._settle(f, point[0])
+            spec = f.state.spec
             if event.offset == 1 and f.state.epoch != event.epoch:
-                self.fresh(event.stream, StreamState(f.state.spec, event.epoch, 0))
-            return
-        spec = self._app.state_for(event.stream)
-        if spec is None:
-            return
-        if event.offset == 1:
-            # A new history starts: fold it from here, synchronously, so no
-            # event can be trimmed before the follower saw it.
-            self.fresh(event.stream, StreamState(spec, event.epoch, 0))
+                f = self.fresh(event.stream, StreamState(spec, event.epoch, 0))
         else:
-            self.start(event.stream)
+            found = self._app.state_for(event.stream)
+            if found is None:
+                return
+            spec = found
+            if event.offset == 1:
+                # A new history starts: fold it from here, synchronously, so no
+                # event can be trimmed before the follower saw it.
+                f = self.fresh(event.stream, StreamState(spec, event.epoch, 0))
+            else:
+                f = self.start(event.stream)
+        offset = event.offset
+        if (spec.sync_every > 0 and offset % spec.sync_every == 0) or offset % spec.snapshot_every == 0:
+            self._defer(f, offset)
 
     def after_event(self, event: Event) -> None:
-        """After the tails: send a parked ``sync`` (subscribers get evt k before sync k)."""
-        f = self._by_stream.get(event.stream)
-        if f is not None and f.pending_sync is not None and f.pending_sync[0] == event.offset:
-            offset, frames = f.pending_sync
-            f.pending_sync = None
-            self._hub.broadcast_sync(event.stream, offset, frames)
+        """After the tails (kept for the hub's interface; a point is settled by the callback :meth:`on_event` queued)."""
