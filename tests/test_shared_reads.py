@@ -36,7 +36,7 @@ STREAM = "s:1"
 class Sink:
     """An EventSink recording the offsets it got, live and history, in arrival order."""
 
-    def __init__(self, spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None], pace: int = 0) -> None:
+    def __init__(self, spawn: Callable[..., Any], pace: int = 0) -> None:
         self._spawn = spawn
         self.pace = pace
         self.got: list[int] = []
@@ -97,7 +97,7 @@ async def publish(log: MemoryEventLog, n: int) -> None:
 
 
 def tail_on(hub: Hub, reads: SharedReads, sink: Sink, epoch: str, after: int) -> Tail:
-    tail = Tail(reads.log, STREAM, Delivery(epoch, after), sink, reads=reads)  # type: ignore[arg-type]
+    tail = Tail(reads.log, STREAM, Delivery(epoch, after), sink, reads=reads)
     hub.add(tail)
     return tail
 
