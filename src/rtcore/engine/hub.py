@@ -116,11 +116,25 @@ class SharedPage:
 class _Flight:
     """One backend read of :class:`SharedReads` and the callers waiting for it."""
 
-    __slots__ = ("done", "page")
+    __slots__ = ("_done", "finished", "page")
 
     def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.page: SharedPage | None = None  # None once done: failed or cancelled, ask again
+        # Made by the first waiter: most reads have none (an anyio.Event costs
+        # an asyncio.Event on asyncio).
+        self._done: anyio.Event | None = None
+        self.finished = False
+        self.page: SharedPage | None = None  # None once finished: failed or cancelled, ask again
+
+    async def wait(self) -> None:
+        if not self.finished:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
 
 
 class SharedReads:
@@ -166,7 +180,7 @@ class SharedReads:
             flight = self._open.get(key)
             if flight is None:
                 return await self._issue(key)
-            await flight.done.wait()
+            await flight.wait()
             if flight.page is not None:
                 self.shared += 1
                 return flight.page
@@ -178,7 +192,7 @@ class SharedReads:
             if running is not None:
                 # Its snapshot may be older than the registration of the callers
                 # joining this flight: wait, then read afresh for all of them.
-                await running.done.wait()
+                await running.wait()
             del self._open[key]  # from here on a newcomer waits for the next read
             self._running[key] = flight
             self.issued += 1
@@ -190,7 +204,7 @@ class SharedReads:
                 del self._open[key]
             if self._running.get(key) is flight:
                 del self._running[key]
-            flight.done.set()
+            flight.finish()
 
 
 class OutboxLimits:
