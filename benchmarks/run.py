@@ -67,6 +67,13 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
 def proc_rss(pid: int) -> int:
     """Resident set size of ``pid`` in bytes."""
     with open(f"/proc/{pid}/statm") as f:
@@ -97,7 +104,11 @@ class Server:
             loop = self.name.split("-", 1)[1]
             cmd = [sys.executable, str(HERE / "rtcore_server.py"), "--port", str(self.port)]
             cmd += ["--backend", self.backend, "--loop", loop]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        env = None
+        if self.name.startswith("base-"):
+            # AB_BASE_SRC=<tree>/src: the "before" side of an A/B in one run (storm only).
+            env = {**os.environ, "PYTHONPATH": os.environ["AB_BASE_SRC"]}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         line = self.proc.stdout.readline().decode() if ready else ""
@@ -401,6 +412,25 @@ def wl_keyed(server: Server, cfg: dict[str, Any], pool: Pool, backend: str, redi
     return {"metrics": {f"keyed_{backend}_{k}": v for k, v in m.items()}}
 
 
+def start_profile(server: Server, what: str) -> subprocess.Popen[bytes] | None:
+    """``STORM_PROFILE=<dir>``: sample the server with py-spy (raw collapsed stacks, ``ab/top.py`` reads them)."""
+    prof_dir = os.environ.get("STORM_PROFILE")
+    if not prof_dir:
+        return None
+    Path(prof_dir).mkdir(parents=True, exist_ok=True)
+    out = Path(prof_dir) / f"{what}-{server.name}-{server.pid}.txt"
+    cmd = [str(Path(sys.executable).parent / "py-spy"), "record", "--format", "raw", "--rate", "250"]
+    # STORM_PROFILE_OPTS: other py-spy options (default --nonblocking; "--gil" samples only the GIL holder).
+    cmd += [*os.environ.get("STORM_PROFILE_OPTS", "--nonblocking").split(), "-o", str(out), "--pid", str(server.pid)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profile(profiler: subprocess.Popen[bytes] | None) -> None:
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        profiler.wait(30)
+
+
 def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     """N clients on ``streams`` streams; SIGTERM, restart the sqlite server, all resume with ``since``."""
     nw = len(pool.conns)
@@ -435,13 +465,15 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     t_down = time.time()
     server.start()
     t_ready = time.time()
-    s0 = server.cpu()
+    profiler = start_profile(server, "storm")
+    u0, k0 = proc_cpu_split(server.pid)
     pool.send(pub, "publish", url=server.url, streams=streams, per_stream=after, window=32)
     pool.recv(pub)
     for i in range(nw - 1):
         pool.send(i, "storm_wait", limit_s=cfg["storm_timeout"])
     res = [pool.recv(i) for i in range(nw - 1)]
-    s1, c1 = server.cpu(), pool.cpu()
+    (u1, k1), c1 = proc_cpu_split(server.pid), pool.cpu()
+    stop_profile(profiler)
     last = max(r["last_done"] for r in res)
     complete = all(r["complete"] for r in res)
     pool.all("close")
@@ -454,7 +486,9 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
         "storm_dup": sum(r["dup"] for r in res),
         "storm_not_recovered": sum(r["not_recovered"] for r in res),
         "storm_reconnects": sum(r["reconnects"] for r in res),
-        "storm_cpu_us": (s1 - s0) / total * 1e6,
+        "storm_cpu_us": (u1 + k1 - u0 - k0) / total * 1e6,
+        "storm_cpu_user_us": (u1 - u0) / total * 1e6,
+        "storm_cpu_sys_us": (k1 - k0) / total * 1e6,
         "storm_setup_s": setup,
     }
     metrics.update({f"storm_{k}": v for k, v in client_info(c0, c1, total, max(1e-9, time.time() - t_stop)).items()})

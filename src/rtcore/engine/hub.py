@@ -9,6 +9,14 @@ wire frame is encoded at most once per encoding (:class:`EncodedEvent`) and
 the same bytes are queued for every subscriber, which is where fan-out speed
 comes from.
 
+History reads go through :class:`SharedReads`: tails that ask for the same
+page (stream, after, limit) at the same time share one backend read and one
+list of :class:`EncodedEvent` (each event encoded once per encoding, not once
+per subscriber), as after a restart, when every subscriber of a stream
+resumes from the same offset at once. A read is only shared with callers
+that asked before it was issued, so its snapshot is never older than any
+caller's registration with the hub (see :class:`SharedReads`).
+
 A tail delivers into an :class:`EventSink`: a subscriber's outbox (the
 bounded send queue of one connection, :class:`rtcore.server.outbox.Outbox`)
 or a state follower. A tail that finds a gap schedules a fill (an async
@@ -24,13 +32,13 @@ from typing import Any, Protocol
 
 import anyio
 
-from ..backends.base import Event, EventLog, LiveFeed
+from ..backends.base import Event, EventLog, LiveFeed, ReadResult
 from ..errors import RtcoreError
 from ..protocol.codec import codec_for
 from ..protocol.frames import Evt
 from ..protocol.streams import Delivery, Phase
 
-__all__ = ["EncodedEvent", "EventSink", "Hub", "OutboxLimits", "Tail", "evt_frame"]
+__all__ = ["EncodedEvent", "EventSink", "Hub", "OutboxLimits", "SharedPage", "SharedReads", "Tail", "evt_frame"]
 
 log = logging.getLogger("rtcore.engine.hub")
 
@@ -69,6 +77,134 @@ class EncodedEvent:
         if self._msgpack is None:
             self._msgpack = codec_for("msgpack").encode(evt_frame(self.event))
         return self._msgpack
+
+
+class SharedPage:
+    """A page of history as handed to every tail that shared its read.
+
+    Attributes:
+        result: The backend's answer (read it, never change it: every
+            sharer holds the same object).
+    """
+
+    __slots__ = ("_encoded", "result")
+
+    def __init__(self, result: ReadResult) -> None:
+        self.result = result
+        self._encoded: list[EncodedEvent] | None = None
+
+    def encoded(self, out: list[Event]) -> list[EncodedEvent]:
+        """:class:`EncodedEvent` objects for ``out``, a run of this page's events.
+
+        The objects (and so their encodings) are shared by every tail of the
+        page; the list is the caller's own. ``out`` is what
+        :meth:`~rtcore.protocol.streams.Delivery.history` returned: events of
+        the page in order, without holes.
+        """
+        events = self.result.events
+        if out and events:
+            i = out[0].offset - events[0].offset
+            j = i + len(out)
+            if i >= 0 and j <= len(events) and events[i] is out[0] and events[j - 1] is out[-1]:
+                encoded = self._encoded
+                if encoded is None:
+                    encoded = self._encoded = [EncodedEvent(e) for e in events]
+                return encoded[i:j]
+        return [EncodedEvent(e) for e in out]  # not a run of this page (never, by Delivery's rules)
+
+
+class _Flight:
+    """One backend read of :class:`SharedReads` and the callers waiting for it."""
+
+    __slots__ = ("_done", "finished", "page")
+
+    def __init__(self) -> None:
+        # Made by the first waiter: most reads have none (an anyio.Event costs
+        # an asyncio.Event on asyncio).
+        self._done: anyio.Event | None = None
+        self.finished = False
+        self.page: SharedPage | None = None  # None once finished: failed or cancelled, ask again
+
+    async def wait(self) -> None:
+        if not self.finished:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
+
+    def finish(self) -> None:
+        self.finished = True
+        if self._done is not None:
+            self._done.set()
+
+
+class SharedReads:
+    """Single-flight history reads: concurrent requests for one page share one backend read.
+
+    The catch-up → live handoff needs every history read of a tail to see
+    the log as it was *after* the tail registered with the hub (events
+    appended before that are read, later ones are fed live; a read from
+    before registration may miss events that the feed will not deliver
+    either). So a caller never joins a read already issued: while one read
+    of a page is under way, the callers that ask for the same page wait
+    together for the *next* read, issued once the running one finished, and
+    share it. A stream's subscribers resuming together cost one read per
+    round trip instead of one each.
+
+    If the read fails or its issuer is cancelled, the callers that waited
+    for it ask again (one of them issues the next read, the others share
+    it), so every caller gets its own error or a read issued after it asked.
+
+    Args:
+        log: The event log to read from.
+
+    Attributes:
+        issued: Backend reads issued.
+        shared: Requests answered by a read another caller issued.
+    """
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self._open: dict[tuple[str, int, int], _Flight] = {}  # not issued yet: may be joined
+        self._running: dict[tuple[str, int, int], _Flight] = {}  # issued: may not be joined
+        self.issued = 0
+        self.shared = 0
+
+    async def read(self, stream: str, *, after: int, limit: int) -> SharedPage:
+        """A page of ``stream`` after ``after`` (at most ``limit`` events), read after this call began.
+
+        Raises:
+            RtcoreError: the backend's read failed (this caller's own attempt).
+        """
+        key = (stream, after, limit)
+        while True:
+            flight = self._open.get(key)
+            if flight is None:
+                return await self._issue(key)
+            await flight.wait()
+            if flight.page is not None:
+                self.shared += 1
+                return flight.page
+
+    async def _issue(self, key: tuple[str, int, int]) -> SharedPage:
+        flight = self._open[key] = _Flight()
+        try:
+            running = self._running.get(key)
+            if running is not None:
+                # Its snapshot may be older than the registration of the callers
+                # joining this flight: wait, then read afresh for all of them.
+                await running.wait()
+            del self._open[key]  # from here on a newcomer waits for the next read
+            self._running[key] = flight
+            self.issued += 1
+            stream, after, limit = key
+            flight.page = SharedPage(await self.log.read(stream, after=after, limit=limit))
+            return flight.page
+        finally:
+            if self._open.get(key) is flight:
+                del self._open[key]
+            if self._running.get(key) is flight:
+                del self._running[key]
+            flight.finish()
 
 
 class OutboxLimits:
@@ -140,14 +276,21 @@ class Tail:
         sink: Where in-order events go: live ones through :meth:`EventSink.live`,
             history pages through :meth:`EventSink.backlog` (awaited after each
             page so catch-up goes at the consumer's pace).
+        reads: Shared reads of ``log`` (the hub's :attr:`Hub.reads`), or None
+            to read ``log`` directly.
     """
 
-    def __init__(self, log: EventLog, stream: str, delivery: Delivery, sink: EventSink) -> None:
+    def __init__(
+        self, log: EventLog, stream: str, delivery: Delivery, sink: EventSink, *, reads: SharedReads | None = None
+    ) -> None:
         self.log = log
         self.stream = stream
         self.delivery = delivery
         self.sink = sink
+        self._reads = reads
         self._filling = False
+        self._prefetched: SharedPage | None = None  # the first page, read by prefetch()
+        self._prefetched_after = 0
         self.closed = False
 
     def live(self, enc: EncodedEvent, batch: list[EncodedEvent] | None = None) -> None:
@@ -185,6 +328,29 @@ class Tail:
     async def _send_backlog(self, batch: list[EncodedEvent]) -> None:
         await self.sink.backlog(self.stream, batch)
 
+    async def _read(self, after: int) -> SharedPage:
+        if self._reads is not None:
+            return await self._reads.read(self.stream, after=after, limit=PAGE)
+        return SharedPage(await self.log.read(self.stream, after=after, limit=PAGE))
+
+    async def prefetch(self) -> ReadResult:
+        """Read the first page of the catch-up now (the tail must be registered).
+
+        For a subscription that needs the stream's shape to plan its start:
+        one read gives the plan its epoch, head and first offset and gives
+        :meth:`fill` its first page, so no second round trip is made. Until
+        :meth:`fill` runs, live events only go to the buffer (no fill is
+        spawned: the owner's comes).
+
+        Raises:
+            RtcoreError: the read failed.
+        """
+        self._filling = True
+        after = self.delivery.last
+        page = await self._read(after)
+        self._prefetched, self._prefetched_after = page, after
+        return page.result
+
     async def fill(self) -> None:
         """Read history after ``delivery.last`` until caught up, then go live."""
         self._filling = True
@@ -192,26 +358,33 @@ class Tail:
             stalled = 0
             while not self.closed and self.delivery.needs_fill:
                 before = self.delivery.last
-                try:
-                    page = await self.log.read(self.stream, after=before, limit=PAGE)
-                except RtcoreError:
-                    # Backend outage: the owner's task must survive it; read again soon.
-                    log.warning("reading %s after %d failed; retrying", self.stream, before, exc_info=True)
-                    await anyio.sleep(0.5)
-                    continue
+                shared, self._prefetched = self._prefetched, None
+                if shared is None or self._prefetched_after != before:
+                    try:
+                        shared = await self._read(before)
+                    except RtcoreError:
+                        # Backend outage: the owner's task must survive it; read again soon.
+                        log.warning("reading %s after %d failed; retrying", self.stream, before, exc_info=True)
+                        await anyio.sleep(0.5)
+                        continue
                 if self.closed:
                     return
+                page = shared.result
                 if page.epoch != self.delivery.epoch or page.first > before + 1:
                     # History we promised is gone (new epoch, or trimmed meanwhile).
                     self.delivery.phase = Phase.STALE
                     break
                 out = self.delivery.history(page.events)
                 if out:
-                    await self._send_backlog([EncodedEvent(e) for e in out])
+                    await self._send_backlog(shared.encoded(out))
                 if len(page.events) == PAGE:
                     continue
-                rest = self.delivery.go_live()
-                if rest:
+                while rest := self.delivery.go_live():
+                    if self.delivery.phase is _LIVE:
+                        # Back to buffering until these are queued: the sink may
+                        # wait for room, and a live event sent meanwhile would
+                        # overtake them. What arrives is drained next round.
+                        self.delivery.phase = Phase.CATCHUP
                     await self._send_backlog([EncodedEvent(e) for e in rest])
                 if self.delivery.needs_fill:
                     stalled = stalled + 1 if self.delivery.last == before else 0
@@ -241,6 +414,8 @@ class Hub:
         after_event: Callable[[Event], None] | None = None,
     ) -> None:
         self._tails: dict[str, set[Tail]] = {}
+        #: History reads of the tails, shared by those asking for the same page at once.
+        self.reads = SharedReads(log)
         self._on_event = on_event
         self._after_event = after_event
         self.feed: LiveFeed = log.live(self.dispatch)

@@ -30,7 +30,7 @@ import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 
 from ..backends import Backend, open_backend
-from ..backends.base import Event, ReadResult
+from ..backends.base import Event, ReadResult, StreamInfo
 from ..errors import AuthError, Rejected, RtcoreError
 from ..protocol.frames import Limits, Position, Snap
 from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
@@ -416,8 +416,30 @@ class Node:
             cur = await self.backend.cursors.get(principal.id, stream, now=self.clock())
             if cur is not None:
                 start = Position(cur[0], cur[1])
-        info = await self.backend.events.info(stream)
         spec = self.app.state_for(stream)
+        events = self.backend.events
+        if start is not None and not new_epoch:
+            # A resume: register first, then one read gives both the stream's
+            # shape for the plan and the first page of the replay (read after
+            # registration, as Tail.fill would), instead of info() then read().
+            tail = Tail(events, stream, Delivery(start.epoch, start.offset), outbox, reads=self.hub.reads)
+            self.hub.add(tail)
+            try:
+                page = await tail.prefetch()
+            except BaseException:
+                self.hub.remove(tail)
+                raise
+            info = StreamInfo(page.epoch, page.head, page.first)
+            plan = plan_resume(start, info, stateful=spec is not None)
+            if plan.mode == "replay" and plan.after == start.offset and info.epoch == start.epoch:
+                self.stats["replays"] += 1
+                self.stats["recovered" if plan.recovered else "not_recovered"] += 1
+                return SubscriptionStart(stream, info.epoch, info.head, plan.recovered, None, tail)
+            # Another start (new epoch, trimmed, ahead of the head): plan from
+            # this shape, read before the tail below registers, as info() would be.
+            self.hub.remove(tail)
+        else:
+            info = await events.info(stream)
         if new_epoch and info.first == 1 and spec is None:
             # The old history is void; the new one is complete: send all of it,
             # but say recovered=false so the client drops its old position.
@@ -434,7 +456,7 @@ class Node:
         if plan.mode == "replay":
             self.stats["replays"] += 1
         self.stats["recovered" if plan.recovered else "not_recovered"] += int(start is not None)
-        tail = Tail(self.backend.events, stream, Delivery(epoch, after), outbox)
+        tail = Tail(events, stream, Delivery(epoch, after), outbox, reads=self.hub.reads)
         self.hub.add(tail)
         # subbed.offset: with recovered=true, the head the replay leads to; otherwise
         # the position the client must jump to (events after it follow).
