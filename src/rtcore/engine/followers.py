@@ -280,6 +280,3 @@ class Followers:
         offset = event.offset
         if (spec.sync_every > 0 and offset % spec.sync_every == 0) or offset % spec.snapshot_every == 0:
             self._defer(f, offset)
-
-    def after_event(self, event: Event) -> None:
-        """After the tails (kept for the hub's interface; a point is settled by the callback :meth:`on_event` queued)."""

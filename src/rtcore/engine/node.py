@@ -487,4 +487,3 @@ class Node:
             now = self.clock()
             self.metrics.dispatch.observe(now - event.ts)
             self.metrics.heads[event.stream] = (event.offset, event.ts)
-        self.followers.after_event(event)
