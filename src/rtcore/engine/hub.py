@@ -404,7 +404,7 @@ class Hub:
     Args:
         log: The event log whose live feed drives the hub.
         on_event: Called first for every event (state folding, processors).
-        after_event: Called after the tails got the event (``sync`` frames).
+        after_event: Called after the tails got the event (the dispatch-latency metrics).
     """
 
     def __init__(
