@@ -105,6 +105,7 @@ async def test_other_failures_leave_queued_batches_to_run() -> None:
     assert [out[n].result for n in "bcd"] == ["done"] * 3
 
 
+@pytest.mark.timeout(30)  # the mutation hangs past fail_after: fail in 30 s, not the suite's 300
 async def test_a_cancelled_waiter_leaves_the_others_of_its_batch_waiting() -> None:
     """Cancelling one job's wait (its task was cancelled) neither cancels nor drops the others of its batch.
 
@@ -113,7 +114,8 @@ async def test_a_cancelled_waiter_leaves_the_others_of_its_batch_waiting() -> No
     batch (it never ran), b and d still run and get their results.
     Mutation seen caught: one future shared by all waiters of a ``_Gate``
     (asyncio cancels the future a cancelled task awaits, so d's wait is
-    cancelled with c's) → d never gets its result.
+    cancelled with c's) → d never gets its result; the test hangs with no
+    timer left for ``fail_after``, so its own pytest-timeout (30 s) fails it.
     """
     rec = Recorder(Broken("first batch"))
     out: dict[str, Named] = {}

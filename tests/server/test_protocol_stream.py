@@ -218,20 +218,23 @@ async def test_a_handler_that_ignores_the_close_is_cancelled_after_the_deadline(
 
     On asyncio the connection tasks are the listener's own (``_NativeTasks``),
     not a task group's, so the listener cancels them itself; on trio the task
-    group's deadline does. The handler here never returns by itself (it sleeps,
-    shielded from nothing but cancellation), so only that cancel ends it.
+    group's deadline does. The handler here ignores the close and would
+    sleep for 20 s; only a cancel from the listener ends it sooner, and only
+    a cancel sets ``cancelled``.
 
     Mutation seen caught: ``_NativeTasks.cancel_and_wait`` not cancelling
-    (waiting only) → ``serve`` never returns: the test hangs (its shielded
-    wait outlives ``fail_after``) until pytest-timeout (300 s) fails it.
+    (waiting only) → ``serve`` returns only when the handler's sleep ends by
+    itself, uncancelled: the assertion on ``cancelled`` fails after ~20 s
+    (earlier the handler slept forever and the mutation hung the run).
     """
     cancelled = anyio.Event()
 
     async def stubborn(transport: FrameTransport, request: UpgradeRequest) -> None:
         try:
-            await anyio.sleep_forever()
-        finally:
+            await anyio.sleep(20)  # a bound, so that the mutation fails instead of hanging
+        except anyio.get_cancelled_exc_class():
             cancelled.set()
+            raise
 
     rec = Recorder()
     control = ServerControl()
