@@ -164,9 +164,9 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
 class _Connection:
     # Thousands live at once: no per-instance __dict__ (its resizes cost ~1.6 kB each).
     __slots__ = (
-        "__weakref__", "_acks", "_closing", "_commands", "_deadline", "_ended", "_idle", "_idle_workers", "_inflight",
-        "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg", "_timer_scope",
-        "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
+        "__weakref__", "_acks", "_children", "_closing", "_commands", "_deadline", "_ended", "_failure", "_host", "_idle",
+        "_idle_workers", "_inflight", "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg",
+        "_timer_scope", "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
         "subs", "transport", "upgrade_token",
     )
 
@@ -222,6 +222,13 @@ class _Connection:
         self._present: str | None = None  # the principal reported to node.presence
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
+        # asyncio with an inline reader and SessionTimers: no task group (~1.1 kB per
+        # connection); side tasks are native tasks of the loop, kept in _children
+        # while they run (None: none runs), cancelled and awaited when run() ends.
+        # The first one to fail cancels _host (the task in run()) with _failure.
+        self._host: asyncio.Task[Any] | None = None
+        self._children: set[asyncio.Task[Any]] | None = None
+        self._failure: BaseException | None = None
         self._lazy_writer = False  # run(): the writer task starts on the outbox's first need
         self._inline = False  # serve_session: the transport's read loop runs in run()'s task
         self._inflight = 0
@@ -348,8 +355,48 @@ class _Connection:
             self.metrics.acked.observe(self.node.clock() - sent[1])
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        assert self._tg is not None
-        self._tg.start_soon(fn)
+        host = self._host
+        if host is None:
+            assert self._tg is not None
+            self._tg.start_soon(fn)
+            return
+        if self._ended:
+            return  # run() has reaped its tasks: nothing may outlive the connection
+        task = host.get_loop().create_task(fn())
+        children = self._children
+        if children is None:
+            children = self._children = set()
+        children.add(task)
+        task.add_done_callback(self._child_done)
+
+    def _child_done(self, task: asyncio.Task[Any]) -> None:
+        """A native side task ended: forget it; if it failed, end the connection
+        with its error (as a task group would: the host task is cancelled and
+        :meth:`run` raises the error)."""
+        children = self._children
+        if children is not None:
+            children.discard(task)
+            if not children:
+                self._children = None  # an idle connection keeps no empty set
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or self._failure is not None:
+            return
+        self._failure = exc
+        host = self._host
+        if host is not None and not self._ended:
+            host.cancel()
+
+    async def _reap(self) -> None:
+        """Cancel the native side tasks still running and wait until they have ended."""
+        while self._children:
+            children = list(self._children)
+            for task in children:
+                task.cancel()
+            # Cancelled again after a second: a task group re-cancels until its tasks end.
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(children, timeout=1.0)
 
     async def _authenticate(self, action: DoAuthenticate) -> None:
         token = action.token if action.token is not None else self.upgrade_token
@@ -542,6 +589,29 @@ class _Connection:
         code = 1006
         reason = ""
         try:
+            if self._inline and self._timers is not None and (loop := _asyncio_loop()) is not None:
+                host = self._host = asyncio.current_task(loop)
+                assert host is not None
+                self._timers.schedule(self, self.session.next_deadline())
+                self._lazy_writer = True
+                if self.outbox.queued_frames or self.outbox.closed:
+                    self._start_writer()
+                try:
+                    try:
+                        await cast(InlineReader, self.transport).run_reader()
+                    except ConnectionClosed as closed:
+                        self._reader_closed(closed)
+                        raise
+                    finally:
+                        self._ended = True  # _spawn starts nothing more, _child_done cancels nobody
+                        await self._reap()
+                except asyncio.CancelledError:
+                    # Cancelled by _child_done, not by anyone else: fail with its error.
+                    if self._failure is None or host.uncancel():
+                        raise
+                if self._failure is not None:
+                    raise self._failure
+                return
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self._timers is None:
@@ -611,7 +681,7 @@ class _Connection:
         self.outbox.abort()
 
 
-async def serve_session(
+def serve_session(
     node: Node,
     transport: FrameTransport,
     *,
@@ -622,8 +692,12 @@ async def serve_session(
     registry: SessionRegistry | None = None,
     peer: str | None = None,
     timers: SessionTimers | None = None,
-) -> None:
-    """Run one client session over ``transport`` until it closes.
+) -> Coroutine[Any, Any, None]:
+    """Run one client session over ``transport`` until it closes: ``await serve_session(...)``.
+
+    A plain function returning the session's coroutine (one coroutine frame
+    less per open connection, thousands wait at once); the session is set
+    up when it is called.
 
     Args:
         node: The running node.
@@ -648,4 +722,4 @@ async def serve_session(
     conn._inline = _implements(transport, InlineReader) and cast(InlineReader, transport).take_reader(
         conn.on_message, conn.outbox.flushed
     )
-    await conn.run()
+    return conn.run()
