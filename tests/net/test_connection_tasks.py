@@ -256,7 +256,7 @@ async def test_a_side_task_that_fails_ends_its_connection(monkeypatch: pytest.Mo
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_an_idle_connection_on_asyncio_keeps_no_task_group_and_five_coroutines() -> None:
     """Per idle connection (hello + one subscription) on asyncio: no anyio task
-    group and at most five live coroutines (the HTTP connection, run_websocket,
+    group, no closure and at most five live coroutines (the HTTP connection, run_websocket,
     the session, the transport's read loop, the stream's receive): each one
     is ~0.3 kB, a task group ~1.1 kB, times thousands of connections.
 
@@ -264,27 +264,57 @@ async def test_an_idle_connection_on_asyncio_keeps_no_task_group_and_five_corout
     ``conn.run()`` → 6 coroutines → fails; the listener's task running a
     coroutine that awaits ``HttpConnection(stream, state).run()`` → 6 →
     fails; ``_Connection.run`` always taking the task-group path → 1 task
-    group per connection → fails.
+    group per connection → fails; the outbox's ``render`` a lambda per
+    connection again → 20 functions more → fails.
     """
     import gc
     import types
 
     from anyio.abc import TaskGroup
 
-    def census() -> tuple[int, int]:
+    def census() -> tuple[int, int, int]:
         gc.collect()
         objects = gc.get_objects()
-        return sum(1 for o in objects if type(o) is types.CoroutineType), sum(1 for o in objects if isinstance(o, TaskGroup))
+        return (
+            sum(1 for o in objects if type(o) is types.CoroutineType),
+            sum(1 for o in objects if isinstance(o, TaskGroup)),
+            sum(1 for o in objects if type(o) is types.FunctionType),
+        )
 
     async with serving(app) as server, AsyncExitStack() as stack:
         await anyio.wait_all_tasks_blocked()
-        coros0, groups0 = census()
+        coros0, groups0, functions0 = census()
         for _ in range(CONNECTIONS):
             await stack.enter_async_context(raw_client(server.port, "room:idle"))
         await anyio.wait_all_tasks_blocked()
-        coros, groups = census()
+        coros, groups, functions = census()
         # The clients' own coroutines: each raw_client context is one suspended
         # async generator (not a coroutine), so what is counted is the server's.
         assert (coros - coros0) / CONNECTIONS <= 5, (coros - coros0) / CONNECTIONS
         assert groups == groups0
+        assert functions - functions0 < CONNECTIONS  # no closure per connection
         assert len(server.sessions) == CONNECTIONS
+
+
+async def test_a_close_the_peer_never_answers_ends_the_connection_after_close_timeout() -> None:
+    """The read loop itself closes (a message over ``max_message_bytes``: 1009)
+    and the client never sends its close frame back nor hangs up: the server
+    drops TCP ``close_timeout`` later.
+
+    On asyncio the read loop runs in no cancel scope (``ProtocolStream``): a
+    loop timer closes the stream at the deadline instead; on trio the read
+    loop's cancel scope gets the deadline.
+
+    Mutation seen caught: ``_start_close`` not scheduling ``_closer`` (the
+    ``elif`` branch removed) → the server waits for the close frame forever →
+    the client never sees EOF → fails (timeout, asyncio).
+    """
+    limits = ServerLimits(max_message_bytes=64, close_timeout=0.3, ping_interval=None)
+    async with serving(app, limits=limits) as server, raw_client(server.port, "room:big") as client:
+        await client.stream.send(masked(0x1, b"x" * 100))
+        opcode, payload = await client.frame()
+        assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1009
+        with anyio.fail_after(TIMEOUT):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                while True:
+                    await client.stream.receive()

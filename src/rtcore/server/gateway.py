@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import secrets
 import time
 from collections import deque
@@ -153,6 +154,28 @@ async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
+# One renderer per encoding, shared by every connection (a closure per
+# connection cost ~0.4 kB each with its cell).
+_RENDER: dict[str, Callable[[Any], bytes]] = {}
+_RENDER_SYNC: dict[str, Callable[[dict[str, bytes]], bytes]] = {}
+
+
+def _render_for(encoding: str) -> Callable[[Any], bytes]:
+    """``event.encoded(encoding)`` as one shared function per encoding."""
+    render = _RENDER.get(encoding)
+    if render is None:
+        render = _RENDER[encoding] = operator.methodcaller("encoded", encoding)
+    return render
+
+
+def _render_sync_for(encoding: str) -> Callable[[dict[str, bytes]], bytes]:
+    """``frames[encoding]`` as one shared function per encoding."""
+    render = _RENDER_SYNC.get(encoding)
+    if render is None:
+        render = _RENDER_SYNC[encoding] = operator.itemgetter(encoding)
+    return render
+
+
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None on trio (the only other loop anyio runs on)."""
     try:
@@ -207,8 +230,8 @@ class _Connection:
         fast = cast(FastWriter, transport) if _implements(transport, FastWriter) else None
         self.outbox = Outbox(
             outbox,
-            render=lambda e: e.encoded(enc),
-            render_sync=lambda frames: frames[enc],
+            render=_render_for(enc),
+            render_sync=_render_sync_for(enc),
             spawn=self._spawn,
             on_slow=self._slow,
             on_stale=self._stale,

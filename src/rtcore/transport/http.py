@@ -43,6 +43,7 @@ from anyio.abc import ByteStream, SocketAttribute
 from ..errors import BadRequest, LimitExceeded, RtcoreError, Unavailable
 from ..logs import HTTP as ACCESS_LOG
 from ..logs import emit
+from .aiostream import ProtocolStream
 from .config import ServerLimits, WebSocketPolicy
 from .handshake import is_websocket_upgrade, negotiate
 from .head import HeadScanner
@@ -451,10 +452,14 @@ class HttpConnection:
             raise BadRequest("an upgrade request must not have a body")
         if state.shutdown.started:
             raise Unavailable("the server is shutting down", code="shutdown")
-        with anyio.fail_after(self._limits.handshake_timeout):
-            response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
-            assert response is not None
-            await self._stream.send(response)
+        response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
+        assert response is not None
+        stream = self._stream
+        # On a ProtocolStream the 101 nearly always goes out at once: no deadline
+        # (a cancel scope entered and left per connect) unless it has to wait.
+        if not (isinstance(stream, ProtocolStream) and stream.write_now(response)):
+            with anyio.fail_after(self._limits.handshake_timeout):
+                await stream.send(response)
         self._committed = True
         self._access(101, None)
         trailing, _ = conn.trailing_data
