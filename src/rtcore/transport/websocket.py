@@ -79,7 +79,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.extensions import Extension
 
 from ..protocol.deadlines import DeadlineHeap
-from .aiostream import ProtocolStream
+from .aiostream import ProtocolStream, close_forcefully
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
@@ -588,8 +588,7 @@ class WebSocketTransport:
         self._set_code(1006, "connection aborted")
         if not self._aborted:
             self._aborted = True
-            with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(self._stream)
+            await close_forcefully(self._stream)
         if self._reader_scope is not None:
             self._reader_scope.cancel()
 
@@ -667,8 +666,7 @@ class WebSocketTransport:
             self._close_inbox()
             if not self._aborted:
                 self._aborted = True
-                with anyio.CancelScope(shield=True):
-                    await anyio.aclose_forcefully(self._stream)
+                await close_forcefully(self._stream)
             self._finished = True
             if self._done is not None:
                 self._done.set()
