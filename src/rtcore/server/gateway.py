@@ -247,10 +247,11 @@ class _Connection:
         self._tg: TaskGroup | None = None
         # asyncio with an inline reader and SessionTimers: no task group (~1.1 kB per
         # connection); side tasks are native tasks of the loop, kept in _children
-        # while they run (None: none runs), cancelled and awaited when run() ends.
+        # with their cancel scope while they run (None: none runs), cancelled and
+        # awaited when run() ends.
         # The first one to fail cancels _host (the task in run()) with _failure.
         self._host: asyncio.Task[Any] | None = None
-        self._children: set[asyncio.Task[Any]] | None = None
+        self._children: dict[asyncio.Task[Any], anyio.CancelScope | None] | None = None
         self._failure: BaseException | None = None
         self._lazy_writer = False  # run(): the writer task starts on the outbox's first need
         self._inline = False  # serve_session: the transport's read loop runs in run()'s task
@@ -260,9 +261,9 @@ class _Connection:
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
         self._commands: deque[DoCommand] | None = None  # created by the first command
-        self._idle_workers: list[anyio.Event | asyncio.Future[None]] = []
+        self._idle_workers: list[anyio.Event | asyncio.Future[None]] | None = None  # created with _commands
         self._on_close = on_close
-        self._acks: list[tuple[str, str, int]] = []
+        self._acks: list[tuple[str, str, int]] | None = None  # created by the first ack to store
         self._timer_scope: anyio.CancelScope | None = None  # own timer task only (no SessionTimers)
         self._timers = timers
         self._deadline: float | None = None  # scheduled in _timers (None: not scheduled)
@@ -363,6 +364,8 @@ class _Connection:
                     if sub is not None and self.session.principal is not None:
                         # Never store a cursor beyond what this connection was sent.
                         off = min(offset, sub.tail.delivery.last)
+                        if self._acks is None:
+                            self._acks = []
                         self._acks.append((stream, sub.tail.delivery.epoch, off))
                     if sub is not None:
                         self._ack_metrics(stream, offset)
@@ -385,12 +388,24 @@ class _Connection:
             return
         if self._ended:
             return  # run() has reaped its tasks: nothing may outlive the connection
-        task = host.get_loop().create_task(fn())
         children = self._children
         if children is None:
-            children = self._children = set()
-        children.add(task)
+            children = self._children = {}
+        task = host.get_loop().create_task(self._child(fn))
+        children[task] = None
         task.add_done_callback(self._child_done)
+
+    async def _child(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """A native side task: ``fn()`` in a cancel scope of its own, which
+        :meth:`_reap` cancels (anyio's cancellation, so a shielded section of
+        the application, say a command that must finish, still finishes, as
+        it does in a task group)."""
+        task = asyncio.current_task()
+        children = self._children
+        with anyio.CancelScope() as scope:
+            if task is not None and children is not None and task in children:
+                children[task] = scope
+            await fn()
 
     def _child_done(self, task: asyncio.Task[Any]) -> None:
         """A native side task ended: forget it; if it failed, end the connection
@@ -398,9 +413,9 @@ class _Connection:
         :meth:`run` raises the error)."""
         children = self._children
         if children is not None:
-            children.discard(task)
+            children.pop(task, None)
             if not children:
-                self._children = None  # an idle connection keeps no empty set
+                self._children = None  # an idle connection keeps no empty dict
         if task.cancelled():
             return
         exc = task.exception()
@@ -414,12 +429,14 @@ class _Connection:
     async def _reap(self) -> None:
         """Cancel the native side tasks still running and wait until they have ended."""
         while self._children:
-            children = list(self._children)
-            for task in children:
-                task.cancel()
-            # Cancelled again after a second: a task group re-cancels until its tasks end.
+            children = self._children
+            for task, scope in children.items():
+                if scope is None:
+                    task.cancel()  # not started yet: it never runs
+                else:
+                    scope.cancel()  # anyio re-delivers until the task leaves the scope
             with anyio.CancelScope(shield=True):
-                await asyncio.wait(children, timeout=1.0)
+                await asyncio.wait(list(children))
 
     async def _authenticate(self, action: DoAuthenticate) -> None:
         token = action.token if action.token is not None else self.upgrade_token
@@ -468,6 +485,7 @@ class _Connection:
         self._inflight += 1
         if self._commands is None:
             self._commands = deque()
+            self._idle_workers = []
         self._commands.append(action)
         idle = self._idle_workers
         while idle:
@@ -488,6 +506,7 @@ class _Connection:
         # for every wait, which cost more than handing the command over.
         loop = _asyncio_loop()
         idle = self._idle_workers
+        assert idle is not None  # created with _commands
         while True:
             while commands:
                 await self._command(commands.popleft())
@@ -575,7 +594,8 @@ class _Connection:
         return None
 
     async def _store_acks(self) -> None:
-        acks, self._acks = self._acks, []
+        acks, self._acks = self._acks, None
+        assert acks is not None  # on_message saw some
         for stream, epoch, offset in acks:
             await self.node.store_ack(self.session.principal, stream, epoch, offset)
 
