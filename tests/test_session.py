@@ -262,6 +262,28 @@ def test_subscribe_and_unsubscribe() -> None:
     assert s.subscriptions == set()
 
 
+def test_answered_requests_leave_no_table_behind() -> None:
+    """Once its sub and cmd are answered, an idle session's request maps are
+    fresh empty dicts (a dict keeps its table after its last key is popped:
+    ~0.3 kB per idle connection, thousands of them), and they still work.
+
+    Mutation seen caught: ``reply`` not replacing ``_pending_subs`` with a
+    new dict when it empties → its size stays above an empty dict's → fails.
+    """
+    import sys
+
+    s = open_session()
+    send(s, Sub(1, "room:1"))
+    send(s, Cmd(2, "echo", None))
+    s.reply(1, Subbed(1, "room:1", "e1", 0, False))
+    s.reply(2, Ok(2))
+    assert sys.getsizeof(s._pending) == sys.getsizeof(s._pending_subs) == sys.getsizeof({})
+    assert s.subscriptions == {"room:1"}
+    assert send(s, Sub(3, "room:2")) == [DoSubscribe(3, "room:2", None)]
+    assert s.reply(3, Subbed(3, "room:2", "e1", 0, False)) == [Send(Subbed(3, "room:2", "e1", 0, False))]
+    assert s.subscriptions == {"room:1", "room:2"}
+
+
 def test_already_subscribed_while_pending_and_after() -> None:
     s = open_session()
     send(s, Sub(1, "room:1"))

@@ -81,7 +81,15 @@ class Server:
             # AB_SRC: the "after" tree imported the same way as the base tree
             # (an unpacked src on PYTHONPATH), not from the installed checkout.
             env["PYTHONPATH"] = os.environ["AB_SRC"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+        # AB_CALLGRIND=<dir>: run the server under callgrind with instrumentation off;
+        # the scripts switch it on around what they measure (instructions, not time:
+        # the same on a busy machine). The server is ~50x slower meanwhile.
+        self.callgrind: Path | None = None
+        if os.environ.get("AB_CALLGRIND"):
+            Path(os.environ["AB_CALLGRIND"]).mkdir(parents=True, exist_ok=True)
+            self.callgrind = Path(os.environ["AB_CALLGRIND"]) / f"{kind}-{loop}-{time.time_ns()}.out"
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={self.callgrind}", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if self.callgrind else None, text=True, env=env)
         assert self.proc.stdout is not None
         while True:
             line = self.proc.stdout.readline()
@@ -103,6 +111,22 @@ class Server:
             )
             time.sleep(1.0)
 
+    def instrument(self, on: bool) -> None:
+        """Under ``AB_CALLGRIND``: switch callgrind's instrumentation on or off (else nothing)."""
+        if self.callgrind is not None:
+            subprocess.run(["callgrind_control", "-i", "on" if on else "off", str(self.pid)], check=True, stdout=subprocess.DEVNULL)
+
+    def instructions(self) -> int | None:
+        """Under ``AB_CALLGRIND``, after :meth:`stop`: instructions executed while instrumented."""
+        if self.callgrind is None:
+            return None
+        total = 0
+        for path in self.callgrind.parent.glob(self.callgrind.name + "*"):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(("summary:", "totals:")):
+                    total = max(total, int(line.split()[1]))
+        return total
+
     @property
     def label(self) -> str:
         return "peer" if self.kind == "peer" else f"{self.kind}/{self.loop}"
@@ -110,7 +134,7 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(10 if self.callgrind is None else 300)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -15,7 +15,11 @@ closes it). RLIMIT_NOFILE is raised for client and server.
 ``AB_TASKS=<prefix>`` (asyncio servers): also record the server's asyncio
 tasks per open connection. ``AB_TRACEMALLOC=<prefix>``: the server dumps a
 tracemalloc snapshot before the first and after the last connection
-(compare them with ``benchmarks/ab/memdiff.py``).
+(compare them with ``benchmarks/ab/memdiff.py``). ``AB_CALLGRIND=<dir>`` runs
+the rtcore servers under valgrind's callgrind, instrumented only while
+connections are being opened, and reports the server's **instructions per
+connect** (``server_instructions_per_conn``): a count that does not depend on
+the machine's load (use a small ``--total``: the server runs ~50x slower).
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from _harness import (
 )
 
 
-async def drive(port: int, pid: int, total: int, step: int, stream: str, count_tasks: bool = False) -> list[dict[str, float]]:
+async def drive(
+    port: int, pid: int, total: int, step: int, stream: str, count_tasks: bool = False, instrument: Any = None
+) -> list[dict[str, float]]:
     await asyncio.sleep(0.5)
     rss0 = rss_bytes(pid)
     snap = os.environ.get("AB_TRACEMALLOC")
@@ -55,8 +61,10 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str, count_t
     tasks0 = await _server_tasks(pid, tasks_file, 1) if tasks_file else 0
     conns: list[Conn] = []
     keepalives: list[asyncio.Task[None]] = []  # idle but alive: pings answered and sent
-    steps = []
+    steps: list[dict[str, float]] = []
     while len(conns) < total:
+        if instrument is not None:
+            await asyncio.to_thread(instrument, True)
         s0, c0, t0 = cpu_seconds(pid), self_cpu(), now()
         for _ in range(step):
             i = len(conns)
@@ -67,6 +75,8 @@ async def drive(port: int, pid: int, total: int, step: int, stream: str, count_t
             keepalives.append(asyncio.create_task(c.keepalive()))
         elapsed = now() - t0
         s1, c1 = cpu_seconds(pid), self_cpu()
+        if instrument is not None:
+            await asyncio.to_thread(instrument, False)
         # What the open connections cost while nothing connects (pings, timers),
         # subtracted from the step's CPU: the per-connect cost alone.
         i0, ti = cpu_seconds(pid), now()
@@ -137,9 +147,15 @@ def main() -> None:
             server = start(kind)
             try:
                 count_tasks = kind != "peer" and not kind.endswith("/trio")
-                runs[kind].append(run_client(drive(server.port, server.pid, args.total, args.step, args.stream, count_tasks)))
+                steps = run_client(drive(server.port, server.pid, args.total, args.step, args.stream, count_tasks, server.instrument))
+                runs[kind].append(steps)
             finally:
                 server.stop()
+            instructions = server.instructions()
+            if instructions is not None:
+                # Every step's connects were instrumented, nothing else.
+                steps[-1]["server_instructions_per_conn"] = instructions / args.total
+                print(kind, "instructions per connect:", round(instructions / args.total), flush=True)
     summary: dict[str, Any] = {}
     for kind, reps in runs.items():
         summary[kind] = {
@@ -147,6 +163,7 @@ def main() -> None:
             "server_cpu_us_per_conn_by_open": [statistics.median(r[i]["server_cpu_us_per_conn"] for r in reps) for i in range(len(reps[0]))],
             "kb_per_conn_at_total": statistics.median(r[-1]["kb_per_conn"] for r in reps),
             "tasks_per_conn_at_total": statistics.median(r[-1].get("tasks_per_conn", math.nan) for r in reps),
+            "server_instructions_per_conn": statistics.median(r[-1].get("server_instructions_per_conn", math.nan) for r in reps),
         }
     write_results(args.name, {"args": vars(args), "load_before": load_before, "load_after": load_average(), "summary": summary, "runs": runs})
 

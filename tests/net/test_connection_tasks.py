@@ -173,3 +173,148 @@ async def test_the_shared_keepalive_closes_only_the_connection_that_never_answer
             await live.stream.send(masked(0x1, b'{"t":"cmd","id":7,"name":"echo","args":"still here"}'))
             reply = await live.message("ok")
             assert reply["id"] == 7 and reply["result"] == "still here"
+
+
+async def _ended(client: RawClient) -> bool:
+    """Read until the server closes (a close frame, or TCP without one)."""
+    try:
+        while True:
+            opcode, payload = await client.frame()
+            if opcode == 0x8:
+                return True
+            if opcode == 0x9:
+                await client.stream.send(masked(0xA, payload))
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        return True
+
+
+async def _sessions_gone(server: Any) -> None:
+    with anyio.fail_after(TIMEOUT):
+        while len(server.sessions):
+            await anyio.sleep(0.01)
+    await anyio.wait_all_tasks_blocked()
+
+
+async def test_a_closed_connection_leaves_no_side_task_running() -> None:
+    """A command still running when its connection closes is cancelled: the
+    server's task count returns to what it was before the connection.
+
+    On asyncio the session's side tasks (command workers, subscribe, login,
+    writer) are native tasks of the connection, not a task group's; the
+    connection cancels and awaits them itself when it ends.
+
+    Mutation seen caught: ``_Connection._reap`` returning at once (no cancel,
+    no wait) → the ``slow`` command's worker outlives the connection → the
+    count is one above → fails (asyncio; trio runs the task group path).
+    """
+    async with serving(app) as server:
+        await anyio.wait_all_tasks_blocked()
+        before = count_tasks()
+        async with raw_client(server.port, "room:close") as client:
+            gate = "never-" + os.urandom(4).hex()
+            await client.stream.send(masked(0x1, json.dumps({"t": "cmd", "id": 2, "name": "slow", "args": {"gate": gate}}).encode()))
+            await anyio.wait_all_tasks_blocked()
+            assert count_tasks() > before  # the connection and the waiting command
+        await _sessions_gone(server)
+        assert count_tasks() == before
+
+
+async def test_a_side_task_that_fails_ends_its_connection(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in one of a session's side tasks ends that connection (its read
+    loop is cancelled, the server hangs up and logs the error) and leaves no
+    task behind, as a task group child's failure does; other connections are
+    untouched.
+
+    Mutation seen caught: ``_Connection._child_done`` not cancelling the host
+    task on a failure → the connection stays open → no close frame → fails
+    (timeout, asyncio).
+    """
+    from rtcore.server import gateway
+
+    real = gateway._Connection._subscribe
+
+    async def buggy(self: Any, action: Any, use_cursor: bool = True, resubscribe: bool = False) -> None:
+        if action.stream == "room:bug":
+            raise RuntimeError("a bug in a side task")
+        await real(self, action, use_cursor, resubscribe)
+
+    monkeypatch.setattr(gateway._Connection, "_subscribe", buggy)
+    async with serving(app) as server:
+        await anyio.wait_all_tasks_blocked()
+        before = count_tasks()
+        async with raw_client(server.port, "room:ok") as other, raw_client(server.port, "room:ok") as client:
+            await client.stream.send(masked(0x1, json.dumps({"t": "sub", "id": 2, "stream": "room:bug"}).encode()))
+            with anyio.fail_after(TIMEOUT):
+                assert await _ended(client)
+            await other.stream.send(masked(0x1, b'{"t":"cmd","id":3,"name":"echo","args":"alive"}'))
+            assert (await other.message("ok"))["result"] == "alive"
+        await _sessions_gone(server)
+        assert count_tasks() == before
+    assert "a bug in a side task" in caplog.text  # logged with its traceback
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_an_idle_connection_on_asyncio_keeps_no_task_group_and_five_coroutines() -> None:
+    """Per idle connection (hello + one subscription) on asyncio: no anyio task
+    group, no closure and at most five live coroutines (the HTTP connection, run_websocket,
+    the session, the transport's read loop, the stream's receive): each one
+    is ~0.3 kB, a task group ~1.1 kB, times thousands of connections.
+
+    Mutations seen caught: ``serve_session`` returning a coroutine that awaits
+    ``conn.run()`` → 6 coroutines → fails; the listener's task running a
+    coroutine that awaits ``HttpConnection(stream, state).run()`` → 6 →
+    fails; ``_Connection.run`` always taking the task-group path → 1 task
+    group per connection → fails; the outbox's ``render`` a lambda per
+    connection again → 20 functions more → fails.
+    """
+    import gc
+    import types
+
+    from anyio.abc import TaskGroup
+
+    def census() -> tuple[int, int, int]:
+        gc.collect()
+        objects = gc.get_objects()
+        return (
+            sum(1 for o in objects if type(o) is types.CoroutineType),
+            sum(1 for o in objects if isinstance(o, TaskGroup)),
+            sum(1 for o in objects if type(o) is types.FunctionType),
+        )
+
+    async with serving(app) as server, AsyncExitStack() as stack:
+        await anyio.wait_all_tasks_blocked()
+        coros0, groups0, functions0 = census()
+        for _ in range(CONNECTIONS):
+            await stack.enter_async_context(raw_client(server.port, "room:idle"))
+        await anyio.wait_all_tasks_blocked()
+        coros, groups, functions = census()
+        # The clients' own coroutines: each raw_client context is one suspended
+        # async generator (not a coroutine), so what is counted is the server's.
+        assert (coros - coros0) / CONNECTIONS <= 5, (coros - coros0) / CONNECTIONS
+        assert groups == groups0
+        assert functions - functions0 < CONNECTIONS  # no closure per connection
+        assert len(server.sessions) == CONNECTIONS
+
+
+async def test_a_close_the_peer_never_answers_ends_the_connection_after_close_timeout() -> None:
+    """The read loop itself closes (a message over ``max_message_bytes``: 1009)
+    and the client never sends its close frame back nor hangs up: the server
+    drops TCP ``close_timeout`` later.
+
+    On asyncio the read loop runs in no cancel scope (``ProtocolStream``): a
+    loop timer closes the stream at the deadline instead; on trio the read
+    loop's cancel scope gets the deadline.
+
+    Mutation seen caught: ``_start_close`` not scheduling ``_closer`` (the
+    ``elif`` branch removed) → the server waits for the close frame forever →
+    the client never sees EOF → fails (timeout, asyncio).
+    """
+    limits = ServerLimits(max_message_bytes=64, close_timeout=0.3, ping_interval=None)
+    async with serving(app, limits=limits) as server, raw_client(server.port, "room:big") as client:
+        await client.stream.send(masked(0x1, b"x" * 100))
+        opcode, payload = await client.frame()
+        assert opcode == 0x8 and struct.unpack("!H", payload[:2])[0] == 1009
+        with anyio.fail_after(TIMEOUT):
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                while True:
+                    await client.stream.receive()

@@ -217,7 +217,9 @@ async def test_open_session_keeps_no_upgrade_request() -> None:
     """An open session holds the token and peer it needs, not the whole upgrade
     request (header list and query dict, ~1.5 kB per idle connection).
 
-    Mutation seen caught: removing ``del request`` in ``Server._on_websocket`` → fails.
+    Mutation seen caught: ``Server._on_websocket`` an ``async def`` that
+    awaits ``serve_session(..., token=request.token, ...)`` (its frame keeps
+    ``request``) → fails.
     """
     import gc
 

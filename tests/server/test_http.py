@@ -316,3 +316,22 @@ async def test_max_connections_pauses_accepting() -> None:
                     await second.get(f"{srv.http_url}/echo", timeout=0.3)  # queued in the backlog
         async with httpx.AsyncClient() as third:  # the first one left: accepted again
             assert (await third.get(f"{srv.http_url}/echo")).status_code == 200
+
+
+def test_header_list_is_h11s_lower_case_pairs() -> None:
+    """The request's header list (read from h11's internal triples for speed)
+    equals what iterating h11's ``Headers`` gives: lower-case names, values as sent,
+    in order, repeats kept.
+
+    Mutation seen caught: ``_header_list`` taking the raw name of each triple
+    (``raw`` instead of ``name``) → ``b"Host"`` where ``b"host"`` belongs → fails.
+    """
+    import h11
+
+    from rtcore.transport.http import _header_list
+
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\nX-Two: a\r\nx-two: B\r\nUpgrade: WebSocket\r\n\r\n")
+    event = conn.next_event()
+    assert isinstance(event, h11.Request)
+    assert _header_list(event) == list(event.headers) == [(b"host", b"x"), (b"x-two", b"a"), (b"x-two", b"B"), (b"upgrade", b"WebSocket")]

@@ -252,3 +252,25 @@ async def test_a_handler_that_ignores_the_close_is_cancelled_after_the_deadline(
                 await control.stop(grace=0.1)
     assert cancelled.is_set()
     assert control.connections == 0
+
+
+@pytest.mark.asyncio_only(reason="ProtocolStream is the asyncio path; trio keeps anyio's streams")
+async def test_close_forcefully_closes_a_protocol_stream_at_once_even_when_cancelled() -> None:
+    """``close_forcefully`` closes a ProtocolStream without a cancel scope or an
+    await: inside an already cancelled scope the stream is still closed (a
+    waiting reader wakes with ``ClosedResourceError``), as
+    ``anyio.aclose_forcefully`` under a shield does for other streams.
+
+    Mutation seen caught: the ProtocolStream branch returning without
+    ``close_now()`` → the stream stays open → fails.
+    """
+    from rtcore.transport.aiostream import close_forcefully
+
+    async with pair() as (stream, _peer):
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await close_forcefully(stream)
+        transport = stream._transport
+        assert transport is not None and transport.is_closing()
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.receive()

@@ -539,3 +539,24 @@ async def test_upgrade_request_is_released_once_the_handler_drops_it() -> None:
                 assert await ws.recv() == "hi"
     assert seen == ["t0"]
     assert alive == [0]
+
+
+def test_upgrade_and_connection_tokens_in_every_form() -> None:
+    """``Upgrade``/``Connection`` tokens are found alone (the fast path), in
+    comma lists, with spaces around them, in any case and on repeated lines;
+    empty values and other tokens are not upgrades.
+
+    Mutation seen caught: the single-token fast path of ``_tokens`` not
+    stripping the value → ``b" websocket "`` is not an upgrade → fails.
+    """
+    from rtcore.transport.handshake import _tokens, is_websocket_upgrade
+
+    assert is_websocket_upgrade([(b"upgrade", b"websocket")])
+    assert is_websocket_upgrade([(b"upgrade", b" WebSocket ")])
+    assert is_websocket_upgrade([(b"upgrade", b"h2c, websocket")])
+    assert is_websocket_upgrade([(b"upgrade", b"h2c"), (b"upgrade", b"websocket")])
+    assert not is_websocket_upgrade([(b"upgrade", b"")])
+    assert not is_websocket_upgrade([(b"upgrade", b"h2c")])
+    assert not is_websocket_upgrade([(b"connection", b"websocket")])
+    assert _tokens([(b"connection", b"keep-alive, Upgrade"), (b"connection", b" close ")], b"connection") == ["keep-alive", "Upgrade", "close"]
+    assert _tokens([(b"connection", b" , ,")], b"connection") == []

@@ -361,10 +361,16 @@ class Session:
             if kind is not None:
                 self._pending[rid] = kind
             return []
+        if not self._pending:
+            # A dict keeps its table after its last key is popped: an idle
+            # session (thousands wait at once) holds an empty one instead.
+            self._pending = {}
         if kind == "cmd":
             self._commands -= 1
         elif kind == "sub":
             stream = self._pending_subs.pop(rid)
+            if not self._pending_subs:
+                self._pending_subs = {}
             if not isinstance(frame, Err):
                 self.subscriptions.add(stream)
         if self.state is SessionState.CLOSED:

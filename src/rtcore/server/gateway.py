@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import operator
 import secrets
 import time
 from collections import deque
@@ -153,6 +154,28 @@ async def _set_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
+# One renderer per encoding, shared by every connection (a closure per
+# connection cost ~0.4 kB each with its cell).
+_RENDER: dict[str, Callable[[Any], bytes]] = {}
+_RENDER_SYNC: dict[str, Callable[[dict[str, bytes]], bytes]] = {}
+
+
+def _render_for(encoding: str) -> Callable[[Any], bytes]:
+    """``event.encoded(encoding)`` as one shared function per encoding."""
+    render = _RENDER.get(encoding)
+    if render is None:
+        render = _RENDER[encoding] = operator.methodcaller("encoded", encoding)
+    return render
+
+
+def _render_sync_for(encoding: str) -> Callable[[dict[str, bytes]], bytes]:
+    """``frames[encoding]`` as one shared function per encoding."""
+    render = _RENDER_SYNC.get(encoding)
+    if render is None:
+        render = _RENDER_SYNC[encoding] = operator.itemgetter(encoding)
+    return render
+
+
 def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
     """The running asyncio loop, or None on trio (the only other loop anyio runs on)."""
     try:
@@ -164,9 +187,9 @@ def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
 class _Connection:
     # Thousands live at once: no per-instance __dict__ (its resizes cost ~1.6 kB each).
     __slots__ = (
-        "__weakref__", "_acks", "_closing", "_commands", "_deadline", "_ended", "_idle", "_idle_workers", "_inflight",
-        "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg", "_timer_scope",
-        "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
+        "__weakref__", "_acks", "_children", "_closing", "_commands", "_deadline", "_ended", "_failure", "_host", "_idle",
+        "_idle_workers", "_inflight", "_inline", "_lazy_writer", "_on_close", "_present", "_registry", "_sub_actions", "_tg",
+        "_timer_scope", "_timers", "acked", "codec", "encoding", "id", "metrics", "node", "opened_at", "outbox", "peer", "session",
         "subs", "transport", "upgrade_token",
     )
 
@@ -207,8 +230,8 @@ class _Connection:
         fast = cast(FastWriter, transport) if _implements(transport, FastWriter) else None
         self.outbox = Outbox(
             outbox,
-            render=lambda e: e.encoded(enc),
-            render_sync=lambda frames: frames[enc],
+            render=_render_for(enc),
+            render_sync=_render_sync_for(enc),
             spawn=self._spawn,
             on_slow=self._slow,
             on_stale=self._stale,
@@ -222,6 +245,14 @@ class _Connection:
         self._present: str | None = None  # the principal reported to node.presence
         self._closing: tuple[int, str] | None = None
         self._tg: TaskGroup | None = None
+        # asyncio with an inline reader and SessionTimers: no task group (~1.1 kB per
+        # connection); side tasks are native tasks of the loop, kept in _children
+        # with their cancel scope while they run (None: none runs), cancelled and
+        # awaited when run() ends.
+        # The first one to fail cancels _host (the task in run()) with _failure.
+        self._host: asyncio.Task[Any] | None = None
+        self._children: dict[asyncio.Task[Any], anyio.CancelScope | None] | None = None
+        self._failure: BaseException | None = None
         self._lazy_writer = False  # run(): the writer task starts on the outbox's first need
         self._inline = False  # serve_session: the transport's read loop runs in run()'s task
         self._inflight = 0
@@ -230,9 +261,9 @@ class _Connection:
         # handed to an idle worker (or a new one when all are busy, so commands stay
         # concurrent and a slow one delays nothing), instead of one new task each.
         self._commands: deque[DoCommand] | None = None  # created by the first command
-        self._idle_workers: list[anyio.Event | asyncio.Future[None]] = []
+        self._idle_workers: list[anyio.Event | asyncio.Future[None]] | None = None  # created with _commands
         self._on_close = on_close
-        self._acks: list[tuple[str, str, int]] = []
+        self._acks: list[tuple[str, str, int]] | None = None  # created by the first ack to store
         self._timer_scope: anyio.CancelScope | None = None  # own timer task only (no SessionTimers)
         self._timers = timers
         self._deadline: float | None = None  # scheduled in _timers (None: not scheduled)
@@ -333,6 +364,8 @@ class _Connection:
                     if sub is not None and self.session.principal is not None:
                         # Never store a cursor beyond what this connection was sent.
                         off = min(offset, sub.tail.delivery.last)
+                        if self._acks is None:
+                            self._acks = []
                         self._acks.append((stream, sub.tail.delivery.epoch, off))
                     if sub is not None:
                         self._ack_metrics(stream, offset)
@@ -348,8 +381,62 @@ class _Connection:
             self.metrics.acked.observe(self.node.clock() - sent[1])
 
     def _spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
-        assert self._tg is not None
-        self._tg.start_soon(fn)
+        host = self._host
+        if host is None:
+            assert self._tg is not None
+            self._tg.start_soon(fn)
+            return
+        if self._ended:
+            return  # run() has reaped its tasks: nothing may outlive the connection
+        children = self._children
+        if children is None:
+            children = self._children = {}
+        task = host.get_loop().create_task(self._child(fn))
+        children[task] = None
+        task.add_done_callback(self._child_done)
+
+    async def _child(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """A native side task: ``fn()`` in a cancel scope of its own, which
+        :meth:`_reap` cancels (anyio's cancellation, so a shielded section of
+        the application, say a command that must finish, still finishes, as
+        it does in a task group)."""
+        task = asyncio.current_task()
+        children = self._children
+        with anyio.CancelScope() as scope:
+            if task is not None and children is not None and task in children:
+                children[task] = scope
+            await fn()
+
+    def _child_done(self, task: asyncio.Task[Any]) -> None:
+        """A native side task ended: forget it; if it failed, end the connection
+        with its error (as a task group would: the host task is cancelled and
+        :meth:`run` raises the error)."""
+        children = self._children
+        if children is not None:
+            children.pop(task, None)
+            if not children:
+                self._children = None  # an idle connection keeps no empty dict
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or self._failure is not None:
+            return
+        self._failure = exc
+        host = self._host
+        if host is not None and not self._ended:
+            host.cancel()
+
+    async def _reap(self) -> None:
+        """Cancel the native side tasks still running and wait until they have ended."""
+        while self._children:
+            children = self._children
+            for task, scope in children.items():
+                if scope is None:
+                    task.cancel()  # not started yet: it never runs
+                else:
+                    scope.cancel()  # anyio re-delivers until the task leaves the scope
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(list(children))
 
     async def _authenticate(self, action: DoAuthenticate) -> None:
         token = action.token if action.token is not None else self.upgrade_token
@@ -398,6 +485,7 @@ class _Connection:
         self._inflight += 1
         if self._commands is None:
             self._commands = deque()
+            self._idle_workers = []
         self._commands.append(action)
         idle = self._idle_workers
         while idle:
@@ -418,6 +506,7 @@ class _Connection:
         # for every wait, which cost more than handing the command over.
         loop = _asyncio_loop()
         idle = self._idle_workers
+        assert idle is not None  # created with _commands
         while True:
             while commands:
                 await self._command(commands.popleft())
@@ -505,7 +594,8 @@ class _Connection:
         return None
 
     async def _store_acks(self) -> None:
-        acks, self._acks = self._acks, []
+        acks, self._acks = self._acks, None
+        assert acks is not None  # on_message saw some
         for stream, epoch, offset in acks:
             await self.node.store_ack(self.session.principal, stream, epoch, offset)
 
@@ -542,6 +632,29 @@ class _Connection:
         code = 1006
         reason = ""
         try:
+            if self._inline and self._timers is not None and (loop := _asyncio_loop()) is not None:
+                host = self._host = asyncio.current_task(loop)
+                assert host is not None
+                self._timers.schedule(self, self.session.next_deadline())
+                self._lazy_writer = True
+                if self.outbox.queued_frames or self.outbox.closed:
+                    self._start_writer()
+                try:
+                    try:
+                        await cast(InlineReader, self.transport).run_reader()
+                    except ConnectionClosed as closed:
+                        self._reader_closed(closed)
+                        raise
+                    finally:
+                        self._ended = True  # _spawn starts nothing more, _child_done cancels nobody
+                        await self._reap()
+                except asyncio.CancelledError:
+                    # Cancelled by _child_done, not by anyone else: fail with its error.
+                    if self._failure is None or host.uncancel():
+                        raise
+                if self._failure is not None:
+                    raise self._failure
+                return
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 if self._timers is None:
@@ -611,7 +724,7 @@ class _Connection:
         self.outbox.abort()
 
 
-async def serve_session(
+def serve_session(
     node: Node,
     transport: FrameTransport,
     *,
@@ -622,8 +735,12 @@ async def serve_session(
     registry: SessionRegistry | None = None,
     peer: str | None = None,
     timers: SessionTimers | None = None,
-) -> None:
-    """Run one client session over ``transport`` until it closes.
+) -> Coroutine[Any, Any, None]:
+    """Run one client session over ``transport`` until it closes: ``await serve_session(...)``.
+
+    A plain function returning the session's coroutine (one coroutine frame
+    less per open connection, thousands wait at once); the session is set
+    up when it is called.
 
     Args:
         node: The running node.
@@ -648,4 +765,4 @@ async def serve_session(
     conn._inline = _implements(transport, InlineReader) and cast(InlineReader, transport).take_reader(
         conn.on_message, conn.outbox.flushed
     )
-    await conn.run()
+    return conn.run()

@@ -103,7 +103,10 @@ class SessionRegistry:
 
     def __init__(self) -> None:
         self._sessions: dict[str, RegisteredSession] = {}
-        self._changed = anyio.Event()
+        # Created by the first changed() waiting for it: every connect and every
+        # close notifies, and an event per notification nobody waits for cost
+        # an allocation (an asyncio.Event with its deque, on asyncio) each.
+        self._changed: anyio.Event | None = None
         self._draining: tuple[TaskGroup, float] | None = None
         #: Sessions ever registered.
         self.opened = 0
@@ -126,11 +129,14 @@ class SessionRegistry:
             self._notify()
 
     def _notify(self) -> None:
-        ev, self._changed = self._changed, anyio.Event()
-        ev.set()
+        ev, self._changed = self._changed, None
+        if ev is not None:
+            ev.set()
 
     async def changed(self) -> None:
         """Return at the next session added or removed."""
+        if self._changed is None:
+            self._changed = anyio.Event()
         await self._changed.wait()
 
     def __len__(self) -> int:

@@ -31,14 +31,13 @@ close 1008).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib.util
 import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
 
@@ -62,7 +61,7 @@ from ..transport import (
     serve,
 )
 from ..transport.http import format_peer
-from .gateway import ConnectionClosed, SessionTimers, serve_session
+from .gateway import SessionTimers, serve_session
 from .presence import PresenceAnnouncer
 from .registry import SessionRegistry
 from .routes import Routes, schema
@@ -231,22 +230,21 @@ class Server:
 
     # --- WebSocket -------------------------------------------------------------
 
-    async def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> None:
+    def _on_websocket(self, transport: _WsTransport, request: UpgradeRequest) -> Coroutine[Any, Any, None]:
+        # A plain function returning the session's coroutine: no frame of its own
+        # stays alive per connection, nor the request (its header list and query
+        # dict); the session needs two of its fields. run_websocket ends the
+        # connection quietly on ConnectionClosed.
         assert self.node is not None
-        # The session needs two fields: let go of the request (its header list and
-        # query dict) rather than keep it for the connection's lifetime.
-        token, peer = request.token, format_peer(request.peer)
-        del request
-        with contextlib.suppress(ConnectionClosed):
-            await serve_session(
-                self.node,
-                transport,
-                token=token,
-                hello_timeout=self.limits.handshake_timeout,
-                registry=self.sessions,
-                peer=peer,
-                timers=self._timers,
-            )
+        return serve_session(
+            self.node,
+            transport,
+            token=request.token,
+            hello_timeout=self.limits.handshake_timeout,
+            registry=self.sessions,
+            peer=format_peer(request.peer),
+            timers=self._timers,
+        )
 
     # --- HTTP ------------------------------------------------------------------
 

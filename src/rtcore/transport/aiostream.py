@@ -34,7 +34,7 @@ from typing import Any, cast
 import anyio
 from anyio.abc import ByteStream, SocketAttribute
 
-__all__ = ["ProtocolStream"]
+__all__ = ["ProtocolStream", "close_forcefully"]
 
 
 class ProtocolStream(asyncio.Protocol, ByteStream):
@@ -241,3 +241,18 @@ class ProtocolStream(asyncio.Protocol, ByteStream):
         if sock is not None:
             attrs[SocketAttribute.family] = lambda: sock.family
         return attrs
+
+
+async def close_forcefully(stream: ByteStream) -> None:
+    """Close ``stream`` at once, even when cancelled (what ``anyio.aclose_forcefully``
+    does under a shield).
+
+    A :class:`ProtocolStream` is closed without a cancel scope: entering a
+    scope and cancelling it (anyio formats a cancel message naming the task)
+    was ~5 % of a connection's CPU in py-spy.
+    """
+    if isinstance(stream, ProtocolStream):
+        stream.close_now()
+        return
+    with anyio.CancelScope(shield=True):
+        await anyio.aclose_forcefully(stream)

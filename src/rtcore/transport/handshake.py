@@ -70,7 +70,14 @@ def _values(headers: Headers, name: bytes) -> list[bytes]:
 def _tokens(headers: Headers, name: bytes) -> list[str]:
     """Comma-separated list values of a header that may repeat (RFC 9110 §5.6.1)."""
     out: list[str] = []
-    for value in _values(headers, name):
+    for key, value in headers:
+        if key != name:
+            continue
+        if b"," not in value:  # one token: the common case, without the split
+            token = value.decode("latin-1").strip()
+            if token:
+                out.append(token)
+            continue
         out.extend(t.strip() for t in value.decode("latin-1").split(",") if t.strip())
     return out
 

@@ -251,10 +251,13 @@ def _acceptor(
     :class:`ProtocolStream` and runs connections as native tasks; otherwise
     anyio's listener and the ``connections`` task group."""
     if native is not None:
-        tasks = native
+        native.control = control
+        native.limiter = limiter
 
         def start_native(stream: _Stream, token: object) -> None:
-            tasks.start(_connection(stream, state, control, None, limiter, token))
+            # The task runs the HTTP connection itself: _NativeTasks does
+            # _connection()'s bookkeeping when it ends (one coroutine frame less).
+            native.start_connection(HttpConnection(stream, state).run(), token)
 
         return _protocol_acceptor(listener, state), start_native
 
@@ -271,24 +274,57 @@ class _NativeTasks:
     itself (its task state, cancel scope bookkeeping and done event); the
     listener does the task group's two jobs for these itself: hold a
     reference while they run, and cancel them at the shutdown deadline.
+    A connection task runs :meth:`HttpConnection.run` directly; what
+    :func:`_connection` does when it ends (the connection count, the
+    ``max_connections`` slot) is done by its done callback.
+
+    Attributes:
+        control: The server's control (its connection count).
+        limiter: ``max_connections``' limiter (None: no limit).
     """
 
-    __slots__ = ("_loop", "tasks")
+    __slots__ = ("_conn_done", "_loop", "_side_done", "_tokens", "control", "limiter", "tasks")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.control: ServerControl | None = None
+        self.limiter: anyio.CapacityLimiter | None = None
+        # Limiter tokens of running connection tasks (only with max_connections).
+        self._tokens: dict[asyncio.Task[Any], object] = {}
+        # One bound method each, not one per task.
+        self._side_done = self._done
+        self._conn_done = self._connection_done
 
-    def start(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def start(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = self._loop.create_task(coro)
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._side_done)
+        return task
+
+    def start_connection(self, coro: Coroutine[Any, Any, Any], token: object) -> None:
+        """Run one connection (``HttpConnection.run()``); ``token`` holds its limiter slot."""
+        task = self._loop.create_task(coro)
+        self.tasks.add(task)
+        if self.limiter is not None:
+            self._tokens[task] = token
+        task.add_done_callback(self._conn_done)
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             # In a task group this would have ended the server; here only its task.
             log.error("connection side task failed", exc_info=exc)
+
+    def _connection_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("connection task failed", exc_info=exc)
+        if self.control is not None:
+            self.control._closed()
+        token = self._tokens.pop(task, None)
+        if token is not None and self.limiter is not None:
+            self.limiter.release_on_behalf_of(token)
 
     def start_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         """:class:`~rtcore.transport.websocket.TaskSpawner`: the WebSockets' side tasks run here too."""

@@ -79,7 +79,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 from wsproto.extensions import Extension
 
 from ..protocol.deadlines import DeadlineHeap
-from .aiostream import ProtocolStream
+from .aiostream import ProtocolStream, close_forcefully
 from .config import ServerLimits
 from .errors import ConnectionClosed
 from .messages import UpgradeRequest
@@ -163,6 +163,9 @@ def _new_wsproto(extensions: Sequence[Extension]) -> Connection:
         ws._events = _NoEvents()  # type: ignore[assignment]
     return ws
 
+
+#: The read loop's "scope" when it needs none (see WebSocketTransport._reader_scope).
+_NO_SCOPE = contextlib.nullcontext()
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -252,6 +255,7 @@ class WebSocketTransport:
         "_aborted",
         "_caught_up",
         "_close_sent",
+        "_closer",
         "_code",
         "_deliver_scope",
         "_delivered",
@@ -340,7 +344,12 @@ class WebSocketTransport:
         # close() that waits for it.
         self._finished = False
         self._done: anyio.Event | None = None
-        self._reader_scope = anyio.CancelScope()
+        # What bounds the read loop once the connection is closing: a cancel scope
+        # it runs in, or on a ProtocolStream (whose close wakes a waiting receive)
+        # no scope (~0.6 kB per connection) but a loop timer that closes the
+        # stream at the deadline (_closer, set by _start_close).
+        self._reader_scope: anyio.CancelScope | None = None if isinstance(stream, ProtocolStream) else anyio.CancelScope()
+        self._closer: asyncio.TimerHandle | None = None
         self._deliver_scope: anyio.CancelScope | None = None
         self._caught_up: anyio.Event | None = None  # see _let_application_catch_up
         # Messages handed to the inbox so far, and that count when the application
@@ -579,9 +588,9 @@ class WebSocketTransport:
         self._set_code(1006, "connection aborted")
         if not self._aborted:
             self._aborted = True
-            with anyio.CancelScope(shield=True):
-                await anyio.aclose_forcefully(self._stream)
-        self._reader_scope.cancel()
+            await close_forcefully(self._stream)
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
 
     async def _start_close(self, code: int, reason: str) -> None:
         """Send our close frame (once) and bound the wait for the peer's."""
@@ -604,7 +613,15 @@ class WebSocketTransport:
             await self._abort()
             return
         deadline = anyio.current_time() + self._limits.close_timeout
-        self._reader_scope.deadline = min(self._reader_scope.deadline, deadline)
+        reader_scope = self._reader_scope
+        if reader_scope is not None:
+            reader_scope.deadline = min(reader_scope.deadline, deadline)
+        elif self._closer is None and not self._finished:
+            # On asyncio anyio's clock is the loop's: at the deadline the stream is
+            # closed, which ends a receive() waiting in the read loop.
+            stream = self._stream
+            assert isinstance(stream, ProtocolStream)
+            self._closer = asyncio.get_running_loop().call_at(deadline, stream.close_now)
 
     async def _reader_task(self) -> None:
         """The read loop as a task of :func:`run_websocket`, unless :meth:`take_reader` claimed it."""
@@ -625,7 +642,7 @@ class WebSocketTransport:
             ConnectionClosed: Always, once the connection has ended (its code says how).
         """
         try:
-            with self._reader_scope:
+            with self._reader_scope or _NO_SCOPE:
                 done = False
                 if self._trailing:
                     data, self._trailing = self._trailing, b""
@@ -643,11 +660,13 @@ class WebSocketTransport:
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
+            if self._closer is not None:
+                self._closer.cancel()
+                self._closer = None
             self._close_inbox()
             if not self._aborted:
                 self._aborted = True
-                with anyio.CancelScope(shield=True):
-                    await anyio.aclose_forcefully(self._stream)
+                await close_forcefully(self._stream)
             self._finished = True
             if self._done is not None:
                 self._done.set()
