@@ -106,7 +106,7 @@ class Server:
             cmd += ["--backend", self.backend, "--loop", loop]
         env = None
         if self.name.startswith("base-"):
-            # AB_BASE_SRC=<tree>/src: the "before" side of an A/B in one run (storm only).
+            # AB_BASE_SRC=<tree>/src: the "before" side of an A/B in one run (any workload).
             env = {**os.environ, "PYTHONPATH": os.environ["AB_BASE_SRC"]}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         assert self.proc.stdout is not None
