@@ -22,7 +22,7 @@ import pytest
 import rtcore
 from rtcore import rooms
 from rtcore.rooms.runtime import RoomDoc
-from rtcore.testing import connect, serve
+from rtcore.testing import FakeClock, connect, serve
 
 from .roomapp import make_app
 
@@ -378,3 +378,70 @@ async def test_a_fenced_off_inline_step_stops_the_owner_and_the_input_lands_once
         await reg.settle(node, rid)
         st = (await node.state_of(f"room:{rid}")).state
         assert isinstance(st, RoomDoc) and st.state["counter"] == 1
+
+
+async def test_room_section_follows_metadata_cleared_and_timers_set_or_fired() -> None:
+    """A room without metadata or pending timers takes ``_room_doc``'s short path (no
+    copies, no encoding); leaving it (a timer set, metadata added) and coming back to it
+    (the timer fired, the metadata cleared) each reach every follower's document.
+
+    Mutation seen caught: drop ``and not self.timers`` from the short path's test → the
+    timer set by a move is never published → fails; on the short path return the cached
+    section without comparing the key once one is cached → the fired timer and the
+    cleared metadata stay in the document → fails.
+    """
+    app = rtcore.App("room-section-short")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("meta")
+    class MetaRoom(rooms.Room[Meta]):
+        def bump(self) -> None:
+            self.state.n += 100
+
+        @rooms.message("do")
+        async def do(self, player: rooms.Player, data: str) -> None:
+            if data == "timer":
+                self.clock.set_timeout(60, self.bump)
+            elif data == "meta":
+                self.metadata["level"] = 1
+            else:
+                self.metadata.clear()
+            self.state.n += 1
+
+    clock = FakeClock()
+    async with serve(app, clock=clock) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "meta", "private": True})
+        rid = created.result["room_id"]
+
+        async def doc() -> RoomDoc:
+            await reg.settle(node, rid)
+            st = (await node.state_of(f"room:{rid}")).state
+            assert isinstance(st, RoomDoc)
+            actor = reg.runtime(node).actors[rid]
+            assert msgspec.msgpack.encode(st.builtins()) == msgspec.msgpack.encode(actor.prev)
+            return st
+
+        steps: list[tuple[str, int, dict[str, Any], int]] = [
+            ("timer", 1, {}, 1),
+            ("fire", 0, {}, 101),
+            ("meta", 0, {"level": 1}, 102),
+            ("clear", 0, {}, 103),
+        ]
+        for step, timers, metadata, n in steps:
+            if step == "fire":
+                clock.advance(61)
+                for _ in range(100):
+                    if (await doc()).state["n"] == n:
+                        break
+                    await anyio.sleep(0.01)
+            else:
+                assert (await node.dispatch(who, "room.send", {"room_id": rid, "type": "do", "data": step})).ok
+            st = await doc()
+            assert st.state["n"] == n, (step, st.state)
+            assert len(st.room["timers"]) == timers, (step, st.room)
+            assert st.room["metadata"] == metadata, (step, st.room)

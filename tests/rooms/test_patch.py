@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from rtcore.protocol.patch import PatchError, apply, diff
+from rtcore.protocol.patch import PatchError, apply, diff, diff_into
 from rtcore.protocol.state import checksum
 
 scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=5)
@@ -109,3 +109,21 @@ def test_bad_ops_name_the_problem(doc: Any, ops: Any, message: str) -> None:
     """An op that does not fit (a client that missed a patch) raises PatchError naming it."""
     with pytest.raises(PatchError, match=message):
         apply(doc, ops)
+
+
+@given(docs, docs, docs, docs)
+def test_diff_into_appends_the_ops_of_each_section(old_a: Any, new_a: Any, old_b: Any, new_b: Any) -> None:
+    """``diff_into`` (how a room diffs its document section by section) appends to one list
+    exactly the ops ``diff`` gives for each section at its path, in order, and they patch
+    the whole document.
+
+    Mutation seen caught: ``diff_into`` starts ``_diff`` at ``[]`` instead of ``path`` →
+    the ops land at the root → fails; it replaces ``ops`` instead of appending (diffs
+    into a fresh list) → the first section's ops are lost → fails.
+    """
+    ops: list[Any] = []
+    diff_into(old_a, new_a, ["a"], ops)
+    diff_into(old_b, new_b, ["b"], ops)
+    assert ops == diff(old_a, new_a, ["a"]) + diff(old_b, new_b, ["b"])
+    got = apply(copy.deepcopy({"a": old_a, "b": old_b}), ops)
+    assert checksum(got) == checksum({"a": new_a, "b": new_b})

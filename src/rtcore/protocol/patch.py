@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 
 import msgspec
 
-__all__ = ["Op", "PatchError", "apply", "diff"]
+__all__ = ["Op", "PatchError", "apply", "diff", "diff_into"]
 
 #: One operation (see the module docstring).
 Op: TypeAlias = list[Any]
@@ -61,6 +61,23 @@ def diff(old: Any, new: Any, path: list[Any] | None = None) -> list[Op]:
     ops: list[Op] = []
     _diff(old, new, list(path) if path else [], ops)
     return ops
+
+
+def diff_into(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
+    """:func:`diff` appending to ``ops``, for a caller that diffs a document section by section.
+
+    A room diffs its document on every move: :func:`diff`'s own list and
+    path copy per section, and the concatenation of their results, were a
+    measurable share of it (py-spy).
+
+    Args:
+        old: The section before.
+        new: The section after.
+        path: Where the section sits in the document (a fresh list: ops may
+            hold it, the caller must not change it afterwards).
+        ops: Where the ops are appended, in the order they must be applied.
+    """
+    _diff(old, new, path, ops)
 
 
 _SCALARS = (str, int, float, bool, type(None))

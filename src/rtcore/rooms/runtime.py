@@ -317,9 +317,18 @@ class _Actor:
         metadata and timers as MessagePack bytes, which tell ``1`` from
         ``1.0`` and ``True`` (``==`` does not, and a patch must).
         """
-        metadata = state_builtins(self.room.metadata)
-        timers = self._durable_timers()
-        key = (self.locked, self.private, self.disposed, _pack((metadata, timers)))
+        md = self.room.metadata
+        # The common room (no metadata, no timer) skips the copies and the
+        # encoding: they were a good part of a small room's document (py-spy).
+        if type(md) is dict and not md and not self.timers:
+            metadata: Any = {}
+            timers: list[list[Any]] = []
+            blob = b""  # never the encoding of a (metadata, timers) pair
+        else:
+            metadata = state_builtins(md)
+            timers = self._durable_timers()
+            blob = _pack((metadata, timers))
+        key = (self.locked, self.private, self.disposed, blob)
         if key != self._room_key:
             self._room_key = key
             self._room_cache = {
@@ -348,11 +357,15 @@ class _Actor:
     def _diff(self, new: dict[str, Any]) -> list[patch.Op]:
         """``patch.diff(self.prev, new)``, skipping ``members`` and ``room`` when they are the objects published last time."""
         ops: list[patch.Op] = []
+        prev = self.prev
         for key, value in new.items():
-            old = self.prev.get(key)
-            if value is old and (key == "members" or key == "room"):
+            old = prev.get(key)
+            # The same object: ``members`` and ``room`` when no seat and no room
+            # field changed (rebuilt, never changed in place, when one does);
+            # ``state`` is a fresh copy on every step and ``inbox`` an int.
+            if value is old:
                 continue
-            ops += patch.diff(old, value, [key])
+            patch.diff_into(old, value, [key], ops)
         return ops
 
     def _durable_timers(self) -> list[list[Any]]:
@@ -775,7 +788,7 @@ class _Actor:
             return False
         self.inline = True
         try:
-            with anyio.CancelScope(shield=True):
+            with self.rt.shield():
                 await self.apply_entry(ev)
         except Exception:
             # An owner whose step failed (fenced off by another writer, backend
@@ -1083,6 +1096,16 @@ def _data_type(fn: Callable[..., Any]) -> Any:
     return None if target is Any else target
 
 
+def _scope_factory() -> Callable[..., anyio.CancelScope]:
+    """The running backend's cancel scope factory (``anyio.CancelScope`` if anyio hides it)."""
+    try:
+        from anyio._core._eventloop import get_async_backend
+
+        return typing.cast("Callable[..., anyio.CancelScope]", get_async_backend().create_cancel_scope)
+    except Exception:  # an anyio without it: the public class (slower, same scope)
+        return anyio.CancelScope
+
+
 class _Runtime:
     """The rooms of one node."""
 
@@ -1108,7 +1131,21 @@ class _Runtime:
         self.fallback_read = FALLBACK_READ if "processor" in node.roles else IDLE_WAIT
         self.keeping = False
         self._retention: dict[str, Any] = {}  # the app's rule for each room:{id} owned here
+        self._scope: Callable[..., anyio.CancelScope] | None = None  # see shield()
         node.presence.watch(self._presence_changed)
+
+    def shield(self) -> anyio.CancelScope:
+        """``anyio.CancelScope(shield=True)``, made by the event loop's backend directly.
+
+        ``anyio.CancelScope()`` looks up the running backend (sniffio) on
+        every call: a third of the shielded scope around every inline move
+        (py-spy). A node runs on one event loop for its lifetime, so the
+        backend's factory is looked up once.
+        """
+        make = self._scope
+        if make is None:
+            make = self._scope = _scope_factory()
+        return make(shield=True)
 
     async def write(self, stream: str, type_: str, data: dict[str, Any], *, expect: int) -> Event:
         """Append a patch the owner made (builtins already, to a stream name it built).
