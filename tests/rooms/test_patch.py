@@ -127,3 +127,63 @@ def test_diff_into_appends_the_ops_of_each_section(old_a: Any, new_a: Any, old_b
     assert ops == diff(old_a, new_a, ["a"]) + diff(old_b, new_b, ["b"])
     got = apply(copy.deepcopy({"a": old_a, "b": old_b}), ops)
     assert checksum(got) == checksum({"a": new_a, "b": new_b})
+
+
+def _retype(value: Any) -> Any:
+    """``value`` with every int as a float and every bool as an int: equal by ``==``, not on the wire."""
+    if type(value) is dict:
+        return {k: _retype(v) for k, v in value.items()}
+    if type(value) is list:
+        return [_retype(v) for v in value]
+    if type(value) is bool:
+        return int(value)
+    if type(value) is int:
+        return float(value)
+    return value
+
+
+big_maps = st.dictionaries(st.text(max_size=3), docs, min_size=8, max_size=12)
+
+
+@given(big_maps, st.data())
+@example({f"k{i}": [1, 2] for i in range(10)}, None)
+def test_large_maps_with_the_same_keys_are_patched_exactly(old: dict[str, Any], data: Any) -> None:
+    """A map of 8 keys or more diffed against one with the same keys (the bulk path, where
+    the unchanged items are compared all at once) patches every changed item, including
+    items equal by ``==`` that differ in type deep inside (``1`` → ``1.0``, ``True`` → ``1``).
+
+    Mutation seen caught: in ``_diff_same_keys`` take the bulk ``==`` as the answer (skip
+    the MessagePack confirmation) → ``[1, 2]`` → ``[1.0, 2]`` gives no op → fails; on a
+    confirmation mismatch mark every equal item unchanged → fails; walk the items in a
+    different order than ``keys`` → the ops still apply (disjoint paths), not caught, and
+    need not be.
+    """
+    if data is None:  # the example: one item retyped inside
+        new = dict(old)
+        new["k3"] = [1.0, 2]
+    else:
+        new = {
+            k: data.draw(st.sampled_from(["same", "copy", "retype", "other"]).flatmap(
+                lambda how, v=v: st.just(v if how == "same" else copy.deepcopy(v) if how == "copy" else _retype(v))
+                if how != "other" else docs
+            ))
+            for k, v in old.items()
+        }
+    ops = diff(old, new)
+    got = apply(copy.deepcopy(old), ops)
+    assert got == new
+    assert checksum(got) == checksum(new)
+
+
+def test_a_short_list_with_several_changes_is_set_whole() -> None:
+    """A list of up to 4 items with two or more changed items is one ``set`` of the list
+    (a position ``[x, y]`` that moved: one op instead of one per coordinate); one changed
+    item, or a longer list, keeps an op per item.
+
+    Mutation seen caught: drop the short-list rule in ``_diff`` → two ops for ``[x, y]`` →
+    fails; apply it to lists of any length → the 5-item list is set whole → fails.
+    """
+    assert diff({"p": [0.0, 0.0]}, {"p": [1.0, 2.0]}) == [["set", ["p"], [1.0, 2.0]]]
+    assert diff({"p": [0.0, 0.0]}, {"p": [0.0, 2.0]}) == [["set", ["p", 1], 2.0]]
+    assert diff([1, 2, 3, 4, 5], [9, 2, 3, 4, 8]) == [["set", [0], 9], ["set", [4], 8]]
+    assert diff({"p": [0, 0]}, {"p": [1, 2, 3]}) == [["set", ["p"], [1, 2, 3]]]
