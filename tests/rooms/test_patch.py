@@ -187,3 +187,19 @@ def test_a_short_list_with_several_changes_is_set_whole() -> None:
     assert diff({"p": [0.0, 0.0]}, {"p": [0.0, 2.0]}) == [["set", ["p", 1], 2.0]]
     assert diff([1, 2, 3, 4, 5], [9, 2, 3, 4, 8]) == [["set", [0], 9], ["set", [4], 8]]
     assert diff({"p": [0, 0]}, {"p": [1, 2, 3]}) == [["set", ["p"], [1, 2, 3]]]
+
+
+def test_applied_values_are_copied_all_the_way_down() -> None:
+    """A value set or pushed by a patch shares no container with the op at any depth (an
+    in-process follower folds the very ops the owner wrote, whose values are the owner's).
+
+    Mutation seen caught: ``_copy`` takes the items of a list or map as they are (a
+    shallow copy) → the nested list and map are shared → fails.
+    """
+    value = {"grid": [[1, 2], [3, {"k": [4]}]], "m": {"n": {"o": 1}}}
+    ops = [["set", ["v"], value], ["push", ["l"], [value["m"]]]]
+    mine = apply({"l": []}, ops)
+    value["grid"][0].append(9)
+    value["grid"][1][1]["k"].append(5)
+    value["m"]["n"]["o"] = 2
+    assert mine == {"v": {"grid": [[1, 2], [3, {"k": [4]}]], "m": {"n": {"o": 1}}}, "l": [[{"n": {"o": 1}}]]}

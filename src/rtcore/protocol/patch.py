@@ -120,6 +120,12 @@ def _diff(old: Any, new: Any, path: list[Any], ops: list[Op]) -> None:
             else:
                 ops.append(["set", [*path, k], v])
     elif type(old) is list and type(new) is list:
+        n = len(new)
+        if n <= _VECTOR and n == len(old) and sum(map(operator.ne, old, new)) > 1:
+            # The short-list rule below, decided in C: setting a list whole is
+            # right whatever changed in it (a position ``[x, y]`` that moved).
+            ops.append(["set", path, new])
+            return
         start = len(ops)
         common = min(len(old), len(new))
         for i in range(common):
@@ -180,10 +186,12 @@ def _diff_same_keys(old: dict[str, Any], new: dict[str, Any], path: list[Any], o
 def _copy(value: Any) -> Any:
     # Values inside ops may be shared with the sender's document (in-process):
     # never alias them into the receiver's.
+    # Scalars are taken as they are, without a call each (a position
+    # ``[x, y]`` set whole on every move: the calls were most of its copy).
     if type(value) is dict:
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: _copy(v) if type(v) is dict or type(v) is list else v for k, v in value.items()}
     if type(value) is list:
-        return [_copy(v) for v in value]
+        return [_copy(v) if type(v) is dict or type(v) is list else v for v in value]
     return value
 
 
