@@ -13,6 +13,10 @@ per move between the gateway and the outbox (dispatch, the room's step, the
 patch append, the fold, the fan-out) without the WebSocket transport, the
 gateway's framing or the load client, which ``benchmarks/rooms.py`` includes.
 
+``--tick-doc TICKS`` runs only the room side of a 100-player tick (the
+document copy, diff, fold and encoding, no event loop), deterministic, for
+instruction counts under callgrind (see :func:`tick_doc`).
+
 ``--arena`` runs the 20 Hz ``arena`` room of ``benchmarks/rooms.py`` instead
 (100 players subscribed with such sinks, 2 inputs/s each through
 ``Node.dispatch``, 8 s per repetition) and reports the tick step's CPU
@@ -283,6 +287,58 @@ def child_arena(players: int, seconds: float, input_hz: float) -> None:
     anyio.run(main)
 
 
+def tick_doc(ticks: int) -> None:
+    """The room side of ``ticks`` ticks of a 100-player ``{tick, pos}`` state, no event loop.
+
+    Each tick moves 10 positions (seeded, the same in every run and tree),
+    then does what the owner and its node do with the state: the canonical
+    copy (``state_builtins``), the diff against the last one, the fold of the
+    patch into a follower's :class:`~rtcore.rooms.runtime.RoomDoc` and one
+    JSON encoding of it. Deterministic, for instruction counts::
+
+        valgrind --tool=callgrind python benchmarks/rooms_inproc.py --tick-doc 100
+        valgrind --tool=callgrind python benchmarks/rooms_inproc.py --tick-doc 300
+
+    (the difference / 200 is the instructions per tick, without the start-up).
+    """
+    import random
+
+    import msgspec
+
+    from rtcore.protocol import patch
+    from rtcore.protocol.state import state_builtins
+    from rtcore.rooms.runtime import RoomDoc
+
+    class Arena(msgspec.Struct):
+        tick: int = 0
+        pos: dict[str, list[float]] = {}
+
+    class Ev:
+        type = "patch"
+
+        def __init__(self, data: Any) -> None:
+            self.data = data
+
+    rnd = random.Random(1)
+    st = Arena(pos={f"p{i}": [0.0, 0.0] for i in range(100)})
+    prev = state_builtins(st)
+    follower = RoomDoc(state=state_builtins(st), members={}, room={}, inbox=0)
+    enc = msgspec.json.Encoder()
+    names = sorted(st.pos)
+    for n in range(ticks):
+        for name in rnd.sample(names, 10):
+            st.pos[name] = [rnd.random(), rnd.random()]
+        st.tick += 1
+        new = state_builtins(st)
+        ops = patch.diff(prev, new, ["state"])
+        ops.append(["set", ["inbox"], n])
+        follower.apply(Ev({"ops": ops, "inbox": n}))  # type: ignore[arg-type]
+        enc.encode({"ops": ops, "inbox": n})
+        prev = new
+    assert follower.state == prev
+    print(json.dumps({"ticks": ticks, "ops_last_tick": len(ops), "rtcore": __import__("rtcore").__file__}))
+
+
 def run_one(src: str | None, rooms_n: int, moves: int, arena: bool = False) -> dict[str, Any]:
     env = dict(os.environ)
     if src:
@@ -311,8 +367,17 @@ def main() -> None:
         help="the 20 Hz arena room instead (100 players, 2 inputs/s each, 8 s per repetition): tick step CPU",
     )
     parser.add_argument("--out", type=Path, help="write the results JSON here instead of results/rooms-inproc[-arena]-DATE.json")
+    parser.add_argument(
+        "--tick-doc",
+        type=int,
+        metavar="TICKS",
+        help="only the room side of TICKS ticks of a 100-player state, no event loop (for callgrind; see tick_doc)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.tick_doc:
+        tick_doc(opts.tick_doc)
+        return
     if opts.child:
         if opts.arena:
             child_arena(100, 8.0, 2.0)

@@ -237,7 +237,14 @@ def apply(doc: Any, ops: list[Op]) -> Any:
             if not n:
                 doc = value
                 continue
-            parent = _walk(doc, path, op, n - 1) if n > 1 else doc
+            parent = doc
+            if n > 1:
+                # _walk inlined (a call per op was a fifth of a small patch's fold).
+                try:
+                    for i in range(n - 1):
+                        parent = parent[path[i]]
+                except (KeyError, IndexError, TypeError):
+                    raise PatchError(f"op 'set': path {path[: n - 1]!r} does not exist") from None
             last = path[-1]
             tp = type(parent)
             if (tp is dict and isinstance(last, str)) or (tp is list and type(last) is int and 0 <= last < len(parent)):
