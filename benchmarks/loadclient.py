@@ -134,6 +134,7 @@ class Worker:
         self.dup = 0
         self.not_recovered = 0
         self.reconnects = 0
+        self.close_codes: dict[str, int] = {}  # close code of the server's close frame -> connections
         self.storm = False
         self.storm_final = 0
         self.storm_pending = 0
@@ -247,6 +248,8 @@ class Worker:
 
     def _on_close(self, ws: WSProtocol) -> None:
         c: Client = ws.state
+        code = str(ws.close_code)
+        self.close_codes[code] = self.close_codes.get(code, 0) + 1
         if c.ws is ws:
             c.ws = None
         if c.waiter is not None and not c.waiter.done():
@@ -456,6 +459,11 @@ class Worker:
         self.clients = []
         await asyncio.sleep(0.2)
         return {"cpu": cpu_seconds()}
+
+    async def op_close_codes(self) -> dict[str, Any]:
+        """How many connections ended with each close code (``"None"``: without a close frame); resets."""
+        out, self.close_codes = self.close_codes, {}
+        return out
 
     async def op_cpu(self) -> dict[str, Any]:
         return {"cpu": cpu_seconds()}

@@ -350,3 +350,110 @@ async def _property(ops: list[tuple[Any, ...]], delays: list[int]) -> None:
     for since, sink in subs:
         assert sink.got == list(range(since + 1, head + 1)), (since, sink.got)
         assert not sink.stale_streams
+
+
+# --- resume at the head the hub already knows: no read -----------------------------------------
+
+
+def _counting(backend: Any) -> list[int]:
+    reads: list[int] = []
+    plain_read = backend.events.read
+
+    async def counted(stream: str, *, after: int, limit: int) -> ReadResult:
+        reads.append(after)
+        return await plain_read(stream, after=after, limit=limit)
+
+    backend.events.read = counted
+    return reads
+
+
+async def test_a_resume_at_the_head_the_hub_knows_reads_nothing_and_misses_nothing() -> None:
+    """A client that was up to date resumes without a backend read and still gets every later event.
+
+    While a stream has tails, the hub knows its head from the feed; a resume
+    at exactly that head (most of a reconnect storm) needs no history.
+
+    Mutation seen caught: ``Node.subscribe`` without the ``known_head`` fast
+    path → the second resume reads → ``reads`` is not empty → fails.
+    """
+    backend = await open_backend("memory://")
+    async with Node(rtcore.App("t"), backend) as node, anyio.create_task_group() as tg:
+        for _ in range(2):
+            await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        first = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), first)
+        await sub.tail.fill()
+        await node.publish(STREAM, "t")  # fed to the live tail: the hub knows head 3
+        assert node.hub.known_head(STREAM) == (epoch, 3)
+        reads = _counting(backend)
+        again = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 3), again)
+        assert (sub2.epoch, sub2.offset, sub2.recovered, sub2.snap) == (epoch, 3, True, None)
+        await node.publish(STREAM, "t")  # before fill: buffered, then sent when it goes live
+        await sub2.tail.fill()
+        assert sub2.tail.delivery.phase is Phase.LIVE
+        await node.publish(STREAM, "t")
+        assert reads == [] and again.got == [4, 5] and first.got == [1, 2, 3, 4, 5]
+        # Behind the known head: a normal resume (one read), the missed events replayed.
+        behind = Sink(tg.start_soon)
+        sub3 = await node.subscribe(None, STREAM, Position(epoch, 2), behind)
+        await sub3.tail.fill()
+        assert reads == [2] and behind.got == [3, 4, 5]
+        tg.cancel_scope.cancel()
+    await backend.aclose()
+
+
+async def test_the_known_head_is_forgotten_when_the_stream_is_unwatched() -> None:
+    """Once a stream's last tail leaves, events appended meanwhile never reach the hub: its head is unknown.
+
+    Mutation seen caught: ``Hub.remove`` keeps ``_heads`` of an unwatched
+    stream → the resume at the old head is answered from it, no read,
+    events 3 and 4 are never sent → fails.
+    """
+    backend = await open_backend("memory://")
+    async with Node(rtcore.App("t"), backend) as node, anyio.create_task_group() as tg:
+        await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        sink = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), sink)
+        await sub.tail.fill()
+        await node.publish(STREAM, "t")
+        assert node.hub.known_head(STREAM) == (epoch, 2)
+        node.hub.remove(sub.tail)
+        assert node.hub.known_head(STREAM) is None
+        for _ in range(2):
+            await node.publish(STREAM, "t")
+        again = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 2), again)
+        assert (sub2.offset, sub2.recovered) == (4, True)
+        await sub2.tail.fill()
+        assert again.got == [3, 4]
+        tg.cancel_scope.cancel()
+    await backend.aclose()
+
+
+async def test_an_event_of_another_epoch_makes_the_head_unknown() -> None:
+    """The feed brings an event of a new epoch (the stream's history was replaced): no head is assumed.
+
+    Mutation seen caught: ``Hub.dispatch`` keeps the old ``(epoch, head)``
+    on an epoch mismatch → ``known_head`` still names the old epoch → fails.
+    """
+    log = MemoryEventLog()
+    hub = Hub(log)
+    tail = Tail(log, STREAM, Delivery("e1", 0), Sink(lambda fn: None))
+    hub.add(tail)
+    hub.dispatch(rtcore.Event(STREAM, "e1", 1, "t", None, 0.0))
+    hub.dispatch(rtcore.Event(STREAM, "e1", 2, "t", None, 0.0))
+    assert hub.known_head(STREAM) == ("e1", 2)
+    hub.note_head(STREAM, "e1", 1)  # an older read: the feed knows better
+    assert hub.known_head(STREAM) == ("e1", 2)
+    hub.dispatch(rtcore.Event(STREAM, "e2", 1, "t", None, 0.0))
+    assert hub.known_head(STREAM) is None
+    hub.note_head(STREAM, "e2", 1)  # a read settles it
+    assert hub.known_head(STREAM) == ("e2", 1)
+    hub.note_head(STREAM, "e1", 7)
+    assert hub.known_head(STREAM) is None
+    hub.remove(tail)
+    hub.note_head(STREAM, "e2", 1)  # unwatched: nothing learnt
+    assert hub.known_head(STREAM) is None

@@ -333,6 +333,17 @@ class Tail:
             return await self._reads.read(self.stream, after=after, limit=PAGE)
         return SharedPage(await self.log.read(self.stream, after=after, limit=PAGE))
 
+    def assume_caught_up(self, epoch: str, head: int) -> ReadResult:
+        """Like :meth:`prefetch` without a read, when the hub knows the stream's
+        head is ``head`` in ``epoch`` and the tail starts there (see
+        :meth:`Hub.known_head`): :meth:`fill` finds an empty first page and
+        goes live with whatever the feed buffered meanwhile."""
+        self._filling = True
+        after = self.delivery.last
+        result = ReadResult(epoch, head, head + 1, [])
+        self._prefetched, self._prefetched_after = SharedPage(result), after
+        return result
+
     async def prefetch(self) -> ReadResult:
         """Read the first page of the catch-up now (the tail must be registered).
 
@@ -414,6 +425,9 @@ class Hub:
         after_event: Callable[[Event], None] | None = None,
     ) -> None:
         self._tails: dict[str, set[Tail]] = {}
+        # (epoch, head) of watched streams, from the feed and from reads issued
+        # while watched; dropped when the stream is unwatched (see known_head).
+        self._heads: dict[str, tuple[str, int]] = {}
         #: History reads of the tails, shared by those asking for the same page at once.
         self.reads = SharedReads(log)
         self._on_event = on_event
@@ -437,7 +451,31 @@ class Hub:
             tails.discard(tail)
             if not tails:
                 del self._tails[tail.stream]
+                self._heads.pop(tail.stream, None)  # nothing feeds it any more
                 self.feed.unwatch(tail.stream)
+
+    def known_head(self, stream: str) -> tuple[str, int] | None:
+        """``(epoch, head)`` of ``stream`` as far as this hub knows, or None.
+
+        Known only while the stream has tails (it is watched), from the
+        highest offset the feed delivered or a read issued while watched
+        reported (:meth:`note_head`). Every event after that head reaches the
+        feed after it was learnt, so a tail registered now at exactly this
+        position misses nothing: the feed delivers all later events to it.
+        A resume at this position (the common case after a restart: clients
+        were up to date) needs no history read.
+        """
+        return self._heads.get(stream)
+
+    def note_head(self, stream: str, epoch: str, head: int) -> None:
+        """A read of a watched ``stream`` saw ``head`` in ``epoch`` (see :meth:`known_head`)."""
+        if stream not in self._tails:
+            return  # unwatched: later events may never reach this hub
+        known = self._heads.get(stream)
+        if known is None or (known[0] == epoch and head > known[1]):
+            self._heads[stream] = (epoch, head)
+        elif known[0] != epoch:
+            del self._heads[stream]  # two epochs seen: unknown until a read settles it
 
     def subscribers(self, stream: str) -> int:
         """Number of local tails on ``stream``."""
@@ -452,6 +490,11 @@ class Hub:
                 log.exception("event hook failed for %s:%s", event.stream, event.offset)
         tails = self._tails.get(event.stream)
         if tails:
+            known = self._heads.get(event.stream)
+            if known is None or (known[0] == event.epoch and event.offset > known[1]):
+                self._heads[event.stream] = (event.epoch, event.offset)
+            elif known[0] != event.epoch:
+                del self._heads[event.stream]
             enc = EncodedEvent(event)
             batch = [enc]  # one list for every sink (EventSink.live never changes it)
             for tail in tuple(tails):
