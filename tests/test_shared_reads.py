@@ -22,7 +22,7 @@ import rtcore
 from rtcore.backends import open_backend
 from rtcore.backends.base import ReadResult
 from rtcore.backends.memory import MemoryEventLog
-from rtcore.engine.hub import EncodedEvent, Hub, SharedReads, Tail
+from rtcore.engine.hub import RECENT, EncodedEvent, Hub, SharedReads, Tail
 from rtcore.engine.node import Node
 from rtcore.errors import BackendError
 from rtcore.protocol.frames import Position
@@ -367,14 +367,17 @@ def _counting(backend: Any) -> list[int]:
     return reads
 
 
-async def test_a_resume_at_the_head_the_hub_knows_reads_nothing_and_misses_nothing() -> None:
-    """A client that was up to date resumes without a backend read and still gets every later event.
+async def test_a_resume_the_hub_can_serve_reads_nothing_and_misses_nothing() -> None:
+    """A client up to date or a few events behind resumes without a backend read and still gets every event.
 
-    While a stream has tails, the hub knows its head from the feed; a resume
-    at exactly that head (most of a reconnect storm) needs no history.
+    While a stream has tails, the hub knows its head from the feed and keeps
+    its last events; a resume within them (most of a reconnect storm) needs
+    no history read.
 
-    Mutation seen caught: ``Node.subscribe`` without the ``known_head`` fast
-    path → the second resume reads → ``reads`` is not empty → fails.
+    Mutations seen caught: ``Node.subscribe`` without the ``Hub.recent`` fast
+    path → the resumes read → ``reads`` is not empty → fails; ``Hub.recent``
+    slicing one event too few (``len - (head - after) + 1``) → ``behind``
+    misses event 3 → fails.
     """
     backend = await open_backend("memory://")
     async with Node(rtcore.App("t"), backend) as node, anyio.create_task_group() as tg:
@@ -395,11 +398,20 @@ async def test_a_resume_at_the_head_the_hub_knows_reads_nothing_and_misses_nothi
         assert sub2.tail.delivery.phase is Phase.LIVE
         await node.publish(STREAM, "t")
         assert reads == [] and again.got == [4, 5] and first.got == [1, 2, 3, 4, 5]
-        # Behind the known head: a normal resume (one read), the missed events replayed.
+        # A few events behind: the hub fed 3, 4 and 5 and kept them: replayed from memory.
         behind = Sink(tg.start_soon)
         sub3 = await node.subscribe(None, STREAM, Position(epoch, 2), behind)
+        assert (sub3.offset, sub3.recovered) == (5, True)
         await sub3.tail.fill()
-        assert reads == [2] and behind.got == [3, 4, 5]
+        assert reads == [] and behind.got == [3, 4, 5]
+        # The very objects the live tails got (their encodings are shared, not redone).
+        kept = list(node.hub._recent[STREAM].events)
+        assert len(behind.backlog_events) == 3 and all(a is b for a, b in zip(behind.backlog_events, kept, strict=True))
+        # Before what the hub kept (it learnt head 2 from a read): a normal resume, one read.
+        further = Sink(tg.start_soon)
+        sub4 = await node.subscribe(None, STREAM, Position(epoch, 1), further)
+        await sub4.tail.fill()
+        assert reads == [1] and further.got == [2, 3, 4, 5]
         tg.cancel_scope.cancel()
     await backend.aclose()
 
@@ -457,3 +469,31 @@ async def test_an_event_of_another_epoch_makes_the_head_unknown() -> None:
     hub.remove(tail)
     hub.note_head(STREAM, "e2", 1)  # unwatched: nothing learnt
     assert hub.known_head(STREAM) is None
+
+
+async def test_the_events_the_hub_keeps_have_no_holes() -> None:
+    """After a hole in what the feed delivered, only events after it are served from memory.
+
+    Mutation seen caught: ``Hub.dispatch`` appends an event after a hole
+    without dropping the older ones → ``recent(after=2)`` returns 1, 2, 5
+    as if 3 and 4 did not exist → fails.
+    """
+    log = MemoryEventLog()
+    hub = Hub(log)
+    hub.add(Tail(log, STREAM, Delivery("e1", 0), Sink(lambda fn: None)))
+    for off in (1, 2, 5):
+        hub.dispatch(rtcore.Event(STREAM, "e1", off, "t", None, 0.0))
+    assert hub.known_head(STREAM) == ("e1", 5)
+    assert hub.recent(STREAM, "e1", 2) is None and hub.recent(STREAM, "e2", 4) is None
+    page = hub.recent(STREAM, "e1", 4)
+    assert page is not None and [e.offset for e in page.result.events] == [5]
+    assert (page.result.head, page.result.first) == (5, 5)
+    hub.note_head(STREAM, "e1", 7)  # a read saw 6 and 7, not fed yet: nothing kept
+    page = hub.recent(STREAM, "e1", 7)
+    assert page is not None and page.result.events == [] and hub.recent(STREAM, "e1", 6) is None
+    for off in range(8, 8 + RECENT + 2):
+        hub.dispatch(rtcore.Event(STREAM, "e1", off, "t", None, 0.0))
+    head = 7 + RECENT + 2
+    page = hub.recent(STREAM, "e1", head - RECENT)
+    assert page is not None and [e.offset for e in page.result.events] == list(range(head - RECENT + 1, head + 1))
+    assert hub.recent(STREAM, "e1", head - RECENT - 1) is None
