@@ -497,3 +497,36 @@ async def test_the_events_the_hub_keeps_have_no_holes() -> None:
     page = hub.recent(STREAM, "e1", head - RECENT)
     assert page is not None and [e.offset for e in page.result.events] == list(range(head - RECENT + 1, head + 1))
     assert hub.recent(STREAM, "e1", head - RECENT - 1) is None
+
+
+async def test_a_resume_behind_on_a_stream_with_retention_asks_the_backend() -> None:
+    """Events the hub still holds may be trimmed in the backend: a resume behind on such a stream reads.
+
+    Up to date it still needs no read (nothing to replay, nothing trimmed
+    can matter).
+
+    Mutation seen caught: ``Node.subscribe`` serving ``Hub.recent`` without
+    the retention check → the resume after the trim is ``recovered=True``
+    from memory → fails (``tests/test_property_delivery.py``'s trimmed-history
+    walk fails too).
+    """
+    app = rtcore.App("t")
+    app.retention("s:*", max_events=2)
+    backend = await open_backend("memory://")
+    async with Node(app, backend) as node, anyio.create_task_group() as tg:
+        await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        live = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), live)
+        await sub.tail.fill()
+        for _ in range(4):
+            await node.publish(STREAM, "t")
+        assert node.hub.known_head(STREAM) == (epoch, 5) and node.hub.recent(STREAM, epoch, 1) is not None
+        reads = _counting(backend)
+        behind = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 1), behind)
+        assert reads == [1] and (sub2.offset, sub2.recovered) == (5, False)
+        sub3 = await node.subscribe(None, STREAM, Position(epoch, 5), Sink(tg.start_soon))
+        assert reads == [1] and (sub3.offset, sub3.recovered) == (5, True)
+        tg.cancel_scope.cancel()
+    await backend.aclose()

@@ -425,10 +425,13 @@ class Node:
             tail = Tail(events, stream, Delivery(start.epoch, start.offset), outbox, reads=self.hub.reads)
             self.hub.add(tail)
             recent = self.hub.recent(stream, start.epoch, start.offset)
-            if recent is not None:
+            if recent is not None and (recent.result.head == start.offset or self.app.retention_for(stream) is None):
                 # Up to date or a few events behind (a reconnect storm after a
                 # restart is mostly these): the missing events are in the hub's
                 # memory and its feed brings every later one, no read needed.
+                # Behind on a stream with retention, the backend decides: the
+                # events may be trimmed (a snapshot or recovered=false, as
+                # documented), whatever the hub still holds.
                 self.stats["replays"] += 1
                 self.stats["recovered"] += 1
                 head = tail.prefetched(recent).head
