@@ -134,7 +134,8 @@ class Worker:
         self.dup = 0
         self.not_recovered = 0
         self.reconnects = 0
-        self.close_codes: dict[str, int] = {}  # close code of the server's close frame -> connections
+        # Close code of the server's close frame -> connections ("None": none came); "bye": bye frames.
+        self.close_codes: dict[str, int] = {}
         self.storm = False
         self.storm_final = 0
         self.storm_pending = 0
@@ -185,6 +186,9 @@ class Worker:
                 self.cmd_active -= 1
                 if self.cmd_active == 0 and self.cmd_done is not None and not self.cmd_done.done():
                     self.cmd_done.set_result(None)
+            return
+        if t == "bye":
+            self.close_codes["bye"] = self.close_codes.get("bye", 0) + 1
             return
         if t == "subbed":
             if f.epoch is not None:
@@ -461,7 +465,7 @@ class Worker:
         return {"cpu": cpu_seconds()}
 
     async def op_close_codes(self) -> dict[str, Any]:
-        """How many connections ended with each close code (``"None"``: without a close frame); resets."""
+        """How many connections ended with each close code (``"None"``: without a close frame) and got ``bye``; resets."""
         out, self.close_codes = self.close_codes, {}
         return out
 

@@ -10,7 +10,7 @@ stream and waits until every client has them, arms the clients to reconnect
 waits for the process to exit. Reported per server: wall seconds from
 SIGTERM to exit, the server's CPU in that window (``wait4`` rusage minus
 ``/proc`` before the signal) per connection, and how many clients saw close
-code 1001 (told to reconnect). ``base-<loop>`` runs the tree in
+code 1001 and ``bye`` (told to reconnect). ``base-<loop>`` runs the tree in
 ``AB_BASE_SRC`` (see ``benchmarks/run.py``).
 """
 
@@ -66,7 +66,14 @@ def one(name: str, total: int, pool: run.Pool) -> dict[str, float]:
             server.stop()
             pool.all("close")
     c1001 = sum(c.get("1001", 0) for c in closes)
-    return {"shutdown_s": wall, "shutdown_cpu_us_per_conn": cpu / total * 1e6, "told_1001": c1001, "exit": float(server.proc.returncode or 0)}
+    byes = sum(c.get("bye", 0) for c in closes)
+    return {
+        "shutdown_s": wall,
+        "shutdown_cpu_us_per_conn": cpu / total * 1e6,
+        "told_1001": c1001,
+        "got_bye": byes,
+        "exit": float(server.proc.returncode or 0),
+    }
 
 
 def main() -> None:
