@@ -134,6 +134,8 @@ class Worker:
         self.dup = 0
         self.not_recovered = 0
         self.reconnects = 0
+        # Close code of the server's close frame -> connections ("None": none came); "bye": bye frames.
+        self.close_codes: dict[str, int] = {}
         self.storm = False
         self.storm_final = 0
         self.storm_pending = 0
@@ -184,6 +186,9 @@ class Worker:
                 self.cmd_active -= 1
                 if self.cmd_active == 0 and self.cmd_done is not None and not self.cmd_done.done():
                     self.cmd_done.set_result(None)
+            return
+        if t == "bye":
+            self.close_codes["bye"] = self.close_codes.get("bye", 0) + 1
             return
         if t == "subbed":
             if f.epoch is not None:
@@ -247,6 +252,8 @@ class Worker:
 
     def _on_close(self, ws: WSProtocol) -> None:
         c: Client = ws.state
+        code = str(ws.close_code)
+        self.close_codes[code] = self.close_codes.get(code, 0) + 1
         if c.ws is ws:
             c.ws = None
         if c.waiter is not None and not c.waiter.done():
@@ -456,6 +463,11 @@ class Worker:
         self.clients = []
         await asyncio.sleep(0.2)
         return {"cpu": cpu_seconds()}
+
+    async def op_close_codes(self) -> dict[str, Any]:
+        """How many connections ended with each close code (``"None"``: without a close frame) and got ``bye``; resets."""
+        out, self.close_codes = self.close_codes, {}
+        return out
 
     async def op_cpu(self) -> dict[str, Any]:
         return {"cpu": cpu_seconds()}

@@ -72,6 +72,7 @@ def metric_keys(result: dict[str, Any]) -> list[str]:
     order += [
         "storm_resume_s",
         "storm_from_stop_s",
+        "storm_shutdown_s",
         "storm_restart_s",
         "storm_not_resumed",
         "storm_lost",
@@ -102,6 +103,7 @@ def label(key: str, cfg: dict[str, Any]) -> tuple[str, bool | None]:
             False,
         ),
         "storm_from_stop_s": ("restart storm: s from SIGTERM until all resumed", False),
+        "storm_shutdown_s": ("restart storm: s from SIGTERM until the old server exited", False),
         "storm_restart_s": ("restart storm: s for the server process to restart", False),
         "storm_not_resumed": ("restart storm: clients not resumed in time", None),
         "storm_lost": ("restart storm: events lost (gaps)", None),

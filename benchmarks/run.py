@@ -460,9 +460,14 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
         raise RuntimeError(f"storm: clients did not receive the events before the restart: {waited}")
     pool.all("storm_arm", final=before + after)
     c0 = pool.cpu()
+    # STORM_PROFILE also samples the old server's graceful shutdown (py-spy ends when it exits).
+    down_profiler = start_profile(server, "shutdown")
+    if down_profiler is not None:
+        time.sleep(1.0)  # py-spy attaches
     t_stop = time.time()
     server.stop()
     t_down = time.time()
+    stop_profile(down_profiler)
     server.start()
     t_ready = time.time()
     profiler = start_profile(server, "storm")
@@ -481,6 +486,8 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
         "storm_resume_s": (last - t_ready) if complete else float("nan"),
         "storm_from_stop_s": (last - t_stop) if complete else float("nan"),
         "storm_restart_s": t_ready - t_down,
+        # SIGTERM to the old server's exit: its graceful close of every connection.
+        "storm_shutdown_s": t_down - t_stop,
         "storm_not_resumed": sum(r["pending"] for r in res),
         "storm_lost": sum(r["lost"] for r in res),
         "storm_dup": sum(r["dup"] for r in res),

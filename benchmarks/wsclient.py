@@ -116,6 +116,7 @@ class WSProtocol(asyncio.Protocol):
         "_handshake",
         "_key",
         "_ready",
+        "close_code",
         "closed",
         "on_close",
         "on_message",
@@ -133,6 +134,7 @@ class WSProtocol(asyncio.Protocol):
         self.on_message: Callable[[WSProtocol, bytes], None] | None = None
         self.on_close: Callable[[WSProtocol], None] | None = None
         self.closed = False
+        self.close_code: int | None = None  # the code of the server's close frame (None: none came)
         self.state: Any = None  # owned by the user of the connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,6 +186,7 @@ class WSProtocol(asyncio.Protocol):
             elif opcode == OP_PING:
                 self._write(encode_frame(payload, OP_PONG))
             elif opcode == OP_CLOSE:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
                 self._write(encode_frame(payload[:2], OP_CLOSE))
                 self.close()
                 return

@@ -22,7 +22,7 @@ import rtcore
 from rtcore.backends import open_backend
 from rtcore.backends.base import ReadResult
 from rtcore.backends.memory import MemoryEventLog
-from rtcore.engine.hub import EncodedEvent, Hub, SharedReads, Tail
+from rtcore.engine.hub import RECENT, EncodedEvent, Hub, SharedReads, Tail
 from rtcore.engine.node import Node
 from rtcore.errors import BackendError
 from rtcore.protocol.frames import Position
@@ -350,3 +350,183 @@ async def _property(ops: list[tuple[Any, ...]], delays: list[int]) -> None:
     for since, sink in subs:
         assert sink.got == list(range(since + 1, head + 1)), (since, sink.got)
         assert not sink.stale_streams
+
+
+# --- resume at the head the hub already knows: no read -----------------------------------------
+
+
+def _counting(backend: Any) -> list[int]:
+    reads: list[int] = []
+    plain_read = backend.events.read
+
+    async def counted(stream: str, *, after: int, limit: int) -> ReadResult:
+        reads.append(after)
+        return await plain_read(stream, after=after, limit=limit)
+
+    backend.events.read = counted
+    return reads
+
+
+async def test_a_resume_the_hub_can_serve_reads_nothing_and_misses_nothing() -> None:
+    """A client up to date or a few events behind resumes without a backend read and still gets every event.
+
+    While a stream has tails, the hub knows its head from the feed and keeps
+    its last events; a resume within them (most of a reconnect storm) needs
+    no history read.
+
+    Mutations seen caught: ``Node.subscribe`` without the ``Hub.recent`` fast
+    path → the resumes read → ``reads`` is not empty → fails; ``Hub.recent``
+    slicing one event too few (``len - (head - after) + 1``) → ``behind``
+    misses event 3 → fails.
+    """
+    backend = await open_backend("memory://")
+    async with Node(rtcore.App("t"), backend) as node, anyio.create_task_group() as tg:
+        for _ in range(2):
+            await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        first = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), first)
+        await sub.tail.fill()
+        await node.publish(STREAM, "t")  # fed to the live tail: the hub knows head 3
+        assert node.hub.known_head(STREAM) == (epoch, 3)
+        reads = _counting(backend)
+        again = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 3), again)
+        assert (sub2.epoch, sub2.offset, sub2.recovered, sub2.snap) == (epoch, 3, True, None)
+        await node.publish(STREAM, "t")  # before fill: buffered, then sent when it goes live
+        await sub2.tail.fill()
+        assert sub2.tail.delivery.phase is Phase.LIVE
+        await node.publish(STREAM, "t")
+        assert reads == [] and again.got == [4, 5] and first.got == [1, 2, 3, 4, 5]
+        # A few events behind: the hub fed 3, 4 and 5 and kept them: replayed from memory.
+        behind = Sink(tg.start_soon)
+        sub3 = await node.subscribe(None, STREAM, Position(epoch, 2), behind)
+        assert (sub3.offset, sub3.recovered) == (5, True)
+        await sub3.tail.fill()
+        assert reads == [] and behind.got == [3, 4, 5]
+        # The very objects the live tails got (their encodings are shared, not redone).
+        kept = list(node.hub._recent[STREAM].events)
+        assert len(behind.backlog_events) == 3 and all(a is b for a, b in zip(behind.backlog_events, kept, strict=True))
+        # Before what the hub kept (it learnt head 2 from a read): a normal resume, one read.
+        further = Sink(tg.start_soon)
+        sub4 = await node.subscribe(None, STREAM, Position(epoch, 1), further)
+        await sub4.tail.fill()
+        assert reads == [1] and further.got == [2, 3, 4, 5]
+        tg.cancel_scope.cancel()
+    await backend.aclose()
+
+
+async def test_the_known_head_is_forgotten_when_the_stream_is_unwatched() -> None:
+    """Once a stream's last tail leaves, events appended meanwhile never reach the hub: its head is unknown.
+
+    Mutation seen caught: ``Hub.remove`` keeps ``_heads`` of an unwatched
+    stream → the resume at the old head is answered from it, no read,
+    events 3 and 4 are never sent → fails.
+    """
+    backend = await open_backend("memory://")
+    async with Node(rtcore.App("t"), backend) as node, anyio.create_task_group() as tg:
+        await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        sink = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), sink)
+        await sub.tail.fill()
+        await node.publish(STREAM, "t")
+        assert node.hub.known_head(STREAM) == (epoch, 2)
+        node.hub.remove(sub.tail)
+        assert node.hub.known_head(STREAM) is None
+        for _ in range(2):
+            await node.publish(STREAM, "t")
+        again = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 2), again)
+        assert (sub2.offset, sub2.recovered) == (4, True)
+        await sub2.tail.fill()
+        assert again.got == [3, 4]
+        tg.cancel_scope.cancel()
+    await backend.aclose()
+
+
+async def test_an_event_of_another_epoch_makes_the_head_unknown() -> None:
+    """The feed brings an event of a new epoch (the stream's history was replaced): no head is assumed.
+
+    Mutation seen caught: ``Hub.dispatch`` keeps the old ``(epoch, head)``
+    on an epoch mismatch → ``known_head`` still names the old epoch → fails.
+    """
+    log = MemoryEventLog()
+    hub = Hub(log)
+    tail = Tail(log, STREAM, Delivery("e1", 0), Sink(lambda fn: None))
+    hub.add(tail)
+    hub.dispatch(rtcore.Event(STREAM, "e1", 1, "t", None, 0.0))
+    hub.dispatch(rtcore.Event(STREAM, "e1", 2, "t", None, 0.0))
+    assert hub.known_head(STREAM) == ("e1", 2)
+    hub.note_head(STREAM, "e1", 1)  # an older read: the feed knows better
+    assert hub.known_head(STREAM) == ("e1", 2)
+    hub.dispatch(rtcore.Event(STREAM, "e2", 1, "t", None, 0.0))
+    assert hub.known_head(STREAM) is None
+    hub.note_head(STREAM, "e2", 1)  # a read settles it
+    assert hub.known_head(STREAM) == ("e2", 1)
+    hub.note_head(STREAM, "e1", 7)
+    assert hub.known_head(STREAM) is None
+    hub.remove(tail)
+    hub.note_head(STREAM, "e2", 1)  # unwatched: nothing learnt
+    assert hub.known_head(STREAM) is None
+
+
+async def test_the_events_the_hub_keeps_have_no_holes() -> None:
+    """After a hole in what the feed delivered, only events after it are served from memory.
+
+    Mutation seen caught: ``Hub.dispatch`` appends an event after a hole
+    without dropping the older ones → ``recent(after=2)`` returns 1, 2, 5
+    as if 3 and 4 did not exist → fails.
+    """
+    log = MemoryEventLog()
+    hub = Hub(log)
+    hub.add(Tail(log, STREAM, Delivery("e1", 0), Sink(lambda fn: None)))
+    for off in (1, 2, 5):
+        hub.dispatch(rtcore.Event(STREAM, "e1", off, "t", None, 0.0))
+    assert hub.known_head(STREAM) == ("e1", 5)
+    assert hub.recent(STREAM, "e1", 2) is None and hub.recent(STREAM, "e2", 4) is None
+    page = hub.recent(STREAM, "e1", 4)
+    assert page is not None and [e.offset for e in page.result.events] == [5]
+    assert (page.result.head, page.result.first) == (5, 5)
+    hub.note_head(STREAM, "e1", 7)  # a read saw 6 and 7, not fed yet: nothing kept
+    page = hub.recent(STREAM, "e1", 7)
+    assert page is not None and page.result.events == [] and hub.recent(STREAM, "e1", 6) is None
+    for off in range(8, 8 + RECENT + 2):
+        hub.dispatch(rtcore.Event(STREAM, "e1", off, "t", None, 0.0))
+    head = 7 + RECENT + 2
+    page = hub.recent(STREAM, "e1", head - RECENT)
+    assert page is not None and [e.offset for e in page.result.events] == list(range(head - RECENT + 1, head + 1))
+    assert hub.recent(STREAM, "e1", head - RECENT - 1) is None
+
+
+async def test_a_resume_behind_on_a_stream_with_retention_asks_the_backend() -> None:
+    """Events the hub still holds may be trimmed in the backend: a resume behind on such a stream reads.
+
+    Up to date it still needs no read (nothing to replay, nothing trimmed
+    can matter).
+
+    Mutation seen caught: ``Node.subscribe`` serving ``Hub.recent`` without
+    the retention check → the resume after the trim is ``recovered=True``
+    from memory → fails (``tests/test_property_delivery.py``'s trimmed-history
+    walk fails too).
+    """
+    app = rtcore.App("t")
+    app.retention("s:*", max_events=2)
+    backend = await open_backend("memory://")
+    async with Node(app, backend) as node, anyio.create_task_group() as tg:
+        await node.publish(STREAM, "t")
+        epoch = (await backend.events.info(STREAM)).epoch
+        live = Sink(tg.start_soon)
+        sub = await node.subscribe(None, STREAM, Position(epoch, 0), live)
+        await sub.tail.fill()
+        for _ in range(4):
+            await node.publish(STREAM, "t")
+        assert node.hub.known_head(STREAM) == (epoch, 5) and node.hub.recent(STREAM, epoch, 1) is not None
+        reads = _counting(backend)
+        behind = Sink(tg.start_soon)
+        sub2 = await node.subscribe(None, STREAM, Position(epoch, 1), behind)
+        assert reads == [1] and (sub2.offset, sub2.recovered) == (5, False)
+        sub3 = await node.subscribe(None, STREAM, Position(epoch, 5), Sink(tg.start_soon))
+        assert reads == [1] and (sub3.offset, sub3.recovered) == (5, True)
+        tg.cancel_scope.cancel()
+    await backend.aclose()

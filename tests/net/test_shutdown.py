@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 import rtcore
+from rtcore.transport import ServerLimits
 from tests.ws_client import connect
 
 from . import netapp
@@ -150,3 +151,47 @@ def test_run_names_an_unknown_event_loop() -> None:
     """Mutation: drop the check in rtcore.run → anyio's LookupError (or a server start) instead → fails."""
     with pytest.raises(ValueError, match="anyio_backend must be 'asyncio' or 'trio', not 'curio'"):
         rtcore.run(netapp.app, port=0, anyio_backend="curio")
+
+
+async def test_stop_gives_the_close_handshakes_close_timeout_after_the_drain() -> None:
+    """The transport's forced close comes ``close_timeout`` after the sessions said bye, not ``grace`` + 1 s after the start.
+
+    With thousands of connections the sessions are still sending their
+    ``bye`` + close frames a second after the drain began: a deadline then
+    made the transport close them itself (1001 without ``bye``) and run a
+    second close task per connection. The sessions' close handshakes now get
+    one deadline, ``close_timeout`` after the drain.
+
+    Mutation seen caught: the old ``begin_stop(grace + 1.0)`` and
+    ``control.stop(grace=1.0)`` → the deadline is 1 s after the drain → fails.
+    """
+    limits = ServerLimits(close_timeout=7.0)
+    server = rtcore.Server(netapp.app, port=0, grace=0.5, limits=limits)
+    seen: list[tuple[str, float, float]] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        plain_drain = server.sessions.drain
+
+        async def drain(grace: float) -> None:
+            seen.append(("drain", anyio.current_time(), server.control.shutdown.deadline))
+            await plain_drain(grace)
+            seen.append(("drained", anyio.current_time(), server.control.shutdown.deadline))
+
+        server.sessions.drain = drain  # type: ignore[method-assign]
+        plain_stop = server.control.stop
+
+        async def stop(grace: float = 10.0, reason: str = "server shutdown") -> None:
+            server.control.begin_stop(grace, reason)  # what stop() does first: see its deadline
+            seen.append(("stop", anyio.current_time(), server.control.shutdown.deadline))
+            await plain_stop(grace, reason)
+
+        server.control.stop = stop  # type: ignore[method-assign]
+        async with peer(server) as idle:
+            tg.start_soon(server.stop)
+            code, frames = await idle.closed()
+            assert code == 1001 and [f["t"] for f in frames] == ["bye"]
+        with anyio.fail_after(TIMEOUT):
+            await server.wait_stopped()
+    (_, start, first_deadline), (_, drained, _), (_, _, deadline) = seen
+    assert first_deadline >= start + 0.5 + 7.0  # nothing forced while the sessions drain
+    assert deadline >= drained + 7.0  # then close_timeout for the replies to their close frames

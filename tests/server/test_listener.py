@@ -26,6 +26,7 @@ from rtcore.transport import (
     UpgradeRequest,
     serve,
 )
+from rtcore.transport.websocket import WebSocketTransport
 from tests.ws_client import connect
 
 from .helpers import Recorder, basic_http, echo_handler, running_server
@@ -86,6 +87,48 @@ async def test_shutdown_deadline_closes_remaining_websockets_1001() -> None:
         with anyio.fail_after(5):
             await control.stop()
     assert rec.closed[0].close_code == 1001
+
+
+async def test_shutdown_deadline_leaves_websockets_already_closing_to_their_own_close(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WebSocket whose handler already sent its close frame is not closed a second time at the deadline.
+
+    It ends by itself (the peer's reply or its own ``close_timeout``); a
+    second close task per connection only waited for the same reply, and
+    with 10,000 connections closing (a server restart) the deadline passed
+    while they closed and it doubled the shutdown's work.
+
+    Mutation seen caught: the forced pass without ``if not transport.closed``
+    → ``close`` is called twice on the transport → fails.
+    """
+    calls: list[int] = []
+    plain_close = WebSocketTransport.close
+
+    async def counted(self: WebSocketTransport, code: int = 1000, reason: str = "") -> None:
+        calls.append(code)
+        await plain_close(self, code, reason)
+
+    monkeypatch.setattr(WebSocketTransport, "close", counted)
+
+    async def closing(transport: FrameTransport, request: UpgradeRequest) -> None:
+        await request.shutdown.wait()
+        await transport.close(1001, "going away")  # the peer never answers: waits close_timeout
+
+    control = ServerControl()
+    limits = ServerLimits(close_timeout=1.0)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(partial(serve, closing, basic_http(Recorder()), limits=limits, control=control))
+        async with await anyio.connect_tcp("127.0.0.1", port) as sock:
+            await sock.send(
+                b"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert (await sock.receive()).startswith(b"HTTP/1.1 101")
+            control.begin_stop(grace=0.1)  # the deadline passes while the handler's close waits
+            close_frame = await sock.receive()
+            assert close_frame[:1] == b"\x88" and close_frame[2:4] == (1001).to_bytes(2, "big")
+            with anyio.fail_after(10):
+                await control.stop()
+    assert calls.count(1001) == 1  # the handler's (the 1000 after it: run_websocket's when the handler returns)
 
 
 async def test_shutdown_refuses_new_connections_and_closes_idle_keep_alive() -> None:

@@ -27,6 +27,7 @@ the node for state followers — so every task has an owner.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
@@ -333,6 +334,14 @@ class Tail:
             return await self._reads.read(self.stream, after=after, limit=PAGE)
         return SharedPage(await self.log.read(self.stream, after=after, limit=PAGE))
 
+    def prefetched(self, page: SharedPage) -> ReadResult:
+        """Like :meth:`prefetch` with a page the hub already holds (see
+        :meth:`Hub.recent`): :meth:`fill` replays it, then goes live with
+        whatever the feed buffered meanwhile."""
+        self._filling = True
+        self._prefetched, self._prefetched_after = page, self.delivery.last
+        return page.result
+
     async def prefetch(self) -> ReadResult:
         """Read the first page of the catch-up now (the tail must be registered).
 
@@ -398,6 +407,21 @@ class Tail:
             self._check()
 
 
+#: Events the hub keeps per watched stream for resumes that are a few events behind.
+RECENT = 8
+
+
+class _Recent:
+    """A watched stream's epoch, known head and its last events (``events[-1]`` is the head)."""
+
+    __slots__ = ("epoch", "events", "head")
+
+    def __init__(self, epoch: str, head: int) -> None:
+        self.epoch = epoch
+        self.head = head
+        self.events: deque[EncodedEvent] = deque(maxlen=RECENT)
+
+
 class Hub:
     """Routes live events from the backend feed to local tails.
 
@@ -414,6 +438,9 @@ class Hub:
         after_event: Callable[[Event], None] | None = None,
     ) -> None:
         self._tails: dict[str, set[Tail]] = {}
+        # Head and last events of watched streams, from the feed and from reads
+        # issued while watched; dropped when the stream is unwatched (see recent).
+        self._recent: dict[str, _Recent] = {}
         #: History reads of the tails, shared by those asking for the same page at once.
         self.reads = SharedReads(log)
         self._on_event = on_event
@@ -437,7 +464,54 @@ class Hub:
             tails.discard(tail)
             if not tails:
                 del self._tails[tail.stream]
+                self._recent.pop(tail.stream, None)  # nothing feeds it any more
                 self.feed.unwatch(tail.stream)
+
+    def known_head(self, stream: str) -> tuple[str, int] | None:
+        """``(epoch, head)`` of ``stream`` as far as this hub knows, or None.
+
+        Known only while the stream has tails (it is watched), from the
+        highest offset the feed delivered or a read issued while watched
+        reported (:meth:`note_head`). Every event after that head reaches the
+        feed after it was learnt, so a tail registered now at or after the
+        start of :meth:`recent` misses nothing.
+        """
+        r = self._recent.get(stream)
+        return None if r is None else (r.epoch, r.head)
+
+    def recent(self, stream: str, epoch: str, after: int) -> SharedPage | None:
+        """The events of ``stream`` after ``after`` up to the known head, from memory, or None.
+
+        The hub keeps the last :data:`RECENT` events the feed delivered for a
+        watched stream, without holes, ending at the known head (see
+        :meth:`known_head`). A resume whose position is within them (the
+        common case after a restart: clients were up to date or a few events
+        behind) needs no history read: the page holds the missing events,
+        already encoded for the live subscribers, and every later event
+        reaches the feed after the head was learnt, so a tail registered
+        before this call gets it live. None: not watched, another epoch, or
+        ``after`` outside the kept events (read the backend).
+        """
+        r = self._recent.get(stream)
+        if r is None or r.epoch != epoch or not r.head - len(r.events) <= after <= r.head:
+            return None
+        encs = list(r.events)[len(r.events) - (r.head - after) :] if after < r.head else []
+        page = SharedPage(ReadResult(epoch, r.head, after + 1, [enc.event for enc in encs]))
+        page._encoded = encs
+        return page
+
+    def note_head(self, stream: str, epoch: str, head: int) -> None:
+        """A read of a watched ``stream`` saw ``head`` in ``epoch`` (see :meth:`known_head`)."""
+        if stream not in self._tails:
+            return  # unwatched: later events may never reach this hub
+        r = self._recent.get(stream)
+        if r is None:
+            self._recent[stream] = _Recent(epoch, head)
+        elif r.epoch != epoch:
+            del self._recent[stream]  # two epochs seen: unknown until a read settles it
+        elif head > r.head:
+            r.head = head  # the events up to it were not fed yet: none kept
+            r.events.clear()
 
     def subscribers(self, stream: str) -> int:
         """Number of local tails on ``stream``."""
@@ -453,6 +527,20 @@ class Hub:
         tails = self._tails.get(event.stream)
         if tails:
             enc = EncodedEvent(event)
+            r = self._recent.get(event.stream)
+            if r is None:
+                r = self._recent[event.stream] = _Recent(event.epoch, event.offset)
+                r.events.append(enc)
+            elif r.epoch != event.epoch:
+                del self._recent[event.stream]  # two epochs seen: unknown until a read settles it
+            elif event.offset == r.head + 1:
+                r.head += 1
+                r.events.append(enc)
+            elif event.offset > r.head:
+                # The feed skipped events (the tails will read them): keep only this one.
+                r.head = event.offset
+                r.events.clear()
+                r.events.append(enc)
             batch = [enc]  # one list for every sink (EventSink.live never changes it)
             for tail in tuple(tails):
                 try:

@@ -424,11 +424,24 @@ class Node:
             # registration, as Tail.fill would), instead of info() then read().
             tail = Tail(events, stream, Delivery(start.epoch, start.offset), outbox, reads=self.hub.reads)
             self.hub.add(tail)
+            recent = self.hub.recent(stream, start.epoch, start.offset)
+            if recent is not None and (recent.result.head == start.offset or self.app.retention_for(stream) is None):
+                # Up to date or a few events behind (a reconnect storm after a
+                # restart is mostly these): the missing events are in the hub's
+                # memory and its feed brings every later one, no read needed.
+                # Behind on a stream with retention, the backend decides: the
+                # events may be trimmed (a snapshot or recovered=false, as
+                # documented), whatever the hub still holds.
+                self.stats["replays"] += 1
+                self.stats["recovered"] += 1
+                head = tail.prefetched(recent).head
+                return SubscriptionStart(stream, start.epoch, head, True, None, tail)
             try:
                 page = await tail.prefetch()
             except BaseException:
                 self.hub.remove(tail)
                 raise
+            self.hub.note_head(stream, page.epoch, page.head)
             info = StreamInfo(page.epoch, page.head, page.first)
             plan = plan_resume(start, info, stateful=spec is not None)
             if plan.mode == "replay" and plan.after == start.offset and info.epoch == start.epoch:

@@ -19,8 +19,10 @@ Shutdown (SIGINT/SIGTERM or :meth:`Server.stop`), in order:
 3. every session waits for its in-flight commands (at most ``grace`` seconds,
    their clients get their ``ok``/``err``), then says ``bye``
    (``reconnect: true``) and closes with 1001;
-4. whatever is still open ``grace`` + ``close_timeout`` later is closed by the
-   transport (1001) and then cancelled.
+4. the clients' replies to those close frames get one deadline,
+   ``ServerLimits.close_timeout`` after the drain (and at most ``grace`` +
+   ``close_timeout`` + 1 s after the start); whatever is still open then is
+   closed by the transport (1001) and cancelled ``close_timeout`` later.
 
 Limits: the message-size limit announced in ``welcome``
 (``Limits.max_message_size``) is the transport's
@@ -222,11 +224,20 @@ class Server:
             await self.control.stop(0, reason)
             return
         node.draining = True
-        # Stop accepting now; the transport's own deadline is later than ours so
-        # the sessions say bye themselves before it closes anything by force.
-        self.control.begin_stop(grace + 1.0, reason)
+        # Stop accepting now. The transport's deadline (when it closes what is
+        # still open by force) must leave every session time to say bye and
+        # finish its close handshake itself: a forced close sends 1001
+        # without the bye, and with thousands of connections it doubled the
+        # work (a second close task per connection, waiting for the same
+        # reply). So: far enough at first for the drain...
+        close_timeout = self.limits.close_timeout
+        self.control.begin_stop(grace + close_timeout + 1.0, reason)
         await self.sessions.drain(grace)
-        await self.control.stop(grace=1.0, reason=reason)
+        # ...then one deadline for every peer's reply to the close frames the
+        # sessions are sending now (each connection also drops its own peer
+        # close_timeout after its close frame). stop() returns as soon as the
+        # last connection ended, usually long before.
+        await self.control.stop(grace=close_timeout, reason=reason)
 
     # --- WebSocket -------------------------------------------------------------
 
