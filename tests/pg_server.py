@@ -109,26 +109,42 @@ class PostgresServer:
             todo.extend(children.get(pid, []))
         return found
 
-    def pause(self) -> None:
+    def _signal_all(self, signum: int) -> None:
         for pid in self._pids():
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                # A backend can exit between the /proc listing and the signal
+                # (a client disconnected); it needs no stopping or waking.
+                pass
+
+    def pause(self) -> None:
+        self._signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
-        for pid in self._pids():
-            os.kill(pid, signal.SIGCONT)
+        self._signal_all(signal.SIGCONT)
 
     def restart(self) -> None:
         self._shutdown()
         self.start()
 
     def _shutdown(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
             self.resume()
             os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown: roll back, disconnect
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            pass
+        finally:
+            # Always reap the child: a Popen collected while its process runs
+            # warns from __del__, and pytest pins that on whichever test runs next.
+            if self.proc.poll() is None:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 self.proc.wait()
 
     def stop(self) -> None:
