@@ -87,6 +87,7 @@ from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 __all__ = [
     "FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "TaskSpawner", "WebSocketHandler", "WebSocketTransport", "run_websocket",
+    "start_reader", "start_spawned", "websocket_ended",
 ]
 
 log = logging.getLogger("rtcore.transport")
@@ -162,6 +163,41 @@ def _new_wsproto(extensions: Sequence[Extension]) -> Connection:
     if type(events) is deque and not events:  # the wsproto we know (1.2, 1.3); else leave it
         ws._events = _NoEvents()  # type: ignore[assignment]
     return ws
+
+
+
+#: Resting wsproto connections (see WebSocketTransport._park), at most _WS_POOL_MAX.
+_WS_POOL: list[Connection] = []
+_WS_POOL_MAX = 256
+
+
+def _at_rest(ws: Connection) -> bool:
+    """Whether ``ws`` is indistinguishable from a new server connection without
+    extensions: open, nothing buffered, no frame or fragmented message under way,
+    its parser alive (wsproto 1.2/1.3 internals; see :data:`_POOLING`)."""
+    proto = ws._proto
+    decoder = proto._frame_decoder
+    return (
+        ws._state is ConnectionState.OPEN
+        and decoder.header is None
+        and not decoder.buffer.buffer
+        and proto._message_decoder.opcode is None
+        and proto._outbound_opcode is None
+        and not proto.extensions
+        and proto._parse_more.gi_frame is not None  # type: ignore[attr-defined]
+    )
+
+
+def _pooling_works() -> bool:
+    # The internals _at_rest reads are there (any other wsproto: no pooling).
+    try:
+        return _at_rest(_new_wsproto(()))
+    except AttributeError:  # pragma: no cover - a wsproto we do not know
+        return False
+
+
+#: Whether idle connections give their wsproto connection back (see _at_rest).
+_POOLING = _pooling_works()
 
 
 #: The read loop's "scope" when it needs none (see WebSocketTransport._reader_scope).
@@ -285,7 +321,7 @@ class WebSocketTransport:
         "_trailing",
         "_unsent",
         "_waiting_at",
-        "_ws",
+        "_wsc",
         "call_soon",
         "encoding",
     )
@@ -303,7 +339,11 @@ class WebSocketTransport:
         self.encoding: str = encoding
         self._stream = stream
         self._limits = limits
-        self._ws = _new_wsproto(extensions)
+        # wsproto's connection (~0.9 kB with its decoders and parser generator). Without
+        # extensions, one that rests between messages is the same for every connection:
+        # a read loop about to wait gives it back to a shared pool (_park) and takes one
+        # again when it next needs one (the _ws property): idle connections hold none.
+        self._wsc: Connection | None = _new_wsproto(extensions)
         self._trailing = trailing_data
         self._direct = _direct_writer(stream)
         #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
@@ -366,12 +406,32 @@ class WebSocketTransport:
     @property
     def closed(self) -> bool:
         """Whether the connection is closing or closed (no more sends)."""
-        return self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN
+        return self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN
 
     @property
     def close_code(self) -> int | None:
         """The close code, once known (see :class:`ConnectionClosed`)."""
         return self._code
+
+    @property
+    def _ws(self) -> Connection:
+        ws = self._wsc
+        if ws is None:  # parked: take a resting one (any will do) or make one
+            ws = self._wsc = _WS_POOL.pop() if _WS_POOL else _new_wsproto(())
+        return ws
+
+    @property
+    def _ws_state(self) -> ConnectionState:
+        ws = self._wsc
+        return ConnectionState.OPEN if ws is None else ws.state  # parked only while open
+
+    def _park(self) -> None:
+        """About to wait for bytes: give a resting wsproto connection back to the pool."""
+        ws = self._wsc
+        if ws is not None and self._fast and _POOLING and _at_rest(ws):
+            self._wsc = None
+            if len(_WS_POOL) < _WS_POOL_MAX:
+                _WS_POOL.append(ws)
 
     async def receive(self) -> bytes | str:
         """The next complete message: ``str`` for text, ``bytes`` for binary.
@@ -461,7 +521,7 @@ class WebSocketTransport:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
-        if self._ws.state is not ConnectionState.OPEN:
+        if self._ws_state is not ConnectionState.OPEN:
             return False
         if not frames:
             return True
@@ -529,7 +589,7 @@ class WebSocketTransport:
             self._reason = reason
 
     def _check_open(self) -> None:
-        if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+        if self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN:
             raise self._closed_error()
 
     async def _write(self, data: bytes) -> None:
@@ -602,7 +662,7 @@ class WebSocketTransport:
         # The lock may be held by a write the peer does not drain: bound the wait.
         with anyio.move_on_after(self._limits.close_timeout) as scope:
             async with self._get_lock():
-                if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+                if self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN:
                     return
                 self._close_sent = True
                 try:
@@ -649,13 +709,31 @@ class WebSocketTransport:
                     self._ws.receive_data(data)
                     done = await self._handle_events()
                 read_size = self._limits.read_size
+                stream = self._stream
+                if isinstance(stream, ProtocolStream):
+                    # An idle connection waits here, on the stream's future: no
+                    # receive() frame under this one, no wsproto connection (_park).
+                    while not done:
+                        try:
+                            data = stream.receive_nowait(read_size)
+                            if not data:
+                                self._park()
+                                await stream.readable()
+                                continue
+                        except STREAM_ERRORS:
+                            self._set_code(1006, "connection lost without a close frame")
+                            break
+                        self._ws.receive_data(data)
+                        data = b""  # not kept while waiting for the next bytes
+                        done = await self._handle_events()
                 while not done:
                     try:
-                        data = await self._stream.receive(read_size)
+                        data = await stream.receive(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
                         break
                     self._ws.receive_data(data)
+                    data = b""  # not kept while waiting for the next bytes
                     done = await self._handle_events()
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
@@ -679,7 +757,7 @@ class WebSocketTransport:
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
                 async with self._get_lock():
-                    if not self._close_sent and self._ws.state is ConnectionState.OPEN:
+                    if not self._close_sent and self._ws_state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
             elif isinstance(event, Pong):
                 if self._ping_payload is not None and event.payload == self._ping_payload:
@@ -764,13 +842,13 @@ class WebSocketTransport:
                 self._deliver_scope = None
 
     async def _on_close(self, event: CloseConnection) -> bool:
-        state = self._ws.state
+        state = self._ws_state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
             async with self._get_lock():
-                if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
+                if self._ws_state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
             return True
         if state is ConnectionState.CLOSED:
@@ -841,7 +919,7 @@ class WebSocketTransport:
         direct = self._direct
         if direct is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
-        if self._ws.state is not ConnectionState.OPEN or self._tg is None:
+        if self._ws_state is not ConnectionState.OPEN or self._tg is None:
             return False
         data = self._ws.send(event)
         try:
@@ -857,7 +935,7 @@ class WebSocketTransport:
 
     async def _send_ping(self, payload: bytes) -> None:
         async with self._get_lock():
-            if self._close_sent or self._ws.state is not ConnectionState.OPEN or self._ping_payload != payload:
+            if self._close_sent or self._ws_state is not ConnectionState.OPEN or self._ping_payload != payload:
                 return
             with contextlib.suppress(ConnectionClosed):
                 await self._write(self._ws.send(Ping(payload=payload)))
@@ -975,7 +1053,6 @@ async def run_websocket(
         spawner = None  # a keepalive task for this connection alone needs a task group to end it
     try:
         async with anyio.create_task_group() if spawner is None else _Spawned(spawner) as tg:
-            tg.start_soon(transport._reader_task)
             transport._tg = tg
             if transport._limits.ping_interval is not None:
                 if transport._heartbeats is None:
@@ -989,6 +1066,8 @@ async def run_websocket(
             try:
                 pending = handler(transport, request)
                 del request
+                if not transport._reading:  # the handler did not claim the read loop (yet)
+                    tg.start_soon(transport._reader_task)
                 await pending
             except ConnectionClosed:
                 pass
@@ -1000,10 +1079,45 @@ async def run_websocket(
                 assert isinstance(tg, TaskGroup)
                 tg.cancel_scope.cancel()
     finally:
-        if transport._heartbeats is not None:
-            transport._heartbeats.discard(transport)
-        if transport._inbox is not None:
-            transport._inbox.close()
-        transport._close_inbox()
-        if not transport._finished:
-            await transport._abort()
+        await websocket_ended(transport)
+
+
+def start_spawned(transport: WebSocketTransport, spawner: TaskSpawner | None) -> bool:
+    """Set ``transport`` up to run its handler in the caller's own frame with
+    ``spawner`` for its side tasks: what :func:`run_websocket` does before the
+    handler, for a caller that inlines it (the HTTP connection on asyncio: one
+    coroutine frame less per open WebSocket).
+
+    The caller then calls the handler, :func:`start_reader` and awaits the
+    handler; whatever happens, :meth:`WebSocketTransport.close` (1000, or 1011
+    when the handler raised) and then :func:`websocket_ended`.
+
+    Returns:
+        ``False`` (nothing done): the connection needs :func:`run_websocket`
+        (no spawner, or a keepalive task of its own).
+    """
+    if spawner is None or (transport._heartbeats is None and transport._limits.ping_interval is not None):
+        return False
+    transport._tg = spawner
+    if transport._heartbeats is not None and transport._limits.ping_interval is not None:
+        transport._heartbeats.start(transport)
+    return True
+
+
+def start_reader(transport: WebSocketTransport) -> None:
+    """After calling the handler (see :func:`start_spawned`): start the read
+    loop's task unless the handler claimed the loop."""
+    if not transport._reading:
+        assert transport._tg is not None
+        transport._tg.start_soon(transport._reader_task)
+
+
+async def websocket_ended(transport: WebSocketTransport) -> None:
+    """The connection's handler is done: release what the connection holds."""
+    if transport._heartbeats is not None:
+        transport._heartbeats.discard(transport)
+    if transport._inbox is not None:
+        transport._inbox.close()
+    transport._close_inbox()
+    if not transport._finished:
+        await transport._abort()
