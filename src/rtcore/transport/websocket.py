@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -114,16 +113,36 @@ def _direct_socket(stream: ByteStream) -> socket.socket | None:
     return sock
 
 
-def _direct_writer(stream: ByteStream) -> Callable[[bytes], int] | None:
-    """A function writing what ``stream`` takes now without waiting (bytes taken,
-    0 when it must wait; OSError when the connection is gone), or None when
-    ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
+class _DirectWriter(Protocol):
+    """Writes what the connection takes now without waiting."""
+
+    def write_now(self, data: bytes) -> int:
+        """Bytes taken (0 when it must wait); OSError when the connection is gone."""
+        ...
+
+
+def _direct_writer(stream: ByteStream) -> _DirectWriter | None:
+    """What writes ``stream`` without waiting (see :class:`_DirectWriter`), or None
+    when ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
     asyncio transport (any asyncio loop), a plain TCP stream of anyio's on the
-    selector loop is written directly (:func:`_direct_socket`)."""
+    selector loop is written directly (:func:`_direct_socket`). An object whose
+    method is called, not a bound method stored per connection."""
     if isinstance(stream, ProtocolStream):
-        return stream.write_now
+        return stream
     sock = _direct_socket(stream)
-    return None if sock is None else functools.partial(_write_now, sock)
+    return None if sock is None else _SocketWriter(sock)
+
+
+class _SocketWriter:
+    """:func:`_write_now` on one socket."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def write_now(self, data: bytes) -> int:
+        return _write_now(self._sock, data)
 
 
 def _write_now(sock: socket.socket, data: bytes) -> int:
@@ -322,7 +341,6 @@ class WebSocketTransport:
         "_unsent",
         "_waiting_at",
         "_wsc",
-        "call_soon",
         "encoding",
     )
 
@@ -346,9 +364,6 @@ class WebSocketTransport:
         self._wsc: Connection | None = _new_wsproto(extensions)
         self._trailing = trailing_data
         self._direct = _direct_writer(stream)
-        #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
-        #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
-        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
         # before anything else (the flusher task, or the next write under the lock).
         self._unsent = b""
@@ -412,6 +427,13 @@ class WebSocketTransport:
     def close_code(self) -> int | None:
         """The close code, once known (see :class:`ConnectionClosed`)."""
         return self._code
+
+    @property
+    def call_soon(self) -> Callable[..., Any] | None:
+        """asyncio fast path: the running loop's ``call_soon`` (lets the session layer
+        batch a tick's worth of frames and write them with :meth:`send_nowait`); None
+        without the fast path."""
+        return asyncio.get_running_loop().call_soon if self._direct is not None else None
 
     @property
     def _ws(self) -> Connection:
@@ -527,7 +549,7 @@ class WebSocketTransport:
             return True
         data = encode_frames(self._opcode, frames)
         try:
-            sent = direct(data)
+            sent = direct.write_now(data)
         except OSError:
             return False  # the connection is gone: the awaited send meets the error
         if not sent:
@@ -605,7 +627,7 @@ class WebSocketTransport:
             # Fast path: nothing is buffered in asyncio's transport (every earlier
             # write completed), so the socket can take bytes directly.
             try:
-                sent = direct(data)
+                sent = direct.write_now(data)
             except OSError:
                 self._set_code(1006, "connection lost")
                 await self._abort()
@@ -923,7 +945,7 @@ class WebSocketTransport:
             return False
         data = self._ws.send(event)
         try:
-            sent = direct(data)
+            sent = direct.write_now(data)
         except OSError:
             return True  # the connection is gone: the read loop sees it; no pong will come
         if sent < len(data):
