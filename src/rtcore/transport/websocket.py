@@ -219,8 +219,6 @@ def _pooling_works() -> bool:
 _POOLING = _pooling_works()
 
 
-#: The read loop's "scope" when it needs none (see WebSocketTransport._reader_scope).
-_NO_SCOPE = contextlib.nullcontext()
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -713,18 +711,64 @@ class WebSocketTransport:
         with contextlib.suppress(ConnectionClosed):
             await self.run_reader()
 
-    async def run_reader(self) -> None:
-        """Read the socket until the connection ends (see :meth:`take_reader`).
+    def run_reader(self) -> Coroutine[Any, Any, None]:
+        """Read the socket until the connection ends (see :meth:`take_reader`):
+        ``await transport.run_reader()``.
 
         The read loop of every connection: :meth:`_reader_task` runs it as a
         task, a handler that called :meth:`take_reader` runs it in its own
         task (one coroutine frame, not a chain: thousands of these wait at once).
+        A plain function returning the loop's coroutine: on a
+        :class:`ProtocolStream` a loop that waits on the stream's future itself
+        and runs in no cancel scope (its ``with`` would keep a bound ``__exit__``
+        on the frame's stack per idle connection); otherwise one reading with
+        ``receive`` in the cancel scope that bounds the close.
 
         Raises:
             ConnectionClosed: Always, once the connection has ended (its code says how).
         """
+        if self._reader_scope is None:
+            return self._read_protocol_stream()
+        return self._read_stream(self._reader_scope)
+
+    async def _read_protocol_stream(self) -> None:
+        stream = self._stream
+        assert isinstance(stream, ProtocolStream)
         try:
-            with self._reader_scope or _NO_SCOPE:
+            done = False
+            if self._trailing:
+                data, self._trailing = self._trailing, b""
+                self._ws.receive_data(data)
+                done = await self._handle_events()
+            read_size = self._limits.read_size
+            # An idle connection waits here, on the stream's future: no receive()
+            # frame under this one, no wsproto connection (_park).
+            while not done:
+                try:
+                    data = stream.receive_nowait(read_size)
+                    if not data:
+                        self._park()
+                        await stream.readable()
+                        continue
+                except STREAM_ERRORS:
+                    self._set_code(1006, "connection lost without a close frame")
+                    break
+                self._ws.receive_data(data)
+                data = b""  # not kept while waiting for the next bytes
+                done = await self._handle_events()
+        except ConnectionClosed:
+            pass  # a reply could not be written: the connection is gone
+        finally:
+            self._reader_stopping()
+            if not self._aborted:
+                self._aborted = True
+                stream.close_now()  # what close_forcefully does, without an await
+            self._reader_ended()
+        raise self._closed_error()
+
+    async def _read_stream(self, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
                 done = False
                 if self._trailing:
                     data, self._trailing = self._trailing, b""
@@ -732,22 +776,6 @@ class WebSocketTransport:
                     done = await self._handle_events()
                 read_size = self._limits.read_size
                 stream = self._stream
-                if isinstance(stream, ProtocolStream):
-                    # An idle connection waits here, on the stream's future: no
-                    # receive() frame under this one, no wsproto connection (_park).
-                    while not done:
-                        try:
-                            data = stream.receive_nowait(read_size)
-                            if not data:
-                                self._park()
-                                await stream.readable()
-                                continue
-                        except STREAM_ERRORS:
-                            self._set_code(1006, "connection lost without a close frame")
-                            break
-                        self._ws.receive_data(data)
-                        data = b""  # not kept while waiting for the next bytes
-                        done = await self._handle_events()
                 while not done:
                     try:
                         data = await stream.receive(read_size)
@@ -760,17 +788,25 @@ class WebSocketTransport:
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
-            if self._closer is not None:
-                self._closer.cancel()
-                self._closer = None
-            self._close_inbox()
+            self._reader_stopping()
             if not self._aborted:
                 self._aborted = True
                 await close_forcefully(self._stream)
-            self._finished = True
-            if self._done is not None:
-                self._done.set()
+            self._reader_ended()
         raise self._closed_error()
+
+    def _reader_stopping(self) -> None:
+        """The read loop is ending: no close deadline, no more queued messages."""
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        self._close_inbox()
+
+    def _reader_ended(self) -> None:
+        """The read loop is over (the stream is closed): wake whoever waits for it."""
+        self._finished = True
+        if self._done is not None:
+            self._done.set()
 
     async def _handle_events(self) -> bool:
         """Act on what wsproto parsed; ``True`` once the connection is finished."""
