@@ -344,3 +344,79 @@ async def test_a_close_the_peer_never_answers_ends_the_connection_after_close_ti
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 while True:
                     await client.stream.receive()
+
+
+def test_a_wsproto_connection_rests_only_between_whole_messages() -> None:
+    """``_at_rest`` (what lets an idle connection give its wsproto connection
+    to the shared pool) holds only while nothing is half received: not with
+    part of a frame header or payload buffered, not inside a fragmented
+    message, not once closing.
+
+    Mutations seen caught: ``_at_rest`` not looking at the frame decoder
+    (``decoder.header is None and not decoder.buffer.buffer`` dropped) →
+    fails; not looking at the message decoder → fails; not looking at the
+    state → fails.
+    """
+    from wsproto.events import CloseConnection
+
+    from rtcore.transport.websocket import _at_rest, _new_wsproto
+
+    def events(ws: Any, data: bytes) -> list[Any]:
+        ws.receive_data(data)
+        return list(ws.events())
+
+    ws = _new_wsproto(())
+    assert _at_rest(ws)
+    frame = masked(0x1, b"hello")
+    assert events(ws, frame[:1]) == [] and not _at_rest(ws)  # half a header
+    assert events(ws, frame[1:4]) == [] and not _at_rest(ws)  # header, part of the mask
+    assert [e.data for e in events(ws, frame[4:])] == ["hello"] and _at_rest(ws)
+    # header and mask complete, no payload yet
+    assert events(ws, frame[:6]) == [] and not _at_rest(ws)
+    assert [e.data for e in events(ws, frame[6:])] == ["hello"] and _at_rest(ws)
+    first = struct.pack("!BB", 0x01, 0x80 | 3) + b"\0\0\0\0" + b"hel"  # text, not FIN
+    assert [e.data for e in events(ws, first)] == ["hel"] and not _at_rest(ws)  # mid-message
+    assert [e.data for e in events(ws, masked(0x0, b"lo"))] == ["lo"] and _at_rest(ws)
+    assert [type(e) for e in events(ws, masked(0x8, struct.pack("!H", 1000)))] == [CloseConnection]
+    assert not _at_rest(ws)
+    closing = _new_wsproto(())
+    closing.send(CloseConnection(code=1000))  # we close first: nothing buffered, but closing
+    assert not _at_rest(closing)
+
+
+async def test_messages_split_across_idle_waits_arrive_whole() -> None:
+    """A command sent a few bytes at a time, and a message in two fragments,
+    with the server's read loop waiting (on asyncio: parked, see ``_park``)
+    in between, arrive whole and are answered; so is a ping. Then the pooled
+    wsproto connections serve other connections correctly.
+
+    Mutations seen caught (asyncio): ``_at_rest`` returning True → the bytes
+    of the unfinished frame go to the pool with the connection → the reply
+    never comes or the connection fails → fails; ``_park`` pooling a
+    connection without checking it → fails the same way.
+    """
+    async with serving(app) as server, raw_client(server.port, "room:split") as client, raw_client(
+        server.port, "room:split"
+    ) as other:
+        command = masked(0x1, b'{"t":"cmd","id":7,"name":"echo","args":"split"}')
+        for i in range(0, len(command), 3):
+            await client.stream.send(command[i : i + 3])
+            await anyio.wait_all_tasks_blocked()
+        assert (await client.message("ok"))["result"] == "split"
+        text = b'{"t":"cmd","id":8,"name":"echo","args":"frag"}'
+        head = struct.pack("!BB", 0x01, 0x80 | 10) + b"\0\0\0\0" + text[:10]  # text, not FIN
+        await client.stream.send(head)
+        await anyio.wait_all_tasks_blocked()
+        await other.stream.send(masked(0x1, b'{"t":"cmd","id":9,"name":"echo","args":"other"}'))
+        assert (await other.message("ok"))["result"] == "other"
+        await anyio.wait_all_tasks_blocked()
+        await client.stream.send(masked(0x0, text[10:]))
+        assert (await client.message("ok"))["result"] == "frag"
+        await client.stream.send(masked(0x9, b"pp"))
+        while True:
+            opcode, payload = await client.frame()
+            if opcode == 0xA:
+                assert payload == b"pp"
+                break
+        await other.stream.send(masked(0x1, b'{"t":"cmd","id":10,"name":"echo","args":"again"}'))
+        assert (await other.message("ok"))["result"] == "again"

@@ -89,6 +89,9 @@ async def test_shutdown_deadline_closes_remaining_websockets_1001() -> None:
 
 
 async def test_shutdown_refuses_new_connections_and_closes_idle_keep_alive() -> None:
+    """Mutation seen caught (asyncio): ``_wait_for_request`` not listing its
+    ``ProtocolStream`` wait in ``state.interruptible`` → the idle keep-alive
+    connection stays open through the shutdown → fails."""
     rec = Recorder()
     control = ServerControl()
     limits = ServerLimits(keepalive_timeout=60)
