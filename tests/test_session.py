@@ -724,3 +724,30 @@ def test_every_emitted_code_is_documented() -> None:
     ):
         assert code in ERROR_CODES, code
     assert RtcoreError("x", code="rate_limited").retryable is True
+
+
+def test_idle_sessions_share_one_empty_table_of_open_requests_and_never_write_it() -> None:
+    """A session with no open request holds the shared empty ``_NONE_OPEN``
+    (no dict per idle session), and what one session opens is never seen by
+    another.
+
+    Mutations seen caught: ``_on_cmd`` writing ``self._pending[rid] = "cmd"``
+    directly (into the shared dict) → the other session answers request 1 →
+    fails; ``reply`` keeping its emptied dict → ``_pending`` is not the shared
+    one → fails.
+    """
+    from rtcore.protocol.session import _NONE_OPEN
+
+    a, b = open_session(), open_session()
+    assert a._pending is _NONE_OPEN and a._pending_subs is _NONE_OPEN
+    [cmd] = send(a, Cmd(1, "x"))
+    assert isinstance(cmd, DoCommand)
+    [sub] = send(a, Sub(2, "room:1"))
+    assert isinstance(sub, DoSubscribe)
+    assert _NONE_OPEN == {}
+    assert b.reply(1, Ok(1, None)) == []  # not b's request
+    assert a.reply(1, Ok(1, None)) == [Send(Ok(1, None))]
+    subbed = Subbed(2, "room:1", "e", 0, False, False)
+    assert a.reply(2, subbed) == [Send(subbed)]
+    assert a._pending is _NONE_OPEN and a._pending_subs is _NONE_OPEN
+    assert a.subscriptions == {"room:1"}

@@ -254,46 +254,72 @@ async def test_a_side_task_that_fails_ends_its_connection(monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_an_idle_connection_on_asyncio_keeps_no_task_group_and_five_coroutines() -> None:
+async def test_an_idle_connection_on_asyncio_keeps_no_task_group_three_coroutines_and_no_wsproto() -> None:
     """Per idle connection (hello + one subscription) on asyncio: no anyio task
-    group, no closure and at most five live coroutines (the HTTP connection, run_websocket,
-    the session, the transport's read loop, the stream's receive): each one
-    is ~0.3 kB, a task group ~1.1 kB, times thousands of connections.
+    group, no closure, no wsproto connection, few bound methods and at most
+    three live coroutines (the HTTP connection, which runs the WebSocket
+    handler itself, the session and the transport's read loop, which waits
+    on the stream's future itself): a coroutine is ~0.3 kB, a task group
+    ~1.1 kB, wsproto's connection ~0.9 kB, a bound method 64 bytes, times
+    thousands of connections.
 
     Mutations seen caught: ``serve_session`` returning a coroutine that awaits
-    ``conn.run()`` → 6 coroutines → fails; the listener's task running a
-    coroutine that awaits ``HttpConnection(stream, state).run()`` → 6 →
+    ``conn.run()`` → 4 coroutines → fails; the listener's task running a
+    coroutine that awaits ``HttpConnection(stream, state).run()`` → 4 →
+    fails; ``HttpConnection.run`` awaiting ``run_websocket`` instead of
+    running the handler itself (``start_spawned`` returning False) → 4 →
+    fails; the read loop awaiting ``stream.receive()`` on a ``ProtocolStream``
+    too → 4 → fails; the read loop in ``with self._reader_scope or nullcontext()`` again
+    (a bound ``__exit__`` on its stack) → 3 bound methods per connection → fails;
+    ``_park`` keeping the wsproto connection → 20 more →
     fails; ``_Connection.run`` always taking the task-group path → 1 task
     group per connection → fails; the outbox's ``render`` a lambda per
-    connection again → 20 functions more → fails.
+    connection again → 20 functions more → fails; the outbox given
+    ``spawn=self._spawn, on_slow=..., on_stale=..., start_writer=...`` again
+    instead of ``owner=self`` → 4 bound methods more per connection → fails.
     """
     import gc
     import types
 
     from anyio.abc import TaskGroup
+    from wsproto.connection import Connection
 
-    def census() -> tuple[int, int, int]:
+    from rtcore.transport import websocket
+
+    def census() -> tuple[int, int, int, int, int]:
         gc.collect()
         objects = gc.get_objects()
         return (
             sum(1 for o in objects if type(o) is types.CoroutineType),
             sum(1 for o in objects if isinstance(o, TaskGroup)),
             sum(1 for o in objects if type(o) is types.FunctionType),
+            # wsproto connections not resting in the shared pool
+            sum(1 for o in objects if type(o) is Connection) - len(websocket._WS_POOL),
+            # the server's bound methods (the clients' run in this process too)
+            sum(1 for o in objects if type(o) is types.MethodType and _server_side(o.__func__)),
         )
 
     async with serving(app) as server, AsyncExitStack() as stack:
         await anyio.wait_all_tasks_blocked()
-        coros0, groups0, functions0 = census()
+        coros0, groups0, functions0, ws0, methods0 = census()
         for _ in range(CONNECTIONS):
             await stack.enter_async_context(raw_client(server.port, "room:idle"))
         await anyio.wait_all_tasks_blocked()
-        coros, groups, functions = census()
+        coros, groups, functions, ws, methods = census()
         # The clients' own coroutines: each raw_client context is one suspended
         # async generator (not a coroutine), so what is counted is the server's.
-        assert (coros - coros0) / CONNECTIONS <= 5, (coros - coros0) / CONNECTIONS
+        assert (coros - coros0) / CONNECTIONS <= 3, (coros - coros0) / CONNECTIONS
         assert groups == groups0
         assert functions - functions0 < CONNECTIONS  # no closure per connection
+        assert ws - ws0 <= 0, ws - ws0
+        # What is left: the presence's receiver, the outbox's flush for take_reader.
+        assert (methods - methods0) / CONNECTIONS <= 2, (methods - methods0) / CONNECTIONS
         assert len(server.sessions) == CONNECTIONS
+
+
+def _server_side(func: Any) -> bool:
+    # rtcore's own methods, and a `with` statement's bound __exit__ on a waiting frame
+    return getattr(func, "__module__", "").startswith("rtcore") or getattr(func, "__qualname__", "") == "nullcontext.__exit__"
 
 
 async def test_a_close_the_peer_never_answers_ends_the_connection_after_close_timeout() -> None:
@@ -318,3 +344,79 @@ async def test_a_close_the_peer_never_answers_ends_the_connection_after_close_ti
             with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                 while True:
                     await client.stream.receive()
+
+
+def test_a_wsproto_connection_rests_only_between_whole_messages() -> None:
+    """``_at_rest`` (what lets an idle connection give its wsproto connection
+    to the shared pool) holds only while nothing is half received: not with
+    part of a frame header or payload buffered, not inside a fragmented
+    message, not once closing.
+
+    Mutations seen caught: ``_at_rest`` not looking at the frame decoder
+    (``decoder.header is None and not decoder.buffer.buffer`` dropped) →
+    fails; not looking at the message decoder → fails; not looking at the
+    state → fails.
+    """
+    from wsproto.events import CloseConnection
+
+    from rtcore.transport.websocket import _at_rest, _new_wsproto
+
+    def events(ws: Any, data: bytes) -> list[Any]:
+        ws.receive_data(data)
+        return list(ws.events())
+
+    ws = _new_wsproto(())
+    assert _at_rest(ws)
+    frame = masked(0x1, b"hello")
+    assert events(ws, frame[:1]) == [] and not _at_rest(ws)  # half a header
+    assert events(ws, frame[1:4]) == [] and not _at_rest(ws)  # header, part of the mask
+    assert [e.data for e in events(ws, frame[4:])] == ["hello"] and _at_rest(ws)
+    # header and mask complete, no payload yet
+    assert events(ws, frame[:6]) == [] and not _at_rest(ws)
+    assert [e.data for e in events(ws, frame[6:])] == ["hello"] and _at_rest(ws)
+    first = struct.pack("!BB", 0x01, 0x80 | 3) + b"\0\0\0\0" + b"hel"  # text, not FIN
+    assert [e.data for e in events(ws, first)] == ["hel"] and not _at_rest(ws)  # mid-message
+    assert [e.data for e in events(ws, masked(0x0, b"lo"))] == ["lo"] and _at_rest(ws)
+    assert [type(e) for e in events(ws, masked(0x8, struct.pack("!H", 1000)))] == [CloseConnection]
+    assert not _at_rest(ws)
+    closing = _new_wsproto(())
+    closing.send(CloseConnection(code=1000))  # we close first: nothing buffered, but closing
+    assert not _at_rest(closing)
+
+
+async def test_messages_split_across_idle_waits_arrive_whole() -> None:
+    """A command sent a few bytes at a time, and a message in two fragments,
+    with the server's read loop waiting (on asyncio: parked, see ``_park``)
+    in between, arrive whole and are answered; so is a ping. Then the pooled
+    wsproto connections serve other connections correctly.
+
+    Mutations seen caught (asyncio): ``_at_rest`` returning True → the bytes
+    of the unfinished frame go to the pool with the connection → the reply
+    never comes or the connection fails → fails; ``_park`` pooling a
+    connection without checking it → fails the same way.
+    """
+    async with serving(app) as server, raw_client(server.port, "room:split") as client, raw_client(
+        server.port, "room:split"
+    ) as other:
+        command = masked(0x1, b'{"t":"cmd","id":7,"name":"echo","args":"split"}')
+        for i in range(0, len(command), 3):
+            await client.stream.send(command[i : i + 3])
+            await anyio.wait_all_tasks_blocked()
+        assert (await client.message("ok"))["result"] == "split"
+        text = b'{"t":"cmd","id":8,"name":"echo","args":"frag"}'
+        head = struct.pack("!BB", 0x01, 0x80 | 10) + b"\0\0\0\0" + text[:10]  # text, not FIN
+        await client.stream.send(head)
+        await anyio.wait_all_tasks_blocked()
+        await other.stream.send(masked(0x1, b'{"t":"cmd","id":9,"name":"echo","args":"other"}'))
+        assert (await other.message("ok"))["result"] == "other"
+        await anyio.wait_all_tasks_blocked()
+        await client.stream.send(masked(0x0, text[10:]))
+        assert (await client.message("ok"))["result"] == "frag"
+        await client.stream.send(masked(0x9, b"pp"))
+        while True:
+            opcode, payload = await client.frame()
+            if opcode == 0xA:
+                assert payload == b"pp"
+                break
+        await other.stream.send(masked(0x1, b'{"t":"cmd","id":10,"name":"echo","args":"again"}'))
+        assert (await other.message("ok"))["result"] == "again"

@@ -65,6 +65,12 @@ async def test_pipelined_requests_on_one_connection() -> None:
 
 
 async def test_idle_keep_alive_connection_is_closed() -> None:
+    """An idle keep-alive connection is closed at ``keepalive_timeout``.
+
+    Mutation seen caught (asyncio, where a ``ProtocolStream`` waits for the
+    next request with a loop timer instead of a cancel scope): the timer set
+    an hour late in ``HttpConnection._wait_for_request`` → fails.
+    """
     rec = Recorder()
     limits = ServerLimits(keepalive_timeout=0.2)
     async with running_server(echo_handler(rec), basic_http(rec), limits=limits) as srv:

@@ -132,6 +132,9 @@ async def test_shutdown_deadline_leaves_websockets_already_closing_to_their_own_
 
 
 async def test_shutdown_refuses_new_connections_and_closes_idle_keep_alive() -> None:
+    """Mutation seen caught (asyncio): ``_wait_for_request`` not listing its
+    ``ProtocolStream`` wait in ``state.interruptible`` → the idle keep-alive
+    connection stays open through the shutdown → fails."""
     rec = Recorder()
     control = ServerControl()
     limits = ServerLimits(keepalive_timeout=60)

@@ -274,3 +274,37 @@ async def test_close_forcefully_closes_a_protocol_stream_at_once_even_when_cance
         assert transport is not None and transport.is_closing()
         with pytest.raises(anyio.ClosedResourceError):
             await stream.receive()
+
+
+@pytest.mark.asyncio_only(reason="ProtocolStream is the asyncio path; trio keeps anyio's streams")
+async def test_receive_nowait_and_readable_wait_without_a_receive_frame() -> None:
+    """``receive_nowait`` returns ``b""`` instead of waiting; ``readable`` is a
+    future done once there is something to say (bytes, EOF); one waiter at a
+    time, and a waiter cancelled while waiting does not block the next. The
+    woken future is forgotten (an idle stream keeps none).
+
+    Mutations seen caught: ``readable`` not replacing a done future (``reader
+    is not None`` alone → BusyResourceError after the cancelled wait) →
+    fails; ``_wake_reader`` keeping ``_reader`` → fails; ``readable`` not
+    waking at once when bytes are already buffered → fails (timeout).
+    """
+    async with pair() as (stream, peer):
+        assert stream.receive_nowait() == b""
+        waiting = stream.readable()
+        with pytest.raises(anyio.BusyResourceError):
+            stream.readable()
+        waiting.cancel()  # what cancelling the task awaiting it does
+        fut = stream.readable()  # the cancelled one does not count
+        await anyio.to_thread.run_sync(peer.sendall, b"abc")
+        with anyio.fail_after(5):
+            await fut
+        assert stream._reader is None
+        with anyio.fail_after(5):
+            await stream.readable()  # bytes already buffered: done at once
+        assert stream.receive_nowait(2) == b"ab"
+        assert stream.receive_nowait() == b"c"
+        peer.shutdown(socket.SHUT_WR)
+        with anyio.fail_after(5):
+            await stream.readable()
+        with pytest.raises(anyio.EndOfStream):
+            stream.receive_nowait()

@@ -185,6 +185,10 @@ def _violation(rid: int | None, message: str) -> Send:
     return _err(rid, ProtocolError(message))
 
 
+#: The shared, never written, empty ``Session._pending``/``_pending_subs``.
+_NONE_OPEN: dict[int, str] = {}
+
+
 class Session:
     """The protocol state of one connection.
 
@@ -226,8 +230,11 @@ class Session:
         self.principal: Any = None
         self.principal_id: str | None = None
         self.subscriptions: set[str] = set()
-        self._pending: dict[int, str] = {}  # open request id -> kind ("sub", "cmd", "auth")
-        self._pending_subs: dict[int, str] = {}
+        # Open request id -> kind ("sub", "cmd", "auth"), and the stream of each open sub.
+        # Both are the shared empty _NONE_OPEN while nothing is open (an empty dict is
+        # 64 bytes, times thousands of idle sessions): _open() makes one to write to.
+        self._pending: dict[int, str] = _NONE_OPEN
+        self._pending_subs: dict[int, str] = _NONE_OPEN
         self._commands = 0
         self._bucket = TokenBucket(limits.command_rate, limits.command_burst, now)
         self._last_seen = now
@@ -292,7 +299,7 @@ class Session:
             case Auth(id=rid, token=token):
                 if rid in self._pending:
                     return [_violation(rid, f"request id {rid} is still in use")]
-                self._pending[rid] = "auth"
+                self._open()[rid] = "auth"
                 return [DoAuthenticate(token, refresh_id=rid)]
             case Hello():
                 return [_violation(None, "hello was already received")]
@@ -310,7 +317,9 @@ class Session:
             return [_err(rid, BadRequest(f"already subscribed to {frame.stream!r}", code="already_subscribed"))]
         if len(self.subscriptions) + len(self._pending_subs) >= self.limits.max_subscriptions:
             return [_err(rid, LimitExceeded(f"at most {self.limits.max_subscriptions} subscriptions per connection", code="too_many_subscriptions"))]
-        self._pending[rid] = "sub"
+        self._open()[rid] = "sub"
+        if self._pending_subs is _NONE_OPEN:
+            self._pending_subs = {}
         self._pending_subs[rid] = frame.stream
         return [DoSubscribe(rid, frame.stream, frame.since, frame.cursor)]
 
@@ -322,7 +331,7 @@ class Session:
             return [_err(rid, LimitExceeded(f"at most {self.limits.max_inflight} commands may execute at once", code="too_many_inflight"))]
         if not self._bucket.take(now):
             return [_err(rid, LimitExceeded(f"more than {self.limits.command_rate:g} commands/s (burst {self.limits.command_burst})", code="rate_limited"))]
-        self._pending[rid] = "cmd"
+        self._open()[rid] = "cmd"
         self._commands += 1
         return [DoCommand(rid, frame.name, frame.args, frame.key)]
 
@@ -353,24 +362,30 @@ class Session:
         self.state = SessionState.CLOSED
         return [_err(refresh_id, exc), Close(1008, exc.code)]
 
+    def _open(self) -> dict[int, str]:
+        """``_pending``, to write to (not the shared empty one)."""
+        if self._pending is _NONE_OPEN:
+            self._pending = {}
+        return self._pending
+
     def reply(self, rid: int, frame: Any) -> list[Action]:
         """Answer the open request ``rid`` (a sub or a cmd) with ``frame`` (subbed/ok/err)."""
         kind = self._pending.pop(rid, None)
         if kind is None or kind == "auth":
             # Not an open sub/cmd: a second reply would break "one reply per id".
             if kind is not None:
-                self._pending[rid] = kind
+                self._open()[rid] = kind
             return []
         if not self._pending:
             # A dict keeps its table after its last key is popped: an idle
-            # session (thousands wait at once) holds an empty one instead.
-            self._pending = {}
+            # session (thousands wait at once) holds none.
+            self._pending = _NONE_OPEN
         if kind == "cmd":
             self._commands -= 1
         elif kind == "sub":
             stream = self._pending_subs.pop(rid)
             if not self._pending_subs:
-                self._pending_subs = {}
+                self._pending_subs = _NONE_OPEN
             if not isinstance(frame, Err):
                 self.subscriptions.add(stream)
         if self.state is SessionState.CLOSED:

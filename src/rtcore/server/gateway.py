@@ -232,14 +232,12 @@ class _Connection:
             outbox,
             render=_render_for(enc),
             render_sync=_render_sync_for(enc),
-            spawn=self._spawn,
-            on_slow=self._slow,
-            on_stale=self._stale,
             clock=node.clock,
             metrics=node.metrics,
             fast=fast,
-            # Started when a write cannot complete at once, or at the close (see run()).
-            start_writer=self._start_writer,
+            # spawn, on_slow, on_stale and start_writer (started when a write cannot
+            # complete at once, or at the close; see run()): no bound method each.
+            owner=self,
         )
         self._registry = registry
         self._present: str | None = None  # the principal reported to node.presence
@@ -270,8 +268,9 @@ class _Connection:
         self._ended = False
         # The sub action of each subscribed stream (a stale epoch resubscribes with it).
         self._sub_actions: dict[str, DoSubscribe] = {}
-        # For metrics (read at scrape time): the last offset each stream was acknowledged at.
-        self.acked: dict[str, int] = {}
+        # For metrics (read at scrape time): the last offset each stream was acknowledged
+        # at (None until the first ack: most idle connections never send one).
+        self.acked: dict[str, int] | None = None
 
     # --- registry --------------------------------------------------------------
 
@@ -288,7 +287,7 @@ class _Connection:
                     stream=stream,
                     epoch=sub.tail.delivery.epoch,
                     delivered=sub.tail.delivery.last,
-                    acked=self.acked.get(stream),
+                    acked=None if self.acked is None else self.acked.get(stream),
                     last_sent=outbox.last_sent.get(stream),
                 )
                 for stream, sub in self.subs.items()
@@ -373,6 +372,8 @@ class _Connection:
                     self._spawn(lambda a=action: self._authenticate(a))  # type: ignore[misc]
 
     def _ack_metrics(self, stream: str, offset: int) -> None:
+        if self.acked is None:
+            self.acked = {}
         self.acked[stream] = offset
         last_sent = self.outbox.last_sent
         sent = last_sent.get(stream)
@@ -394,6 +395,12 @@ class _Connection:
         task = host.get_loop().create_task(self._child(fn))
         children[task] = None
         task.add_done_callback(self._child_done)
+
+    # The Outbox's OutboxOwner: class attributes, no bound method stored per connection.
+    spawn = _spawn
+    on_slow = _slow
+    on_stale = _stale
+    start_writer = _start_writer
 
     async def _child(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """A native side task: ``fn()`` in a cancel scope of its own, which
@@ -593,6 +600,9 @@ class _Connection:
             return self._store_acks()
         return None
 
+    # The connection is its own message callback (take_reader keeps it, not a bound method).
+    __call__ = on_message
+
     async def _store_acks(self) -> None:
         acks, self._acks = self._acks, None
         assert acks is not None  # on_message saw some
@@ -763,6 +773,6 @@ def serve_session(
     # Before the first await (see InlineReader.take_reader): read in this task,
     # no reader task or message queue of the transport's.
     conn._inline = _implements(transport, InlineReader) and cast(InlineReader, transport).take_reader(
-        conn.on_message, conn.outbox.flushed
+        conn, conn.outbox.flushed  # conn(message) is conn.on_message(message), no bound method kept
     )
     return conn.run()

@@ -40,9 +40,62 @@ import anyio
 from ..engine.hub import EncodedEvent, OutboxLimits
 from ..engine.metrics import NodeMetrics
 
-__all__ = ["FastWriter", "Outbox", "OutboxLimits"]
+__all__ = ["FastWriter", "Outbox", "OutboxLimits", "OutboxOwner"]
 
 log = logging.getLogger("rtcore.server.outbox")
+
+
+
+class OutboxOwner(Protocol):
+    """What an :class:`Outbox` calls back: its connection, passed as one object
+    (four bound methods stored per outbox were ~0.25 kB per connection)."""
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Run ``fn`` in the connection's task (group)."""
+        ...
+
+    def on_slow(self) -> None:
+        """A live frame did not fit (see :class:`Outbox`)."""
+        ...
+
+    def on_stale(self, stream: str) -> None:
+        """The history of ``stream`` changed under a subscription."""
+        ...
+
+    def start_writer(self) -> None:
+        """Start the writer task (called once, see :class:`Outbox`)."""
+        ...
+
+
+class _Callbacks:
+    """An :class:`OutboxOwner` made of separate callables."""
+
+    __slots__ = ("_on_slow", "_on_stale", "_spawn", "_start_writer")
+
+    def __init__(
+        self,
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
+        on_slow: Callable[[], None],
+        on_stale: Callable[[str], None],
+        start_writer: Callable[[], None] | None,
+    ) -> None:
+        self._spawn = spawn
+        self._on_slow = on_slow
+        self._on_stale = on_stale
+        self._start_writer = start_writer
+
+    def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        self._spawn(fn)
+
+    def on_slow(self) -> None:
+        self._on_slow()
+
+    def on_stale(self, stream: str) -> None:
+        self._on_stale(stream)
+
+    def start_writer(self) -> None:
+        if self._start_writer is not None:
+            self._start_writer()
 
 
 @runtime_checkable
@@ -78,7 +131,8 @@ class _FlushBatch:
         self._due.append(outbox)
         if not self._scheduled:
             self._scheduled = True
-            call_soon = outbox._call_soon
+            # Asked for now, not stored per outbox (a bound method each).
+            call_soon = outbox._fast.call_soon if outbox._fast is not None else None
             assert call_soon is not None  # only outboxes with a fast path have a batch
             call_soon(self._run)
 
@@ -116,7 +170,8 @@ class Outbox:
     Args:
         limits: Queue bounds.
         render: Wire bytes of one event for this connection.
-        spawn: Runs a coroutine function in the connection's task group.
+        spawn: Runs a coroutine function in the connection's task group
+            (``spawn``, ``on_slow`` and ``on_stale`` are required without ``owner``).
         on_slow: Called once when a live frame does not fit (after the queue
             was dropped; frames it pushes are still queued, then the outbox
             closes).
@@ -130,6 +185,9 @@ class Outbox:
         start_writer: Called once, the first time frames (or the close) need
             the writer task: the connection then starts it (None: the writer
             runs from the start). With ``fast``, most connections never need it.
+        owner: The connection as one :class:`OutboxOwner` instead of
+            ``spawn``, ``on_slow``, ``on_stale`` and ``start_writer`` (whose
+            ``start_writer`` is then called once, on first need).
 
     Attributes:
         limits: Queue bounds.
@@ -144,8 +202,8 @@ class Outbox:
 
     # One per connection: no per-instance __dict__.
     __slots__ = (
-        "_batch", "_call_soon", "_clock", "_closed", "_drained", "_fast", "_flush_scheduled", "_metrics", "_on_slow", "_on_stale",
-        "_queue", "_queued_bytes", "_render", "_render_sync", "_spawn", "_start_writer", "_unwritten_ts", "_wake",
+        "_batch", "_clock", "_closed", "_drained", "_fast", "_flush_scheduled", "_metrics", "_owner",
+        "_queue", "_queued_bytes", "_render", "_render_sync", "_start_writer", "_unwritten_ts", "_wake",
         "_writer_busy", "bytes_out", "frames_out", "last_sent", "limits", "peak_bytes", "peak_frames", "slow",
     )
 
@@ -154,21 +212,27 @@ class Outbox:
         limits: OutboxLimits,
         *,
         render: Callable[[EncodedEvent], bytes],
-        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None],
-        on_slow: Callable[[], None],
-        on_stale: Callable[[str], None],
+        spawn: Callable[[Callable[[], Coroutine[Any, Any, Any]]], None] | None = None,
+        on_slow: Callable[[], None] | None = None,
+        on_stale: Callable[[str], None] | None = None,
         render_sync: Callable[[dict[str, bytes]], bytes] | None = None,
         clock: Callable[[], float] = time.time,
         metrics: NodeMetrics | None = None,
         fast: FastWriter | None = None,
         start_writer: Callable[[], None] | None = None,
+        owner: OutboxOwner | None = None,
     ) -> None:
         self.limits = limits
         self._render = render
         self._render_sync = render_sync
-        self._spawn = spawn
-        self._on_slow = on_slow
-        self._on_stale = on_stale
+        if owner is None:
+            if spawn is None or on_slow is None or on_stale is None:
+                raise TypeError("Outbox needs spawn, on_slow and on_stale, or an owner")
+            lazy = start_writer is not None
+            owner = _Callbacks(spawn, on_slow, on_stale, start_writer)
+        else:
+            lazy = True
+        self._owner: OutboxOwner = owner
         self._clock = clock
         self._metrics = metrics
         # A list, not a deque: an empty deque is a 700-byte block, an empty list 56 bytes.
@@ -176,7 +240,8 @@ class Outbox:
         self._queued_bytes = 0
         # The writer's wake-up, created when it waits (a writer never started needs none).
         self._wake: anyio.Event | None = None
-        self._start_writer = start_writer
+        # The writer task is still to be started (by the owner, on first need).
+        self._start_writer = lazy
         # Created by a paced replay that waits for room (most connections never do).
         self._drained: anyio.Event | None = None
         self._closed = False
@@ -190,7 +255,6 @@ class Outbox:
         self._unwritten_ts = 0.0
         call_soon = fast.call_soon if fast is not None else None
         self._fast = fast if call_soon is not None else None
-        self._call_soon = call_soon
         self._batch = _batch_for(call_soon) if call_soon is not None else None
         self._flush_scheduled = False
         self._writer_busy = False  # the writer task owns the send side (an awaited send)
@@ -288,10 +352,9 @@ class Outbox:
             self._wake_writer()
 
     def _wake_writer(self) -> None:
-        start = self._start_writer
-        if start is not None:
-            self._start_writer = None
-            start()
+        if self._start_writer:
+            self._start_writer = False
+            self._owner.start_writer()
         if self._wake is not None:
             self._wake.set()
 
@@ -301,7 +364,7 @@ class Outbox:
         self._queue.clear()
         self._queued_bytes = 0
         self._unwritten_ts = 0.0
-        self._on_slow()
+        self._owner.on_slow()
         self.close()
 
     def close(self) -> None:
@@ -321,7 +384,7 @@ class Outbox:
 
     def spawn(self, fn: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Run ``fn`` in the connection's task group."""
-        self._spawn(fn)
+        self._owner.spawn(fn)
 
     def live(self, stream: str, batch: list[EncodedEvent]) -> None:
         """Queue live events (never waits)."""
@@ -346,7 +409,7 @@ class Outbox:
 
     def stale(self, stream: str) -> None:
         """A subscription's history changed under it."""
-        self._on_stale(stream)
+        self._owner.on_stale(stream)
 
     # --- writing ---------------------------------------------------------------
 

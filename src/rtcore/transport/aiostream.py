@@ -101,9 +101,12 @@ class ProtocolStream(asyncio.Protocol, ByteStream):
         self._wake_writer()
 
     def _wake_reader(self) -> None:
+        # Forget the future as it is woken: an idle connection keeps none.
         reader = self._reader
-        if reader is not None and not reader.done():
-            reader.set_result(None)
+        if reader is not None:
+            self._reader = None
+            if not reader.done():
+                reader.set_result(None)
 
     def _wake_writer(self) -> None:
         writer = self._writer
@@ -120,21 +123,31 @@ class ProtocolStream(asyncio.Protocol, ByteStream):
             anyio.BrokenResourceError: The connection was lost.
             anyio.ClosedResourceError: :meth:`aclose` was called.
         """
-        while not self._buf:
+        while not (chunk := self.receive_nowait(max_bytes)):
+            await self.readable()
+        return chunk
+
+    def receive_nowait(self, max_bytes: int = 65536) -> bytes:
+        """What :meth:`receive` returns without waiting: ``b""`` when it would wait.
+
+        A read loop that calls this and awaits :meth:`readable` when it gets
+        ``b""`` waits in its own coroutine frame, not in one of ``receive``'s
+        too (thousands of idle connections wait at once).
+
+        Raises:
+            anyio.EndOfStream: The peer closed its side.
+            anyio.BrokenResourceError: The connection was lost.
+            anyio.ClosedResourceError: :meth:`aclose` was called.
+        """
+        buf = self._buf
+        if not buf:
             if self._closed:
                 raise anyio.ClosedResourceError
             if self._eof:
                 if self._error is not None:
                     raise anyio.BrokenResourceError from self._error
                 raise anyio.EndOfStream
-            if self._reader is not None:
-                raise anyio.BusyResourceError("reading from")
-            self._reader = reader = asyncio.get_running_loop().create_future()
-            try:
-                await reader
-            finally:
-                self._reader = None
-        buf = self._buf
+            return b""
         if len(buf) > max_bytes:
             chunk, self._buf = buf[:max_bytes], buf[max_bytes:]
         else:
@@ -144,6 +157,22 @@ class ProtocolStream(asyncio.Protocol, ByteStream):
             self._paused = False
             transport.resume_reading()
         return chunk
+
+    def readable(self) -> asyncio.Future[None]:
+        """A future done when :meth:`receive_nowait` has something to say (bytes,
+        EOF, loss or close); await it, then call :meth:`receive_nowait` again.
+
+        Raises:
+            anyio.BusyResourceError: Another reader is waiting.
+        """
+        reader = self._reader
+        if reader is not None and not reader.done():
+            raise anyio.BusyResourceError("reading from")
+        # A reader cancelled while waiting leaves a done future behind: replaced here.
+        self._reader = reader = asyncio.get_running_loop().create_future()
+        if self._buf or self._eof or self._closed:
+            self._wake_reader()
+        return reader
 
     def write_now(self, data: bytes) -> int:
         """Hand ``data`` to the transport if nothing is buffered in it; bytes taken (0 or all).

@@ -29,18 +29,20 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Protocol
 
 import anyio
 import h11
 from anyio.abc import ByteStream, SocketAttribute
 
-from ..errors import BadRequest, LimitExceeded, RtcoreError, Unavailable
+from ..errors import BadRequest, ConnectionClosed, LimitExceeded, RtcoreError, Unavailable
 from ..logs import HTTP as ACCESS_LOG
 from ..logs import emit
 from .aiostream import ProtocolStream, close_forcefully
@@ -60,7 +62,17 @@ from .messages import (
     split_target,
 )
 from .shutdown import Shutdown
-from .websocket import STREAM_ERRORS, Heartbeats, TaskSpawner, WebSocketHandler, WebSocketTransport, run_websocket
+from .websocket import (
+    STREAM_ERRORS,
+    Heartbeats,
+    TaskSpawner,
+    WebSocketHandler,
+    WebSocketTransport,
+    run_websocket,
+    start_reader,
+    start_spawned,
+    websocket_ended,
+)
 
 __all__ = ["HttpConnection", "HttpHandler", "ServerState", "format_peer", "render_error"]
 
@@ -85,8 +97,9 @@ class ServerState:
         limits: Limits.
         policy: WebSocket policy.
         shutdown: The server's shutdown signal.
-        interruptible: Cancel scopes of waits that end when the shutdown
-            starts (idle keep-alive waits, SSE streams).
+        interruptible: Waits that end when the shutdown starts (cancel
+            scopes of idle keep-alive waits and SSE streams, a
+            :class:`ProtocolStream`'s request wait).
         websockets: Open WebSocket transports (closed with 1001 at the
             shutdown deadline).
         heartbeats: The keepalive pings of all WebSockets (None: each
@@ -100,10 +113,33 @@ class ServerState:
     limits: ServerLimits
     policy: WebSocketPolicy
     shutdown: Shutdown
-    interruptible: set[anyio.CancelScope] = field(default_factory=set)
+    interruptible: set[Interruptible] = field(default_factory=set)
     websockets: set[WebSocketTransport] = field(default_factory=set)
     heartbeats: Heartbeats | None = None
     spawner: TaskSpawner | None = None
+
+
+class Interruptible(Protocol):
+    """A wait the shutdown ends (:class:`anyio.CancelScope` is one)."""
+
+    def cancel(self) -> None:
+        """End the wait now."""
+        ...
+
+
+class _RequestWait:
+    """A :class:`ProtocolStream`'s wait for the next request: ``cancel`` (the
+    deadline, the shutdown) wakes it like the bytes would; nothing then reads
+    as no request."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def cancel(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
 
 
 def _phrase(status: int) -> bytes:
@@ -186,11 +222,31 @@ class HttpConnection:
                 state = self._state
                 state.websockets.add(transport)
                 try:
-                    # No local keeps the request (its header list is ~1.5 kB) for
-                    # the connection's lifetime: run_websocket lets go of it too.
-                    pending = run_websocket(transport, request, state.on_websocket, state.spawner)
-                    del request
-                    await pending
+                    if start_spawned(transport, state.spawner):
+                        # run_websocket inlined (one coroutine frame less per open
+                        # WebSocket): the handler runs in this frame.
+                        code, reason = 1000, ""
+                        path = request.path
+                        try:
+                            try:
+                                pending = state.on_websocket(transport, request)
+                                del request  # no local keeps the request (its header list is ~1.5 kB)
+                                start_reader(transport)
+                                await pending
+                            except ConnectionClosed:
+                                pass
+                            except Exception:
+                                log.exception("WebSocket handler failed (path %s, peer %s)", path, format_peer(self._peer))
+                                code, reason = 1011, "internal error"
+                            await transport.close(code, reason)
+                        finally:
+                            await websocket_ended(transport)
+                    else:
+                        # No local keeps the request (its header list is ~1.5 kB) for
+                        # the connection's lifetime: run_websocket lets go of it too.
+                        pending = run_websocket(transport, request, state.on_websocket, state.spawner)
+                        del request
+                        await pending
                 finally:
                     state.websockets.discard(transport)
         except RtcoreError as error:
@@ -251,6 +307,26 @@ class HttpConnection:
     async def _wait_for_request(self, deadline: float) -> bytes:
         """First bytes of the next request, or ``b""`` at the deadline, EOF or shutdown."""
         state = self._state
+        stream = self._stream
+        if isinstance(stream, ProtocolStream):
+            # No cancel scope (entered and left per connect, and anyio keeps per-task
+            # state for it): the stream's read future, woken by the deadline's loop
+            # timer or the shutdown (listed in interruptible like a scope).
+            try:
+                data = stream.receive_nowait(self._limits.read_size)
+                if data or state.shutdown.started:
+                    return data
+                wait = _RequestWait(stream.readable())
+                timer = asyncio.get_running_loop().call_at(deadline, wait.cancel)
+                state.interruptible.add(wait)
+                try:
+                    await wait.future
+                finally:
+                    timer.cancel()
+                    state.interruptible.discard(wait)
+                return stream.receive_nowait(self._limits.read_size)
+            except anyio.EndOfStream:
+                return b""
         with anyio.CancelScope(deadline=deadline) as scope:
             state.interruptible.add(scope)
             try:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import os
@@ -87,6 +86,7 @@ from .wsframes import OP_BINARY, OP_TEXT, encode_frames
 
 __all__ = [
     "FrameTransport", "Heartbeats", "InlineReader", "MessageCallback", "TaskSpawner", "WebSocketHandler", "WebSocketTransport", "run_websocket",
+    "start_reader", "start_spawned", "websocket_ended",
 ]
 
 log = logging.getLogger("rtcore.transport")
@@ -113,16 +113,36 @@ def _direct_socket(stream: ByteStream) -> socket.socket | None:
     return sock
 
 
-def _direct_writer(stream: ByteStream) -> Callable[[bytes], int] | None:
-    """A function writing what ``stream`` takes now without waiting (bytes taken,
-    0 when it must wait; OSError when the connection is gone), or None when
-    ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
+class _DirectWriter(Protocol):
+    """Writes what the connection takes now without waiting."""
+
+    def write_now(self, data: bytes) -> int:
+        """Bytes taken (0 when it must wait); OSError when the connection is gone."""
+        ...
+
+
+def _direct_writer(stream: ByteStream) -> _DirectWriter | None:
+    """What writes ``stream`` without waiting (see :class:`_DirectWriter`), or None
+    when ``stream`` has no such path: a :class:`ProtocolStream` hands bytes to its
     asyncio transport (any asyncio loop), a plain TCP stream of anyio's on the
-    selector loop is written directly (:func:`_direct_socket`)."""
+    selector loop is written directly (:func:`_direct_socket`). An object whose
+    method is called, not a bound method stored per connection."""
     if isinstance(stream, ProtocolStream):
-        return stream.write_now
+        return stream
     sock = _direct_socket(stream)
-    return None if sock is None else functools.partial(_write_now, sock)
+    return None if sock is None else _SocketWriter(sock)
+
+
+class _SocketWriter:
+    """:func:`_write_now` on one socket."""
+
+    __slots__ = ("_sock",)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def write_now(self, data: bytes) -> int:
+        return _write_now(self._sock, data)
 
 
 def _write_now(sock: socket.socket, data: bytes) -> int:
@@ -164,8 +184,41 @@ def _new_wsproto(extensions: Sequence[Extension]) -> Connection:
     return ws
 
 
-#: The read loop's "scope" when it needs none (see WebSocketTransport._reader_scope).
-_NO_SCOPE = contextlib.nullcontext()
+
+#: Resting wsproto connections (see WebSocketTransport._park), at most _WS_POOL_MAX.
+_WS_POOL: list[Connection] = []
+_WS_POOL_MAX = 256
+
+
+def _at_rest(ws: Connection) -> bool:
+    """Whether ``ws`` is indistinguishable from a new server connection without
+    extensions: open, nothing buffered, no frame or fragmented message under way,
+    its parser alive (wsproto 1.2/1.3 internals; see :data:`_POOLING`)."""
+    proto = ws._proto
+    decoder = proto._frame_decoder
+    return (
+        ws._state is ConnectionState.OPEN
+        and decoder.header is None
+        and not decoder.buffer.buffer
+        and proto._message_decoder.opcode is None
+        and proto._outbound_opcode is None
+        and not proto.extensions
+        and proto._parse_more.gi_frame is not None  # type: ignore[attr-defined]
+    )
+
+
+def _pooling_works() -> bool:
+    # The internals _at_rest reads are there (any other wsproto: no pooling).
+    try:
+        return _at_rest(_new_wsproto(()))
+    except AttributeError:  # pragma: no cover - a wsproto we do not know
+        return False
+
+
+#: Whether idle connections give their wsproto connection back (see _at_rest).
+_POOLING = _pooling_works()
+
+
 
 #: Close codes an endpoint may send (RFC 6455 §7.4): 1005, 1006 and 1015 are not among them.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
@@ -285,8 +338,7 @@ class WebSocketTransport:
         "_trailing",
         "_unsent",
         "_waiting_at",
-        "_ws",
-        "call_soon",
+        "_wsc",
         "encoding",
     )
 
@@ -303,12 +355,13 @@ class WebSocketTransport:
         self.encoding: str = encoding
         self._stream = stream
         self._limits = limits
-        self._ws = _new_wsproto(extensions)
+        # wsproto's connection (~0.9 kB with its decoders and parser generator). Without
+        # extensions, one that rests between messages is the same for every connection:
+        # a read loop about to wait gives it back to a shared pool (_park) and takes one
+        # again when it next needs one (the _ws property): idle connections hold none.
+        self._wsc: Connection | None = _new_wsproto(extensions)
         self._trailing = trailing_data
         self._direct = _direct_writer(stream)
-        #: asyncio fast path: the running loop's ``call_soon`` (lets the session layer
-        #: batch a tick's worth of frames and write them with :meth:`send_nowait`).
-        self.call_soon: Callable[..., Any] | None = asyncio.get_running_loop().call_soon if self._direct is not None else None
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
         # before anything else (the flusher task, or the next write under the lock).
         self._unsent = b""
@@ -366,12 +419,39 @@ class WebSocketTransport:
     @property
     def closed(self) -> bool:
         """Whether the connection is closing or closed (no more sends)."""
-        return self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN
+        return self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN
 
     @property
     def close_code(self) -> int | None:
         """The close code, once known (see :class:`ConnectionClosed`)."""
         return self._code
+
+    @property
+    def call_soon(self) -> Callable[..., Any] | None:
+        """asyncio fast path: the running loop's ``call_soon`` (lets the session layer
+        batch a tick's worth of frames and write them with :meth:`send_nowait`); None
+        without the fast path."""
+        return asyncio.get_running_loop().call_soon if self._direct is not None else None
+
+    @property
+    def _ws(self) -> Connection:
+        ws = self._wsc
+        if ws is None:  # parked: take a resting one (any will do) or make one
+            ws = self._wsc = _WS_POOL.pop() if _WS_POOL else _new_wsproto(())
+        return ws
+
+    @property
+    def _ws_state(self) -> ConnectionState:
+        ws = self._wsc
+        return ConnectionState.OPEN if ws is None else ws.state  # parked only while open
+
+    def _park(self) -> None:
+        """About to wait for bytes: give a resting wsproto connection back to the pool."""
+        ws = self._wsc
+        if ws is not None and self._fast and _POOLING and _at_rest(ws):
+            self._wsc = None
+            if len(_WS_POOL) < _WS_POOL_MAX:
+                _WS_POOL.append(ws)
 
     async def receive(self) -> bytes | str:
         """The next complete message: ``str`` for text, ``bytes`` for binary.
@@ -461,13 +541,13 @@ class WebSocketTransport:
             return False
         if self._tg is None:
             return False  # not running under run_websocket: nobody could flush a partial write
-        if self._ws.state is not ConnectionState.OPEN:
+        if self._ws_state is not ConnectionState.OPEN:
             return False
         if not frames:
             return True
         data = encode_frames(self._opcode, frames)
         try:
-            sent = direct(data)
+            sent = direct.write_now(data)
         except OSError:
             return False  # the connection is gone: the awaited send meets the error
         if not sent:
@@ -529,7 +609,7 @@ class WebSocketTransport:
             self._reason = reason
 
     def _check_open(self) -> None:
-        if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+        if self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN:
             raise self._closed_error()
 
     async def _write(self, data: bytes) -> None:
@@ -545,7 +625,7 @@ class WebSocketTransport:
             # Fast path: nothing is buffered in asyncio's transport (every earlier
             # write completed), so the socket can take bytes directly.
             try:
-                sent = direct(data)
+                sent = direct.write_now(data)
             except OSError:
                 self._set_code(1006, "connection lost")
                 await self._abort()
@@ -602,7 +682,7 @@ class WebSocketTransport:
         # The lock may be held by a write the peer does not drain: bound the wait.
         with anyio.move_on_after(self._limits.close_timeout) as scope:
             async with self._get_lock():
-                if self._close_sent or self._aborted or self._ws.state is not ConnectionState.OPEN:
+                if self._close_sent or self._aborted or self._ws_state is not ConnectionState.OPEN:
                     return
                 self._close_sent = True
                 try:
@@ -631,46 +711,102 @@ class WebSocketTransport:
         with contextlib.suppress(ConnectionClosed):
             await self.run_reader()
 
-    async def run_reader(self) -> None:
-        """Read the socket until the connection ends (see :meth:`take_reader`).
+    def run_reader(self) -> Coroutine[Any, Any, None]:
+        """Read the socket until the connection ends (see :meth:`take_reader`):
+        ``await transport.run_reader()``.
 
         The read loop of every connection: :meth:`_reader_task` runs it as a
         task, a handler that called :meth:`take_reader` runs it in its own
         task (one coroutine frame, not a chain: thousands of these wait at once).
+        A plain function returning the loop's coroutine: on a
+        :class:`ProtocolStream` a loop that waits on the stream's future itself
+        and runs in no cancel scope (its ``with`` would keep a bound ``__exit__``
+        on the frame's stack per idle connection); otherwise one reading with
+        ``receive`` in the cancel scope that bounds the close.
 
         Raises:
             ConnectionClosed: Always, once the connection has ended (its code says how).
         """
+        if self._reader_scope is None:
+            return self._read_protocol_stream()
+        return self._read_stream(self._reader_scope)
+
+    async def _read_protocol_stream(self) -> None:
+        stream = self._stream
+        assert isinstance(stream, ProtocolStream)
         try:
-            with self._reader_scope or _NO_SCOPE:
+            done = False
+            if self._trailing:
+                data, self._trailing = self._trailing, b""
+                self._ws.receive_data(data)
+                done = await self._handle_events()
+            read_size = self._limits.read_size
+            # An idle connection waits here, on the stream's future: no receive()
+            # frame under this one, no wsproto connection (_park).
+            while not done:
+                try:
+                    data = stream.receive_nowait(read_size)
+                    if not data:
+                        self._park()
+                        await stream.readable()
+                        continue
+                except STREAM_ERRORS:
+                    self._set_code(1006, "connection lost without a close frame")
+                    break
+                self._ws.receive_data(data)
+                data = b""  # not kept while waiting for the next bytes
+                done = await self._handle_events()
+        except ConnectionClosed:
+            pass  # a reply could not be written: the connection is gone
+        finally:
+            self._reader_stopping()
+            if not self._aborted:
+                self._aborted = True
+                stream.close_now()  # what close_forcefully does, without an await
+            self._reader_ended()
+        raise self._closed_error()
+
+    async def _read_stream(self, scope: anyio.CancelScope) -> None:
+        try:
+            with scope:
                 done = False
                 if self._trailing:
                     data, self._trailing = self._trailing, b""
                     self._ws.receive_data(data)
                     done = await self._handle_events()
                 read_size = self._limits.read_size
+                stream = self._stream
                 while not done:
                     try:
-                        data = await self._stream.receive(read_size)
+                        data = await stream.receive(read_size)
                     except STREAM_ERRORS:
                         self._set_code(1006, "connection lost without a close frame")
                         break
                     self._ws.receive_data(data)
+                    data = b""  # not kept while waiting for the next bytes
                     done = await self._handle_events()
         except ConnectionClosed:
             pass  # a reply could not be written: the connection is gone
         finally:
-            if self._closer is not None:
-                self._closer.cancel()
-                self._closer = None
-            self._close_inbox()
+            self._reader_stopping()
             if not self._aborted:
                 self._aborted = True
                 await close_forcefully(self._stream)
-            self._finished = True
-            if self._done is not None:
-                self._done.set()
+            self._reader_ended()
         raise self._closed_error()
+
+    def _reader_stopping(self) -> None:
+        """The read loop is ending: no close deadline, no more queued messages."""
+        if self._closer is not None:
+            self._closer.cancel()
+            self._closer = None
+        self._close_inbox()
+
+    def _reader_ended(self) -> None:
+        """The read loop is over (the stream is closed): wake whoever waits for it."""
+        self._finished = True
+        if self._done is not None:
+            self._done.set()
 
     async def _handle_events(self) -> bool:
         """Act on what wsproto parsed; ``True`` once the connection is finished."""
@@ -679,7 +815,7 @@ class WebSocketTransport:
                 await self._on_data(event.data, event.frame_finished, event.message_finished)
             elif isinstance(event, Ping):
                 async with self._get_lock():
-                    if not self._close_sent and self._ws.state is ConnectionState.OPEN:
+                    if not self._close_sent and self._ws_state is ConnectionState.OPEN:
                         await self._write(self._ws.send(event.response()))
             elif isinstance(event, Pong):
                 if self._ping_payload is not None and event.payload == self._ping_payload:
@@ -764,13 +900,13 @@ class WebSocketTransport:
                 self._deliver_scope = None
 
     async def _on_close(self, event: CloseConnection) -> bool:
-        state = self._ws.state
+        state = self._ws_state
         if state is ConnectionState.REMOTE_CLOSING:
             # The peer closes first: echo its code, then close TCP (the server
             # closes the TCP connection first, RFC 6455 §7.1.1).
             self._set_code(event.code, event.reason or "")
             async with self._get_lock():
-                if self._ws.state is ConnectionState.REMOTE_CLOSING and not self._aborted:
+                if self._ws_state is ConnectionState.REMOTE_CLOSING and not self._aborted:
                     await self._write(self._ws.send(event.response()))
             return True
         if state is ConnectionState.CLOSED:
@@ -841,11 +977,11 @@ class WebSocketTransport:
         direct = self._direct
         if direct is None or self._unsent or (self._lock is not None and self._lock.locked()) or self._close_sent or self._aborted:
             return False
-        if self._ws.state is not ConnectionState.OPEN or self._tg is None:
+        if self._ws_state is not ConnectionState.OPEN or self._tg is None:
             return False
         data = self._ws.send(event)
         try:
-            sent = direct(data)
+            sent = direct.write_now(data)
         except OSError:
             return True  # the connection is gone: the read loop sees it; no pong will come
         if sent < len(data):
@@ -857,7 +993,7 @@ class WebSocketTransport:
 
     async def _send_ping(self, payload: bytes) -> None:
         async with self._get_lock():
-            if self._close_sent or self._ws.state is not ConnectionState.OPEN or self._ping_payload != payload:
+            if self._close_sent or self._ws_state is not ConnectionState.OPEN or self._ping_payload != payload:
                 return
             with contextlib.suppress(ConnectionClosed):
                 await self._write(self._ws.send(Ping(payload=payload)))
@@ -975,7 +1111,6 @@ async def run_websocket(
         spawner = None  # a keepalive task for this connection alone needs a task group to end it
     try:
         async with anyio.create_task_group() if spawner is None else _Spawned(spawner) as tg:
-            tg.start_soon(transport._reader_task)
             transport._tg = tg
             if transport._limits.ping_interval is not None:
                 if transport._heartbeats is None:
@@ -989,6 +1124,8 @@ async def run_websocket(
             try:
                 pending = handler(transport, request)
                 del request
+                if not transport._reading:  # the handler did not claim the read loop (yet)
+                    tg.start_soon(transport._reader_task)
                 await pending
             except ConnectionClosed:
                 pass
@@ -1000,10 +1137,45 @@ async def run_websocket(
                 assert isinstance(tg, TaskGroup)
                 tg.cancel_scope.cancel()
     finally:
-        if transport._heartbeats is not None:
-            transport._heartbeats.discard(transport)
-        if transport._inbox is not None:
-            transport._inbox.close()
-        transport._close_inbox()
-        if not transport._finished:
-            await transport._abort()
+        await websocket_ended(transport)
+
+
+def start_spawned(transport: WebSocketTransport, spawner: TaskSpawner | None) -> bool:
+    """Set ``transport`` up to run its handler in the caller's own frame with
+    ``spawner`` for its side tasks: what :func:`run_websocket` does before the
+    handler, for a caller that inlines it (the HTTP connection on asyncio: one
+    coroutine frame less per open WebSocket).
+
+    The caller then calls the handler, :func:`start_reader` and awaits the
+    handler; whatever happens, :meth:`WebSocketTransport.close` (1000, or 1011
+    when the handler raised) and then :func:`websocket_ended`.
+
+    Returns:
+        ``False`` (nothing done): the connection needs :func:`run_websocket`
+        (no spawner, or a keepalive task of its own).
+    """
+    if spawner is None or (transport._heartbeats is None and transport._limits.ping_interval is not None):
+        return False
+    transport._tg = spawner
+    if transport._heartbeats is not None and transport._limits.ping_interval is not None:
+        transport._heartbeats.start(transport)
+    return True
+
+
+def start_reader(transport: WebSocketTransport) -> None:
+    """After calling the handler (see :func:`start_spawned`): start the read
+    loop's task unless the handler claimed the loop."""
+    if not transport._reading:
+        assert transport._tg is not None
+        transport._tg.start_soon(transport._reader_task)
+
+
+async def websocket_ended(transport: WebSocketTransport) -> None:
+    """The connection's handler is done: release what the connection holds."""
+    if transport._heartbeats is not None:
+        transport._heartbeats.discard(transport)
+    if transport._inbox is not None:
+        transport._inbox.close()
+    transport._close_inbox()
+    if not transport._finished:
+        await transport._abort()
