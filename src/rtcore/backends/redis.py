@@ -170,6 +170,10 @@ _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 _encode_calls = msgspec.msgpack.Encoder().encode
 
 
+#: MessagePack str headers by length below 256 (fixstr, then str 8), for :func:`_lua_arg`.
+_STR_HEADS = [bytes((0xA0 | n,)) for n in range(32)] + [bytes((0xD9, n)) for n in range(32, 0x100)]
+
+
 def _lua_arg(value: Any) -> Any:
     """A script argument as the MessagePack *str* Lua's cmsgpack decodes into the Lua string Redis would pass.
 
@@ -180,12 +184,12 @@ def _lua_arg(value: Any) -> Any:
     if isinstance(value, str):
         return value
     if isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
+        # bytes (fingerprints, records, payloads: every keyed command has
+        # several) go without a copy; the others are copied to bytes.
+        data = value if value.__class__ is bytes else bytes(value)
         n = len(data)
-        if n < 32:
-            head = bytes((0xA0 | n,))
-        elif n < 0x100:
-            head = bytes((0xD9, n))
+        if n < 0x100:
+            head = _STR_HEADS[n]
         elif n < 0x10000:
             head = b"\xda" + n.to_bytes(2, "big")
         else:
@@ -827,11 +831,16 @@ class RedisEventLog:
         self._append = _Script(client, "append")
         self._read = _Script(client, "read")
         self._trim = _Script(client, "trim")
-        self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
+        # Weak references to the feeds (a dropped feed is forgotten): a plain
+        # list, because every append walks it and a WeakSet's iterator (a
+        # generator and an iteration guard) cost more than the walk itself.
+        self._feeds: list[weakref.ref[_RedisFeed]] = []
 
     def _observe(self, stream: str, head: int) -> None:
-        for feed in self._feeds:
-            feed.observe(stream, head)
+        for ref in self._feeds:
+            feed = ref()
+            if feed is not None:
+                feed.observe(stream, head)
 
     async def append(
         self,
@@ -899,7 +908,8 @@ class RedisEventLog:
     def live(self, deliver: Callable[[Event], None]) -> _RedisFeed:
         """Create a live feed; see :class:`~rtcore.backends.base.LiveFeed`."""
         feed = _RedisFeed(self, deliver)
-        self._feeds.add(feed)
+        self._feeds = [ref for ref in self._feeds if ref() is not None]
+        self._feeds.append(weakref.ref(feed))
         return feed
 
 
