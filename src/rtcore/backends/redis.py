@@ -170,6 +170,12 @@ _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 _encode_calls = msgspec.msgpack.Encoder().encode
 
 
+#: Byte-string argument types (a tuple: ``bytes | bytearray | memoryview`` in an
+#: ``isinstance`` builds a union object on every call).
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+#: The engine failures :class:`_EngineErrors` maps to BackendError (a tuple, as above).
+_ENGINE_FAILURES = (coredis.exceptions.RedisError, OSError)
+
 #: MessagePack str headers by length below 256 (fixstr, then str 8), for :func:`_lua_arg`.
 _STR_HEADS = [bytes((0xA0 | n,)) for n in range(32)] + [bytes((0xD9, n)) for n in range(32, 0x100)]
 
@@ -183,7 +189,7 @@ def _lua_arg(value: Any) -> Any:
     """
     if isinstance(value, str):
         return value
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, _BYTES_TYPES):
         # bytes (fingerprints, records, payloads: every keyed command has
         # several) go without a copy; the others are copied to bytes.
         data = value if value.__class__ is bytes else bytes(value)
@@ -545,7 +551,7 @@ class _EngineErrors:
         return None
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, coredis.exceptions.RedisError | OSError):
+        if isinstance(exc, _ENGINE_FAILURES):
             raise BackendError(f"redis: {exc}") from exc
 
 

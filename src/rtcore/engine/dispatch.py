@@ -33,6 +33,10 @@ RELEASE_WAIT = 0.5
 
 log = logging.getLogger("rtcore.engine.dispatch")
 
+#: Argument types decoded from their encoding (a tuple: ``msgspec.Raw | bytes |
+#: str`` in an ``isinstance`` builds a union object on every command).
+_RAW_TYPES = (msgspec.Raw, bytes, str)
+
 
 class Reply(msgspec.Struct, frozen=True):
     """The answer to a command, whichever transport asked.
@@ -211,7 +215,7 @@ async def _release(node: Node, scope: str, key: str) -> None:
 def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:
     target = Any if args_type is None else args_type
     try:
-        if isinstance(args, msgspec.Raw | bytes | str):
+        if isinstance(args, _RAW_TYPES):
             return codec_for(encoding).decode_value(args, target)
         return msgspec.convert(args, target)
     except msgspec.ValidationError as exc:
