@@ -219,6 +219,21 @@ def _px(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000)) + _GRACE_MS
 
 
+#: ``str(_px(ttl))`` by ttl: a node's idempotency TTL and lease are the same
+#: for every command, so their PEXPIRE argument is made once (bounded: a few
+#: distinct values in practice, never more than 64 kept).
+_PX_TEXT: dict[float, str] = {}
+
+
+def _px_text(seconds: float) -> str:
+    text = _PX_TEXT.get(seconds)
+    if text is None:
+        text = str(_px(seconds))
+        if len(_PX_TEXT) < 64:
+            _PX_TEXT[seconds] = text
+    return text
+
+
 # Shared Lua: create-or-load the meta hash, and trimming that keeps the key index in step.
 _LUA_LIB = """
 local function ensure(meta, log, idx, reg, name, fresh)
@@ -947,7 +962,7 @@ class RedisIdempotencyStore:
         keep = max(ttl, lease)
         rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
         args: list[str | bytes] = [
-            repr(float(now)), _encode(rec), repr(rec.expires), str(_px(keep)), repr(rec.lease), fingerprint,
+            repr(float(now)), _encode(rec), repr(rec.expires), _px_text(keep), repr(rec.lease), fingerprint,
         ]
         with _ENGINE_ERRORS:
             raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
@@ -967,7 +982,7 @@ class RedisIdempotencyStore:
                 old = await self._client.hget(rkey, "rec")
                 fp = _decode_record(old).fingerprint if old is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
-            await self._pipe.call("idem_finish", [rkey], [_encode(rec), repr(rec.expires), str(_px(ttl))])
+            await self._pipe.call("idem_finish", [rkey], [_encode(rec), repr(rec.expires), _px_text(ttl)])
 
     async def release(self, scope: str, key: str) -> None:
         """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""
