@@ -272,38 +272,6 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         await b.aclose()
 
 
-@pytest.mark.parametrize("returning", [True, False], ids=["update-returning", "read-then-write"])
-async def test_keyed_duplicate_leaves_the_head_and_the_next_offset_alone(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
-) -> None:
-    """A keyed append found to be a duplicate changes nothing, on both append paths.
-
-    The two-statement path (``UPDATE ... RETURNING`` then ``INSERT OR
-    IGNORE``) bumps the head before it learns the key is taken and must undo
-    the bump. Mutation caught: dropping the undo in ``_keyed_duplicate``
-    (the head runs one ahead of the events, and the next append lands at
-    offset 4 instead of 3, which also breaks dense offsets).
-    """
-    from rtcore.backends import sqlite as sqlite_backend
-
-    if returning and not sqlite_backend._RETURNING:
-        pytest.skip("this SQLite library has no RETURNING (older than 3.35)")
-    monkeypatch.setattr(sqlite_backend, "_RETURNING", returning)
-    b = await open_sqlite(_url(tmp_path / "dup.db"))
-    try:
-        first = await b.events.append("s", "t", {"i": 1}, now=T0, key="a")
-        await b.events.append("s", "t", {"i": 2}, now=T0 + 1, key="b")
-        dup = await b.events.append("s", "t", {"i": 99}, now=T0 + 2, key="a")
-        assert dup.duplicate and dup.event == first.event
-        assert (await b.events.info("s")).head == 2
-        nxt = await b.events.append("s", "t", {"i": 3}, now=T0 + 3, key="c")
-        assert not nxt.duplicate and nxt.event.offset == 3
-        page = await b.events.read("s", after=0, limit=10)
-        assert [e.offset for e in page.events] == [1, 2, 3] and page.head == 3
-    finally:
-        await b.aclose()
-
-
 async def test_claim_of_a_key_with_a_row_follows_the_claim_rule(tmp_path: Path) -> None:
     """``begin`` claims a fresh key in one insert, and judges a key that has a row.
 

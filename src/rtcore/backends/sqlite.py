@@ -177,14 +177,6 @@ _STREAM_AND_KEYED = (
     "FROM streams s LEFT JOIN events e ON e.stream = s.name AND e.key = ? WHERE s.name = ?"
 )
 _Row = tuple[int, str, int, str, str, bytes, float, str | None]
-#: ``UPDATE ... RETURNING`` (SQLite 3.35+) lets an append bump and read its
-#: stream's head in one statement; older libraries take the read-then-write path.
-_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
-_BUMP_HEAD = "UPDATE streams SET head = head + 1 WHERE name = ? RETURNING epoch, head"
-_INSERT_EVENT = "INSERT INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)"
-# A keyed event whose key is retained in the stream is not inserted (the
-# events_key index): the append is a duplicate, told apart by rowcount 0.
-_INSERT_KEYED_EVENT = "INSERT OR IGNORE INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)"
 # Claims a key that has no row at all (rowcount 1); any existing row is left
 # for the claim rule to judge.
 _IDEM_CLAIM_NEW = "INSERT OR IGNORE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)"
@@ -409,18 +401,6 @@ def _ensure_stream(conn: sqlite3.Connection, stream: str) -> tuple[str, int]:
     return row[0], row[1]
 
 
-def _keyed_duplicate(conn: sqlite3.Connection, stream: str, key: str, head: int) -> AppendResult:
-    """The retained event with ``key`` (an insert at ``head`` found it), the head bump undone."""
-    conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head - 1, stream))
-    row: _Row | None = conn.execute(
-        f"SELECT {_EVENT_COLS} FROM events WHERE stream = ? AND key = ?", (stream, key)
-    ).fetchone()
-    if row is None:
-        # Not the key: offset ``head`` is taken, the stream's head is behind its events.
-        raise sqlite3.IntegrityError(f"events: offset {head} of {stream!r} exists beyond its head")
-    return AppendResult(_row_event(row), duplicate=True)
-
-
 def _first(conn: sqlite3.Connection, stream: str, head: int) -> int:
     row = conn.execute("SELECT MIN(off) FROM events WHERE stream = ?", (stream,)).fetchone()
     return head + 1 if row[0] is None else int(row[0])
@@ -561,39 +541,25 @@ class SqliteEventLog:
 
         def tx(conn: sqlite3.Connection) -> AppendResult | int:
             committed.clear()  # a rerun of the group (see _run_group) starts afresh
-            epoch: str
-            head: int
-            if expect is None and _RETURNING:
-                # Two statements: bump the head (reading it back), insert. A
-                # keyed duplicate is found by the insert, and the bump undone.
-                rows = conn.execute(_BUMP_HEAD, (stream,)).fetchall()
-                if not rows:  # a new stream
-                    _ensure_stream(conn, stream)
-                    rows = conn.execute(_BUMP_HEAD, (stream,)).fetchall()
-                epoch, head = rows[0]
-                if key is None:
-                    cur = conn.execute(_INSERT_EVENT, (stream, head, epoch, type, blob, now, key))
-                else:
-                    cur = conn.execute(_INSERT_KEYED_EVENT, (stream, head, epoch, type, blob, now, key))
-                    if cur.rowcount != 1:
-                        return _keyed_duplicate(conn, stream, key, head)
+            if key is None:
+                epoch, head = _ensure_stream(conn, stream)
             else:
-                if key is None:
+                # The stream's row and the keyed event (if retained) in one statement.
+                row = conn.execute(_STREAM_AND_KEYED, (key, stream)).fetchone()
+                if row is None:
                     epoch, head = _ensure_stream(conn, stream)
+                elif row[2] is not None:
+                    return AppendResult(_row_event(row[2:]), duplicate=True)
                 else:
-                    # The stream's row and the keyed event (if retained) in one statement.
-                    row = conn.execute(_STREAM_AND_KEYED, (key, stream)).fetchone()
-                    if row is None:
-                        epoch, head = _ensure_stream(conn, stream)
-                    elif row[2] is not None:
-                        return AppendResult(_row_event(row[2:]), duplicate=True)
-                    else:
-                        epoch, head = row[0], row[1]
-                if expect is not None and expect != head:
-                    return head
-                head += 1
-                conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head, stream))
-                cur = conn.execute(_INSERT_EVENT, (stream, head, epoch, type, blob, now, key))
+                    epoch, head = row[0], row[1]
+            if expect is not None and expect != head:
+                return head
+            head += 1
+            conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head, stream))
+            cur = conn.execute(
+                "INSERT INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (stream, head, epoch, type, blob, now, key),
+            )
             if retention is not None:
                 _trim(conn, stream, retention, now)
             event = Event(stream, epoch, head, type, data, now, key)
