@@ -270,3 +270,25 @@ async def test_kill_9_loses_nothing_acknowledged(tmp_path: Path) -> None:
         assert (await b.events.append("kill:1", "n", {}, now=T0)).event.offset == info.head + 1
     finally:
         await b.aclose()
+
+
+async def test_claim_of_a_key_with_a_row_follows_the_claim_rule(tmp_path: Path) -> None:
+    """``begin`` claims a fresh key in one insert, and judges a key that has a row.
+
+    Mutation caught: treating the first insert as a claim whatever it did
+    (``rowcount >= 0``): a finished key would be claimed again (its outcome
+    not replayed) and a live claim taken over.
+    """
+    b = await open_sqlite(_url(tmp_path / "claim.db"))
+    try:
+        idem = b.idempotency
+        assert await idem.begin("p", "k", b"fp", now=T0, lease=30) is None
+        live = await idem.begin("p", "k", b"fp", now=T0 + 1, lease=30)
+        assert live is not None and live.state == "pending"
+        await idem.finish("p", "k", Outcome(True, 7), now=T0 + 2, ttl=100, fingerprint=b"fp")
+        done = await idem.begin("p", "k", b"fp", now=T0 + 3, lease=30)
+        assert done is not None and done.state == "done" and done.outcome == Outcome(True, 7)
+        # Expired: claimable again, also by another fingerprint.
+        assert await idem.begin("p", "k", b"other", now=T0 + 200, lease=30) is None
+    finally:
+        await b.aclose()

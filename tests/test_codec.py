@@ -432,6 +432,29 @@ def test_fingerprint_of_args_with_int_keys_and_sets() -> None:
     assert fingerprint("x", {"a": 1, "b": 2}) == fingerprint("x", {"b": 2, "a": 1})
 
 
+def test_fingerprint_bytes_are_pinned() -> None:
+    """Fingerprints are stored with idempotency records for their TTL, so they never change.
+
+    A retry that crosses an upgrade must match the record its first attempt
+    stored; a changed fingerprint would answer it ``idempotency_key_reused``.
+    Mutation caught: hashing without the zero byte between name and
+    arguments (or any change of the canonical encoding) changes every digest.
+    """
+    from rtcore.protocol.idempotency import fingerprint
+
+    class Pub(msgspec.Struct):
+        stream: str
+        data: Any = None
+
+    assert fingerprint("pub", Pub("k:1", {"n": 5})).hex() == (
+        "877840a633ab6d90ce47f5946194f2f244d5b2f2a9e37eaf989f3b4a3182bf6e"
+    )
+    assert fingerprint("table.seat", {"b": [1, 2.5, None, True], "a": {3: "x"}}).hex() == (
+        "18490ed6b245620a61de927bc00b6ce4e1e6c2f4055e34dce4a4f696261a1a8b"
+    )
+    assert fingerprint("", None).hex() == "326f8d72a7bc9355799838815418452a65e8cf14e001fd4656f9bab3ba34dd58"
+
+
 def test_decode_value_of_text_in_msgpack_is_a_decode_error() -> None:
     # Regression: a str payload raised TypeError, which no caller catches.
     with pytest.raises(msgspec.DecodeError, match="binary"):

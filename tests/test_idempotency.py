@@ -321,8 +321,9 @@ async def test_a_command_cancelled_while_its_outcome_is_stored_still_stores_it()
     The first write is made to hang and the command is cancelled there; the
     outcome must still be stored, so a retry replays it instead of finding
     the key pending (and, after the lease, running the handler again).
-    Mutation: in ``dispatch._finish``, re-raise the cancellation without the
-    shielded second write → the retry answers ``idempotency_in_progress``.
+    Mutation: in ``dispatch``, re-raise the cancellation of the outcome's
+    first write without the shielded second one (``_finish(..., retry=True)``)
+    → the retry answers ``idempotency_in_progress``.
     """
     calls: list[int] = []
     app = rtcore.App()

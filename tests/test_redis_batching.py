@@ -296,3 +296,19 @@ async def test_arguments_of_every_length_reach_the_scripts_byte_for_byte(server:
             assert got is not None and got.state == states[n] and got.offset == n + 1
             page = await b.events.read(f"{run}:{n}", after=0, limit=5)
             assert [e.data for e in page.events] == [texts[n]]
+
+
+def test_pexpire_text_is_the_px_of_its_ttl_and_its_cache_stays_bounded() -> None:
+    """Proves: the cached PEXPIRE argument of the idempotency writes equals
+    ``str(_px(ttl))`` for every ttl, and the cache keeps at most 64 of them
+    (a node whose clock or TTLs vary must not grow it without bound).
+
+    Mutations caught: drop the 64-entry bound (the cache grows to 500
+    entries) -> fails; cache ``_px`` of a rounded ttl -> a text differs.
+    """
+    redis_backend._PX_TEXT.clear()
+    ttls = [0.0, 0.0004, 0.001, 1.5, 60.0, 86400.0] + [i / 7 for i in range(500)]
+    for ttl in ttls:
+        assert redis_backend._px_text(ttl) == str(redis_backend._px(ttl))
+        assert redis_backend._px_text(ttl) == str(redis_backend._px(ttl))  # cached or not, the same
+    assert len(redis_backend._PX_TEXT) == 64

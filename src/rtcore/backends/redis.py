@@ -170,6 +170,16 @@ _decode_snapshot = msgspec.msgpack.Decoder(Snapshot).decode
 _encode_calls = msgspec.msgpack.Encoder().encode
 
 
+#: Byte-string argument types (a tuple: ``bytes | bytearray | memoryview`` in an
+#: ``isinstance`` builds a union object on every call).
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+#: The engine failures :class:`_EngineErrors` maps to BackendError (a tuple, as above).
+_ENGINE_FAILURES = (coredis.exceptions.RedisError, OSError)
+
+#: MessagePack str headers by length below 256 (fixstr, then str 8), for :func:`_lua_arg`.
+_STR_HEADS = [bytes((0xA0 | n,)) for n in range(32)] + [bytes((0xD9, n)) for n in range(32, 0x100)]
+
+
 def _lua_arg(value: Any) -> Any:
     """A script argument as the MessagePack *str* Lua's cmsgpack decodes into the Lua string Redis would pass.
 
@@ -179,13 +189,13 @@ def _lua_arg(value: Any) -> Any:
     """
     if isinstance(value, str):
         return value
-    if isinstance(value, bytes | bytearray | memoryview):
-        data = bytes(value)
+    if isinstance(value, _BYTES_TYPES):
+        # bytes (fingerprints, records, payloads: every keyed command has
+        # several) go without a copy; the others are copied to bytes.
+        data = value if value.__class__ is bytes else bytes(value)
         n = len(data)
-        if n < 32:
-            head = bytes((0xA0 | n,))
-        elif n < 0x100:
-            head = bytes((0xD9, n))
+        if n < 0x100:
+            head = _STR_HEADS[n]
         elif n < 0x10000:
             head = b"\xda" + n.to_bytes(2, "big")
         else:
@@ -207,6 +217,21 @@ def _pair_key(kind: str, a: str, b: str) -> str:
 
 def _px(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000)) + _GRACE_MS
+
+
+#: ``str(_px(ttl))`` by ttl: a node's idempotency TTL and lease are the same
+#: for every command, so their PEXPIRE argument is made once (bounded: a few
+#: distinct values in practice, never more than 64 kept).
+_PX_TEXT: dict[float, str] = {}
+
+
+def _px_text(seconds: float) -> str:
+    text = _PX_TEXT.get(seconds)
+    if text is None:
+        text = str(_px(seconds))
+        if len(_PX_TEXT) < 64:
+            _PX_TEXT[seconds] = text
+    return text
 
 
 # Shared Lua: create-or-load the meta hash, and trimming that keeps the key index in step.
@@ -541,7 +566,7 @@ class _EngineErrors:
         return None
 
     def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
-        if isinstance(exc, coredis.exceptions.RedisError | OSError):
+        if isinstance(exc, _ENGINE_FAILURES):
             raise BackendError(f"redis: {exc}") from exc
 
 
@@ -825,13 +850,20 @@ class RedisEventLog:
         self._client = client
         self._all_maxlen = all_maxlen
         self._append = _Script(client, "append")
+        # The hot calls go to the pipeliner directly (one coroutine less per call).
+        self._pipe = _pipeliner_for(client)
         self._read = _Script(client, "read")
         self._trim = _Script(client, "trim")
-        self._feeds: weakref.WeakSet[_RedisFeed] = weakref.WeakSet()
+        # Weak references to the feeds (a dropped feed is forgotten): a plain
+        # list, because every append walks it and a WeakSet's iterator (a
+        # generator and an iteration guard) cost more than the walk itself.
+        self._feeds: list[weakref.ref[_RedisFeed]] = []
 
     def _observe(self, stream: str, head: int) -> None:
-        for feed in self._feeds:
-            feed.observe(stream, head)
+        for ref in self._feeds:
+            feed = ref()
+            if feed is not None:
+                feed.observe(stream, head)
 
     async def append(
         self,
@@ -857,8 +889,8 @@ class RedisEventLog:
             *_retention_args(retention, now),
             str(self._all_maxlen),
         ]
-        with _engine_errors():
-            reply = cast(list[Any], await self._append(keys=[*_stream_keys(stream), _ALL], args=args))
+        with _ENGINE_ERRORS:
+            reply = cast(list[Any], await self._pipe.call("append", [*_stream_keys(stream), _ALL], args))
         tag = _s(reply[0])
         if tag == "conflict":
             self._observe(stream, int(_s(reply[1])))
@@ -899,7 +931,8 @@ class RedisEventLog:
     def live(self, deliver: Callable[[Event], None]) -> _RedisFeed:
         """Create a live feed; see :class:`~rtcore.backends.base.LiveFeed`."""
         feed = _RedisFeed(self, deliver)
-        self._feeds.add(feed)
+        self._feeds = [ref for ref in self._feeds if ref() is not None]
+        self._feeds.append(weakref.ref(feed))
         return feed
 
 
@@ -918,6 +951,8 @@ class RedisIdempotencyStore:
         self._client = client
         self._begin = _Script(client, "idem_begin")
         self._finish = _Script(client, "idem_finish")
+        # begin and finish go to the pipeliner directly (one coroutine less per call).
+        self._pipe = _pipeliner_for(client)
         self._release = _Script(client, "idem_release")
 
     async def begin(
@@ -927,10 +962,10 @@ class RedisIdempotencyStore:
         keep = max(ttl, lease)
         rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
         args: list[str | bytes] = [
-            repr(float(now)), _encode(rec), repr(rec.expires), str(_px(keep)), repr(rec.lease), fingerprint,
+            repr(float(now)), _encode(rec), repr(rec.expires), _px_text(keep), repr(rec.lease), fingerprint,
         ]
-        with _engine_errors():
-            raw: Any = await self._begin(keys=[_pair_key("idem", scope, key)], args=args)
+        with _ENGINE_ERRORS:
+            raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
         return None if raw is None else _decode_record(cast(bytes, raw))
 
     async def finish(
@@ -947,7 +982,7 @@ class RedisIdempotencyStore:
                 old = await self._client.hget(rkey, "rec")
                 fp = _decode_record(old).fingerprint if old is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
-            await self._finish(keys=[rkey], args=[_encode(rec), repr(rec.expires), str(_px(ttl))])
+            await self._pipe.call("idem_finish", [rkey], [_encode(rec), repr(rec.expires), _px_text(ttl)])
 
     async def release(self, scope: str, key: str) -> None:
         """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""

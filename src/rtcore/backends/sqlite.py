@@ -177,6 +177,9 @@ _STREAM_AND_KEYED = (
     "FROM streams s LEFT JOIN events e ON e.stream = s.name AND e.key = ? WHERE s.name = ?"
 )
 _Row = tuple[int, str, int, str, str, bytes, float, str | None]
+# Claims a key that has no row at all (rowcount 1); any existing row is left
+# for the claim rule to judge.
+_IDEM_CLAIM_NEW = "INSERT OR IGNORE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)"
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_any = msgspec.msgpack.Decoder().decode
@@ -633,7 +636,14 @@ class SqliteIdempotencyStore:
         """Claim ``key`` or return the live record (see the Protocol)."""
         pending = IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease)
 
+        blob = _encode(pending)
+        params = (scope, key, "pending", pending.expires, blob)
+
         def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
+            # A fresh key (nearly every command) is claimed by one statement;
+            # only a key that has a row is read and judged by the claim rule.
+            if conn.execute(_IDEM_CLAIM_NEW, params).rowcount == 1:
+                return None
             row = conn.execute(
                 "SELECT record, expires FROM idempotency WHERE scope = ? AND key = ?", (scope, key)
             ).fetchone()
@@ -643,7 +653,7 @@ class SqliteIdempotencyStore:
                     return rec
             conn.execute(
                 "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
-                (scope, key, "pending", pending.expires, _encode(pending)),
+                params,
             )
             return None
 

@@ -33,6 +33,10 @@ RELEASE_WAIT = 0.5
 
 log = logging.getLogger("rtcore.engine.dispatch")
 
+#: Argument types decoded from their encoding (a tuple: ``msgspec.Raw | bytes |
+#: str`` in an ``isinstance`` builds a union object on every command).
+_RAW_TYPES = (msgspec.Raw, bytes, str)
+
 
 class Reply(msgspec.Struct, frozen=True):
     """The answer to a command, whichever transport asked.
@@ -144,7 +148,15 @@ async def dispatch(
         try:
             if reply.ok or not reply.retryable:
                 outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
-                await _finish(node, scope, key, outcome, fp)
+                store = node.backend.idempotency
+                try:
+                    # _finish's first, unshielded write inlined: one coroutine
+                    # less per keyed command; a cancellation goes to _finish,
+                    # which writes again under a shield (see there).
+                    await store.finish(scope, key, outcome, now=node.clock(), ttl=node.idempotency_ttl, fingerprint=fp)
+                except anyio.get_cancelled_exc_class():
+                    await _finish(node, scope, key, outcome, fp, retry=True)
+                    raise
             else:
                 with anyio.CancelScope(shield=True):
                     await _release(node, scope, key)
@@ -156,7 +168,7 @@ async def dispatch(
     return reply
 
 
-async def _finish(node: Node, scope: str, key: str, outcome: Outcome, fp: bytes) -> None:
+async def _finish(node: Node, scope: str, key: str, outcome: Outcome, fp: bytes, *, retry: bool = False) -> None:
     """Store ``outcome`` under the claimed key, even when the command is being cancelled.
 
     The write must happen (a claim left pending lapses after its lease and a
@@ -166,9 +178,14 @@ async def _finish(node: Node, scope: str, key: str, outcome: Outcome, fp: bytes)
     only if a cancellation interrupts it is it repeated under a shield. That
     repeat is safe because every store's ``finish`` overwrites the key's
     record with the same outcome (an interrupted first write may or may not
-    have landed).
+    have landed). :func:`dispatch` makes the first write itself and calls
+    this with ``retry=True`` (the shielded write only) when it was cancelled.
     """
     store = node.backend.idempotency
+    if retry:
+        with anyio.CancelScope(shield=True):
+            await store.finish(scope, key, outcome, now=node.clock(), ttl=node.idempotency_ttl, fingerprint=fp)
+        return
     try:
         await store.finish(scope, key, outcome, now=node.clock(), ttl=node.idempotency_ttl, fingerprint=fp)
     except anyio.get_cancelled_exc_class():
@@ -211,7 +228,7 @@ async def _release(node: Node, scope: str, key: str) -> None:
 def _decode_args(args_type: Any, args: Any, encoding: str) -> Any:
     target = Any if args_type is None else args_type
     try:
-        if isinstance(args, msgspec.Raw | bytes | str):
+        if isinstance(args, _RAW_TYPES):
             return codec_for(encoding).decode_value(args, target)
         return msgspec.convert(args, target)
     except msgspec.ValidationError as exc:

@@ -53,14 +53,19 @@ MAX_KEY_LENGTH: Final = 255
 
 
 def fingerprint(name: str, args: Any) -> bytes:
-    """Fingerprint of a command: its name and canonical arguments (32 bytes)."""
-    h = hashlib.blake2b(digest_size=32)
-    h.update(name.encode())
-    h.update(b"\x00")
+    """Fingerprint of a command: its name and canonical arguments (32 bytes).
+
+    BLAKE2b-256 of the UTF-8 name, a zero byte and the canonical MessagePack
+    of the arguments. Stored records keep it for their TTL, so these bytes
+    must not change between versions (a retry after an upgrade would get
+    ``idempotency_key_reused``); ``tests/test_codec.py`` pins them.
+    """
     # str_keys: sorted MessagePack needs str keys (dict[int, ...] args would
     # raise); order: sets become sorted lists, independent of hash order.
-    h.update(canonical(msgspec.to_builtins(args, str_keys=True, order="sorted")))
-    return h.digest()
+    # One hash call over the joined input: the same digest as updating it
+    # piece by piece, with fewer calls per keyed command.
+    body = canonical(msgspec.to_builtins(args, str_keys=True, order="sorted"))
+    return hashlib.blake2b(b"%s\x00%s" % (name.encode(), body), digest_size=32).digest()
 
 
 def scope_of(principal: str | None) -> str:
