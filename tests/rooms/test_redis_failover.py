@@ -93,13 +93,17 @@ class Player:
             doc: Any = None
             moved_at = -1
             async for item in sub:
+                # A snapshot (a fresh subscriber's first item, or a resync) is a
+                # state like any other: it may be this player's turn in it, and
+                # no patch may follow until this player moves.
                 if isinstance(item, rtcore.client.Missed):
-                    if item.state is not None:
-                        doc = copy.deepcopy(item.state)
+                    if item.state is None:
+                        continue
+                    doc = copy.deepcopy(item.state)
+                elif item.type == "patch":
+                    doc = apply(doc, item.data["ops"])
+                else:
                     continue
-                if item.type != "patch":
-                    continue
-                doc = apply(doc, item.data["ops"])
                 s = doc["state"]
                 self.moves_seen = len(s["moves"])
                 if s["status"] == "over":
