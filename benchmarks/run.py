@@ -108,7 +108,10 @@ class Server:
         if self.name.startswith("base-"):
             # AB_BASE_SRC=<tree>/src: the "before" side of an A/B in one run (any workload).
             env = {**os.environ, "PYTHONPATH": os.environ["AB_BASE_SRC"]}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+        # STORM_SERVER_LOG=<file>: the server's stderr (its log, at RTCORE_BENCH_LOG level) goes there.
+        log_path = os.environ.get("STORM_SERVER_LOG")
+        stderr: Any = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115  (the child keeps it)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=env)
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 60)
         line = self.proc.stdout.readline().decode() if ready else ""

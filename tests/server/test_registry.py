@@ -92,3 +92,35 @@ def test_session_info_lag() -> None:
     info = FakeSession("a").info()
     assert info.lag({"s:1": 10, "s:2": 2}) == 3
     assert info.lag({}) == 0
+
+
+class QuickSession(FakeSession):
+    """A session that can drain without a task (``drain_now``) unless told it is busy."""
+
+    def __init__(self, sid: str, busy: bool = False) -> None:
+        super().__init__(sid)
+        self.busy = busy
+        self.drained_now = 0
+
+    def drain_now(self) -> bool:
+        if self.busy:
+            return False
+        self.drained_now += 1
+        return True
+
+
+async def test_drain_uses_drain_now_and_awaits_drain_only_when_refused() -> None:
+    """A session that can say bye at once does it without a task; a busy one is awaited.
+
+    Mutation seen caught: ``_drain`` ignores ``drain_now`` (a task per session
+    again) → ``idle.drained == [2.5]`` → fails; ``_drain`` skips ``drain()``
+    when ``drain_now()`` refused → ``busy.drained == []`` → fails.
+    """
+    reg = SessionRegistry()
+    idle, busy = QuickSession("idle"), QuickSession("busy", busy=True)
+    reg.add(idle)
+    reg.add(busy)
+    with anyio.fail_after(5):
+        await reg.drain(2.5)
+    assert (idle.drained_now, idle.drained) == (1, [])
+    assert (busy.drained_now, busy.drained) == (0, [2.5])

@@ -12,6 +12,7 @@ from collections.abc import Awaitable
 import anyio
 import anyio.lowlevel
 import pytest
+import sniffio
 from websockets.exceptions import ConnectionClosed as ClientClosed
 from websockets.exceptions import InvalidStatus
 
@@ -395,6 +396,46 @@ async def test_close_is_bounded_when_the_peer_never_answers() -> None:
         with anyio.fail_after(5):
             await closed.wait()
     assert _frames(data) == [(0x8, b"\x03\xe8")]
+
+
+async def test_close_nowait_sends_frames_and_close_in_one_go_and_is_bounded() -> None:
+    """``close_nowait`` (graceful shutdown's close): the messages, then the close
+    frame, and a peer that never answers is still dropped after ``close_timeout``.
+
+    On trio (no fast path) it refuses and the handler closes the awaited way.
+    Mutations seen caught: no ``_bound_close_wait()`` in ``close_nowait`` → the
+    mute client never sees EOF (its 5 s socket timeout) → fails; the close
+    frame written before the messages → frame order differs → fails.
+    """
+    used: list[bool] = []
+
+    async def closer(transport: FrameTransport, request: UpgradeRequest) -> None:
+        done = transport.close_nowait([b"bye"], 1001, "shutdown")  # type: ignore[attr-defined]
+        used.append(done)
+        if not done:
+            await transport.send([b"bye"])
+            await transport.close(1001, "shutdown")
+            return
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await transport.receive()  # ends when the transport gives up on the peer
+
+    rec = Recorder()
+    limits = ServerLimits(close_timeout=0.2)
+    async with running_server(closer, basic_http(rec), limits=limits) as srv:
+
+        def mute_client() -> bytes:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
+                _handshake(sock)
+                return read_until_eof(sock)  # EOF once the server gives up waiting
+
+        data = await anyio.to_thread.run_sync(mute_client)
+    assert _frames(data) == [(0x1, b"bye"), (0x8, b"\x03\xe9shutdown")]
+    assert used == [_is_asyncio()]
+
+
+def _is_asyncio() -> bool:
+    return sniffio.current_async_library() == "asyncio"
 
 
 async def test_send_to_a_peer_that_does_not_read_times_out() -> None:

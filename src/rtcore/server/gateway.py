@@ -633,6 +633,26 @@ class _Connection:
                 await self._idle.wait()
         self._run(self.session.close("shutdown", "the server is shutting down; reconnect", reconnect=True, code=1001))
 
+    def drain_now(self) -> bool:
+        """Shutdown without a task: ``bye`` and close 1001 in one write now, if
+        nothing is in flight or queued and the transport can (the asyncio fast
+        path); ``False``: use :meth:`drain`. The read loop then ends the
+        connection at the peer's close frame (or ``close_timeout`` later)."""
+        close_nowait = getattr(self.transport, "close_nowait", None)
+        if close_nowait is None or self._inflight or not self._lazy_writer or self._closing is not None or self.outbox.queued_frames:
+            return False
+        actions = self.session.close("shutdown", "the server is shutting down; reconnect", reconnect=True, code=1001)
+        frames = [self.codec.encode(a.frame) for a in actions if isinstance(a, Send)]
+        closes = [a for a in actions if isinstance(a, Close)]
+        if not closes or not close_nowait(frames, closes[0].code, closes[0].reason):
+            self._run(actions)  # already closed (nothing to do), or the awaited path
+            return True
+        self._closing = (closes[0].code, closes[0].reason)
+        # As when the reader sees the peer's close: no writer, nothing more to send.
+        self._lazy_writer = False
+        self.outbox.abort()
+        return True
+
     async def run(self) -> None:
         if self._registry is not None:
             self._registry.add(self)

@@ -90,7 +90,12 @@ class RegisteredSession(Protocol):
         ...
 
     async def drain(self, deadline: float) -> None:
-        """Shutdown: finish in-flight work (up to ``deadline`` s), say goodbye, close."""
+        """Shutdown: finish in-flight work (up to ``deadline`` s), say goodbye, close.
+
+        A session may also have ``drain_now() -> bool``: the same without a
+        task when nothing needs waiting for (False: the registry awaits
+        :meth:`drain` instead).
+        """
         ...
 
 
@@ -120,7 +125,7 @@ class SessionRegistry:
         self._notify()
         if self._draining is not None:
             tg, grace = self._draining
-            tg.start_soon(session.drain, grace)
+            _drain(session, tg, grace)
 
     def discard(self, session: RegisteredSession) -> None:
         """Unlist a session (its driver calls this when it ends); unknown ones are ignored."""
@@ -172,6 +177,20 @@ class SessionRegistry:
             async with anyio.create_task_group() as tg:
                 self._draining = (tg, grace)
                 for session in list(self._sessions.values()):
-                    tg.start_soon(session.drain, grace)
+                    _drain(session, tg, grace)
         finally:
             self._draining = None
+
+
+def _drain(session: RegisteredSession, tg: TaskGroup, grace: float) -> None:
+    """Drain one session: at once if it can (an optional ``drain_now() -> bool``,
+    True when done), else in a task of ``tg``.
+
+    Most sessions have nothing in flight at shutdown: a task each (with
+    anyio's per-task bookkeeping) was a large part of the CPU of a shutdown
+    with 10,000 connections.
+    """
+    drain_now = getattr(session, "drain_now", None)
+    if drain_now is not None and drain_now():
+        return
+    tg.start_soon(session.drain, grace)

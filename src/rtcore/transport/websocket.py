@@ -576,6 +576,48 @@ class WebSocketTransport:
         if not self._finished:
             await self._abort()
 
+    def close_nowait(self, frames: list[bytes], code: int, reason: str = "") -> bool:
+        """Send ``frames`` and a close frame in one write if that needs no wait
+        (the asyncio fast path, as :meth:`send_nowait`); ``False``: nothing was
+        sent, use :meth:`send` and :meth:`close`.
+
+        No task and no timeout of its own: the read loop ends the connection
+        when the peer's close frame (or EOF) comes, or drops it
+        ``close_timeout`` later (the same bound :meth:`close` sets). Graceful
+        shutdown closes every session this way: at 10,000 connections a task
+        per close with its nested timeouts was most of the shutdown's CPU.
+
+        Args:
+            frames: Messages to send before the close frame (the ``bye``).
+            code: Close code.
+            reason: Close reason (truncated to fit a control frame).
+        """
+        direct = self._direct
+        if direct is None or not self._fast or self._unsent or (self._lock is not None and self._lock.locked()):
+            return False
+        if self._close_sent or self._aborted or self._tg is None or self._ws_state is not ConnectionState.OPEN:
+            return False
+        if code not in _SENDABLE and not 3000 <= code <= 4999:
+            code = 1000
+        data = encode_frames(self._opcode, frames) if frames else b""
+        # From here on the close is committed (wsproto's state moved): whatever
+        # the socket does not take now is written by the flusher task.
+        self._discard = True
+        if self._deliver_scope is not None:
+            self._deliver_scope.cancel()
+        self._set_code(code, reason)
+        self._close_sent = True
+        data += self._ws.send(CloseConnection(code=code, reason=reason or None))
+        try:
+            sent = direct.write_now(data)
+        except OSError:
+            sent = 0  # the flusher's write meets the error and aborts
+        if sent < len(data):
+            self._unsent = data[sent:]
+            self._tg.start_soon(self._flush_unsent)
+        self._bound_close_wait()
+        return True
+
     # -- internals -------------------------------------------------------------
 
     def _get_lock(self) -> anyio.Lock:
@@ -692,6 +734,10 @@ class WebSocketTransport:
         if scope.cancelled_caught:
             await self._abort()
             return
+        self._bound_close_wait()
+
+    def _bound_close_wait(self) -> None:
+        """Our close frame is out: the peer's reply (or its EOF) gets ``close_timeout``."""
         deadline = anyio.current_time() + self._limits.close_timeout
         reader_scope = self._reader_scope
         if reader_scope is not None:
