@@ -82,9 +82,11 @@ def child(resumes: int, burst: int, loop: str) -> dict[str, float]:
                         inner.start_soon(one, k)
                     await anyio.lowlevel.checkpoint()
             cpu, wall = time.process_time() - t0, time.perf_counter() - w0
+            reads = node.hub.reads.issued if node.hub.reads is not None else -1
             tg.cancel_scope.cancel()
         assert got == 2 * resumes, got
-        return {"cpu_us": cpu / resumes * 1e6, "wall_s": wall, "rtcore": str(Path(rtcore.__file__).parent)}
+        # Backend reads the hub issued for all the resumes (-1: a tree without SharedReads).
+        return {"cpu_us": cpu / resumes * 1e6, "wall_s": wall, "reads": reads, "rtcore": str(Path(rtcore.__file__).parent)}
 
     if loop == "trio":
         return anyio.run(main, backend="trio")
@@ -118,7 +120,7 @@ def main() -> None:
                 load = os.getloadavg()[0]
                 out = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
                 runs.append({"side": side, "loop": loop, "rep": rep, "load": load, **out})
-                print(f"rep {rep + 1} {loop:7} {side:4}: {out['cpu_us']:7.1f} us CPU per resume  (load {load:.2f})", flush=True)
+                print(f"rep {rep + 1} {loop:7} {side:4}: {out['cpu_us']:7.1f} us CPU per resume, {out.get('reads', -1)} backend reads  (load {load:.2f})", flush=True)
     summary = {}
     for loop in opts.loops.split(","):
         for side, _ in sides:
