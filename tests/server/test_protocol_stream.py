@@ -308,3 +308,58 @@ async def test_receive_nowait_and_readable_wait_without_a_receive_frame() -> Non
             await stream.readable()
         with pytest.raises(anyio.EndOfStream):
             stream.receive_nowait()
+
+
+@pytest.mark.asyncio_only(reason="the accept loop on raw sockets is the asyncio listener's")
+async def test_accept_takes_queued_connections_without_an_event_loop_step() -> None:
+    """Connections the kernel has queued are accepted back to back, a burst at a time.
+
+    After a restart thousands of clients reconnect at once: accepting one
+    connection per event-loop step (its transport set up in the accept loop,
+    which waits for ``connection_made``) let the kernel's accept queue
+    overflow while the loop was busy. ``accept`` now takes queued sockets
+    without yielding, and yields once after ``_ACCEPT_BURST`` in a row so
+    the accepted connections get to run.
+
+    Mutations seen caught: an event-loop step per accepted connection (as
+    when ``accept`` awaited ``connect_accepted_socket``: an ``await
+    asyncio.sleep(0)`` after ``raw.accept()``) → ``steps`` moves during the
+    burst → fails; no yield after the burst (``burst < _ACCEPT_BURST`` always
+    true) → ``steps`` never moves over 70 accepts → fails.
+    """
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from rtcore.transport.listener import _ACCEPT_BURST, _protocol_acceptor
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", backlog=256)
+    sock_listener = listener.listeners[0]
+    port = sock_listener.extra(anyio.abc.SocketAttribute.local_port)
+    state = cast(Any, SimpleNamespace(limits=ServerLimits()))
+    accept, _ = _protocol_acceptor(cast(Any, sock_listener), state)
+    n = _ACCEPT_BURST + 6
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    steps = 0
+
+    async def count_steps() -> None:
+        nonlocal steps
+        while True:
+            await asyncio.sleep(0)
+            steps += 1
+
+    counter = asyncio.get_running_loop().create_task(count_steps())
+    await asyncio.sleep(0)  # the counter is waiting for the next step
+    base = steps
+    accepted: list[socket.socket] = []
+    try:
+        with anyio.fail_after(5):
+            accepted += [await accept() for _ in range(_ACCEPT_BURST)]
+            assert steps == base  # the whole burst without a step
+            accepted += [await accept() for _ in range(n - _ACCEPT_BURST)]
+            assert steps > base  # ...then one, before the next burst
+    finally:
+        counter.cancel()
+        for s in accepted + clients:
+            s.close()
+        await listener.aclose()
+    assert len(accepted) == n

@@ -35,7 +35,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, TaskStatus
@@ -54,6 +54,8 @@ log = logging.getLogger("rtcore.transport")
 
 # What a connection is served on: anyio's socket stream, or ours on asyncio without TLS.
 _Stream = SocketStream | ProtocolStream
+
+_T = TypeVar("_T")
 
 # accept() failures that mean "out of resources for now", not "listener broken".
 _TRANSIENT_ACCEPT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -251,7 +253,7 @@ def _acceptor(
     control: ServerControl,
     ssl_context: ssl.SSLContext | None,
     limiter: anyio.CapacityLimiter | None,
-) -> tuple[Callable[[], Awaitable[_Stream]], Callable[[_Stream, object], None]]:
+) -> tuple[Callable[[], Awaitable[Any]], Callable[[Any, object], None]]:
     """:func:`_accept_loop`'s arguments: asyncio without TLS accepts onto
     :class:`ProtocolStream` and runs connections as native tasks; otherwise
     anyio's listener and the ``connections`` task group."""
@@ -259,12 +261,14 @@ def _acceptor(
         native.control = control
         native.limiter = limiter
 
-        def start_native(stream: _Stream, token: object) -> None:
-            # The task runs the HTTP connection itself: _NativeTasks does
-            # _connection()'s bookkeeping when it ends (one coroutine frame less).
-            native.start_connection(HttpConnection(stream, state).run(), token)
+        accept, connect = _protocol_acceptor(listener, state)
 
-        return _protocol_acceptor(listener, state), start_native
+        def start_native(client: socket.socket, token: object) -> None:
+            # The task sets the connection up and runs it: _NativeTasks does
+            # _connection()'s bookkeeping when it ends.
+            native.start_connection(connect(client), token)
+
+        return accept, start_native  # raw sockets: the connection task makes the stream
 
     def start_child(stream: _Stream, token: object) -> None:
         connections.start_soon(_connection, stream, state, control, ssl_context, limiter, token)
@@ -363,8 +367,8 @@ async def _accept_failed(exc: OSError) -> None:
 
 
 async def _accept_loop(
-    accept: Callable[[], Awaitable[_Stream]],
-    start: Callable[[_Stream, object], None],
+    accept: Callable[[], Awaitable[_T]],
+    start: Callable[[_T, object], None],
     control: ServerControl,
     limiter: anyio.CapacityLimiter | None,
 ) -> None:
@@ -391,21 +395,45 @@ async def _accept_loop(
         start(stream, token)
 
 
-def _protocol_acceptor(listener: SocketListener, state: ServerState) -> Callable[[], Awaitable[ProtocolStream]]:
-    """``accept`` for asyncio without TLS: each connection on a :class:`ProtocolStream`.
+def _protocol_acceptor(
+    listener: SocketListener, state: ServerState
+) -> tuple[Callable[[], Awaitable[socket.socket]], Callable[[socket.socket], Coroutine[Any, Any, None]]]:
+    """``accept`` and the connection task for asyncio without TLS: each
+    connection on a :class:`ProtocolStream`.
 
-    Accepts like anyio's listener does (``sock_accept``, ``TCP_NODELAY``,
-    ``connect_accepted_socket``) but with our leaner protocol as the stream.
+    ``accept`` returns the accepted socket; the connection's own task sets
+    up its transport (``connect_accepted_socket``, as anyio's listener does,
+    with our leaner protocol as the stream) and serves it. Why not in the
+    accept loop: setting up a transport waits one event-loop step (its
+    ``connection_made``), so the loop accepted one connection per step, and
+    thousands reconnecting at once after a restart overflowed the kernel's
+    accept queue while the loop was busy (each dropped client waits out a
+    TCP retransmission, 1 s or more). Now ``accept`` takes what the kernel
+    has queued without waiting (up to :data:`_ACCEPT_BURST` in a row, then
+    it lets the other tasks run).
     """
     loop = asyncio.get_running_loop()
     raw: socket.socket = listener.extra(SocketAttribute.raw_socket)
     limits = state.limits
     high_water = max(limits.read_size, 64 * 1024)
+    burst = 0
 
     def protocol() -> ProtocolStream:
         return ProtocolStream(high_water=high_water, linger=limits.close_timeout)
 
-    async def accept() -> ProtocolStream:
+    async def accept() -> socket.socket:
+        nonlocal burst
+        if burst < _ACCEPT_BURST:
+            try:
+                client, _ = raw.accept()  # queued already: no future, no reader registration
+            except (BlockingIOError, InterruptedError):
+                pass
+            else:
+                burst += 1
+                return client
+        else:
+            await asyncio.sleep(0)  # fairness: the connections just accepted run too
+        burst = 0
         try:
             client, _ = await loop.sock_accept(raw)
         except asyncio.CancelledError:
@@ -413,16 +441,26 @@ def _protocol_acceptor(listener: SocketListener, state: ServerState) -> Callable
             with contextlib.suppress(ValueError, NotImplementedError):
                 loop.remove_reader(raw)
             raise
+        return client
+
+    async def connect(client: socket.socket) -> None:
         try:
             if client.family in (socket.AF_INET, socket.AF_INET6):
+                # asyncio's transport does not (the accepted socket's proto is 0).
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             _, stream = await loop.connect_accepted_socket(protocol, client)
-        except OSError:
+        except OSError as exc:
             client.close()
-            raise OSError(errno.ECONNABORTED, "connection lost while being set up") from None
-        return stream
+            log.debug("connection lost while being set up: %r", exc)
+            return
+        await HttpConnection(stream, state).run()
 
-    return accept
+    return accept, connect
+
+
+# Connections ``accept`` takes from the kernel's queue in a row before it
+# yields to the rest of the event loop once.
+_ACCEPT_BURST = 64
 
 
 async def _connection(
