@@ -111,6 +111,7 @@ def label(key: str, cfg: dict[str, Any]) -> tuple[str, bool | None]:
         "storm_not_recovered": ("restart storm: resumes without recovered:true", None),
         "storm_reconnects": ("restart storm: successful reconnects", None),
         "storm_cpu_us": ("restart storm: server CPU µs per client resumed", False),
+        "storm_listen_overflows": ("restart storm: connections dropped from a full accept queue (machine-wide count)", False),
     }
     if key in fixed:
         return fixed[key]

@@ -74,6 +74,21 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because an accept queue was
+    full (``TcpExt ListenOverflows``, machine-wide: other processes' too)."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return -1
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(row.get("ListenOverflows", -1))
+    return -1
+
+
 def proc_rss(pid: int) -> int:
     """Resident set size of ``pid`` in bytes."""
     with open(f"/proc/{pid}/statm") as f:
@@ -475,12 +490,14 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
     t_ready = time.time()
     profiler = start_profile(server, "storm")
     u0, k0 = proc_cpu_split(server.pid)
+    o0 = listen_overflows()
     pool.send(pub, "publish", url=server.url, streams=streams, per_stream=after, window=32)
     pool.recv(pub)
     for i in range(nw - 1):
         pool.send(i, "storm_wait", limit_s=cfg["storm_timeout"])
     res = [pool.recv(i) for i in range(nw - 1)]
     (u1, k1), c1 = proc_cpu_split(server.pid), pool.cpu()
+    o1 = listen_overflows()
     stop_profile(profiler)
     last = max(r["last_done"] for r in res)
     complete = all(r["complete"] for r in res)
@@ -500,6 +517,9 @@ def wl_storm(server: Server, cfg: dict[str, Any], pool: Pool) -> dict[str, Any]:
         "storm_cpu_user_us": (u1 - u0) / total * 1e6,
         "storm_cpu_sys_us": (k1 - k0) / total * 1e6,
         "storm_setup_s": setup,
+        # Connections the kernel dropped from a full accept queue while the
+        # clients resumed (machine-wide: another job's count too).
+        "storm_listen_overflows": float(o1 - o0),
     }
     metrics.update({f"storm_{k}": v for k, v in client_info(c0, c1, total, max(1e-9, time.time() - t_stop)).items()})
     return {"metrics": metrics}
