@@ -445,6 +445,7 @@ def _protocol_acceptor(
 
     async def connect(client: socket.socket) -> None:
         try:
+            client.setblocking(False)  # as sock_accept's sockets are (socket.accept() leaves it blocking)
             if client.family in (socket.AF_INET, socket.AF_INET6):
                 # asyncio's transport does not (the accepted socket's proto is 0).
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
