@@ -600,7 +600,7 @@ class _Call(Job):
         self.error = None
         self.name = name
         self.keys = keys
-        self.args = [a if a.__class__ is str else _lua_arg(a) for a in args]
+        self.args = args  # script-ready already (see _Pipeliner.call)
 
 
 def _resp(*args: bytes) -> bytes:
@@ -855,7 +855,12 @@ class _Pipeliner:
         self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH, stalled=_is_stall)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script ``name`` in the next batch; return its reply (or raise its error)."""
+        """Run script ``name`` in the next batch; return its reply (or raise its error).
+
+        Every argument must be a str or what :func:`_lua_arg` made of a
+        non-str value (the hot callers convert their few byte strings
+        themselves rather than have every argument checked).
+        """
         c = await self.batches.submit(_Call(name, keys, args))
         if c.error is not None:
             raise c.error
@@ -911,7 +916,7 @@ class _Script:
         self.name = name
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        return await self._pipeliner.call(self.name, keys, args)
+        return await self._pipeliner.call(self.name, keys, [a if a.__class__ is str else _lua_arg(a) for a in args])
 
 
 class _RedisFeed:
@@ -1097,10 +1102,10 @@ class RedisEventLog:
         retention: Retention | None = None,
     ) -> AppendResult:
         """Append one event atomically; see :meth:`rtcore.backends.base.EventLog.append`."""
-        args: list[str | bytes] = [
+        args: list[Any] = [
             stream,
             type,
-            _encode(data),
+            _lua_arg(_encode(data)),
             repr(float(now)),
             "0" if key is None else "1",
             "" if key is None else key,
@@ -1181,8 +1186,8 @@ class RedisIdempotencyStore:
         """Claim ``key`` or return the live record (see the Protocol)."""
         keep = max(ttl, lease)
         rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
-        args: list[str | bytes] = [
-            repr(float(now)), _encode(rec), repr(rec.expires), _px_text(keep), repr(rec.lease), fingerprint,
+        args: list[Any] = [
+            repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint),
         ]
         with _ENGINE_ERRORS:
             raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
@@ -1202,7 +1207,7 @@ class RedisIdempotencyStore:
                 old = await self._client.hget(rkey, "rec")
                 fp = _decode_record(old).fingerprint if old is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
-            await self._pipe.call("idem_finish", [rkey], [_encode(rec), repr(rec.expires), _px_text(ttl)])
+            await self._pipe.call("idem_finish", [rkey], [_lua_arg(_encode(rec)), repr(rec.expires), _px_text(ttl)])
 
     async def release(self, scope: str, key: str) -> None:
         """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""
