@@ -237,15 +237,16 @@ async def test_one_failing_call_fails_alone_and_batches_share_round_trips(server
         turns = [anyio.Event() for _ in keys]
         turns[0].set()
         gate = anyio.Event()
-        client = _client(b)
-        real_evalsha = client.evalsha
+        assert pipeliner.link is not None  # a plain redis:// URL: batches go on the raw link
+        link: redis_backend._RawLink = pipeliner.link
 
-        async def held_evalsha(*args: Any, **kwargs: Any) -> Any:
-            client.evalsha = real_evalsha
-            await gate.wait()
-            return await real_evalsha(*args, **kwargs)
+        class HeldLink:
+            async def run_batch(self, blob: bytes) -> Any:
+                pipeliner.link = link
+                await gate.wait()
+                return await link.run_batch(blob)
 
-        client.evalsha = held_evalsha
+        pipeliner.link = HeldLink()  # type: ignore[assignment]
 
         async def begin(i: int) -> None:
             await turns[i].wait()
@@ -312,3 +313,122 @@ def test_pexpire_text_is_the_px_of_its_ttl_and_its_cache_stays_bounded() -> None
         assert redis_backend._px_text(ttl) == str(redis_backend._px(ttl))
         assert redis_backend._px_text(ttl) == str(redis_backend._px(ttl))  # cached or not, the same
     assert len(redis_backend._PX_TEXT) == 64
+
+
+@pytest.mark.anyio
+async def test_a_batch_that_timed_out_never_answers_the_next_one(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proves: when a batch gets no reply in time (Redis paused), its
+    connection is dropped, so the late reply is never read as the reply of
+    the next batch: the next append gets its own offset and epoch.
+
+    Mutation seen caught: in ``_RawLink._request`` skip ``self._drop()`` when
+    the request was interrupted -> the second append returns the first
+    append's late reply (offset 1 of the other stream) and this test fails.
+    """
+    monkeypatch.setattr(redis_backend, "_CALL_TIMEOUT", 0.3)
+    a, b_stream = _fresh("late-a:"), _fresh("late-b:")
+    async with opened(server.url) as b, opened(server.url) as admin:
+        for i in range(4):
+            await b.events.append(b_stream, "n", i, now=T0)
+        # Every client but the one pausing waits ~1 s before its next command runs.
+        await _client(admin).client_pause(1000)
+        with pytest.raises(BackendError):
+            await b.events.append(a, "n", "late", now=T0)
+        await anyio.sleep(1.2)  # the paused append runs now; its reply goes to a closed connection
+        got = await b.events.append(b_stream, "n", 4, now=T0)
+        info_b = await b.events.info(b_stream)
+        assert got.event.offset == 5 and got.event.stream == b_stream and got.event.epoch == info_b.epoch
+
+
+def test_replies_split_anywhere_parse_like_whole_ones() -> None:
+    """Proves: the raw link's reply parser gives the same value whether a
+    reply arrives whole or one byte at a time (a reply may span many reads).
+
+    Mutation seen caught: in ``_RawLink._parse`` drop ``self._pos = pos``
+    after opening an array -> a reply split inside an array is parsed with
+    the array opened twice and this test fails.
+    """
+    reply = (
+        b"*3\r\n*2\r\n:1\r\n*3\r\n$2\r\nok\r\n$1\r\n7\r\n$12\r\nabcdef012345\r\n"
+        b"*2\r\n:1\r\n$-1\r\n*2\r\n:0\r\n$9\r\nWRONGTYPE\r\n"
+    )
+    want = [[1, [b"ok", b"7", b"abcdef012345"]], [1, None], [0, b"WRONGTYPE"]]
+
+    class Chunks:
+        def __init__(self, data: bytes, size: int) -> None:
+            self.parts = [data[i : i + size] for i in range(0, len(data), size)]
+
+        async def receive(self) -> bytes:
+            return self.parts.pop(0)
+
+    async def parse(size: int) -> Any:
+        link = redis_backend._RawLink("127.0.0.1", 1, 0, None, None)
+        chunks = Chunks(reply, size)
+        got = await link._read(chunks)  # type: ignore[arg-type]
+        assert not chunks.parts and not link._buf
+        return got
+
+    for size in (1, 2, 3, 5, 7, len(reply)):
+        assert anyio.run(parse, size) == want, size
+
+
+def test_only_plain_urls_take_the_raw_link() -> None:
+    """Proves: the raw link reads host, port, database and credentials from a
+    plain ``redis://`` URL and declines every URL it cannot honour (TLS, unix
+    sockets, options), which stay on coredis.
+
+    Mutation seen caught: in ``_RawLink.from_url`` drop the ``parts.query``
+    check -> a URL with options gets the raw link and this test fails.
+    """
+    link = redis_backend._RawLink.from_url("redis://us%3Aer:p%40ss@example.org:7000/3")
+    assert link is not None
+    assert (link._host, link._port, link._db, link._username, link._password) == ("example.org", 7000, 3, "us:er", "p@ss")
+    plain = redis_backend._RawLink.from_url("redis://localhost")
+    assert plain is not None and (plain._port, plain._db, plain._password) == (6379, 0, None)
+    for url in ("rediss://h:1/0", "unix:///tmp/r.sock", "redis://h:1/0?protocol_version=2", "redis://h:1/db"):
+        assert redis_backend._RawLink.from_url(url) is None, url
+
+
+@pytest.mark.anyio
+async def test_both_request_paths_run_batches_alike(server: RedisServer) -> None:
+    """Proves: batches give the same results on the raw link (database
+    selected from the URL) and on coredis (URLs the link declines): a fresh
+    append, a duplicate key, a claim and a failing call, each its own reply.
+
+    Mutations seen caught: in ``_RawLink._connect`` skip ``SELECT`` -> the
+    events land in database 0 and this test fails; in ``_Pipeliner._send``
+    read the status byte of a good call as an error (``status == 48``) ->
+    every call fails on both paths.
+    """
+    url = server.url.rsplit("/", 1)[0] + "/5"
+    for raw in (True, False):
+        stream = _fresh("paths:")
+        async with opened(url) as b:
+            pipeliner = redis_backend._pipeliner_for(_client(b))
+            assert pipeliner.link is not None
+            if not raw:
+                pipeliner.link = None  # what a URL the link declines runs
+            bad = redis_backend._pair_key("idem", "p:x", "wrong")
+            await _client(b).set(bad, "a string, not a hash")
+            results: dict[str, Any] = {}
+
+            async def run(name: str, call: Any, results: dict[str, Any] = results) -> None:
+                try:
+                    results[name] = await call()
+                except BackendError as exc:
+                    results[name] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "first", functools.partial(b.events.append, stream, "n", 1, now=T0, key="k"))
+                tg.start_soon(run, "claim", functools.partial(b.idempotency.begin, "p:x", f"{stream}-c", b"f", now=T0, lease=5))
+                tg.start_soon(run, "bad", functools.partial(b.idempotency.begin, "p:x", "wrong", b"f", now=T0, lease=5))
+                tg.start_soon(run, "second", functools.partial(b.events.append, stream, "n", 2, now=T0, key="k2"))
+            again = await b.events.append(stream, "n", 1, now=T0, key="k")
+            first, second = results["first"].event, results["second"].event
+            assert {first.offset, second.offset} == {1, 2}  # trio starts tasks in its own order
+            assert again.duplicate and again.event.offset == first.offset and again.event.data == 1
+            assert results["claim"] is None
+            assert isinstance(results["bad"], BackendError) and "WRONGTYPE" in str(results["bad"])
+            assert await _client(b).exists([f"rt:{{{stream}}}:m"]) == 1
+        async with opened(server.url.rsplit("/", 1)[0] + "/0") as b0:
+            assert await _client(b0).exists([f"rt:{{{stream}}}:m"]) == 0, raw

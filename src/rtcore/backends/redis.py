@@ -13,7 +13,10 @@ Why it is shaped this way:
   per call (see :class:`_Pipeliner`). The calls go as one MessagePack
   argument that the script decodes with ``cmsgpack``: the client's work per
   request argument is paid once per batch, not per key and argument. Each call stays atomic; a busy node
-  pays one request and one round trip per batch instead of per call.
+  pays one request and one round trip per batch instead of per call. On a
+  plain ``redis://host:port/db`` URL the batches skip coredis: the node
+  writes the ``EVALSHA`` as raw RESP on a connection of its own and parses
+  the reply itself (see :class:`_RawLink`).
 * **Keys of one stream** share a hash tag, so they would live in one cluster
   slot (a script may only touch keys of one slot)::
 
@@ -88,11 +91,13 @@ import fnmatch
 import hashlib
 import logging
 import math
+import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 import anyio
+import anyio.abc
 import coredis
 import coredis.exceptions
 import msgspec
@@ -501,24 +506,30 @@ _BODIES: dict[str, str] = {
 # arguments of every call: the client's per-argument work (coredis checks and
 # converts each argument of a request) was the largest cost of a batch.
 # Each call runs under pcall, so one call's error is its own reply and the
-# others go on; the reply is one {1, result} or {0, message} per call.
+# others go on; the reply is one string of status bytes ("1" ok, "0" error), then each call's result or error message.
 _BATCH = (
     _LUA_LIB
     + "local F = {}\n"
     + "".join(f"F[{name!r}] = function(KEYS, ARGV)\n{body}\nend\n" for name, body in _BODIES.items())
     + """
 local calls = cmsgpack.unpack(ARGV[1])
-local out = {}
+local status = {}
+local out = {''}
 for i = 1, #calls do
   local c = calls[i]
   local ok, res = pcall(F[c[1]], c[2], c[3])
   if ok then
-    out[i] = {1, res}
+    status[i] = '1'
+    -- a nil would end the reply array early (Redis stops at the first nil)
+    if res == nil then res = false end
+    out[i + 1] = res
   else
+    status[i] = '0'
     if type(res) == 'table' then res = res.err or res.message end
-    out[i] = {0, tostring(res)}
+    out[i + 1] = tostring(res)
   end
 end
+out[1] = table.concat(status)
 return out
 """
 )
@@ -589,7 +600,209 @@ class _Call(Job):
         self.error = None
         self.name = name
         self.keys = keys
-        self.args = [a if a.__class__ is str else _lua_arg(a) for a in args]
+        self.args = args  # script-ready already (see _Pipeliner.call)
+
+
+def _resp(*args: bytes) -> bytes:
+    """One RESP request (an array of bulk strings)."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+#: A batch request without its argument: ``EVALSHA <sha> 0 <blob>`` up to the blob's length.
+_EVALSHA_HEAD = b"*4\r\n$7\r\nEVALSHA\r\n$40\r\n" + _BATCH_SHA.encode() + b"\r\n$1\r\n0\r\n"
+#: The same with the script itself (``EVAL``), sent after ``NOSCRIPT``: it runs the batch and caches the script.
+_EVAL_HEAD = b"*4\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(_BATCH.encode()), _BATCH.encode())
+#: What a lost or garbled connection raises on the raw link (mapped to ConnectionError).
+_LINK_FAILURES = (OSError, anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, ValueError)
+
+
+class _RawLink:
+    """One plain RESP2 connection that carries only the batch script's requests.
+
+    coredis's per-request work (building the command, its pool, writer and
+    reader tasks, RESP3 parsing of every element of the reply, futures) cost
+    more server CPU than everything else of a keyed command on ``redis://``.
+    A batch is one request that needs none of it: the :class:`_Pipeliner`
+    runs one batch at a time, so requests and replies strictly alternate on
+    this connection and no request ids or tasks are needed. The request is
+    written as raw RESP and the reply parsed here (:meth:`_read`), resuming
+    where it stopped when a reply spans several reads.
+
+    * ``NOSCRIPT`` (Redis restarted or flushed its scripts) means the batch
+      did not run; it is sent again as ``EVAL`` of the script, which runs it
+      and caches the script for the next ``EVALSHA``.
+    * Anything that interrupts a request (a lost connection, a garbled reply,
+      the caller's timeout) closes the connection: a late reply must never be
+      read as the next batch's. The next batch connects afresh. Nothing is
+      sent again: a batch whose reply was lost may have run.
+
+    Used for plain ``redis://host:port/db`` URLs (with optional user and
+    password); other URLs (TLS, unix sockets, options) keep the coredis path.
+    """
+
+    __slots__ = (
+        "_buf", "_db", "_host", "_password", "_port", "_pos", "_stack", "_stream", "_timeout", "_username", "requests"
+    )
+
+    def __init__(
+        self, host: str, port: int, db: int, username: str | None, password: str | None, timeout: float = COMMAND_TIMEOUT
+    ) -> None:
+        self._host = host
+        self._timeout = timeout
+        self._port = port
+        self._db = db
+        self._username = username
+        self._password = password
+        self._stream: anyio.abc.ByteStream | None = None
+        self._buf = bytearray()
+        self._pos = 0  # where the reply being parsed continues in _buf
+        self._stack: list[list[Any]] = []  # arrays being filled: [items, still missing]
+        #: Requests sent (for tests).
+        self.requests = 0
+
+    @classmethod
+    def from_url(cls, url: str, timeout: float = COMMAND_TIMEOUT) -> _RawLink | None:
+        """A link for a plain ``redis://`` URL; None for anything else (coredis handles those)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "redis" or parts.query or parts.fragment:
+            return None
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            return None
+        try:
+            port = parts.port or 6379
+        except ValueError:
+            return None
+        user = urllib.parse.unquote(parts.username) if parts.username else None
+        password = urllib.parse.unquote(parts.password) if parts.password else None
+        return cls(parts.hostname or "localhost", port, int(path or 0), user, password, timeout)
+
+    async def run_batch(self, blob: bytes) -> list[Any]:
+        """Run the batch script on ``blob``; return its reply (one ``[status, value]`` per call)."""
+        size = b"$%d\r\n" % len(blob)
+        reply = await self._request(_EVALSHA_HEAD + size, blob)
+        if isinstance(reply, coredis.exceptions.NoScriptError):
+            # Redis restarted or flushed its scripts: the batch did not run.
+            reply = await self._request(_EVAL_HEAD + size, blob)
+        if isinstance(reply, coredis.exceptions.ResponseError):
+            raise reply
+        return cast(list[Any], reply)
+
+    async def aclose(self) -> None:
+        """Close the connection (the next request would open a new one)."""
+        await self._drop()
+
+    async def _request(self, head: bytes, blob: bytes) -> Any:
+        ok = False
+        try:
+            # A paused or partitioned Redis answers nothing: bounded like every coredis command.
+            with anyio.fail_after(self._timeout):
+                stream = self._stream
+                if stream is None:
+                    stream = await self._connect()
+                self.requests += 1
+                await stream.send(head + blob + b"\r\n")
+                reply = await self._read(stream)
+            ok = True
+            return reply
+        except _LINK_FAILURES as exc:
+            raise coredis.exceptions.ConnectionError(f"connection lost ({exc!r})") from exc
+        except TimeoutError as exc:
+            raise _Stalled(f"redis: no reply within {self._timeout} s") from exc
+        finally:
+            if not ok:  # interrupted mid-request: what the connection holds now is unknown
+                await self._drop()
+
+    async def _connect(self) -> anyio.abc.ByteStream:
+        stream = await anyio.connect_tcp(self._host, self._port)
+        self._stream = stream
+        self._buf.clear()
+        self._pos = 0
+        self._stack.clear()
+        setup = []
+        if self._password is not None:
+            auth = [self._username.encode()] if self._username else []
+            setup.append(_resp(b"AUTH", *auth, self._password.encode()))
+        if self._db:
+            setup.append(_resp(b"SELECT", str(self._db).encode()))
+        for request in setup:
+            await stream.send(request)
+            reply = await self._read(stream)
+            if isinstance(reply, coredis.exceptions.ResponseError):
+                raise reply
+        return stream
+
+    async def _drop(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await anyio.aclose_forcefully(stream)
+
+    async def _read(self, stream: anyio.abc.ByteStream) -> Any:
+        """Read one whole reply: bulk strings as bytes, integers, None for nil, errors as ResponseError values."""
+        buf = self._buf
+        while True:
+            reply = self._parse(buf)
+            if reply is not _MORE:
+                del buf[: self._pos]
+                self._pos = 0
+                return reply
+            buf += await stream.receive()
+
+    def _parse(self, buf: bytearray) -> Any:
+        """Continue parsing the reply in ``buf``; :data:`_MORE` when it is not all there yet."""
+        pos = self._pos
+        stack = self._stack
+        while True:
+            nl = buf.find(b"\r\n", pos)
+            if nl < 0:
+                return _MORE
+            kind = buf[pos]
+            if kind == 36:  # $ bulk string
+                n = int(buf[pos + 1 : nl])
+                if n < 0:
+                    value: Any = None
+                    pos = nl + 2
+                else:
+                    end = nl + 2 + n
+                    if len(buf) < end + 2:
+                        return _MORE
+                    value = bytes(buf[nl + 2 : end])
+                    pos = end + 2
+            elif kind == 42:  # * array
+                n = int(buf[pos + 1 : nl])
+                pos = nl + 2
+                if n > 0:
+                    stack.append([[], n])
+                    self._pos = pos
+                    continue
+                value = None if n < 0 else []
+            elif kind == 58:  # : integer
+                value = int(buf[pos + 1 : nl])
+                pos = nl + 2
+            elif kind == 43:  # + status
+                value = bytes(buf[pos + 1 : nl])
+                pos = nl + 2
+            elif kind == 45:  # - error
+                message = buf[pos + 1 : nl].decode(errors="replace")
+                error = coredis.exceptions.NoScriptError if message.startswith("NOSCRIPT") else coredis.exceptions.ResponseError
+                value = error(message)
+                pos = nl + 2
+            else:
+                raise ValueError(f"not a RESP2 reply: {bytes(buf[pos : pos + 16])!r}")
+            self._pos = pos  # a value is complete: never parsed again
+            while stack:
+                top = stack[-1]
+                top[0].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                value = stack.pop()[0]
+            else:
+                return value
+
+
+#: :meth:`_RawLink._parse`'s "not all there yet".
+_MORE: Any = object()
 
 
 #: One pipeliner per client, shared by every store on it.
@@ -634,13 +847,20 @@ class _Pipeliner:
     was lost may have happened, so nothing is replayed blindly.
     """
 
-    def __init__(self, client: coredis.Redis[bytes]) -> None:
+    def __init__(self, client: coredis.Redis[bytes], link: _RawLink | None = None) -> None:
         self._client = client
+        #: The connection batches go on (None: through the coredis client).
+        self.link = link
         #: The batcher (``batches.batches`` batches held ``batches.jobs`` calls).
         self.batches: Batcher[_Call] = Batcher(self._run, _MAX_BATCH, stalled=_is_stall)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """Run script ``name`` in the next batch; return its reply (or raise its error)."""
+        """Run script ``name`` in the next batch; return its reply (or raise its error).
+
+        Every argument must be a str or what :func:`_lua_arg` made of a
+        non-str value (the hot callers convert their few byte strings
+        themselves rather than have every argument checked).
+        """
         c = await self.batches.submit(_Call(name, keys, args))
         if c.error is not None:
             raise c.error
@@ -655,10 +875,20 @@ class _Pipeliner:
 
     async def _send(self, batch: list[_Call]) -> None:
         blob = _encode_calls([(c.name, c.keys, c.args) for c in batch])
+        reply = await (self.link.run_batch(blob) if self.link is not None else self._send_coredis(blob))
+        # One status byte per call (b"1" ok, b"0" error) in the first element,
+        # then each call's reply or error message (a flat list: half the
+        # elements to parse of a list of [status, reply] pairs).
+        for c, status, value in zip(batch, reply[0], reply[1:], strict=True):
+            if status == 49:  # b"1"
+                c.result = value
+            else:
+                c.error = coredis.exceptions.ResponseError(f"{c.name}: {_s(value)}")
+
+    async def _send_coredis(self, blob: bytes) -> list[Any]:
         for attempt in range(_NOSCRIPT_ATTEMPTS):
             try:
-                reply = cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=[], args=[blob]))
-                break
+                return cast(list[Any], await self._client.evalsha(_BATCH_SHA, keys=[], args=[blob]))
             except coredis.exceptions.NoScriptError:
                 # Redis restarted or flushed its scripts; the batch did not run.
                 if attempt == _NOSCRIPT_ATTEMPTS - 1:
@@ -666,12 +896,7 @@ class _Pipeliner:
             # A load on a connection that died with the old server fails once; the next one is fresh.
             with contextlib.suppress(coredis.exceptions.ConnectionError):
                 await self._client.script_load(_BATCH)
-        for c, (status, *value) in zip(batch, reply, strict=True):
-            if status == 1:
-                c.result = value[0] if value else None
-            else:
-                message = _s(value[0]) if value else "script failed"
-                c.error = coredis.exceptions.ResponseError(f"{c.name}: {message}")
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _Script:
@@ -691,7 +916,7 @@ class _Script:
         self.name = name
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        return await self._pipeliner.call(self.name, keys, args)
+        return await self._pipeliner.call(self.name, keys, [a if a.__class__ is str else _lua_arg(a) for a in args])
 
 
 class _RedisFeed:
@@ -877,10 +1102,10 @@ class RedisEventLog:
         retention: Retention | None = None,
     ) -> AppendResult:
         """Append one event atomically; see :meth:`rtcore.backends.base.EventLog.append`."""
-        args: list[str | bytes] = [
+        args: list[Any] = [
             stream,
             type,
-            _encode(data),
+            _lua_arg(_encode(data)),
             repr(float(now)),
             "0" if key is None else "1",
             "" if key is None else key,
@@ -961,8 +1186,8 @@ class RedisIdempotencyStore:
         """Claim ``key`` or return the live record (see the Protocol)."""
         keep = max(ttl, lease)
         rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
-        args: list[str | bytes] = [
-            repr(float(now)), _encode(rec), repr(rec.expires), _px_text(keep), repr(rec.lease), fingerprint,
+        args: list[Any] = [
+            repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint),
         ]
         with _ENGINE_ERRORS:
             raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
@@ -982,7 +1207,7 @@ class RedisIdempotencyStore:
                 old = await self._client.hget(rkey, "rec")
                 fp = _decode_record(old).fingerprint if old is not None else b""
             rec = IdempotencyRecord(fp, "done", now + ttl, outcome)
-            await self._pipe.call("idem_finish", [rkey], [_encode(rec), repr(rec.expires), _px_text(ttl)])
+            await self._pipe.call("idem_finish", [rkey], [_lua_arg(_encode(rec)), repr(rec.expires), _px_text(ttl)])
 
     async def release(self, scope: str, key: str) -> None:
         """Mark a pending key released (bound to its fingerprint); a finished outcome is kept."""
@@ -1240,4 +1465,8 @@ async def open_redis(url: str, *, all_maxlen: int = ALL_MAXLEN, command_timeout:
     except BaseException:
         await stack.aclose()
         raise
+    link = _RawLink.from_url(url, command_timeout)
+    if link is not None:  # batches go on their own connection (see _RawLink)
+        _PIPELINERS[client] = _Pipeliner(client, link)
+        stack.push_async_callback(link.aclose)
     return RedisBackend(url, client, stack, all_maxlen=all_maxlen)
