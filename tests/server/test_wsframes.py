@@ -12,6 +12,7 @@ import contextlib
 import random
 import socket
 import struct
+import time
 
 import anyio
 import pytest
@@ -20,7 +21,8 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, TextMessage
 
-from rtcore.transport import ServerLimits
+from rtcore.transport import FrameTransport, ServerLimits, UpgradeRequest
+from rtcore.transport.websocket import WebSocketTransport
 from rtcore.transport.wsframes import read_data_frame, unmask
 
 from .helpers import Recorder, basic_http, echo_handler, read_until_eof, running_server
@@ -279,3 +281,44 @@ async def test_invalid_utf8_after_a_message_closes_1007() -> None:
         assert frames[:2] == [(0x1, b"first"), (0x1, b"ok")]
         assert frames[2][0] == 0x8 and struct.unpack("!H", frames[2][1][:2])[0] == 1007
         assert (await wait_closed(rec)).close_code == 1007
+
+
+@pytest.mark.anyio
+async def test_reading_ahead_is_false_only_for_the_last_message_of_a_read() -> None:
+    """The callback of ``take_reader`` learns whether more messages of the same
+    read follow (``reading_ahead``): True for all but the last of a burst read by
+    the fast path, True again afterwards.
+
+    Mutation checked: ``_receive_simple`` leaving ``_ahead`` at True (or setting
+    it False for every message) fails here."""
+    seen: list[tuple[str | bytes, bool]] = []
+    transports: list[WebSocketTransport] = []
+    done = anyio.Event()
+
+    def on_message(message: str | bytes) -> None:
+        seen.append((message, transports[0].reading_ahead))
+        if message == "c":
+            done.set()
+
+    async def handler(transport: FrameTransport, request: UpgradeRequest) -> None:
+        assert isinstance(transport, WebSocketTransport)
+        transports.append(transport)
+        assert transport.take_reader(on_message)
+        await transport.run_reader()
+
+    def client(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            _handshake(sock)
+            sock.sendall(client_frame(b"first"))
+            while not seen:  # the read loop waits again: the fast path is armed
+                time.sleep(0.01)
+            sock.sendall(client_frame(b"a") + client_frame(b"b") + client_frame(b"c"))
+            while not done.is_set():
+                time.sleep(0.01)
+
+    rec = Recorder()
+    async with running_server(handler, basic_http(rec)) as srv:
+        with anyio.fail_after(10):
+            await anyio.to_thread.run_sync(client, srv.port)
+    assert seen[1:] == [("a", True), ("b", True), ("c", False)]
+    assert transports[0].reading_ahead

@@ -313,6 +313,7 @@ class WebSocketTransport:
     __slots__ = (
         "__weakref__",
         "_aborted",
+        "_ahead",
         "_caught_up",
         "_close_sent",
         "_closer",
@@ -420,6 +421,9 @@ class WebSocketTransport:
         self._parts: list[bytes | str] | None = None  # created by a fragmented message
         self._size = 0
         self._frames = 0
+        # See reading_ahead: False only while the fast path hands over the last
+        # message of what it read.
+        self._ahead = True
 
     # -- public API ----------------------------------------------------------
 
@@ -432,6 +436,17 @@ class WebSocketTransport:
     def close_code(self) -> int | None:
         """The close code, once known (see :class:`ConnectionClosed`)."""
         return self._code
+
+    @property
+    def reading_ahead(self) -> bool:
+        """Whether more of what was read may follow the message being handed to
+        the :meth:`take_reader` callback now (True when not known).
+
+        False tells the callback that an answer it writes at once will not be
+        followed by the answer to another message from the same read (so there
+        is no batching to wait for).
+        """
+        return self._ahead
 
     @property
     def call_soon(self) -> Callable[..., Any] | None:
@@ -835,7 +850,11 @@ class WebSocketTransport:
             on_message = self._on_message
             if on_message is not None and not self._discard:
                 # _deliver's take_reader case inlined (one coroutine less per message).
-                pending = on_message(message)
+                self._ahead = pos < len(data)
+                try:
+                    pending = on_message(message)
+                finally:
+                    self._ahead = True
                 if pending is not None:
                     await pending
             else:
