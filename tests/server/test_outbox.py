@@ -359,3 +359,34 @@ async def test_a_live_event_into_an_empty_outbox_counts_toward_the_bounds() -> N
     assert not h.outbox.slow
     h.outbox.push(frame(1, 1))  # one byte over
     assert h.outbox.slow and h.slow_calls == 1
+
+
+@pytest.mark.asyncio_only(reason="the fast path exists on asyncio only; trio always uses the writer task")
+async def test_push_now_writes_into_an_empty_outbox_at_once_and_queues_behind_others() -> None:
+    """A command's reply (``push_now``) is written at once only when nothing is
+    queued or due, with the same bookkeeping as a flushed frame; otherwise it
+    is queued behind what came first, and a refused write falls back to the queue.
+
+    Mutation: ``push_now`` without the empty-queue test → the reply overtakes the
+    frame queued before it → fails. Mutation: not counting ``bytes_out`` → fails.
+    Mutation: not falling back to ``push`` when refused → the reply is lost → fails.
+    """
+    fast = FakeFast(accept=True)
+    metrics = NodeMetrics()
+    h = Harness(OutboxLimits(), fast=fast, metrics=metrics)
+    h.outbox.push_now(frame(1))
+    assert fast.calls == [[frame(1)]]  # no loop pass needed
+    assert (h.outbox.queued_frames, h.outbox.frames_out, h.outbox.bytes_out, metrics.bytes_out) == (0, 1, 10, 10)
+    h.outbox.push(frame(2))  # due at the end of this tick
+    h.outbox.push_now(frame(3))  # must not overtake it
+    assert fast.calls == [[frame(1)]]
+    await anyio.lowlevel.checkpoint()
+    assert fast.calls == [[frame(1)], [frame(2), frame(3)]]
+    fast.accept = False
+    h.outbox.push_now(frame(4))  # refused: queued (and the writer's job)
+    assert h.outbox.queued_frames == 1 and h.outbox.frames_out == 3
+    await anyio.lowlevel.checkpoint()  # the end-of-tick write is refused too: the writer's job now
+    fast.accept = True
+    calls = len(fast.calls)
+    h.outbox.push_now(frame(5))  # frame 4 still waits for the writer: 5 goes behind it
+    assert len(fast.calls) == calls and await h.outbox.take() == [frame(4), frame(5)]

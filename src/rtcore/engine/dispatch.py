@@ -10,9 +10,11 @@ backend's :class:`~rtcore.backends.base.IdempotencyStore`.
 
 from __future__ import annotations
 
+import dis
+import inspect
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import msgspec
@@ -26,7 +28,7 @@ from .app import Context, Principal
 if TYPE_CHECKING:
     from .node import Node
 
-__all__ = ["CommandContext", "Reply", "dispatch"]
+__all__ = ["CommandContext", "Reply", "dispatch", "dispatch_now"]
 
 #: Longest wait for the release of a failed command's claim before answering (see :func:`_release`).
 RELEASE_WAIT = 0.5
@@ -166,6 +168,75 @@ async def dispatch(
             # which appends nothing twice (publishes are keyed by the command key).
             log.exception("could not store the outcome of %r under key %r", name, key)
     return reply
+
+
+#: Instructions with which a coroutine may suspend (``await``, ``async for``, ``async with``).
+_SUSPENDING = frozenset({"YIELD_VALUE", "SEND", "GET_AWAITABLE", "GET_AITER", "GET_ANEXT", "BEFORE_ASYNC_WITH", "END_ASYNC_FOR"})
+
+#: handler -> whether it never suspends (see _never_suspends). A plain dict (a weak
+#: one makes a weak reference per lookup): it holds one entry per command handler
+#: ever dispatched, which are few and usually live as long as the process anyway.
+_NEVER_SUSPENDS: dict[Any, bool] = {}
+
+
+def _never_suspends(handler: Any) -> bool:
+    """Whether ``handler`` is an ``async def`` whose body has no ``await``,
+    ``async for`` or ``async with``: its coroutine then always finishes at its
+    first step (only an await in its own body could suspend it)."""
+    known = _NEVER_SUSPENDS.get(handler)
+    if known is not None:
+        return known
+    code = getattr(handler, "__code__", None)
+    never = (
+        code is not None
+        and inspect.iscoroutinefunction(handler)
+        and not any(ins.opname in _SUSPENDING for ins in dis.get_instructions(code))
+    )
+    _NEVER_SUSPENDS[handler] = never
+    return never
+
+
+def dispatch_now(
+    node: Node, principal: Principal | None, name: str, args: Any, *, encoding: Literal["json", "msgpack"] = "json"
+) -> Reply | None:
+    """:func:`dispatch` without an await, for the commands that never need one.
+
+    Those are the commands without an idempotency key (the caller checks)
+    whose handler never suspends (an ``async def`` with no ``await``,
+    ``async for`` or ``async with`` in its body, like an echo), on an app
+    without an ``authorize`` hook: their whole :func:`dispatch` runs in one
+    step, so the session answers them in the task that read them, with no
+    hand-over to a command worker (a task wake-up and an event-loop pass per
+    command). The reply is the one :func:`dispatch` would give.
+
+    Returns:
+        The :class:`Reply`, or None when the command does not qualify (an
+        unknown name too): then :func:`dispatch` it.
+    """
+    spec = node.app.commands.get(name)
+    if spec is None or node.app.hooks.authorize is not None or not _never_suspends(spec.handler):
+        return None
+    try:
+        value = _decode_args(spec.args_type, args, encoding)
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    ctx = CommandContext(node, principal, name, None)
+    coro = cast(Coroutine[Any, Any, Any], spec.handler(ctx) if spec.args_type is None else spec.handler(ctx, value))
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        try:
+            return Reply(True, msgspec.to_builtins(done.value))
+        except Exception:
+            log.exception("command %r raised", name)
+            return Reply.error(RtcoreError(f"command {name!r} failed unexpectedly", code="internal"))
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    except Exception:
+        log.exception("command %r raised", name)
+        return Reply.error(RtcoreError(f"command {name!r} failed unexpectedly", code="internal"))
+    coro.close()  # pragma: no cover - _never_suspends rules this out
+    raise RuntimeError(f"command {name!r} suspended although its handler has no await")  # pragma: no cover
 
 
 async def _finish(node: Node, scope: str, key: str, outcome: Outcome, fp: bytes, *, retry: bool = False) -> None:

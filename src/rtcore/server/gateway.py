@@ -38,6 +38,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from ..engine.direct import DirectMessage
+from ..engine.dispatch import Reply, dispatch, dispatch_now
 from ..engine.hub import OutboxLimits
 from ..engine.node import Node, SubscriptionStart
 from ..errors import AuthError, ConnectionClosed, RtcoreError
@@ -489,6 +490,18 @@ class _Connection:
             # may first run after stop() has set draining).
             self._run(self.session.reply(action.id, Err(action.id, "shutdown", "the server is shutting down; retry on reconnect", True)))
             return
+        if action.key is None and not self._commands:
+            # A command that needs no await (see dispatch_now) is answered here,
+            # in the task that read it: no hand-over to a worker. Not while
+            # commands wait for a worker (they were received first).
+            started = time.perf_counter()
+            reply = dispatch_now(self.node, self.session.principal, action.name, action.args, encoding=self.encoding)  # type: ignore[arg-type]
+            if reply is not None:
+                # Written at once only when nothing more was read behind this command
+                # (see WebSocketTransport.reading_ahead); otherwise queued, and the
+                # replies to what came in one read go out together at the tick's end.
+                self._answer(action, reply, started, batch=getattr(self.transport, "reading_ahead", True))
+                return
         self._inflight += 1
         if self._commands is None:
             self._commands = deque()
@@ -531,24 +544,35 @@ class _Connection:
     async def _command(self, action: DoCommand) -> None:
         try:
             started = time.perf_counter()
-            reply = await self.node.dispatch(self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
-            elapsed = time.perf_counter() - started
-            self.metrics.command(action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, elapsed)
-            if COMMAND.isEnabledFor(logging.DEBUG):  # one cached check per command when disabled
-                emit(
-                    COMMAND, logging.DEBUG, "command", name=action.name, key=action.key, via="ws",
-                    principal=self.session.principal_id, duration_ms=elapsed * 1000, outcome="ok" if reply.ok else reply.code,
-                )
-            reply_frame: Any
-            if reply.ok:
-                reply_frame = Ok(action.id, reply.result, reply.replayed)
-            else:
-                reply_frame = Err(action.id, reply.code, reply.message, reply.retryable, reply.replayed)
-            self._run(self.session.reply(action.id, reply_frame))
+            # dispatch itself, not Node.dispatch (its one-line wrapper): a coroutine less per command.
+            reply = await dispatch(self.node, self.session.principal, action.name, action.args, key=action.key, encoding=self.encoding)  # type: ignore[arg-type]
+            self._answer(action, reply, started)
         finally:
             self._inflight -= 1
             if self._inflight == 0 and self._idle is not None:
                 self._idle.set()
+
+    def _answer(self, action: DoCommand, reply: Reply, started: float, *, batch: bool = False) -> None:
+        """Record a finished command and queue its reply (write it at once when
+        it is the last command queued and ``batch`` is false)."""
+        elapsed = time.perf_counter() - started
+        self.metrics.command(action.name in self.node.app.commands, action.name, "ok" if reply.ok else reply.code, elapsed)
+        if COMMAND.isEnabledFor(logging.DEBUG):  # one cached check per command when disabled
+            emit(
+                COMMAND, logging.DEBUG, "command", name=action.name, key=action.key, via="ws",
+                principal=self.session.principal_id, duration_ms=elapsed * 1000, outcome="ok" if reply.ok else reply.code,
+            )
+        reply_frame: Any
+        if reply.ok:
+            reply_frame = Ok(action.id, reply.result, reply.replayed)
+        else:
+            reply_frame = Err(action.id, reply.code, reply.message, reply.retryable, reply.replayed)
+        actions = self.session.reply(action.id, reply_frame)
+        if not batch and len(actions) == 1 and type(send := actions[0]) is Send and not self._commands:
+            # The last command queued: its reply can be written now (see Outbox.push_now).
+            self.outbox.push_now(self.codec.encode(send.frame))
+        else:
+            self._run(actions)
 
     async def _subscribe(self, action: DoSubscribe, use_cursor: bool = True, resubscribe: bool = False) -> None:
         stream = action.stream

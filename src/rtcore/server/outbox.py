@@ -306,6 +306,30 @@ class Outbox:
         else:
             self._wake_writer()
 
+    def push_now(self, data: bytes) -> None:
+        """Queue one live frame like :meth:`push`, but write it at once when nothing
+        is queued, due or being written and the transport takes it without waiting.
+
+        For a command's reply with no other reply about to follow: it saves the
+        end-of-tick callback, and with nothing queued there is nothing to batch
+        it with. Frames queued before it still go first (it is written directly
+        only into an empty outbox), frames queued after it follow it.
+        """
+        fast = self._fast
+        if fast is not None and not self._queue and not self._flush_scheduled and not self._writer_busy and not self._closed:
+            try:
+                sent = fast.send_nowait([data])
+            except Exception:  # pragma: no cover - let the queued path meet the error
+                sent = False
+            if sent:
+                size = len(data)
+                self.bytes_out += size
+                self.frames_out += 1
+                if self._metrics is not None:
+                    self._metrics.bytes_out += size
+                return
+        self.push(data)
+
     async def push_backlog(self, frames: list[bytes]) -> None:
         """Queue history at the consumer's pace.
 
