@@ -211,8 +211,22 @@ class HttpConnection:
             fields["code"] = code
         emit(ACCESS_LOG, logging.INFO, "http request", **fields)
 
-    async def run(self) -> None:
-        """Serve until the connection ends; never raises for network errors."""
+    async def run(self, setup: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Serve until the connection ends; never raises for network errors.
+
+        Args:
+            setup: Connects the stream first and says whether it could (the
+                asyncio listener sets an accepted socket up in the
+                connection's own task, not in its accept loop). Awaited here
+                rather than in a caller's frame: a frame around this one would
+                stay on the stack of every idle connection.
+        """
+        if setup is not None:
+            connected = await setup()
+            setup = None
+            if not connected:
+                return
+            self._peer = peer_of(self._stream)
         try:
             await self._serve()
             if self._upgraded is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -443,18 +444,24 @@ def _protocol_acceptor(
             raise
         return client
 
-    async def connect(client: socket.socket) -> None:
+    async def setup(client: socket.socket, stream: ProtocolStream) -> bool:
         try:
             client.setblocking(False)  # as sock_accept's sockets are (socket.accept() leaves it blocking)
             if client.family in (socket.AF_INET, socket.AF_INET6):
                 # asyncio's transport does not (the accepted socket's proto is 0).
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _, stream = await loop.connect_accepted_socket(protocol, client)
+            await loop.connect_accepted_socket(lambda: stream, client)
         except OSError as exc:
             client.close()
             log.debug("connection lost while being set up: %r", exc)
-            return
-        await HttpConnection(stream, state).run()
+            return False
+        return True
+
+    def connect(client: socket.socket) -> Coroutine[Any, Any, None]:
+        # HttpConnection.run awaits the setup itself: a coroutine here that
+        # awaited run() would stay on every idle connection's stack.
+        stream = protocol()
+        return HttpConnection(stream, state).run(functools.partial(setup, client, stream))
 
     return accept, connect
 
