@@ -178,6 +178,7 @@ class _Actor:
     # some fifty keys (a third of the actor's own memory, tracemalloc).
     __slots__ = (
         "_full",
+        "_list_key",
         "_members_cache",
         "_members_sig",
         "_room_cache",
@@ -264,6 +265,7 @@ class _Actor:
         self.dispose_timer: Timer | None = None
         self.next_tick: float | None = None
         self.listed: dict[str, Any] | None = None  # last entry appended to roomindex:{type}
+        self._list_key: tuple[int, bool] | None = None  # what `listed` was made from, when it has no metadata (_list)
         self.last_tick = 0.0
         self.renewed = -1e18
         self.lost = False  # the keeper could not renew the lease
@@ -752,11 +754,19 @@ class _Actor:
         """Append the room's listing entry to ``roomindex:{type}`` when it changed."""
         if self.private:
             return
+        # A listed room without metadata (the common case) changes its entry
+        # only with its seat count or lock: compared as a tuple, the entry
+        # (a dict and a metadata copy) is not rebuilt after every move.
+        md = self.room.metadata
+        key = (len(self.members), self.locked) if type(md) is dict and not md and not self.disposed else None
+        if key is not None and key == self._list_key:
+            return
         entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
         if entry != self.listed:
             self.rt.relist(self, entry)
             await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
             self.listed = entry
+        self._list_key = key
 
     # --- the loop -------------------------------------------------------------------
 
@@ -1388,7 +1398,9 @@ class _Runtime:
         the room and applies the entry itself).
         """
         if actor is None:
-            actor = await self.local(room_id)
+            actor = self.actors.get(room_id)
+            if actor is None or actor.closed:
+                actor = await self.local(room_id)
         ev = await self._input(ctx, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             # A local owner with nothing else to do applies it on this task (run_inline).
