@@ -770,8 +770,9 @@ class _Actor:
         entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
         if entry != self.listed:
             self.rt.relist(self, entry)
-            await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
-            self.listed = entry
+            ev = await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
+            # The stored event's copy (equal to ``entry``), not one more dict per room.
+            self.listed = ev.data if type(ev.data) is dict else entry
         self._list_key = key
 
     # --- the loop -------------------------------------------------------------------
