@@ -46,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def child(rooms_n: int, moves: int) -> None:
+def child(rooms_n: int, moves: int, public: bool = False) -> None:
     """One measurement in this process; prints ``{"us_per_move": ..., "moves_per_s": ...}``."""
     import anyio
     import msgspec
@@ -114,7 +114,7 @@ def child(rooms_n: int, moves: int) -> None:
             pairs = []
             for i in range(rooms_n):
                 a, b = rtcore.Principal(f"a{i}"), rtcore.Principal(f"b{i}")
-                made = await node.dispatch(a, "room.create", {"type": "duel", "private": True})
+                made = await node.dispatch(a, "room.create", {"type": "duel", "private": not public})
                 joined = await node.dispatch(b, "room.join", {"room_id": made.result["room_id"]})
                 assert made.ok and joined.ok, (made, joined)
                 for p in (a, b):
@@ -339,13 +339,14 @@ def tick_doc(ticks: int) -> None:
     print(json.dumps({"ticks": ticks, "ops_last_tick": len(ops), "rtcore": __import__("rtcore").__file__}))
 
 
-def run_one(src: str | None, rooms_n: int, moves: int, arena: bool = False) -> dict[str, Any]:
+def run_one(src: str | None, rooms_n: int, moves: int, arena: bool = False, public: bool = False) -> dict[str, Any]:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", "--rooms", str(rooms_n), "--moves", str(moves)]
-        + (["--arena"] if arena else []),
+        + (["--arena"] if arena else [])
+        + (["--public"] if public else []),
         env=env,
         capture_output=True,
         text=True,
@@ -373,6 +374,11 @@ def main() -> None:
         metavar="TICKS",
         help="only the room side of TICKS ticks of a 100-player state, no event loop (for callgrind; see tick_doc)",
     )
+    parser.add_argument(
+        "--public",
+        action="store_true",
+        help="listed rooms (as rooms.py's join_or_create makes them) instead of private ones: each step also keeps the room's listing",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.tick_doc:
@@ -382,7 +388,7 @@ def main() -> None:
         if opts.arena:
             child_arena(100, 8.0, 2.0)
         else:
-            child(opts.rooms, opts.moves)
+            child(opts.rooms, opts.moves, opts.public)
         return
     if opts.arena:
         arena_main(opts)
@@ -392,13 +398,13 @@ def main() -> None:
     for rep in range(opts.reps):
         order = ["this", "peer"] if rep % 2 == 0 else ["peer", "this"]
         for who in order if peer else ["this"]:
-            got = run_one(peer if who == "peer" else None, opts.rooms, opts.moves)
+            got = run_one(peer if who == "peer" else None, opts.rooms, opts.moves, public=opts.public)
             runs[who].append(got)
             print(f"  [{who}] {got['us_per_move']:.1f} us/move, {got['moves_per_s']:,.0f} moves/s", flush=True)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "python": platform.python_version()},
-        "settings": {"rooms": opts.rooms, "moves_per_room": opts.moves, "reps": opts.reps, "peer": peer},
+        "settings": {"rooms": opts.rooms, "moves_per_room": opts.moves, "reps": opts.reps, "peer": peer, "public": opts.public},
         "load": os.getloadavg(),
         "runs": runs,
         "median_us_per_move": {who: statistics.median(r["us_per_move"] for r in rs) for who, rs in runs.items()},

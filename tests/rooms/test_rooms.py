@@ -280,3 +280,50 @@ async def test_join_attempt_refusal_players_and_dispose() -> None:
 
 async def _token_auth(token: str | None) -> str | None:
     return token
+
+
+async def test_listing_entry_follows_seats_lock_and_metadata_across_moves() -> None:
+    """The ``roomindex:{type}`` entry the owner appends follows every seat, lock and
+    metadata change, also when moves in between skip rebuilding it (``_Actor._list``).
+
+    Mutations: leave ``locked`` out of ``_list``'s key → the lock is never listed
+    → fails; take the key also when the room has metadata → the metadata set by
+    a move is never listed → fails; drop the seat count from the key → the second
+    player's seat is never listed → fails.
+    """
+    app, reg = make_app(tick_rate=None)
+
+    @app.command("test.meta")
+    async def set_meta(ctx: CommandContext, args: dict[str, Any]) -> None:
+        actor = reg.runtime(ctx.node).actors[args["room_id"]]
+        actor.room.metadata = dict(args["metadata"])
+
+    async with serve(app) as node, connect(node, "a") as a, connect(node, "b") as b:
+
+        async def listed(room_id: str) -> tuple[int, bool, Any]:
+            await reg.settle(node, room_id)
+            st = await node.state_of("roomindex:game")
+            assert isinstance(st.state, rooms.runtime.RoomIndex)
+            e = st.state.rooms[room_id]
+            return e["clients"], e["locked"], e["metadata"]
+
+        room = await a.command("room.create", {"type": "game"})
+        rid = room["room_id"]
+        move = {"room_id": rid, "type": "add", "data": {"by": 1}}
+        assert await listed(rid) == (1, False, {})
+        await b.command("room.join", {"room_id": rid})
+        await a.command("room.send", move)
+        assert await listed(rid) == (2, False, {})
+        await a.command("room.send", {"room_id": rid, "type": "lock", "data": True})
+        await a.command("room.send", move)
+        assert await listed(rid) == (2, True, {})
+        await a.command("room.send", {"room_id": rid, "type": "lock", "data": False})
+        assert await listed(rid) == (2, False, {})
+        await a.command("test.meta", {"room_id": rid, "metadata": {"mode": "x"}})
+        await a.command("room.send", move)
+        assert await listed(rid) == (2, False, {"mode": "x"})
+        await a.command("test.meta", {"room_id": rid, "metadata": {}})
+        await a.command("room.send", move)
+        assert await listed(rid) == (2, False, {})
+        await b.command("room.leave", {"room_id": rid})
+        assert await listed(rid) == (1, False, {})

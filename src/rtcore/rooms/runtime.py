@@ -74,6 +74,13 @@ FALLBACK_READ = 30.0
 SUPERVISE_EVERY = 2.0
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _pack = msgspec.msgpack.Encoder().encode
+#: The timers' tie-breaker (a timer heap needs unique, increasing numbers):
+#: one counter for every room of the process, not one object per room.
+_TIMER_SEQ = itertools.count()
+#: ``view_prev`` and ``view_heads`` of a room type without private fields,
+#: which never writes them: two empty dicts per room less (a read-only map,
+#: so a write to it would raise instead of sharing views between rooms).
+_NO_VIEWS: Any = types.MappingProxyType({})
 
 
 class RoomDoc(msgspec.Struct):
@@ -178,11 +185,11 @@ class _Actor:
     # some fifty keys (a third of the actor's own memory, tracemalloc).
     __slots__ = (
         "_full",
+        "_list_key",
         "_members_cache",
         "_members_sig",
         "_room_cache",
         "_room_key",
-        "_seq",
         "applied",
         "closed",
         "cls",
@@ -256,14 +263,15 @@ class _Actor:
         self.prev: Any = None  # the public document as last published
         self.full_prev: Any = None  # the whole state (private fields too) as last published
         self._full: Any = None
-        self.view_prev: dict[str, Any] = {}  # each player's view as last published
-        self.view_heads: dict[str, int] = {}
+        views = bool(cls.private_fields)
+        self.view_prev: dict[str, Any] = {} if views else _NO_VIEWS  # each player's view as last published
+        self.view_heads: dict[str, int] = {} if views else _NO_VIEWS
         self.timers: list[tuple[float, int, Timer]] = []
-        self._seq = itertools.count()
         self.graces: dict[str, Timer] = {}
         self.dispose_timer: Timer | None = None
         self.next_tick: float | None = None
         self.listed: dict[str, Any] | None = None  # last entry appended to roomindex:{type}
+        self._list_key: tuple[int, bool] | None = None  # what `listed` was made from, when it has no metadata (_list)
         self.last_tick = 0.0
         self.renewed = -1e18
         self.lost = False  # the keeper could not renew the lease
@@ -487,7 +495,7 @@ class _Actor:
     # --- timers -------------------------------------------------------------------
 
     def _schedule(self, timer: Timer) -> None:
-        heapq.heappush(self.timers, (timer.due, next(self._seq), timer))
+        heapq.heappush(self.timers, (timer.due, next(_TIMER_SEQ), timer))
         self.poke()
 
     def _at(self, seconds: float, fn: Callable[..., Any], *args: Any) -> Timer:
@@ -752,11 +760,20 @@ class _Actor:
         """Append the room's listing entry to ``roomindex:{type}`` when it changed."""
         if self.private:
             return
+        # A listed room without metadata (the common case) changes its entry
+        # only with its seat count or lock: compared as a tuple, the entry
+        # (a dict and a metadata copy) is not rebuilt after every move.
+        md = self.room.metadata
+        key = (len(self.members), self.locked) if type(md) is dict and not md and not self.disposed else None
+        if key is not None and key == self._list_key:
+            return
         entry = {"room_id": self.id, "gone": True} if self.disposed else _entry(self)
         if entry != self.listed:
             self.rt.relist(self, entry)
-            await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
-            self.listed = entry
+            ev = await self.node.publish(f"roomindex:{self.rt.types_by_cls[self.cls]}", "room", entry)
+            # The stored event's copy (equal to ``entry``), not one more dict per room.
+            self.listed = ev.data if type(ev.data) is dict else entry
+        self._list_key = key
 
     # --- the loop -------------------------------------------------------------------
 
@@ -950,7 +967,7 @@ class _Actor:
             _, _, timer = heapq.heappop(self.timers)
             if timer.every is not None:
                 timer.due = max(timer.due + timer.every, now)
-                heapq.heappush(self.timers, (timer.due, next(self._seq), timer))
+                heapq.heappush(self.timers, (timer.due, next(_TIMER_SEQ), timer))
             await self._step(timer.fn, timer.args)
 
     async def _step(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -1307,9 +1324,11 @@ class _Runtime:
         if cls is None:
             raise Rejected("unknown_room_type", f"no room type named {type_!r}")
         room_id = secrets.token_hex(6)
-        if not await self.node.backend.leases.acquire(f"room:{room_id}", self.node.id, now=self.node.clock(), ttl=LEASE):
-            raise BackendError("could not take the new room's lease", code="backend_unavailable", retryable=True)
+        # Made before its lease is taken so that the lease store keeps the
+        # owner's own stream name as its key (not one more string per room).
         actor = _Actor(self, cls, room_id, self._new_code(), private)
+        if not await self.node.backend.leases.acquire(actor.stream, self.node.id, now=self.node.clock(), ttl=LEASE):
+            raise BackendError("could not take the new room's lease", code="backend_unavailable", retryable=True)
         actor.room.metadata = dict(metadata)  # for matchmaking until on_create ran (it is set again there)
         # So any node can find the room by its code (the code is the secret of a private room).
         await self.node.publish(f"roomcode:{actor.code}", "room", {"room_id": room_id}, key=room_id)
@@ -1349,7 +1368,7 @@ class _Runtime:
 
     async def append(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any], actor: _Actor | None) -> Event:
         """Append an input to the room's inbox (idempotent per command key); hand it to a local owner."""
-        ev = await self._input(ctx, room_id, kind, uid, data)
+        ev = await self._input_to(ctx, actor, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             actor.push(ev)
         return ev
@@ -1357,6 +1376,13 @@ class _Runtime:
     async def _input(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
         """Append an input to ``roominbox:{room_id}`` (keyed by the command's idempotency key)."""
         return await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
+
+    async def _input_to(self, ctx: Context, actor: _Actor | None, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
+        """:meth:`_input` to ``actor.inbox`` when the owner is known: the name the backend keeps as the stream's key
+        is then the owner's own string, not one more copy per room (and not a new string per move)."""
+        if actor is None:
+            return await self._input(ctx, room_id, kind, uid, data)
+        return await ctx.publish(actor.inbox, kind, {"user": uid, "node": self.node.id, **data})
 
     async def finish(self, room_id: str, kind: str, uid: str, offset: int, actor: _Actor | None) -> Any:
         """Await an appended input's result (raise its error)."""
@@ -1388,8 +1414,10 @@ class _Runtime:
         the room and applies the entry itself).
         """
         if actor is None:
-            actor = await self.local(room_id)
-        ev = await self._input(ctx, room_id, kind, uid, data)
+            actor = self.actors.get(room_id)
+            if actor is None or actor.closed:
+                actor = await self.local(room_id)
+        ev = await self._input_to(ctx, actor, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             # A local owner with nothing else to do applies it on this task (run_inline).
             if await actor.run_inline(ev):
