@@ -432,3 +432,27 @@ async def test_both_request_paths_run_batches_alike(server: RedisServer) -> None
             assert await _client(b).exists([f"rt:{{{stream}}}:m"]) == 1
         async with opened(server.url.rsplit("/", 1)[0] + "/0") as b0:
             assert await _client(b0).exists([f"rt:{{{stream}}}:m"]) == 0, raw
+
+
+@pytest.mark.anyio
+async def test_the_first_batch_after_a_redis_restart_goes_on_a_fresh_connection() -> None:
+    """Proves: when Redis restarts while the raw link sits idle, the next batch
+    is not sent on the dead connection (where it would fail although Redis is
+    back) but on a new one: the append right after the restart succeeds.
+    Without it a node's first request after a Redis restart failed, and a
+    stateful stream's resync to the new epoch that made it was never retried
+    (``tests/multinode/test_redis_crash.py``'s no-persistence test hung).
+
+    Mutation seen caught: ``_idle_link_alive`` always returns True → the
+    append raises ``BackendError`` (connection lost) → fails.
+    """
+    if redis_server_binary() is None:
+        pytest.skip("redis-server is not installed")
+    with RedisServer(persistent=False) as server:
+        stream = _fresh("restart:")
+        async with opened(server.url) as b:
+            first = await b.events.append(stream, "n", 1, now=T0)
+            await anyio.to_thread.run_sync(server.restart)  # kill -9, start empty on the same port
+            await anyio.sleep(0.05)  # the FIN of the killed server reaches the idle link
+            again = await b.events.append(stream, "n", 2, now=T0)
+        assert again.event.offset == 1 and again.event.epoch != first.event.epoch  # a new life, as it must be

@@ -91,6 +91,7 @@ import fnmatch
 import hashlib
 import logging
 import math
+import socket
 import urllib.parse
 import weakref
 from collections.abc import Callable, Mapping
@@ -698,6 +699,11 @@ class _RawLink:
             # A paused or partitioned Redis answers nothing: bounded like every coredis command.
             with anyio.fail_after(self._timeout):
                 stream = self._stream
+                if stream is not None and not _idle_link_alive(stream):
+                    # Redis closed it while it sat idle (a restart): the
+                    # request was not sent, so a fresh connection may carry it.
+                    await self._drop()
+                    stream = None
                 if stream is None:
                     stream = await self._connect()
                 self.requests += 1
@@ -799,6 +805,33 @@ class _RawLink:
                 value = stack.pop()[0]
             else:
                 return value
+
+
+def _idle_link_alive(stream: anyio.abc.ByteStream) -> bool:
+    """Whether an idle :class:`_RawLink` connection is still open at the other end.
+
+    Between batches nothing may arrive: a readable socket means Redis closed
+    it (end of file, or a reset). Without this look the first batch after a
+    Redis restart went out on the dead connection and failed, although a new
+    connection would have carried it: a peek now, before anything is sent,
+    tells the two apart (once it is sent, a lost reply may mean the batch ran).
+    """
+    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
+    fd = -1 if raw is None else raw.fileno()
+    if fd < 0:
+        return raw is None  # not a socket we can look at: assume alive; closed: not
+    # The event loops' socket wrappers refuse recv(); a socket object on the
+    # same descriptor, detached after the look, does not close it.
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return True  # nothing to read: open
+    except OSError:
+        return False  # reset
+    finally:
+        sock.detach()
+    return False  # end of file (or bytes nobody asked for)
 
 
 #: :meth:`_RawLink._parse`'s "not all there yet".
