@@ -18,6 +18,18 @@ from .test_connection_tasks import masked, raw_client
 pytestmark = pytest.mark.anyio
 
 
+def spy_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The list every socket write of the served connections goes to (the write is still made)."""
+    writes: list[bytes] = []
+    real = ProtocolStream.write_now
+
+    def spy(self: ProtocolStream, data: bytes) -> int:
+        writes.append(data)
+        return real(self, data)
+
+    monkeypatch.setattr(ProtocolStream, "write_now", spy)
+    return writes
+
 @pytest.mark.asyncio_only(reason="replies are written without the writer task only on asyncio (ProtocolStream)")
 async def test_pipelined_commands_are_answered_in_order_in_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
     """Five keyed commands (run by a command worker) in one read: five replies,
@@ -30,14 +42,7 @@ async def test_pipelined_commands_are_answered_in_order_in_one_write(monkeypatch
     Mutation checked: ``_Connection._command`` calling ``push_now`` without the
     ``not self._commands`` test → five writes → fails.
     """
-    writes: list[bytes] = []
-    real = ProtocolStream.write_now
-
-    def spy(self: ProtocolStream, data: bytes) -> int:
-        writes.append(data)
-        return real(self, data)
-
-    monkeypatch.setattr(ProtocolStream, "write_now", spy)
+    writes = spy_writes(monkeypatch)
     async with serving(app) as server, raw_client(server.port, "room:cmd") as client:
 
         async def ok(rid: int) -> dict[str, Any]:
@@ -69,14 +74,7 @@ async def test_a_command_that_needs_no_await_starts_no_task_and_pipelined_ones_s
     appears → fails; inline replies written at once (``batch=False``) → five
     writes → fails.
     """
-    writes: list[bytes] = []
-    real = ProtocolStream.write_now
-
-    def spy(self: ProtocolStream, data: bytes) -> int:
-        writes.append(data)
-        return real(self, data)
-
-    monkeypatch.setattr(ProtocolStream, "write_now", spy)
+    writes = spy_writes(monkeypatch)
     async with serving(app) as server, raw_client(server.port, "room:inline") as client:
         tasks = len(asyncio.all_tasks())
         writes.clear()
