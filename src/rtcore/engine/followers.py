@@ -107,13 +107,21 @@ class Followers:
         self._due: list[tuple[Follower, int]] = []
 
     async def get(self, stream: str) -> Follower:
-        """The follower of ``stream``, once it holds the current state."""
-        f = self._by_stream.get(stream)
-        if f is None:
-            f = self.start(stream)
-        if f.ready is not None:
-            await f.ready.wait()
-        return f
+        """The follower of ``stream``, once it holds the current state.
+
+        Waits while the state is loaded (backend reads are retried, see
+        :meth:`_load`). A follower whose history changed while it loaded (a
+        new epoch: it went stale and was dropped) is not returned: the
+        stream's current follower is waited for instead.
+        """
+        while True:
+            f = self._by_stream.get(stream)
+            if f is None:
+                f = self.start(stream)
+            if f.ready is not None:
+                await f.ready.wait()
+            if self._by_stream.get(stream) is f:
+                return f
 
     def start(self, stream: str) -> Follower:
         """Start following ``stream`` (loading its snapshot and history in a task)."""
@@ -126,15 +134,17 @@ class Followers:
 
     async def _load(self, f: Follower) -> None:
         spec = f.state.spec
-        for attempt in range(1_000_000):
+        attempt = 0
+        while True:
             try:
                 snap = await self._backend.snapshots.get(f.stream)
                 info = await self._backend.events.info(f.stream)
                 break
             except RtcoreError:
                 # Backend outage: keep the node alive and try again.
-                log.warning("loading the state of %s failed (attempt %d)", f.stream, attempt + 1, exc_info=True)
-                await anyio.sleep(backoff_delay(attempt, 0.1, 5.0, jitter=0.0))
+                attempt += 1
+                log.warning("loading the state of %s failed (attempt %d)", f.stream, attempt, exc_info=attempt == 1)
+                await anyio.sleep(backoff_delay(attempt - 1, 0.1, 5.0))
         if snap is not None and snap.epoch == info.epoch and info.first - 1 <= snap.offset <= info.head:
             f.state = StreamState.from_snapshot(spec, snap)
         else:
@@ -153,6 +163,9 @@ class Followers:
         f.on_stale = stale
         f.tail = Tail(self._backend.events, f.stream, Delivery(f.state.epoch, f.state.offset), f)
         self._hub.add(f.tail)
+        # Failed history reads are retried inside fill (Tail.fill), so this
+        # returns once the state is current, or once the history changed under
+        # it (stale: get() then waits for the stream's next follower).
         await f.tail.fill()
         ready, f.ready = f.ready, None
         assert ready is not None

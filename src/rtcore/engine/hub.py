@@ -35,6 +35,7 @@ import anyio
 
 from ..backends.base import Event, EventLog, LiveFeed, ReadResult
 from ..errors import RtcoreError
+from ..protocol.backoff import backoff_delay
 from ..protocol.codec import codec_for
 from ..protocol.frames import Evt
 from ..protocol.streams import Delivery, Phase
@@ -45,6 +46,12 @@ log = logging.getLogger("rtcore.engine.hub")
 
 PAGE = 500
 _LIVE = Phase.LIVE
+
+#: Backoff of a tail's failed history read: the first retry after about
+#: ``READ_RETRY_BASE`` s, doubling up to ``READ_RETRY_MAX`` s (half of it random,
+#: so the tails of one stream do not all come back at once).
+READ_RETRY_BASE = 0.05
+READ_RETRY_MAX = 5.0
 
 
 def evt_frame(event: Event) -> Evt:
@@ -361,21 +368,42 @@ class Tail:
         return page.result
 
     async def fill(self) -> None:
-        """Read history after ``delivery.last`` until caught up, then go live."""
+        """Read history after ``delivery.last`` until caught up, then go live.
+
+        A failed read (:class:`~rtcore.errors.RtcoreError` from the backend)
+        is logged and tried again after :func:`~rtcore.protocol.backoff.backoff_delay`
+        (from :data:`READ_RETRY_BASE` up to :data:`READ_RETRY_MAX` s), after
+        ``delivery.last`` again, until it succeeds or the tail is closed: the
+        consumer resumes when the backend comes back, with nothing sent twice
+        or skipped (docs/architecture.md, "Backend read failures").
+        """
         self._filling = True
         try:
             stalled = 0
+            failures = 0
             while not self.closed and self.delivery.needs_fill:
                 before = self.delivery.last
                 shared, self._prefetched = self._prefetched, None
                 if shared is None or self._prefetched_after != before:
                     try:
                         shared = await self._read(before)
-                    except RtcoreError:
-                        # Backend outage: the owner's task must survive it; read again soon.
-                        log.warning("reading %s after %d failed; retrying", self.stream, before, exc_info=True)
-                        await anyio.sleep(0.5)
+                    except RtcoreError as exc:
+                        # A backend outage: the owner's task (the connection, the
+                        # node) must survive it, and the consumer resumes once the
+                        # backend answers. The next read is again after
+                        # delivery.last, so nothing is sent twice or skipped.
+                        delay = backoff_delay(failures, READ_RETRY_BASE, READ_RETRY_MAX)
+                        failures += 1
+                        log.log(
+                            logging.WARNING if exc.retryable else logging.ERROR,
+                            "reading %s after %d failed (attempt %d, %s); retrying in %.2f s",
+                            self.stream, before, failures, exc.code, delay, exc_info=failures == 1,
+                        )
+                        await anyio.sleep(delay)
                         continue
+                    if failures:
+                        log.warning("reading %s after %d succeeded after %d failed attempts", self.stream, before, failures)
+                        failures = 0
                 if self.closed:
                     return
                 page = shared.result

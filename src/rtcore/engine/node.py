@@ -32,6 +32,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from ..backends import Backend, open_backend
 from ..backends.base import Event, ReadResult, StreamInfo
 from ..errors import AuthError, Rejected, RtcoreError
+from ..protocol.backoff import backoff_delay
 from ..protocol.frames import Limits, Position, Snap
 from ..protocol.idempotency import DEFAULT_LEASE, DEFAULT_TTL
 from ..protocol.state import StreamState
@@ -403,10 +404,14 @@ class Node:
                 changes under the subscription.
             use_cursor: Resume from the principal's stored cursor when
                 ``since`` is None.
-            new_epoch: Resubscribing after a stale epoch.
+            new_epoch: Resubscribing after a stale epoch (started by the
+                server, not the client: a failed read of the stream is
+                retried with backoff rather than raised).
 
         Raises:
-            RtcoreError: ``bad_stream`` or ``forbidden``.
+            RtcoreError: ``bad_stream`` or ``forbidden``; or the backend's
+                error (``backend_unavailable``...) of a client's subscribe
+                (the client retries a retryable one).
         """
         check_stream(stream)
         if not await self.allowed(principal, "subscribe", stream):
@@ -451,6 +456,8 @@ class Node:
             # Another start (new epoch, trimmed, ahead of the head): plan from
             # this shape, read before the tail below registers, as info() would be.
             self.hub.remove(tail)
+        elif new_epoch:
+            info = await self._info_retrying(stream)
         else:
             info = await events.info(stream)
         if new_epoch and info.first == 1 and spec is None:
@@ -475,6 +482,24 @@ class Node:
         # the position the client must jump to (events after it follow).
         offset = info.head if plan.recovered else after
         return SubscriptionStart(stream, epoch, offset, plan.recovered, snap, tail)
+
+    async def _info_retrying(self, stream: str) -> StreamInfo:
+        """``events.info(stream)`` for a resubscription the server started
+        (a new epoch under a live subscriber): nobody would ask again, so a
+        failed read is logged and retried with backoff until it answers or
+        the connection ends (the first read after a Redis restart may fail)."""
+        attempt = 0
+        while True:
+            try:
+                return await self.backend.events.info(stream)
+            except RtcoreError as exc:
+                if not exc.retryable:
+                    raise
+                attempt += 1
+                delay = backoff_delay(attempt - 1, 0.05, 5.0)
+                log.warning("resubscribing to %s in its new epoch: reading it failed (attempt %d, %s); retrying in %.2f s",
+                            stream, attempt, exc.code, delay, exc_info=attempt == 1)
+                await anyio.sleep(delay)
 
     async def store_ack(self, principal: Principal | None, stream: str, epoch: str, offset: int) -> None:
         """Remember a principal's cumulative ack as its server cursor (kept for ``cursor_ttl``)."""

@@ -591,6 +591,11 @@ class _Connection:
             if not resubscribe:
                 self._sub_actions.pop(stream, None)
                 self._run(self.session.reply(action.id, Err(action.id, exc.code, exc.message, exc.retryable)))
+            elif stream in self.session.subscriptions:
+                # Our own resubscription to a new epoch was refused (failed reads
+                # are retried in node.subscribe; this is final: forbidden now...):
+                # say so and close rather than leave a subscription that gets nothing.
+                self._run(self.session.close(exc.code, f"resubscribing to {stream!r} failed: {exc.message}", reconnect=exc.retryable, code=1011))
             return
         if not resubscribe and stream in self.session.subscriptions:  # pragma: no cover - session forbids it
             self.node.hub.remove(sub.tail)
