@@ -386,13 +386,7 @@ async def test_close_is_bounded_when_the_peer_never_answers() -> None:
     rec = Recorder()
     limits = ServerLimits(close_timeout=0.2)
     async with running_server(closer, basic_http(rec), limits=limits) as srv:
-
-        def mute_client() -> bytes:
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-                _handshake(sock)
-                return read_until_eof(sock)  # EOF once the server gives up waiting
-
-        data = await anyio.to_thread.run_sync(mute_client)
+        data = await _mute_client(srv.port)
         with anyio.fail_after(5):
             await closed.wait()
     assert _frames(data) == [(0x8, b"\x03\xe8")]
@@ -423,15 +417,20 @@ async def test_close_nowait_sends_frames_and_close_in_one_go_and_is_bounded() ->
     rec = Recorder()
     limits = ServerLimits(close_timeout=0.2)
     async with running_server(closer, basic_http(rec), limits=limits) as srv:
-
-        def mute_client() -> bytes:
-            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as sock:
-                _handshake(sock)
-                return read_until_eof(sock)  # EOF once the server gives up waiting
-
-        data = await anyio.to_thread.run_sync(mute_client)
+        data = await _mute_client(srv.port)
     assert _frames(data) == [(0x1, b"bye"), (0x8, b"\x03\xe9shutdown")]
     assert used == [_is_asyncio()]
+
+
+async def _mute_client(port: int) -> bytes:
+    """Open a WebSocket and never answer: every byte the server sends until it gives up (EOF)."""
+
+    def run() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            _handshake(sock)
+            return read_until_eof(sock)  # EOF once the server gives up waiting
+
+    return await anyio.to_thread.run_sync(run)
 
 
 def _is_asyncio() -> bool:
