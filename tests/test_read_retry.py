@@ -49,7 +49,7 @@ def make_app(authorize: Callable[[Any, str, str], Awaitable[bool]] | None = None
 class Faults:
     """Makes the next ``n`` calls of a backend method fail with ``backend_unavailable``."""
 
-    def __init__(self, backend: MemoryBackend) -> None:
+    def __init__(self, backend: MemoryBackend, *, only: str = "") -> None:
         self.read = 0
         self.info = 0
         self.failed = {"read": 0, "info": 0}
@@ -65,7 +65,7 @@ class Faults:
                 hold, self.hold = self.hold, None
                 hold.set()
                 await self.release.wait()
-            if self.read:
+            if self.read and stream.startswith(only):
                 self.read -= 1
                 self.failed["read"] += 1
                 raise BackendError("redis went away")
@@ -256,3 +256,56 @@ async def test_resubscription_refused_for_good_closes_with_a_bye_naming_the_erro
         closed = await c.wait_closed(timeout=10)
         assert c.bye is not None and c.bye.code == "forbidden"
         assert closed.close_code == 1011
+
+
+async def test_room_taken_over_while_history_reads_fail_keeps_its_state() -> None:
+    """Proves: a room's new owner (node B adopting it after node A stopped)
+    whose follower of the room's stream loads while that stream's history
+    reads fail N times recovers: B folds the room's document once the backend
+    answers and continues it (the entry counter goes on from A's).
+
+    Mutation: engine/hub.py ``Tail.fill`` re-raises the failed read instead of
+    retrying -> B's follower load dies with it and node B's task group fails
+    -> fails.
+    """
+    from rtcore.backends import open_backend
+
+    from .rooms.roomapp import make_app as room_app
+
+    app, reg = room_app(tick_rate=None)
+    backend = await open_backend("memory://")
+    assert isinstance(backend, MemoryBackend)
+    faults = Faults(backend, only="room:")
+    made = anyio.Event()
+    stop_a = anyio.Event()
+    a_done = anyio.Event()
+    rid = ""
+
+    async def node_a() -> None:
+        nonlocal rid
+        async with serve(app, backend, node_id="A") as na, connect(na, "alice") as alice:
+            rid = (await alice.command("room.create", {"type": "game"}))["room_id"]
+            await alice.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}, key="m1")
+            made.set()
+            await stop_a.wait()  # then A stops cleanly (its lease is released)
+        a_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(node_a)
+        await made.wait()
+        # B starts after the room's first events: it follows the room's stream
+        # from a load (snapshot, info, history), not from offset 1.
+        async with serve(app, backend, node_id="B") as nb, connect(nb, "bob") as bob:
+            faults.read = 3
+            await bob.command("room.join", {"room_id": rid})
+            with anyio.fail_after(20):
+                while faults.failed["read"] < 3:
+                    await anyio.sleep(0.01)
+                stop_a.set()
+                await a_done.wait()
+            with anyio.fail_after(20):
+                assert await bob.command("room.send", {"room_id": rid, "type": "add", "data": {"by": 1}}, key="m2") == 2
+            actor = reg.runtime(nb).actors[rid]
+            assert set(actor.members) == {"alice", "bob"}
+            assert actor.prev["state"]["counter"] == 2
+            assert faults.read == 0
