@@ -23,7 +23,7 @@ import pytest
 import rtcore
 from rtcore.backends import MemoryBackend
 from rtcore.backends.base import ReadResult, StreamInfo
-from rtcore.errors import BackendError
+from rtcore.errors import BackendError, RtcoreError
 from rtcore.protocol.client import Missed
 from rtcore.protocol.frames import Evt, Snap, Subbed
 from rtcore.testing import connect, serve
@@ -231,14 +231,19 @@ async def test_live_subscriber_resyncs_to_a_new_epoch_when_the_first_read_fails(
         await c.ping()  # the connection stayed up
 
 
-async def test_resubscription_refused_for_good_closes_with_a_bye_naming_the_error() -> None:
+@pytest.mark.parametrize("refusal", ["authorize", "read"])
+async def test_resubscription_refused_for_good_closes_with_a_bye_naming_the_error(refusal: str) -> None:
     """Proves: a resubscription to a new epoch refused with a final error (the
-    authorize hook now says no) ends the connection with ``bye`` ``forbidden``
-    rather than leaving a subscription that gets nothing, silently.
+    authorize hook now says no; or the stream's read fails with a
+    non-retryable error) ends the connection with ``bye`` naming that error
+    (``reconnect`` from its ``retryable``) and close 1011, rather than leaving
+    a subscription that gets nothing, silently, or retrying it for ever.
 
     Mutation: server/gateway.py ``_subscribe`` returns silently when its own
     resubscription fails (as before) -> the connection stays open, no ``bye``
     -> ``wait_closed`` times out -> fails.
+    Mutation: engine/node.py ``_info_retrying`` retries a non-retryable error
+    too (its ``if not exc.retryable: raise`` removed) -> no ``bye`` ("read") -> fails.
     """
     allow = {"yes": True}
 
@@ -246,15 +251,26 @@ async def test_resubscription_refused_for_good_closes_with_a_bye_naming_the_erro
         return allow["yes"]
 
     backend = MemoryBackend()
+    real_info = backend.events.info
     async with serve(make_app(authorize), backend) as node, connect(node) as c:
         await c.subscribe("log:1")
         await node.publish("log:1", "e", 0)
         await c.next_event("log:1")
-        allow["yes"] = False
+        if refusal == "authorize":
+            allow["yes"] = False
+        else:
+
+            async def broken_info(stream: str) -> StreamInfo:
+                if stream == "log:1":
+                    raise RtcoreError("the store refuses this stream", code="internal", retryable=False)
+                return await real_info(stream)
+
+            backend.events.info = broken_info  # type: ignore[method-assign]
         backend.events.reset()
         await node.publish("log:1", "e", 1)
         closed = await c.wait_closed(timeout=10)
-        assert c.bye is not None and c.bye.code == "forbidden"
+        assert c.bye is not None
+        assert (c.bye.code, c.bye.reconnect) == (("forbidden", False) if refusal == "authorize" else ("internal", False))
         assert closed.close_code == 1011
 
 
