@@ -195,8 +195,8 @@ async def test_live_subscriber_resyncs_to_a_new_epoch_when_the_first_read_fails(
 
     Mutation: engine/node.py ``subscribe(new_epoch=True)`` reads ``info`` once
     (``_info_retrying`` replaced by ``events.info``) -> the resubscription fails,
-    the subscriber never hears of the new epoch (the hang of
-    tests/multinode/test_redis_crash.py's no-persistence test) -> fails.
+    the subscriber never hears of the new epoch (the likely place of
+    tests/multinode/test_redis_crash.py's no-persistence hang) -> fails.
     """
     backend = MemoryBackend()
     faults = Faults(backend)
