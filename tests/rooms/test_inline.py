@@ -21,7 +21,7 @@ import pytest
 
 import rtcore
 from rtcore import rooms
-from rtcore.rooms.runtime import RoomDoc, _shielded_from_first_suspension
+from rtcore.rooms.runtime import RoomDoc
 from rtcore.testing import FakeClock, connect, serve
 
 from .roomapp import make_app
@@ -447,70 +447,6 @@ async def test_room_section_follows_metadata_cleared_and_timers_set_or_fired() -
             assert st.room["metadata"] == metadata, (step, st.room)
 
 
-async def test_a_step_that_never_suspends_needs_no_cancel_scope() -> None:
-    """``_shielded_from_first_suspension`` returns what a step that does not suspend
-    returns, and makes no cancel scope for it (entering and leaving one was ~8 % of an
-    in-process move on ``memory://``); a step that suspends gets exactly one.
-
-    Mutation seen caught: enter ``shield()`` before the first ``coro.send`` → the
-    scope count of the first step is 1, not 0 → fails.
-    """
-    made: list[anyio.CancelScope] = []
-
-    def shield() -> anyio.CancelScope:
-        made.append(anyio.CancelScope(shield=True))
-        return made[-1]
-
-    async def quick() -> int:
-        return 7
-
-    async def slow() -> int:
-        await anyio.lowlevel.checkpoint()
-        await anyio.lowlevel.checkpoint()
-        return 8
-
-    assert await _shielded_from_first_suspension(quick(), shield) == 7
-    assert made == []
-    assert await _shielded_from_first_suspension(slow(), shield) == 8
-    assert len(made) == 1
-
-
-@pytest.mark.asyncio_only(reason="throws a native asyncio cancellation into a suspended step (trio has no such thing)")
-async def test_an_exception_thrown_into_a_suspended_step_reaches_the_step() -> None:
-    """What the event loop throws into a step suspended inside the shield (a native
-    ``Task.cancel()``, which anyio's shield does not stop) reaches the step's own code,
-    as it would without the wrapper, and comes back out of it.
-
-    Mutation seen caught: resume the step with ``coro.send(None)`` instead of
-    ``coro.throw(exc)`` → the step sees asyncio's ``RuntimeError`` ("await wasn't used
-    with future"), not ``CancelledError`` → fails.
-    """
-    import asyncio
-
-    seen: list[type[BaseException]] = []
-    parked = anyio.Event()
-    wake = asyncio.Event()
-
-    async def step() -> None:
-        try:
-            parked.set()
-            await wake.wait()
-        except BaseException as exc:
-            seen.append(type(exc))
-            raise
-
-    task = asyncio.get_running_loop().create_task(_shielded_from_first_suspension(step(), lambda: anyio.CancelScope(shield=True)))
-    await parked.wait()
-    # Woken and cancelled before it runs again: asyncio then *throws* CancelledError
-    # into the task's coroutine (a cancel while it waits would instead cancel the
-    # future it waits on, and resume it with a plain send).
-    wake.set()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert seen == [asyncio.CancelledError]
-
-
 class Plain(msgspec.Struct):
     seated: list[str] = []
 
@@ -589,3 +525,86 @@ async def test_an_unknown_inbox_entry_is_answered_internal_and_the_room_goes_on(
         st = (await node.state_of(f"room:{rid}")).state
         assert isinstance(st, RoomDoc)
         assert st.inbox == bogus.offset + 1 and "bob" in st.members
+
+
+@pytest.mark.timeout(60)
+async def test_a_command_cancelled_before_its_inline_step_still_finishes_it() -> None:
+    """A command whose cancel scope is already cancelled when its input runs inline
+    (its client left between the inbox append and the step) still applies the input
+    and writes its patch, also when the handler's first await checks for cancellation
+    without suspending (``anyio.Lock.acquire``).
+
+    Mutation seen caught: run ``apply_entry`` in ``run_inline`` without the shielded
+    scope → the step is cancelled inside the handler (asyncio and trio) → fails.
+    """
+    app = rtcore.App("inline-precancelled")
+    reg = rooms.install(app)
+    lock = anyio.Lock()
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("locked")
+    class LockedRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            async with lock:
+                self.state.counter += 1
+            return self.state.counter
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "locked"})
+        assert created.ok
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        actor = reg.runtime(node).actors[rid]
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+        assert actor.applied == (await node.backend.events.info(f"roominbox:{rid}")).head
+        with anyio.fail_after(10):
+            second = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+        assert second.ok and second.result == 2
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+
+
+async def test_a_cancel_scope_the_step_enters_before_suspending_exits() -> None:
+    """A handler that enters a cancel scope before its first suspension and leaves it
+    after (``move_on_after`` around an await, or ``anyio.Lock``'s shielded checkpoint)
+    runs inline without error: the owner's shield is entered before the step starts.
+
+    Mutation seen caught: enter ``run_inline``'s shield only at the step's first
+    suspension (a generator driving ``apply_entry``; it saved ~8 % of an in-process
+    move's instructions) → the shield nests inside the handler's scope, whose exit
+    raises "Attempted to exit a cancel scope that isn't the current task's current
+    cancel scope" → the move is answered ``internal`` → fails.
+    """
+    app = rtcore.App("inline-inner-scope")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("scoped")
+    class ScopedRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            with anyio.move_on_after(5):
+                await anyio.lowlevel.checkpoint()
+                self.state.counter += 1
+            return self.state.counter
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "scoped"})
+        assert created.ok
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        for n in (1, 2):
+            got = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+            assert got.ok and got.result == n, got

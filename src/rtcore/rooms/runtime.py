@@ -807,7 +807,13 @@ class _Actor:
             return False
         self.inline = True
         try:
-            await _shielded_from_first_suspension(self.apply_entry(ev), self.rt.shield)
+            # Entered before the step starts, though a step that never suspends
+            # (a move on memory://) cannot be cancelled: a scope entered only at
+            # the step's first suspension would nest inside the scopes the step
+            # entered before it (anyio.Lock, move_on_after), which then fail to
+            # exit (test_a_cancel_scope_the_step_enters_before_suspending_exits).
+            with self.rt.shield():
+                await self.apply_entry(ev)
         except Exception:
             # An owner whose step failed (fenced off by another writer, backend
             # down) stops, as run() does when fenced off; the entry is not
@@ -1122,42 +1128,6 @@ def _data_type(fn: Callable[..., Any]) -> Any:
         raise TypeError(f"cannot resolve the annotations of message handler {fn.__qualname__}: {exc}") from exc
     target = hints.get(params[2].name)
     return None if target is Any else target
-
-
-@types.coroutine
-def _shielded_from_first_suspension(
-    coro: typing.Coroutine[Any, Any, Any], shield: Callable[[], anyio.CancelScope]
-) -> typing.Generator[Any, Any, Any]:
-    """Await ``coro`` so that no cancellation reaches it: inside ``shield()`` from its first suspension on.
-
-    Cancellation reaches a task only where it suspends (asyncio and trio
-    alike), so a step that runs to its end without suspending (a move on
-    ``memory://``) needs no cancel scope, whose entry and exit were ~8 % of
-    such a move in process. The scope is entered before the first suspension
-    reaches the event loop, which is then the same as entering it first.
-    Values and exceptions the event loop sends in are passed through.
-    """
-    try:
-        yielded = coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    with shield():
-        while True:
-            try:
-                sent = yield yielded
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:  # thrown in by the event loop: the coroutine decides
-                try:
-                    yielded = coro.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-            else:
-                try:
-                    yielded = coro.send(sent)
-                except StopIteration as stop:
-                    return stop.value
 
 
 def _scope_factory() -> Callable[..., anyio.CancelScope]:
