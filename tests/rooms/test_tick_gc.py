@@ -126,3 +126,38 @@ async def test_an_app_that_disabled_the_collector_keeps_it_disabled(eager_collec
         await anyio.sleep(0.05)
         assert not gc.isenabled()
     gc.enable()
+
+
+async def test_a_loop_that_stopped_before_enabling_the_collector_does_not_leave_it_off(
+    eager_collector: list[str],
+) -> None:
+    """If the event loop that was to enable the collector again stopped before running
+    that callback, the next tick step (on another loop, or on trio) enables it.
+
+    Mutation seen caught: drop the check of ``_Collector.pending``'s loop in
+    ``_hold_collector`` → the stale pending callback keeps every later release from
+    enabling the collector → ``gc.isenabled()`` is False after the ticks → fails.
+    """
+    import asyncio
+
+    from rtcore.rooms import runtime
+
+    gone = asyncio.new_event_loop()
+    gone.close()
+    gc.disable()
+    runtime._Collector.owned = True
+    runtime._Collector.pending = gone
+    try:
+        inside: list[int] = []
+        app, _ = ticking_app(eager_collector, inside, [])
+        async with serve(app) as node:
+            made = await node.dispatch(rtcore.Principal("a"), "room.create", {"type": "ticking"})
+            assert made.ok, made
+            with anyio.fail_after(10):
+                while len(inside) < 3:
+                    await anyio.sleep(0.01)
+            await anyio.sleep(0.05)
+            assert gc.isenabled()
+    finally:
+        runtime._Collector.owned = False
+        runtime._Collector.pending = None

@@ -1023,7 +1023,7 @@ class _Collector:
 
     depth = 0  # tick steps in progress
     owned = False  # the rooms disabled it and have not enabled it again
-    pending = False  # a loop callback will enable it
+    pending: asyncio.AbstractEventLoop | None = None  # the loop whose callback will enable it
 
 
 def _hold_collector() -> None:
@@ -1039,6 +1039,11 @@ def _hold_collector() -> None:
     the first one after the collector is enabled again starts the
     collection. An app that disabled the collector itself keeps it so.
     """
+    pending = _Collector.pending
+    if pending is not None and pending is not asyncio._get_running_loop():
+        # That loop stopped before running its callbacks (another loop runs
+        # now, or none): the collector must not stay off for good.
+        _enable_collector()
     if _Collector.depth == 0 and not _Collector.owned and gc.isenabled():
         gc.disable()
         _Collector.owned = True
@@ -1048,19 +1053,19 @@ def _hold_collector() -> None:
 def _release_collector() -> None:
     """End a :func:`_hold_collector`; the last one enables the collector after the loop's queued callbacks."""
     _Collector.depth -= 1
-    if _Collector.depth or not _Collector.owned or _Collector.pending:
+    if _Collector.depth or not _Collector.owned or _Collector.pending is not None:
         return
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:  # not asyncio (trio): at once
         _enable_collector()
         return
-    _Collector.pending = True
+    _Collector.pending = loop
     loop.call_soon(_enable_collector)
 
 
 def _enable_collector() -> None:
-    _Collector.pending = False
+    _Collector.pending = None
     if _Collector.depth == 0 and _Collector.owned:
         _Collector.owned = False
         gc.enable()
