@@ -147,7 +147,11 @@ def child_arena(players: int, seconds: float, input_hz: float) -> None:
     sink that encodes every frame, each sending an input every ``1/input_hz``
     seconds (staggered) through ``Node.dispatch``. The executor's tick step
     (``_Actor._step`` for ``on_tick``) is wrapped as in ``rooms.py``'s server:
-    its thread CPU time, and the cyclic GC's CPU time inside it.
+    its thread CPU time, and the cyclic GC's CPU time inside it. Once every
+    player is seated and subscribed, the collector is tuned as ``rtcore
+    serve`` tunes it (``runner.tune_gc``, unless ``RTCORE_GC_TUNING=0``), as
+    ``rooms.py``'s server does: before, this run measured an untuned
+    collector, whose young collections were most of its tick p99.
     """
     import gc
     import random
@@ -244,6 +248,12 @@ def child_arena(players: int, seconds: float, input_hz: float) -> None:
                 start = await node.subscribe(rtcore.Principal(name), stream, None, Sink(node))
                 await start.tail.fill()
             rnd = random.Random(1)
+            # The collector as `rtcore serve` sets it once listening (rooms.py's
+            # server does the same): a tree without the policy leaves it alone.
+            from rtcore.server import runner
+
+            if getattr(runner, "gc_tuning_wanted", lambda: False)():
+                runner.tune_gc()
 
             async def player(name: str) -> None:
                 await anyio.sleep(rnd.random() / input_hz)

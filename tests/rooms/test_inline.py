@@ -445,3 +445,166 @@ async def test_room_section_follows_metadata_cleared_and_timers_set_or_fired() -
             assert st.state["n"] == n, (step, st.state)
             assert len(st.room["timers"]) == timers, (step, st.room)
             assert st.room["metadata"] == metadata, (step, st.room)
+
+
+class Plain(msgspec.Struct):
+    seated: list[str] = []
+
+
+class _Later:
+    def __await__(self) -> Any:
+        if False:
+            yield
+        return "awaited"
+
+
+async def test_plain_hooks_and_handlers_run_and_answer() -> None:
+    """Hooks and handlers may be plain ``def``s: their changes are published and a
+    handler's return value is the sender's result; a plain ``def`` handler that returns
+    an awaitable is awaited like an ``async def`` one.
+
+    Mutation seen caught: in ``rooms.room.call``, return a non-coroutine result
+    without the ``inspect.isawaitable`` check (``return result``) → the ``later``
+    handler's awaitable is handed back unawaited (not a result) → fails.
+    """
+    app = rtcore.App("plain-hooks")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("plain")
+    class PlainRoom(rooms.Room[Plain]):
+        def on_join(self, player: rooms.Player, options: dict[str, Any]) -> None:
+            self.state.seated.append(player.id)
+
+        @rooms.message("count")
+        def count(self, player: rooms.Player, data: Any) -> int:
+            return len(self.state.seated)
+
+        @rooms.message("later")
+        def later(self, player: rooms.Player, data: Any) -> Any:
+            return _Later()  # an awaitable that is not a coroutine
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "plain"})
+        assert created.ok
+        rid = created.result["room_id"]
+        got = await node.dispatch(who, "room.send", {"room_id": rid, "type": "count"})
+        assert got.ok and got.result == 1
+        got = await node.dispatch(who, "room.send", {"room_id": rid, "type": "later"})
+        assert got.ok and got.result == "awaited"
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state == {"seated": ["a"]}
+
+
+async def test_an_unknown_inbox_entry_is_answered_internal_and_the_room_goes_on() -> None:
+    """An inbox entry of a type the owner does not know (a newer node's, or a bad
+    write) is applied as an ``internal`` error: it is covered by the room's next patch
+    and the inputs after it are applied as usual.
+
+    Mutation seen caught: look the step up with ``_OPS[ev.type]`` (no default) → the
+    ``KeyError`` stops the owner with the entry unapplied → fails.
+    """
+    app, reg = make_app(tick_rate=None)
+    async with serve(app) as node:
+        a, b = rtcore.Principal("alice"), rtcore.Principal("bob")
+        made = await node.dispatch(a, "room.create", {"type": "game"})
+        assert made.ok, made
+        rid = made.result["room_id"]
+        await reg.settle(node, rid)
+        bogus = await node.publish(f"roominbox:{rid}", "bogus", {"user": "alice", "node": node.id})
+        with anyio.fail_after(10):
+            await reg.settle(node, rid)
+            got = await node.dispatch(b, "room.join", {"room_id": rid})
+        assert got.ok, got
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc)
+        assert st.inbox == bogus.offset + 1 and "bob" in st.members
+
+
+@pytest.mark.timeout(60)
+async def test_a_command_cancelled_before_its_inline_step_still_finishes_it() -> None:
+    """A command whose cancel scope is already cancelled when its input runs inline
+    (its client left between the inbox append and the step) still applies the input
+    and writes its patch, also when the handler's first await checks for cancellation
+    without suspending (``anyio.Lock.acquire``).
+
+    Mutation seen caught: run ``apply_entry`` in ``run_inline`` without the shielded
+    scope → the step is cancelled inside the handler (asyncio and trio) → fails.
+    """
+    app = rtcore.App("inline-precancelled")
+    reg = rooms.install(app)
+    lock = anyio.Lock()
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("locked")
+    class LockedRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            async with lock:
+                self.state.counter += 1
+            return self.state.counter
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "locked"})
+        assert created.ok
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        actor = reg.runtime(node).actors[rid]
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+        assert actor.applied == (await node.backend.events.info(f"roominbox:{rid}")).head
+        with anyio.fail_after(10):
+            second = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+        assert second.ok and second.result == 2
+        await reg.settle(node, rid)
+        st = (await node.state_of(f"room:{rid}")).state
+        assert isinstance(st, RoomDoc) and st.state["counter"] == 2
+
+
+async def test_a_cancel_scope_the_step_enters_before_suspending_exits() -> None:
+    """A handler that enters a cancel scope before its first suspension and leaves it
+    after (``move_on_after`` around an await, or ``anyio.Lock``'s shielded checkpoint)
+    runs inline without error: the owner's shield is entered before the step starts.
+
+    Mutation seen caught: enter ``run_inline``'s shield only at the step's first
+    suspension (a generator driving ``apply_entry``; it saved ~8 % of an in-process
+    move's instructions) → the shield nests inside the handler's scope, whose exit
+    raises "Attempted to exit a cancel scope that isn't the current task's current
+    cancel scope" → the move is answered ``internal`` → fails.
+    """
+    app = rtcore.App("inline-inner-scope")
+    reg = rooms.install(app)
+
+    @app.authenticate
+    async def auth(token: str | None) -> str | None:
+        return token
+
+    @reg.define("scoped")
+    class ScopedRoom(rooms.Room[Slow]):
+        @rooms.message("add")
+        async def add(self, player: rooms.Player, data: Any) -> int:
+            with anyio.move_on_after(5):
+                await anyio.lowlevel.checkpoint()
+                self.state.counter += 1
+            return self.state.counter
+
+    async with serve(app) as node:
+        who = rtcore.Principal("a")
+        created = await node.dispatch(who, "room.create", {"type": "scoped"})
+        assert created.ok
+        rid = created.result["room_id"]
+        await reg.settle(node, rid)
+        for n in (1, 2):
+            got = await node.dispatch(who, "room.send", {"room_id": rid, "type": "add", "data": None})
+            assert got.ok and got.result == n, got

@@ -9,6 +9,7 @@ directly, with no locks, no ``expect`` and no retries.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
@@ -277,6 +278,14 @@ class Room(Generic[S]):
 async def call(fn: Callable[..., Any], *args: Any) -> Any:
     """Call a sync or async hook."""
     result = fn(*args)
-    if inspect.isawaitable(result):
+    # A coroutine (an ``async def`` hook) or ``None`` (a plain one) is told
+    # apart without ``inspect.isawaitable``, whose ABC check for a ``None``
+    # result runs on every step of a room with plain hooks.
+    if type(result) is _Coroutine:
+        return await result
+    if result is not None and inspect.isawaitable(result):
         result = await result
     return result
+
+
+_Coroutine = types.CoroutineType

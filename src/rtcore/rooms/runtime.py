@@ -24,7 +24,9 @@ applied twice, nothing is skipped.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import gc
 import heapq
 import inspect
 import itertools
@@ -34,7 +36,7 @@ import types
 import typing
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, ClassVar
 
 import anyio
@@ -477,6 +479,8 @@ class _Actor:
         if self.cls.private_fields:
             await self.commit_views(self._full)
         self.full_prev = self._full
+        if not self.outgoing:
+            return  # most steps queue no message: no new list per step
         out, self.outgoing = self.outgoing, []
         for kind, who, type_, data in out:
             body = {"room": self.id, "type": type_, "data": msgspec.to_builtins(data)}
@@ -624,13 +628,13 @@ class _Actor:
         if not m.connected:
             await self._op_join(uid, {})  # a dropped player who speaks is back
         type_ = data["type"]
-        name = self.cls._handlers.get(type_)
+        handler = self.rt.rooms.handlers[self.cls].get(type_)
         player = Player(uid)
-        if name is None:
+        if handler is None:
             return await call(self.room.on_message, player, type_, data.get("data"))
+        name, target = handler
         fn = getattr(self.room, name)
         value = data.get("data")
-        target = self.rt.rooms.data_types[self.cls].get(type_)
         if target is not None:
             try:
                 value = msgspec.convert(value, target, strict=False)
@@ -660,7 +664,7 @@ class _Actor:
     async def apply_entry(self, ev: Event) -> None:
         data = ev.data if isinstance(ev.data, dict) else {}
         uid = str(data.get("user", ""))
-        op = getattr(self, f"_op_{ev.type}", None)
+        op = _OPS.get(ev.type)  # not getattr(self, f"_op_{type}"): a string built and looked up per move
         cp = self._checkpoint() if self.head else None
         entry: _Entry
         if self.disposed:
@@ -669,7 +673,7 @@ class _Actor:
             entry = _Entry(False, error=RtcoreError(f"unknown room inbox entry {ev.type!r}", code="internal"))
         else:
             try:
-                entry = _Entry(True, msgspec.to_builtins(await op(uid, data)))
+                entry = _Entry(True, msgspec.to_builtins(await op(self, uid, data)))
             except RtcoreError as exc:
                 entry = _Entry(False, error=exc)
             except Exception:
@@ -805,6 +809,11 @@ class _Actor:
             return False
         self.inline = True
         try:
+            # Entered before the step starts, though a step that never suspends
+            # (a move on memory://) cannot be cancelled: a scope entered only at
+            # the step's first suspension would nest inside the scopes the step
+            # entered before it (anyio.Lock, move_on_after), which then fail to
+            # exit (test_a_cancel_scope_the_step_enters_before_suspending_exits).
             with self.rt.shield():
                 await self.apply_entry(ev)
         except Exception:
@@ -962,7 +971,11 @@ class _Actor:
                 dt = now - self.last_tick
                 self.last_tick = now
                 self.next_tick = now + 1 / float(self.cls.tick_rate or 1)
-                await self._step(self.room.on_tick, (dt,))
+                _hold_collector()
+                try:
+                    await self._step(self.room.on_tick, (dt,))
+                finally:
+                    _release_collector()
                 continue
             _, _, timer = heapq.heappop(self.timers)
             if timer.every is not None:
@@ -1003,6 +1016,69 @@ class _Actor:
                 self.wake = None
         self.woken = False
         return True
+
+
+class _Collector:
+    """Whether the rooms hold CPython's cyclic collector off (see :func:`_hold_collector`)."""
+
+    depth = 0  # tick steps in progress
+    owned = False  # the rooms disabled it and have not enabled it again
+    pending: asyncio.AbstractEventLoop | None = None  # the loop whose callback will enable it
+
+
+def _hold_collector() -> None:
+    """Keep the cyclic collector from starting inside a tick step.
+
+    A young collection that lands inside a tick step (1.5-2.9 ms with the
+    10,000 threshold ``rtcore serve`` sets, on a 100-player room's heap:
+    ``benchmarks/rooms.py``) stops the step before its patch reaches the
+    subscribers' outboxes. Held off, the collection that was due runs
+    after the step, once the outboxes' writers it woke have run (a loop
+    callback queued after them, :func:`_release_collector`), so the patch
+    leaves first. Nothing is collected less: the allocations count on, and
+    the first one after the collector is enabled again starts the
+    collection. An app that disabled the collector itself keeps it so.
+    """
+    pending = _Collector.pending
+    if pending is not None and pending is not asyncio._get_running_loop():
+        # That loop stopped before running its callbacks (another loop runs
+        # now, or none): the collector must not stay off for good.
+        _enable_collector()
+    if _Collector.depth == 0 and not _Collector.owned and gc.isenabled():
+        gc.disable()
+        _Collector.owned = True
+    _Collector.depth += 1
+
+
+def _release_collector() -> None:
+    """End a :func:`_hold_collector`; the last one enables the collector after the loop's queued callbacks."""
+    _Collector.depth -= 1
+    if _Collector.depth or not _Collector.owned or _Collector.pending is not None:
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # not asyncio (trio): at once
+        _enable_collector()
+        return
+    _Collector.pending = loop
+    loop.call_soon(_enable_collector)
+
+
+def _enable_collector() -> None:
+    _Collector.pending = None
+    if _Collector.depth == 0 and _Collector.owned:
+        _Collector.owned = False
+        gc.enable()
+
+
+#: Inbox entry type -> the step that applies it (an unknown type is answered ``internal``).
+_OPS: dict[str, Callable[..., Awaitable[Any]]] = {
+    "create": _Actor._op_create,
+    "join": _Actor._op_join,
+    "leave": _Actor._op_leave,
+    "drop": _Actor._op_drop,
+    "send": _Actor._op_send,
+}
 
 
 def _plain(value: Any) -> Any:
@@ -1601,6 +1677,8 @@ class Rooms:
         self.app = app
         self.types: dict[str, type[Room[Any]]] = {}
         self.data_types: dict[type[Room[Any]], dict[str, Any]] = {}
+        # Per room type: message type -> (the handler's method name, its data type or None), one lookup per message.
+        self.handlers: dict[type[Room[Any]], dict[str, tuple[str, Any]]] = {}
         self._runtimes: weakref.WeakKeyDictionary[Node, _Runtime] = weakref.WeakKeyDictionary()
 
     def define(self, name: str) -> Callable[[type[Room[Any]]], type[Room[Any]]]:
@@ -1627,6 +1705,7 @@ class Rooms:
             if name in self.types:
                 raise ValueError(f"room type {name!r} is already defined")
             self.data_types[cls] = {kind: _data_type(getattr(cls, attr)) for kind, attr in cls._handlers.items()}
+            self.handlers[cls] = {kind: (attr, self.data_types[cls][kind]) for kind, attr in cls._handlers.items()}
             self.types[name] = cls
             for rt in self._runtimes.values():
                 rt.types_by_cls[cls] = name
