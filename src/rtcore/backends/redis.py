@@ -421,6 +421,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return false
 """
 
+# KEYS: record meta log idx registry all; ARGV: the 6 of idem_begin, then the 11 of append.
+# A keyed command's claim and first event in one atomic step: the event is
+# appended only if the claim succeeded; otherwise the record that keeps the
+# key comes back as {'idem', record}. F holds every body (see _BATCH).
+_IDEM_BEGIN_APPEND = """
+local rec = F['idem_begin']({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})
+if rec then return {'idem', rec} end
+return F['append']({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 7)})
+"""
+
 # KEYS: record; ARGV: done_blob expires px
 _IDEM_FINISH = """
 redis.call('DEL', KEYS[1])
@@ -492,6 +502,7 @@ _BODIES: dict[str, str] = {
     "trim": _TRIM,
     "group_claim": _GROUP_CLAIM,
     "idem_begin": _IDEM_BEGIN,
+    "idem_begin_append": _IDEM_BEGIN_APPEND,
     "idem_finish": _IDEM_FINISH,
     "idem_release": _IDEM_RELEASE,
     "cursor_advance": _CURSOR_ADVANCE,
@@ -1135,7 +1146,16 @@ class RedisEventLog:
         retention: Retention | None = None,
     ) -> AppendResult:
         """Append one event atomically; see :meth:`rtcore.backends.base.EventLog.append`."""
-        args: list[Any] = [
+        args = self._append_args(stream, type, data, now, key, expect, retention)
+        with _ENGINE_ERRORS:
+            reply = cast(list[Any], await self._pipe.call("append", [*_stream_keys(stream), _ALL], args))
+        return self._appended(reply, stream, type, data, now, key, expect)
+
+    def _append_args(
+        self, stream: str, type: str, data: Any, now: float, key: str | None, expect: int | None, retention: Retention | None
+    ) -> list[Any]:
+        """The append script's arguments (see :data:`_APPEND`)."""
+        return [
             stream,
             type,
             _lua_arg(_encode(data)),
@@ -1147,8 +1167,11 @@ class RedisEventLog:
             *_retention_args(retention, now),
             str(self._all_maxlen),
         ]
-        with _ENGINE_ERRORS:
-            reply = cast(list[Any], await self._pipe.call("append", [*_stream_keys(stream), _ALL], args))
+
+    def _appended(
+        self, reply: list[Any], stream: str, type: str, data: Any, now: float, key: str | None, expect: int | None
+    ) -> AppendResult:
+        """The result of the append script's ``reply`` (raises ConflictError on an ``expect`` mismatch)."""
         tag = _s(reply[0])
         if tag == "conflict":
             self._observe(stream, int(_s(reply[1])))
@@ -1202,6 +1225,13 @@ def _retention_args(retention: Retention | None, now: float) -> list[str]:
     return [maxn, cutoff]
 
 
+def _begin_args(fingerprint: bytes, now: float, lease: float, ttl: float) -> list[Any]:
+    """The claim script's arguments (see :data:`_IDEM_BEGIN`)."""
+    keep = max(ttl, lease)
+    rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
+    return [repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint)]
+
+
 class RedisIdempotencyStore:
     """:class:`~rtcore.backends.base.IdempotencyStore` on Redis (one hash per key)."""
 
@@ -1217,13 +1247,10 @@ class RedisIdempotencyStore:
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` or return the live record (see the Protocol)."""
-        keep = max(ttl, lease)
-        rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
-        args: list[Any] = [
-            repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint),
-        ]
         with _ENGINE_ERRORS:
-            raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
+            raw: Any = await self._pipe.call(
+                "idem_begin", [_pair_key("idem", scope, key)], _begin_args(fingerprint, now, lease, ttl)
+            )
         return None if raw is None else _decode_record(cast(bytes, raw))
 
     async def finish(
@@ -1458,6 +1485,33 @@ class RedisBackend(Backend):
         )
         self.client = client
         self._stack = stack
+
+    async def begin_append(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        now: float,
+        lease: float,
+        ttl: float,
+        stream: str,
+        type: str,
+        data: Any,
+        event_key: str,
+        expect: int | None = None,
+        retention: Retention | None = None,
+    ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
+        """Claim and append in one script call (see :meth:`Backend.begin_append`, :data:`_IDEM_BEGIN_APPEND`)."""
+        log = self.events
+        args = _begin_args(fingerprint, now, lease, ttl)
+        args += log._append_args(stream, type, data, now, event_key, expect, retention)
+        keys = [_pair_key("idem", scope, key), *_stream_keys(stream), _ALL]
+        with _ENGINE_ERRORS:
+            reply = cast(list[Any], await log._pipe.call("idem_begin_append", keys, args))
+        if _s(reply[0]) == "idem":
+            return _decode_record(cast(bytes, reply[1])), None
+        return None, log._appended(reply, stream, type, data, now, event_key, expect)
 
     async def aclose(self) -> None:
         """Close the client's connections (call from the task that opened it)."""

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import anyio
 import msgspec
 
-from ..errors import AuthError, BadRequest, RtcoreError, Unavailable, error_from_wire
+from ..errors import AuthError, BadRequest, ConflictError, RtcoreError, Unavailable, error_from_wire
 from ..protocol.codec import codec_for
 from ..protocol.idempotency import Replay, check_key, decide, fingerprint, scope_of
-from ..protocol.types import Event, Outcome
+from ..protocol.streams import check_stream
+from ..protocol.types import Event, IdempotencyRecord, Outcome
 from .app import Context, Principal
 
 if TYPE_CHECKING:
@@ -131,6 +132,8 @@ async def dispatch(
     scope = scope_of(principal.id if principal else None)
     fp = fingerprint(name, value)
     now = node.clock()
+    if _publish_first(spec.handler, spec.args_type):
+        return await _dispatch_publish_first(node, spec.handler, spec.args_type, principal, name, value, scope, key, fp, now)
     try:
         existing = await node.backend.idempotency.begin(
             scope, key, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl
@@ -168,6 +171,184 @@ async def dispatch(
             # which appends nothing twice (publishes are keyed by the command key).
             log.exception("could not store the outcome of %r under key %r", name, key)
     return reply
+
+
+#: What a publish-first handler's claim is: not tried yet, made, refused, or unknown (the attempt failed).
+_UNTRIED, _CLAIMED, _REFUSED, _UNKNOWN = range(4)
+
+
+class _NotClaimed(BaseException):
+    """Unwinds a publish-first handler whose key another execution holds (see :func:`_dispatch_publish_first`).
+
+    A BaseException so that the handler's own ``except Exception`` cannot
+    swallow it (:func:`_publish_first` admits only handlers with no
+    exception handlers at all, so nothing of the handler runs after it).
+    """
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__()
+        self.record = record
+
+
+async def _dispatch_publish_first(
+    node: Node,
+    handler: Callable[..., Awaitable[Any]],
+    args_type: Any,
+    principal: Principal | None,
+    name: str,
+    value: Any,
+    scope: str,
+    key: str,
+    fp: bytes,
+    now: float,
+) -> Reply:
+    """A keyed command whose handler's first step is its first publish: claim and append as one operation.
+
+    :func:`_publish_first` has proven that the handler does nothing before
+    it awaits ``ctx.publish`` (no call, no store, no branch, no exception
+    handler), so running it before the key is claimed does nothing a
+    retried key could do twice. That publish goes to
+    :meth:`~rtcore.backends.base.Backend.begin_append`: the claim and the
+    event in one backend operation (one group commit on SQLite, one script
+    on Redis) instead of two. If the key is not claimable, nothing was
+    appended and the handler is unwound (:class:`_NotClaimed`) before it
+    resumes; the stored record then decides the reply, as in
+    :func:`dispatch`. Everything after the claim (finish, release, the ack
+    after the outcome is stored) is as in :func:`dispatch`.
+    """
+    ctx = CommandContext(node, principal, name, f"{scope}:{key}")
+    ctx._claim = (scope, key, fp, now)
+    try:
+        reply = await _execute(node, handler, args_type, principal, name, value, None, ctx)
+    except _NotClaimed as refused:
+        return _replay(node, refused.record, fp)
+    except BaseException:
+        # Cancelled while the handler ran: as in dispatch, a claim it holds is
+        # released (shielded); an unknown one is left to lapse after its lease
+        # (releasing it could free another execution's live claim).
+        if ctx._claim_state == _CLAIMED:
+            with anyio.CancelScope(shield=True):
+                await _release(node, scope, key)
+        raise
+    state = ctx._claim_state
+    if state == _UNKNOWN and not reply.ok and reply.retryable:
+        # The claim-and-append failed in the engine and the handler passed the
+        # retryable error on: whether the claim landed is unknown, so it is
+        # not released (a retry gets in_progress until the lease lapses).
+        return reply
+    if state != _CLAIMED:
+        # The handler failed before its publish reached the backend (a bad
+        # stream name, unencodable data): claim now, as dispatch does first.
+        try:
+            existing = await node.backend.idempotency.begin(
+                scope, key, fp, now=node.clock(), lease=node.idempotency_lease, ttl=node.idempotency_ttl
+            )
+            if existing is not None:
+                return _replay(node, existing, fp)
+        except RtcoreError as exc:
+            return Reply.error(exc)
+    await _settle(node, name, scope, key, fp, reply)
+    return reply
+
+
+def _replay(node: Node, record: IdempotencyRecord, fp: bytes) -> Reply:
+    """The reply for a key that ``record`` keeps (see :func:`~rtcore.protocol.idempotency.decide`)."""
+    try:
+        decision = decide(record, fp)
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    assert isinstance(decision, Replay)
+    node.stats["idempotent_replays"] += 1
+    return Reply.from_outcome(decision.outcome, replayed=True)
+
+
+async def _settle(node: Node, name: str, scope: str, key: str, fp: bytes, reply: Reply) -> None:
+    """Store ``reply`` as the claimed key's outcome, or release the key (retryable failure); as :func:`dispatch`."""
+    try:
+        if reply.ok or not reply.retryable:
+            outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
+            await _finish(node, scope, key, outcome, fp)
+        else:
+            with anyio.CancelScope(shield=True):
+                await _release(node, scope, key)
+    except RtcoreError:
+        log.exception("could not store the outcome of %r under key %r", name, key)
+
+
+#: Instructions a publish-first handler may run before its first await (see
+#: :func:`_publish_first`): none calls code of the application or has an effect.
+_INERT = frozenset(
+    {
+        "RETURN_GENERATOR", "POP_TOP", "RESUME", "NOP", "CACHE", "LOAD_CONST", "PUSH_NULL", "PRECALL",
+        "KW_NAMES", "BUILD_TUPLE", "BUILD_LIST", "BUILD_CONST_KEY_MAP", "COPY_FREE_VARS",
+    }
+)
+
+#: handler -> whether it is publish-first (as _NEVER_SUSPENDS).
+_PUBLISH_FIRST: dict[Any, bool] = {}
+
+
+def _publish_first(handler: Any, args_type: Any) -> bool:
+    """Whether ``handler``'s first step is exactly ``await ctx.publish(...)`` with nothing before it.
+
+    Proven from the bytecode, conservatively (anything not recognised is
+    "no"): a plain ``async def`` with no exception handlers (a ``try``,
+    ``with`` or ``async with`` anywhere rules it out, so an unwinding
+    :class:`_NotClaimed` runs none of its code), whose instructions up to
+    the first await load ``ctx.publish`` first, then only constants, the
+    args parameter's own fields (``args.x`` on a ``msgspec.Struct``: slot
+    reads, no code) and builds tuples or lists of them, and call exactly
+    one thing (that publish), whose coroutine is the one awaited. No global
+    name, no other call, no store, no branch: nothing the application sees
+    happens before the publish, so it may run before the key is claimed.
+    """
+    known = _PUBLISH_FIRST.get(handler)
+    if known is not None:
+        return known
+    ok = _check_publish_first(handler, args_type)
+    _PUBLISH_FIRST[handler] = ok
+    return ok
+
+
+def _check_publish_first(handler: Any, args_type: Any) -> bool:
+    if not (inspect.isfunction(handler) and inspect.iscoroutinefunction(handler)):
+        return False
+    code = handler.__code__
+    params = 1 if args_type is None else 2
+    if code.co_exceptiontable or code.co_argcount != params or code.co_kwonlyargcount or code.co_cellvars:
+        return False
+    ctx_name = code.co_varnames[0]
+    args_name = code.co_varnames[1] if params == 2 else None
+    fields: frozenset[str] = frozenset()
+    if isinstance(args_type, type) and issubclass(args_type, msgspec.Struct):
+        fields = frozenset(
+            f for f in args_type.__struct_fields__ if type(inspect.getattr_static(args_type, f, None)).__name__ == "member_descriptor"
+        )
+    prev: dis.Instruction | None = None
+    callee = calls = 0
+    for ins in dis.get_instructions(code):
+        op = ins.opname
+        if op == "GET_AWAITABLE":
+            return callee == 1 and calls == 1 and prev is not None and prev.opname == "CALL"
+        if op == "LOAD_FAST":
+            if ins.argval != ctx_name and (args_name is None or ins.argval != args_name):
+                return False
+        elif op in ("LOAD_ATTR", "LOAD_METHOD"):
+            if prev is None or prev.opname != "LOAD_FAST":
+                return False
+            if prev.argval == ctx_name and ins.argval == "publish" and callee == 0 and calls == 0:
+                callee = 1
+            elif not (prev.argval == args_name and ins.argval in fields):
+                return False
+        elif op == "CALL":
+            calls += 1
+            if callee != 1 or calls > 1:
+                return False
+        elif op not in _INERT:
+            return False
+        if op != "CACHE":
+            prev = ins
+    return False
 
 
 #: Instructions with which a coroutine may suspend (``await``, ``async for``, ``async with``).
@@ -316,8 +497,10 @@ async def _execute(
     name: str,
     value: Any,
     publish_scope: str | None,
+    ctx: CommandContext | None = None,
 ) -> Reply:
-    ctx = CommandContext(node, principal, name, publish_scope)
+    if ctx is None:
+        ctx = CommandContext(node, principal, name, publish_scope)
     try:
         result = await (handler(ctx) if args_type is None else handler(ctx, value))
         return Reply(True, msgspec.to_builtins(result))
@@ -336,12 +519,15 @@ class CommandContext(Context):
     command re-executed after a crash therefore appends nothing twice.
     """
 
-    __slots__ = ("_n", "_scope")
+    __slots__ = ("_claim", "_claim_state", "_n", "_scope")
 
     def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
         super().__init__(node, principal, command, scope)
         self._scope = scope
         self._n = 0
+        #: (scope, key, fingerprint, now) of a claim the first publish makes (see _dispatch_publish_first).
+        self._claim: tuple[str, str, bytes, float] | None = None
+        self._claim_state = _UNTRIED
 
     async def publish(
         self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
@@ -349,4 +535,31 @@ class CommandContext(Context):
         if key is None and self._scope is not None:
             self._n += 1
             key = f"cmd:{self._scope}:{self._n}"
+        if self._claim is not None:
+            return await self._claim_and_publish(stream, type, data, key, expect)
         return await self.node.publish(stream, type, data, key=key, expect=expect)
+
+    async def _claim_and_publish(self, stream: str, type: str, data: Any, key: str | None, expect: int | None) -> Event:
+        """The first publish of a publish-first handler: the command's claim and this event in one operation."""
+        assert self._claim is not None and key is not None
+        scope, ikey, fp, now = self._claim
+        self._claim = None
+        node = self.node
+        check_stream(stream)  # as Node.publish; failing here, nothing was tried
+        payload = msgspec.to_builtins(data)
+        self._claim_state = _UNKNOWN
+        try:
+            existing, result = await node.backend.begin_append(
+                scope, ikey, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl,
+                stream=stream, type=type, data=payload, event_key=key, expect=expect,
+                retention=node.app.retention_for(stream),
+            )
+        except ConflictError:
+            self._claim_state = _CLAIMED  # claimed; only the append's ``expect`` failed
+            raise
+        if existing is not None:
+            self._claim_state = _REFUSED
+            raise _NotClaimed(existing)
+        self._claim_state = _CLAIMED
+        assert result is not None
+        return result.event
