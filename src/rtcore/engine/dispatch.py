@@ -13,6 +13,7 @@ from __future__ import annotations
 import dis
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -275,32 +276,31 @@ async def _settle(node: Node, name: str, scope: str, key: str, fp: bytes, reply:
         log.exception("could not store the outcome of %r under key %r", name, key)
 
 
-#: Instructions a publish-first handler may run before its first await (see
-#: :func:`_publish_first`): none calls code of the application or has an effect.
-_INERT = frozenset(
-    {
-        "RETURN_GENERATOR", "POP_TOP", "RESUME", "NOP", "CACHE", "LOAD_CONST", "PUSH_NULL", "PRECALL",
-        "KW_NAMES", "BUILD_TUPLE", "BUILD_LIST", "BUILD_CONST_KEY_MAP", "COPY_FREE_VARS",
-    }
-)
+#: Instructions without any effect on the value stack or the application (see :func:`_publish_first`).
+_NO_EFFECT = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "KW_NAMES", "COPY_FREE_VARS"})
 
-#: handler -> whether it is publish-first (as _NEVER_SUSPENDS).
+#: Constant types a dict literal's keys may have before the publish (hashing them runs no application code).
+_PLAIN_KEYS = (str, int, float, bytes, bool, type(None))
+
+#: handler -> whether it is publish-first (a plain dict, as _NEVER_SUSPENDS).
 _PUBLISH_FIRST: dict[Any, bool] = {}
 
 
 def _publish_first(handler: Any, args_type: Any) -> bool:
-    """Whether ``handler``'s first step is exactly ``await ctx.publish(...)`` with nothing before it.
+    """Whether ``handler``'s first step is ``await ctx.publish(...)`` with nothing of the application before it.
 
     Proven from the bytecode, conservatively (anything not recognised is
-    "no"): a plain ``async def`` with no exception handlers (a ``try``,
-    ``with`` or ``async with`` anywhere rules it out, so an unwinding
-    :class:`_NotClaimed` runs none of its code), whose instructions up to
-    the first await load ``ctx.publish`` first, then only constants, the
-    args parameter's own fields (``args.x`` on a ``msgspec.Struct``: slot
-    reads, no code) and builds tuples or lists of them, and call exactly
-    one thing (that publish), whose coroutine is the one awaited. No global
-    name, no other call, no store, no branch: nothing the application sees
-    happens before the publish, so it may run before the key is claimed.
+    "no", and the command then takes the general path): a plain ``async
+    def`` with no exception handlers (a ``try``, ``with`` or ``async with``
+    anywhere rules it out, so an unwinding :class:`_NotClaimed` runs none of
+    its code) whose instructions up to the first await, followed on a model
+    of the value stack, do only this: load ``ctx.publish``; build its
+    arguments from constants, the args parameter itself and its fields
+    (``args.x`` on a ``msgspec.Struct`` is a slot read, no code), tuples,
+    lists and dict literals with constant keys; call that publish (the only
+    call) and await its coroutine. No global name, no other call, no store,
+    no branch: nothing the application could see happens before the
+    publish, so it may run before the key is claimed.
     """
     known = _PUBLISH_FIRST.get(handler)
     if known is not None:
@@ -322,32 +322,70 @@ def _check_publish_first(handler: Any, args_type: Any) -> bool:
     fields: frozenset[str] = frozenset()
     if isinstance(args_type, type) and issubclass(args_type, msgspec.Struct):
         fields = frozenset(
-            f for f in args_type.__struct_fields__ if type(inspect.getattr_static(args_type, f, None)).__name__ == "member_descriptor"
+            f
+            for f in args_type.__struct_fields__
+            if type(inspect.getattr_static(args_type, f, None)).__name__ == "member_descriptor"
         )
-    prev: dis.Instruction | None = None
-    callee = calls = 0
-    for ins in dis.get_instructions(code):
-        op = ins.opname
-        if op == "GET_AWAITABLE":
-            return callee == 1 and calls == 1 and prev is not None and prev.opname == "CALL"
-        if op == "LOAD_FAST":
-            if ins.argval != ctx_name and (args_name is None or ins.argval != args_name):
+    # The value stack, modelled: ("const", value), "ctx", "args", "value"
+    # (a field, or something built of inert values), "publish" + "self" (the
+    # bound method, as LOAD_METHOD / a method LOAD_ATTR push it), "null",
+    # "awaitable" (what the publish call returned).
+    stack: list[Any] = []
+    called = False
+    try:
+        for ins in dis.get_instructions(code):
+            op, arg = ins.opname, ins.arg or 0
+            if op in _NO_EFFECT:
+                continue
+            if op == "RETURN_GENERATOR":
+                stack.append("generator")
+            elif op == "POP_TOP":
+                stack.pop()
+            elif op == "LOAD_CONST":
+                stack.append(("const", ins.argval))
+            elif op == "PUSH_NULL":
+                stack.append("null")
+            elif op == "LOAD_FAST":
+                if ins.argval == ctx_name:
+                    stack.append("ctx")
+                elif args_name is not None and ins.argval == args_name:
+                    stack.append("args")
+                else:
+                    return False
+            elif op in ("LOAD_METHOD", "LOAD_ATTR"):
+                owner = stack.pop()
+                method = op == "LOAD_METHOD" or (sys.version_info >= (3, 12) and arg & 1)
+                if owner == "ctx" and ins.argval == "publish" and method and not called:
+                    stack += ["publish", "self"]
+                elif owner == "args" and ins.argval in fields and not method:
+                    stack.append("value")
+                else:
+                    return False
+            elif op in ("BUILD_TUPLE", "BUILD_LIST"):
+                del stack[len(stack) - arg :]
+                stack.append("value")
+            elif op == "BUILD_CONST_KEY_MAP":
+                del stack[len(stack) - arg - 1 :]
+                stack.append("value")
+            elif op == "BUILD_MAP":
+                items = stack[len(stack) - 2 * arg :]
+                if any(not (isinstance(k, tuple) and isinstance(k[1], _PLAIN_KEYS)) for k in items[0::2]):
+                    return False
+                del stack[len(stack) - 2 * arg :]
+                stack.append("value")
+            elif op == "CALL":
+                del stack[len(stack) - arg :]
+                if called or stack[-2:] != ["publish", "self"]:
+                    return False
+                del stack[-2:]
+                stack.append("awaitable")
+                called = True
+            elif op == "GET_AWAITABLE":
+                return called and stack[-1] == "awaitable"
+            else:
                 return False
-        elif op in ("LOAD_ATTR", "LOAD_METHOD"):
-            if prev is None or prev.opname != "LOAD_FAST":
-                return False
-            if prev.argval == ctx_name and ins.argval == "publish" and callee == 0 and calls == 0:
-                callee = 1
-            elif not (prev.argval == args_name and ins.argval in fields):
-                return False
-        elif op == "CALL":
-            calls += 1
-            if callee != 1 or calls > 1:
-                return False
-        elif op not in _INERT:
-            return False
-        if op != "CACHE":
-            prev = ins
+    except (IndexError, TypeError):  # a stack shape this model does not know
+        return False
     return False
 
 
