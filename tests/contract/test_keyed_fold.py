@@ -226,11 +226,12 @@ async def test_code_before_the_publish_runs_once(backend_factory) -> None:
 
 
 class _LostReply(MemoryBackend):
-    """Claims and appends, then fails as if the engine's reply was lost."""
+    """Claims and appends (the outcome not stored yet), then fails as if the engine's reply was lost."""
 
     async def begin_append(  # type: ignore[override]
         self, scope: str, key: str, fingerprint: bytes, **kw: Any
     ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
+        kw.pop("outcome_ttl", None)
         await super().begin_append(scope, key, fingerprint, **kw)
         raise BackendError("redis: connection lost")
 
@@ -329,3 +330,90 @@ async def test_keys_apply_once_against_a_model(backend_factory, ops: list[tuple[
         assert await _head(b, stream) == len(model)
         assert sorted(off for _, off in model.values()) == list(range(1, len(model) + 1))
 
+
+
+async def test_offset_only_handler_stores_its_outcome_in_the_same_operation(backend_factory) -> None:
+    """``return event.offset`` after the publish: the engines store the outcome with the event, no finish after.
+
+    Mutations: ``_dispatch_publish_first`` settles after a ``_DONE`` claim as
+    well -> ``finish`` is called: fails; the SQLite write or the Redis
+    script stores the offset plus one -> the retry replays another result: fails.
+    """
+    async with backend_factory() as b, rtcore.Node(make_app([]), b, clock=FakeClock(T0)) as node:
+        finishes = _Counting(b.idempotency, "finish")
+        p = rtcore.Principal("alice")
+        for i in range(3):
+            r = await node.dispatch(p, "put", _raw("s:1", i), key=f"K{i}")
+            assert r.ok and r.result == i + 1
+        assert finishes.calls == 0 or type(b) is MemoryBackend  # memory's fallback finishes itself
+        for i in range(3):
+            again = await node.dispatch(p, "put", _raw("s:1", i), key=f"K{i}")
+            assert again.ok and again.replayed and again.result == i + 1
+        assert await _head(b, "s:1") == 3
+
+
+async def test_redis_outcome_of_large_offsets(backend_factory) -> None:
+    """The Redis script splices the offset into the record: every integer width of MessagePack decodes back.
+
+    Mutation: ``_done_parts`` splits around another value (the record's
+    expiry) -> the stored record does not decode or replays a wrong result: fails.
+    """
+    from rtcore.backends.redis import RedisBackend
+
+    async with backend_factory() as b, rtcore.Node(make_app([]), b, clock=FakeClock(T0)) as node:
+        if not isinstance(b, RedisBackend):
+            return  # the other engines encode the record in Python (the test above)
+        p = rtcore.Principal("alice")
+        await b.events.info("s:big")
+        for head in (126, 254, 65_534, 4_294_967_294, 5_000_000_000):
+            await b.client.hset("rt:{s:big}:m", {"head": str(head)})
+            r = await node.dispatch(p, "put", _raw("s:big"), key=f"K{head}")
+            assert r.ok and r.result == head + 1
+            again = await node.dispatch(p, "put", _raw("s:big"), key=f"K{head}")
+            assert again.ok and again.replayed and again.result == head + 1
+
+
+async def test_sqlite_folded_finishes_collect_expired_records(tmp_path) -> None:
+    """The fold counts its finishes: every 1024th also deletes expired records, as ``finish`` does.
+
+    Mutation: ``SqliteBackend.begin_append`` never sweeps (``sweep = False``)
+    -> the expired record stays forever: fails.
+    """
+    from rtcore.backends.sqlite import open_sqlite
+
+    b = await open_sqlite(f"sqlite:///{tmp_path / 'rt.db'}")
+    try:
+        old = await b.idempotency.begin("anon", "old", b"f" * 32, now=T0 - 10_000, lease=1, ttl=1)
+        assert old is None
+        async with rtcore.Node(make_app([]), b, clock=FakeClock(T0)) as node:
+            p = rtcore.Principal("alice")
+            for i in range(1024):
+                assert (await node.dispatch(p, "put", _raw("s:1"), key=f"K{i}")).ok
+
+        def count(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT COUNT(*) FROM idempotency WHERE key = 'old'").fetchone()[0])
+
+        assert await b._db.run(count) == 0
+    finally:
+        await b.aclose()
+
+
+async def test_conflict_stores_no_success_in_the_operation(backend_factory) -> None:
+    """On an ``expect`` mismatch the operation stores no outcome: only the later finish does.
+
+    With that finish failing (the node dies before it, say), the key is left
+    pending, never finished as a success. Mutation: the Redis script stores
+    the outcome whatever the append returned (``if ARGV[18] then``) -> the
+    retry replays ``ok`` for a command that failed: fails.
+    """
+    async with backend_factory() as b, rtcore.Node(make_app([]), b, clock=FakeClock(T0)) as node:
+
+        async def lost_finish(*args: Any, **kwargs: Any) -> None:
+            raise BackendError("the node died before the finish")
+
+        b.idempotency.finish = lost_finish  # type: ignore[method-assign]
+        p = rtcore.Principal("alice")
+        r = await node.dispatch(p, "expect", _raw("s:1", 5), key="K")
+        assert not r.ok and r.code == "conflict"
+        again = await node.dispatch(p, "expect", _raw("s:1", 5), key="K")
+        assert not again.ok and again.code == "idempotency_in_progress"

@@ -415,6 +415,7 @@ class Backend:
         event_key: str,
         expect: int | None = None,
         retention: Retention | None = None,
+        outcome_ttl: float | None = None,
     ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
         """Claim a command's idempotency key and append its first event, as one operation.
 
@@ -432,6 +433,13 @@ class Backend:
         engine error) does not undo a claim that was made; the caller
         releases or finishes it as for any command.
 
+        With ``outcome_ttl`` the command's outcome is known to be the event's
+        offset (its handler returns ``event.offset`` and does nothing else):
+        once the event is appended (or found, a duplicate) the key is also
+        finished, as :meth:`IdempotencyStore.finish` with
+        ``Outcome(True, event.offset)`` for ``outcome_ttl`` seconds, in the
+        same operation. Claim, event and outcome: one operation per command.
+
         Returns:
             ``(record, None)`` when the key was not claimable (nothing was
             appended), else ``(None, result)``.
@@ -446,6 +454,9 @@ class Backend:
         result = await self.events.append(
             stream, type, data, now=now, key=event_key, expect=expect, retention=retention
         )
+        if outcome_ttl is not None:
+            outcome = Outcome(True, result.event.offset)
+            await self.idempotency.finish(scope, key, outcome, now=now, ttl=outcome_ttl, fingerprint=fingerprint)
         return None, result
 
     async def aclose(self) -> None:

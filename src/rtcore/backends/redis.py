@@ -421,14 +421,22 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return false
 """
 
-# KEYS: record meta log idx registry all; ARGV: the 6 of idem_begin, then the 11 of append.
+# KEYS: record meta log idx registry all; ARGV: the 6 of idem_begin, then the
+# 11 of append, then optionally: done_head done_tail expires px.
 # A keyed command's claim and first event in one atomic step: the event is
 # appended only if the claim succeeded; otherwise the record that keeps the
-# key comes back as {'idem', record}. F holds every body (see _BATCH).
+# key comes back as {'idem', record}. With the optional four, the outcome
+# (the event's offset) is stored as well, as idem_finish would: the record
+# is done_head .. <the offset as MessagePack> .. done_tail (see _done_parts).
+# F holds every body (see _BATCH).
 _IDEM_BEGIN_APPEND = """
 local rec = F['idem_begin']({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})
 if rec then return {'idem', rec} end
-return F['append']({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 7)})
+local r = F['append']({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 7, 17)})
+if ARGV[18] and (r[1] == 'ok' or r[1] == 'dup') then
+  F['idem_finish']({KEYS[1]}, {ARGV[18] .. cmsgpack.pack(tonumber(r[2])) .. ARGV[19], ARGV[20], ARGV[21]})
+end
+return r
 """
 
 # KEYS: record; ARGV: done_blob expires px
@@ -1232,6 +1240,24 @@ def _begin_args(fingerprint: bytes, now: float, lease: float, ttl: float) -> lis
     return [repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint)]
 
 
+#: An int no offset reaches, whose MessagePack encoding marks where the offset goes in a record (see _done_parts).
+_OFFSET_MARK = 0x7E5E_7E5E_7E5E_7E5E
+_OFFSET_MARK_BYTES = _encode(_OFFSET_MARK)
+
+
+def _done_parts(fingerprint: bytes, expires: float) -> tuple[bytes, bytes]:
+    """The finished record ``Outcome(True, <offset>)`` encoded around its offset: (head, tail).
+
+    The script joins them with the offset it appended (Lua's cmsgpack packs
+    an integer as a MessagePack integer, as msgspec does), so the stored
+    record is the one :meth:`RedisIdempotencyStore.finish` would store.
+    """
+    blob = _encode(IdempotencyRecord(fingerprint, "done", expires, Outcome(True, _OFFSET_MARK)))
+    head, mark, tail = blob.partition(_OFFSET_MARK_BYTES)
+    assert mark and _OFFSET_MARK_BYTES not in tail
+    return head, tail
+
+
 class RedisIdempotencyStore:
     """:class:`~rtcore.backends.base.IdempotencyStore` on Redis (one hash per key)."""
 
@@ -1501,11 +1527,16 @@ class RedisBackend(Backend):
         event_key: str,
         expect: int | None = None,
         retention: Retention | None = None,
+        outcome_ttl: float | None = None,
     ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
-        """Claim and append in one script call (see :meth:`Backend.begin_append`, :data:`_IDEM_BEGIN_APPEND`)."""
+        """Claim, append (and finish) in one script call (see :meth:`Backend.begin_append`, :data:`_IDEM_BEGIN_APPEND`)."""
         log = self.events
         args = _begin_args(fingerprint, now, lease, ttl)
         args += log._append_args(stream, type, data, now, event_key, expect, retention)
+        if outcome_ttl is not None:
+            expires = now + outcome_ttl
+            head, tail = _done_parts(fingerprint, expires)
+            args += [_lua_arg(head), _lua_arg(tail), repr(expires), _px_text(outcome_ttl)]
         keys = [_pair_key("idem", scope, key), *_stream_keys(stream), _ALL]
         with _ENGINE_ERRORS:
             reply = cast(list[Any], await log._pipe.call("idem_begin_append", keys, args))

@@ -578,6 +578,16 @@ def _claim(
     return None
 
 
+def _store_done(conn: sqlite3.Connection, scope: str, key: str, blob: bytes, expires: float, now: float, sweep: bool) -> None:
+    """Write the finished record of ``key`` (``blob``, expiring at ``expires``); ``sweep``: also delete expired records."""
+    conn.execute(
+        "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
+        (scope, key, "done", expires, blob),
+    )
+    if sweep:  # occasional garbage collection keeps the table bounded
+        conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+
+
 def _pending_params(scope: str, key: str, fingerprint: bytes, now: float, lease: float, ttl: float) -> tuple[Any, ...]:
     """The row of a pending claim of ``key``."""
     pending = IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease)
@@ -689,13 +699,16 @@ class SqliteIdempotencyStore:
         params = _pending_params(scope, key, fingerprint, now, lease, ttl)
         return await self._db.write(lambda conn: _claim(conn, scope, key, fingerprint, now, params))
 
+    def _count_finish(self) -> bool:
+        """Count one finish; whether it is the one that also deletes expired records (every 1024th)."""
+        self._finishes += 1
+        return self._finishes % 1024 == 0
+
     async def finish(
         self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
     ) -> None:
         """Store the final outcome for ``ttl`` seconds."""
-        self._finishes += 1
-        sweep = self._finishes % 1024 == 0
-
+        sweep = self._count_finish()
         # With the fingerprint given (dispatch always gives it) the record is
         # encoded here, off the worker, and the write is one statement.
         done = None if fingerprint is None else _encode(IdempotencyRecord(fingerprint, "done", now + ttl, outcome))
@@ -708,12 +721,7 @@ class SqliteIdempotencyStore:
                 ).fetchone()
                 fp = _decode_record(row[0]).fingerprint if row is not None else b""
                 blob = _encode(IdempotencyRecord(fp, "done", now + ttl, outcome))
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
-                (scope, key, "done", now + ttl, blob),
-            )
-            if sweep:  # occasional garbage collection keeps the table bounded
-                conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+            _store_done(conn, scope, key, blob, now + ttl, now, sweep)
 
         await self._db.write(tx)
 
@@ -936,6 +944,7 @@ class SqliteBackend(Backend):
     """All stores in one SQLite file (``sqlite:///path.db``)."""
 
     events: SqliteEventLog
+    idempotency: SqliteIdempotencyStore
 
     def __init__(self, url: str, db: _Db) -> None:
         super().__init__(
@@ -964,23 +973,31 @@ class SqliteBackend(Backend):
         event_key: str,
         expect: int | None = None,
         retention: Retention | None = None,
+        outcome_ttl: float | None = None,
     ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
-        """Claim and append in one write of one group commit (see :meth:`Backend.begin_append`).
+        """Claim, append (and finish) in one write of one group commit (see :meth:`Backend.begin_append`).
 
-        Both statements' effects become durable with the same COMMIT, and the
-        caller is answered only after it: the claim, and the event only if
-        the claim succeeded.
+        Every statement's effect becomes durable with the same COMMIT, and
+        the caller is answered only after it: the claim, the event only if
+        the claim succeeded, the outcome only if the event is there.
         """
         params = _pending_params(scope, key, fingerprint, now, lease, ttl)
         blob = _encode(data)
         log = self.events
+        sweep = False
+        if outcome_ttl is not None:
+            sweep = self.idempotency._count_finish()
 
         def tx(conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
             committed.clear()  # a rerun of the group (see _run_group) starts afresh
             existing = _claim(conn, scope, key, fingerprint, now, params)
             if existing is not None:
                 return existing, None
-            return None, _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
+            result = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
+            if outcome_ttl is not None and not isinstance(result, int):
+                done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, result.event.offset))
+                _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
+            return None, result
 
         committed: list[tuple[int, Event]] = []
         existing, result = await self._db.write(tx, after=lambda: log._committed.extend(committed))

@@ -133,8 +133,11 @@ async def dispatch(
     scope = scope_of(principal.id if principal else None)
     fp = fingerprint(name, value)
     now = node.clock()
-    if _publish_first(spec.handler, spec.args_type):
-        return await _dispatch_publish_first(node, spec.handler, spec.args_type, principal, name, value, scope, key, fp, now)
+    shape = _publish_first(spec.handler, spec.args_type)
+    if shape:
+        return await _dispatch_publish_first(
+            node, spec.handler, spec.args_type, principal, name, value, scope, key, fp, now, shape == _ONLY
+        )
     try:
         existing = await node.backend.idempotency.begin(
             scope, key, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl
@@ -174,8 +177,12 @@ async def dispatch(
     return reply
 
 
-#: What a publish-first handler's claim is: not tried yet, made, refused, or unknown (the attempt failed).
-_UNTRIED, _CLAIMED, _REFUSED, _UNKNOWN = range(4)
+#: What a publish-first handler's claim is: not tried yet, made, refused, unknown (the attempt
+#: failed), or made and finished in the same operation (the outcome is the event's offset).
+_UNTRIED, _CLAIMED, _REFUSED, _UNKNOWN, _DONE = range(5)
+
+#: What :func:`_publish_first` found: not publish-first; publish-first; and also returning the event's offset.
+_GENERAL, _FIRST, _ONLY = range(3)
 
 
 class _NotClaimed(BaseException):
@@ -202,6 +209,7 @@ async def _dispatch_publish_first(
     key: str,
     fp: bytes,
     now: float,
+    only: bool,
 ) -> Reply:
     """A keyed command whose handler's first step is its first publish: claim and append as one operation.
 
@@ -216,9 +224,15 @@ async def _dispatch_publish_first(
     resumes; the stored record then decides the reply, as in
     :func:`dispatch`. Everything after the claim (finish, release, the ack
     after the outcome is stored) is as in :func:`dispatch`.
+
+    ``only``: the handler does nothing after the publish but return the
+    event's offset (``_ONLY``), so the outcome is known inside the backend
+    operation, which then also stores it: claim, event and outcome in one
+    operation, and nothing is left to store after the handler returns.
     """
     ctx = CommandContext(node, principal, name, f"{scope}:{key}")
     ctx._claim = (scope, key, fp, now)
+    ctx._only = only
     try:
         reply = await _execute(node, handler, args_type, principal, name, value, None, ctx)
     except _NotClaimed as refused:
@@ -232,11 +246,17 @@ async def _dispatch_publish_first(
                 await _release(node, scope, key)
         raise
     state = ctx._claim_state
+    if state == _DONE and reply.ok and reply.result == ctx._offset:
+        return reply  # the operation that appended the event stored this outcome
     if state == _UNKNOWN and not reply.ok and reply.retryable:
         # The claim-and-append failed in the engine and the handler passed the
         # retryable error on: whether the claim landed is unknown, so it is
         # not released (a retry gets in_progress until the lease lapses).
         return reply
+    if state == _DONE:
+        # Not the offset the operation stored (the proof rules this out):
+        # the handler's own reply is the outcome, stored over the other.
+        state = _CLAIMED
     if state != _CLAIMED:
         # The handler failed before its publish reached the backend (a bad
         # stream name, unencodable data): claim now, as dispatch does first.
@@ -282,12 +302,16 @@ _NO_EFFECT = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "KW_NAMES", "COPY_F
 #: Constant types a dict literal's keys may have before the publish (hashing them runs no application code).
 _PLAIN_KEYS = (str, int, float, bytes, bool, type(None))
 
-#: handler -> whether it is publish-first (a plain dict, as _NEVER_SUSPENDS).
-_PUBLISH_FIRST: dict[Any, bool] = {}
+#: handler -> what _publish_first found (a plain dict, as _NEVER_SUSPENDS).
+_PUBLISH_FIRST: dict[Any, int] = {}
 
 
-def _publish_first(handler: Any, args_type: Any) -> bool:
+def _publish_first(handler: Any, args_type: Any) -> int:
     """Whether ``handler``'s first step is ``await ctx.publish(...)`` with nothing of the application before it.
+
+    Returns :data:`_GENERAL` (no), :data:`_FIRST` (yes) or :data:`_ONLY`
+    (yes, and after the publish it only returns the event's ``offset``,
+    see :func:`_returns_offset`).
 
     Proven from the bytecode, conservatively (anything not recognised is
     "no", and the command then takes the general path): a plain ``async
@@ -305,18 +329,37 @@ def _publish_first(handler: Any, args_type: Any) -> bool:
     known = _PUBLISH_FIRST.get(handler)
     if known is not None:
         return known
-    ok = _check_publish_first(handler, args_type)
-    _PUBLISH_FIRST[handler] = ok
-    return ok
+    shape = _check_publish_first(handler, args_type)
+    _PUBLISH_FIRST[handler] = shape
+    return shape
 
 
-def _check_publish_first(handler: Any, args_type: Any) -> bool:
+#: Instructions of an ``await``'s wait loop (after GET_AWAITABLE), which run nothing of the application.
+_AWAIT_LOOP = frozenset({"LOAD_CONST", "SEND", "YIELD_VALUE", "RESUME", "JUMP_BACKWARD_NO_INTERRUPT", "END_SEND", "CACHE", "NOP"})
+
+
+def _returns_offset(rest: list[dis.Instruction]) -> bool:
+    """Whether the instructions after a publish's GET_AWAITABLE only await it and return the event's ``offset``.
+
+    Either ``return (await ctx.publish(...)).offset`` or ``event = await
+    ctx.publish(...)`` then ``return event.offset``, and nothing else.
+    """
+    i = 0
+    while i < len(rest) and rest[i].opname in _AWAIT_LOOP:
+        i += 1
+    tail = [(ins.opname, ins.argval) for ins in rest[i:] if ins.opname != "CACHE"]
+    if len(tail) >= 4 and tail[0][0] == "STORE_FAST" and tail[1] == ("LOAD_FAST", tail[0][1]):
+        tail = tail[2:]
+    return len(tail) >= 2 and tail[0] == ("LOAD_ATTR", "offset") and tail[1][0] == "RETURN_VALUE"
+
+
+def _check_publish_first(handler: Any, args_type: Any) -> int:
     if not (inspect.isfunction(handler) and inspect.iscoroutinefunction(handler)):
-        return False
+        return _GENERAL
     code = handler.__code__
     params = 1 if args_type is None else 2
     if code.co_exceptiontable or code.co_argcount != params or code.co_kwonlyargcount or code.co_cellvars:
-        return False
+        return _GENERAL
     ctx_name = code.co_varnames[0]
     args_name = code.co_varnames[1] if params == 2 else None
     fields: frozenset[str] = frozenset()
@@ -332,8 +375,9 @@ def _check_publish_first(handler: Any, args_type: Any) -> bool:
     # "awaitable" (what the publish call returned).
     stack: list[Any] = []
     called = False
+    instructions = list(dis.get_instructions(code))
     try:
-        for ins in dis.get_instructions(code):
+        for n, ins in enumerate(instructions):
             op, arg = ins.opname, ins.arg or 0
             if op in _NO_EFFECT:
                 continue
@@ -351,7 +395,7 @@ def _check_publish_first(handler: Any, args_type: Any) -> bool:
                 elif args_name is not None and ins.argval == args_name:
                     stack.append("args")
                 else:
-                    return False
+                    return _GENERAL
             elif op in ("LOAD_METHOD", "LOAD_ATTR"):
                 owner = stack.pop()
                 method = op == "LOAD_METHOD" or (sys.version_info >= (3, 12) and arg & 1)
@@ -360,7 +404,7 @@ def _check_publish_first(handler: Any, args_type: Any) -> bool:
                 elif owner == "args" and ins.argval in fields and not method:
                     stack.append("value")
                 else:
-                    return False
+                    return _GENERAL
             elif op in ("BUILD_TUPLE", "BUILD_LIST"):
                 del stack[len(stack) - arg :]
                 stack.append("value")
@@ -370,23 +414,25 @@ def _check_publish_first(handler: Any, args_type: Any) -> bool:
             elif op == "BUILD_MAP":
                 items = stack[len(stack) - 2 * arg :]
                 if any(not (isinstance(k, tuple) and isinstance(k[1], _PLAIN_KEYS)) for k in items[0::2]):
-                    return False
+                    return _GENERAL
                 del stack[len(stack) - 2 * arg :]
                 stack.append("value")
             elif op == "CALL":
                 del stack[len(stack) - arg :]
                 if called or stack[-2:] != ["publish", "self"]:
-                    return False
+                    return _GENERAL
                 del stack[-2:]
                 stack.append("awaitable")
                 called = True
             elif op == "GET_AWAITABLE":
-                return called and stack[-1] == "awaitable"
+                if not (called and stack[-1] == "awaitable"):
+                    return _GENERAL
+                return _ONLY if _returns_offset(instructions[n + 1 :]) else _FIRST
             else:
-                return False
+                return _GENERAL
     except (IndexError, TypeError):  # a stack shape this model does not know
-        return False
-    return False
+        return _GENERAL
+    return _GENERAL
 
 
 #: Instructions with which a coroutine may suspend (``await``, ``async for``, ``async with``).
@@ -557,7 +603,7 @@ class CommandContext(Context):
     command re-executed after a crash therefore appends nothing twice.
     """
 
-    __slots__ = ("_claim", "_claim_state", "_n", "_scope")
+    __slots__ = ("_claim", "_claim_state", "_n", "_offset", "_only", "_scope")
 
     def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
         super().__init__(node, principal, command, scope)
@@ -566,6 +612,8 @@ class CommandContext(Context):
         #: (scope, key, fingerprint, now) of a claim the first publish makes (see _dispatch_publish_first).
         self._claim: tuple[str, str, bytes, float] | None = None
         self._claim_state = _UNTRIED
+        self._only = False  # the claim's operation also stores the outcome, the event's offset
+        self._offset = 0  # the offset it stored
 
     async def publish(
         self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
@@ -590,7 +638,7 @@ class CommandContext(Context):
             existing, result = await node.backend.begin_append(
                 scope, ikey, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl,
                 stream=stream, type=type, data=payload, event_key=key, expect=expect,
-                retention=node.app.retention_for(stream),
+                retention=node.app.retention_for(stream), outcome_ttl=node.idempotency_ttl if self._only else None,
             )
         except ConflictError:
             self._claim_state = _CLAIMED  # claimed; only the append's ``expect`` failed
@@ -598,6 +646,9 @@ class CommandContext(Context):
         if existing is not None:
             self._claim_state = _REFUSED
             raise _NotClaimed(existing)
-        self._claim_state = _CLAIMED
         assert result is not None
+        if self._only:
+            self._claim_state, self._offset = _DONE, result.event.offset
+        else:
+            self._claim_state = _CLAIMED
         return result.event
