@@ -302,8 +302,8 @@ _NO_EFFECT = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "KW_NAMES", "COPY_F
 #: Constant types a dict literal's keys may have before the publish (hashing them runs no application code).
 _PLAIN_KEYS = (str, int, float, bytes, bool, type(None))
 
-#: handler -> what _publish_first found (a plain dict, as _NEVER_SUSPENDS).
-_PUBLISH_FIRST: dict[Any, int] = {}
+#: (handler, args type) -> what _publish_first found (a plain dict, as _NEVER_SUSPENDS).
+_PUBLISH_FIRST: dict[tuple[Any, Any], int] = {}
 
 
 def _publish_first(handler: Any, args_type: Any) -> int:
@@ -326,11 +326,11 @@ def _publish_first(handler: Any, args_type: Any) -> int:
     no branch: nothing the application could see happens before the
     publish, so it may run before the key is claimed.
     """
-    known = _PUBLISH_FIRST.get(handler)
+    known = _PUBLISH_FIRST.get((handler, args_type))
     if known is not None:
         return known
     shape = _check_publish_first(handler, args_type)
-    _PUBLISH_FIRST[handler] = shape
+    _PUBLISH_FIRST[(handler, args_type)] = shape
     return shape
 
 
