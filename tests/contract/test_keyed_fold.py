@@ -48,6 +48,11 @@ def make_app(calls: list[int]) -> rtcore.App:
         event = await ctx.publish(args.stream, "put", {"i": args.i})
         return event.offset
 
+    @app.command("first")
+    async def first(ctx: rtcore.Context, args: Put) -> dict[str, int]:
+        event = await ctx.publish(args.stream, "put", {"i": args.i})
+        return {"offset": event.offset}  # more than the offset: the outcome is stored after the handler
+
     @app.command("expect")
     async def expect(ctx: rtcore.Context, args: Put) -> int:
         event = await ctx.publish(args.stream, "put", {"i": args.i}, expect=args.i)
@@ -123,7 +128,8 @@ def test_publish_first_is_recognised_only_without_code_before_the_publish() -> N
     """
     app = make_app([])
     specs = app.commands
-    assert _publish_first(specs["put"].handler, Put)
+    assert _publish_first(specs["put"].handler, Put) == 2  # _ONLY: returns the offset
+    assert _publish_first(specs["first"].handler, Put) == 1  # _FIRST
     assert _publish_first(specs["expect"].handler, Put)
     assert _check_publish_first(_publish_plain, Put)
     assert not _publish_first(specs["counted"].handler, Put)  # a closure's list, appended to
@@ -133,7 +139,8 @@ def test_publish_first_is_recognised_only_without_code_before_the_publish() -> N
     assert not _check_publish_first(_publish_plain, None)  # args given to a handler that takes none
 
 
-async def test_retry_replays_and_appends_nothing_twice(backend_factory) -> None:
+@pytest.mark.parametrize("command", ["put", "first"])
+async def test_retry_replays_and_appends_nothing_twice(backend_factory, command: str) -> None:
     """One operation claims and appends; the retry is a replay, the stream still holds one event.
 
     Mutations: the SQLite write appends although ``_claim`` returned a record,
@@ -144,13 +151,14 @@ async def test_retry_replays_and_appends_nothing_twice(backend_factory) -> None:
     async with backend_factory() as b, rtcore.Node(make_app([]), b, clock=FakeClock(T0)) as node:
         begins = _Counting(b.idempotency, "begin")
         p = rtcore.Principal("alice")
-        first = await node.dispatch(p, "put", _raw("s:1"), key="K")
-        assert first.ok and first.result == 1 and not first.replayed
+        expected: Any = 1 if command == "put" else {"offset": 1}
+        first = await node.dispatch(p, command, _raw("s:1"), key="K")
+        assert first.ok and first.result == expected and not first.replayed
         assert begins.calls == 0 or type(b) is MemoryBackend  # the engines claimed inside begin_append
-        again = await node.dispatch(p, "put", _raw("s:1"), key="K")
-        assert again.ok and again.replayed and again.result == 1
+        again = await node.dispatch(p, command, _raw("s:1"), key="K")
+        assert again.ok and again.replayed and again.result == expected
         assert await _head(b, "s:1") == 1
-        other = await node.dispatch(p, "put", _raw("s:1", 7), key="K")
+        other = await node.dispatch(p, command, _raw("s:1", 7), key="K")
         assert not other.ok and other.code == "idempotency_key_reused"
         assert await _head(b, "s:1") == 1
 

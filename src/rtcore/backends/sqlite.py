@@ -186,6 +186,7 @@ _STREAM_AND_KEYED = (
 _Row = tuple[int, str, int, str, str, bytes, float, str | None]
 # Claims a key that has no row at all (rowcount 1); any existing row is left
 # for the claim rule to judge.
+_IDEM_EXISTS = "SELECT 1 FROM idempotency WHERE scope = ? AND key = ?"
 _IDEM_CLAIM_NEW = "INSERT OR IGNORE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)"
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -990,6 +991,17 @@ class SqliteBackend(Backend):
 
         def tx(conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
             committed.clear()  # a rerun of the group (see _run_group) starts afresh
+            if outcome_ttl is not None and conn.execute(_IDEM_EXISTS, (scope, key)).fetchone() is None:
+                # A fresh key (nearly every command): the claim would be
+                # overwritten in this same transaction, so only the final row
+                # is written: the outcome, or the claim if the append conflicts.
+                fresh = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
+                if isinstance(fresh, int):
+                    conn.execute(_IDEM_CLAIM_NEW, params)
+                else:
+                    done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, fresh.event.offset))
+                    _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
+                return None, fresh
             existing = _claim(conn, scope, key, fingerprint, now, params)
             if existing is not None:
                 return existing, None
