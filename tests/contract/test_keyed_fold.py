@@ -114,6 +114,13 @@ async def _keys_from_args(ctx: rtcore.Context, args: Put) -> int:
     return (await ctx.publish(args.stream, "put", {args.stream: 1})).offset  # hashing a field may run code
 
 
+async def _with_try(ctx: rtcore.Context, args: Put) -> int:
+    try:
+        return (await ctx.publish(args.stream, "put")).offset
+    finally:
+        LOG.append("unwound")  # would run when a refused claim unwinds the handler
+
+
 async def _publish_plain(ctx: rtcore.Context, args: Put) -> int:
     return (await ctx.publish(args.stream, "put", [args.i, (1, "a")], key="k", expect=args.i)).offset
 
@@ -124,7 +131,9 @@ def test_publish_first_is_recognised_only_without_code_before_the_publish() -> N
     Mutation: ``_check_publish_first`` accepts any ``CALL`` (drop the
     ``stack[-2:] != ["publish", "self"]`` check) -> ``_calls_another`` is
     admitted: fails. Mutation: ``BUILD_MAP`` keys are not checked ->
-    ``_keys_from_args`` is admitted: fails.
+    ``_keys_from_args`` is admitted: fails. Mutation:
+    ``_only_implicit_handlers`` accepts every handler -> ``_with_try``
+    (whose ``finally`` would run on a refused claim) is admitted: fails.
     """
     app = make_app([])
     specs = app.commands
@@ -136,6 +145,7 @@ def test_publish_first_is_recognised_only_without_code_before_the_publish() -> N
     assert not _check_publish_first(_logs_first, Put)  # a global's method called
     assert not _check_publish_first(_calls_another, Put)
     assert not _check_publish_first(_keys_from_args, Put)
+    assert not _check_publish_first(_with_try, Put)
     assert not _check_publish_first(_publish_plain, None)  # args given to a handler that takes none
 
 

@@ -315,9 +315,10 @@ def _publish_first(handler: Any, args_type: Any) -> int:
 
     Proven from the bytecode, conservatively (anything not recognised is
     "no", and the command then takes the general path): a plain ``async
-    def`` with no exception handlers (a ``try``, ``with`` or ``async with``
-    anywhere rules it out, so an unwinding :class:`_NotClaimed` runs none of
-    its code) whose instructions up to the first await, followed on a model
+    def`` with no exception handlers of its own (a ``try``, ``with`` or
+    ``async with`` anywhere rules it out, so an unwinding
+    :class:`_NotClaimed` runs none of its code; see
+    :func:`_only_implicit_handlers`) whose instructions up to the first await, followed on a model
     of the value stack, do only this: load ``ctx.publish``; build its
     arguments from constants, the args parameter itself and its fields
     (``args.x`` on a ``msgspec.Struct`` is a slot read, no code), tuples,
@@ -353,12 +354,50 @@ def _returns_offset(rest: list[dis.Instruction]) -> bool:
     return len(tail) >= 2 and tail[0] == ("LOAD_ATTR", "offset") and tail[1][0] == "RETURN_VALUE"
 
 
+#: What the exception handlers Python itself adds to a coroutine (3.12+) run: the
+#: end of an ``await`` thrown into, and StopIteration turned into RuntimeError.
+_IMPLICIT_HANDLER = frozenset(
+    {"CLEANUP_THROW", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "CALL_INTRINSIC_1", "RERAISE", "CACHE", "NOP"}
+)
+
+
+def _only_implicit_handlers(code: Any, instructions: list[dis.Instruction]) -> bool:
+    """Whether every exception handler of ``code`` is one Python adds itself, none the application wrote.
+
+    From each handler's first instruction to its ``RERAISE`` or jump back,
+    only :data:`_IMPLICIT_HANDLER` instructions (``CALL_INTRINSIC_1`` only
+    as the StopIteration conversion); a ``try`` or ``with`` of the
+    application starts with ``PUSH_EXC_INFO`` and is refused.
+    """
+    entries = getattr(dis.Bytecode(code), "exception_entries", None)  # 3.11+, not in typeshed
+    if entries is None:
+        return False
+    at = {ins.offset: i for i, ins in enumerate(instructions)}
+    for entry in entries:
+        i = at.get(entry.target)
+        if i is None:
+            return False
+        for ins in instructions[i:]:
+            if ins.opname not in _IMPLICIT_HANDLER:
+                return False
+            if ins.opname == "CALL_INTRINSIC_1" and ins.argrepr != "INTRINSIC_STOPITERATION_ERROR":
+                return False
+            if ins.opname in ("RERAISE", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT"):
+                break
+        else:
+            return False
+    return True
+
+
 def _check_publish_first(handler: Any, args_type: Any) -> int:
     if not (inspect.isfunction(handler) and inspect.iscoroutinefunction(handler)):
         return _GENERAL
     code = handler.__code__
     params = 1 if args_type is None else 2
-    if code.co_exceptiontable or code.co_argcount != params or code.co_kwonlyargcount or code.co_cellvars:
+    if code.co_argcount != params or code.co_kwonlyargcount or code.co_cellvars:
+        return _GENERAL
+    instructions = list(dis.get_instructions(code))
+    if code.co_exceptiontable and not _only_implicit_handlers(code, instructions):
         return _GENERAL
     ctx_name = code.co_varnames[0]
     args_name = code.co_varnames[1] if params == 2 else None
@@ -375,7 +414,6 @@ def _check_publish_first(handler: Any, args_type: Any) -> int:
     # "awaitable" (what the publish call returned).
     stack: list[Any] = []
     called = False
-    instructions = list(dis.get_instructions(code))
     try:
         for n, ins in enumerate(instructions):
             op, arg = ins.opname, ins.arg or 0
