@@ -435,3 +435,24 @@ async def test_conflict_stores_no_success_in_the_operation(backend_factory) -> N
         assert not r.ok and r.code == "conflict"
         again = await node.dispatch(p, "expect", _raw("s:1", 5), key="K")
         assert not again.ok and again.code == "idempotency_in_progress"
+
+
+async def test_folded_outcome_outlives_the_lease_and_expires_with_the_ttl(backend_factory) -> None:
+    """The outcome stored in the step keeps the node's TTL: replayed after the lease, forgotten after the TTL.
+
+    Mutation: the Redis step sends the claim's lease as the record's expiry
+    (``expires_text = args[4]``) -> after the lease the key is claimable
+    again and the retry runs a second time: fails.
+    """
+    clock = FakeClock(T0)
+    async with backend_factory() as b, rtcore.Node(
+        make_app([]), b, clock=clock, idempotency_lease=60, idempotency_ttl=3600
+    ) as node:
+        p = rtcore.Principal("alice")
+        assert (await node.dispatch(p, "put", _raw("s:1"), key="K")).result == 1
+        clock.advance(61)
+        again = await node.dispatch(p, "put", _raw("s:1"), key="K")
+        assert again.ok and again.replayed and again.result == 1
+        clock.advance(3600)
+        fresh = await node.dispatch(p, "put", _raw("s:1", 9), key="K")  # forgotten: other arguments are fine
+        assert fresh.ok and not fresh.replayed

@@ -1160,14 +1160,22 @@ class RedisEventLog:
         return self._appended(reply, stream, type, data, now, key, expect)
 
     def _append_args(
-        self, stream: str, type: str, data: Any, now: float, key: str | None, expect: int | None, retention: Retention | None
+        self,
+        stream: str,
+        type: str,
+        data: Any,
+        now: float,
+        key: str | None,
+        expect: int | None,
+        retention: Retention | None,
+        now_text: str | None = None,
     ) -> list[Any]:
-        """The append script's arguments (see :data:`_APPEND`)."""
+        """The append script's arguments (see :data:`_APPEND`); ``now_text``: ``repr(float(now))`` if made already."""
         return [
             stream,
             type,
             _lua_arg(_encode(data)),
-            repr(float(now)),
+            repr(float(now)) if now_text is None else now_text,
             "0" if key is None else "1",
             "" if key is None else key,
             "" if expect is None else str(expect),
@@ -1532,11 +1540,14 @@ class RedisBackend(Backend):
         """Claim, append (and finish) in one script call (see :meth:`Backend.begin_append`, :data:`_IDEM_BEGIN_APPEND`)."""
         log = self.events
         args = _begin_args(fingerprint, now, lease, ttl)
-        args += log._append_args(stream, type, data, now, event_key, expect, retention)
+        # A float's repr is the dearest part of these arguments: the ones
+        # _begin_args made (now, the claim's expiry) are reused when equal.
+        args += log._append_args(stream, type, data, now, event_key, expect, retention, now_text=args[0])
         if outcome_ttl is not None:
             expires = now + outcome_ttl
             head, tail = _done_parts(fingerprint, expires)
-            args += [_lua_arg(head), _lua_arg(tail), repr(expires), _px_text(outcome_ttl)]
+            expires_text = args[2] if expires == now + max(ttl, lease) else repr(expires)
+            args += [_lua_arg(head), _lua_arg(tail), expires_text, _px_text(outcome_ttl)]
         keys = [_pair_key("idem", scope, key), *_stream_keys(stream), _ALL]
         with _ENGINE_ERRORS:
             reply = cast(list[Any], await log._pipe.call("idem_begin_append", keys, args))
