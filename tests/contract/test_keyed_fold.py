@@ -442,7 +442,9 @@ async def test_folded_outcome_outlives_the_lease_and_expires_with_the_ttl(backen
 
     Mutation: the Redis step sends the claim's lease as the record's expiry
     (``expires_text = args[4]``) -> after the lease the key is claimable
-    again and the retry runs a second time: fails.
+    again and the retry runs a second time: fails. Mutation: the SQLite
+    write over an existing (expired) record stores the offset plus one ->
+    the last replay answers 2: fails.
     """
     clock = FakeClock(T0)
     async with backend_factory() as b, rtcore.Node(
@@ -454,5 +456,10 @@ async def test_folded_outcome_outlives_the_lease_and_expires_with_the_ttl(backen
         again = await node.dispatch(p, "put", _raw("s:1"), key="K")
         assert again.ok and again.replayed and again.result == 1
         clock.advance(3600)
-        fresh = await node.dispatch(p, "put", _raw("s:1", 9), key="K")  # forgotten: other arguments are fine
-        assert fresh.ok and not fresh.replayed
+        # Forgotten: other arguments are fine. The publish's own key still
+        # finds the retained event, so nothing is appended twice (offset 1).
+        fresh = await node.dispatch(p, "put", _raw("s:1", 9), key="K")
+        assert fresh.ok and not fresh.replayed and fresh.result == 1
+        replay = await node.dispatch(p, "put", _raw("s:1", 9), key="K")  # claimed over an expired record
+        assert replay.ok and replay.replayed and replay.result == 1
+        assert await _head(b, "s:1") == 1
