@@ -10,8 +10,11 @@ machine is shared). The client's own CPU per command is printed so you can
 see it is not the bottleneck.
 
 ``--command keyed`` sends ``append`` with an idempotency key (a fresh key per
-command, each connection on its own stream, ``memory://`` in the A/B server):
-the keyed command of goal 1 (the peer has no ``append``; compare with its echo).
+command, each connection on its own stream): the keyed command of goal 1 (the
+peer has no ``append``; compare with its echo). ``--backend`` picks the
+servers' backend: ``memory://`` (default), ``sqlite`` (a fresh file per
+server) or a ``redis://`` URL (keys are unique per run, so a shared database
+needs no flush).
 With ``AB_CALLGRIND=<dir>`` every server runs under callgrind, instrumented
 only during the measured commands, and the result has instructions per
 command (deterministic, unlike CPU time on a shared machine; use a few
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 from typing import Any
 
@@ -32,6 +36,7 @@ PAYLOAD = {"p": "x" * 64}
 
 async def drive(server: Server, connections: int, commands: int, command: str) -> dict[str, float]:
     port, pid = server.port, server.pid
+    run = os.urandom(4).hex()  # keys unique per run (a redis:// database outlives the server)
     conns = [await Conn.open(port) for _ in range(connections)]
     for i, c in enumerate(conns):
         await c.hello(f"c{i}")
@@ -42,7 +47,7 @@ async def drive(server: Server, connections: int, commands: int, command: str) -
         rid = next_id[0]
         if command == "keyed":
             args = {"stream": f"bench:k:{i}", "data": PAYLOAD}
-            return {"t": "cmd", "id": rid, "name": "append", "args": args, "key": f"k-{rid}"}
+            return {"t": "cmd", "id": rid, "name": "append", "args": args, "key": f"k-{run}-{rid}"}
         return {"t": "cmd", "id": rid, "name": "echo", "args": PAYLOAD}
 
     async def worker(i: int, c: Conn, count: int, lat: list[float] | None) -> None:
@@ -85,7 +90,9 @@ def main() -> None:
     ap.add_argument("--servers", default="rtcore/asyncio,peer")
     ap.add_argument("--name", default="cmdcpu")
     ap.add_argument("--command", choices=("echo", "keyed"), default="echo")
+    ap.add_argument("--backend", default="memory://", help="memory://, sqlite (a fresh file per server) or a redis:// URL")
     args = ap.parse_args()
+    os.environ["AB_BACKEND"] = args.backend  # read by benchmarks/ab/server.py
     kinds = args.servers.split(",")
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
     load_before = load_average()

@@ -15,12 +15,15 @@ Example (the keyed2 A/B)::
 
     python benchmarks/ab/keyedcount.py sqlite:///tmp/kc.db --callgrind --reps 3 \\
         --tree main=/work/wt/base/src --tree after=src
+
+``--out FILE`` also writes every repetition (and the load average) as JSON.
 """
 
 # No "from __future__ import annotations": the app defined in child() needs its
 # annotations evaluated where the local classes are visible.
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -125,13 +128,27 @@ def main() -> None:
     p.add_argument("--tree", action="append", default=[], help="NAME=path/to/src (repeatable)")
     p.add_argument("--callgrind", action="store_true")
     p.add_argument("--nokey", action="store_true")
+    p.add_argument("--out", default=None, help="also write every repetition as JSON here")
     args = p.parse_args()
     trees = [tuple(t.split("=", 1)) for t in args.tree] or [("this", None)]
     unit = "instructions" if args.callgrind else "CPU us"
+    runs: list[dict[str, Any]] = []
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
     for rep in range(args.reps):
         for name, tree in trees if rep % 2 == 0 else list(reversed(trees)):
             value = one(args.url, tree, args)
+            runs.append({"rep": rep, "tree": name, "src": tree, "value": value})
             print(f"rep {rep} {name:10} {args.url.split(':')[0]:7} {value:12,.1f} {unit} per command", flush=True)
+    if args.out:
+        result = {
+            "args": vars(args),
+            "unit": f"{unit} per command",
+            "load_before": load_before,
+            "load_after": Path("/proc/loadavg").read_text().split()[:3],
+            "runs": runs,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print("wrote", args.out)
 
 
 if __name__ == "__main__":

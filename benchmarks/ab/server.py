@@ -2,7 +2,8 @@
 
 Run as ``python benchmarks/ab/server.py PORT LOOP`` with LOOP one of
 ``asyncio`` (plain asyncio, uvloop off), ``uvloop`` or ``trio``; prints
-``READY <port>``. It goes through :func:`rtcore.server.runner.run`, the same
+``READY <port>``. ``AB_BACKEND`` names the backend (a URL, or ``sqlite`` for
+a fresh file per server; default ``memory://``). It goes through :func:`rtcore.server.runner.run`, the same
 entry point as ``rtcore serve``, so the uvloop switch measured is the shipped one.
 """
 
@@ -65,10 +66,17 @@ def main() -> None:
         os.environ["RTCORE_UVLOOP"] = "0"
     elif loop == "uvloop":
         os.environ["RTCORE_UVLOOP"] = "1"
+    # AB_BACKEND: the backend URL (default memory://); "sqlite" means a fresh
+    # file in a new temporary directory, so every server starts empty.
+    backend = os.environ.get("AB_BACKEND") or "memory://"
+    if backend == "sqlite":
+        import tempfile
+
+        backend = f"sqlite:///{tempfile.mkdtemp(prefix='ab-sqlite-')}/ab.db"
     run(
         app,
         port=port,
-        backend="memory://",
+        backend=backend,
         grace=0.5,
         anyio_backend="trio" if loop == "trio" else "asyncio",
         on_ready=lambda bound: print("READY", bound, flush=True),

@@ -400,5 +400,64 @@ class Backend:
         self.groups = groups
         self.signals: SignalBus = signals if signals is not None else LocalSignalBus()
 
+    async def begin_append(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        now: float,
+        lease: float,
+        ttl: float,
+        stream: str,
+        type: str,
+        data: Any,
+        event_key: str,
+        expect: int | None = None,
+        retention: Retention | None = None,
+        outcome_ttl: float | None = None,
+    ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
+        """Claim a command's idempotency key and append its first event, as one operation.
+
+        The keyed command path (:func:`rtcore.engine.dispatch.dispatch`) calls
+        this instead of :meth:`IdempotencyStore.begin` followed by
+        :meth:`EventLog.append` when a handler provably does nothing before
+        its first publish: one backend operation (one group commit, one
+        script) instead of two. Engines override it to do both atomically;
+        this generic version composes the two stores' methods, so every
+        backend (memory, custom ones) keeps working.
+
+        The claim follows :meth:`IdempotencyStore.begin` exactly; the event
+        is appended (as :meth:`EventLog.append` with ``key=event_key``) only
+        when the claim succeeded. A failed append (``expect`` mismatch,
+        engine error) does not undo a claim that was made; the caller
+        releases or finishes it as for any command.
+
+        With ``outcome_ttl`` the command's outcome is known to be the event's
+        offset (its handler returns ``event.offset`` and does nothing else):
+        once the event is appended (or found, a duplicate) the key is also
+        finished, as :meth:`IdempotencyStore.finish` with
+        ``Outcome(True, event.offset)`` for ``outcome_ttl`` seconds, in the
+        same operation. Claim, event and outcome: one operation per command.
+
+        Returns:
+            ``(record, None)`` when the key was not claimable (nothing was
+            appended), else ``(None, result)``.
+
+        Raises:
+            ConflictError: claimed, but ``expect`` did not match the head.
+            BackendError: the engine failed (the claim may or may not exist).
+        """
+        existing = await self.idempotency.begin(scope, key, fingerprint, now=now, lease=lease, ttl=ttl)
+        if existing is not None:
+            return existing, None
+        result = await self.events.append(
+            stream, type, data, now=now, key=event_key, expect=expect, retention=retention
+        )
+        if outcome_ttl is not None:
+            outcome = Outcome(True, result.event.offset)
+            await self.idempotency.finish(scope, key, outcome, now=now, ttl=outcome_ttl, fingerprint=fingerprint)
+        return None, result
+
     async def aclose(self) -> None:
         """Release connections and files (the memory backend has none)."""

@@ -421,6 +421,24 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return false
 """
 
+# KEYS: record meta log idx registry all; ARGV: the 6 of idem_begin, then the
+# 11 of append, then optionally: done_head done_tail expires px.
+# A keyed command's claim and first event in one atomic step: the event is
+# appended only if the claim succeeded; otherwise the record that keeps the
+# key comes back as {'idem', record}. With the optional four, the outcome
+# (the event's offset) is stored as well, as idem_finish would: the record
+# is done_head .. <the offset as MessagePack> .. done_tail (see _done_parts).
+# F holds every body (see _BATCH).
+_IDEM_BEGIN_APPEND = """
+local rec = F['idem_begin']({KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]})
+if rec then return {'idem', rec} end
+local r = F['append']({KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]}, {unpack(ARGV, 7, 17)})
+if ARGV[18] and (r[1] == 'ok' or r[1] == 'dup') then
+  F['idem_finish']({KEYS[1]}, {ARGV[18] .. cmsgpack.pack(tonumber(r[2])) .. ARGV[19], ARGV[20], ARGV[21]})
+end
+return r
+"""
+
 # KEYS: record; ARGV: done_blob expires px
 _IDEM_FINISH = """
 redis.call('DEL', KEYS[1])
@@ -492,6 +510,7 @@ _BODIES: dict[str, str] = {
     "trim": _TRIM,
     "group_claim": _GROUP_CLAIM,
     "idem_begin": _IDEM_BEGIN,
+    "idem_begin_append": _IDEM_BEGIN_APPEND,
     "idem_finish": _IDEM_FINISH,
     "idem_release": _IDEM_RELEASE,
     "cursor_advance": _CURSOR_ADVANCE,
@@ -1135,11 +1154,28 @@ class RedisEventLog:
         retention: Retention | None = None,
     ) -> AppendResult:
         """Append one event atomically; see :meth:`rtcore.backends.base.EventLog.append`."""
-        args: list[Any] = [
+        args = self._append_args(stream, type, data, now, key, expect, retention)
+        with _ENGINE_ERRORS:
+            reply = cast(list[Any], await self._pipe.call("append", [*_stream_keys(stream), _ALL], args))
+        return self._appended(reply, stream, type, data, now, key, expect)
+
+    def _append_args(
+        self,
+        stream: str,
+        type: str,
+        data: Any,
+        now: float,
+        key: str | None,
+        expect: int | None,
+        retention: Retention | None,
+        now_text: str | None = None,
+    ) -> list[Any]:
+        """The append script's arguments (see :data:`_APPEND`); ``now_text``: ``repr(float(now))`` if made already."""
+        return [
             stream,
             type,
             _lua_arg(_encode(data)),
-            repr(float(now)),
+            repr(float(now)) if now_text is None else now_text,
             "0" if key is None else "1",
             "" if key is None else key,
             "" if expect is None else str(expect),
@@ -1147,8 +1183,11 @@ class RedisEventLog:
             *_retention_args(retention, now),
             str(self._all_maxlen),
         ]
-        with _ENGINE_ERRORS:
-            reply = cast(list[Any], await self._pipe.call("append", [*_stream_keys(stream), _ALL], args))
+
+    def _appended(
+        self, reply: list[Any], stream: str, type: str, data: Any, now: float, key: str | None, expect: int | None
+    ) -> AppendResult:
+        """The result of the append script's ``reply`` (raises ConflictError on an ``expect`` mismatch)."""
         tag = _s(reply[0])
         if tag == "conflict":
             self._observe(stream, int(_s(reply[1])))
@@ -1202,6 +1241,31 @@ def _retention_args(retention: Retention | None, now: float) -> list[str]:
     return [maxn, cutoff]
 
 
+def _begin_args(fingerprint: bytes, now: float, lease: float, ttl: float) -> list[Any]:
+    """The claim script's arguments (see :data:`_IDEM_BEGIN`)."""
+    keep = max(ttl, lease)
+    rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
+    return [repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint)]
+
+
+#: An int no offset reaches, whose MessagePack encoding marks where the offset goes in a record (see _done_parts).
+_OFFSET_MARK = 0x7E5E_7E5E_7E5E_7E5E
+_OFFSET_MARK_BYTES = _encode(_OFFSET_MARK)
+
+
+def _done_parts(fingerprint: bytes, expires: float) -> tuple[bytes, bytes]:
+    """The finished record ``Outcome(True, <offset>)`` encoded around its offset: (head, tail).
+
+    The script joins them with the offset it appended (Lua's cmsgpack packs
+    an integer as a MessagePack integer, as msgspec does), so the stored
+    record is the one :meth:`RedisIdempotencyStore.finish` would store.
+    """
+    blob = _encode(IdempotencyRecord(fingerprint, "done", expires, Outcome(True, _OFFSET_MARK)))
+    head, mark, tail = blob.partition(_OFFSET_MARK_BYTES)
+    assert mark and _OFFSET_MARK_BYTES not in tail
+    return head, tail
+
+
 class RedisIdempotencyStore:
     """:class:`~rtcore.backends.base.IdempotencyStore` on Redis (one hash per key)."""
 
@@ -1217,13 +1281,10 @@ class RedisIdempotencyStore:
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` or return the live record (see the Protocol)."""
-        keep = max(ttl, lease)
-        rec = IdempotencyRecord(fingerprint, "pending", now + keep, lease=now + lease)
-        args: list[Any] = [
-            repr(float(now)), _lua_arg(_encode(rec)), repr(rec.expires), _px_text(keep), repr(rec.lease), _lua_arg(fingerprint),
-        ]
         with _ENGINE_ERRORS:
-            raw: Any = await self._pipe.call("idem_begin", [_pair_key("idem", scope, key)], args)
+            raw: Any = await self._pipe.call(
+                "idem_begin", [_pair_key("idem", scope, key)], _begin_args(fingerprint, now, lease, ttl)
+            )
         return None if raw is None else _decode_record(cast(bytes, raw))
 
     async def finish(
@@ -1458,6 +1519,41 @@ class RedisBackend(Backend):
         )
         self.client = client
         self._stack = stack
+
+    async def begin_append(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        now: float,
+        lease: float,
+        ttl: float,
+        stream: str,
+        type: str,
+        data: Any,
+        event_key: str,
+        expect: int | None = None,
+        retention: Retention | None = None,
+        outcome_ttl: float | None = None,
+    ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
+        """Claim, append (and finish) in one script call (see :meth:`Backend.begin_append`, :data:`_IDEM_BEGIN_APPEND`)."""
+        log = self.events
+        args = _begin_args(fingerprint, now, lease, ttl)
+        # A float's repr is the dearest part of these arguments: the ones
+        # _begin_args made (now, the claim's expiry) are reused when equal.
+        args += log._append_args(stream, type, data, now, event_key, expect, retention, now_text=args[0])
+        if outcome_ttl is not None:
+            expires = now + outcome_ttl
+            head, tail = _done_parts(fingerprint, expires)
+            expires_text = args[2] if expires == now + max(ttl, lease) else repr(expires)
+            args += [_lua_arg(head), _lua_arg(tail), expires_text, _px_text(outcome_ttl)]
+        keys = [_pair_key("idem", scope, key), *_stream_keys(stream), _ALL]
+        with _ENGINE_ERRORS:
+            reply = cast(list[Any], await log._pipe.call("idem_begin_append", keys, args))
+        if _s(reply[0]) == "idem":
+            return _decode_record(cast(bytes, reply[1])), None
+        return None, log._appended(reply, stream, type, data, now, event_key, expect)
 
     async def aclose(self) -> None:
         """Close the client's connections (call from the task that opened it)."""

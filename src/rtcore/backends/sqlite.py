@@ -186,6 +186,7 @@ _STREAM_AND_KEYED = (
 _Row = tuple[int, str, int, str, str, bytes, float, str | None]
 # Claims a key that has no row at all (rowcount 1); any existing row is left
 # for the claim rule to judge.
+_IDEM_EXISTS = "SELECT 1 FROM idempotency WHERE scope = ? AND key = ?"
 _IDEM_CLAIM_NEW = "INSERT OR IGNORE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)"
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -515,6 +516,85 @@ def _rows_after(conn: sqlite3.Connection, cursor: int) -> tuple[list[_Row], int]
         conn.execute("COMMIT")
 
 
+def _append_rows(
+    conn: sqlite3.Connection,
+    stream: str,
+    type_: str,
+    blob: bytes,
+    data: Any,
+    now: float,
+    key: str | None,
+    expect: int | None,
+    retention: Retention | None,
+    committed: list[tuple[int, Event]],
+) -> AppendResult | int:
+    """The statements of one append (inside the caller's transaction); the head on an ``expect`` mismatch.
+
+    A new event goes to ``committed`` (with its ``seq``), for the live feeds
+    once the transaction has committed.
+    """
+    if key is None:
+        epoch, head = _ensure_stream(conn, stream)
+    else:
+        # The stream's row and the keyed event (if retained) in one statement.
+        row = conn.execute(_STREAM_AND_KEYED, (key, stream)).fetchone()
+        if row is None:
+            epoch, head = _ensure_stream(conn, stream)
+        elif row[2] is not None:
+            return AppendResult(_row_event(row[2:]), duplicate=True)
+        else:
+            epoch, head = row[0], row[1]
+    if expect is not None and expect != head:
+        return head
+    head += 1
+    conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head, stream))
+    cur = conn.execute(
+        "INSERT INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (stream, head, epoch, type_, blob, now, key),
+    )
+    if retention is not None:
+        _trim(conn, stream, retention, now)
+    event = Event(stream, epoch, head, type_, data, now, key)
+    assert cur.lastrowid is not None
+    committed.append((cur.lastrowid, event))
+    return AppendResult(event)
+
+
+def _claim(
+    conn: sqlite3.Connection, scope: str, key: str, fingerprint: bytes, now: float, params: tuple[Any, ...]
+) -> IdempotencyRecord | None:
+    """Claim ``key`` (``params``: its pending row) or return the record that keeps it (see ``begin``)."""
+    # A fresh key (nearly every command) is claimed by one statement;
+    # only a key that has a row is read and judged by the claim rule.
+    if conn.execute(_IDEM_CLAIM_NEW, params).rowcount == 1:
+        return None
+    row = conn.execute("SELECT record, expires FROM idempotency WHERE scope = ? AND key = ?", (scope, key)).fetchone()
+    if row is not None and row[1] > now:
+        rec = _decode_record(row[0])
+        if not claimable(rec, fingerprint, now):
+            return rec
+    conn.execute(
+        "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)", params
+    )
+    return None
+
+
+def _store_done(conn: sqlite3.Connection, scope: str, key: str, blob: bytes, expires: float, now: float, sweep: bool) -> None:
+    """Write the finished record of ``key`` (``blob``, expiring at ``expires``); ``sweep``: also delete expired records."""
+    conn.execute(
+        "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
+        (scope, key, "done", expires, blob),
+    )
+    if sweep:  # occasional garbage collection keeps the table bounded
+        conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+
+
+def _pending_params(scope: str, key: str, fingerprint: bytes, now: float, lease: float, ttl: float) -> tuple[Any, ...]:
+    """The row of a pending claim of ``key``."""
+    pending = IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease)
+    return (scope, key, "pending", pending.expires, _encode(pending))
+
+
 class SqliteEventLog:
     """:class:`~rtcore.backends.base.EventLog` on an SQLite file."""
 
@@ -548,31 +628,7 @@ class SqliteEventLog:
 
         def tx(conn: sqlite3.Connection) -> AppendResult | int:
             committed.clear()  # a rerun of the group (see _run_group) starts afresh
-            if key is None:
-                epoch, head = _ensure_stream(conn, stream)
-            else:
-                # The stream's row and the keyed event (if retained) in one statement.
-                row = conn.execute(_STREAM_AND_KEYED, (key, stream)).fetchone()
-                if row is None:
-                    epoch, head = _ensure_stream(conn, stream)
-                elif row[2] is not None:
-                    return AppendResult(_row_event(row[2:]), duplicate=True)
-                else:
-                    epoch, head = row[0], row[1]
-            if expect is not None and expect != head:
-                return head
-            head += 1
-            conn.execute("UPDATE streams SET head = ? WHERE name = ?", (head, stream))
-            cur = conn.execute(
-                "INSERT INTO events (stream, off, epoch, type, data, ts, key) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (stream, head, epoch, type, blob, now, key),
-            )
-            if retention is not None:
-                _trim(conn, stream, retention, now)
-            event = Event(stream, epoch, head, type, data, now, key)
-            assert cur.lastrowid is not None
-            committed.append((cur.lastrowid, event))
-            return AppendResult(event)
+            return _append_rows(conn, stream, type, blob, data, now, key, expect, retention, committed)
 
         # Filled inside the transaction, published to the shared queue only
         # once the group's COMMIT returned (a rolled-back append must never
@@ -641,38 +697,19 @@ class SqliteIdempotencyStore:
         self, scope: str, key: str, fingerprint: bytes, *, now: float, lease: float, ttl: float = DEFAULT_TTL
     ) -> IdempotencyRecord | None:
         """Claim ``key`` or return the live record (see the Protocol)."""
-        pending = IdempotencyRecord(fingerprint, "pending", now + max(ttl, lease), lease=now + lease)
+        params = _pending_params(scope, key, fingerprint, now, lease, ttl)
+        return await self._db.write(lambda conn: _claim(conn, scope, key, fingerprint, now, params))
 
-        blob = _encode(pending)
-        params = (scope, key, "pending", pending.expires, blob)
-
-        def tx(conn: sqlite3.Connection) -> IdempotencyRecord | None:
-            # A fresh key (nearly every command) is claimed by one statement;
-            # only a key that has a row is read and judged by the claim rule.
-            if conn.execute(_IDEM_CLAIM_NEW, params).rowcount == 1:
-                return None
-            row = conn.execute(
-                "SELECT record, expires FROM idempotency WHERE scope = ? AND key = ?", (scope, key)
-            ).fetchone()
-            if row is not None and row[1] > now:
-                rec = _decode_record(row[0])
-                if not claimable(rec, fingerprint, now):
-                    return rec
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
-                params,
-            )
-            return None
-
-        return await self._db.write(tx)
+    def _count_finish(self) -> bool:
+        """Count one finish; whether it is the one that also deletes expired records (every 1024th)."""
+        self._finishes += 1
+        return self._finishes % 1024 == 0
 
     async def finish(
         self, scope: str, key: str, outcome: Outcome, *, now: float, ttl: float, fingerprint: bytes | None = None
     ) -> None:
         """Store the final outcome for ``ttl`` seconds."""
-        self._finishes += 1
-        sweep = self._finishes % 1024 == 0
-
+        sweep = self._count_finish()
         # With the fingerprint given (dispatch always gives it) the record is
         # encoded here, off the worker, and the write is one statement.
         done = None if fingerprint is None else _encode(IdempotencyRecord(fingerprint, "done", now + ttl, outcome))
@@ -685,12 +722,7 @@ class SqliteIdempotencyStore:
                 ).fetchone()
                 fp = _decode_record(row[0]).fingerprint if row is not None else b""
                 blob = _encode(IdempotencyRecord(fp, "done", now + ttl, outcome))
-            conn.execute(
-                "INSERT OR REPLACE INTO idempotency (scope, key, state, expires, record) VALUES (?, ?, ?, ?, ?)",
-                (scope, key, "done", now + ttl, blob),
-            )
-            if sweep:  # occasional garbage collection keeps the table bounded
-                conn.execute("DELETE FROM idempotency WHERE expires <= ?", (now,))
+            _store_done(conn, scope, key, blob, now + ttl, now, sweep)
 
         await self._db.write(tx)
 
@@ -913,6 +945,7 @@ class SqliteBackend(Backend):
     """All stores in one SQLite file (``sqlite:///path.db``)."""
 
     events: SqliteEventLog
+    idempotency: SqliteIdempotencyStore
 
     def __init__(self, url: str, db: _Db) -> None:
         super().__init__(
@@ -925,6 +958,65 @@ class SqliteBackend(Backend):
             groups=SqliteGroupLog(db),
         )
         self._db = db
+
+    async def begin_append(
+        self,
+        scope: str,
+        key: str,
+        fingerprint: bytes,
+        *,
+        now: float,
+        lease: float,
+        ttl: float,
+        stream: str,
+        type: str,
+        data: Any,
+        event_key: str,
+        expect: int | None = None,
+        retention: Retention | None = None,
+        outcome_ttl: float | None = None,
+    ) -> tuple[IdempotencyRecord | None, AppendResult | None]:
+        """Claim, append (and finish) in one write of one group commit (see :meth:`Backend.begin_append`).
+
+        Every statement's effect becomes durable with the same COMMIT, and
+        the caller is answered only after it: the claim, the event only if
+        the claim succeeded, the outcome only if the event is there.
+        """
+        params = _pending_params(scope, key, fingerprint, now, lease, ttl)
+        blob = _encode(data)
+        log = self.events
+        sweep = False
+        if outcome_ttl is not None:
+            sweep = self.idempotency._count_finish()
+
+        def tx(conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
+            committed.clear()  # a rerun of the group (see _run_group) starts afresh
+            if outcome_ttl is not None and conn.execute(_IDEM_EXISTS, (scope, key)).fetchone() is None:
+                # A fresh key (nearly every command): the claim would be
+                # overwritten in this same transaction, so only the final row
+                # is written: the outcome, or the claim if the append conflicts.
+                fresh = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
+                if isinstance(fresh, int):
+                    conn.execute(_IDEM_CLAIM_NEW, params)
+                else:
+                    done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, fresh.event.offset))
+                    _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
+                return None, fresh
+            existing = _claim(conn, scope, key, fingerprint, now, params)
+            if existing is not None:
+                return existing, None
+            result = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
+            if outcome_ttl is not None and not isinstance(result, int):
+                done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, result.event.offset))
+                _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
+            return None, result
+
+        committed: list[tuple[int, Event]] = []
+        existing, result = await self._db.write(tx, after=lambda: log._committed.extend(committed))
+        log._drain()
+        if isinstance(result, int):
+            raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
+        return existing, result
 
     async def aclose(self) -> None:
         """Close the connection (checkpointing the WAL is left to SQLite)."""

@@ -13,16 +13,18 @@ from __future__ import annotations
 import dis
 import inspect
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import msgspec
 
-from ..errors import AuthError, BadRequest, RtcoreError, Unavailable, error_from_wire
+from ..errors import AuthError, BadRequest, ConflictError, RtcoreError, Unavailable, error_from_wire
 from ..protocol.codec import codec_for
 from ..protocol.idempotency import Replay, check_key, decide, fingerprint, scope_of
-from ..protocol.types import Event, Outcome
+from ..protocol.streams import check_stream
+from ..protocol.types import Event, IdempotencyRecord, Outcome
 from .app import Context, Principal
 
 if TYPE_CHECKING:
@@ -131,6 +133,11 @@ async def dispatch(
     scope = scope_of(principal.id if principal else None)
     fp = fingerprint(name, value)
     now = node.clock()
+    shape = _publish_first(spec.handler, spec.args_type)
+    if shape:
+        return await _dispatch_publish_first(
+            node, spec.handler, spec.args_type, principal, name, value, scope, key, fp, now, shape == _ONLY
+        )
     try:
         existing = await node.backend.idempotency.begin(
             scope, key, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl
@@ -168,6 +175,302 @@ async def dispatch(
             # which appends nothing twice (publishes are keyed by the command key).
             log.exception("could not store the outcome of %r under key %r", name, key)
     return reply
+
+
+#: What a publish-first handler's claim is: not tried yet, made, refused, unknown (the attempt
+#: failed), or made and finished in the same operation (the outcome is the event's offset).
+_UNTRIED, _CLAIMED, _REFUSED, _UNKNOWN, _DONE = range(5)
+
+#: What :func:`_publish_first` found: not publish-first; publish-first; and also returning the event's offset.
+_GENERAL, _FIRST, _ONLY = range(3)
+
+
+class _NotClaimed(BaseException):
+    """Unwinds a publish-first handler whose key another execution holds (see :func:`_dispatch_publish_first`).
+
+    A BaseException so that the handler's own ``except Exception`` cannot
+    swallow it (:func:`_publish_first` admits only handlers with no
+    exception handlers at all, so nothing of the handler runs after it).
+    """
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__()
+        self.record = record
+
+
+async def _dispatch_publish_first(
+    node: Node,
+    handler: Callable[..., Awaitable[Any]],
+    args_type: Any,
+    principal: Principal | None,
+    name: str,
+    value: Any,
+    scope: str,
+    key: str,
+    fp: bytes,
+    now: float,
+    only: bool,
+) -> Reply:
+    """A keyed command whose handler's first step is its first publish: claim and append as one operation.
+
+    :func:`_publish_first` has proven that the handler does nothing before
+    it awaits ``ctx.publish`` (no call, no store, no branch, no exception
+    handler), so running it before the key is claimed does nothing a
+    retried key could do twice. That publish goes to
+    :meth:`~rtcore.backends.base.Backend.begin_append`: the claim and the
+    event in one backend operation (one group commit on SQLite, one script
+    on Redis) instead of two. If the key is not claimable, nothing was
+    appended and the handler is unwound (:class:`_NotClaimed`) before it
+    resumes; the stored record then decides the reply, as in
+    :func:`dispatch`. Everything after the claim (finish, release, the ack
+    after the outcome is stored) is as in :func:`dispatch`.
+
+    ``only``: the handler does nothing after the publish but return the
+    event's offset (``_ONLY``), so the outcome is known inside the backend
+    operation, which then also stores it: claim, event and outcome in one
+    operation, and nothing is left to store after the handler returns.
+    """
+    ctx = CommandContext(node, principal, name, f"{scope}:{key}")
+    ctx._claim = (scope, key, fp, now)
+    ctx._only = only
+    try:
+        reply = await _execute(node, handler, args_type, principal, name, value, None, ctx)
+    except _NotClaimed as refused:
+        return _replay(node, refused.record, fp)
+    except BaseException:
+        # Cancelled while the handler ran: as in dispatch, a claim it holds is
+        # released (shielded); an unknown one is left to lapse after its lease
+        # (releasing it could free another execution's live claim).
+        if ctx._claim_state == _CLAIMED:
+            with anyio.CancelScope(shield=True):
+                await _release(node, scope, key)
+        raise
+    state = ctx._claim_state
+    if state == _DONE and reply.ok and reply.result == ctx._offset:
+        return reply  # the operation that appended the event stored this outcome
+    if state == _UNKNOWN and not reply.ok and reply.retryable:
+        # The claim-and-append failed in the engine and the handler passed the
+        # retryable error on: whether the claim landed is unknown, so it is
+        # not released (a retry gets in_progress until the lease lapses).
+        return reply
+    if state == _DONE:
+        # Not the offset the operation stored (the proof rules this out):
+        # the handler's own reply is the outcome, stored over the other.
+        state = _CLAIMED
+    if state != _CLAIMED:
+        # The handler failed before its publish reached the backend (a bad
+        # stream name, unencodable data): claim now, as dispatch does first.
+        try:
+            existing = await node.backend.idempotency.begin(
+                scope, key, fp, now=node.clock(), lease=node.idempotency_lease, ttl=node.idempotency_ttl
+            )
+            if existing is not None:
+                return _replay(node, existing, fp)
+        except RtcoreError as exc:
+            return Reply.error(exc)
+    await _settle(node, name, scope, key, fp, reply)
+    return reply
+
+
+def _replay(node: Node, record: IdempotencyRecord, fp: bytes) -> Reply:
+    """The reply for a key that ``record`` keeps (see :func:`~rtcore.protocol.idempotency.decide`)."""
+    try:
+        decision = decide(record, fp)
+    except RtcoreError as exc:
+        return Reply.error(exc)
+    assert isinstance(decision, Replay)
+    node.stats["idempotent_replays"] += 1
+    return Reply.from_outcome(decision.outcome, replayed=True)
+
+
+async def _settle(node: Node, name: str, scope: str, key: str, fp: bytes, reply: Reply) -> None:
+    """Store ``reply`` as the claimed key's outcome, or release the key (retryable failure); as :func:`dispatch`."""
+    try:
+        if reply.ok or not reply.retryable:
+            outcome = Outcome(True, reply.result) if reply.ok else Outcome(False, None, reply.code, reply.message, reply.http_status)
+            await _finish(node, scope, key, outcome, fp)
+        else:
+            with anyio.CancelScope(shield=True):
+                await _release(node, scope, key)
+    except RtcoreError:
+        log.exception("could not store the outcome of %r under key %r", name, key)
+
+
+#: Instructions without any effect on the value stack or the application (see :func:`_publish_first`).
+_NO_EFFECT = frozenset({"RESUME", "NOP", "CACHE", "PRECALL", "KW_NAMES", "COPY_FREE_VARS"})
+
+#: Constant types a dict literal's keys may have before the publish (hashing them runs no application code).
+_PLAIN_KEYS = (str, int, float, bytes, bool, type(None))
+
+#: (handler, args type) -> what _publish_first found (a plain dict, as _NEVER_SUSPENDS).
+_PUBLISH_FIRST: dict[tuple[Any, Any], int] = {}
+
+
+def _publish_first(handler: Any, args_type: Any) -> int:
+    """Whether ``handler``'s first step is ``await ctx.publish(...)`` with nothing of the application before it.
+
+    Returns :data:`_GENERAL` (no), :data:`_FIRST` (yes) or :data:`_ONLY`
+    (yes, and after the publish it only returns the event's ``offset``,
+    see :func:`_returns_offset`).
+
+    Proven from the bytecode, conservatively (anything not recognised is
+    "no", and the command then takes the general path): a plain ``async
+    def`` with no exception handlers of its own (a ``try``, ``with`` or
+    ``async with`` anywhere rules it out, so an unwinding
+    :class:`_NotClaimed` runs none of its code; see
+    :func:`_only_implicit_handlers`) whose instructions up to the first await, followed on a model
+    of the value stack, do only this: load ``ctx.publish``; build its
+    arguments from constants, the args parameter itself and its fields
+    (``args.x`` on a ``msgspec.Struct`` is a slot read, no code), tuples,
+    lists and dict literals with constant keys; call that publish (the only
+    call) and await its coroutine. No global name, no other call, no store,
+    no branch: nothing the application could see happens before the
+    publish, so it may run before the key is claimed.
+    """
+    known = _PUBLISH_FIRST.get((handler, args_type))
+    if known is not None:
+        return known
+    shape = _check_publish_first(handler, args_type)
+    _PUBLISH_FIRST[(handler, args_type)] = shape
+    return shape
+
+
+#: Instructions of an ``await``'s wait loop (after GET_AWAITABLE), which run nothing of the application.
+_AWAIT_LOOP = frozenset({"LOAD_CONST", "SEND", "YIELD_VALUE", "RESUME", "JUMP_BACKWARD_NO_INTERRUPT", "END_SEND", "CACHE", "NOP"})
+
+
+def _returns_offset(rest: list[dis.Instruction]) -> bool:
+    """Whether the instructions after a publish's GET_AWAITABLE only await it and return the event's ``offset``.
+
+    Either ``return (await ctx.publish(...)).offset`` or ``event = await
+    ctx.publish(...)`` then ``return event.offset``, and nothing else.
+    """
+    i = 0
+    while i < len(rest) and rest[i].opname in _AWAIT_LOOP:
+        i += 1
+    tail = [(ins.opname, ins.argval) for ins in rest[i:] if ins.opname != "CACHE"]
+    if len(tail) >= 4 and tail[0][0] == "STORE_FAST" and tail[1] == ("LOAD_FAST", tail[0][1]):
+        tail = tail[2:]
+    return len(tail) >= 2 and tail[0] == ("LOAD_ATTR", "offset") and tail[1][0] == "RETURN_VALUE"
+
+
+#: What the exception handlers Python itself adds to a coroutine (3.12+) run: the
+#: end of an ``await`` thrown into, and StopIteration turned into RuntimeError.
+_IMPLICIT_HANDLER = frozenset(
+    {"CLEANUP_THROW", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT", "CALL_INTRINSIC_1", "RERAISE", "CACHE", "NOP"}
+)
+
+
+def _only_implicit_handlers(code: Any, instructions: list[dis.Instruction]) -> bool:
+    """Whether every exception handler of ``code`` is one Python adds itself, none the application wrote.
+
+    From each handler's first instruction to its ``RERAISE`` or jump back,
+    only :data:`_IMPLICIT_HANDLER` instructions (``CALL_INTRINSIC_1`` only
+    as the StopIteration conversion); a ``try`` or ``with`` of the
+    application starts with ``PUSH_EXC_INFO`` and is refused.
+    """
+    entries = getattr(dis.Bytecode(code), "exception_entries", None)  # 3.11+, not in typeshed
+    if entries is None:
+        return False
+    at = {ins.offset: i for i, ins in enumerate(instructions)}
+    for entry in entries:
+        i = at.get(entry.target)
+        if i is None:
+            return False
+        for ins in instructions[i:]:
+            if ins.opname not in _IMPLICIT_HANDLER:
+                return False
+            if ins.opname == "CALL_INTRINSIC_1" and ins.argrepr != "INTRINSIC_STOPITERATION_ERROR":
+                return False
+            if ins.opname in ("RERAISE", "JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT"):
+                break
+        else:
+            return False
+    return True
+
+
+def _check_publish_first(handler: Any, args_type: Any) -> int:
+    if not (inspect.isfunction(handler) and inspect.iscoroutinefunction(handler)):
+        return _GENERAL
+    code = handler.__code__
+    params = 1 if args_type is None else 2
+    if code.co_argcount != params or code.co_kwonlyargcount or code.co_cellvars:
+        return _GENERAL
+    instructions = list(dis.get_instructions(code))
+    if code.co_exceptiontable and not _only_implicit_handlers(code, instructions):
+        return _GENERAL
+    ctx_name = code.co_varnames[0]
+    args_name = code.co_varnames[1] if params == 2 else None
+    fields: frozenset[str] = frozenset()
+    if isinstance(args_type, type) and issubclass(args_type, msgspec.Struct):
+        fields = frozenset(
+            f
+            for f in args_type.__struct_fields__
+            if type(inspect.getattr_static(args_type, f, None)).__name__ == "member_descriptor"
+        )
+    # The value stack, modelled: ("const", value), "ctx", "args", "value"
+    # (a field, or something built of inert values), "publish" + "self" (the
+    # bound method, as LOAD_METHOD / a method LOAD_ATTR push it), "null",
+    # "awaitable" (what the publish call returned).
+    stack: list[Any] = []
+    called = False
+    try:
+        for n, ins in enumerate(instructions):
+            op, arg = ins.opname, ins.arg or 0
+            if op in _NO_EFFECT:
+                continue
+            if op == "RETURN_GENERATOR":
+                stack.append("generator")
+            elif op == "POP_TOP":
+                stack.pop()
+            elif op == "LOAD_CONST":
+                stack.append(("const", ins.argval))
+            elif op == "PUSH_NULL":
+                stack.append("null")
+            elif op == "LOAD_FAST":
+                if ins.argval == ctx_name:
+                    stack.append("ctx")
+                elif args_name is not None and ins.argval == args_name:
+                    stack.append("args")
+                else:
+                    return _GENERAL
+            elif op in ("LOAD_METHOD", "LOAD_ATTR"):
+                owner = stack.pop()
+                method = op == "LOAD_METHOD" or (sys.version_info >= (3, 12) and arg & 1)
+                if owner == "ctx" and ins.argval == "publish" and method and not called:
+                    stack += ["publish", "self"]
+                elif owner == "args" and ins.argval in fields and not method:
+                    stack.append("value")
+                else:
+                    return _GENERAL
+            elif op in ("BUILD_TUPLE", "BUILD_LIST"):
+                del stack[len(stack) - arg :]
+                stack.append("value")
+            elif op == "BUILD_CONST_KEY_MAP":
+                del stack[len(stack) - arg - 1 :]
+                stack.append("value")
+            elif op == "BUILD_MAP":
+                items = stack[len(stack) - 2 * arg :]
+                if any(not (isinstance(k, tuple) and isinstance(k[1], _PLAIN_KEYS)) for k in items[0::2]):
+                    return _GENERAL
+                del stack[len(stack) - 2 * arg :]
+                stack.append("value")
+            elif op == "CALL":
+                del stack[len(stack) - arg :]
+                if called or stack[-2:] != ["publish", "self"]:
+                    return _GENERAL
+                del stack[-2:]
+                stack.append("awaitable")
+                called = True
+            elif op == "GET_AWAITABLE":
+                if not (called and stack[-1] == "awaitable"):
+                    return _GENERAL
+                return _ONLY if _returns_offset(instructions[n + 1 :]) else _FIRST
+            else:
+                return _GENERAL
+    except (IndexError, TypeError):  # a stack shape this model does not know
+        return _GENERAL
+    return _GENERAL
 
 
 #: Instructions with which a coroutine may suspend (``await``, ``async for``, ``async with``).
@@ -316,8 +619,10 @@ async def _execute(
     name: str,
     value: Any,
     publish_scope: str | None,
+    ctx: CommandContext | None = None,
 ) -> Reply:
-    ctx = CommandContext(node, principal, name, publish_scope)
+    if ctx is None:
+        ctx = CommandContext(node, principal, name, publish_scope)
     try:
         result = await (handler(ctx) if args_type is None else handler(ctx, value))
         return Reply(True, msgspec.to_builtins(result))
@@ -336,12 +641,17 @@ class CommandContext(Context):
     command re-executed after a crash therefore appends nothing twice.
     """
 
-    __slots__ = ("_n", "_scope")
+    __slots__ = ("_claim", "_claim_state", "_n", "_offset", "_only", "_scope")
 
     def __init__(self, node: Node, principal: Principal | None, command: str, scope: str | None) -> None:
         super().__init__(node, principal, command, scope)
         self._scope = scope
         self._n = 0
+        #: (scope, key, fingerprint, now) of a claim the first publish makes (see _dispatch_publish_first).
+        self._claim: tuple[str, str, bytes, float] | None = None
+        self._claim_state = _UNTRIED
+        self._only = False  # the claim's operation also stores the outcome, the event's offset
+        self._offset = 0  # the offset it stored
 
     async def publish(
         self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
@@ -349,4 +659,34 @@ class CommandContext(Context):
         if key is None and self._scope is not None:
             self._n += 1
             key = f"cmd:{self._scope}:{self._n}"
+        if self._claim is not None:
+            return await self._claim_and_publish(stream, type, data, key, expect)
         return await self.node.publish(stream, type, data, key=key, expect=expect)
+
+    async def _claim_and_publish(self, stream: str, type: str, data: Any, key: str | None, expect: int | None) -> Event:
+        """The first publish of a publish-first handler: the command's claim and this event in one operation."""
+        assert self._claim is not None and key is not None
+        scope, ikey, fp, now = self._claim
+        self._claim = None
+        node = self.node
+        check_stream(stream)  # as Node.publish; failing here, nothing was tried
+        payload = msgspec.to_builtins(data)
+        self._claim_state = _UNKNOWN
+        try:
+            existing, result = await node.backend.begin_append(
+                scope, ikey, fp, now=now, lease=node.idempotency_lease, ttl=node.idempotency_ttl,
+                stream=stream, type=type, data=payload, event_key=key, expect=expect,
+                retention=node.app.retention_for(stream), outcome_ttl=node.idempotency_ttl if self._only else None,
+            )
+        except ConflictError:
+            self._claim_state = _CLAIMED  # claimed; only the append's ``expect`` failed
+            raise
+        if existing is not None:
+            self._claim_state = _REFUSED
+            raise _NotClaimed(existing)
+        assert result is not None
+        if self._only:
+            self._claim_state, self._offset = _DONE, result.event.offset
+        else:
+            self._claim_state = _CLAIMED
+        return result.event
