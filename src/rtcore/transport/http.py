@@ -12,6 +12,10 @@ Why it is built this way:
   §6.3 forbids). Every request head is therefore held back until
   :class:`~rtcore.transport.head.HeadScanner` has validated it, and the framing
   headers are checked before a body byte is read.
+* **Upgrades skip h11.** A plain WebSocket upgrade (the data plane's one
+  HTTP request per connection) is read by :func:`~rtcore.transport.fasthead.parse_get`
+  and answered by hand; any head it does not take, and every other request,
+  goes through h11 as below, so odd requests get h11's answer.
 * **A fresh h11 connection per request.** The scanner must see a request's
   bytes before h11 does, but h11 buffers what follows the previous request.
   Taking ``trailing_data`` from the finished ``h11.Connection`` and starting a
