@@ -12,6 +12,10 @@ Why it is built this way:
   §6.3 forbids). Every request head is therefore held back until
   :class:`~rtcore.transport.head.HeadScanner` has validated it, and the framing
   headers are checked before a body byte is read.
+* **Upgrades skip h11.** A plain WebSocket upgrade (the data plane's one
+  HTTP request per connection) is read by :func:`~rtcore.transport.fasthead.parse_get`
+  and answered by hand; any head it does not take, and every other request,
+  goes through h11 as below, so odd requests get h11's answer.
 * **A fresh h11 connection per request.** The scanner must see a request's
   bytes before h11 does, but h11 buffers what follows the previous request.
   Taking ``trailing_data`` from the finished ``h11.Connection`` and starting a
@@ -47,7 +51,8 @@ from ..logs import HTTP as ACCESS_LOG
 from ..logs import emit
 from .aiostream import ProtocolStream, close_forcefully
 from .config import ServerLimits, WebSocketPolicy
-from .handshake import is_websocket_upgrade, negotiate
+from .fasthead import parse_get
+from .handshake import Handshake, is_websocket_upgrade, negotiate
 from .head import HeadScanner
 from .messages import (
     Headers,
@@ -84,6 +89,9 @@ HttpHandler = Callable[[HttpRequest], Awaitable[HttpResponse | StreamingResponse
 # Framing is ours: the application may not set these.
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding"})
 _CONTENT_LENGTHS = re.compile(rb"\r\ncontent-length[ \t]*:([^\r]*)", re.IGNORECASE)
+#: Whether WebSocket upgrades skip h11 when fasthead can read their head
+#: (tests turn it off to compare the two paths).
+_FAST_UPGRADE = True
 _ENDED = (anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream, OSError, TimeoutError)
 
 
@@ -302,6 +310,8 @@ class HttpConnection:
                 # proxy that takes the first and one that takes the last would
                 # disagree (RFC 9112 §6.3 allows refusing them).
                 raise BadRequest("more than one Content-Length value is refused")
+            if _FAST_UPGRADE and buf.startswith(b"GET /", start) and await self._fast_upgrade(buf, start, end):
+                return
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
             conn.receive_data(bytes(buf[start:]))
             buf.clear()
@@ -532,6 +542,35 @@ class HttpConnection:
 
     # -- WebSocket -----------------------------------------------------------------
 
+    async def _fast_upgrade(self, buf: bytearray, start: int, end: int) -> bool:
+        """Accept or refuse a WebSocket upgrade without h11 (see :mod:`.fasthead`).
+
+        ``False`` (nothing done, ``buf`` untouched) when the head is not a plain
+        upgrade on a WebSocket path: the caller then goes the h11 way.
+        """
+        parsed = parse_get(buf, start, end)
+        if parsed is None:
+            return False
+        target, headers = parsed
+        path, _, query = split_target(target)
+        policy = self._state.policy
+        if not is_websocket_upgrade(headers) or not (policy.paths is None or path in policy.paths):
+            return False
+        # From here on as _handle and _upgrade: the same checks in the same order.
+        self._current = ("GET", path, time.perf_counter())
+        state = self._state
+        handshake = negotiate(b"GET", b"1.1", headers, state.policy, self._limits)
+        # No body to wait for: without Content-Length or Transfer-Encoding a
+        # request has none (RFC 9112 §6.3), so h11 would end the message here.
+        if state.shutdown.started:
+            raise Unavailable("the server is shutting down", code="shutdown")
+        # The bytes h11 writes for this 101 (status line without a reason phrase).
+        response = b"HTTP/1.1 101 \r\n" + b"".join(k + b": " + v + b"\r\n" for k, v in handshake.headers) + b"\r\n"
+        trailing = bytes(buf[end:])
+        buf.clear()
+        await self._accept(handshake, headers, path, query, response, trailing)
+        return True
+
     async def _upgrade(
         self, conn: h11.Connection, event: h11.Request, headers: Headers, path: str, query: dict[str, str]
     ) -> None:
@@ -543,6 +582,14 @@ class HttpConnection:
             raise Unavailable("the server is shutting down", code="shutdown")
         response = conn.send(h11.InformationalResponse(status_code=101, headers=handshake.headers))
         assert response is not None
+        trailing, _ = conn.trailing_data
+        await self._accept(handshake, headers, path, query, response, trailing)
+
+    async def _accept(
+        self, handshake: Handshake, headers: Headers, path: str, query: dict[str, str], response: bytes, trailing: bytes
+    ) -> None:
+        """Send the 101 and set the WebSocket up (run() runs it)."""
+        state = self._state
         stream = self._stream
         # On a ProtocolStream the 101 nearly always goes out at once: no deadline
         # (a cancel scope entered and left per connect) unless it has to wait.
@@ -551,7 +598,6 @@ class HttpConnection:
                 await stream.send(response)
         self._committed = True
         self._access(101, None)
-        trailing, _ = conn.trailing_data
         transport = WebSocketTransport(
             self._stream,
             encoding=handshake.encoding,

@@ -367,7 +367,10 @@ class WebSocketTransport:
         # extensions, one that rests between messages is the same for every connection:
         # a read loop about to wait gives it back to a shared pool (_park) and takes one
         # again when it next needs one (the _ws property): idle connections hold none.
-        self._wsc: Connection | None = _new_wsproto(extensions)
+        # A new one without extensions starts parked: the first messages (hello,
+        # sub) go through the fast frame reader, and a connect builds no wsproto
+        # connection at all unless a frame needs one.
+        self._wsc: Connection | None = _new_wsproto(extensions) if extensions or not _POOLING else None
         self._trailing = trailing_data
         self._direct = _direct_writer(stream)
         # Fast path: bytes of a send_nowait the kernel did not take; they go out
