@@ -161,3 +161,35 @@ async def test_a_loop_that_stopped_before_enabling_the_collector_does_not_leave_
     finally:
         runtime._Collector.owned = False
         runtime._Collector.pending = None
+
+
+async def test_tick_steps_that_overlap_without_end_do_not_starve_the_collector(eager_collector: list[str]) -> None:
+    """While one room's tick step waits (on its backend, say) and young collections
+    fall overdue, the next tick step to start gives the collector back instead of
+    holding it off again: overlapping steps (many rooms on ``sqlite://``) must not
+    keep it off for good.
+
+    Mutation seen caught: drop the ``_OVERDUE`` check in ``_hold_collector`` → the
+    collector stays disabled through the second step → fails.
+    """
+    from rtcore.rooms import runtime
+
+    runtime._hold_collector()  # a step in progress that waits
+    try:
+        assert not gc.isenabled()
+        junk = [[i] for i in range(100)]  # young allocations pile up: overdue
+        assert gc.get_count()[0] > runtime._OVERDUE * gc.get_threshold()[0]
+        runtime._hold_collector()  # another room's step starts meanwhile
+        try:
+            assert gc.isenabled()
+            started = len(eager_collector)
+            [[k] for k in range(10)]
+            assert len(eager_collector) > started  # collections run again
+        finally:
+            runtime._release_collector()
+        del junk
+    finally:
+        runtime._release_collector()
+    await anyio.sleep(0.01)
+    assert gc.isenabled()
+    assert not runtime._Collector.owned and runtime._Collector.depth == 0

@@ -1018,6 +1018,11 @@ class _Actor:
         return True
 
 
+#: A tick step holds the collector off only until a young collection is this many
+#: thresholds overdue (gen-0 allocations counted since the last collection).
+_OVERDUE = 4
+
+
 class _Collector:
     """Whether the rooms hold CPython's cyclic collector off (see :func:`_hold_collector`)."""
 
@@ -1044,6 +1049,14 @@ def _hold_collector() -> None:
         # That loop stopped before running its callbacks (another loop runs
         # now, or none): the collector must not stay off for good.
         _enable_collector()
+    if _Collector.owned and gc.get_count()[0] > _OVERDUE * gc.get_threshold()[0]:
+        # Tick steps that overlap without end (many rooms whose steps wait on
+        # sqlite:// or redis://) would keep the count from ever reaching 0:
+        # once a young collection is this overdue, give the collector back
+        # until the steps in progress have ended (the next allocation starts
+        # the collection, inside this step: a late collection beats none).
+        _Collector.owned = False
+        gc.enable()
     if _Collector.depth == 0 and not _Collector.owned and gc.isenabled():
         gc.disable()
         _Collector.owned = True
