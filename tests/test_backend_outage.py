@@ -33,6 +33,14 @@ def make_app() -> rtcore.App:
 
 
 async def test_outcome_store_failure_still_answers_the_command() -> None:
+    """Proves: a command whose event is appended is answered even when storing its
+    outcome fails (the handler returns the offset, so the keyed path folds claim,
+    append and outcome into ``Backend.begin_append``: its generic version is what
+    runs on ``memory://``).
+
+    Mutation seen caught: the generic ``begin_append`` lets ``finish``'s error
+    propagate → the command is answered ``backend_unavailable`` → fails.
+    """
     backend = MemoryBackend()
 
     async def broken_finish(*args: object, **kwargs: object) -> None:
@@ -68,7 +76,7 @@ async def test_follower_load_and_history_fill_failures_are_retried() -> None:
     filling its history survive backend failures: the node retries and the
     state arrives once the backend answers again.
 
-    Mutation: engine/node.py ``_load_follower`` without its ``try/except`` (first
+    Mutation: engine/followers.py ``Followers._load`` without its ``try/except`` (first
     ``snapshots.get`` failure propagates) → the node's task group dies: fails.
     Mutation: engine/hub.py ``Tail.fill`` without its ``try/except`` around
     ``log.read`` → fails the same way.

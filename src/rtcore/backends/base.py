@@ -27,12 +27,14 @@ so the rules stay testable with a fake clock.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import anyio
 from anyio.abc import TaskStatus
 
+from ..errors import RtcoreError
 from ..protocol.idempotency import DEFAULT_TTL
 from ..protocol.types import (
     AppendResult,
@@ -45,6 +47,8 @@ from ..protocol.types import (
     Snapshot,
     StreamInfo,
 )
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "AppendResult",
@@ -456,7 +460,13 @@ class Backend:
         )
         if outcome_ttl is not None:
             outcome = Outcome(True, result.event.offset)
-            await self.idempotency.finish(scope, key, outcome, now=now, ttl=outcome_ttl, fingerprint=fingerprint)
+            try:
+                await self.idempotency.finish(scope, key, outcome, now=now, ttl=outcome_ttl, fingerprint=fingerprint)
+            except RtcoreError:
+                # As dispatch does when storing an outcome fails: the event is
+                # appended, so the command's answer stands; the claim lapses
+                # after its lease and a retry's publish finds the event by its key.
+                _log.exception("could not store the outcome of key %r", key)
         return None, result
 
     async def aclose(self) -> None:
