@@ -46,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 
 
-def child(rooms_n: int, moves: int, public: bool = False) -> None:
+def child(rooms_n: int, moves: int, public: bool = False, backend: str = "memory://") -> None:
     """One measurement in this process; prints ``{"us_per_move": ..., "moves_per_s": ...}``."""
     import anyio
     import msgspec
@@ -110,7 +110,12 @@ def child(rooms_n: int, moves: int, public: bool = False) -> None:
             pass
 
     async def main() -> None:
-        async with Node(app, "memory://") as node:
+        url = backend
+        if backend == "sqlite":
+            import tempfile
+
+            url = f"sqlite:///{tempfile.mkdtemp()}/rooms.db"
+        async with Node(app, url) as node:
             pairs = []
             for i in range(rooms_n):
                 a, b = rtcore.Principal(f"a{i}"), rtcore.Principal(f"b{i}")
@@ -349,14 +354,17 @@ def tick_doc(ticks: int) -> None:
     print(json.dumps({"ticks": ticks, "ops_last_tick": len(ops), "rtcore": __import__("rtcore").__file__}))
 
 
-def run_one(src: str | None, rooms_n: int, moves: int, arena: bool = False, public: bool = False) -> dict[str, Any]:
+def run_one(
+    src: str | None, rooms_n: int, moves: int, arena: bool = False, public: bool = False, backend: str = "memory://"
+) -> dict[str, Any]:
     env = dict(os.environ)
     if src:
         env["PYTHONPATH"] = src
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", "--rooms", str(rooms_n), "--moves", str(moves)]
         + (["--arena"] if arena else [])
-        + (["--public"] if public else []),
+        + (["--public"] if public else [])
+        + ["--backend", backend],
         env=env,
         capture_output=True,
         text=True,
@@ -389,6 +397,12 @@ def main() -> None:
         action="store_true",
         help="listed rooms (as rooms.py's join_or_create makes them) instead of private ones: each step also keeps the room's listing",
     )
+    parser.add_argument(
+        "--backend",
+        default="memory://",
+        choices=["memory://", "sqlite"],
+        help="the node's backend (sqlite: a fresh file in a temp dir per repetition)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.tick_doc:
@@ -398,7 +412,7 @@ def main() -> None:
         if opts.arena:
             child_arena(100, 8.0, 2.0)
         else:
-            child(opts.rooms, opts.moves, opts.public)
+            child(opts.rooms, opts.moves, opts.public, opts.backend)
         return
     if opts.arena:
         arena_main(opts)
@@ -408,13 +422,20 @@ def main() -> None:
     for rep in range(opts.reps):
         order = ["this", "peer"] if rep % 2 == 0 else ["peer", "this"]
         for who in order if peer else ["this"]:
-            got = run_one(peer if who == "peer" else None, opts.rooms, opts.moves, public=opts.public)
+            got = run_one(peer if who == "peer" else None, opts.rooms, opts.moves, public=opts.public, backend=opts.backend)
             runs[who].append(got)
             print(f"  [{who}] {got['us_per_move']:.1f} us/move, {got['moves_per_s']:,.0f} moves/s", flush=True)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(terse=True), "python": platform.python_version()},
-        "settings": {"rooms": opts.rooms, "moves_per_room": opts.moves, "reps": opts.reps, "peer": peer, "public": opts.public},
+        "settings": {
+            "rooms": opts.rooms,
+            "moves_per_room": opts.moves,
+            "reps": opts.reps,
+            "peer": peer,
+            "public": opts.public,
+            "backend": opts.backend,
+        },
         "load": os.getloadavg(),
         "runs": runs,
         "median_us_per_move": {who: statistics.median(r["us_per_move"] for r in rs) for who, rs in runs.items()},
