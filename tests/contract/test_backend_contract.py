@@ -113,10 +113,17 @@ async def test_concurrent_appends_get_distinct_dense_offsets(backend_factory) ->
 
 
 async def test_retention_by_count(backend_factory) -> None:
+    """After every append the stream keeps exactly its last ``max_events`` events.
+
+    Mutation seen caught: SQLite's append skipping the trim while the head is within
+    ``max_events + 1`` (instead of ``max_events``) → 4 events kept after the 4th append → fails.
+    """
     async with backend_factory() as b:
         r = Retention(max_events=3)
         for i in range(7):
             await b.events.append("s:1", "e", {"i": i}, now=T0, retention=r)
+            kept = await b.events.read("s:1", after=0, limit=100)
+            assert [e.offset for e in kept.events] == list(range(max(1, i - 1), i + 2))
         info = await b.events.info("s:1")
         assert (info.head, info.first) == (7, 5)
         page = await b.events.read("s:1", after=0, limit=100)

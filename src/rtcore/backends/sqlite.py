@@ -419,14 +419,22 @@ def _first(conn: sqlite3.Connection, stream: str, head: int) -> int:
     return head + 1 if row[0] is None else int(row[0])
 
 
-def _trim(conn: sqlite3.Connection, stream: str, retention: Retention, now: float) -> int:
+def _trim(conn: sqlite3.Connection, stream: str, retention: Retention, now: float, head: int | None = None) -> int:
+    """Apply ``retention`` to ``stream``; ``head``: its head, when the caller has just written it."""
     dropped = 0
     if retention.max_events is not None:
-        cur = conn.execute(
-            "DELETE FROM events WHERE stream = ? AND off <= (SELECT head FROM streams WHERE name = ?) - ?",
-            (stream, stream, retention.max_events),
-        )
-        dropped += cur.rowcount
+        if head is None:
+            cur = conn.execute(
+                "DELETE FROM events WHERE stream = ? AND off <= (SELECT head FROM streams WHERE name = ?) - ?",
+                (stream, stream, retention.max_events),
+            )
+            dropped += cur.rowcount
+        elif head > retention.max_events:
+            # Offsets are dense from 1: a stream whose head is within
+            # max_events holds no more than that, and most streams (a game's
+            # room) never get there, so an append skips the statement.
+            cur = conn.execute("DELETE FROM events WHERE stream = ? AND off <= ?", (stream, head - retention.max_events))
+            dropped += cur.rowcount
     if retention.max_age is not None:
         # Same rule as the memory backend: drop from the oldest while older
         # than the cutoff, stopping at the first young enough event (``now`` is
@@ -558,7 +566,7 @@ def _append_rows(
         (stream, head, epoch, type_, blob, now, key),
     )
     if retention is not None:
-        _trim(conn, stream, retention, now)
+        _trim(conn, stream, retention, now, head)
     event = Event(stream, epoch, head, type_, data, now, key)
     assert cur.lastrowid is not None
     committed.append((cur.lastrowid, event))
