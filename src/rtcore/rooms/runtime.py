@@ -789,7 +789,6 @@ class _Actor:
         await self._list()
         if self.disposed:
             self.closed = True
-            self.rt.unpaired.discard(self.id)  # kept across owners while the room lives, not after
 
     async def _list(self) -> None:
         """Append the room's listing entry to ``roomindex:{type}`` when it changed."""
