@@ -42,7 +42,6 @@ from ..protocol.types import (
     GroupMessage,
     IdempotencyRecord,
     Outcome,
-    PairAppend,
     ReadResult,
     Retention,
     Snapshot,
@@ -65,7 +64,6 @@ __all__ = [
     "LiveFeed",
     "LocalSignalBus",
     "Outcome",
-    "PairAppend",
     "ReadResult",
     "Retention",
     "SignalBus",
@@ -470,30 +468,6 @@ class Backend:
                 # after its lease and a retry's publish finds the event by its key.
                 _log.exception("could not store the outcome of key %r", key)
         return None, result
-
-    #: Whether :meth:`append_pair` is offered (it must be atomic, so there is
-    #: no generic version composed of two appends).
-    pairs: bool = False
-
-    async def append_pair(self, first: PairAppend, second: PairAppend | None, *, now: float) -> tuple[AppendResult, AppendResult | None] | None:
-        """Append ``first`` and then ``second`` (to another stream) as one atomic write, or neither.
-
-        For a writer that has already applied an input it has not stored yet:
-        the rooms runtime stores a room's input and the patch it made with one
-        durable write (one group commit) instead of two, and only if nothing
-        came between (each part's ``expect`` is met). Engines that cannot make
-        both durable together leave :attr:`pairs` false and do not override
-        this.
-
-        Returns:
-            Both results once both events are stored (``second`` ``None``:
-            only ``first`` was asked); ``None``, with nothing stored, when an
-            ``expect`` was not met or ``first.key`` is retained in its stream.
-
-        Raises:
-            BackendError: the engine failed (nothing was stored).
-        """
-        raise NotImplementedError(f"{type(self).__name__} has no atomic append_pair")
 
     async def aclose(self) -> None:
         """Release connections and files (the memory backend has none)."""

@@ -75,7 +75,6 @@ from .base import (
     GroupMessage,
     IdempotencyRecord,
     Outcome,
-    PairAppend,
     ReadResult,
     Retention,
     Snapshot,
@@ -216,10 +215,6 @@ def _commit(conn: sqlite3.Connection) -> None:
     A module function (not inlined) so tests can make a group's commit fail.
     """
     conn.execute("COMMIT")
-
-
-class _PairMissed(Exception):
-    """Raised inside an :meth:`SqliteBackend.append_pair` write to roll back its first part."""
 
 
 class _Write(Job):
@@ -1030,46 +1025,6 @@ class SqliteBackend(Backend):
         if isinstance(result, int):
             raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
         return existing, result
-
-    pairs = True
-
-    async def append_pair(
-        self, first: PairAppend, second: PairAppend | None, *, now: float
-    ) -> tuple[AppendResult, AppendResult | None] | None:
-        """Both appends in one write of one group commit, or neither (see :meth:`Backend.append_pair`).
-
-        A part that does not go in (its ``expect`` missed, ``first.key``
-        retained) writes nothing: ``first``'s miss before any statement that
-        changes a row, ``second``'s by raising inside the write, so the group
-        rolls back and commits the other writes without this one (see
-        :func:`_run_group`).
-        """
-        parts = [(part, _encode(part.data)) for part in (first, second) if part is not None]
-        log = self.events
-
-        def tx(conn: sqlite3.Connection) -> list[AppendResult] | None:
-            committed.clear()  # a rerun of the group (see _run_group) starts afresh
-            done: list[AppendResult] = []
-            for part, blob in parts:
-                got = _append_rows(
-                    conn, part.stream, part.type, blob, part.data, now, part.key, part.expect, part.retention, committed
-                )
-                if isinstance(got, int) or got.duplicate:
-                    if done:
-                        raise _PairMissed  # undo the first part's rows
-                    return None
-                done.append(got)
-            return done
-
-        committed: list[tuple[int, Event]] = []
-        try:
-            done = await self._db.write(tx, after=lambda: log._committed.extend(committed))
-        except _PairMissed:
-            return None
-        log._drain()
-        if done is None:
-            return None
-        return done[0], done[1] if len(done) > 1 else None
 
     async def aclose(self) -> None:
         """Close the connection (checkpointing the WAL is left to SQLite)."""

@@ -598,20 +598,6 @@ class Context:
         """
         return await self.node.publish(stream, type, data, key=key, expect=expect)
 
-    def reserve_key(self) -> tuple[bool, str | None]:
-        """Take the idempotency key the next :meth:`publish` without one would use, for an event stored another way.
-
-        For framework code that stores an event itself (the rooms runtime
-        stores an input and its patch with one write): passing the key to a
-        later :meth:`publish` as ``key=`` keeps the command idempotent.
-
-        Returns:
-            ``(True, key)`` (``key`` ``None`` when publishes here are not
-            keyed), or ``(False, None)`` when the next publish must go through
-            :meth:`publish` (it also claims the command's key).
-        """
-        return True, None
-
     async def send_to(self, principal_id: str, type: str, data: Any = None, *, room: str | None = None) -> None:
         """Send an ephemeral message to every live connection of ``principal_id``, on any node.
 

@@ -656,24 +656,12 @@ class CommandContext(Context):
     async def publish(
         self, stream: str, type: str, data: Any = None, *, key: str | None = None, expect: int | None = None
     ) -> Event:
-        if key is None:
-            key = self._next_key()
+        if key is None and self._scope is not None:
+            self._n += 1
+            key = f"cmd:{self._scope}:{self._n}"
         if self._claim is not None:
             return await self._claim_and_publish(stream, type, data, key, expect)
         return await self.node.publish(stream, type, data, key=key, expect=expect)
-
-    def _next_key(self) -> str | None:
-        """The key of this execution's next unkeyed publish (``None``: the command has no key)."""
-        if self._scope is None:
-            return None
-        self._n += 1
-        return f"cmd:{self._scope}:{self._n}"
-
-    def reserve_key(self) -> tuple[bool, str | None]:
-        """See :meth:`Context.reserve_key`; refused while the first publish is to claim the command's key."""
-        if self._claim is not None:
-            return False, None
-        return True, self._next_key()
 
     async def _claim_and_publish(self, stream: str, type: str, data: Any, key: str | None, expect: int | None) -> Event:
         """The first publish of a publish-first handler: the command's claim and this event in one operation."""

@@ -19,7 +19,6 @@ __all__ = [
     "GroupMessage",
     "IdempotencyRecord",
     "Outcome",
-    "PairAppend",
     "ReadResult",
     "Retention",
     "Snapshot",
@@ -84,17 +83,6 @@ class Retention(msgspec.Struct, frozen=True):
 
     max_events: int | None = None
     max_age: float | None = None
-
-
-class PairAppend(msgspec.Struct, frozen=True):
-    """One part of :meth:`rtcore.backends.Backend.append_pair`: what :meth:`rtcore.backends.EventLog.append` takes."""
-
-    stream: str
-    type: str
-    data: Any
-    key: str | None = None
-    expect: int | None = None
-    retention: Retention | None = None
 
 
 class Outcome(msgspec.Struct, frozen=True):

@@ -46,7 +46,7 @@ from ..engine.app import App, Context
 from ..errors import AuthError, BackendError, BadRequest, ConflictError, Rejected, RtcoreError, error_from_wire
 from ..protocol import patch
 from ..protocol.state import state_builtins
-from ..protocol.types import Event, PairAppend
+from ..protocol.types import Event
 from .room import Player, Room, RoomClock, Timer, call
 
 if typing.TYPE_CHECKING:
@@ -148,10 +148,6 @@ class _Member(msgspec.Struct):
     grace_until: float | None = None
 
 
-class _PairMissed(Exception):
-    """An input and its patch were not stored (:meth:`_Actor._commit_pair`): the inbox or the room stream moved on."""
-
-
 class _Entry(msgspec.Struct, frozen=True):
     """What a caller gets back for an inbox entry."""
 
@@ -223,7 +219,6 @@ class _Actor:
         "next_tick",
         "node",
         "outgoing",
-        "pairing",
         "parked",
         "patch_every",
         "pending",
@@ -302,8 +297,6 @@ class _Actor:
         self.idle: anyio.Event | None = None  # made by Rooms.settle (tests), set when the executor waits
         self.parked = False  # the executor's task waits in _wait for a timer, tick or patch due
         self.inline = False  # a command applies an input on its own task (run_inline)
-        # The input run_paired applies: stored with its patch by one write (commit).
-        self.pairing: tuple[str, dict[str, Any], str | None] | None = None
         self.inline_done: anyio.Event | None = None  # made by an executor that waits for that step; set when done
         room = cls()
         room.id = room_id
@@ -479,10 +472,7 @@ class _Actor:
         """Append one patch with what changed (if anything), then the queued messages."""
         new = self.doc()
         ops = [["set", [], new]] if self.head == 0 else self._diff(new)
-        pairing, self.pairing = self.pairing, None
-        if pairing is not None:
-            await self._commit_pair(pairing, ops, new)
-        elif ops:
+        if ops:
             ev = await self.rt.write(self.stream, "patch", {"ops": ops, "inbox": self.applied}, expect=self.head)
             self.head = ev.offset
             self.prev = new
@@ -505,26 +495,6 @@ class _Actor:
                 body["except"] = who
                 ev = await self.node.publish(self.stream, "msg", body, expect=self.head)
                 self.head = ev.offset
-
-    async def _commit_pair(self, pairing: tuple[str, dict[str, Any], str | None], ops: list[patch.Op], new: Any) -> None:
-        """Store the input run_paired applied (at inbox offset :attr:`applied`) and its patch, together or not at all.
-
-        Raises:
-            _PairMissed: nothing was stored (the inbox or the room stream moved on).
-        """
-        kind, payload, key = pairing
-        node = self.node
-        first = PairAppend(self.inbox, kind, payload, key, self.applied - 1, node.app.retention_for(self.inbox))
-        second = None
-        if ops:
-            rule = self.rt.retention(self.stream)
-            second = PairAppend(self.stream, "patch", {"ops": ops, "inbox": self.applied}, None, self.head, rule)
-        got = await node.backend.append_pair(first, second, now=node.clock())
-        if got is None:
-            raise _PairMissed
-        if got[1] is not None:
-            self.head = got[1].event.offset
-            self.prev = new
 
     # --- timers -------------------------------------------------------------------
 
@@ -828,7 +798,14 @@ class _Actor:
             Whether ``ev`` was applied here (or the attempt stopped this
             owner); ``False``: hand it over with :meth:`push` instead.
         """
-        if not (ev.offset == self.applied + 1 and self._free()):
+        if not (
+            (self.parked or not self.running)
+            and not self.inline
+            and ev.offset == self.applied + 1
+            and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
+            and not self.patch_every  # coalesced inputs are flushed by the executor's timer
+            and self.node.clock() - self.renewed < LEASE * 2 / 3  # else the executor renews first (_renew)
+        ):
             return False
         self.inline = True
         try:
@@ -853,61 +830,6 @@ class _Actor:
             if self.closed or self.lost:
                 self.poke()  # the executor ends its loop (and the room)
         return True
-
-    def _free(self) -> bool:
-        """Whether a command may apply an input on its own task now (run_inline, run_paired)."""
-        return (
-            (self.parked or not self.running)
-            and not self.inline
-            and not (self.pending or self.uncommitted or self.need_read or self.closed or self.lost)
-            and not self.patch_every  # coalesced inputs are flushed by the executor's timer
-            and self.node.clock() - self.renewed < LEASE * 2 / 3  # else the executor renews first (_renew)
-        )
-
-    async def run_paired(self, kind: str, payload: dict[str, Any], key: str | None) -> _Entry | None:
-        """Apply an input that is not stored yet, then store it and its patch with one write (:meth:`_commit_pair`).
-
-        On an engine with atomic pairs (:attr:`Backend.pairs`) this saves a
-        move one of its two durable writes (one group commit, one wake-up).
-        The input is applied as the next inbox entry (:attr:`applied` + 1);
-        the write stores it there only if the inbox is still at
-        :attr:`applied` (nothing came from another node meanwhile, and a
-        retried ``key`` is not in it already) and the room stream at
-        :attr:`head`. Otherwise nothing is stored, and the state the handler
-        changed (and any timer it set) cannot be trusted: this owner stops,
-        as when a step fails, and the room is taken over again from what is
-        stored.
-
-        Returns:
-            The input's result, with the input and its patch durable;
-            ``None``: nothing was stored, so the caller appends the input as
-            usual (with the same ``key``).
-        """
-        if not (self.rt.pairs and self.id not in self.rt.unpaired and not self.cls.private_fields and self._free()):
-            return None
-        offset = self.applied + 1
-        self.inline = True
-        self.pairing = (kind, payload, key)
-        try:
-            with self.rt.shield():  # as run_inline: a step is never left halfway
-                await self.apply_entry(Event(self.inbox, "", offset, kind, payload, self.node.clock(), key))
-        except Exception as exc:
-            if not isinstance(exc, _PairMissed):
-                log.warning("room %s: a step failed; stopping here", self.id, exc_info=True)
-            # Paired inputs come from this node only: a room that gets them
-            # from elsewhere too goes back to one write per input.
-            self.rt.unpaired.add(self.id)
-            self.lost = True
-            return None
-        finally:
-            self.pairing = None
-            self.inline = False
-            if self.inline_done is not None:
-                self.inline_done.set()
-                self.inline_done = None
-            if self.closed or self.lost:
-                self.poke()  # the executor ends its loop (and the room)
-        return self.results.get(offset)
 
     def push(self, ev: Event) -> None:
         """Hand over an inbox entry in-process (appended here, or seen on the live feed)."""
@@ -1316,11 +1238,6 @@ class _Runtime:
         self.keeping = False
         self._retention: dict[str, Any] = {}  # the app's rule for each room:{id} owned here
         self._scope: Callable[..., anyio.CancelScope] | None = None  # see shield()
-        # Whether an input applied here is stored with its patch by one write
-        # (_Actor.run_paired), and the rooms where that missed once (they get
-        # inputs from other nodes too) and no longer try.
-        self.pairs = node.backend.pairs
-        self.unpaired: set[str] = set()
         node.presence.watch(self._presence_changed)
 
     def shield(self) -> anyio.CancelScope:
@@ -1342,19 +1259,15 @@ class _Runtime:
         ``node.publish`` without its per-call name check and ``to_builtins``
         copy, which cost a measurable share of each move (py-spy).
         """
-        res = await self.node.backend.events.append(
-            stream, type_, data, now=self.node.clock(), key=None, expect=expect, retention=self.retention(stream)
-        )
-        return res.event
-
-    def retention(self, stream: str) -> Any:
-        """The app's retention rule of ``stream`` (kept here for the ``room:{id}`` streams owned here)."""
         rule = self._retention.get(stream)
         if rule is None:
             rule = self.node.app.retention_for(stream)
             if stream.startswith("room:"):
                 self._retention[stream] = rule
-        return rule
+        res = await self.node.backend.events.append(
+            stream, type_, data, now=self.node.clock(), key=None, expect=expect, retention=rule
+        )
+        return res.event
 
     def start(self, actor: _Actor) -> None:
         """Run a new owner on the node (and the node's keeper, once)."""
@@ -1549,17 +1462,16 @@ class _Runtime:
             actor.push(ev)
         return ev
 
-    async def _input_to(
-        self, ctx: Context, actor: _Actor | None, room_id: str, kind: str, uid: str, data: dict[str, Any], key: str | None = None
-    ) -> Event:
-        """:meth:`_input` to ``actor.inbox`` when the owner is known: the name the backend keeps as the stream's key
-        is then the owner's own string, not one more copy per room (and not a new string per move).
+    async def _input(self, ctx: Context, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
+        """Append an input to ``roominbox:{room_id}`` (keyed by the command's idempotency key)."""
+        return await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data})
 
-        ``key``: the one :meth:`Context.reserve_key` gave for this input (a paired write that stored nothing).
-        """
+    async def _input_to(self, ctx: Context, actor: _Actor | None, room_id: str, kind: str, uid: str, data: dict[str, Any]) -> Event:
+        """:meth:`_input` to ``actor.inbox`` when the owner is known: the name the backend keeps as the stream's key
+        is then the owner's own string, not one more copy per room (and not a new string per move)."""
         if actor is None:
-            return await ctx.publish(f"roominbox:{room_id}", kind, {"user": uid, "node": self.node.id, **data}, key=key)
-        return await ctx.publish(actor.inbox, kind, {"user": uid, "node": self.node.id, **data}, key=key)
+            return await self._input(ctx, room_id, kind, uid, data)
+        return await ctx.publish(actor.inbox, kind, {"user": uid, "node": self.node.id, **data})
 
     async def finish(self, room_id: str, kind: str, uid: str, offset: int, actor: _Actor | None) -> Any:
         """Await an appended input's result (raise its error)."""
@@ -1594,16 +1506,7 @@ class _Runtime:
             actor = self.actors.get(room_id)
             if actor is None or actor.closed:
                 actor = await self.local(room_id)
-        key = None
-        if actor is not None and self.pairs and not actor.closed:
-            # Keyed as ctx.publish would key the input (or None: not here, see reserve_key).
-            paired, key = ctx.reserve_key()
-            if paired:
-                payload = {"user": uid, "node": self.node.id, **data}
-                entry = await actor.run_paired(kind, payload, key)
-                if entry is not None:
-                    return self._finished(room_id, kind, uid, entry)
-        ev = await self._input_to(ctx, actor, room_id, kind, uid, data, key)
+        ev = await self._input_to(ctx, actor, room_id, kind, uid, data)
         if actor is not None and not actor.closed:
             # A local owner with nothing else to do applies it on this task (run_inline).
             if await actor.run_inline(ev):
