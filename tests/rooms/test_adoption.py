@@ -7,7 +7,9 @@ back (:class:`Held`: the node's ``Followers.fold`` keeps that stream's events
 instead of folding them, the smallest seam that makes a fold trail on purpose;
 nothing else of the node changes) and check that the room is restored from
 the heads it must cover, or not adopted at all (``room_unavailable``), and
-that a room whose history cannot be run on a node is contained there.
+that a room whose history cannot be run on a node is contained there. Two
+tests check the engine seams this relies on directly: ``Node.state_at_least``
+across a new history, and a stream that cannot be folded.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from rtcore.backends.base import Backend
 from rtcore.engine.followers import Follower
 from rtcore.engine.node import Node
 from rtcore.protocol.frames import Err
-from rtcore.protocol.types import Event
+from rtcore.protocol.types import Event, Snapshot
 from rtcore.rooms import runtime
 from rtcore.testing import FakeClock, connect, serve
 
@@ -221,6 +223,47 @@ async def test_state_at_least_follows_the_stream_into_a_new_history() -> None:
         st = got[0]
         assert st.offset == 3 and st.state.n == 3
         assert st.epoch == (await node.backend.events.info("count:a")).epoch
+
+
+class Strict(msgspec.Struct):
+    n: int = 0
+
+    def apply(self, event: Event) -> None:
+        if event.type != "x":
+            raise ValueError(f"no fold for {event.type!r}")
+        self.n += 1
+
+
+@pytest.mark.parametrize("cause", ["snapshot", "event"])
+async def test_a_stream_that_cannot_be_folded_does_not_stop_the_node(backend: Backend, cause: str) -> None:
+    """A node that loads a stream whose snapshot cannot be decoded, or whose history
+    holds an event its ``apply`` refuses, keeps running: that stream's
+    ``state_at_least`` raises (what rooms turn into ``room_unavailable``), its
+    ``state_of`` answers the last state folded, and other streams fold on.
+
+    Mutations: ``Followers._load`` without the ``try`` around ``from_snapshot``, or
+    ``Followers.fold`` letting ``apply`` raise → the loading task's exception ends
+    node B's task group → fails.
+    """
+    app = rtcore.App("unfoldable")
+    app.state("strict:*", Strict)
+    async with serve(app, backend, node_id="A") as na:
+        for _ in range(3):
+            await na.publish("strict:a", "x")
+        info = await backend.events.info("strict:a")
+        if cause == "snapshot":
+            await backend.snapshots.put(Snapshot("strict:a", info.epoch, 2, b"\xc1 not msgpack", "0"))
+        else:
+            await backend.events.append("strict:a", "y", None, now=0.0)
+    async with serve(app, backend, node_id="B") as nb:
+        with anyio.fail_after(10), pytest.raises(rtcore.RtcoreError) as exc:
+            await nb.state_at_least("strict:a", info.head)
+        assert "cannot be folded" in exc.value.message
+        st = await nb.state_of("strict:a")
+        assert (st.offset, st.state.n) == ((2, 0) if cause == "snapshot" else (3, 3))
+        await nb.publish("strict:b", "x")
+        with anyio.fail_after(10):
+            assert (await nb.state_at_least("strict:b", 1)).state.n == 1
 
 
 async def test_a_fold_behind_beyond_the_wait_is_not_adopted(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
