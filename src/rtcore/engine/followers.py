@@ -48,7 +48,7 @@ log = logging.getLogger("rtcore.engine.followers")
 class Follower:
     """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
 
-    __slots__ = ("error", "on_stale", "owner", "point", "ready", "state", "stream", "tail")
+    __slots__ = ("error", "moved", "on_stale", "owner", "point", "ready", "state", "stream", "tail")
 
     def __init__(self, stream: str, state: StreamState, *, loaded: bool = False) -> None:
         self.stream = stream
@@ -63,6 +63,8 @@ class Follower:
         self.on_stale: Callable[[], None] = lambda: None
         #: Why the fold stopped for good (an event or snapshot it cannot fold), or None.
         self.error: Exception | None = None
+        #: Set when the fold moves, fails or is replaced, for :meth:`Followers.at_least` (made only while one waits).
+        self.moved: anyio.Event | None = None
 
     def fold_batch(self, batch: list[EncodedEvent]) -> None:
         assert self.owner is not None
@@ -107,8 +109,6 @@ class Followers:
         self._by_stream: dict[str, Follower] = {}
         # Points whose settling is queued on the loop: (follower, offset), one callback for all.
         self._due: list[tuple[Follower, int]] = []
-        # Streams someone waits on (at_least): set when their fold moves, then dropped.
-        self._moved: dict[str, anyio.Event] = {}
 
     async def get(self, stream: str) -> Follower:
         """The follower of ``stream``, once it holds the current state.
@@ -145,14 +145,14 @@ class Followers:
             st = f.state
             if st.offset >= offset and (epoch is None or st.epoch == epoch):
                 return f
-            moved = self._moved.get(stream)
-            if moved is None:
-                moved = self._moved[stream] = anyio.Event()
-            await moved.wait()
+            if f.moved is None:
+                f.moved = anyio.Event()
+            await f.moved.wait()
 
-    def _wake(self, stream: str) -> None:
-        """Wake the :meth:`at_least` callers of ``stream`` (its fold moved, failed or was replaced)."""
-        moved = self._moved.pop(stream, None)
+    @staticmethod
+    def _wake(f: Follower) -> None:
+        """Wake the :meth:`at_least` callers waiting on ``f`` (its fold moved, failed or was replaced)."""
+        moved, f.moved = f.moved, None
         if moved is not None:
             moved.set()
 
@@ -197,7 +197,7 @@ class Followers:
                 del self._by_stream[f.stream]
             if f.tail is not None:
                 self._hub.remove(f.tail)
-            self._wake(f.stream)  # its waiters wait for the next follower
+            self._wake(f)  # its waiters wait for the stream's next follower
 
         f.owner = self
         f.on_stale = stale
@@ -210,7 +210,6 @@ class Followers:
         ready, f.ready = f.ready, None
         assert ready is not None
         ready.set()  # the waiters hold it; the follower needs it no more
-        self._wake(f.stream)  # a waiter for a follower that replaced a stale one
 
     async def _store_snapshot(self, snapshot: Snapshot) -> None:
         # A snapshot is an optimisation: losing one to a backend outage must
@@ -223,15 +222,16 @@ class Followers:
     def fresh(self, stream: str, state: StreamState) -> Follower:
         """Follow a history that starts now (its offset 1 is being dispatched)."""
         old = self._by_stream.get(stream)
-        if old is not None and old.tail is not None:
-            self._hub.remove(old.tail)
+        if old is not None:
+            if old.tail is not None:
+                self._hub.remove(old.tail)
+            self._wake(old)  # its waiters wait for this one
         f = Follower(stream, state, loaded=True)
         self._by_stream[stream] = f
         f.tail = Tail(self._backend.events, stream, Delivery(state.epoch, state.offset), f)
         f.tail.delivery.phase = Phase.LIVE
         f.owner = self
         self._hub.add(f.tail)
-        self._wake(stream)
         return f
 
     def fold(self, f: Follower, event: Event) -> None:
@@ -252,8 +252,8 @@ class Followers:
             # event. This stream's fold stops at the last state it could fold.
             self._failed(f, exc, f"event {event.offset}")
             return
-        if self._moved:
-            self._wake(f.stream)
+        if f.moved is not None:
+            self._wake(f)
         snapshot_due, sync_due = st.snapshot_due, st.sync_due
         if snapshot_due or sync_due:
             f.point = (st.offset, snapshot_due, sync_due)
@@ -262,7 +262,7 @@ class Followers:
         """Stop ``f``'s fold for good: log it once, and tell its :meth:`at_least` callers."""
         f.error = exc
         log.error("state of %s cannot fold %s (%r): its fold stops at %d", f.stream, what, exc, f.state.offset, exc_info=exc)
-        self._wake(f.stream)
+        self._wake(f)
 
     def _settle(self, f: Follower, offset: int, *, send: bool = True) -> None:
         """Store the snapshot and send the ``sync`` of ``f``'s pending point if it is at ``offset``.
