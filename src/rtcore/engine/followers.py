@@ -48,7 +48,7 @@ log = logging.getLogger("rtcore.engine.followers")
 class Follower:
     """Server-side fold of one stateful stream (the :class:`EventSink` of its tail)."""
 
-    __slots__ = ("on_stale", "owner", "point", "ready", "state", "stream", "tail")
+    __slots__ = ("error", "moved", "on_stale", "owner", "point", "ready", "state", "stream", "tail")
 
     def __init__(self, stream: str, state: StreamState, *, loaded: bool = False) -> None:
         self.stream = stream
@@ -61,6 +61,10 @@ class Follower:
         self.point: tuple[int, bool, bool] | None = None
         self.owner: Followers | None = None
         self.on_stale: Callable[[], None] = lambda: None
+        #: Why the fold stopped for good (an event or snapshot it cannot fold), or None.
+        self.error: Exception | None = None
+        #: Set when the fold moves, fails or is replaced, for :meth:`Followers.at_least` (made only while one waits).
+        self.moved: anyio.Event | None = None
 
     def fold_batch(self, batch: list[EncodedEvent]) -> None:
         assert self.owner is not None
@@ -123,6 +127,35 @@ class Followers:
             if self._by_stream.get(stream) is f:
                 return f
 
+    async def at_least(self, stream: str, offset: int, epoch: str | None = None) -> Follower:
+        """The follower of ``stream`` once its state covers ``offset`` (of ``epoch``, if given).
+
+        Waits for the fold itself (woken by each event it folds, no polling),
+        and looks the stream's follower up again after each wake-up: a new
+        history (a new epoch) replaces the follower and its state object.
+        Unbounded: bound it with a cancel scope (``anyio.fail_after``).
+
+        Raises:
+            RtcoreError: ``internal``: the fold failed for good (see :meth:`fold`).
+        """
+        while True:
+            f = await self.get(stream)
+            if f.error is not None:
+                raise RtcoreError(f"the state of {stream} cannot be folded: {f.error!r}")
+            st = f.state
+            if st.offset >= offset and (epoch is None or st.epoch == epoch):
+                return f
+            if f.moved is None:
+                f.moved = anyio.Event()
+            await f.moved.wait()
+
+    @staticmethod
+    def _wake(f: Follower) -> None:
+        """Wake the :meth:`at_least` callers waiting on ``f`` (its fold moved, failed or was replaced)."""
+        moved, f.moved = f.moved, None
+        if moved is not None:
+            moved.set()
+
     def start(self, stream: str) -> Follower:
         """Start following ``stream`` (loading its snapshot and history in a task)."""
         spec = self._app.state_for(stream)
@@ -146,7 +179,13 @@ class Followers:
                 log.warning("loading the state of %s failed (attempt %d)", f.stream, attempt, exc_info=attempt == 1)
                 await anyio.sleep(backoff_delay(attempt - 1, 0.1, 5.0))
         if snap is not None and snap.epoch == info.epoch and info.first - 1 <= snap.offset <= info.head:
-            f.state = StreamState.from_snapshot(spec, snap)
+            try:
+                f.state = StreamState.from_snapshot(spec, snap)
+            except Exception as exc:
+                # Not the node's task group's problem (it would stop every
+                # stream of the node): this stream's fold stops here.
+                f.state = StreamState(spec, snap.epoch, snap.offset)
+                self._failed(f, exc, f"its snapshot at {snap.offset}")
         else:
             if info.first > 1:
                 log.warning("state of %s: history before %d is gone and no snapshot covers it; folding from there", f.stream, info.first)
@@ -158,6 +197,7 @@ class Followers:
                 del self._by_stream[f.stream]
             if f.tail is not None:
                 self._hub.remove(f.tail)
+            self._wake(f)  # its waiters wait for the stream's next follower
 
         f.owner = self
         f.on_stale = stale
@@ -182,8 +222,10 @@ class Followers:
     def fresh(self, stream: str, state: StreamState) -> Follower:
         """Follow a history that starts now (its offset 1 is being dispatched)."""
         old = self._by_stream.get(stream)
-        if old is not None and old.tail is not None:
-            self._hub.remove(old.tail)
+        if old is not None:
+            if old.tail is not None:
+                self._hub.remove(old.tail)
+            self._wake(old)  # its waiters wait for this one
         f = Follower(stream, state, loaded=True)
         self._by_stream[stream] = f
         f.tail = Tail(self._backend.events, stream, Delivery(state.epoch, state.offset), f)
@@ -199,11 +241,28 @@ class Followers:
             # it moves on. Only a batch of history folds two events without
             # on_event in between (which settles live points): no sync, as before.
             self._settle(f, f.point[0], send=False)
+        if f.error is not None:
+            return  # it stopped at the event it could not fold (logged then)
         st = f.state
-        st.apply(event)
+        try:
+            st.apply(event)
+        except Exception as exc:
+            # Folded inside the node's tasks (the history read of _load, the
+            # live dispatch): raising would stop the node, or log every later
+            # event. This stream's fold stops at the last state it could fold.
+            self._failed(f, exc, f"event {event.offset}")
+            return
+        if f.moved is not None:
+            self._wake(f)
         snapshot_due, sync_due = st.snapshot_due, st.sync_due
         if snapshot_due or sync_due:
             f.point = (st.offset, snapshot_due, sync_due)
+
+    def _failed(self, f: Follower, exc: Exception, what: str) -> None:
+        """Stop ``f``'s fold for good: log it once, and tell its :meth:`at_least` callers."""
+        f.error = exc
+        log.error("state of %s cannot fold %s (%r): its fold stops at %d", f.stream, what, exc, f.state.offset, exc_info=exc)
+        self._wake(f)
 
     def _settle(self, f: Follower, offset: int, *, send: bool = True) -> None:
         """Store the snapshot and send the ``sync`` of ``f``'s pending point if it is at ``offset``.

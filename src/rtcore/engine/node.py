@@ -514,6 +514,26 @@ class Node:
         """The current folded state of a stateful stream."""
         return (await self.followers.get(stream)).state
 
+    async def state_at_least(self, stream: str, offset: int, *, epoch: str | None = None) -> StreamState:
+        """The folded state of a stateful stream once this node's fold covers ``offset``.
+
+        The local fold trails the backend by the live feed's delay: a caller
+        that read the stream's head (``backend.events.info``) waits here until
+        the fold got that far, woken by the fold itself. The wait has no
+        bound of its own: put it in ``anyio.fail_after`` or ``move_on_after``.
+
+        Args:
+            stream: A stateful stream.
+            offset: The offset the state must cover (at least).
+            epoch: If given, the state must also be of this history (a fold
+                of an older or newer epoch is waited past).
+
+        Raises:
+            RtcoreError: ``internal``: the stream's fold failed for good (an
+                event or snapshot it cannot fold; logged once by the node).
+        """
+        return (await self.followers.at_least(stream, offset, epoch)).state
+
     def _on_event(self, event: Event) -> None:
         if self.app.states and self._tg is not None:
             self.followers.on_event(event)

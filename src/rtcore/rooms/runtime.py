@@ -50,7 +50,9 @@ from ..protocol.types import Event
 from .room import Player, Room, RoomClock, Timer, call
 
 if typing.TYPE_CHECKING:
+    from ..backends.base import StreamInfo
     from ..engine.node import Node
+    from ..protocol.state import StreamState
 
 __all__ = ["RoomDoc", "RoomIndex", "Rooms", "allowed", "install"]
 
@@ -74,6 +76,17 @@ KEEP_EVERY = 1.0
 FALLBACK_READ = 30.0
 #: How often one node looks for rooms whose owner died (seconds).
 SUPERVISE_EVERY = 2.0
+#: Longest a node adopting a room waits for its own fold of the room's streams
+#: (``room:{id}``, the players' ``roomview:{id}:{user}``) to reach the heads it
+#: read from the backend (seconds, real time). A fold still behind then is not
+#: restored from (its state may miss acknowledged moves): the adoption fails
+#: with ``room_unavailable`` and is tried again later.
+FOLD_WAIT = 5.0
+#: After a failed adoption, the node tries the room again this many seconds
+#: later (node clock), twice as late after each further failure, up to
+#: :data:`RETRY_MAX`; meanwhile its commands get ``room_unavailable`` at once.
+RETRY_FIRST = SUPERVISE_EVERY
+RETRY_MAX = 120.0
 _CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 _pack = msgspec.msgpack.Encoder().encode
 #: The timers' tie-breaker (a timer heap needs unique, increasing numbers):
@@ -141,6 +154,21 @@ class RoomIndex(msgspec.Struct):
             self.rooms.pop(str(data.get("room_id")), None)
         else:
             self.rooms[str(data["room_id"])] = data
+
+
+class _NotFolded(Exception):
+    """This node's fold of a room's stream did not reach the head within :data:`FOLD_WAIT`."""
+
+
+class _Down:
+    """A room this node could not adopt: why, how many times in a row, and when it tries again."""
+
+    __slots__ = ("attempts", "reason", "retry_at")
+
+    def __init__(self, reason: str, attempts: int, retry_at: float) -> None:
+        self.reason = reason
+        self.attempts = attempts
+        self.retry_at = retry_at
 
 
 class _Member(msgspec.Struct):
@@ -427,19 +455,24 @@ class _Actor:
                 self.view_heads[uid] = ev.offset
                 self.view_prev[uid] = new
 
-    async def restore(self, doc: RoomDoc, head: int) -> None:
-        """Continue from a folded document (a new owner)."""
+    async def restore(self, doc: RoomDoc, head: int, deadline: float) -> None:
+        """Continue from a folded document (a new owner).
+
+        Args:
+            doc: The fold of ``room:{id}`` at ``head``.
+            head: The offset of ``room:{id}`` this owner continues after (its fence).
+            deadline: When (``anyio.current_time()``) the players' views must
+                be folded up to their heads (:meth:`_Runtime.folded`).
+        """
         st = self.cls.state_type
         full = dict(doc.state or {})
         for uid in doc.members if self.cls.private_fields else ():
-            # Private fields live only in the players' views: fold them back in.
+            # Private fields live only in the players' views: fold them back in,
+            # from a fold that reached the view's head (not one the feed is
+            # still bringing up to date: its hand would be an old one).
             stream = f"roomview:{self.id}:{uid}"
             info = await self.node.backend.events.info(stream)
-            view = await self.node.state_of(stream)
-            for _ in range(100):  # the local fold may trail the head by in-flight events
-                if view.offset >= info.head:
-                    break
-                await anyio.sleep(0.01)
+            view = await self.rt.folded(stream, info, deadline)
             vdoc = view.state
             assert isinstance(vdoc, RoomDoc)
             for f, v in (vdoc.state or {}).items():
@@ -1237,6 +1270,7 @@ class _Runtime:
         self.fallback_read = FALLBACK_READ if "processor" in node.roles else IDLE_WAIT
         self.keeping = False
         self._retention: dict[str, Any] = {}  # the app's rule for each room:{id} owned here
+        self.down: dict[str, _Down] = {}  # rooms this node failed to adopt (_unavailable)
         self._scope: Callable[..., anyio.CancelScope] | None = None  # see shield()
         node.presence.watch(self._presence_changed)
 
@@ -1596,20 +1630,93 @@ class _Runtime:
             actor = self.actors.get(room_id)
             if actor is not None and not actor.closed:
                 return actor
+            down = self.down.get(room_id)
+            if down is not None and self.node.clock() < down.retry_at:
+                return await self._while_down(room_id)
             return await self._adopt(room_id)
 
     async def supervise(self) -> None:
-        """Adopt every live room whose owner is gone (its lease ran out), so its timers run again."""
+        """Adopt every live room whose owner is gone (its lease ran out), so its timers run again.
+
+        A room that cannot be adopted (``room_unavailable``, see
+        :meth:`_unavailable`) is skipped until its next try; the others are
+        adopted all the same.
+        """
         for stream in await self.node.backend.events.streams("roominbox:*"):
             room_id = stream.partition(":")[2]
             if room_id in self.actors or room_id in self.gone:
                 continue
+            down = self.down.get(room_id)
+            if down is not None and self.node.clock() < down.retry_at:
+                continue
             try:
                 await self.local(room_id)
-            except Rejected:
-                self.gone.add(room_id)
+            except Rejected as exc:
+                if exc.code != "room_unavailable":  # noted (and logged) by _adopt; tried again later
+                    self.gone.add(room_id)
+
+    async def _while_down(self, room_id: str) -> _Actor | None:
+        """:meth:`local` for a room this node failed to adopt, before its next try.
+
+        ``None`` when another node holds the room's lease (one that can run
+        it: forward to it as usual), else ``room_unavailable`` at once, with
+        no fold and no restore tried.
+        """
+        stream = f"room:{room_id}"
+        if not await self.node.backend.leases.acquire(stream, self.node.id, now=self.node.clock(), ttl=LEASE):
+            return None
+        with anyio.CancelScope(shield=True):
+            await self.node.backend.leases.release(stream, self.node.id)
+        raise _unavailable_error(room_id)
+
+    async def folded(self, stream: str, info: StreamInfo, deadline: float) -> StreamState:
+        """This node's fold of ``stream`` once it covers ``info`` (its head, read from the backend).
+
+        Waits as long as the fold needs (it wakes this task itself), until
+        ``deadline`` (``anyio.current_time()``).
+
+        Raises:
+            _NotFolded: the fold did not get there by ``deadline``.
+            RtcoreError: the fold failed for good (``Node.state_at_least``).
+        """
+        with anyio.move_on_after(deadline - anyio.current_time()):
+            return await self.node.state_at_least(stream, info.head, epoch=info.epoch)
+        raise _NotFolded(f"this node's fold of {stream} did not reach the stream's head within {FOLD_WAIT:g} s")
+
+    def _unavailable(self, room_id: str, exc: Exception) -> Rejected:
+        """Note that adopting ``room_id`` failed (logged once per cause); the error to raise.
+
+        Its next try (a command, the supervisor) waits :data:`RETRY_FIRST`
+        seconds, doubled after each failure in a row up to :data:`RETRY_MAX`.
+        """
+        reason = str(exc) if isinstance(exc, _NotFolded) else f"{type(exc).__name__}: {exc}"
+        prev = self.down.get(room_id)
+        attempts = 1 if prev is None else prev.attempts + 1
+        pause = min(RETRY_MAX, RETRY_FIRST * 2 ** min(attempts - 1, 16))
+        self.down[room_id] = _Down(reason, attempts, self.node.clock() + pause)
+        if prev is None or prev.reason != reason:
+            # Once per cause: the supervisor and the room's commands try
+            # again, and the same traceback every time would bury the log.
+            log.log(
+                logging.WARNING if isinstance(exc, _NotFolded) else logging.ERROR,
+                "room %s cannot be run on this node: %s; its commands get room_unavailable, next try in %g s",
+                room_id, reason, pause, exc_info=None if isinstance(exc, _NotFolded) else exc,
+            )
+        else:
+            log.debug("room %s still cannot be run (attempt %d): %s; next try in %g s", room_id, attempts, reason, pause)
+        return _unavailable_error(room_id)
 
     async def _adopt(self, room_id: str) -> _Actor | None:
+        """Take ``room_id`` over if its lease is free: fold its streams and restore it.
+
+        Raises:
+            Rejected: ``room_not_found``; ``room_unavailable`` (retryable) when
+                the room cannot be restored here: this node's fold did not
+                reach the head within :data:`FOLD_WAIT`, the history cannot be
+                folded, or restoring it raised (a state type that changed, a
+                corrupt document). The lease is released either way.
+            BackendError: the backend failed (``backend_unavailable``).
+        """
         stream = f"room:{room_id}"
         if not room_id or len(room_id) > 64 or not room_id.isalnum():
             raise Rejected("room_not_found", f"no room {room_id!r}")
@@ -1619,12 +1726,10 @@ class _Runtime:
         if not await self.node.backend.leases.acquire(stream, self.node.id, now=self.node.clock(), ttl=LEASE):
             return None  # another node owns it
         try:
-            st = await self.node.state_of(stream)
-            for _ in range(100):  # the local fold may trail the head by in-flight events
-                if st.offset >= info.head:
-                    break
-                await anyio.sleep(0.01)
-                st = await self.node.state_of(stream)
+            deadline = anyio.current_time() + FOLD_WAIT
+            # The head once the lease is ours: everything the last owner wrote.
+            info = await self.node.backend.events.info(stream)
+            st = await self.folded(stream, info, deadline)
             doc = st.state
             assert isinstance(doc, RoomDoc)
             cls = self.rooms.types.get(str(doc.room.get("type", "")))
@@ -1632,11 +1737,17 @@ class _Runtime:
                 self.gone.add(room_id)
                 raise Rejected("room_not_found", f"no room {room_id!r}")
             actor = _Actor(self, cls, room_id, str(doc.room.get("code", "")) or self._new_code(), bool(doc.room.get("private")))
-            await actor.restore(doc, st.offset)
-        except BaseException:
+            await actor.restore(doc, st.offset, deadline)
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.node.backend.leases.release(stream, self.node.id)
+            if isinstance(exc, Exception) and not isinstance(exc, (Rejected, BackendError)):
+                # Contained: the supervisor's pass goes on with the other
+                # rooms, and the room's commands get a specific error.
+                raise self._unavailable(room_id, exc) from exc
             raise
+        if self.down.pop(room_id, None) is not None:
+            log.warning("room %s: adopted after all", room_id)
         actor.renewed = self.node.clock()
         self.start(actor)
         return actor
@@ -1670,6 +1781,13 @@ class _Runtime:
             if page.events:
                 return str(page.events[0].data["room_id"])
         raise Rejected("room_not_found", f"no room with code {code!r}")
+
+
+def _unavailable_error(room_id: str) -> Rejected:
+    """What a command for a room this node cannot run gets (the cause is in the node's log)."""
+    return Rejected(
+        "room_unavailable", f"room {room_id} cannot be run right now; try again later", retryable=True, http_status=503
+    )
 
 
 def _entry(a: _Actor) -> dict[str, Any]:
@@ -1913,7 +2031,7 @@ def install(app: App) -> Rooms:
                     return await rt.finish(rid, "create", uid, offset, actor)
                 return await rt.submit(ctx, rid, "join", uid, {"options": args.options}, actor=actor)
             except Rejected as exc:
-                if offset or exc.code not in ("room_full", "room_locked", "room_not_found"):
+                if offset or exc.code not in ("room_full", "room_locked", "room_not_found", "room_unavailable"):
                     raise
                 tried.add(rid)
             finally:
