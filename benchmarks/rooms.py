@@ -31,6 +31,14 @@ every repetition, the README shows median and min-max):
    benchmark's server only; server CPU % of one core; bytes of room-stream
    frames (``evt``/``sync``) received per client per second.
 
+``--colyseus`` also measures Colyseus 0.18.8 (``benchmarks/colyseus/``: a
+Node server with the same two room types and Node load workers on the
+Colyseus SDK; ``npm ci`` into ``~/.cache/rtcore-colyseus/<lock hash>`` on first
+use): every repetition of moves (``memory://``), joins and arena runs rtcore
+and Colyseus back to back on fresh servers, alternating which goes first; the
+JSON gets a ``colyseus`` section and the table a measured column and
+rtcore / Colyseus ratios per repetition pair.
+
 Writes ``benchmarks/results/rooms-<date>.json`` and regenerates the rooms
 table of ``benchmarks/README.md`` (between ``<!-- rooms:begin -->`` and
 ``<!-- rooms:end -->``) from it (``--quick`` writes ``rooms-<date>-quick.json``
@@ -45,6 +53,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -1555,7 +1564,9 @@ def table(report: dict[str, Any], source: str) -> str:
         st = cy["seats"]
 
         def refused(x: dict[str, Any]) -> str:
-            return ", ".join(f"{n} `{k}`" for k, n in x["refused"].items()) or "none"
+            # Colyseus names the room id in its refusal; the id says nothing here.
+            reasons = {re.sub(r'room "[^"]*"', "room", k): n for k, n in x["refused"].items()}
+            return ", ".join(f"{n} `{k}`" for k, n in reasons.items()) or "none"
 
         lines += [
             "",

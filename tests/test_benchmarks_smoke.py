@@ -265,3 +265,24 @@ def test_rooms_table_without_colyseus_section() -> None:
         "7,400-7,750",
     ]
     assert "rtcore / Colyseus" not in text and "Seat check" not in text
+
+
+def test_rooms_merge_reps_keeps_every_repetition_in_order() -> None:
+    """``--colyseus`` runs each repetition apart; merge_reps keeps them all, in run order, and re-summarises.
+
+    Mutation: build ``runs`` from ``parts[0]`` only -> the count and the
+    summary fail here; reverse the parts -> the order (which the ratio
+    column pairs by) fails here.
+    """
+    import rooms
+
+    parts = [
+        {"runs": [{"moves_per_s": v}], "client_cpu_pct_max": c, "idle_server_cpu_pct": i}
+        for v, c, i in ((3.0, 10.0, 1.0), (1.0, 30.0, 5.0), (2.0, 20.0, 3.0))
+    ]
+    merged = rooms.merge_reps(parts, ("moves_per_s", "p99_ms"))
+    assert [r["moves_per_s"] for r in merged["runs"]] == [3.0, 1.0, 2.0]
+    assert merged["moves_per_s"] == {"median": 2.0, "min": 1.0, "max": 3.0, "reps": [3.0, 1.0, 2.0]}
+    assert "p99_ms" not in merged  # a key no repetition has is not invented
+    assert merged["client_cpu_pct_max"] == 30.0
+    assert merged["idle_server_cpu_pct"] == 3.0 and merged["idle_server_cpu_pct_reps"] == [1.0, 5.0, 3.0]
