@@ -31,6 +31,14 @@ every repetition, the README shows median and min-max):
    benchmark's server only; server CPU % of one core; bytes of room-stream
    frames (``evt``/``sync``) received per client per second.
 
+``--colyseus`` also measures Colyseus 0.18.8 (``benchmarks/colyseus/``: a
+Node server with the same two room types and Node load workers on the
+Colyseus SDK; ``npm ci`` into ``~/.cache/rtcore-colyseus/<lock hash>`` on first
+use): every repetition of moves (``memory://``), joins and arena runs rtcore
+and Colyseus back to back on fresh servers, alternating which goes first; the
+JSON gets a ``colyseus`` section and the table a measured column and
+rtcore / Colyseus ratios per repetition pair.
+
 Writes ``benchmarks/results/rooms-<date>.json`` and regenerates the rooms
 table of ``benchmarks/README.md`` (between ``<!-- rooms:begin -->`` and
 ``<!-- rooms:end -->``) from it (``--quick`` writes ``rooms-<date>-quick.json``
@@ -39,10 +47,14 @@ and prints the table instead); ``--table FILE.json`` only regenerates it.
 
 import argparse
 import asyncio
+import contextlib
+import hashlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -918,6 +930,408 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
     }
 
 
+# --- Colyseus (``--colyseus``) -------------------------------------------------------------
+
+COLYSEUS_SRC = HERE / "colyseus"
+
+
+def colyseus_dir() -> Path:
+    """The Colyseus peer's directory, its npm packages installed (``npm ci``) on first use.
+
+    The packages go into a cache directory keyed by the lock file's hash
+    (``$XDG_CACHE_HOME/rtcore-colyseus/<hash>``, ``~/.cache`` by default), never
+    into the repository; the server and load scripts are copied next to them
+    on every run (Node resolves packages from the script's own directory).
+    """
+    lock = (COLYSEUS_SRC / "package-lock.json").read_bytes()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    d = cache / "rtcore-colyseus" / hashlib.sha256(lock).hexdigest()[:16]
+    marker = d / "node_modules" / ".rtcore-installed"
+    if not marker.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("package.json", "package-lock.json", ".npmrc"):
+            shutil.copyfile(COLYSEUS_SRC / name, d / name)
+        print(f"  npm ci in {d}", flush=True)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=d, check=True, stdout=subprocess.DEVNULL)
+        marker.write_text("")
+    for name in ("server.mjs", "load.mjs"):
+        shutil.copyfile(COLYSEUS_SRC / name, d / name)
+    return d
+
+
+def colyseus_versions(d: Path) -> dict[str, str]:
+    out = {"node": subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()}
+    for pkg in ("colyseus", "@colyseus/core", "@colyseus/ws-transport", "@colyseus/schema", "@colyseus/sdk"):
+        out[pkg] = json.loads((d / "node_modules" / pkg / "package.json").read_text())["version"]
+    return out
+
+
+class ColyseusServer:
+    """``node server.mjs``: the Colyseus peer in a child process (``READY <port> <bench port>``)."""
+
+    def __init__(self, d: Path) -> None:
+        log = os.environ.get("ROOMS_BENCH_SERVER_LOG")
+        self.proc = subprocess.Popen(
+            ["node", "server.mjs"],
+            cwd=d,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115 (the child keeps it)
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"colyseus server did not start: {line!r}")
+        port, bench = (int(x) for x in line.split()[1:3])
+        self.url = f"ws://127.0.0.1:{port}"
+        self.bench = f"http://127.0.0.1:{bench}"
+        self.pid = self.proc.pid
+
+    def get(self, path: str, method: str = "GET") -> Any:
+        """The server's side HTTP routes (``/ticks``, ``/create/NAME``)."""
+        import urllib.request
+
+        req = urllib.request.Request(self.bench + path, method=method)
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class NodeWorker:
+    """``node load.mjs ARGS``: one Colyseus load-client process, steered by lines on stdin."""
+
+    def __init__(self, d: Path, args: dict[str, Any]) -> None:
+        log = os.environ.get("ROOMS_BENCH_SERVER_LOG")
+        self.proc = subprocess.Popen(
+            ["node", "load.mjs", json.dumps(args)],
+            cwd=d,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(log, "ab") if log else subprocess.DEVNULL,  # noqa: SIM115
+            text=True,
+        )
+        self.pid = self.proc.pid
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"colyseus load worker {self.pid} exited ({self.proc.wait()})")
+        got = json.loads(line)
+        if got.get("ev") == "error":
+            raise RuntimeError(f"colyseus load worker {self.pid}: {got['error']}")
+        return dict(got)
+
+    def say(self, word: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(word + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):  # the worker may be gone already
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_moves_colyseus(d: Path, rooms: int, reps: int, seconds: float, workers: int) -> dict[str, Any]:
+    """Workload 1 against Colyseus: the same windows, CPU and latency definitions as :func:`run_moves`."""
+    server = ColyseusServer(d)
+    procs: list[NodeWorker] = []
+    try:
+        for w in range(workers):
+            share = rooms // workers + (1 if w < rooms % workers else 0)
+            procs.append(NodeWorker(d, {"mode": "moves", "url": server.url, "rooms": share, "reps": reps, "seconds": seconds}))
+        for p in procs:
+            p.read()  # ready: every room set up, first turn known
+        pids = [p.pid for p in procs]
+        i0, t0 = cpu_seconds(server.pid), time.perf_counter()
+        time.sleep(IDLE_WINDOW)
+        idle_pct = (cpu_seconds(server.pid) - i0) / (time.perf_counter() - t0) * 100
+        runs = []
+        for _ in range(reps):
+            for p in procs:
+                p.say("go")
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            time.sleep(seconds)
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            parts = [p.read() for p in procs]
+            lat = [x for part in parts for x in part["lat"]]
+            moves = sum(part["moves"] for part in parts)
+            wall = l1 - l0
+            runs.append(
+                {
+                    "moves_per_s": moves / seconds,
+                    "p50_ms": pct(lat, 0.5) * 1e3,
+                    "p99_ms": pct(lat, 0.99) * 1e3,
+                    "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
+                    "server_cpu_pct": (s1 - s0) / wall * 100,
+                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    "errors": sum(part["errors"] for part in parts),
+                    # The rooms' own move counters (all moves so far, read by the clients after the window).
+                    "state_moves_total": sum(part["state_moves_total"] for part in parts),
+                    "load": loadavg(),
+                }
+            )
+            r = runs[-1]
+            print(
+                f"  colyseus moves {rooms} rooms: {r['moves_per_s']:,.0f}/s p99 {r['p99_ms']:.1f} ms, "
+                f"{r['server_cpu_us_per_move']:.0f} us/move, server {r['server_cpu_pct']:.0f}% "
+                f"clients {[round(x) for x in r['client_cpu_pct']]}%, {r['errors']} errors",
+                flush=True,
+            )
+    finally:
+        for p in procs:
+            p.close()
+        server.stop()
+    return {
+        "backend": "memory",
+        "rooms": rooms,
+        "runs": runs,
+        **{k: summary([r[k] for r in runs]) for k in ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_cpu_pct")},
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+        "idle_server_cpu_pct": idle_pct,
+    }
+
+
+def run_joins_colyseus(d: Path, players: int, reps: int, workers: int, inflight: int) -> dict[str, Any]:
+    """Workload 2 against Colyseus (``joinOrCreate("duel")`` + first state), as :func:`run_joins`."""
+    runs = []
+    for _ in range(reps):
+        server = ColyseusServer(d)
+        procs: list[NodeWorker] = []
+        try:
+            warm = NodeWorker(d, {"mode": "joins", "url": server.url, "players": 2, "inflight": 2})
+            warm.read()
+            warm.say("go")
+            warm.read()
+            warm.say("release")
+            warm.close()
+            time.sleep(0.5)
+            rss0 = rss_bytes(server.pid)
+            for w in range(workers):
+                share = players // workers + (1 if w < players % workers else 0)
+                procs.append(NodeWorker(d, {"mode": "joins", "url": server.url, "players": share, "inflight": inflight // workers}))
+            for p in procs:
+                p.read()
+            pids = [p.pid for p in procs]
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            for p in procs:
+                p.say("go")
+            parts = [p.read() for p in procs]
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            time.sleep(0.5)
+            rss1 = rss_bytes(server.pid)
+            for p in procs:
+                p.say("release")
+            joined = sum(p["joined"] for p in parts)
+            seconds = max(p["seconds"] for p in parts)
+            runs.append(
+                {
+                    "joins_per_s": joined / seconds,
+                    "joined": joined,
+                    "failed": sum(p["failed"] for p in parts),
+                    "rss_before_mb": rss0 / 2**20,
+                    "rss_after_mb": rss1 / 2**20,
+                    "rss_kb_per_player": (rss1 - rss0) / max(joined, 1) / 1024,
+                    "server_cpu_us_per_join": (s1 - s0) / max(joined, 1) * 1e6,
+                    "client_cpu_pct": [(b - a) / (l1 - l0) * 100 for a, b in zip(c0, c1, strict=True)],
+                    "load": loadavg(),
+                }
+            )
+            r = runs[-1]
+            print(
+                f"  colyseus joins: {r['joins_per_s']:,.0f}/s, {r['rss_kb_per_player']:.1f} kB/player, "
+                f"{r['joined']} joined {r['failed']} failed, clients {[round(x) for x in r['client_cpu_pct']]}%",
+                flush=True,
+            )
+        finally:
+            for p in procs:
+                p.close()
+            server.stop()
+    return {
+        "players": players,
+        "rooms": players // 2,
+        "runs": runs,
+        **{k: summary([r[k] for r in runs]) for k in ("joins_per_s", "rss_kb_per_player", "server_cpu_us_per_join")},
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+    }
+
+
+def run_arena_colyseus(d: Path, players: int, input_hz: float, reps: int, seconds: float, workers: int) -> dict[str, Any]:
+    """Workload 3 against Colyseus, as :func:`run_arena`.
+
+    A tick here is the 20 Hz simulation callback plus the 50 ms patch
+    broadcast that follows it (both timed inside the server: ``/ticks``
+    gives the two lists, paired in order; Node fires the two 50 ms intervals
+    back to back in one timer pass), i.e. what rtcore's tick step does
+    (``on_tick`` + diff + patch).
+    """
+    server = ColyseusServer(d)
+    procs: list[NodeWorker] = []
+    try:
+        room_id = server.get("/create/arena", "POST")["roomId"]
+        for w in range(workers):
+            names = [f"a{w}-{i}" for i in range(w, players, workers)]
+            procs.append(
+                NodeWorker(
+                    d,
+                    {"mode": "arena", "url": server.url, "roomId": room_id, "names": names, "inputHz": input_hz, "seconds": seconds, "reps": reps},
+                )
+            )
+        for p in procs:
+            p.read()
+        pids = [p.pid for p in procs]
+        runs = []
+        for _ in range(reps):
+            server.get("/ticks")  # drop the ticks of the idle time before
+            s0, c0, l0 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            for p in procs:
+                p.say("go")
+            parts = [p.read() for p in procs]
+            s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
+            got = server.get("/ticks")
+            steps, patches = got["step"], got["patch"]
+            n = min(len(steps), len(patches))
+            durations = [steps[i][0] + patches[i][0] for i in range(n)]
+            cpu_durations = [steps[i][1] + patches[i][1] for i in range(n)]
+            wall = l1 - l0
+            clients = sum(p["clients"] for p in parts)
+            per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
+            runs.append(
+                {
+                    "tick_p50_ms": pct(durations, 0.5) * 1e3,
+                    "tick_p99_ms": pct(durations, 0.99) * 1e3,
+                    "tick_max_ms": max(durations) * 1e3,
+                    "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
+                    "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
+                    "step_p99_ms": pct([x[0] for x in steps], 0.99) * 1e3,
+                    "patch_p99_ms": pct([x[0] for x in patches], 0.99) * 1e3,
+                    "ticks": len(steps),
+                    "patches": len(patches),
+                    "ticks_per_s": len(steps) / wall,
+                    "server_cpu_pct": (s1 - s0) / wall * 100,
+                    "bytes_per_client_s": per_client_s,
+                    "frames_per_client_s": sum(p["frames"] / p["seconds"] for p in parts) / clients,
+                    "inputs_per_s": sum(p["inputs"] for p in parts) / wall,
+                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    "load": loadavg(),
+                }
+            )
+            r = runs[-1]
+            print(
+                f"  colyseus arena: tick p99 {r['tick_p99_ms']:.2f} ms (step p99 {r['step_p99_ms']:.2f}, patch p99 "
+                f"{r['patch_p99_ms']:.2f}; CPU p50 {r['tick_cpu_p50_ms']:.2f}, p99 {r['tick_cpu_p99_ms']:.2f} ms), "
+                f"server {r['server_cpu_pct']:.1f}%, {per_client_s / 1000:.1f} kB/client/s, "
+                f"{r['frames_per_client_s']:.1f} frames/client/s, clients {[round(x) for x in r['client_cpu_pct']]}%",
+                flush=True,
+            )
+    finally:
+        for p in procs:
+            p.close()
+        server.stop()
+    return {
+        "players": players,
+        "tick_rate": 20,
+        "input_hz": input_hz,
+        "runs": runs,
+        **{
+            k: summary([r[k] for r in runs])
+            for k in ("tick_p99_ms", "tick_cpu_p50_ms", "tick_cpu_p99_ms", "server_cpu_pct", "bytes_per_client_s", "ticks_per_s")
+        },
+        "client_cpu_pct_max": max(x for r in runs for x in r["client_cpu_pct"]),
+    }
+
+
+def seats_sanity(d: Path, joiners: int = 50) -> dict[str, Any]:
+    """``joiners`` concurrent joins of one 2-seat room, on each server: how many get a seat.
+
+    Colyseus: a ``duel`` room the matchmaker creates empty, then ``joiners``
+    concurrent ``joinById``. rtcore: a private ``duel`` room whose creator
+    holds one seat, then ``joiners - 1`` concurrent ``room.join`` on their own
+    connections. Both should end with exactly 2 seated.
+    """
+    out: dict[str, Any] = {"joiners": joiners}
+    server = ColyseusServer(d)
+    try:
+        room_id = server.get("/create/duel", "POST")["roomId"]
+        w = NodeWorker(d, {"mode": "seats", "url": server.url, "roomId": room_id, "joiners": joiners})
+        got = w.read()
+        w.close()
+        out["colyseus"] = {"seated": got["seated"], "refused": got["refused"]}
+    finally:
+        server.stop()
+    rt = ServerProcess("memory://")
+    try:
+
+        async def seats() -> dict[str, Any]:
+            host = await Conn.open(rt.url, "seathost")
+            joined = await host.cmd("room.create", {"type": "duel", "private": True})
+            conns = await asyncio.gather(*(Conn.open(rt.url, f"seat{i}") for i in range(joiners - 1)))
+
+            async def join(c: Conn) -> str:
+                try:
+                    await c.cmd("room.join", {"room_id": joined["room_id"]})
+                    return "ok"
+                except RuntimeError as e:
+                    return str(e).rpartition("'code': '")[2].partition("'")[0] or "error"
+
+            results = await asyncio.gather(*(join(c) for c in conns))
+            await asyncio.gather(*(c.ws.close() for c in [host, *conns]), return_exceptions=True)
+            refused: dict[str, int] = {}
+            for r in results:
+                if r != "ok":
+                    refused[r] = refused.get(r, 0) + 1
+            return {"seated": 1 + results.count("ok"), "refused": refused}
+
+        out["rtcore"] = asyncio.run(seats())
+    finally:
+        rt.stop()
+    print(f"  seats: {joiners} concurrent joiners on one 2-seat room: rtcore {out['rtcore']}, colyseus {out['colyseus']}", flush=True)
+    return out
+
+
+def merge_reps(parts: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, Any]:
+    """One result from single-repetition results (``--colyseus`` runs each repetition apart)."""
+    out = dict(parts[0])
+    out["runs"] = [r for p in parts for r in p["runs"]]
+    for k in keys:
+        if all(k in r for r in out["runs"]):
+            out[k] = summary([r[k] for r in out["runs"]])
+    out["client_cpu_pct_max"] = max(p["client_cpu_pct_max"] for p in parts)
+    if "idle_server_cpu_pct" in out:
+        idle = [p["idle_server_cpu_pct"] for p in parts]
+        out["idle_server_cpu_pct"], out["idle_server_cpu_pct_reps"] = statistics.median(idle), idle
+    for k in ("gc_forced_full_ms", "gc_objects", "gc_frozen"):
+        if k in out:
+            out[k] = statistics.median(p[k] for p in parts)
+    return out
+
+
+MOVES_KEYS = ("moves_per_s", "p50_ms", "p99_ms", "server_cpu_us_per_move", "server_gc_us_per_move", "server_cpu_pct")
+JOINS_KEYS = ("joins_per_s", "rss_kb_per_player", "server_cpu_us_per_join")
+ARENA_KEYS = (
+    "tick_p99_ms",
+    "tick_cpu_p50_ms",
+    "tick_cpu_p99_ms",
+    "tick_cpu_nogc_p99_ms",
+    "tick_gc_max_ms",
+    "server_cpu_pct",
+    "bytes_per_client_s",
+    "ticks_per_s",
+)
+
+
 # --- the README table -------------------------------------------------------------------------
 
 
@@ -926,16 +1340,31 @@ def _fmt(s: dict[str, Any], digits: int = 0, scale: float = 1.0) -> str:
     return f"{f.format(s['median'] * scale)} ({f.format(s['min'] * scale)}-{f.format(s['max'] * scale)})"
 
 
+def _ratio(this: dict[str, Any] | None, other: dict[str, Any] | None, key: str) -> str:
+    """rtcore / Colyseus of ``key``, per repetition pair (the i-th of each): median (min-max)."""
+    if not this or not other:
+        return "—"
+    pairs = [(a[key], b[key]) for a, b in zip(this["runs"], other["runs"], strict=False) if key in a and key in b and b[key]]
+    if not pairs:
+        return "—"
+    return _fmt(summary([a / b for a, b in pairs]), 2)
+
+
 def table(report: dict[str, Any], source: str) -> str:
-    """The rooms section of the README, generated from one results file."""
+    """The rooms section of the README, generated from one results file.
+
+    With a ``colyseus`` section (``--colyseus``), the Colyseus column holds
+    the figures measured in the same run and a ratio column (rtcore /
+    Colyseus per repetition pair) follows; without it, the column quotes the
+    issue's figures as before.
+    """
     m = report["machine"]
     peer = report.get("peer", {}).get("results")
-    lines = [
-        BEGIN,
-        f"<!-- generated by `python benchmarks/rooms.py` from {source}; do not edit by hand -->",
-        "",
+    cy = report.get("colyseus")
+    flags = (" --quick" if report["quick"] else "") + (" --peer SRC" if peer else "") + (" --colyseus" if cy else "")
+    intro = (
         f"{report['date']}, {m['cpus']} vCPU, {m['platform']}, Python {m['python']}, "
-        f"`python benchmarks/rooms.py{' --quick' if report['quick'] else ''}{' --peer SRC' if peer else ''}`, "
+        f"`python benchmarks/rooms.py{flags}`, "
         f"{report['settings']['workers']} load-client processes; load average at start "
         f"{', '.join(f'{x:.2f}' for x in report['load_start'])}, at end {', '.join(f'{x:.2f}' for x in report['load_end'])} "
         "(the machine is shared with other jobs). Median (min-max) of "
@@ -946,14 +1375,41 @@ def table(report: dict[str, Any], source: str) -> str:
             "for both, alternating which goes first."
             if peer
             else ""
-        ),
+        )
+    )
+    if cy:
+        v = cy["versions"]
+        intro += (
+            f" **Colyseus** = colyseus {v['colyseus']} (@colyseus/core {v['@colyseus/core']}, ws-transport "
+            f"{v['@colyseus/ws-transport']}, schema {v['@colyseus/schema']}) on Node {v['node'].lstrip('v')}, driven by "
+            f"@colyseus/sdk {v['@colyseus/sdk']} load clients, measured in the same run: each repetition runs "
+            "rtcore and Colyseus back to back on fresh servers, alternating which goes first. **rtcore / Colyseus** = "
+            "the ratio of the two figures per repetition pair, median (min-max): above 1 means rtcore's figure is "
+            "the larger (better for moves/s and joins/s, worse for latency, CPU and memory). Colyseus keeps room "
+            "state in memory only, so its figures sit next to `memory://`; `—` = not measured there."
+        )
+    lines = [
+        BEGIN,
+        f"<!-- generated by `python benchmarks/rooms.py` from {source}; do not edit by hand -->",
         "",
-        "| workload | figure | rtcore | " + ("before | " if peer else "") + "goal | Colyseus 0.18.8 |",
-        "|---|---|---:|" + ("---:|" if peer else "") + "---:|---:|",
+        intro,
+        "",
+        "| workload | figure | rtcore | "
+        + ("before | " if peer else "")
+        + "goal | "
+        + ("Colyseus 0.18.8 (measured) | rtcore / Colyseus |" if cy else "Colyseus 0.18.8 |"),
+        "|---|---|---:|" + ("---:|" if peer else "") + "---:|---:|" + ("---:|" if cy else ""),
     ]
 
-    def row(w: str, figure: str, this: str, before: str, goal: str, colyseus: str) -> None:
-        lines.append(f"| {w} | {figure} | {this} | " + (f"{before} | " if peer else "") + f"{goal} | {colyseus} |")
+    def row(w: str, figure: str, this: str, before: str, goal: str, colyseus: str, measured: tuple[str, str] | None = None) -> None:
+        # ``colyseus`` is the issue's quoted figure; ``measured`` the (Colyseus cell, ratio cell) of a --colyseus run.
+        if not cy:
+            tail = f"{colyseus} |"
+        elif measured is None:
+            tail = "— | — |"
+        else:
+            tail = f"{measured[0]} | {measured[1]} |"
+        lines.append(f"| {w} | {figure} | {this} | " + (f"{before} | " if peer else "") + f"{goal} | {tail}")
 
     def pget(kind: str, i: int | None = None) -> Any:
         if not peer:
@@ -961,10 +1417,30 @@ def table(report: dict[str, Any], source: str) -> str:
         got = peer.get(kind)
         return got[i] if i is not None and got else got
 
+    def cget_moves(r: dict[str, Any]) -> dict[str, Any] | None:
+        if not cy or r["backend"] != "memory":
+            return None
+        return next((c for c in cy.get("moves", []) if c["rooms"] == r["rooms"]), None)
+
+    def measured(this: dict[str, Any] | None, other: dict[str, Any] | None, key: str, digits: int = 0, scale: float = 1.0) -> tuple[str, str] | None:
+        if not cy:
+            return None
+        if not other or key not in other:
+            return ("—", "—")
+        return (_fmt(other[key], digits, scale), _ratio(this, other, key))
+
     for i, r in enumerate(report["moves"]):
         p = pget("moves", i)
+        c = cget_moves(r)
         w = f"moves, {r['rooms']:,} rooms, `{r['backend']}://`"
-        row(w, "moves/s", _fmt(r["moves_per_s"]), p and _fmt(p["moves_per_s"]), "reported", "7,400-7,750")
+        row(w, "moves/s", _fmt(r["moves_per_s"]), p and _fmt(p["moves_per_s"]), "reported", "7,400-7,750", measured(r, c, "moves_per_s"))
+        lat = None
+        if cy:
+            lat = (
+                (f"{_fmt(c['p50_ms'], 1)} / {_fmt(c['p99_ms'], 1)}", f"{_ratio(r, c, 'p50_ms')} / {_ratio(r, c, 'p99_ms')}")
+                if c
+                else ("—", "—")
+            )
         row(
             w,
             "move → patch p50 / p99 ms",
@@ -972,8 +1448,17 @@ def table(report: dict[str, Any], source: str) -> str:
             p and f"{_fmt(p['p50_ms'], 1)} / {_fmt(p['p99_ms'], 1)}",
             "reported",
             "—",
+            lat,
         )
-        row(w, "server CPU µs per move", _fmt(r["server_cpu_us_per_move"]), p and _fmt(p["server_cpu_us_per_move"]), "≤ 130", "125-140")
+        row(
+            w,
+            "server CPU µs per move",
+            _fmt(r["server_cpu_us_per_move"]),
+            p and _fmt(p["server_cpu_us_per_move"]),
+            "≤ 130",
+            "125-140",
+            measured(r, c, "server_cpu_us_per_move"),
+        )
         if "server_gc_us_per_move" in r:
             row(
                 w,
@@ -983,7 +1468,7 @@ def table(report: dict[str, Any], source: str) -> str:
                 "—",
                 "—",
             )
-        row(w, "server CPU % of a core", _fmt(r["server_cpu_pct"]), p and _fmt(p["server_cpu_pct"]), "—", "~100")
+        row(w, "server CPU % of a core", _fmt(r["server_cpu_pct"]), p and _fmt(p["server_cpu_pct"]), "—", "~100", measured(r, c, "server_cpu_pct"))
         if "idle_server_cpu_pct" in r:
             row(
                 w,
@@ -992,23 +1477,63 @@ def table(report: dict[str, Any], source: str) -> str:
                 p and f"{p['idle_server_cpu_pct']:.0f}",
                 "—",
                 "—",
+                (f"{c['idle_server_cpu_pct']:.0f}", "—") if c else None,
             )
     j, pj = report["joins"], pget("joins")
+    cj = cy.get("joins") if cy else None
     w = f"{j['players']:,} players in {j['rooms']:,} rooms"
-    row(w, "server RSS kB per seated player", _fmt(j["rss_kb_per_player"], 1), pj and _fmt(pj["rss_kb_per_player"], 1), "≤ 20", "41-44")
-    row(w, "joins/s (matchmaking + seat + first patch)", _fmt(j["joins_per_s"]), pj and _fmt(pj["joins_per_s"]), "≥ 230", "~230")
-    row(w, "server CPU µs per join", _fmt(j["server_cpu_us_per_join"]), pj and _fmt(pj["server_cpu_us_per_join"]), "—", "—")
+    row(
+        w,
+        "server RSS kB per seated player",
+        _fmt(j["rss_kb_per_player"], 1),
+        pj and _fmt(pj["rss_kb_per_player"], 1),
+        "≤ 20",
+        "41-44",
+        measured(j, cj, "rss_kb_per_player", 1),
+    )
+    row(
+        w,
+        "joins/s (matchmaking + seat + first patch)",
+        _fmt(j["joins_per_s"]),
+        pj and _fmt(pj["joins_per_s"]),
+        "≥ 230",
+        "~230",
+        measured(j, cj, "joins_per_s"),
+    )
+    row(
+        w,
+        "server CPU µs per join",
+        _fmt(j["server_cpu_us_per_join"]),
+        pj and _fmt(pj["server_cpu_us_per_join"]),
+        "—",
+        "—",
+        measured(j, cj, "server_cpu_us_per_join"),
+    )
     a, pa = report["arena"], pget("arena")
+    ca = cy.get("arena") if cy else None
     w = f"1 room, 20 Hz, {a['players']} players x {a['input_hz']:g} inputs/s"
-    row(w, "tick p99 ms (server-side)", _fmt(a["tick_p99_ms"], 2), pa and _fmt(pa["tick_p99_ms"], 2), "≤ 1", "0.6-0.9")
+    row(w, "tick p99 ms (server-side)", _fmt(a["tick_p99_ms"], 2), pa and _fmt(pa["tick_p99_ms"], 2), "≤ 1", "0.6-0.9", measured(a, ca, "tick_p99_ms", 2))
     if "tick_cpu_nogc_p99_ms" in a:
 
         def step(x: dict[str, Any]) -> str:
             return f"{_fmt(x['tick_cpu_p50_ms'], 2)} / {_fmt(x['tick_cpu_p99_ms'], 2)} / {_fmt(x['tick_cpu_nogc_p99_ms'], 2)}"
 
-        row(w, "tick step CPU ms: p50 / p99 / p99 less the GC inside the step", step(a), step(pa) if pa and "tick_cpu_nogc_p99_ms" in pa else "—", "—", "—")
+        row(
+            w,
+            "tick step CPU ms: p50 / p99 / p99 less the GC inside the step",
+            step(a),
+            step(pa) if pa and "tick_cpu_nogc_p99_ms" in pa else "—",
+            "—",
+            "—",
+            (
+                f"{_fmt(ca['tick_cpu_p50_ms'], 2)} / {_fmt(ca['tick_cpu_p99_ms'], 2)} / —",
+                f"{_ratio(a, ca, 'tick_cpu_p50_ms')} / {_ratio(a, ca, 'tick_cpu_p99_ms')} / —",
+            )
+            if ca
+            else None,
+        )
         row(w, "longest GC inside a tick step ms", _fmt(a["tick_gc_max_ms"], 2), _fmt(pa["tick_gc_max_ms"], 2) if pa and "tick_gc_max_ms" in pa else "—", "—", "—")
-    row(w, "server CPU % of a core", _fmt(a["server_cpu_pct"], 1), pa and _fmt(pa["server_cpu_pct"], 1), "≤ 20", "18.5")
+    row(w, "server CPU % of a core", _fmt(a["server_cpu_pct"], 1), pa and _fmt(pa["server_cpu_pct"], 1), "≤ 20", "18.5", measured(a, ca, "server_cpu_pct", 1))
     row(
         w,
         "state kB per client per second",
@@ -1016,13 +1541,15 @@ def table(report: dict[str, Any], source: str) -> str:
         pa and _fmt(pa["bytes_per_client_s"], 1, 1e-3),
         "≤ 33",
         "33",
+        measured(a, ca, "bytes_per_client_s", 1, 1e-3),
     )
-    row(w, "ticks/s observed", _fmt(a["ticks_per_s"], 1), pa and _fmt(pa["ticks_per_s"], 1), "20", "20")
+    row(w, "ticks/s observed", _fmt(a["ticks_per_s"], 1), pa and _fmt(pa["ticks_per_s"], 1), "20", "20", measured(a, ca, "ticks_per_s", 1))
 
     def clients(rep: dict[str, Any]) -> str:
         return ", ".join(
-            [f"moves {r['rooms']:,} rooms `{r['backend']}://` {r['client_cpu_pct_max']:.0f} %" for r in rep["moves"]]
-            + [f"joins {rep['joins']['client_cpu_pct_max']:.0f} %", f"arena {rep['arena']['client_cpu_pct_max']:.0f} %"]
+            [f"moves {r['rooms']:,} rooms `{r['backend']}://` {r['client_cpu_pct_max']:.0f} %" for r in rep.get("moves", [])]
+            + ([f"joins {rep['joins']['client_cpu_pct_max']:.0f} %"] if "joins" in rep else [])
+            + ([f"arena {rep['arena']['client_cpu_pct_max']:.0f} %"] if "arena" in rep else [])
         )
 
     lines += [
@@ -1030,9 +1557,27 @@ def table(report: dict[str, Any], source: str) -> str:
         "Load client CPU (highest of any client process in any repetition, % of a core): "
         + clients(report)
         + (f"; before: {clients(peer)}" if peer else "")
+        + (f"; Colyseus (Node SDK clients): {clients(cy)}" if cy else "")
         + ".",
-        END,
     ]
+    if cy and "seats" in cy:
+        st = cy["seats"]
+
+        def refused(x: dict[str, Any]) -> str:
+            # Colyseus names the room id in its refusal; the id says nothing here.
+            reasons = {re.sub(r'room "[^"]*"', "room", k): n for k, n in x["refused"].items()}
+            return ", ".join(f"{n} `{k}`" for k, n in reasons.items()) or "none"
+
+        lines += [
+            "",
+            f"Seat check ({st['joiners']} concurrent joiners on one 2-seat `duel` room): rtcore seated "
+            f"{st['rtcore']['seated']} (refused: {refused(st['rtcore'])}), Colyseus seated {st['colyseus']['seated']} "
+            f"(refused: {refused(st['colyseus'])}).",
+        ]
+    if cy and cy.get("moves"):
+        errs = sum(r["errors"] for c in cy["moves"] for r in c["runs"])
+        lines += ["", f"Colyseus moves: {errs} out-of-turn rejections over every window (each mover waits for its turn)."]
+    lines.append(END)
     return "\n".join(lines)
 
 
@@ -1133,6 +1678,12 @@ def main() -> None:
         "snapshots before and after the joins to PREFIX-<this|peer><rep>-<1|2>; compare them with "
         "benchmarks/ab/memdiff.py BEFORE AFTER --conns 2000",
     )
+    parser.add_argument(
+        "--colyseus",
+        action="store_true",
+        help="also measure Colyseus 0.18.8 (benchmarks/colyseus/, npm ci into ~/.cache/rtcore-colyseus on first use): "
+        "every repetition of moves (memory://), joins and arena runs rtcore and Colyseus back to back, alternating which goes first",
+    )
     parser.add_argument("--out", type=Path, help="with --only: write the results JSON here")
     parser.add_argument(
         "--only",
@@ -1144,6 +1695,8 @@ def main() -> None:
     if opts.serve:
         serve(opts.serve)
         return
+    if opts.colyseus and (opts.peer or opts.profile):
+        parser.error("--colyseus does not combine with --peer or --profile")
     if opts.table:
         write_table(opts.table)
         return
@@ -1206,6 +1759,29 @@ def main() -> None:
         PEER["running"] = None
         return got["this"], got["peer"]
 
+    cy: dict[str, Any] | None = None
+    cy_dir: Path | None = None
+    if opts.colyseus:
+        cy_dir = colyseus_dir()
+        cy = {"versions": colyseus_versions(cy_dir), "moves": []}
+        report["colyseus"] = cy
+        print(f"colyseus: {cy['versions']}", flush=True)
+        cy["seats"] = seats_sanity(cy_dir)
+
+    def paired(keys: tuple[str, ...], rt_run: Any, rt_args: tuple[Any, ...], cy_run: Any, cy_args: tuple[Any, ...]) -> tuple[Any, Any]:
+        """``--colyseus``: each repetition runs rtcore and Colyseus back to back (fresh servers), alternating which goes first."""
+        rt_parts, cy_parts = [], []
+        for _ in range(reps):
+            order = ["rtcore", "colyseus"] if turn[0] % 2 == 0 else ["colyseus", "rtcore"]
+            turn[0] += 1
+            for who in order:
+                print(f" [{who}]", flush=True)
+                if who == "rtcore":
+                    rt_parts.append(rt_run(*rt_args))
+                else:
+                    cy_parts.append(cy_run(cy_dir, *cy_args))
+        return merge_reps(rt_parts, keys), merge_reps(cy_parts, keys)
+
     with tempfile.TemporaryDirectory() as tmp:
         if "moves" in only:
             for backend in ("memory://", "sqlite"):
@@ -1214,16 +1790,33 @@ def main() -> None:
                     def url(who: str, backend: str = backend, rooms: int = rooms) -> str:
                         return backend if backend != "sqlite" else f"sqlite:///{tmp}/rooms-{rooms}-{who}.db"
 
+                    if cy is not None and backend == "memory://":
+                        # Colyseus keeps room state in memory only: compared with rtcore's memory:// backend.
+                        mine, theirs = paired(
+                            MOVES_KEYS, run_moves, (backend, rooms, 1, window, opts.workers), run_moves_colyseus, (rooms, 1, window, opts.workers)
+                        )
+                        cy["moves"].append(theirs)
+                        report["moves"].append(mine)
+                        save()
+                        continue
                     mine, theirs = both(run_moves, url, rooms, reps, window, opts.workers)
                     report["moves"].append(mine)
                     if theirs:
                         peer["moves"].append(theirs)
                     save()
     if "joins" in only:
-        report["joins"], peer["joins"] = both(run_joins, players, reps, opts.workers, 64)
+        if cy is not None:
+            report["joins"], cy["joins"] = paired(JOINS_KEYS, run_joins, (players, 1, opts.workers, 64), run_joins_colyseus, (players, 1, opts.workers, 64))
+        else:
+            report["joins"], peer["joins"] = both(run_joins, players, reps, opts.workers, 64)
         save()
     if "arena" in only:
-        report["arena"], peer["arena"] = both(run_arena, 100, opts.input_hz, reps, window, opts.workers)
+        if cy is not None:
+            report["arena"], cy["arena"] = paired(
+                ARENA_KEYS, run_arena, (100, opts.input_hz, 1, window, opts.workers), run_arena_colyseus, (100, opts.input_hz, 1, window, opts.workers)
+            )
+        else:
+            report["arena"], peer["arena"] = both(run_arena, 100, opts.input_hz, reps, window, opts.workers)
     report["load_end"] = loadavg()
     report["elapsed_s"] = time.perf_counter() - started
     print(f"done in {report['elapsed_s']:.0f} s")
