@@ -312,6 +312,16 @@ PEER: dict[str, str | None] = {"src": None, "running": None}
 TRACE: dict[str, str | None] = {"prefix": None}
 
 
+def stop_process(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 class ServerProcess:
     """The benchmark server in a child process (sampled by ``py-spy record`` under ``--profile``)."""
 
@@ -344,12 +354,7 @@ class ServerProcess:
             )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         if self.spy is not None:
             self.spy.wait(30)  # py-spy writes its file when the server exits
             PROFILES.setdefault(self.label, profile_top(self.spy_out.read_text()))
@@ -648,6 +653,48 @@ def _cpu(pids: list[int]) -> list[float]:
     return out
 
 
+def window_figures(server_cpu_s: float, c0: list[float], c1: list[float], wall: float) -> dict[str, Any]:
+    """A measured window's server CPU % of a core, each client process's CPU % and the load average."""
+    return {
+        "server_cpu_pct": server_cpu_s / wall * 100,
+        "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+        "load": loadavg(),
+    }
+
+
+def move_figures(parts: list[dict[str, Any]], seconds: float, server_cpu_s: float) -> dict[str, Any]:
+    """Moves/s, move → patch p50/p99 and server CPU per move from the load workers' reports of one window."""
+    lat = [x for part in parts for x in part["lat"]]
+    moves = sum(part["moves"] for part in parts)
+    return {
+        "moves_per_s": moves / seconds,
+        "p50_ms": pct(lat, 0.5) * 1e3,
+        "p99_ms": pct(lat, 0.99) * 1e3,
+        "server_cpu_us_per_move": server_cpu_s / max(moves, 1) * 1e6,
+    }
+
+
+def tick_figures(durations: list[float], cpu_durations: list[float]) -> dict[str, Any]:
+    """Tick duration p50/p99/max (wall clock) and CPU p50/p99, in ms."""
+    return {
+        "tick_p50_ms": pct(durations, 0.5) * 1e3,
+        "tick_p99_ms": pct(durations, 0.99) * 1e3,
+        "tick_max_ms": max(durations) * 1e3,
+        "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
+        "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
+    }
+
+
+def traffic_figures(parts: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """The arena players' state bytes and frames per client per second, and inputs per second."""
+    clients = sum(p["clients"] for p in parts)
+    return {
+        "bytes_per_client_s": sum(p["bytes"] / p["seconds"] for p in parts) / clients,
+        "frames_per_client_s": sum(p["frames"] / p["seconds"] for p in parts) / clients,
+        "inputs_per_s": sum(p["inputs"] for p in parts) / wall,
+    }
+
+
 async def server_gc(url: str, collect: bool = False) -> list[float]:
     """The benchmark server's ``bench.gc`` (see there): totals and longest collection per generation, or a forced full one."""
     c = await Conn.open(url, f"gc{time.monotonic_ns()}")  # a fresh key: no replayed answer
@@ -695,24 +742,18 @@ def run_moves(backend: str, rooms: int, reps: int, seconds: float, workers: int)
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             g1 = asyncio.run(server_gc(server.url))
             parts = [out.get(timeout=120) for _ in procs]
-            lat = [x for part in parts for x in part["lat"]]
             moves = sum(part["moves"] for part in parts)
             wall = l1 - l0
             runs.append(
                 {
-                    "moves_per_s": moves / seconds,
-                    "p50_ms": pct(lat, 0.5) * 1e3,
-                    "p99_ms": pct(lat, 0.99) * 1e3,
-                    "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
-                    "server_cpu_pct": (s1 - s0) / wall * 100,
+                    **move_figures(parts, seconds, s1 - s0),
                     # The cyclic GC's share (read just outside the window: a slight overcount).
                     "server_gc_us_per_move": (g1[0] - g0[0]) / max(moves, 1) * 1e6,
                     "server_gc_full": g1[1] - g0[1],
                     # The longest single collection of each generation in the window (CPU ms).
                     "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
-                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    **window_figures(s1 - s0, c0, c1, wall),
                     "errors": sum(part["errors"] for part in parts),
-                    "load": loadavg(),
                 }
             )
             print(
@@ -871,15 +912,9 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
             # The step's CPU less the GC that ran inside it (the step's own code; the lists line up).
             cpu_nogc = [c - g[0] for c, g in zip(cpu_durations, gcs, strict=True)] if gcs else cpu_durations
             wall = l1 - l0
-            clients = sum(p["clients"] for p in parts)
-            per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
             runs.append(
                 {
-                    "tick_p50_ms": pct(durations, 0.5) * 1e3,
-                    "tick_p99_ms": pct(durations, 0.99) * 1e3,
-                    "tick_max_ms": max(durations) * 1e3,
-                    "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
-                    "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
+                    **tick_figures(durations, cpu_durations),
                     "ticks": len(durations),
                     # GC inside the tick steps: how many steps ran a full (generation 2) collection, the longest.
                     "tick_gc_full": len(gc_full),
@@ -888,12 +923,8 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                     # The longest single collection of each generation in the window, in a tick step or not (CPU ms).
                     "server_gc_max_ms": [x * 1e3 for x in g1[2:5]],
                     "ticks_per_s": len(durations) / wall,
-                    "server_cpu_pct": (s1 - s0) / wall * 100,
-                    "bytes_per_client_s": per_client_s,
-                    "frames_per_client_s": sum(p["frames"] / p["seconds"] for p in parts) / clients,
-                    "inputs_per_s": sum(p["inputs"] for p in parts) / wall,
-                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
-                    "load": loadavg(),
+                    **traffic_figures(parts, wall),
+                    **window_figures(s1 - s0, c0, c1, wall),
                 }
             )
             print(
@@ -901,7 +932,7 @@ def run_arena(players: int, input_hz: float, reps: int, seconds: float, workers:
                 f"p99 {runs[-1]['tick_cpu_p99_ms']:.2f} ms; {runs[-1]['tick_gc_full']} full GCs in steps, "
                 f"longest GC {runs[-1]['tick_gc_max_ms']:.2f} ms; window's longest gen0/1/2 "
                 f"{'/'.join(f'{x:.2f}' for x in runs[-1]['server_gc_max_ms'])} ms), server {runs[-1]['server_cpu_pct']:.1f}%, "
-                f"{per_client_s / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
+                f"{runs[-1]['bytes_per_client_s'] / 1000:.1f} kB/client/s, clients {[round(x) for x in runs[-1]['client_cpu_pct']]}%",
                 flush=True,
             )
         for p in procs:
@@ -995,12 +1026,7 @@ class ColyseusServer:
             return json.loads(r.read())
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 class NodeWorker:
@@ -1066,21 +1092,14 @@ def run_moves_colyseus(d: Path, rooms: int, reps: int, seconds: float, workers: 
             time.sleep(seconds)
             s1, c1, l1 = cpu_seconds(server.pid), _cpu(pids), time.perf_counter()
             parts = [p.read() for p in procs]
-            lat = [x for part in parts for x in part["lat"]]
-            moves = sum(part["moves"] for part in parts)
             wall = l1 - l0
             runs.append(
                 {
-                    "moves_per_s": moves / seconds,
-                    "p50_ms": pct(lat, 0.5) * 1e3,
-                    "p99_ms": pct(lat, 0.99) * 1e3,
-                    "server_cpu_us_per_move": (s1 - s0) / max(moves, 1) * 1e6,
-                    "server_cpu_pct": (s1 - s0) / wall * 100,
-                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
+                    **move_figures(parts, seconds, s1 - s0),
+                    **window_figures(s1 - s0, c0, c1, wall),
                     "errors": sum(part["errors"] for part in parts),
                     # The rooms' own move counters (all moves so far, read by the clients after the window).
                     "state_moves_total": sum(part["state_moves_total"] for part in parts),
-                    "load": loadavg(),
                 }
             )
             r = runs[-1]
@@ -1206,33 +1225,23 @@ def run_arena_colyseus(d: Path, players: int, input_hz: float, reps: int, second
             durations = [steps[i][0] + patches[i][0] for i in range(n)]
             cpu_durations = [steps[i][1] + patches[i][1] for i in range(n)]
             wall = l1 - l0
-            clients = sum(p["clients"] for p in parts)
-            per_client_s = sum(p["bytes"] / p["seconds"] for p in parts) / clients
             runs.append(
                 {
-                    "tick_p50_ms": pct(durations, 0.5) * 1e3,
-                    "tick_p99_ms": pct(durations, 0.99) * 1e3,
-                    "tick_max_ms": max(durations) * 1e3,
-                    "tick_cpu_p50_ms": pct(cpu_durations, 0.5) * 1e3,
-                    "tick_cpu_p99_ms": pct(cpu_durations, 0.99) * 1e3,
+                    **tick_figures(durations, cpu_durations),
                     "step_p99_ms": pct([x[0] for x in steps], 0.99) * 1e3,
                     "patch_p99_ms": pct([x[0] for x in patches], 0.99) * 1e3,
                     "ticks": len(steps),
                     "patches": len(patches),
                     "ticks_per_s": len(steps) / wall,
-                    "server_cpu_pct": (s1 - s0) / wall * 100,
-                    "bytes_per_client_s": per_client_s,
-                    "frames_per_client_s": sum(p["frames"] / p["seconds"] for p in parts) / clients,
-                    "inputs_per_s": sum(p["inputs"] for p in parts) / wall,
-                    "client_cpu_pct": [(b - a) / wall * 100 for a, b in zip(c0, c1, strict=True)],
-                    "load": loadavg(),
+                    **traffic_figures(parts, wall),
+                    **window_figures(s1 - s0, c0, c1, wall),
                 }
             )
             r = runs[-1]
             print(
                 f"  colyseus arena: tick p99 {r['tick_p99_ms']:.2f} ms (step p99 {r['step_p99_ms']:.2f}, patch p99 "
                 f"{r['patch_p99_ms']:.2f}; CPU p50 {r['tick_cpu_p50_ms']:.2f}, p99 {r['tick_cpu_p99_ms']:.2f} ms), "
-                f"server {r['server_cpu_pct']:.1f}%, {per_client_s / 1000:.1f} kB/client/s, "
+                f"server {r['server_cpu_pct']:.1f}%, {r['bytes_per_client_s'] / 1000:.1f} kB/client/s, "
                 f"{r['frames_per_client_s']:.1f} frames/client/s, clients {[round(x) for x in r['client_cpu_pct']]}%",
                 flush=True,
             )
