@@ -208,7 +208,7 @@ async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: P
     Mutations seen caught: in ``_run_group`` replace the rerun through
     ``_run_isolated`` by catching each write's error in the same loop (no
     rollback, no savepoints) -> the failing write's head of 999 is committed
-    and this test fails; drop ``committed.clear()`` in ``SqliteEventLog.append``
+    and this test fails; drop ``self.out.clear()`` in ``_Append.run``
     -> the feed gets the rolled-back first run's event of the new stream,
     whose epoch was never committed, and this test fails.
     """

@@ -222,10 +222,71 @@ class _Write(Job):
 
     __slots__ = ("after", "fn")
 
-    def __init__(self, fn: Callable[[sqlite3.Connection], Any], after: Callable[[], None] | None) -> None:
+    def __init__(self, fn: Callable[[sqlite3.Connection], Any] | None, after: Callable[[], None] | None) -> None:
         super().__init__()
         self.fn = fn
         self.after = after
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        """The write's statements (on the worker thread, inside the group's transaction)."""
+        assert self.fn is not None
+        return self.fn(conn)
+
+    def committed(self) -> None:
+        """Runs on the worker right after the COMMIT that covers the write."""
+        if self.after is not None:
+            self.after()
+
+
+class _Append(_Write):
+    """An event append as a job object: its arguments in slots.
+
+    The hot write (two per room move) was a closure and a lambda: some ten
+    cells and two functions per append, each a container the cyclic
+    collector walks while the append waits for its group commit. With a
+    thousand moves in flight those were a fifth of the young objects and
+    young collections took 10-30 ms each (``gc.callbacks``, 1,000 sqlite rooms).
+    """
+
+    __slots__ = ("blob", "data", "expect", "key", "log", "now", "out", "retention", "stream", "type")
+
+    def __init__(
+        self,
+        log: SqliteEventLog,
+        stream: str,
+        type_: str,
+        data: Any,
+        now: float,
+        key: str | None,
+        expect: int | None,
+        retention: Retention | None,
+    ) -> None:
+        super().__init__(None, None)
+        self.log = log
+        self.stream = stream
+        self.type = type_
+        self.blob = _encode(data)
+        self.data = data
+        self.now = now
+        self.key = key
+        self.expect = expect
+        self.retention = retention
+        # The new event and its seq, for the live feeds once committed (see _append_rows).
+        self.out: list[tuple[int, Event]] = []
+
+    def run(self, conn: sqlite3.Connection) -> Any:
+        self.out.clear()  # a rerun of the group (see _run_group) starts afresh
+        return self._rows(conn)
+
+    def _rows(self, conn: sqlite3.Connection) -> AppendResult | int:
+        return _append_rows(
+            conn, self.stream, self.type, self.blob, self.data, self.now, self.key, self.expect, self.retention, self.out
+        )
+
+    def committed(self) -> None:
+        # Published to the shared queue only once the group's COMMIT returned
+        # (a rolled-back append must never reach a feed), in commit order.
+        self.log._committed.extend(self.out)
 
 
 def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
@@ -244,7 +305,7 @@ def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
     try:
         try:
             for w in group:
-                w.result = w.fn(conn)
+                w.result = w.run(conn)
         except Exception:
             conn.execute("ROLLBACK")
             conn.execute("BEGIN IMMEDIATE")
@@ -255,8 +316,8 @@ def _run_group(conn: sqlite3.Connection, group: list[_Write]) -> None:
             conn.execute("ROLLBACK")
         raise
     for w in group:
-        if w.error is None and w.after is not None:
-            w.after()
+        if w.error is None:
+            w.committed()
 
 
 def _run_isolated(conn: sqlite3.Connection, group: list[_Write]) -> None:
@@ -265,11 +326,52 @@ def _run_isolated(conn: sqlite3.Connection, group: list[_Write]) -> None:
         w.result = UNSET
         conn.execute("SAVEPOINT w")
         try:
-            w.result = w.fn(conn)
+            w.result = w.run(conn)
         except Exception as exc:
             conn.execute("ROLLBACK TO w")
             w.result, w.error = UNSET, exc
         conn.execute("RELEASE w")
+
+
+class _BeginAppend(_Append):
+    """A keyed command's claim, append and outcome as one job (see :meth:`SqliteBackend.begin_append`)."""
+
+    __slots__ = ("claim",)
+
+    #: ``(scope, key, fingerprint, pending row params, outcome_ttl, sweep)``.
+    claim: tuple[str, str, bytes, tuple[Any, ...], float | None, bool]
+
+    def run(self, conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
+        self.out.clear()  # a rerun of the group (see _run_group) starts afresh
+        scope, key, fingerprint, params, outcome_ttl, sweep = self.claim
+        if outcome_ttl is not None and conn.execute(_IDEM_EXISTS, (scope, key)).fetchone() is None:
+            # A fresh key (nearly every command): the claim would be
+            # overwritten in this same transaction, so only the final row
+            # is written: the outcome, or the claim if the append conflicts.
+            fresh = self._rows(conn)
+            if isinstance(fresh, int):
+                conn.execute(_IDEM_CLAIM_NEW, params)
+            else:
+                done = IdempotencyRecord(fingerprint, "done", self.now + outcome_ttl, Outcome(True, fresh.event.offset))
+                _store_done(conn, scope, key, _encode(done), done.expires, self.now, sweep)
+            return None, fresh
+        existing = _claim(conn, scope, key, fingerprint, self.now, params)
+        if existing is not None:
+            return existing, None
+        result = self._rows(conn)
+        if outcome_ttl is not None and not isinstance(result, int):
+            done = IdempotencyRecord(fingerprint, "done", self.now + outcome_ttl, Outcome(True, result.event.offset))
+            _store_done(conn, scope, key, _encode(done), done.expires, self.now, sweep)
+        return None, result
+
+
+def _outcome(w: _Write) -> Any:
+    """What a committed write returned; raise its error (engine failures as :class:`BackendError`)."""
+    if w.error is not None:
+        if isinstance(w.error, sqlite3.Error):
+            raise BackendError(f"sqlite: {w.error}") from w.error
+        raise w.error
+    return w.result
 
 
 class _Thread:
@@ -368,12 +470,7 @@ class _Db:
         """
         if self.closed:
             raise BackendError("the sqlite backend is closed")
-        w = await self.groups.submit(_Write(fn, after))
-        if w.error is not None:
-            if isinstance(w.error, sqlite3.Error):
-                raise BackendError(f"sqlite: {w.error}") from w.error
-            raise w.error
-        return w.result  # type: ignore[no-any-return]
+        return _outcome(await self.groups.submit(_Write(fn, after)))  # type: ignore[no-any-return]
 
     async def _commit_group(self, group: list[_Write]) -> None:
         try:
@@ -632,17 +729,11 @@ class SqliteEventLog:
         retention: Retention | None = None,
     ) -> AppendResult:
         """Append one event; see :meth:`rtcore.backends.base.EventLog.append`."""
-        blob = _encode(data)
-
-        def tx(conn: sqlite3.Connection) -> AppendResult | int:
-            committed.clear()  # a rerun of the group (see _run_group) starts afresh
-            return _append_rows(conn, stream, type, blob, data, now, key, expect, retention, committed)
-
-        # Filled inside the transaction, published to the shared queue only
-        # once the group's COMMIT returned (a rolled-back append must never
-        # reach a feed); ``after`` runs on the worker in commit order.
-        committed: list[tuple[int, Event]] = []
-        result = await self._db.write(tx, after=lambda: self._committed.extend(committed))
+        db = self._db
+        if db.closed:
+            raise BackendError("the sqlite backend is closed")
+        # _Db.write inlined, with a job object instead of a closure (see _Append).
+        result: AppendResult | int = _outcome(await db.groups.submit(_Append(self, stream, type, data, now, key, expect, retention)))
         self._drain()
         if isinstance(result, int):
             raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
@@ -990,38 +1081,14 @@ class SqliteBackend(Backend):
         the caller is answered only after it: the claim, the event only if
         the claim succeeded, the outcome only if the event is there.
         """
-        params = _pending_params(scope, key, fingerprint, now, lease, ttl)
-        blob = _encode(data)
-        log = self.events
-        sweep = False
-        if outcome_ttl is not None:
-            sweep = self.idempotency._count_finish()
-
-        def tx(conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
-            committed.clear()  # a rerun of the group (see _run_group) starts afresh
-            if outcome_ttl is not None and conn.execute(_IDEM_EXISTS, (scope, key)).fetchone() is None:
-                # A fresh key (nearly every command): the claim would be
-                # overwritten in this same transaction, so only the final row
-                # is written: the outcome, or the claim if the append conflicts.
-                fresh = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
-                if isinstance(fresh, int):
-                    conn.execute(_IDEM_CLAIM_NEW, params)
-                else:
-                    done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, fresh.event.offset))
-                    _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
-                return None, fresh
-            existing = _claim(conn, scope, key, fingerprint, now, params)
-            if existing is not None:
-                return existing, None
-            result = _append_rows(conn, stream, type, blob, data, now, event_key, expect, retention, committed)
-            if outcome_ttl is not None and not isinstance(result, int):
-                done = IdempotencyRecord(fingerprint, "done", now + outcome_ttl, Outcome(True, result.event.offset))
-                _store_done(conn, scope, key, _encode(done), done.expires, now, sweep)
-            return None, result
-
-        committed: list[tuple[int, Event]] = []
-        existing, result = await self._db.write(tx, after=lambda: log._committed.extend(committed))
-        log._drain()
+        sweep = outcome_ttl is not None and self.idempotency._count_finish()
+        job = _BeginAppend(self.events, stream, type, data, now, event_key, expect, retention)
+        job.claim = (scope, key, fingerprint, _pending_params(scope, key, fingerprint, now, lease, ttl), outcome_ttl, sweep)
+        db = self._db
+        if db.closed:
+            raise BackendError("the sqlite backend is closed")
+        existing, result = _outcome(await db.groups.submit(job))
+        self.events._drain()
         if isinstance(result, int):
             raise ConflictError(f"stream {stream!r} head is {result}, expected {expect}")
         return existing, result
