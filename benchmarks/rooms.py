@@ -1050,6 +1050,10 @@ class NodeWorker:
         if not line:
             raise RuntimeError(f"colyseus load worker {self.pid} exited ({self.proc.wait()})")
         got = json.loads(line)
+        if got.get("ev") == "file":  # a big message (latency samples) comes through a file (load.mjs's say)
+            path = Path(got["path"])
+            got = json.loads(path.read_text())
+            path.unlink()
         if got.get("ev") == "error":
             raise RuntimeError(f"colyseus load worker {self.pid}: {got['error']}")
         return dict(got)

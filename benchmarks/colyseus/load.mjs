@@ -7,6 +7,9 @@
 // and reads JSON lines on stdout: {"ev": "ready"} once set up, then
 // {"ev": "result", ...} per repetition (the parent's barrier is "every worker
 // said ready / result"). Diagnostics go to stderr.
+import { writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import readline from "node:readline";
 import { performance } from "node:perf_hooks";
 import { Client } from "@colyseus/sdk";
@@ -28,7 +31,20 @@ lines.on("close", () => {
   for (const w of waiting.splice(0)) w("eof");
 });
 const nextLine = () => (early.length ? Promise.resolve(early.shift()) : eof ? Promise.resolve("eof") : new Promise((resolve) => waiting.push(resolve)));
-const say = (obj) => process.stdout.write(JSON.stringify({ ...obj, pid: process.pid }) + "\n");
+// A result line with latency samples is hundreds of kB; one such line came
+// through the pipe with a 64 KiB stretch in the wrong place (the parent's
+// json.loads failed at char 458,752 = 7 x 65,536). Big messages go through a
+// file instead, and the line on stdout names it.
+let files = 0;
+const say = (obj) => {
+  let line = JSON.stringify({ ...obj, pid: process.pid });
+  if (line.length > 16384) {
+    const path = join(tmpdir(), `rtcore-colyseus-${process.pid}-${files++}.json`);
+    writeFileSync(path, line);
+    line = JSON.stringify({ ev: "file", path, pid: process.pid });
+  }
+  process.stdout.write(line + "\n");
+};
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 async function limited(n, limit, fn) {
@@ -184,11 +200,14 @@ async function seats() {
 }
 
 const modes = { moves, joins, arena, seats };
+// Exit once stdout is flushed (process.exit() does not wait for pending
+// writes); the callback of this last, empty write runs after those before it.
+let exitCode = 0;
 try {
   await modes[args.mode]();
 } catch (e) {
   process.stderr.write(`load.mjs ${args.mode}: ${e?.stack ?? e}\n`);
   say({ ev: "error", error: String(e) });
-  process.exit(1);
+  exitCode = 1;
 }
-process.exit(0);
+process.stdout.write("", () => process.exit(exitCode));
