@@ -1594,6 +1594,16 @@ def table(report: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
+def _fresh_results_path(quick: bool) -> Path:
+    """``results/rooms-DATE[-quick].json``, or ``-2``, ``-3``... after it when taken: a run never overwrites another."""
+    stem = f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if quick else ''}"
+    path, n = HERE / "results" / f"{stem}.json", 1
+    while path.exists():
+        n += 1
+        path = HERE / "results" / f"{stem}-{n}.json"
+    return path
+
+
 def write_table(path: Path) -> None:
     report = json.loads(path.read_text())
     text = README.read_text()
@@ -1697,7 +1707,11 @@ def main() -> None:
         help="also measure Colyseus 0.18.8 (benchmarks/colyseus/, npm ci into ~/.cache/rtcore-colyseus on first use): "
         "every repetition of moves (memory://), joins and arena runs rtcore and Colyseus back to back, alternating which goes first",
     )
-    parser.add_argument("--out", type=Path, help="with --only: write the results JSON here")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="write the results JSON here (default: results/rooms-DATE.json, numbered when taken; with --only: print instead)",
+    )
     parser.add_argument(
         "--only",
         choices=["moves", "joins", "arena"],
@@ -1747,7 +1761,7 @@ def main() -> None:
     }
     started = time.perf_counter()
     peer: dict[str, Any] = {"moves": []}
-    partial = HERE / "results" / f"rooms-{time.strftime('%Y-%m-%d', time.gmtime())}{'-quick' if opts.quick else ''}.json"
+    partial = opts.out if opts.out and not opts.only else _fresh_results_path(opts.quick)
 
     def save() -> None:
         """Keep what was measured so far (a long run that dies still leaves its figures)."""

@@ -275,6 +275,70 @@ async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: P
         await b.aclose()
 
 
+async def test_a_keyed_claim_and_append_rerun_in_its_group_reaches_the_feed_once(tmp_path: Path) -> None:
+    """Proves: a keyed command's claim and first event (``begin_append``) in
+    a group that is run again because a write behind it raised reaches the
+    live feed exactly once, as committed (the epoch of a stream the
+    rolled-back first run created is never seen), and its outcome is stored.
+
+    Mutation seen caught: drop ``self.out.clear()`` in ``_BeginAppend.run``
+    -> the feed also gets the first run's event of the new stream, under an
+    epoch that was rolled back, and this test fails.
+    """
+    b = await _open(tmp_path)
+    db = b._db
+    got: list[Event] = []
+    feed = b.events.live(got.append)
+    feed.watch("*")
+    results: dict[str, Any] = {}
+
+    async def begin() -> None:
+        results["begin"] = await b.begin_append(
+            "cmd", "k1", b"fp", now=T0, lease=5.0, ttl=60.0, stream="fresh:1", type="n", data={"i": 1},
+            event_key="cmd:k1", outcome_ttl=60.0,
+        )
+
+    def broken(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("the write failed")
+
+    async def fail() -> None:
+        with pytest.raises(RuntimeError, match="failed"):
+            await db.write(broken)
+        results["fail"] = "failed"
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(feed.run)
+            await anyio.sleep(0.1)
+            gate = await _hold_worker(db, tg)
+            try:
+                tg.start_soon(b.events.info, "warm")  # the first group, alone
+                while _queued(b) < 0 or not db.groups._busy:
+                    await anyio.sleep(0.01)
+                tg.start_soon(begin)
+                while _queued(b) < 1:
+                    await anyio.sleep(0.01)
+                tg.start_soon(fail)  # behind the keyed write, in the same group
+                while _queued(b) < 2:
+                    await anyio.sleep(0.01)
+            finally:
+                gate.set()
+            with anyio.fail_after(10):
+                while len(results) < 2 or not got:
+                    await anyio.sleep(0.01)
+                await anyio.sleep(0.2)  # a second (phantom) event would be fed by now
+            tg.cancel_scope.cancel()
+        existing, res = results["begin"]
+        assert existing is None and res is not None and not res.duplicate
+        page = await b.events.read("fresh:1", after=0, limit=10)
+        assert [(e.epoch, e.offset) for e in page.events] == [(res.event.epoch, 1)]
+        assert [(e.stream, e.epoch, e.offset) for e in got] == [("fresh:1", res.event.epoch, 1)]
+        rec = await b.idempotency.begin("cmd", "k1", b"fp", now=T0, lease=5.0, ttl=60.0)  # kept: not claimable again
+        assert rec is not None and rec.state == "done"
+    finally:
+        await b.aclose()
+
+
 async def test_same_key_in_one_group_is_appended_once(tmp_path: Path) -> None:
     """Proves: 20 appends with one key queued into the same group append one
     event; the others are duplicates of it (the key lookup sees the earlier
