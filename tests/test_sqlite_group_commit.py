@@ -128,6 +128,14 @@ async def _hold_worker(db: Any, tg: anyio.abc.TaskGroup) -> threading.Event:
     return gate
 
 
+def _fed(b: SqliteBackend) -> tuple[list[Event], Any]:
+    """A live feed of every stream of ``b`` (not running yet) and the list it fills."""
+    got: list[Event] = []
+    feed = b.events.live(got.append)
+    feed.watch("*")
+    return got, feed
+
+
 async def _open(tmp_path: Path) -> SqliteBackend:
     b = await open_sqlite(_url(tmp_path / "rt.db"))
     assert isinstance(b, SqliteBackend)
@@ -147,9 +155,7 @@ async def test_failed_group_commit_fails_every_write_in_the_group(tmp_path: Path
     """
     b = await _open(tmp_path)
     db = b._db
-    got: list[Event] = []
-    feed = b.events.live(got.append)
-    feed.watch("*")
+    got, feed = _fed(b)
     commits = 0
     real_commit = sqlite_backend._commit
 
@@ -214,9 +220,7 @@ async def test_a_write_that_raises_fails_alone_and_its_group_commits(tmp_path: P
     """
     b = await _open(tmp_path)
     db = b._db
-    got: list[Event] = []
-    feed = b.events.live(got.append)
-    feed.watch("*")
+    got, feed = _fed(b)
     results: dict[int, Any] = {}
 
     async def append(i: int) -> None:
@@ -287,9 +291,7 @@ async def test_a_keyed_claim_and_append_rerun_in_its_group_reaches_the_feed_once
     """
     b = await _open(tmp_path)
     db = b._db
-    got: list[Event] = []
-    feed = b.events.live(got.append)
-    feed.watch("*")
+    got, feed = _fed(b)
     results: dict[str, Any] = {}
 
     async def begin() -> None:

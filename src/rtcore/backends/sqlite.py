@@ -338,8 +338,21 @@ class _BeginAppend(_Append):
 
     __slots__ = ("claim",)
 
-    #: ``(scope, key, fingerprint, pending row params, outcome_ttl, sweep)``.
-    claim: tuple[str, str, bytes, tuple[Any, ...], float | None, bool]
+    def __init__(
+        self,
+        log: SqliteEventLog,
+        stream: str,
+        type_: str,
+        data: Any,
+        now: float,
+        event_key: str,
+        expect: int | None,
+        retention: Retention | None,
+        claim: tuple[str, str, bytes, tuple[Any, ...], float | None, bool],
+    ) -> None:
+        super().__init__(log, stream, type_, data, now, event_key, expect, retention)
+        #: ``(scope, key, fingerprint, pending row params, outcome_ttl, sweep)``.
+        self.claim = claim
 
     def run(self, conn: sqlite3.Connection) -> tuple[IdempotencyRecord | None, AppendResult | int | None]:
         self.out.clear()  # a rerun of the group (see _run_group) starts afresh
@@ -1082,8 +1095,9 @@ class SqliteBackend(Backend):
         the claim succeeded, the outcome only if the event is there.
         """
         sweep = outcome_ttl is not None and self.idempotency._count_finish()
-        job = _BeginAppend(self.events, stream, type, data, now, event_key, expect, retention)
-        job.claim = (scope, key, fingerprint, _pending_params(scope, key, fingerprint, now, lease, ttl), outcome_ttl, sweep)
+        params = _pending_params(scope, key, fingerprint, now, lease, ttl)
+        claim = (scope, key, fingerprint, params, outcome_ttl, sweep)
+        job = _BeginAppend(self.events, stream, type, data, now, event_key, expect, retention, claim)
         db = self._db
         if db.closed:
             raise BackendError("the sqlite backend is closed")
