@@ -286,3 +286,22 @@ def test_rooms_merge_reps_keeps_every_repetition_in_order() -> None:
     assert "p99_ms" not in merged  # a key no repetition has is not invented
     assert merged["client_cpu_pct_max"] == 30.0
     assert merged["idle_server_cpu_pct"] == 3.0 and merged["idle_server_cpu_pct_reps"] == [1.0, 5.0, 3.0]
+
+
+def test_rooms_results_path_never_overwrites_an_earlier_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full ``rooms.py`` run writes a results file of its own: ``rooms-DATE.json``, then ``-2``, ``-3``...
+
+    Mutation: ``_fresh_results_path`` returns the dated name even when it
+    exists (the old behaviour, which overwrote the day's first run) -> fails.
+    """
+    import rooms
+
+    (tmp_path / "results").mkdir()
+    monkeypatch.setattr(rooms, "HERE", tmp_path)
+    first = rooms._fresh_results_path(quick=False)
+    first.write_text("{}")
+    second = rooms._fresh_results_path(quick=False)
+    second.write_text("{}")
+    third = rooms._fresh_results_path(quick=False)
+    assert len({first, second, third}) == 3 and not third.exists()
+    assert second.name == first.name.replace(".json", "-2.json") and third.name.endswith("-3.json")
